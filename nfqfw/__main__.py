@@ -1,0 +1,3 @@
+from nfqfw.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Vocabulary shared by the core and its adapters: hooks, actions, conntrack states, verdicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+
+
+class Hook(IntEnum):
+    """Netfilter hook a packet was queued from (numbers as the kernel's NF_INET_*)."""
+
+    INPUT = 1  # to the gateway itself
+    FORWARD = 2  # through the gateway
+    OUTPUT = 3  # from the gateway itself
+
+
+class Action(str, Enum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    REJECT = "reject"
+
+
+class Ct(str, Enum):
+    """Conntrack state of a packet, as iptables' `-m conntrack --ctstate` names it."""
+
+    NEW = "new"
+    ESTABLISHED = "established"
+    RELATED = "related"
+    INVALID = "invalid"
+    UNTRACKED = "untracked"
+
+
+class Direction(IntEnum):
+    ORIGINAL = 0
+    REPLY = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """What the kernel tells about a packet besides its bytes."""
+
+    hook: Hook
+    in_iface: str | None = None
+    out_iface: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The engine's answer: what to do, and why (every drop must be explainable)."""
+
+    action: Action
+    ct: Ct
+    rule: str | None  # the policy rule that decided, None for a default or a state decision
+    reason: str  # e.g. "established", "rule mail", "default ingress", "invalid: tcp flags SYN+FIN"
+    log: bool = False
+    reject_with: str | None = None  # "tcp-reset" | "icmp-port-unreachable" | "icmp-admin-prohibited"
