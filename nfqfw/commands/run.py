@@ -1,0 +1,107 @@
+"""`nfqfw run`: the firewall daemon (see nfqfw.daemon for the lifecycle, nfqfw.rules for the rules)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from nfqfw import queue, rules
+from nfqfw.daemon import Options, run_daemon, setup_logging
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the firewall daemon",
+        description="Bind an NFQUEUE queue, install nfqfw's iptables/ip6tables rules and filter packets "
+        "with the policy. Stops on SIGTERM/SIGINT, leaving the rules in place (fail-closed unless the "
+        "policy says failure-mode: open).",
+    )
+    parser.add_argument("--config", "-c", required=True, metavar="FILE", help="policy file (YAML)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--queue", type=_queue_number, metavar="N", help="queue number (default 0)")
+    where.add_argument(
+        "--queue-balance",
+        type=_queue_range,
+        metavar="A:B",
+        help="bind queues A..B, rules spread flows over them",
+    )
+    parser.add_argument(
+        "--mark",
+        type=_mark,
+        default=rules.DEFAULT_MARK,
+        metavar="BITS",
+        help=f"mark bit(s) set on accepted packets so they pass our rule (default 0x{rules.DEFAULT_MARK:x})",
+    )
+    parser.add_argument(
+        "--max-len",
+        type=_positive,
+        default=queue.DEFAULT_MAX_LEN,
+        metavar="PACKETS",
+        help=f"packets the kernel queues for us before dropping (default {queue.DEFAULT_MAX_LEN})",
+    )
+    parser.add_argument(
+        "--sock-len",
+        type=_positive,
+        default=queue.DEFAULT_SOCK_LEN,
+        metavar="BYTES",
+        help=f"netlink socket receive buffer (default {queue.DEFAULT_SOCK_LEN})",
+    )
+    parser.add_argument(
+        "--reject-rate",
+        type=float,
+        default=queue.DEFAULT_REJECT_RATE,
+        metavar="PER_SECOND",
+        help=f"most RST/ICMP answers sent per second (default {queue.DEFAULT_REJECT_RATE:g})",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    first, last = args.queue_balance or ((args.queue, args.queue) if args.queue is not None else (0, 0))
+    options = Options(
+        config=args.config,
+        queue_first=first,
+        queue_last=last,
+        mark=args.mark,
+        max_len=args.max_len,
+        sock_len=args.sock_len,
+        reject_rate=args.reject_rate,
+    )
+    return run_daemon(options)
+
+
+def _queue_number(text: str) -> int:
+    if not text.isdigit() or int(text) > 0xFFFF:
+        raise argparse.ArgumentTypeError(f"not a queue number (0-65535): {text!r}")
+    return int(text)
+
+
+def _queue_range(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected A:B, got {text!r}")
+    a, b = _queue_number(first), _queue_number(last)
+    if a >= b:
+        raise argparse.ArgumentTypeError(f"A must be below B in A:B, got {text!r}")
+    return a, b
+
+
+def _mark(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"mark must be 1..0xffffffff: {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return int(text)

@@ -1,0 +1,379 @@
+"""The `nfqfw run` daemon: start-up checks, bind, rules in, packet loop, signals, clean stop.
+
+Start-up, in this order, each failure a one-line message on stderr and exit code 1:
+  root? -> iptables tools present? -> policy valid (its located errors are printed) ->
+  raw reply sockets -> bind the queue(s) -> install the rules -> READY=1 to $NOTIFY_SOCKET.
+The queue is bound before the rules go in, so the first queued packet finds a listener.
+
+Loop: poll(2) on the queue sockets, the rtnetlink event socket and a signal wake-up pipe;
+a readable queue is drained with NetfilterQueue.run(block=False). Housekeeping (links, drop
+statistics, watchdog, status, signals) runs when the poll times out or, under a flood that
+keeps run() busy, from the packet callback itself (see nfqfw.queue).
+
+Signals: SIGTERM and SIGINT stop: STOPPING=1, the queues are unbound, counters are logged,
+exit code 0. The kernel rules stay as they are (see nfqfw.rules): in the default closed
+failure mode, traffic stays blocked until nfqfw runs again; `nfqfw rules remove` takes them
+away. SIGHUP is logged and otherwise ignored for now; live reload will re-read the config with
+`_load()` and swap it in with `engine.replace_policy()` (conntrack state kept) in `reload()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nfqfw import rules
+from nfqfw.links import Links
+from nfqfw.queue import (
+    DEFAULT_MAX_LEN,
+    DEFAULT_REJECT_RATE,
+    DEFAULT_SOCK_LEN,
+    DropWatch,
+    QueueAdapter,
+    QueueError,
+)
+from nfqfw.rawsend import RawSender
+from nfqfw.sdnotify import Notifier, watchdog_interval
+
+log = logging.getLogger("nfqfw")
+
+HOUSEKEEPING_PERIOD = 1.0  # seconds between housekeeping rounds (links, signals)
+STATUS_PERIOD = 10.0  # seconds between STATUS= updates
+
+
+class StartupError(Exception):
+    """Start-up cannot proceed; the lines of str() are printed as they are."""
+
+
+@dataclass
+class Options:
+    config: str
+    queue_first: int = 0
+    queue_last: int = 0
+    mark: int = rules.DEFAULT_MARK
+    max_len: int = DEFAULT_MAX_LEN
+    sock_len: int = DEFAULT_SOCK_LEN
+    reject_rate: float = DEFAULT_REJECT_RATE
+    stats_interval: float = 5.0  # seconds between reads of the kernel's queue drop counters
+
+
+@dataclass
+class Loaded:
+    """What the daemon takes from the policy file."""
+
+    engine_policy: Any  # a CompiledPolicy
+    fail_open: bool  # policy option failure-mode: open
+
+
+@dataclass
+class _Schedule:
+    stats: float = 0.0
+    status: float = 0.0
+    watchdog: float = math.inf
+    watchdog_every: float | None = None
+
+
+@dataclass
+class _Requests:
+    """Set by signal handlers, acted on in housekeeping."""
+
+    stop: str | None = None  # name of the signal that asked for it
+    reload: bool = False
+    served: set[str] = field(default_factory=set)
+
+
+def load_policy_file(path: str) -> Loaded:
+    """Read and compile the policy; raises StartupError with the located errors."""
+    from nfqfw.core.config import ConfigError, load_policy
+    from nfqfw.core.policy import CompiledPolicy
+
+    try:
+        config = load_policy(path)
+    except ConfigError as err:
+        raise StartupError(str(err)) from err
+    except OSError as err:
+        raise StartupError(f"cannot read config {path}: {err.strerror or err}") from err
+    failure_mode = getattr(getattr(config, "options", None), "failure_mode", "closed")
+    return Loaded(CompiledPolicy(config), failure_mode == "open")
+
+
+def default_engine(loaded: Loaded) -> Any:
+    from nfqfw.core.engine import Engine
+
+    return Engine(loaded.engine_policy)
+
+
+class Daemon:
+    def __init__(
+        self,
+        options: Options,
+        *,
+        load: Callable[[str], Loaded] = load_policy_file,
+        make_engine: Callable[[Loaded], Any] = default_engine,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self._load = load
+        self._make_engine = make_engine
+        self.notifier = notifier or Notifier()
+        self.clock = clock
+        self.engine: Any = None
+        self.links: Links | None = None
+        self.sender: RawSender | None = None
+        self.adapter: QueueAdapter | None = None
+        self.drops: DropWatch | None = None
+        self.spec: rules.QueueSpec | None = None
+        self._requests = _Requests()
+        self._schedule = _Schedule()
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+
+    # -- start --
+
+    def start(self) -> None:
+        """Everything up to READY=1; raises StartupError (after undoing what it did)."""
+        opts = self.options
+        if os.geteuid() != 0:
+            raise StartupError("must run as root (to bind a netfilter queue and install iptables rules)")
+        try:
+            rules.check_tools()
+        except rules.RulesError as err:
+            raise StartupError(str(err)) from err
+        loaded = self._load(opts.config)
+        bypass, mark = loaded.fail_open, opts.mark
+        self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
+        self.engine = self._make_engine(loaded)
+        try:
+            self.links = Links()
+            self.sender = RawSender(opts.mark)
+        except OSError as err:
+            self.close()
+            raise StartupError(f"cannot open netlink or raw sockets: {err}") from err
+        self.adapter = QueueAdapter(
+            self.engine,
+            self.links,
+            self.sender,
+            mark=opts.mark,
+            fail_open=loaded.fail_open,
+            reject_rate=opts.reject_rate,
+            clock=self.clock,
+        )
+        self.adapter.housekeeping = self._housekeeping
+        try:
+            self.adapter.bind(self.spec.queues, opts.max_len, opts.sock_len)
+        except QueueError as err:
+            self.close()
+            raise StartupError(str(err)) from err
+        try:
+            rules.install(self.spec)
+        except rules.RulesError as err:
+            self.close()
+            raise StartupError(str(err)) from err
+        self.drops = DropWatch(self.spec.queues)
+        self._schedule.watchdog_every = watchdog_interval()
+        if self._schedule.watchdog_every is not None:
+            self._schedule.watchdog = self.clock()
+        self._install_signal_handlers()
+        mode = "open" if loaded.fail_open else "closed"
+        queue = self._queue_text()
+        log.info("queue %s bound, rules installed (failure mode %s, mark 0x%x)", queue, mode, opts.mark)
+        self.notifier.ready(f"filtering on queue {self._queue_text()}, failure mode {mode}")
+
+    def _queue_text(self) -> str:
+        assert self.spec is not None
+        first, last = self.spec.first, self.spec.last
+        return str(first) if first == last else f"{first}:{last}"
+
+    # -- loop --
+
+    def loop(self) -> None:
+        """Serve packets until a stop is requested."""
+        assert self.adapter is not None and self.links is not None and self._wakeup is not None
+        handlers: dict[int, Callable[[], object]] = dict(self.adapter.fds())
+        handlers[self.links.fileno()] = self.links.on_events
+        handlers[self._wakeup[0].fileno()] = self._drain_wakeup
+        poller = select.poll()
+        for fd in handlers:
+            poller.register(fd, select.POLLIN)
+        self.adapter.set_deadline(0.0)
+        while self._requests.stop is None:
+            wait = max(0.0, self.adapter.deadline - self.clock())
+            for fd, _ in poller.poll(math.ceil(wait * 1000)):
+                if self._requests.stop is not None:
+                    break
+                handlers[fd]()
+            now = self.clock()
+            if now >= self.adapter.deadline:
+                self.adapter.run_housekeeping(now)
+
+    def _housekeeping(self, now: float) -> float:
+        """Periodic work; returns when it wants to run next."""
+        requests, schedule = self._requests, self._schedule
+        if requests.stop is not None:
+            if "stop" not in requests.served:
+                requests.served.add("stop")
+                log.info("%s received: stopping", requests.stop)
+                self.notifier.stopping("stopping")
+                # Unbinding makes a busy run(block=False) return: the kernel stops feeding us.
+                assert self.adapter is not None
+                self.adapter.unbind()
+            return math.inf
+        if requests.reload:
+            requests.reload = False
+            self.reload()
+        assert self.links is not None and self.drops is not None
+        self.links.on_events()
+        if now >= schedule.stats:
+            schedule.stats = now + self.options.stats_interval
+            self.drops.check()
+        if now >= schedule.watchdog and schedule.watchdog_every is not None:
+            schedule.watchdog = now + schedule.watchdog_every
+            self.notifier.watchdog()
+        if now >= schedule.status:
+            schedule.status = now + STATUS_PERIOD
+            self.notifier.status(self.status_text())
+        return min(now + HOUSEKEEPING_PERIOD, schedule.watchdog)
+
+    def reload(self) -> None:
+        """SIGHUP. Live reload is a later step: it will be
+        ``loaded = self._load(self.options.config)`` (StartupError -> log, keep the old policy),
+        ``self.engine.replace_policy(loaded.engine_policy)`` and, if the failure mode changed,
+        ``rules.install(new spec)``, between ``notifier.reloading()`` and ``notifier.ready()``.
+        """
+        log.warning("SIGHUP received: live reload is not supported yet; restart nfqfw to apply the policy")
+
+    def status_text(self) -> str:
+        flows = len(getattr(self.engine, "conntrack", ()))
+        handled = sum(getattr(self.engine, "counters", {}).values())
+        rejects = self.counters()["reject sent"]
+        return f"queue {self._queue_text()}: {handled} packets, {flows} flows, {rejects} rejects sent"
+
+    def counters(self) -> dict[str, int]:
+        assert self.adapter is not None
+        return dict(self.adapter.counters)
+
+    # -- signals --
+
+    def _install_signal_handlers(self) -> None:
+        read, write = socket.socketpair()
+        read.setblocking(False)
+        write.setblocking(False)
+        self._wakeup = (read, write)
+        signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_stop_signal(self, signum: int, _frame: object) -> None:
+        self._requests.stop = signal.Signals(signum).name
+        if self.adapter is not None:
+            self.adapter.wake()
+
+    def _on_reload_signal(self, _signum: int, _frame: object) -> None:
+        self._requests.reload = True
+        if self.adapter is not None:
+            self.adapter.wake()
+
+    def _drain_wakeup(self) -> None:
+        assert self._wakeup is not None
+        try:
+            while self._wakeup[0].recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def request_stop(self, why: str = "stop request") -> None:
+        """Stop from code (tests, benchmarks), like SIGTERM does."""
+        self._requests.stop = why
+        if self.adapter is not None:
+            self.adapter.wake()
+
+    # -- stop --
+
+    def stop(self) -> None:
+        """Unbind and release everything; the kernel rules stay (fail-closed, see nfqfw.rules)."""
+        if "stop" not in self._requests.served:
+            self._requests.served.add("stop")
+            self.notifier.stopping("stopping")
+        self._log_counters()
+        self.close()
+
+    def _log_counters(self) -> None:
+        engine_counters = getattr(self.engine, "counters", {}) or {}
+        for name, value in sorted(engine_counters.items()):
+            log.info("verdicts %s: %d", name, value)
+        if self.adapter is not None:
+            for name, value in self.adapter.counters.items():
+                if value:
+                    log.info("adapter %s: %d", name, value)
+
+    def close(self) -> None:
+        if self.adapter is not None:
+            self.adapter.unbind()
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
+        if self.links is not None:
+            self.links.close()
+            self.links = None
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            for sock in self._wakeup:
+                sock.close()
+            self._wakeup = None
+        self.notifier.close()
+
+
+def run_daemon(options: Options, **kwargs: Any) -> int:
+    """Start, serve, stop; returns the process exit code."""
+    daemon = Daemon(options, **kwargs)
+    try:
+        daemon.start()
+    except StartupError as err:
+        for line in str(err).splitlines() or ["start-up failed"]:
+            print(f"nfqfw: {line}", file=sys.stderr)
+        return 1
+    try:
+        daemon.loop()
+    except Exception:
+        log.exception("packet loop failed")
+        daemon.stop()
+        return 1
+    daemon.stop()
+    log.info("stopped; kernel rules left in place (nfqfw rules remove to take them away)")
+    return 0
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+# syslog priorities for journald's "<N>" line prefixes (sd-daemon(3))
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under systemd (stderr connected to the journal): no timestamp, priority as '<N>' prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for chatty in ("pyroute2", "asyncio"):  # their debug output is per netlink message
+        logging.getLogger(chatty).setLevel(max(root.level, logging.WARNING))

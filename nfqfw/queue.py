@@ -1,0 +1,328 @@
+"""The NFQUEUE adapter: kernel packets in, engine verdicts out.
+
+One NetfilterQueue handle per bound queue (one for --queue N, B-A+1 for --queue-balance A:B),
+all served by one thread. For each packet the callback:
+
+1. looks up the Meta(hook, in_iface, out_iface) for (hook, indev, outdev) in a dict (built once
+   per combination from the ifindex->name map, dropped when links change),
+2. asks the engine: engine.process(payload, meta, now=time.monotonic()),
+3. answers the kernel:
+   - accept: set our mark bit and NF_REPEAT; the kernel re-runs the filter hook, our rule lets
+     the marked packet by and the host's later rules see it (see nfqfw.rules),
+   - drop: NF_DROP,
+   - reject: NF_DROP, and a RST/ICMP answer built by nfqfw.core.reject goes out through the raw
+     sender, at most `reject_rate` per second (like the kernel's icmp_msgs_per_sec),
+4. if the housekeeping deadline has passed, runs the housekeeping callable (see below).
+
+The callback is the throughput ceiling: everything it needs is bound to closure locals once,
+there is no logging on it, no per-packet object besides what the engine allocates, and the
+except clause costs nothing unless something raises (then the packet gets the failure-mode
+verdict: drop when closed, accept when open, and "verdict error" is counted).
+
+Housekeeping (link events, queue drop statistics, sd_notify, a stop request) is meant to run
+off the packet path, from the daemon's poll loop when it is idle. Under a sustained flood,
+NetfilterQueue.run(block=False) keeps reading until the socket is empty and may not return for
+a long time; so the callback also calls `housekeeping(now)` itself once `now` passes the
+deadline it returned (one float comparison per packet). A signal handler that needs prompt
+service calls `wake()`, which moves the deadline to 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from netfilterqueue import COPY_PACKET, NetfilterQueue
+
+from nfqfw.core.reject import build_reject
+from nfqfw.core.verdict import Action, Hook, Meta, Verdict
+
+log = logging.getLogger(__name__)
+
+PROC_QUEUE = "/proc/net/netfilter/nfnetlink_queue"
+COPY_RANGE = 0xFFFF  # whole packets (NetfilterQueue caps the copy at 4016 bytes)
+DEFAULT_MAX_LEN = 8192  # packets the kernel may hold for us before it drops (queue_dropped)
+DEFAULT_SOCK_LEN = 16 * 1024 * 1024  # netlink receive buffer (the kernel doubles it)
+DEFAULT_REJECT_RATE = 1000.0  # answers per second, burst as much
+DEFAULT_REJECT_WITH = "icmp-port-unreachable"  # what iptables' REJECT sends when not told
+
+_HOOKS = {int(hook): hook for hook in Hook}
+
+ADAPTER_COUNTERS = (
+    "reject sent",
+    "reject not answered",  # build_reject said no answer may be sent (ICMP error, broadcast...)
+    "reject rate-limited",
+    "reject send error",
+    "verdict error",
+)
+
+
+class EngineLike(Protocol):
+    def process(self, data: bytes, meta: Meta, now: float) -> Verdict: ...
+
+
+class LinksLike(Protocol):
+    def name(self, index: int) -> str | None: ...
+    def on_change(self, listener: Callable[[], None]) -> None: ...
+
+
+class SenderLike(Protocol):
+    def send(self, packet: bytes, ifindex: int = 0) -> None: ...
+
+
+class QueueError(Exception):
+    """The queue cannot be bound; str() is a one-line message for the user."""
+
+
+# --- /proc/net/netfilter/nfnetlink_queue ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStat:
+    queue: int
+    portid: int  # netlink port id of the process bound to it
+    total: int  # packets waiting for a verdict now
+    copy_mode: int
+    copy_range: int
+    queue_dropped: int  # dropped because `total` reached max_len: we fell behind
+    user_dropped: int  # dropped because the netlink socket buffer was full: we fell behind
+    id_sequence: int
+
+
+def parse_queue_stats(text: str) -> dict[int, QueueStat]:
+    stats = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 8 and all(field.isdigit() for field in fields[:8]):
+            stat = QueueStat(*(int(field) for field in fields[:8]))
+            stats[stat.queue] = stat
+    return stats
+
+
+def read_queue_stats(path: str = PROC_QUEUE) -> dict[int, QueueStat] | None:
+    """Current stats per bound queue; None when the nfnetlink_queue module is not loaded."""
+    try:
+        with open(path) as proc:
+            return parse_queue_stats(proc.read())
+    except FileNotFoundError:
+        return None
+
+
+class DropWatch:
+    """Warns when the kernel drops packets for our queues because we fell behind."""
+
+    def __init__(self, queues: range, read: Callable[[], dict[int, QueueStat] | None] = read_queue_stats):
+        self._queues = queues
+        self._read = read
+        self._last: dict[int, tuple[int, int]] = {}
+        self.check()  # baseline: drops before we started are not ours to report
+
+    def check(self) -> list[str]:
+        stats = self._read() or {}
+        warnings_ = []
+        for queue in self._queues:
+            stat = stats.get(queue)
+            if stat is None:
+                continue
+            before = self._last.get(queue)
+            now = (stat.queue_dropped, stat.user_dropped)
+            self._last[queue] = now
+            if before is None or now == before:
+                continue
+            message = (
+                f"queue {queue}: kernel dropped {now[0] - before[0]} packets (queue full, max-len) and "
+                f"{now[1] - before[1]} (socket buffer full, sock-len): nfqfw falls behind the traffic"
+            )
+            log.warning("%s", message)
+            warnings_.append(message)
+        return warnings_
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+
+class QueueAdapter:
+    def __init__(
+        self,
+        engine: EngineLike,
+        links: LinksLike,
+        sender: SenderLike,
+        *,
+        mark: int,
+        fail_open: bool = False,
+        reject_rate: float = DEFAULT_REJECT_RATE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.links = links
+        self.sender = sender
+        self.mark = mark
+        self.fail_open = fail_open
+        self.reject_rate = reject_rate
+        self.clock = clock
+        self.counters: dict[str, int] = dict.fromkeys(ADAPTER_COUNTERS, 0)
+        self.housekeeping: Callable[[float], float] = lambda now: now + 1.0
+        self.queues: dict[int, NetfilterQueue] = {}
+        self._metas: dict[int, Meta] = {}
+        self._deadline = [0.0]  # a list: shared, mutable cell read by the callback
+        self._tokens = reject_rate
+        self._tokens_at = clock()
+        self._errors_logged = 0
+        links.on_change(self._metas.clear)
+        self.on_packet = self._make_callback()
+
+    # -- binding --
+
+    def bind(self, queues: range, max_len: int = DEFAULT_MAX_LEN, sock_len: int = DEFAULT_SOCK_LEN) -> None:
+        """Bind every queue in `queues`; raises QueueError with a one-line message."""
+        try:
+            for number in queues:
+                self.queues[number] = self._bind_one(number, max_len, sock_len)
+        except BaseException:
+            self.unbind()
+            raise
+
+    def _bind_one(self, number: int, max_len: int, sock_len: int) -> NetfilterQueue:
+        try:
+            queue = NetfilterQueue()  # also makes the kernel load nfnetlink_queue if it can
+        except OSError as err:
+            raise QueueError(f"cannot open a netfilter queue handle: {err.strerror or err}") from err
+        stats = read_queue_stats()
+        if stats is None:
+            raise QueueError("kernel module nfnetlink_queue is missing (modprobe nfnetlink_queue)")
+        if number in stats:
+            raise QueueError(f"queue {number} is already bound by another process")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                queue.bind(number, self.on_packet, max_len, COPY_PACKET, COPY_RANGE, sock_len)
+            except OSError as err:
+                if number in (read_queue_stats() or {}):
+                    raise QueueError(f"queue {number} is already bound by another process") from err
+                raise QueueError(f"cannot bind queue {number}: {err}") from err
+        for warning in caught:
+            log.warning("queue %d: %s", number, warning.message)
+        return queue
+
+    def unbind(self) -> None:
+        for queue in self.queues.values():
+            queue.unbind()
+        self.queues.clear()
+
+    def fds(self) -> dict[int, Callable[[], None]]:
+        """fd -> function to call when it is readable (drains it without blocking)."""
+        return {queue.get_fd(): _drainer(queue) for queue in self.queues.values()}
+
+    def wake(self) -> None:
+        """Make the next packet run housekeeping (for signal handlers)."""
+        self._deadline[0] = 0.0
+
+    def set_deadline(self, when: float) -> None:
+        self._deadline[0] = when
+
+    @property
+    def deadline(self) -> float:
+        """When housekeeping is due next (monotonic seconds)."""
+        return self._deadline[0]
+
+    # -- per packet --
+
+    def _make_callback(self) -> Callable[[Any], None]:
+        process = self.engine.process
+        clock = self.clock
+        metas_get = self._metas.get
+        new_meta = self._new_meta
+        mark = self.mark
+        reject = self._reject
+        failed = self._failed
+        deadline = self._deadline
+        run_housekeeping = self.run_housekeeping
+        accept = Action.ACCEPT
+        drop = Action.DROP
+
+        def on_packet(pkt: Any) -> None:
+            now = clock()
+            try:
+                key = pkt.hook | pkt.indev << 3 | pkt.outdev << 35
+                meta = metas_get(key)
+                if meta is None:
+                    meta = new_meta(key)
+                data = pkt.get_payload()
+                verdict = process(data, meta, now)
+                action = verdict.action
+                if action is accept:
+                    pkt.set_mark(pkt.mark | mark)
+                    pkt.repeat()
+                elif action is drop:
+                    pkt.drop()
+                else:
+                    pkt.drop()
+                    reject(data, verdict.reject_with, pkt.indev or pkt.outdev, now)
+            except Exception:
+                failed(pkt)
+            if now >= deadline[0]:
+                run_housekeeping(now)
+
+        return on_packet
+
+    def _new_meta(self, key: int) -> Meta:
+        hook = _HOOKS[key & 7]
+        in_index, out_index = (key >> 3) & 0xFFFFFFFF, key >> 35
+        in_iface, out_iface = self.links.name(in_index), self.links.name(out_index)
+        meta = Meta(hook, in_iface, out_iface)
+        if (in_iface or not in_index) and (out_iface or not out_index):
+            self._metas[key] = meta  # only cache what resolved: a vanished link is retried
+        return meta
+
+    def _reject(self, data: bytes, kind: str | None, ifindex: int, now: float) -> None:
+        """Answer a rejected packet (already dropped): build, rate-limit, send, count."""
+        reply = build_reject(data, kind or DEFAULT_REJECT_WITH)
+        counters = self.counters
+        if reply is None:
+            counters["reject not answered"] += 1
+            return
+        # Token bucket: `reject_rate` answers per second, bursts of as many.
+        self._tokens = min(self.reject_rate, self._tokens + (now - self._tokens_at) * self.reject_rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            counters["reject rate-limited"] += 1
+            return
+        self._tokens -= 1.0
+        try:
+            self.sender.send(reply, ifindex)
+        except OSError:
+            counters["reject send error"] += 1
+            return
+        counters["reject sent"] += 1
+
+    def _failed(self, pkt: Any) -> None:
+        self.counters["verdict error"] += 1
+        if self._errors_logged < 10:  # enough to diagnose, not enough to flood the journal
+            self._errors_logged += 1
+            log.exception("error handling a packet (failure mode %s)", "open" if self.fail_open else "closed")
+        try:
+            if self.fail_open:
+                pkt.set_mark(pkt.mark | self.mark)
+                pkt.repeat()
+            else:
+                pkt.drop()
+        except Exception:  # a verdict was already given before the error
+            pass
+
+    def run_housekeeping(self, now: float) -> None:
+        try:
+            self._deadline[0] = self.housekeeping(now)
+        except Exception:
+            log.exception("housekeeping failed")
+            self._deadline[0] = now + 1.0
+
+
+def _drainer(queue: NetfilterQueue) -> Callable[[], None]:
+    def drain() -> None:
+        queue.run(block=False)
+
+    return drain

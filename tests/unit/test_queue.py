@@ -1,0 +1,274 @@
+"""nfqfw.queue: the per-packet callback with a stand-in engine and fake kernel packets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+
+from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
+from nfqfw.queue import DropWatch, QueueAdapter, QueueStat, parse_queue_stats
+
+MARK = 0x10000000
+SYN = bytes(IP(src="192.0.2.10", dst="198.51.100.20") / TCP(sport=40000, dport=81, flags="S", seq=7))
+UDP_PACKET = bytes(IP(src="192.0.2.10", dst="198.51.100.20") / UDP(sport=5000, dport=53))
+
+ACCEPT = Verdict(Action.ACCEPT, Ct.NEW, "web", "rule web")
+DROP = Verdict(Action.DROP, Ct.NEW, None, "default ingress")
+RESET = Verdict(Action.REJECT, Ct.NEW, "no-ident", "rule no-ident", reject_with="tcp-reset")
+
+
+class FakePacket:
+    """What the callback uses of netfilterqueue.Packet, recording the verdict."""
+
+    def __init__(self, data: bytes, hook: int = 2, indev: int = 3, outdev: int = 4, mark: int = 0) -> None:
+        self._data = data
+        self.hook, self.indev, self.outdev, self.mark = hook, indev, outdev, mark
+        self.verdict: str | None = None
+        self.new_mark: int | None = None
+
+    def get_payload(self) -> bytes:
+        return self._data
+
+    def set_mark(self, mark: int) -> None:
+        self.new_mark = mark
+
+    def _give(self, verdict: str) -> None:
+        if self.verdict is not None:
+            raise RuntimeError("Verdict already given for this packet")
+        self.verdict = verdict
+
+    def accept(self) -> None:
+        self._give("accept")
+
+    def drop(self) -> None:
+        self._give("drop")
+
+    def repeat(self) -> None:
+        self._give("repeat")
+
+
+class StandInEngine:
+    def __init__(self, verdict: Verdict | Exception) -> None:
+        self.verdict = verdict
+        self.seen: list[tuple[bytes, Meta, float]] = []
+
+    def process(self, data: bytes, meta: Meta, now: float) -> Verdict:
+        self.seen.append((data, meta, now))
+        if isinstance(self.verdict, Exception):
+            raise self.verdict
+        return self.verdict
+
+
+class FakeLinks:
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self.lookups: list[int] = []
+        self.listeners: list[Callable[[], None]] = []
+
+    def name(self, index: int) -> str | None:
+        self.lookups.append(index)
+        return self.names.get(index)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self.listeners.append(listener)
+
+    def change(self, names: dict[int, str]) -> None:
+        self.names = names
+        for listener in self.listeners:
+            listener()
+
+
+class FakeSender:
+    def __init__(self, error: OSError | None = None) -> None:
+        self.sent: list[tuple[bytes, int]] = []
+        self.error = error
+
+    def send(self, packet: bytes, ifindex: int = 0) -> None:
+        if self.error:
+            raise self.error
+        self.sent.append((packet, ifindex))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _adapter(
+    verdict: Verdict | Exception,
+    *,
+    fail_open: bool = False,
+    sender: FakeSender | None = None,
+    rate: float = 1000,
+) -> tuple[QueueAdapter, StandInEngine, FakeLinks, FakeSender, Clock]:
+    engine, links, clock = StandInEngine(verdict), FakeLinks({1: "lo", 3: "lan0", 4: "wan0"}), Clock()
+    sender = sender or FakeSender()
+    adapter = QueueAdapter(
+        engine, links, sender, mark=MARK, fail_open=fail_open, reject_rate=rate, clock=clock
+    )
+    adapter.set_deadline(1e9)
+    return adapter, engine, links, sender, clock
+
+
+def test_accept_sets_the_mark_bit_and_repeats() -> None:
+    adapter, engine, _, _, _ = _adapter(ACCEPT)
+    pkt = FakePacket(SYN, mark=0x5)
+    adapter.on_packet(pkt)
+    assert (pkt.verdict, pkt.new_mark) == ("repeat", 0x10000005)
+    assert engine.seen == [(SYN, Meta(Hook.FORWARD, "lan0", "wan0"), 100.0)]
+
+
+def test_drop() -> None:
+    adapter, _, _, sender, _ = _adapter(DROP)
+    pkt = FakePacket(SYN)
+    adapter.on_packet(pkt)
+    assert (pkt.verdict, pkt.new_mark, sender.sent) == ("drop", None, [])
+
+
+def test_reject_drops_and_sends_the_reset_on_the_in_interface() -> None:
+    adapter, _, _, sender, _ = _adapter(RESET)
+    pkt = FakePacket(SYN, hook=1, indev=3, outdev=0)
+    adapter.on_packet(pkt)
+    assert pkt.verdict == "drop"
+    [(reply, ifindex)] = sender.sent
+    assert ifindex == 3
+    rst = IP(reply)
+    assert (rst.src, rst.dst, rst[TCP].sport, rst[TCP].dport, rst[TCP].ack, str(rst[TCP].flags)) == (
+        "198.51.100.20",
+        "192.0.2.10",
+        81,
+        40000,
+        8,
+        "RA",
+    )
+    assert adapter.counters["reject sent"] == 1
+
+
+def test_reject_from_the_gateway_itself_uses_the_out_interface() -> None:
+    adapter, _, _, sender, _ = _adapter(RESET)
+    adapter.on_packet(FakePacket(SYN, hook=3, indev=0, outdev=4))
+    assert [ifindex for _, ifindex in sender.sent] == [4]
+
+
+def test_reject_without_kind_sends_port_unreachable() -> None:
+    adapter, _, _, sender, _ = _adapter(Verdict(Action.REJECT, Ct.NEW, "x", "rule x"))
+    adapter.on_packet(FakePacket(UDP_PACKET))
+    [(reply, _)] = sender.sent
+    assert (reply[20], reply[21]) == (3, 3)
+
+
+def test_reject_not_answered_send_error_and_rate_limit_are_counted() -> None:
+    adapter, _, _, _, clock = _adapter(RESET, rate=2)
+    rst = bytes(IP(src="192.0.2.10", dst="198.51.100.20") / TCP(flags="R"))
+    adapter.on_packet(FakePacket(rst))
+    for _ in range(3):
+        adapter.on_packet(FakePacket(SYN))
+    clock.now += 0.5  # one more token
+    adapter.on_packet(FakePacket(SYN))
+    assert {k: v for k, v in adapter.counters.items() if v} == {
+        "reject not answered": 1,
+        "reject sent": 3,
+        "reject rate-limited": 1,
+    }
+    failing, _, _, _, _ = _adapter(RESET, sender=FakeSender(OSError(101, "Network is unreachable")))
+    pkt = FakePacket(SYN)
+    failing.on_packet(pkt)
+    assert pkt.verdict == "drop" and failing.counters["reject send error"] == 1
+
+
+def test_meta_is_cached_per_hook_and_interfaces_until_links_change() -> None:
+    adapter, engine, links, _, _ = _adapter(ACCEPT)
+    for _ in range(3):
+        adapter.on_packet(FakePacket(SYN, hook=2, indev=3, outdev=4))
+    adapter.on_packet(FakePacket(SYN, hook=1, indev=3, outdev=0))
+    assert links.lookups == [3, 4, 3, 0]
+    assert engine.seen[3][1] == Meta(Hook.INPUT, "lan0", None)
+    links.change({3: "dmz0", 4: "wan0"})  # renamed
+    adapter.on_packet(FakePacket(SYN, hook=2, indev=3, outdev=4))
+    assert engine.seen[-1][1] == Meta(Hook.FORWARD, "dmz0", "wan0")
+
+
+def test_unknown_interface_is_none_and_not_cached() -> None:
+    adapter, engine, links, _, _ = _adapter(ACCEPT)
+    adapter.on_packet(FakePacket(SYN, hook=3, indev=0, outdev=99))
+    adapter.on_packet(FakePacket(SYN, hook=3, indev=0, outdev=99))
+    assert engine.seen[0][1] == Meta(Hook.OUTPUT, None, None)
+    assert links.lookups == [0, 99, 0, 99]
+
+
+@pytest.mark.parametrize(("fail_open", "verdict", "mark"), [(False, "drop", None), (True, "repeat", MARK)])
+def test_engine_error_gets_the_failure_mode_verdict(
+    fail_open: bool, verdict: str, mark: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter, _, _, _, _ = _adapter(RuntimeError("boom"), fail_open=fail_open)
+    pkt = FakePacket(SYN)
+    with caplog.at_level(logging.ERROR):
+        adapter.on_packet(pkt)
+    assert (pkt.verdict, pkt.new_mark) == (verdict, mark)
+    assert adapter.counters["verdict error"] == 1
+    assert "error handling a packet" in caplog.text
+
+
+def test_unexpected_hook_is_an_error_and_dropped() -> None:
+    adapter, engine, _, _, _ = _adapter(ACCEPT)
+    pkt = FakePacket(SYN, hook=0)  # PREROUTING: not one of ours
+    adapter.on_packet(pkt)
+    assert (pkt.verdict, engine.seen, adapter.counters["verdict error"]) == ("drop", [], 1)
+
+
+def test_housekeeping_runs_from_the_callback_once_due() -> None:
+    adapter, _, _, _, clock = _adapter(ACCEPT)
+    calls: list[float] = []
+
+    def housekeeping(now: float) -> float:
+        calls.append(now)
+        return now + 1.0
+
+    adapter.housekeeping = housekeeping
+    adapter.set_deadline(100.5)
+    adapter.on_packet(FakePacket(SYN))
+    clock.now = 100.5
+    adapter.on_packet(FakePacket(SYN))
+    clock.now = 101.0
+    adapter.on_packet(FakePacket(SYN))
+    adapter.wake()
+    adapter.on_packet(FakePacket(SYN))
+    assert calls == [100.5, 101.0]
+    assert adapter.deadline == 102.0
+
+
+def test_parse_queue_stats() -> None:
+    text = (
+        "    0   4920     3 2  4016     7     9       42  1\n"
+        "    5  12345     0 2  4016     0     0        0  1\n"
+    )
+    assert parse_queue_stats(text) == {
+        0: QueueStat(0, 4920, 3, 2, 4016, 7, 9, 42),
+        5: QueueStat(5, 12345, 0, 2, 4016, 0, 0, 0),
+    }
+
+
+def test_drop_watch_warns_on_growth_only(caplog: pytest.LogCaptureFixture) -> None:
+    readings = iter(
+        [
+            {0: QueueStat(0, 1, 0, 2, 4016, 5, 1, 10)},  # baseline at start: not reported
+            {0: QueueStat(0, 1, 0, 2, 4016, 5, 1, 20)},
+            {0: QueueStat(0, 1, 0, 2, 4016, 12, 4, 30), 1: QueueStat(1, 1, 0, 2, 4016, 99, 0, 0)},
+            None,  # module unloaded
+        ]
+    )
+    watch = DropWatch(range(0, 1), read=lambda: next(readings))
+    assert watch.check() == []
+    with caplog.at_level(logging.WARNING):
+        assert watch.check() == [
+            "queue 0: kernel dropped 7 packets (queue full, max-len) and 3 (socket buffer full, sock-len): "
+            "nfqfw falls behind the traffic"
+        ]
+    assert "kernel dropped 7 packets" in caplog.text
+    assert watch.check() == []
