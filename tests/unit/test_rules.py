@@ -131,7 +131,7 @@ def test_parse_save_finds_only_filter_table_jumps_and_ignores_comments_mentionin
         "INPUT -j NFQFW-INPUT",
         "INPUT -j NFQFW-INPUT",
         "FORWARD -j NFQFW-FORWARD",
-        "OUTPUT -o eth0 -m comment --comment \"admin's own\" -g NFQFW-OUTPUT",
+        'OUTPUT -o eth0 -m comment --comment "admin\'s own" -g NFQFW-OUTPUT',
     )
     assert len(installed.lines) == 3 + 4 + 5
     assert parse_save(SAVE_FRESH) == NOTHING
