@@ -253,9 +253,9 @@ class Daemon:
 
     def status_text(self) -> str:
         flows = len(getattr(self.engine, "conntrack", ()))
-        handled = sum(getattr(self.engine, "counters", {}).values())
+        verdicts = sum(getattr(self.engine, "counters", {}).values())
         rejects = self.counters()["reject sent"]
-        return f"queue {self._queue_text()}: {handled} packets, {flows} flows, {rejects} rejects sent"
+        return f"queue {self._queue_text()}: {verdicts} verdicts, {flows} flows, {rejects} rejects sent"
 
     def counters(self) -> dict[str, int]:
         assert self.adapter is not None

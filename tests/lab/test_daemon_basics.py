@@ -266,6 +266,17 @@ def test_rules_are_installed_for_both_families_without_duplicates_after_restart(
     assert "# IPv6 (ip6tables-save -t filter)" in shown.stdout
 
 
+def test_queue_balance_binds_every_queue(lab: Lab) -> None:
+    daemon = start_daemon(lab, POLICY, "--queue-balance", "3:6")
+    proc_queues = sh(*in_ns(R, "cat", "/proc/net/netfilter/nfnetlink_queue")).stdout
+    assert sorted(int(line.split()[0]) for line in proc_queues.splitlines()) == [3, 4, 5, 6]
+    assert "-j NFQUEUE --queue-balance 3:6\n" in nfqfw("rules", "show").stdout
+    for sport_variation in range(6):  # different source ports hash to different queues
+        assert connect(SERVER4, 80)[0] == "connected hello", sport_variation
+        assert connect(SERVER6, 81)[0] == "refused"
+    assert daemon.stop()[0] == 0
+
+
 def test_stop_notifies_exits_zero_and_stays_closed(lab: Lab) -> None:
     daemon = start_daemon(lab)
     assert connect(SERVER4, 80)[0] == "connected hello"
