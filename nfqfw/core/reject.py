@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import struct
 
+from nfqfw.core.build import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, icmp, icmpv6, ipv4, ipv6, tcp
+
 TCP_RESET = "tcp-reset"
 ICMP_PORT_UNREACHABLE = "icmp-port-unreachable"
 ICMP_ADMIN_PROHIBITED = "icmp-admin-prohibited"
@@ -33,10 +35,6 @@ KINDS = (TCP_RESET, ICMP_PORT_UNREACHABLE, ICMP_ADMIN_PROHIBITED)
 
 REPLY_TTL = 64
 IPV6_MIN_MTU = 1280
-
-_PROTO_ICMP = 1
-_PROTO_TCP = 6
-_PROTO_ICMPV6 = 58
 
 # ICMP types that are errors: never answer them (RFC 1122 3.2.2: dest unreachable,
 # source quench, redirect, time exceeded, parameter problem).
@@ -87,9 +85,9 @@ def _reject_ipv4(data: bytes, kind: str) -> bytes | None:
     if not _ipv4_may_answer(src, dst):
         return None
     proto = data[9]
-    if proto == _PROTO_ICMP and (total < ihl + 1 or data[ihl] in _ICMP4_ERRORS):
+    if proto == PROTO_ICMP and (total < ihl + 1 or data[ihl] in _ICMP4_ERRORS):
         return None  # an ICMP error (or too short to tell): never answer it
-    if kind == TCP_RESET and proto == _PROTO_TCP:
+    if kind == TCP_RESET and proto == PROTO_TCP:
         return _tcp_reset_ipv4(data, ihl, total, src, dst)
     code = _UNREACH_CODES.get(kind, _UNREACH_CODES[ICMP_PORT_UNREACHABLE])[0]
     return _unreachable_ipv4(data[: min(total, ihl + 8)], code, src, dst)
@@ -102,17 +100,16 @@ def _ipv4_may_answer(src: bytes, dst: bytes) -> bool:
 
 
 def _tcp_reset_ipv4(data: bytes, ihl: int, total: int, src: bytes, dst: bytes) -> bytes | None:
-    segment = _tcp_reset_segment(data, ihl, total)
-    if segment is None:
+    fields = _tcp_reset_fields(data, ihl, total)
+    if fields is None:
         return None
-    tcp = _with_checksum(segment, 16, pseudo_header_sum(dst, src, _PROTO_TCP, len(segment)))
-    return ipv4_header(dst, src, _PROTO_TCP, len(tcp), ttl=REPLY_TTL, dont_fragment=True) + tcp
+    segment = tcp(dst, src, *fields, window=0)
+    return ipv4(dst, src, PROTO_TCP, segment, REPLY_TTL, dont_fragment=True)
 
 
 def _unreachable_ipv4(quote: bytes, code: int, src: bytes, dst: bytes) -> bytes:
-    icmp = _with_checksum(struct.pack("!BBHI", 3, code, 0, 0) + quote, 2, 0)
     # TOS 0xC0 (internetwork control) as the kernel's icmp_send gives its errors.
-    return ipv4_header(dst, src, _PROTO_ICMP, len(icmp), ttl=REPLY_TTL, tos=0xC0) + icmp
+    return ipv4(dst, src, PROTO_ICMP, icmp(3, code, payload=quote), REPLY_TTL, tos=0xC0)
 
 
 # --- IPv6 -------------------------------------------------------------------------------------
@@ -130,11 +127,11 @@ def _reject_ipv6(data: bytes, kind: str) -> bytes | None:
     if upper is None:
         return None  # truncated extension headers or a non-first fragment
     proto, offset = upper
-    if proto == _PROTO_ICMPV6 and (
+    if proto == PROTO_ICMPV6 and (
         total < offset + 1 or data[offset] < 128 or data[offset] == _ICMP6_REDIRECT
     ):
         return None
-    if kind == TCP_RESET and proto == _PROTO_TCP:
+    if kind == TCP_RESET and proto == PROTO_TCP:
         return _tcp_reset_ipv6(data, offset, total, src, dst)
     code = _UNREACH_CODES.get(kind, _UNREACH_CODES[ICMP_PORT_UNREACHABLE])[1]
     return _unreachable_ipv6(data[: min(total, IPV6_MIN_MTU - 40 - 8)], code, src, dst)
@@ -164,24 +161,22 @@ def _ipv6_upper_layer(data: bytes, total: int) -> tuple[int, int] | None:
 
 
 def _tcp_reset_ipv6(data: bytes, offset: int, total: int, src: bytes, dst: bytes) -> bytes | None:
-    segment = _tcp_reset_segment(data, offset, total)
-    if segment is None:
+    fields = _tcp_reset_fields(data, offset, total)
+    if fields is None:
         return None
-    tcp = _with_checksum(segment, 16, pseudo_header_sum(dst, src, _PROTO_TCP, len(segment)))
-    return ipv6_header(dst, src, _PROTO_TCP, len(tcp), hop_limit=REPLY_TTL) + tcp
+    return ipv6(dst, src, PROTO_TCP, tcp(dst, src, *fields, window=0), REPLY_TTL)
 
 
 def _unreachable_ipv6(quote: bytes, code: int, src: bytes, dst: bytes) -> bytes:
-    message = struct.pack("!BBHI", 1, code, 0, 0) + quote
-    icmp = _with_checksum(message, 2, pseudo_header_sum(dst, src, _PROTO_ICMPV6, len(message)))
-    return ipv6_header(dst, src, _PROTO_ICMPV6, len(icmp), hop_limit=REPLY_TTL) + icmp
+    message = icmpv6(dst, src, 1, code, b"\0\0\0\0" + quote)
+    return ipv6(dst, src, PROTO_ICMPV6, message, REPLY_TTL)
 
 
 # --- shared -----------------------------------------------------------------------------------
 
 
-def _tcp_reset_segment(data: bytes, offset: int, total: int) -> bytes | None:
-    """The RST's TCP header (checksum 0) answering the segment at `offset`, as nf_send_reset."""
+def _tcp_reset_fields(data: bytes, offset: int, total: int) -> tuple[int, int, int, int, int] | None:
+    """(sport, dport, seq, ack, flags) of the RST answering the segment at `offset`, as nf_send_reset."""
     if total < offset + 20:
         return None
     sport, dport, seq, ack, off_flags = struct.unpack_from("!HHIIH", data, offset)
@@ -190,50 +185,6 @@ def _tcp_reset_segment(data: bytes, offset: int, total: int) -> bytes | None:
     if flags & _TCP_RST or header_len < 20 or offset + header_len > total:
         return None
     if flags & _TCP_ACK:
-        rst_seq, rst_ack, rst_flags = ack, 0, _TCP_RST
-    else:
-        segment_len = total - offset - header_len + (flags & _TCP_SYN != 0) + (flags & _TCP_FIN != 0)
-        rst_seq, rst_ack, rst_flags = 0, (seq + segment_len) & 0xFFFFFFFF, _TCP_RST | _TCP_ACK
-    return struct.pack("!HHIIBBHHH", dport, sport, rst_seq, rst_ack, 5 << 4, rst_flags, 0, 0, 0)
-
-
-def _with_checksum(message: bytes, at: int, initial: int) -> bytes:
-    value = checksum(message, initial)
-    return message[:at] + struct.pack("!H", value) + message[at + 2 :]
-
-
-# --- minimal builders: stand-ins until nfqfw.core.build lands, then replaced by it ------------
-
-
-def checksum(data: bytes, initial: int = 0) -> int:
-    """Internet checksum (RFC 1071) of `data`, starting from the partial sum `initial`."""
-    if len(data) % 2:
-        data += b"\0"
-    total = initial + sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Partial (unfolded) sum of the TCP/UDP/ICMPv6 pseudo-header, for IPv4 or IPv6 addresses."""
-    words = src + dst
-    return sum(struct.unpack(f"!{len(words) // 2}H", words)) + proto + (length & 0xFFFF) + (length >> 16)
-
-
-def ipv4_header(
-    src: bytes,
-    dst: bytes,
-    proto: int,
-    payload_len: int,
-    ttl: int = 64,
-    tos: int = 0,
-    dont_fragment: bool = False,
-) -> bytes:
-    flags = 0x4000 if dont_fragment else 0
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + payload_len, 0, flags, ttl, proto, 0, src, dst)
-    return header[:10] + struct.pack("!H", checksum(header)) + header[12:]
-
-
-def ipv6_header(src: bytes, dst: bytes, next_header: int, payload_len: int, hop_limit: int = 64) -> bytes:
-    return struct.pack("!IHBB16s16s", 6 << 28, payload_len, next_header, hop_limit, src, dst)
+        return dport, sport, ack, 0, _TCP_RST
+    segment_len = total - offset - header_len + (flags & _TCP_SYN != 0) + (flags & _TCP_FIN != 0)
+    return dport, sport, 0, (seq + segment_len) & 0xFFFFFFFF, _TCP_RST | _TCP_ACK
