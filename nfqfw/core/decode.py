@@ -114,44 +114,40 @@ def _ipv4(pkt: Packet, data: Buffer, quoted: bool) -> None:
     if captured < 20:
         pkt.malformed = _QUOTE_TRUNCATED if quoted else f"ipv4: truncated header ({captured} bytes)"
         return
-    version_ihl, total, frag, pkt.ttl, proto, pkt.src, pkt.dst = _IPV4.unpack_from(data)
-    pkt.proto = proto
+    version_ihl, total, frag, pkt.ttl, pkt.proto, pkt.src, pkt.dst = _IPV4.unpack_from(data)
     ihl = (version_ihl & 0x0F) * 4
-    if ihl < 20:
-        pkt.malformed = f"ipv4: header length {ihl} < 20"
+    end = _ipv4_end(pkt, ihl, total, captured, quoted)
+    if end < 0:
         return
-    if ihl > captured:
-        reason = f"ipv4: header length {ihl} > {captured} bytes captured"
-        pkt.malformed = _QUOTE_TRUNCATED if quoted else reason
-        return
-    if quoted:
-        end = total if ihl <= total < captured else captured
-    elif total > captured:
-        pkt.malformed = f"ipv4: total length {total} > {captured} bytes captured"
-        return
-    elif total < ihl:
-        pkt.malformed = f"ipv4: total length {total} < header length {ihl}"
-        return
-    else:
-        end = total
     pkt.length = end
-    pkt.l4_offset = ihl
     if frag & _IPV4_OFFSET:
         pkt.frag = FRAG_LATER
+        pkt.l4_offset = ihl
         pkt.payload_len = end - ihl
         return
     if frag & _IPV4_MF:
         pkt.frag = FRAG_FIRST
-    if quoted:
-        _quoted_l4(pkt, data, ihl, end)
-    elif proto == PROTO_TCP:
-        _tcp(pkt, data, ihl, end)
-    elif proto == PROTO_UDP:
-        _udp(pkt, data, ihl, end)
-    elif proto == PROTO_ICMP:
-        _icmp(pkt, data, ihl, end)
-    else:
-        pkt.payload_len = end - ihl
+    _l4(pkt, data, ihl, end, quoted)
+
+
+def _ipv4_end(pkt: Packet, ihl: int, total: int, captured: int, quoted: bool) -> int:
+    """Where the packet ends in the buffer, or -1 (malformed set) when its lengths cannot be."""
+    if ihl < 20:
+        pkt.malformed = f"ipv4: header length {ihl} < 20"
+        return -1
+    if ihl > captured:
+        reason = f"ipv4: header length {ihl} > {captured} bytes captured"
+        pkt.malformed = _QUOTE_TRUNCATED if quoted else reason
+        return -1
+    if quoted:  # a quote is normally cut short: its total length only trims trailing bytes
+        return total if ihl <= total < captured else captured
+    if total > captured:
+        pkt.malformed = f"ipv4: total length {total} > {captured} bytes captured"
+        return -1
+    if total < ihl:
+        pkt.malformed = f"ipv4: total length {total} < header length {ihl}"
+        return -1
+    return total
 
 
 # --- IPv6 -------------------------------------------------------------------------------------
@@ -165,33 +161,27 @@ def _ipv6(pkt: Packet, data: Buffer, quoted: bool) -> None:
         return
     payload_length, next_header, pkt.ttl, pkt.src, pkt.dst = _IPV6.unpack_from(data)
     pkt.proto = next_header
-    end = 40 + payload_length
-    if quoted:
-        if payload_length == 0 or end > captured:
-            end = captured
-    elif payload_length == 0 and next_header == _IPV6_HOP_BY_HOP:
-        pkt.malformed = "ipv6: jumbogram not supported"
-        return
-    elif end > captured:
-        pkt.malformed = f"ipv6: payload length {payload_length} > {captured - 40} bytes captured"
+    end = _ipv6_end(pkt, payload_length, next_header, captured, quoted)
+    if end < 0:
         return
     pkt.length = end
     offset = _ipv6_extensions(pkt, data, end, quoted) if next_header in _IPV6_EXTENSIONS else 40
-    if offset < 0:
-        return  # malformed, or a later fragment (fields already set)
-    pkt.l4_offset = offset
+    if offset >= 0:  # else malformed, or a later fragment (fields already set)
+        _l4(pkt, data, offset, end, quoted)
+
+
+def _ipv6_end(pkt: Packet, payload_length: int, next_header: int, captured: int, quoted: bool) -> int:
+    """Where the packet ends in the buffer, or -1 (malformed set) when its length cannot be."""
+    end = 40 + payload_length
     if quoted:
-        _quoted_l4(pkt, data, offset, end)
-        return
-    proto = pkt.proto
-    if proto == PROTO_TCP:
-        _tcp(pkt, data, offset, end)
-    elif proto == PROTO_UDP:
-        _udp(pkt, data, offset, end)
-    elif proto == PROTO_ICMPV6:
-        _icmpv6(pkt, data, offset, end)
-    else:
-        pkt.payload_len = end - offset
+        return captured if payload_length == 0 or end > captured else end
+    if payload_length == 0 and next_header == _IPV6_HOP_BY_HOP:
+        pkt.malformed = "ipv6: jumbogram not supported"
+        return -1
+    if end > captured:
+        pkt.malformed = f"ipv6: payload length {payload_length} > {captured - 40} bytes captured"
+        return -1
+    return end
 
 
 def _ipv6_extensions(pkt: Packet, data: Buffer, end: int, quoted: bool) -> int:
@@ -231,6 +221,26 @@ def _ipv6_extensions(pkt: Packet, data: Buffer, end: int, quoted: bool) -> int:
         offset += length
     pkt.proto = proto
     return offset
+
+
+# --- L4 dispatch ------------------------------------------------------------------------------
+
+
+def _l4(pkt: Packet, data: Buffer, offset: int, end: int, quoted: bool) -> None:
+    pkt.l4_offset = offset
+    proto = pkt.proto
+    if quoted:
+        _quoted_l4(pkt, data, offset, end)
+    elif proto == PROTO_TCP:
+        _tcp(pkt, data, offset, end)
+    elif proto == PROTO_UDP:
+        _udp(pkt, data, offset, end)
+    elif proto == PROTO_ICMP and pkt.family == 4:
+        _icmp(pkt, data, offset, end)
+    elif proto == PROTO_ICMPV6 and pkt.family == 6:
+        _icmpv6(pkt, data, offset, end)
+    else:
+        pkt.payload_len = end - offset
 
 
 # --- TCP --------------------------------------------------------------------------------------
