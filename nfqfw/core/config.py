@@ -1,0 +1,817 @@
+"""The policy file: YAML in, validated plain config objects out.
+
+The file is composed (not constructed) with PyYAML's SafeLoader so that every node keeps
+its position; each problem is reported as ``FILE:LINE:COL: message`` (1-based) and all of
+them are reported at once. Nothing here runs per packet: `nfqfw.core.policy` compiles the
+result into matchers.
+
+Shape (see config/policy.yaml for the commented version)::
+
+    zones:    {external: [ifaces], internal: [ifaces]}
+    defaults: {ingress: drop, egress: accept, invalid: drop}
+    ingress:  [rules]       # first match wins
+    egress:   [rules]
+    options:  {max-flows, tcp-pickup, failure-mode, reload, log-denied, gateway-addresses}
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from nfqfw.core.verdict import Action
+
+ZONES = ("external", "internal")
+SIDES = ("ingress", "egress")
+TOP_KEYS = ("zones", "defaults", "ingress", "egress", "options")
+DEFAULT_KEYS = ("ingress", "egress", "invalid")
+OPTION_KEYS = ("max-flows", "tcp-pickup", "failure-mode", "reload", "log-denied", "gateway-addresses")
+RULE_KEYS = (
+    "name",
+    "action",
+    "proto",
+    "family",
+    "from",
+    "to",
+    "ports",
+    "sports",
+    "icmp-types",
+    "in",
+    "out",
+    "log",
+    "limit",
+    "limit-burst",
+    "limit-per",
+)
+
+DEFAULT_MAX_FLOWS = 65536
+DEFAULT_LIMIT_BURST = 5  # as iptables -m limit
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_ICMPV6 = 58
+
+# Protocol names. "icmp" is ICMP for IPv4 *and* ICMPv6 for IPv6, so one rule covers ping on
+# both families; "icmpv6" (58) is ICMPv6 only and the number 1 is ICMPv4 only.
+PROTOCOLS: dict[str, tuple[int, ...]] = {
+    "tcp": (PROTO_TCP,),
+    "udp": (PROTO_UDP,),
+    "icmp": (PROTO_ICMP, PROTO_ICMPV6),
+    "icmpv6": (PROTO_ICMPV6,),
+    "ipv6-icmp": (PROTO_ICMPV6,),
+    "igmp": (2,),
+    "ipip": (4,),
+    "dccp": (33,),
+    "gre": (47,),
+    "esp": (50,),
+    "ah": (51,),
+    "ospf": (89,),
+    "pim": (103,),
+    "vrrp": (112,),
+    "l2tp": (115,),
+    "sctp": (132,),
+    "udplite": (136,),
+}
+PORT_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP})  # the only ones whose ports the decoder reads
+ICMP_PROTOCOLS = frozenset({PROTO_ICMP, PROTO_ICMPV6})
+
+# ICMP type names -> (ICMPv4 type, ICMPv6 type); None where the message does not exist in
+# that family. A name present in both matches either: echo-request is ICMPv4 type 8 and
+# ICMPv6 type 128.
+ICMP_TYPES: dict[str, tuple[int | None, int | None]] = {
+    "echo-reply": (0, 129),
+    "destination-unreachable": (3, 1),
+    "source-quench": (4, None),
+    "redirect": (5, 137),
+    "echo-request": (8, 128),
+    "router-advertisement": (9, 134),
+    "router-solicitation": (10, 133),
+    "time-exceeded": (11, 3),
+    "parameter-problem": (12, 4),
+    "timestamp-request": (13, None),
+    "timestamp-reply": (14, None),
+    "address-mask-request": (17, None),
+    "address-mask-reply": (18, None),
+    "packet-too-big": (None, 2),
+    "mld-query": (None, 130),
+    "mld-report": (None, 131),
+    "mld-done": (None, 132),
+    "neighbor-solicitation": (None, 135),
+    "neighbour-solicitation": (None, 135),  # ip6tables' spelling
+    "neighbor-advertisement": (None, 136),
+    "neighbour-advertisement": (None, 136),
+    "mld2-report": (None, 143),
+}
+
+_LIMIT_UNITS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+}
+_LIMIT_RE = re.compile(r"\s*(\d+)\s*/\s*([a-z]+)\s*")
+_PORT_RE = re.compile(r"\s*(\d+)\s*")
+_RANGE_RE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+# Linux interface names: at most 15 bytes, no whitespace or '/'. A trailing '+' matches
+# every name with that prefix (as iptables -i eth+).
+_IFACE_RE = re.compile(r"[^\s/+]{1,15}\+?")
+
+_TAG_NULL = "tag:yaml.org,2002:null"
+_TAG_BOOL = "tag:yaml.org,2002:bool"
+_TAG_INT = "tag:yaml.org,2002:int"
+_TAG_STR = "tag:yaml.org,2002:str"
+_CONSTRUCTOR = SafeConstructor()
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigIssue(NamedTuple):
+    """One problem in a policy file; line and column are 1-based."""
+
+    file: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The policy cannot be used; `issues` lists every problem found, in file order."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(issue) for issue in issues))
+        self.issues = issues
+
+
+@dataclass(frozen=True, slots=True)
+class AddressSet:
+    """The `from`/`to` of a rule: the gateway itself and/or networks."""
+
+    gateway: bool
+    networks: tuple[Network, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitConfig:
+    """`limit: COUNT/PERIOD` with its burst; per_source gives every source address its own bucket."""
+
+    count: int
+    period: int  # seconds
+    burst: int
+    per_source: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RuleConfig:
+    """One validated rule. None in a match field means "any"."""
+
+    name: str
+    action: Action
+    line: int  # where the rule starts in the file (1-based)
+    family: int | None = None  # 4 or 6
+    protocols: frozenset[int] | None = None
+    src: AddressSet | None = None
+    dst: AddressSet | None = None
+    dports: tuple[tuple[int, int], ...] | None = None  # sorted, merged inclusive ranges
+    sports: tuple[tuple[int, int], ...] | None = None
+    icmp_types_v4: frozenset[int] | None = None  # with icmp-types: allowed types per family
+    icmp_types_v6: frozenset[int] | None = None
+    in_ifaces: tuple[str, ...] | None = None
+    out_ifaces: tuple[str, ...] | None = None
+    log: bool = False
+    limit: LimitConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultsConfig:
+    ingress: Action = Action.DROP
+    egress: Action = Action.ACCEPT
+    invalid: Action = Action.DROP  # accept or drop only
+
+
+@dataclass(frozen=True, slots=True)
+class OptionsConfig:
+    max_flows: int = DEFAULT_MAX_FLOWS
+    tcp_pickup_loose: bool = False
+    failure_mode: str = "closed"  # "closed" | "open"
+    reload: str = "recheck"  # "recheck" | "keep"
+    log_denied: bool = False
+    gateway_addresses: tuple[str, ...] = ()  # normalised text, for the offline tools
+
+    @property
+    def gateway_address_bytes(self) -> frozenset[bytes]:
+        """The gateway addresses as raw 4/16-byte values, comparable with Packet.dst."""
+        return frozenset(ipaddress.ip_address(text).packed for text in self.gateway_addresses)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    filename: str
+    sha256: str  # hex digest of the file's bytes
+    zones: dict[str, tuple[str, ...]]  # always has "external" and "internal"
+    defaults: DefaultsConfig
+    ingress: tuple[RuleConfig, ...]
+    egress: tuple[RuleConfig, ...]
+    options: OptionsConfig
+
+
+def parse_policy(text: str, filename: str = "<policy>") -> PolicyConfig:
+    """Validate policy text; raises ConfigError listing every problem."""
+    return _parse(text, filename, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def load_policy(path: str | os.PathLike[str]) -> PolicyConfig:
+    """Read and validate a policy file; raises ConfigError (also when it cannot be read)."""
+    filename = os.fspath(path)
+    try:
+        data = Path(filename).read_bytes()
+    except OSError as err:
+        raise ConfigError([ConfigIssue(filename, 1, 1, f"cannot read: {err.strerror or err}")]) from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError([ConfigIssue(filename, line, col, "cannot read: not UTF-8 text")]) from err
+    return _parse(text, filename, hashlib.sha256(data).hexdigest())
+
+
+def _parse(text: str, filename: str, digest: str) -> PolicyConfig:
+    checker = _Checker(filename)
+    root = checker.compose(text)
+    config = None if root is None else checker.policy(root, digest)
+    if checker.issues or config is None:
+        raise ConfigError(sorted(checker.issues, key=lambda issue: (issue.line, issue.col)))
+    return config
+
+
+def _describe(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node.tag == _TAG_NULL:
+        return "nothing"
+    return f"'{node.value}'"
+
+
+def _is_value(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag != _TAG_NULL
+
+
+def _hint(word: str, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (expected one of: {', '.join(choices)})"
+
+
+def _one_of(choices: Iterable[str]) -> str:
+    choices = list(choices)
+    return choices[0] if len(choices) == 1 else ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
+def _at(where: str, message: str) -> str:
+    return f"{where}: {message}" if where else message
+
+
+class _Rule:
+    """What is known about a rule while its keys are checked one by one."""
+
+    def __init__(self, side: str, where: str) -> None:
+        self.side = side
+        self.where = where
+        self.family: int | None = None
+        self.protocols: frozenset[int] | None = None
+        self.proto_text = ""
+        self.proto_failed = False  # proto had errors: checks that depend on it are skipped
+
+
+class _Checker:
+    """Walks the composed YAML, collecting every issue instead of stopping at the first."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.issues: list[ConfigIssue] = []
+
+    def error(self, node: Node, message: str) -> None:
+        mark = node.start_mark
+        self.issues.append(ConfigIssue(self.filename, mark.line + 1, mark.column + 1, message))
+
+    # -- YAML ---------------------------------------------------------------------------
+
+    def compose(self, text: str) -> Node | None:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+            message = f"invalid YAML: {err.problem or err.context}"
+            if err.problem and err.context and err.context_mark:
+                message += f" ({err.context} at line {err.context_mark.line + 1})"
+            self.issues.append(ConfigIssue(self.filename, line, col, message))
+            return None
+        except yaml.reader.ReaderError as err:
+            line = text.count("\n", 0, err.position) + 1
+            col = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+            code = err.character if isinstance(err.character, int) else ord(err.character)
+            message = f"invalid YAML: unacceptable character #x{code:04x}: {err.reason}"
+            self.issues.append(ConfigIssue(self.filename, line, col, message))
+            return None
+        if root is None:
+            self.issues.append(ConfigIssue(self.filename, 1, 1, "the policy is empty"))
+        return root
+
+    # -- generic shapes -------------------------------------------------------------------
+
+    def mapping(
+        self,
+        node: Node,
+        where: str,
+        allowed: tuple[str, ...],
+        required: tuple[str, ...] = (),
+        kind: str = "key",
+    ) -> dict[str, tuple[ScalarNode, Node]]:
+        """Known keys -> (key node, value node); reports unknown, duplicate and missing keys."""
+        if not isinstance(node, MappingNode):
+            self.error(node, _at(where, f"expected a mapping, got {_describe(node)}"))
+            return {}
+        found: dict[str, tuple[ScalarNode, Node]] = {}
+        for key, value in node.value:
+            if not _is_value(key):
+                self.error(key, _at(where, f"expected a {kind} name, got {_describe(key)}"))
+            elif key.value in found:
+                self.error(key, _at(where, f"duplicate {kind} '{key.value}'"))
+            elif key.value in allowed:
+                found[key.value] = (key, value)
+            else:
+                self.error(key, _at(where, f"unknown {kind} '{key.value}'{_hint(key.value, allowed)}"))
+        for name in required:
+            if name not in found:
+                self.error(node, _at(where, f"missing required {kind} '{name}'"))
+        return found
+
+    def text(self, node: Node, where: str) -> str | None:
+        """A single scalar, as written (YAML 1.1 typing ignored: `no` stays "no")."""
+        if _is_value(node):
+            return str(node.value)
+        self.error(node, _at(where, f"expected a single value, got {_describe(node)}"))
+        return None
+
+    def items(self, node: Node, where: str, allow_empty: bool = False) -> list[ScalarNode]:
+        """A single value or a list of single values."""
+        if _is_value(node):
+            return [node]  # type: ignore[list-item]
+        if not isinstance(node, SequenceNode):
+            self.error(node, _at(where, f"expected a value or a list, got {_describe(node)}"))
+            return []
+        if not node.value and not allow_empty:
+            self.error(node, _at(where, "the list is empty"))
+        found = []
+        for item in node.value:
+            if _is_value(item):
+                found.append(item)
+            else:
+                self.error(item, _at(where, f"expected a single value, got {_describe(item)}"))
+        return found
+
+    def boolean(self, node: Node, where: str) -> bool | None:
+        if isinstance(node, ScalarNode) and node.tag == _TAG_BOOL:
+            return bool(SafeConstructor.bool_values[node.value.lower()])
+        self.error(node, _at(where, f"expected true or false, got {_describe(node)}"))
+        return None
+
+    def positive_int(self, node: Node, where: str) -> int | None:
+        if isinstance(node, ScalarNode) and node.tag == _TAG_INT:
+            value = int(_CONSTRUCTOR.construct_yaml_int(node))
+            if value >= 1:
+                return value
+        self.error(node, _at(where, f"expected a positive integer, got {_describe(node)}"))
+        return None
+
+    def choice(self, node: Node, where: str, choices: tuple[str, ...]) -> str | None:
+        word = self.text(node, where)
+        if word is None:
+            return None
+        if word in choices:
+            return word
+        hint = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+        suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
+        self.error(node, _at(where, f"expected {_one_of(choices)}, got '{word}'{suffix}"))
+        return None
+
+    def action(
+        self, node: Node, where: str, choices: tuple[str, ...] = ("accept", "drop", "reject")
+    ) -> Action | None:
+        word = self.choice(node, where, choices)
+        return None if word is None else Action(word)
+
+    def interface(self, node: ScalarNode, where: str) -> str | None:
+        name = str(node.value)
+        if _IFACE_RE.fullmatch(name):
+            return name
+        self.error(node, _at(where, f"'{name}' is not a valid interface name"))
+        return None
+
+    # -- the policy -------------------------------------------------------------------------
+
+    def policy(self, root: Node, digest: str) -> PolicyConfig | None:
+        if not isinstance(root, MappingNode):
+            message = f"expected a mapping with zones, defaults, ingress and egress, got {_describe(root)}"
+            self.error(root, message)
+            return None
+        top = self.mapping(root, "", TOP_KEYS, required=("zones",))
+        zones = self.zones(top["zones"][1]) if "zones" in top else {zone: () for zone in ZONES}
+        defaults = self.defaults(top["defaults"][1]) if "defaults" in top else DefaultsConfig()
+        names: dict[str, int] = {}
+        ingress = self.rules(top["ingress"][1], "ingress", names) if "ingress" in top else ()
+        egress = self.rules(top["egress"][1], "egress", names) if "egress" in top else ()
+        options = self.options(top["options"][1]) if "options" in top else OptionsConfig()
+        return PolicyConfig(self.filename, digest, zones, defaults, ingress, egress, options)
+
+    def zones(self, node: Node) -> dict[str, tuple[str, ...]]:
+        zones: dict[str, tuple[str, ...]] = {zone: () for zone in ZONES}
+        owner: dict[str, str] = {}
+        for zone, (_, value) in self.mapping(
+            node, "zones", ZONES, required=("external",), kind="zone"
+        ).items():
+            where = f"zones: {zone}"
+            names = []
+            for item in self.items(value, where, allow_empty=True):
+                name = self.interface(item, where)
+                if name is None:
+                    continue
+                if name in owner:
+                    other = owner[name]
+                    problem = f"listed twice in '{zone}'" if other == zone else f"already in zone '{other}'"
+                    self.error(item, f"{where}: interface '{name}' is {problem}")
+                    continue
+                owner[name] = zone
+                names.append(name)
+            zones[zone] = tuple(names)
+        return zones
+
+    def defaults(self, node: Node) -> DefaultsConfig:
+        found = self.mapping(node, "defaults", DEFAULT_KEYS)
+        chosen: dict[str, Action] = {}
+        for key, (_, value) in found.items():
+            choices = ("accept", "drop") if key == "invalid" else ("accept", "drop", "reject")
+            action = self.action(value, f"defaults: {key}", choices)
+            if action is not None:
+                chosen[key] = action
+        return DefaultsConfig(**chosen)
+
+    def options(self, node: Node) -> OptionsConfig:
+        found = self.mapping(node, "options", OPTION_KEYS)
+        values: dict[str, object] = {}
+        if "max-flows" in found:
+            values["max_flows"] = self.positive_int(found["max-flows"][1], "options: max-flows")
+        if "tcp-pickup" in found:
+            pickup = self.choice(found["tcp-pickup"][1], "options: tcp-pickup", ("strict", "loose"))
+            values["tcp_pickup_loose"] = pickup == "loose" if pickup else None
+        if "failure-mode" in found:
+            values["failure_mode"] = self.choice(
+                found["failure-mode"][1], "options: failure-mode", ("closed", "open")
+            )
+        if "reload" in found:
+            values["reload"] = self.choice(found["reload"][1], "options: reload", ("recheck", "keep"))
+        if "log-denied" in found:
+            values["log_denied"] = self.boolean(found["log-denied"][1], "options: log-denied")
+        if "gateway-addresses" in found:
+            values["gateway_addresses"] = self.gateway_addresses(found["gateway-addresses"][1])
+        return OptionsConfig(**{key: value for key, value in values.items() if value is not None})  # type: ignore[arg-type]
+
+    def gateway_addresses(self, node: Node) -> tuple[str, ...]:
+        where = "options: gateway-addresses"
+        addresses = []
+        for item in self.items(node, where):
+            try:
+                addresses.append(str(ipaddress.ip_address(str(item.value))))
+            except ValueError:
+                self.error(item, f"{where}: '{item.value}' is not an IP address")
+        return tuple(addresses)
+
+    # -- rules ------------------------------------------------------------------------------
+
+    def rules(self, node: Node, side: str, names: dict[str, int]) -> tuple[RuleConfig, ...]:
+        if isinstance(node, ScalarNode) and node.tag == _TAG_NULL:
+            return ()  # `ingress:` with every rule commented out
+        if not isinstance(node, SequenceNode):
+            self.error(node, f"{side}: expected a list of rules, got {_describe(node)}")
+            return ()
+        rules = []
+        for index, rule_node in enumerate(node.value):
+            rule = self.rule(rule_node, side, index, names)
+            if rule is not None:
+                rules.append(rule)
+        return tuple(rules)
+
+    def rule(self, node: Node, side: str, index: int, names: dict[str, int]) -> RuleConfig | None:
+        where = f"{side} rule {index + 1}"
+        if not isinstance(node, MappingNode):
+            self.error(node, f"{where}: expected a mapping with name and action, got {_describe(node)}")
+            return None
+        for key, value in node.value:
+            if _is_value(key) and key.value == "name" and _is_value(value) and value.value:
+                where = f"{side} rule '{value.value}'"
+                break
+        errors_before = len(self.issues)
+        found = self.mapping(node, where, RULE_KEYS, required=("name", "action"))
+        state = _Rule(side, where)
+        fields: dict[str, object] = {}
+
+        name = self.rule_name(found["name"][1], where, names) if "name" in found else None
+        action = self.action(found["action"][1], f"{where}: action") if "action" in found else None
+        if "family" in found:
+            family = self.choice(found["family"][1], f"{where}: family", ("ipv4", "ipv6"))
+            state.family = fields["family"] = None if family is None else int(family[-1])
+        if "proto" in found:
+            state.protocols = fields["protocols"] = self.protocols(found["proto"][1], state)
+        for key, attr in (("from", "src"), ("to", "dst")):
+            if key in found:
+                fields[attr] = self.addresses(found[key][1], key, state)
+        for key, attr in (("ports", "dports"), ("sports", "sports")):
+            if key in found:
+                fields[attr] = self.ports(*found[key], state)
+        if "icmp-types" in found:
+            fields["icmp_types_v4"], fields["icmp_types_v6"] = self.icmp_types(*found["icmp-types"], state)
+        for key, attr in (("in", "in_ifaces"), ("out", "out_ifaces")):
+            if key in found:
+                ifaces = [
+                    self.interface(item, f"{where}: {key}")
+                    for item in self.items(found[key][1], f"{where}: {key}")
+                ]
+                fields[attr] = tuple(iface for iface in ifaces if iface is not None)
+        if "log" in found:
+            fields["log"] = self.boolean(found["log"][1], f"{where}: log")
+        fields["limit"] = self.limit(found, where)
+        self.check_families(node, fields, state)
+
+        if len(self.issues) > errors_before or name is None or action is None:
+            return None
+        return RuleConfig(name=name, action=action, line=node.start_mark.line + 1, **fields)  # type: ignore[arg-type]
+
+    def rule_name(self, node: Node, where: str, names: dict[str, int]) -> str | None:
+        name = self.text(node, f"{where}: name")
+        if name is None:
+            return None
+        if not name.strip():
+            self.error(node, f"{where}: name: must not be empty")
+            return None
+        if name in names:
+            self.error(node, f"duplicate rule name '{name}' (first used at line {names[name]})")
+            return None
+        names[name] = node.start_mark.line + 1
+        return name
+
+    def protocols(self, node: Node, state: _Rule) -> frozenset[int] | None:
+        where = f"{state.where}: proto"
+        items = self.items(node, where)
+        words = [str(item.value).lower() for item in items]
+        state.proto_text = ", ".join(words)
+        if "any" in words:
+            if len(words) > 1:
+                self.error(
+                    items[words.index("any")], f"{where}: 'any' cannot be combined with other protocols"
+                )
+            return None
+        numbers: set[int] = set()
+        errors_before = len(self.issues)
+        for item, word in zip(items, words, strict=True):
+            if word.isdigit():
+                if int(word) > 255:
+                    self.error(item, f"{where}: protocol number {word} is out of range 0-255")
+                numbers.add(int(word))
+            elif word in PROTOCOLS:
+                numbers.update(PROTOCOLS[word])
+            else:
+                self.error(
+                    item, f"{where}: unknown protocol '{item.value}'{_hint(word, [*PROTOCOLS, 'any'])}"
+                )
+        state.proto_failed = len(self.issues) > errors_before or not items
+        if state.family is not None and numbers and numbers <= ICMP_PROTOCOLS and len(numbers) == 1:
+            only = 6 if PROTO_ICMPV6 in numbers else 4
+            if only != state.family:
+                self.error(
+                    node,
+                    f"{where}: {state.proto_text} is IPv{only} only but the rule is family ipv{state.family}",
+                )
+        return frozenset(numbers)
+
+    def addresses(self, node: Node, key: str, state: _Rule) -> AddressSet | None:
+        where = f"{state.where}: {key}"
+        items = self.items(node, where)
+        words = [str(item.value) for item in items]
+        if "any" in words:
+            if len(words) > 1:
+                self.error(items[words.index("any")], f"{where}: 'any' cannot be combined with addresses")
+            return None
+        gateway = False
+        networks: list[Network] = []
+        for item, word in zip(items, words, strict=True):
+            if word == "gateway":
+                if (state.side, key) in (("ingress", "from"), ("egress", "to")):
+                    message = (
+                        "'gateway' is only meaningful in 'to' of ingress rules and 'from' of egress rules"
+                    )
+                    self.error(item, f"{where}: {message}")
+                gateway = True
+                continue
+            network = self.network(item, where)
+            if network is None:
+                continue
+            if state.family is not None and network.version != state.family:
+                self.error(
+                    item,
+                    f"{where}: '{word}' is IPv{network.version} but the rule is family ipv{state.family}",
+                )
+            networks.append(network)
+        return AddressSet(gateway, tuple(networks))
+
+    def network(self, node: ScalarNode, where: str) -> Network | None:
+        word = str(node.value)
+        try:
+            return ipaddress.ip_network(word)
+        except ValueError:
+            pass
+        try:
+            network = ipaddress.ip_network(word, strict=False)
+        except ValueError:
+            self.error(node, f"{where}: '{word}' is not an IP address or network")
+            return None
+        self.error(node, f"{where}: '{word}' has host bits set (did you mean {network}?)")
+        return None
+
+    def ports(self, key_node: ScalarNode, node: Node, state: _Rule) -> tuple[tuple[int, int], ...] | None:
+        key = str(key_node.value)
+        where = f"{state.where}: {key}"
+        if not state.proto_failed and (state.protocols is None or not state.protocols <= PORT_PROTOCOLS):
+            proto = (
+                f"the rule's proto is {state.proto_text}"
+                if state.protocols is not None
+                else "the rule has no proto"
+            )
+            self.error(key_node, f"{where}: needs proto tcp or udp, the only protocols with ports ({proto})")
+        ranges = []
+        for item in self.items(node, where):
+            port_range = self.port_range(item, where)
+            if port_range is not None:
+                ranges.append(port_range)
+        return _merge(ranges)
+
+    def port_range(self, node: ScalarNode, where: str) -> tuple[int, int] | None:
+        word = str(node.value)
+        single = _PORT_RE.fullmatch(word) if node.tag in (_TAG_INT, _TAG_STR) else None
+        double = _RANGE_RE.fullmatch(word) if node.tag == _TAG_STR else None
+        if single:
+            first = last = int(single.group(1))
+        elif double:
+            first, last = int(double.group(1)), int(double.group(2))
+        else:
+            self.error(node, f"{where}: '{word}' is not a port or a range like 8000-8100")
+            return None
+        bad = [port for port in (first, last) if not 1 <= port <= 65535]
+        if bad:
+            self.error(node, f"{where}: port {bad[0]} is out of range 1-65535")
+            return None
+        if first > last:
+            self.error(node, f"{where}: range '{word}' starts after it ends")
+            return None
+        return first, last
+
+    def icmp_types(
+        self, key_node: ScalarNode, node: Node, state: _Rule
+    ) -> tuple[frozenset[int], frozenset[int]]:
+        where = f"{state.where}: icmp-types"
+        protocols = state.protocols
+        if state.proto_failed:
+            protocols = ICMP_PROTOCOLS
+        elif not protocols or not protocols <= ICMP_PROTOCOLS:
+            proto = (
+                f"the rule's proto is {state.proto_text}"
+                if protocols is not None
+                else "the rule has no proto"
+            )
+            self.error(key_node, f"{where}: needs proto icmp or icmpv6 ({proto})")
+            protocols = ICMP_PROTOCOLS  # still check the names
+        families = [
+            family
+            for family, proto in ((4, PROTO_ICMP), (6, PROTO_ICMPV6))
+            if proto in protocols and state.family in (None, family)
+        ]
+        types: dict[int, set[int]] = {4: set(), 6: set()}
+        for item in self.items(node, where):
+            word = str(item.value).lower()
+            if word.isdigit():
+                self.icmp_number(item, int(word), families, types, where)
+            elif word in ICMP_TYPES:
+                self.icmp_name(item, word, families, types, where)
+            else:
+                self.error(item, f"{where}: unknown ICMP type '{item.value}'{_hint(word, ICMP_TYPES)}")
+        return frozenset(types[4]), frozenset(types[6])
+
+    def icmp_number(
+        self, node: Node, number: int, families: list[int], types: dict[int, set[int]], where: str
+    ) -> None:
+        if number > 255:
+            self.error(node, f"{where}: ICMP type {number} is out of range 0-255")
+        elif len(families) > 1:
+            # ICMPv4 and ICMPv6 number their types differently: a bare number would mean two
+            # different messages on the two families.
+            message = (
+                f"type number {number} is ambiguous with proto icmp, which covers ICMPv4 and ICMPv6: "
+                "use a name, or family ipv4 / ipv6"
+            )
+            self.error(node, f"{where}: {message}")
+        else:
+            types[families[0]].add(number)
+
+    def icmp_name(
+        self, node: Node, word: str, families: list[int], types: dict[int, set[int]], where: str
+    ) -> None:
+        numbers = dict(zip((4, 6), ICMP_TYPES[word], strict=True))
+        usable = [family for family in families if numbers[family] is not None]
+        if not usable:
+            names = " or ".join(f"ICMPv{family}" for family in families)
+            self.error(node, f"{where}: '{word}' does not exist in {names}")
+        for family in usable:
+            types[family].add(numbers[family])  # type: ignore[arg-type]
+
+    def limit(self, found: dict[str, tuple[ScalarNode, Node]], where: str) -> LimitConfig | None:
+        rate = self.rate(found["limit"][1], f"{where}: limit") if "limit" in found else None
+        burst = DEFAULT_LIMIT_BURST
+        per_source = False
+        for key in ("limit-burst", "limit-per"):
+            if key in found and "limit" not in found:
+                self.error(found[key][0], f"{where}: {key}: only meaningful together with limit")
+        if "limit-burst" in found:
+            burst = self.positive_int(found["limit-burst"][1], f"{where}: limit-burst") or burst
+        if "limit-per" in found:
+            per_source = (
+                self.choice(found["limit-per"][1], f"{where}: limit-per", ("rule", "source")) == "source"
+            )
+        if rate is None:
+            return None
+        return LimitConfig(rate[0], rate[1], burst, per_source)
+
+    def rate(self, node: Node, where: str) -> tuple[int, int] | None:
+        word = self.text(node, where)
+        if word is None:
+            return None
+        match = _LIMIT_RE.fullmatch(word)
+        if not match or match.group(2) not in _LIMIT_UNITS:
+            self.error(node, f"{where}: expected N/second, N/minute, N/hour or N/day, got '{word}'")
+            return None
+        if int(match.group(1)) < 1:
+            self.error(node, f"{where}: the rate must be at least 1, got '{word}'")
+            return None
+        return int(match.group(1)), _LIMIT_UNITS[match.group(2)]
+
+    def check_families(self, node: Node, fields: dict[str, object], state: _Rule) -> None:
+        """Without `family`, a rule whose proto and addresses share no IP version could never match."""
+        if state.family is not None:
+            return  # mismatches against an explicit family are reported item by item
+        possible = {4, 6}
+        protocols = state.protocols
+        if protocols and protocols <= ICMP_PROTOCOLS and len(protocols) == 1:
+            possible &= {6} if PROTO_ICMPV6 in protocols else {4}
+        for attr in ("src", "dst"):
+            addresses = fields.get(attr)
+            if isinstance(addresses, AddressSet) and addresses.networks and not addresses.gateway:
+                possible &= {network.version for network in addresses.networks}
+        if not possible:
+            self.error(
+                node, f"{state.where}: can never match: its proto, from and to have no IP version in common"
+            )
+
+
+def _merge(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sort and join overlapping or adjacent port ranges."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return tuple(merged)
