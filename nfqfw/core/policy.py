@@ -1,0 +1,234 @@
+"""The compiled policy: every rule turned into a matcher with precomputed fields.
+
+Matching works on the raw packet record: protocol numbers in frozensets, addresses as
+integers compared under masks (int.from_bytes of the 4/16 raw bytes, no ipaddress objects
+per packet), ports in a frozenset or sorted ranges, ICMP types per family.
+
+A non-first fragment (pkt.frag == FRAG_LATER) carries no L4 header, so its ports and ICMP
+type are unknown: it never matches a rule that names ports, sports or icmp-types.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import NamedTuple
+
+from nfqfw.core.config import AddressSet, PolicyConfig, RuleConfig
+from nfqfw.core.packet import FRAG_LATER, Packet
+from nfqfw.core.ratelimit import Limiter, RuleLimiter, SourceLimiter
+from nfqfw.core.verdict import Action
+
+SMALL_PORT_SET = 4096  # up to this many ports a frozenset; beyond, sorted ranges
+ZONE_CACHE_SIZE = 1024  # interface names remembered by zone_of (wildcards make lookups costly)
+
+
+class RuleDecision(NamedTuple):
+    action: Action
+    rule: str | None  # None for the side's default
+    log: bool
+    reason: str  # "rule NAME" or "default SIDE"
+
+
+class PortRanges:
+    """Sorted, disjoint inclusive ranges; `port in ranges` by bisection."""
+
+    __slots__ = ("_firsts", "_lasts")
+
+    def __init__(self, ranges: tuple[tuple[int, int], ...]) -> None:
+        self._firsts = [first for first, _ in ranges]
+        self._lasts = [last for _, last in ranges]
+
+    def __contains__(self, port: int) -> bool:
+        index = bisect_right(self._firsts, port) - 1
+        return index >= 0 and port <= self._lasts[index]
+
+
+def compile_ports(ranges: tuple[tuple[int, int], ...]) -> frozenset[int] | PortRanges:
+    if sum(last - first + 1 for first, last in ranges) <= SMALL_PORT_SET:
+        return frozenset(port for first, last in ranges for port in range(first, last + 1))
+    return PortRanges(ranges)
+
+
+class AddressMatcher:
+    """`from`/`to` of a rule: the gateway flag, exact hosts, and (network, mask) pairs per family."""
+
+    __slots__ = ("gateway", "hosts4", "hosts6", "nets4", "nets6")
+
+    def __init__(self, addresses: AddressSet) -> None:
+        self.gateway = addresses.gateway
+        hosts: dict[int, set[int]] = {4: set(), 6: set()}
+        nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for network in addresses.networks:
+            value, mask = int(network.network_address), int(network.netmask)
+            if network.prefixlen == network.max_prefixlen:
+                hosts[network.version].add(value)
+            else:
+                nets[network.version].append((value, mask))
+        self.hosts4, self.hosts6 = frozenset(hosts[4]), frozenset(hosts[6])
+        self.nets4, self.nets6 = tuple(nets[4]), tuple(nets[6])
+
+    def matches(self, raw: bytes, is_gateway: bool) -> bool:
+        if is_gateway and self.gateway:
+            return True
+        value = int.from_bytes(raw, "big")
+        if len(raw) == 4:
+            hosts, nets = self.hosts4, self.nets4
+        else:
+            hosts, nets = self.hosts6, self.nets6
+        return value in hosts or any(value & mask == network for network, mask in nets)
+
+
+class InterfaceMatcher:
+    """Interface names, exact or with a trailing '+' (prefix match, as iptables -i eth+)."""
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.exact = frozenset(name for name in names if not name.endswith("+"))
+        self.prefixes = tuple(name[:-1] for name in names if name.endswith("+"))
+
+    def __contains__(self, name: str | None) -> bool:
+        if name is None:
+            return False
+        return name in self.exact or name.startswith(self.prefixes)
+
+
+class RuleMatcher:
+    """One rule, compiled. Fields left None match anything."""
+
+    __slots__ = (
+        "decision",
+        "dports",
+        "dst",
+        "family",
+        "icmp4",
+        "icmp6",
+        "in_ifaces",
+        "limiter",
+        "needs_l4",
+        "out_ifaces",
+        "protocols",
+        "sports",
+        "src",
+    )
+
+    def __init__(self, rule: RuleConfig, log_denied: bool) -> None:
+        log = rule.log or (log_denied and rule.action is not Action.ACCEPT)
+        self.decision = RuleDecision(rule.action, rule.name, log, f"rule {rule.name}")
+        self.family = rule.family
+        self.protocols = rule.protocols
+        self.src = None if rule.src is None else AddressMatcher(rule.src)
+        self.dst = None if rule.dst is None else AddressMatcher(rule.dst)
+        self.dports = None if rule.dports is None else compile_ports(rule.dports)
+        self.sports = None if rule.sports is None else compile_ports(rule.sports)
+        self.icmp4 = rule.icmp_types_v4
+        self.icmp6 = rule.icmp_types_v6
+        self.needs_l4 = rule.dports is not None or rule.sports is not None or rule.icmp_types_v4 is not None
+        self.in_ifaces = None if rule.in_ifaces is None else InterfaceMatcher(rule.in_ifaces)
+        self.out_ifaces = None if rule.out_ifaces is None else InterfaceMatcher(rule.out_ifaces)
+        self.limiter = _limiter(rule)
+
+    def matches(
+        self, pkt: Packet, to_gateway: bool, from_gateway: bool, in_iface: str | None, out_iface: str | None
+    ) -> bool:
+        """Everything but the rate limit, cheapest tests first."""
+        if self.family is not None and pkt.family != self.family:
+            return False
+        if self.protocols is not None and pkt.proto not in self.protocols:
+            return False
+        if self.needs_l4:
+            if pkt.frag == FRAG_LATER:
+                return False
+            if self.dports is not None and pkt.dport not in self.dports:
+                return False
+            if self.sports is not None and pkt.sport not in self.sports:
+                return False
+            if self.icmp4 is not None and pkt.icmp_type not in (
+                self.icmp4 if pkt.family == 4 else self.icmp6
+            ):
+                return False
+        if self.in_ifaces is not None and in_iface not in self.in_ifaces:
+            return False
+        if self.out_ifaces is not None and out_iface not in self.out_ifaces:
+            return False
+        if self.src is not None and not self.src.matches(pkt.src, from_gateway):
+            return False
+        return self.dst is None or self.dst.matches(pkt.dst, to_gateway)
+
+
+def _limiter(rule: RuleConfig) -> Limiter | None:
+    limit = rule.limit
+    if limit is None:
+        return None
+    if limit.per_source:
+        return SourceLimiter(limit.count, limit.period, limit.burst)
+    return RuleLimiter(limit.count, limit.period, limit.burst)
+
+
+class CompiledPolicy:
+    """A validated policy ready for the per-packet path. Holds the rate-limit state."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        options = config.options
+        self.invalid_action: Action = config.defaults.invalid
+        self.gateway_addresses: frozenset[bytes] = options.gateway_address_bytes
+        self._rules: dict[str, tuple[RuleMatcher, ...]] = {
+            "ingress": tuple(RuleMatcher(rule, options.log_denied) for rule in config.ingress),
+            "egress": tuple(RuleMatcher(rule, options.log_denied) for rule in config.egress),
+        }
+        self._defaults: dict[str, RuleDecision] = {
+            side: RuleDecision(
+                action, None, options.log_denied and action is not Action.ACCEPT, f"default {side}"
+            )
+            for side, action in (("ingress", config.defaults.ingress), ("egress", config.defaults.egress))
+        }
+        self._zone_exact: dict[str, str] = {}
+        wildcards: list[tuple[str, str]] = []
+        for zone, names in config.zones.items():
+            for name in names:
+                if name.endswith("+"):
+                    wildcards.append((name[:-1], zone))
+                else:
+                    self._zone_exact[name] = zone
+        # The longest prefix wins when wildcards overlap; an exact name beats any wildcard.
+        self._zone_wildcards = tuple(sorted(wildcards, key=lambda item: -len(item[0])))
+        self._zone_cache: dict[str, str | None] = {}
+
+    def zone_of(self, iface: str | None) -> str | None:
+        """ "external", "internal" or None for an interface in no zone (or no interface)."""
+        if iface is None:
+            return None
+        zone = self._zone_exact.get(iface)
+        if zone is not None or not self._zone_wildcards:
+            return zone
+        cache = self._zone_cache
+        if iface in cache:
+            return cache[iface]
+        zone = next((zone for prefix, zone in self._zone_wildcards if iface.startswith(prefix)), None)
+        if len(cache) >= ZONE_CACHE_SIZE:
+            cache.clear()
+        cache[iface] = zone
+        return zone
+
+    def match(
+        self,
+        side: str,
+        pkt: Packet,
+        to_gateway: bool,
+        from_gateway: bool,
+        in_iface: str | None,
+        out_iface: str | None,
+        now: float,
+    ) -> RuleDecision:
+        """First matching rule of `side` ("ingress" | "egress"), else the side's default.
+
+        A rule whose rate limit is exhausted does not match: evaluation goes on with the next
+        rule (as iptables -m limit). Tokens are only taken from rules that otherwise match.
+        """
+        for rule in self._rules[side]:
+            if rule.matches(pkt, to_gateway, from_gateway, in_iface, out_iface):
+                limiter = rule.limiter
+                if limiter is None or limiter.allow(pkt.src, now):
+                    return rule.decision
+        return self._defaults[side]
