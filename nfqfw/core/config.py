@@ -265,6 +265,17 @@ def _parse(text: str, filename: str, digest: str) -> PolicyConfig:
     return config
 
 
+def _yaml_problem(err: yaml.MarkedYAMLError) -> str:
+    problem, context = err.problem or "", err.context or ""
+    if problem.startswith("but "):  # the composer puts what it expected in the context
+        return f"{context}, {problem}"
+    if "'\\t'" in problem:
+        return f"{problem} (YAML indents with spaces, not tabs)"
+    if context and err.context_mark:
+        return f"{problem} ({context} at line {err.context_mark.line + 1})"
+    return problem or context
+
+
 def _describe(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
@@ -284,6 +295,8 @@ def _hint(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{close[0]}'?)"
+    if len(choices) > 8:
+        return ""  # too many to list
     return f" (expected one of: {', '.join(choices)})"
 
 
@@ -327,9 +340,7 @@ class _Checker:
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark or err.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-            message = f"invalid YAML: {err.problem or err.context}"
-            if err.problem and err.context and err.context_mark:
-                message += f" ({err.context} at line {err.context_mark.line + 1})"
+            message = f"invalid YAML: {_yaml_problem(err)}"
             self.issues.append(ConfigIssue(self.filename, line, col, message))
             return None
         except yaml.reader.ReaderError as err:
@@ -744,7 +755,7 @@ class _Checker:
                 "use a name, or family ipv4 / ipv6"
             )
             self.error(node, f"{where}: {message}")
-        else:
+        elif families:  # none: proto and family conflict, reported already
             types[families[0]].add(number)
 
     def icmp_name(
@@ -752,7 +763,7 @@ class _Checker:
     ) -> None:
         numbers = dict(zip((4, 6), ICMP_TYPES[word], strict=True))
         usable = [family for family in families if numbers[family] is not None]
-        if not usable:
+        if families and not usable:  # without families, proto and family conflict: reported already
             names = " or ".join(f"ICMPv{family}" for family in families)
             self.error(node, f"{where}: '{word}' does not exist in {names}")
         for family in usable:
