@@ -1,0 +1,115 @@
+"""`nfqfw lab up|down|demo`: a three-namespace gateway lab with nfqfw filtering real traffic."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from nfqfw.lab import topology
+from nfqfw.lab.daemon_ctl import LabState, down, up
+from nfqfw.lab.topology import DEFAULT_PREFIX, LabError
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "lab",
+        help="build a network-namespace lab and run nfqfw in it",
+        description="Three network namespaces (outside host, gateway, inside host) with nfqfw "
+        "filtering the gateway's traffic. Needs root. Never touches the root namespace.\n\n"
+        + topology.picture(DEFAULT_PREFIX),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    lab_up = actions.add_parser("up", help="build the lab and start nfqfw in the gateway")
+    lab_up.add_argument(
+        "--policy", "-p", metavar="FILE", help="policy for nfqfw (required unless --no-daemon)"
+    )
+    lab_up.add_argument("--queue", type=int, default=0, metavar="N", help="NFQUEUE number (default 0)")
+    lab_up.add_argument("--no-daemon", action="store_true", help="only the namespaces, no nfqfw")
+    _prefix_option(lab_up)
+    lab_up.set_defaults(func=run_up)
+
+    lab_down = actions.add_parser("down", help="stop nfqfw and remove the lab's namespaces")
+    _prefix_option(lab_down)
+    lab_down.set_defaults(func=run_down)
+
+    demo = actions.add_parser("demo", help="lab up with config/policy.yaml, real traffic, a table, lab down")
+    demo.add_argument(
+        "--policy", "-p", metavar="FILE", help="policy (default: the checkout's config/policy.yaml)"
+    )
+    demo.set_defaults(func=run_demo)
+
+
+def _prefix_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        metavar="P",
+        help=f"namespace name prefix (default {DEFAULT_PREFIX})",
+    )
+
+
+def _not_root(action: str) -> bool:
+    if os.geteuid() == 0:
+        return False
+    print(f"nfqfw lab {action}: must run as root (it creates network namespaces)", file=sys.stderr)
+    return True
+
+
+def run_up(args: argparse.Namespace) -> int:
+    if _not_root("up"):
+        return 1
+    if not args.no_daemon and not args.policy:
+        print("nfqfw lab up: --policy FILE is required (or --no-daemon)", file=sys.stderr)
+        return 2
+    try:
+        lab = up(args.prefix, None if args.no_daemon else args.policy, queue=args.queue)
+    except LabError as err:
+        print(f"nfqfw lab up: {err}", file=sys.stderr)
+        return 1
+    print(topology.picture(args.prefix))
+    print()
+    if lab.daemon is not None:
+        print(
+            f"nfqfw run is filtering in {lab.topology.gw} (pid {lab.daemon.pid}); log: {lab.daemon.log_file}"
+        )
+    else:
+        print("no nfqfw running (--no-daemon)")
+    print(f"try: ip netns exec {lab.topology.lan} ping -c1 {topology.WAN_V4}")
+    print(f"stop: nfqfw lab down --prefix {args.prefix}")
+    return 0
+
+
+def run_down(args: argparse.Namespace) -> int:
+    if _not_root("down"):
+        return 1
+    try:
+        removed = down(args.prefix)
+    except LabError as err:
+        print(f"nfqfw lab down: {err}", file=sys.stderr)
+        return 1
+    if removed:
+        print("removed: " + ", ".join(removed))
+    else:
+        print(f"no lab with prefix {args.prefix!r} (nothing to do)")
+    state = LabState(args.prefix)
+    if state.log_file.exists():
+        print(f"the daemon's log stays at {state.log_file}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from nfqfw.lab import demo
+
+    if _not_root("demo"):
+        return 1
+    policy = args.policy or demo.REPO_POLICY
+    if not args.policy and not demo.REPO_POLICY.exists():
+        print(
+            "nfqfw lab demo: no config/policy.yaml next to the package: pass --policy FILE", file=sys.stderr
+        )
+        return 2
+    return demo.run_demo(policy)

@@ -1,0 +1,256 @@
+"""Bring the whole lab up and down: the namespaces, and `nfqfw run` inside the gateway's.
+
+The daemon is started as ``ip netns exec {P}gw <python> -m nfqfw run --config FILE --queue N``
+in a session of its own (it outlives `nfqfw lab up`), with stdout/stderr going to
+``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid`` there. Readiness is the systemd
+way: the lab binds an AF_UNIX datagram socket (a path, not an abstract name: abstract sockets
+belong to a network namespace and the daemon runs in another one), passes it in $NOTIFY_SOCKET
+and waits for READY=1, which nfqfw sends once its queue is bound and its rules are in.
+
+Stopping sends SIGTERM and, if the daemon is still there after a grace period, SIGKILL.
+`up` first takes down whatever is left of a lab with the same prefix and, if it fails, takes
+down what it built; `down` is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nfqfw.lab.topology import (
+    DEFAULT_PREFIX,
+    NETNS_DIR,
+    LabError,
+    Topology,
+    build,
+    in_ns,
+    process_alive,
+    teardown,
+)
+
+STATE_ROOT = Path("/run/nfqfw-lab")
+READY_TIMEOUT = 30.0  # seconds; start-up is quick, but CI machines can be slow
+STOP_TIMEOUT = 10.0
+LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class LabState:
+    """Where a lab keeps its daemon's files."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def directory(self) -> Path:
+        return STATE_ROOT / self.prefix
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / "daemon.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "daemon.log"
+
+    @property
+    def notify_socket(self) -> Path:
+        return self.directory / "notify.sock"
+
+
+@dataclass
+class Daemon:
+    """A started `nfqfw run`. `process` is set when this process started it (and can reap it)."""
+
+    pid: int
+    log_file: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        return process_alive(self.pid)
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+
+@dataclass(frozen=True)
+class Lab:
+    topology: Topology
+    state: LabState
+    daemon: Daemon | None  # None for a lab brought up without the firewall
+
+
+# Daemons started by this process, by prefix, so that stopping them can reap them.
+_started: dict[str, Daemon] = {}
+
+
+def up(
+    prefix: str = DEFAULT_PREFIX,
+    policy: str | os.PathLike[str] | None = None,
+    queue: int = 0,
+    timeout: float = READY_TIMEOUT,
+) -> Lab:
+    """Build the namespaces and (with a policy) start nfqfw in the gateway; returns once it is ready."""
+    topology, state = Topology(prefix), LabState(prefix)
+    down(prefix)  # a lab left over from before, or half of one
+    try:
+        build(topology)
+        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout)
+    except BaseException:
+        down(prefix)
+        raise
+    return Lab(topology, state, daemon)
+
+
+def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """Stop the daemon and remove the namespaces; returns what was removed (empty if nothing)."""
+    removed = []
+    if stop_daemon(prefix) is not None:
+        removed.append("nfqfw daemon")
+    removed += teardown(Topology(prefix))
+    state = LabState(prefix)
+    for path in (state.pid_file, state.notify_socket):
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def start_daemon(
+    prefix: str, policy: str | os.PathLike[str], queue: int = 0, timeout: float = READY_TIMEOUT
+) -> Daemon:
+    """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes)."""
+    topology, state = Topology(prefix), LabState(prefix)
+    state.directory.mkdir(parents=True, exist_ok=True)
+    state.notify_socket.unlink(missing_ok=True)
+    config = os.path.abspath(policy)
+    argv = in_ns(topology.gw, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+        notify.bind(str(state.notify_socket))
+        env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}
+        for name in ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
+            env.pop(name, None)  # ours, if we run under systemd: not meant for the daemon
+        with open(state.log_file, "ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True
+            )
+        daemon = Daemon(process.pid, state.log_file, process)
+        state.pid_file.write_text(f"{process.pid}\n")
+        _started[prefix] = daemon
+        try:
+            _wait_ready(notify, daemon, timeout)
+        except LabError:
+            stop_daemon(prefix, timeout=2.0)
+            raise
+        finally:
+            state.notify_socket.unlink(missing_ok=True)
+    return daemon
+
+
+def _wait_ready(notify: socket.socket, daemon: Daemon, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LabError(f"nfqfw run sent no READY=1 within {timeout:g} s\n{log_tail(daemon.log_file)}")
+        notify.settimeout(min(left, 0.2))
+        try:
+            message = notify.recv(4096).decode(errors="replace")
+        except TimeoutError:
+            if not daemon.alive():
+                code = daemon.exit_code()
+                status = "" if code is None else f" with code {code}"
+                raise LabError(
+                    f"nfqfw run exited{status} before it was ready\n{log_tail(daemon.log_file)}"
+                ) from None
+            continue
+        if "READY=1" in message.split("\n"):
+            return
+
+
+def stop_daemon(
+    prefix: str = DEFAULT_PREFIX, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT
+) -> Daemon | None:
+    """Signal the lab's daemon (SIGTERM by default) and wait; SIGKILL after `timeout` seconds.
+
+    Returns the stopped daemon (its exit code readable when this process started it), or None
+    when none was running.
+    """
+    daemon = running_daemon(prefix)
+    LabState(prefix).pid_file.unlink(missing_ok=True)
+    if daemon is None:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(daemon.pid, sig)
+    if not _wait_gone(daemon, timeout) and sig != signal.SIGKILL:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon.pid, signal.SIGKILL)
+        _wait_gone(daemon, timeout)
+    if daemon.process is not None:
+        daemon.process.wait(timeout=timeout)
+    _started.pop(prefix, None)
+    return daemon
+
+
+def running_daemon(prefix: str = DEFAULT_PREFIX) -> Daemon | None:
+    """The lab's daemon if it runs: started by us, or found through the pid file."""
+    state = LabState(prefix)
+    known = _started.get(prefix)
+    if known is not None:
+        return known if known.alive() else _forget(prefix, known)
+    try:
+        pid = int(state.pid_file.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    if not process_alive(pid) or not _is_our_daemon(pid, Topology(prefix).gw):
+        return None  # exited, and the pid may belong to someone else by now
+    return Daemon(pid, state.log_file)
+
+
+def _forget(prefix: str, daemon: Daemon) -> None:
+    if daemon.process is not None:
+        daemon.process.poll()  # reap it
+    _started.pop(prefix, None)
+
+
+def _is_our_daemon(pid: int, gw_ns: str) -> bool:
+    """Is `pid` an `nfqfw run` in the gateway namespace (and not a process that reused the pid)?"""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        its_ns = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return False
+    # `ip netns exec NS cmd` execs cmd, so the command line is nfqfw's own.
+    if not (b"nfqfw" in argv and b"run" in argv):
+        return False
+    try:
+        gw = os.stat(NETNS_DIR / gw_ns)
+    except FileNotFoundError:
+        return True  # the namespace's name is gone but the daemon still holds it
+    return (its_ns.st_dev, its_ns.st_ino) == (gw.st_dev, gw.st_ino)
+
+
+def _wait_gone(daemon: Daemon, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while daemon.alive():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    tail = text.splitlines()[-lines:]
+    return f"last lines of {path}:\n" + "\n".join("  " + line for line in tail)
