@@ -18,15 +18,15 @@ net/ipv6/netfilter/nf_reject_ipv6.c and icmp_send/icmp6_send):
 
 Never answered (returns None, RFC 1122 3.2.2, RFC 4443 2.4 (e)): an ICMP error (or an ICMPv6
 redirect), a RST, a packet to a broadcast or multicast address or from an unspecified,
-broadcast or multicast one, a non-first fragment, and anything truncated below the headers
-needed to build the answer.
+broadcast or multicast one, a non-first fragment, and anything nfqfw.core.decode calls
+malformed (its headers cannot be trusted to address an answer).
 """
 
 from __future__ import annotations
 
-import struct
-
-from nfqfw.core.build import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, icmp, icmpv6, ipv4, ipv6, tcp
+from nfqfw.core.build import icmp, icmpv6, ipv4, ipv6, tcp
+from nfqfw.core.decode import decode
+from nfqfw.core.packet import ACK, FIN, FRAG_LATER, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, RST, SYN, Packet
 
 TCP_RESET = "tcp-reset"
 ICMP_PORT_UNREACHABLE = "icmp-port-unreachable"
@@ -35,6 +35,7 @@ KINDS = (TCP_RESET, ICMP_PORT_UNREACHABLE, ICMP_ADMIN_PROHIBITED)
 
 REPLY_TTL = 64
 IPV6_MIN_MTU = 1280
+IPV4_QUOTED_DATA = 8  # RFC 792: the original header and its first 64 bits of data
 
 # ICMP types that are errors: never answer them (RFC 1122 3.2.2: dest unreachable,
 # source quench, redirect, time exceeded, parameter problem).
@@ -46,145 +47,56 @@ _UNREACH_CODES = {
     ICMP_PORT_UNREACHABLE: (3, 4),
     ICMP_ADMIN_PROHIBITED: (13, 1),
 }
-
-# IPv6 extension headers walked to reach the upper layer (RFC 8200 4), AH has its own length unit.
-_IPV6_FRAGMENT = 44
-_IPV6_AH = 51
-_IPV6_EXT_HEADERS = frozenset((0, 43, 60, _IPV6_FRAGMENT, _IPV6_AH))
-
-_TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_ACK = 0x01, 0x02, 0x04, 0x10
+_UNSPECIFIED = {4: bytes(4), 6: bytes(16)}
 
 
 def build_reject(data: bytes, kind: str) -> bytes | None:
     """The reply to send for `data` rejected with `kind`, or None when nothing may be sent."""
     if kind not in KINDS:
         raise ValueError(f"unknown reject kind {kind!r}")
-    if not data:
+    pkt = decode(data)
+    if pkt.malformed is not None or pkt.frag == FRAG_LATER or not _may_answer(pkt):
         return None
-    version = data[0] >> 4
-    if version == 4:
-        return _reject_ipv4(data, kind)
-    if version == 6:
-        return _reject_ipv6(data, kind)
-    return None
+    if kind == TCP_RESET and pkt.proto == PROTO_TCP:
+        return _tcp_reset(pkt)
+    code4, code6 = _UNREACH_CODES.get(kind, _UNREACH_CODES[ICMP_PORT_UNREACHABLE])
+    src, dst = pkt.src, pkt.dst
+    if pkt.family == 4:
+        quote = data[: min(pkt.length, pkt.l4_offset + IPV4_QUOTED_DATA)]
+        # TOS 0xC0 (internetwork control) as the kernel's icmp_send gives its errors.
+        return ipv4(dst, src, PROTO_ICMP, icmp(3, code4, payload=quote), REPLY_TTL, tos=0xC0)
+    quote = data[: min(pkt.length, IPV6_MIN_MTU - 40 - 8)]
+    return ipv6(dst, src, PROTO_ICMPV6, icmpv6(dst, src, 1, code6, bytes(4) + quote), REPLY_TTL)
 
 
-# --- IPv4 -------------------------------------------------------------------------------------
+def _may_answer(pkt: Packet) -> bool:
+    src, dst = pkt.src, pkt.dst
+    unspecified = _UNSPECIFIED[pkt.family]
+    if src == unspecified or dst == unspecified:
+        return False
+    if pkt.family == 4:
+        # 224/4 multicast and everything above it (class E, 255.255.255.255).
+        if src[0] >= 224 or dst[0] >= 224:
+            return False
+        return pkt.proto != PROTO_ICMP or pkt.icmp_type not in _ICMP4_ERRORS
+    if src[0] == 0xFF or dst[0] == 0xFF:
+        return False
+    return pkt.proto != PROTO_ICMPV6 or (pkt.icmp_type >= 128 and pkt.icmp_type != _ICMP6_REDIRECT)
 
 
-def _reject_ipv4(data: bytes, kind: str) -> bytes | None:
-    if len(data) < 20:
+def _tcp_reset(pkt: Packet) -> bytes | None:
+    """The RST answering a TCP segment, with seq/ack as the kernel's nf_send_reset."""
+    flags = pkt.tcp_flags
+    if flags & RST:
         return None
-    ihl = (data[0] & 0x0F) * 4
-    total = min(struct.unpack_from("!H", data, 2)[0], len(data))
-    if ihl < 20 or total < ihl:
-        return None
-    if struct.unpack_from("!H", data, 6)[0] & 0x1FFF:
-        return None  # a later fragment: no L4 header to answer
-    src, dst = data[12:16], data[16:20]
-    if not _ipv4_may_answer(src, dst):
-        return None
-    proto = data[9]
-    if proto == PROTO_ICMP and (total < ihl + 1 or data[ihl] in _ICMP4_ERRORS):
-        return None  # an ICMP error (or too short to tell): never answer it
-    if kind == TCP_RESET and proto == PROTO_TCP:
-        return _tcp_reset_ipv4(data, ihl, total, src, dst)
-    code = _UNREACH_CODES.get(kind, _UNREACH_CODES[ICMP_PORT_UNREACHABLE])[0]
-    return _unreachable_ipv4(data[: min(total, ihl + 8)], code, src, dst)
-
-
-def _ipv4_may_answer(src: bytes, dst: bytes) -> bool:
-    # Multicast 224/4 and above (incl. class E and 255.255.255.255), and 0.0.0.0.
-    unspecified = bytes(4)
-    return dst[0] < 224 and src[0] < 224 and src != unspecified and dst != unspecified
-
-
-def _tcp_reset_ipv4(data: bytes, ihl: int, total: int, src: bytes, dst: bytes) -> bytes | None:
-    fields = _tcp_reset_fields(data, ihl, total)
-    if fields is None:
-        return None
-    segment = tcp(dst, src, *fields, window=0)
-    return ipv4(dst, src, PROTO_TCP, segment, REPLY_TTL, dont_fragment=True)
-
-
-def _unreachable_ipv4(quote: bytes, code: int, src: bytes, dst: bytes) -> bytes:
-    # TOS 0xC0 (internetwork control) as the kernel's icmp_send gives its errors.
-    return ipv4(dst, src, PROTO_ICMP, icmp(3, code, payload=quote), REPLY_TTL, tos=0xC0)
-
-
-# --- IPv6 -------------------------------------------------------------------------------------
-
-
-def _reject_ipv6(data: bytes, kind: str) -> bytes | None:
-    if len(data) < 40:
-        return None
-    payload_length = struct.unpack_from("!H", data, 4)[0]
-    total = len(data) if payload_length == 0 else min(40 + payload_length, len(data))
-    src, dst = data[8:24], data[24:40]
-    if not _ipv6_may_answer(src, dst):
-        return None
-    upper = _ipv6_upper_layer(data, total)
-    if upper is None:
-        return None  # truncated extension headers or a non-first fragment
-    proto, offset = upper
-    if proto == PROTO_ICMPV6 and (
-        total < offset + 1 or data[offset] < 128 or data[offset] == _ICMP6_REDIRECT
-    ):
-        return None
-    if kind == TCP_RESET and proto == PROTO_TCP:
-        return _tcp_reset_ipv6(data, offset, total, src, dst)
-    code = _UNREACH_CODES.get(kind, _UNREACH_CODES[ICMP_PORT_UNREACHABLE])[1]
-    return _unreachable_ipv6(data[: min(total, IPV6_MIN_MTU - 40 - 8)], code, src, dst)
-
-
-def _ipv6_may_answer(src: bytes, dst: bytes) -> bool:
-    unspecified = bytes(16)
-    return dst[0] != 0xFF and src[0] != 0xFF and src != unspecified and dst != unspecified
-
-
-def _ipv6_upper_layer(data: bytes, total: int) -> tuple[int, int] | None:
-    """(upper-layer protocol, its offset) after the extension headers; None if unusable."""
-    proto, offset = data[6], 40
-    while proto in _IPV6_EXT_HEADERS:
-        if offset + 8 > total:
-            return None
-        if proto == _IPV6_FRAGMENT:
-            if struct.unpack_from("!H", data, offset + 2)[0] & 0xFFF8:
-                return None  # fragment offset > 0: a later fragment
-            length = 8
-        elif proto == _IPV6_AH:
-            length = (data[offset + 1] + 2) * 4
-        else:
-            length = (data[offset + 1] + 1) * 8
-        proto, offset = data[offset], offset + length
-    return proto, offset
-
-
-def _tcp_reset_ipv6(data: bytes, offset: int, total: int, src: bytes, dst: bytes) -> bytes | None:
-    fields = _tcp_reset_fields(data, offset, total)
-    if fields is None:
-        return None
-    return ipv6(dst, src, PROTO_TCP, tcp(dst, src, *fields, window=0), REPLY_TTL)
-
-
-def _unreachable_ipv6(quote: bytes, code: int, src: bytes, dst: bytes) -> bytes:
-    message = icmpv6(dst, src, 1, code, b"\0\0\0\0" + quote)
-    return ipv6(dst, src, PROTO_ICMPV6, message, REPLY_TTL)
-
-
-# --- shared -----------------------------------------------------------------------------------
-
-
-def _tcp_reset_fields(data: bytes, offset: int, total: int) -> tuple[int, int, int, int, int] | None:
-    """(sport, dport, seq, ack, flags) of the RST answering the segment at `offset`, as nf_send_reset."""
-    if total < offset + 20:
-        return None
-    sport, dport, seq, ack, off_flags = struct.unpack_from("!HHIIH", data, offset)
-    header_len = (off_flags >> 12) * 4
-    flags = off_flags & 0xFF
-    if flags & _TCP_RST or header_len < 20 or offset + header_len > total:
-        return None
-    if flags & _TCP_ACK:
-        return dport, sport, ack, 0, _TCP_RST
-    segment_len = total - offset - header_len + (flags & _TCP_SYN != 0) + (flags & _TCP_FIN != 0)
-    return dport, sport, 0, (seq + segment_len) & 0xFFFFFFFF, _TCP_RST | _TCP_ACK
+    if flags & ACK:
+        seq, ack, reply_flags = pkt.ack, 0, RST
+    else:
+        seq = 0
+        ack = (pkt.seq + pkt.payload_len + (flags & SYN != 0) + (flags & FIN != 0)) & 0xFFFFFFFF
+        reply_flags = RST | ACK
+    src, dst = pkt.src, pkt.dst
+    segment = tcp(dst, src, pkt.dport, pkt.sport, seq, ack, reply_flags, window=0)
+    if pkt.family == 4:
+        return ipv4(dst, src, PROTO_TCP, segment, REPLY_TTL, dont_fragment=True)
+    return ipv6(dst, src, PROTO_TCP, segment, REPLY_TTL)

@@ -243,6 +243,7 @@ def test_icmp_echo_reply_and_first_fragment_are_answered() -> None:
         bytes(IP(src="192.0.2.10", dst="198.51.100.20", proto=1)),  # ICMP without a type byte
         bytes(IPv6(src="2001:db8::10", dst="2001:db8:1::20", nh=0)),  # hop-by-hop header missing
         b"\x20" * 60,  # IP version 2
+        bytes(IP(src="192.0.2.10", dst="198.51.100.20") / UDP(dport=53, len=4)),  # malformed UDP
     ],
 )
 def test_truncated_or_garbage_is_not_answered(data: bytes) -> None:
