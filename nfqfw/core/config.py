@@ -127,9 +127,9 @@ _LIMIT_UNITS = {
     "d": 86400,
     "day": 86400,
 }
-_LIMIT_RE = re.compile(r"\s*(\d+)\s*/\s*([a-z]+)\s*")
-_PORT_RE = re.compile(r"\s*(\d+)\s*")
-_RANGE_RE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+_LIMIT_RE = re.compile(r"\s*([0-9]+)\s*/\s*([a-z]+)\s*")
+_PORT_RE = re.compile(r"\s*([0-9]+)\s*")
+_RANGE_RE = re.compile(r"\s*([0-9]+)\s*-\s*([0-9]+)\s*")
 # Linux interface names: at most 15 bytes, no whitespace or '/'. A trailing '+' matches
 # every name with that prefix (as iptables -i eth+).
 _IFACE_RE = re.compile(r"[^\s/+]{1,15}\+?")
@@ -284,6 +284,10 @@ def _describe(node: Node) -> str:
     if node.tag == _TAG_NULL:
         return "nothing"
     return f"'{node.value}'"
+
+
+def _is_number(word: str) -> bool:
+    return word.isascii() and word.isdigit()
 
 
 def _is_value(node: Node) -> bool:
@@ -610,7 +614,7 @@ class _Checker:
         numbers: set[int] = set()
         errors_before = len(self.issues)
         for item, word in zip(items, words, strict=True):
-            if word.isdigit():
+            if _is_number(word):
                 if int(word) > 255:
                     self.error(item, f"{where}: protocol number {word} is out of range 0-255")
                 numbers.add(int(word))
@@ -734,7 +738,7 @@ class _Checker:
         types: dict[int, set[int]] = {4: set(), 6: set()}
         for item in self.items(node, where):
             word = str(item.value).lower()
-            if word.isdigit():
+            if _is_number(word):
                 self.icmp_number(item, int(word), families, types, where)
             elif word in ICMP_TYPES:
                 self.icmp_name(item, word, families, types, where)
@@ -790,7 +794,7 @@ class _Checker:
         word = self.text(node, where)
         if word is None:
             return None
-        match = _LIMIT_RE.fullmatch(word)
+        match = _LIMIT_RE.fullmatch(word.lower())
         if not match or match.group(2) not in _LIMIT_UNITS:
             self.error(node, f"{where}: expected N/second, N/minute, N/hour or N/day, got '{word}'")
             return None

@@ -8,6 +8,8 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nfqfw.core.config import (
     AddressSet,
@@ -721,3 +723,38 @@ def test_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_policy(binary)
     assert str(caught.value) == f"{binary}:2:15: cannot read: not UTF-8 text"
+
+
+# -- robustness -----------------------------------------------------------------------------------
+
+SHIPPED = [
+    path.read_text() for path in sorted((Path(__file__).resolve().parents[2] / "config").rglob("*.yaml"))
+]
+
+
+def _outcome(text: str) -> None:
+    """A policy text either parses or raises ConfigError with 1-based positions; nothing else."""
+    try:
+        parse_policy(text, "f.yaml")
+    except ConfigError as err:
+        assert err.issues
+        assert all(issue.line >= 1 and issue.col >= 1 and issue.file == "f.yaml" for issue in err.issues)
+
+
+@given(st.text())
+def test_arbitrary_text_never_crashes(text: str) -> None:
+    _outcome(text)
+
+
+@given(
+    st.sampled_from(SHIPPED),
+    st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from("-:[]{},#&*!'\" \n\t09az/.+~")),
+        max_size=6,
+    ),
+)
+def test_mutated_policies_never_crash(text: str, edits: list[tuple[float, str]]) -> None:
+    chars = list(text)
+    for where, char in edits:
+        chars[int(where * len(chars))] = char
+    _outcome("".join(chars))
