@@ -313,6 +313,7 @@ def test_yaml_words_are_taken_as_written() -> None:
             "name: a\naction: drop\nproto: [tcp, any]",
             "p.yaml:7:18: ingress rule 'a': proto: 'any' cannot be combined with other protocols",
         ),
+        ("name: a\naction: drop\nproto: '²'", "p.yaml:7:12: ingress rule 'a': proto: unknown protocol '²'"),
         ("name: a\naction: drop\nproto: []", "p.yaml:7:12: ingress rule 'a': proto: the list is empty"),
         (
             "name: a\naction: drop\nproto: {tcp: 1}",
