@@ -97,13 +97,10 @@ def load_policy_file(path: str) -> Loaded:
     from nfqfw.core.policy import CompiledPolicy
 
     try:
-        config = load_policy(path)
+        config = load_policy(path)  # an unreadable file is a located ConfigError too
     except ConfigError as err:
         raise StartupError(str(err)) from err
-    except OSError as err:
-        raise StartupError(f"cannot read config {path}: {err.strerror or err}") from err
-    failure_mode = getattr(getattr(config, "options", None), "failure_mode", "closed")
-    return Loaded(CompiledPolicy(config), failure_mode == "open")
+    return Loaded(CompiledPolicy(config), config.options.failure_mode == "open")
 
 
 def default_engine(loaded: Loaded) -> Any:
