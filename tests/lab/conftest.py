@@ -1,0 +1,44 @@
+"""The lab for the integration tests: namespaces nfqt-wan / nfqt-gw / nfqt-lan, one per module.
+
+A test module sets `LAB_POLICY` to the policy text nfqfw runs with, or None for the namespaces
+alone. The module-scoped `lab` fixture builds the lab, starts the servers below and always
+takes everything down again.
+
+Servers: outside host TCP 80, 445, 8080 (greet and echo), 9000 (sha256 sink), 9001 (byte
+source), UDP 53, 137 (echo); inside host TCP 22, 25, 80 (greet and echo), 587 (sha256 sink).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from nfqfw.lab import traffic
+from nfqfw.lab.daemon_ctl import Lab, down, up
+
+PREFIX = "nfqt-"
+
+WAN_TCP, WAN_SINK, WAN_SOURCE, WAN_UDP = (80, 445, 8080), 9000, 9001, (53, 137)
+LAN_TCP, LAN_SINK = (22, 25, 80), 587
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    text = getattr(request.module, "LAB_POLICY", None)
+    policy = None
+    if text is not None:
+        policy = tmp_path_factory.mktemp("lab") / "policy.yaml"
+        policy.write_text(text)
+    with ExitStack() as stack:
+        stack.callback(down, PREFIX)  # also when up() or a server fails
+        the_lab = up(PREFIX, policy)
+        t = the_lab.topology
+        stack.enter_context(traffic.TcpServer(t.wan, WAN_TCP))
+        stack.enter_context(traffic.TcpServer(t.wan, [WAN_SINK], traffic.hash_sink))
+        stack.enter_context(traffic.TcpServer(t.wan, [WAN_SOURCE], traffic.pattern_source))
+        stack.enter_context(traffic.UdpEchoServer(t.wan, WAN_UDP))
+        stack.enter_context(traffic.TcpServer(t.lan, LAN_TCP))
+        stack.enter_context(traffic.TcpServer(t.lan, [LAN_SINK], traffic.hash_sink))
+        yield the_lab
