@@ -13,8 +13,9 @@ keeps run() busy, from the packet callback itself (see nfqfw.queue).
 Signals: SIGTERM and SIGINT stop: STOPPING=1, the queues are unbound, counters are logged,
 exit code 0. The kernel rules stay as they are (see nfqfw.rules): in the default closed
 failure mode, traffic stays blocked until nfqfw runs again; `nfqfw rules remove` takes them
-away. SIGHUP is logged and otherwise ignored for now; live reload will re-read the config with
-`_load()` and swap it in with `engine.replace_policy()` (conntrack state kept) in `reload()`.
+away. SIGUSR1 logs the verdict and adapter counters. SIGHUP is logged and otherwise ignored
+for now; live reload will re-read the config with `_load()` and swap it in with
+`engine.replace_policy()` (conntrack state kept) in `reload()`.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class _Requests:
 
     stop: str | None = None  # name of the signal that asked for it
     reload: bool = False
+    dump: bool = False  # log the counters
     served: set[str] = field(default_factory=set)
 
 
@@ -227,6 +229,9 @@ class Daemon:
         if requests.reload:
             requests.reload = False
             self.reload()
+        if requests.dump:
+            requests.dump = False
+            self._log_counters()
         assert self.links is not None and self.drops is not None
         self.links.on_events()
         if now >= schedule.stats:
@@ -269,6 +274,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_reload_signal)
+        signal.signal(signal.SIGUSR1, self._on_dump_signal)
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
         self._requests.stop = signal.Signals(signum).name
@@ -277,6 +283,11 @@ class Daemon:
 
     def _on_reload_signal(self, _signum: int, _frame: object) -> None:
         self._requests.reload = True
+        if self.adapter is not None:
+            self.adapter.wake()
+
+    def _on_dump_signal(self, _signum: int, _frame: object) -> None:
+        self._requests.dump = True
         if self.adapter is not None:
             self.adapter.wake()
 

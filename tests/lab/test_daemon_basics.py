@@ -168,9 +168,12 @@ def test_accept_drop_and_reject_on_forwarded_traffic(fresh_lab: Lab) -> None:
         result, seconds = connect(server, 81, timeout=3.0)
         assert result == "refused" and seconds < 0.5  # our RST, at once
         assert connect(server, 82, timeout=0.7)[0] == "timeout"  # dropped by the default
+    daemon.proc.send_signal(signal.SIGUSR1)  # counters to the log, and on
+    time.sleep(0.5)
+    assert connect(WAN_V4, 80)[0] == "connected"
     code, stderr = daemon.stop()
     assert code == 0, stderr
-    assert "adapter reject sent: 2" in stderr
+    assert stderr.count("adapter reject sent: 2\n") == 2  # at SIGUSR1 and at the stop
 
 
 def test_rules_are_installed_for_both_families_without_duplicates_after_restart(fresh_lab: Lab) -> None:
