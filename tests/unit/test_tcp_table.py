@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from nfqfw.core.packet import ACK, CWR, ECE, FIN, PSH, RST, SYN, URG
+from nfqfw.core.packet import ACK, CWR, ECE, FIN, PSH, RST, SYN, URG, Packet
+from nfqfw.core.tcp import TcpConn, tcp_packet
 from nfqfw.core.tcp_states import (
+    ACCEPT,
     DEFAULT_TIMEOUTS,
     FLAG_CLASS_BY_FLAGS,
+    IGNORE,
+    IGNORED_BY_CELL,
     INVALID,
+    INVALID_BY_CELL,
     INVALID_FLAGS_RESULT,
     KERNEL_TIMEOUTS,
     TRANSITIONS,
@@ -25,6 +30,7 @@ from nfqfw.core.tcp_states import (
     sIG,
     sIV,
 )
+from nfqfw.core.tcp_window import F_BE_LIBERAL
 
 KERNEL_TABLE = """
 ORIGINAL syn     sSS sSS sIG sIG sIG sIG sIG sSS sSS sS2
@@ -223,3 +229,52 @@ def test_timeout_overrides() -> None:
 def test_timeout_overrides_rejected(overrides: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TcpTimeouts(overrides)
+
+
+# --- every cell, through tcp_packet ---------------------------------------------------------------
+
+CLASS_FLAGS = {0: SYN, 1: SYN | ACK, 2: FIN | ACK, 3: ACK, 4: RST | ACK, 5: URG}
+
+# With no history (no FIN seen, last packet not an RST from the same side) a SYN that the table
+# sends from TIME_WAIT / CLOSE back to SYN_SENT does not reopen: the kernel falls through to the
+# "ignore" path. The reopen cases are tested with a real history in test_tcp_conn.
+IGNORED_WITHOUT_HISTORY = {(0, 0, TcpState.TIME_WAIT), (0, 0, TcpState.CLOSE), (1, 0, TcpState.TIME_WAIT)}
+
+
+def neutral_conn(state: int) -> TcpConn:
+    """A flow in `state` whose windows accept anything (both sides tracked liberally)."""
+    conn = TcpConn()
+    conn.state = state
+    for base, end in ((0, 1000), (6, 5000)):
+        conn.td[base + 0] = end  # td_end
+        conn.td[base + 1] = end + 65535  # td_maxend
+        conn.td[base + 2] = 65535  # td_maxwin
+        conn.td[base + 5] = F_BE_LIBERAL
+    conn.td[15] = 65535  # last window
+    return conn
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=cell_id)
+def test_transition_cell_through_tcp_packet(cell: tuple[int, int, int, int]) -> None:
+    direction, row, state, target = cell
+    conn = neutral_conn(state)
+    seq, ack = (1000, 5000) if direction == 0 else (5000, 1000)
+    pkt = Packet()
+    pkt.tcp_flags = CLASS_FLAGS[row]
+    pkt.seq, pkt.ack, pkt.window = seq, ack, 1000
+    result = tcp_packet(conn, pkt, direction, seen_reply=True)
+    if row == FlagClass.NONE:
+        assert result == INVALID_FLAGS_RESULT[URG]
+        assert conn.state == state
+    elif target == sIV:
+        assert result == INVALID_BY_CELL[direction][row][state]
+        assert result.kind == INVALID
+        assert conn.state == state
+    elif target == sIG or (direction, row, state) in IGNORED_WITHOUT_HISTORY:
+        assert result == IGNORED_BY_CELL[direction][row][state]
+        assert result.kind == IGNORE
+        assert conn.state == state
+    else:
+        assert result.kind == ACCEPT
+        assert result.reason == f"tcp: {TcpState(target).name}"
+        assert conn.state == target
