@@ -1,0 +1,88 @@
+# nfqfw: bootstrap a fresh Debian 12 / Ubuntu 24.04 machine (as root), run the demo, the tests.
+#
+#   make demo       bootstrap, then the lab demo (real traffic through nfqfw in namespaces)
+#   make test       bootstrap, then ruff and the whole pytest suite (lab tests need root)
+#   make bootstrap  Debian packages (only those missing), .venv, pip install -e '.[dev]'
+#   make lint       ruff
+#   make lab-up     the lab with config/policy.yaml (POLICY=file to choose), left running
+#   make lab-down   stop nfqfw and remove the lab's namespaces
+#   make bench      the benchmark table (bench/run.py)
+#
+# Everything is idempotent: bootstrap installs packages only when dpkg says they are missing and
+# re-runs pip only when pyproject.toml changed (or .venv is new).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+POLICY ?= config/policy.yaml
+PREFIX ?= nfq-
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+VENV_STAMP := .stamp-venv
+LINT_PATHS := $(wildcard nfqfw tests bench)
+
+# What the lab, the tests and the build need. python3-dev/python3-venv are added below only if
+# the python in use lacks them (a pyenv or python.org build has both).
+DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack iputils-ping \
+	netcat-openbsd nmap iperf3 tcpdump ruby
+
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench clean
+
+help:
+	@sed -n '1,10s/^# \{0,1\}//p' Makefile
+
+bootstrap: debs $(VENV_STAMP)
+
+# Install only what dpkg does not report as installed; `apt-get update` once, only then.
+debs:
+	@wanted="$(DEB_PACKAGES)"; \
+	if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then wanted="$$wanted python3-venv"; fi; \
+	if ! $(PYTHON) -c 'import os, sysconfig; \
+		raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+		2>/dev/null; then wanted="$$wanted python3-dev"; fi; \
+	missing=""; \
+	for pkg in $$wanted; do \
+		status=$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true); \
+		[ "$$status" = "install ok installed" ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "bootstrap: Debian packages present"; exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "bootstrap: missing packages:$$missing; run as root" >&2; exit 1; fi; \
+	echo "bootstrap: installing$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -q; \
+	apt-get install -y -q --no-install-recommends $$missing
+
+$(VENV)/pyvenv.cfg:
+	$(PYTHON) -m venv $(VENV)
+
+# pyvenv.cfg is a plain file written when the venv is made (bin/python is a symlink to an old
+# interpreter, useless as a timestamp): a new venv gets the install too.
+$(VENV_STAMP): pyproject.toml $(VENV)/pyvenv.cfg | debs
+	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $@
+
+demo: bootstrap
+	$(BIN)/nfqfw lab demo
+
+test: bootstrap lint
+	$(BIN)/pytest -ra $(PYTEST_ARGS)
+
+lint: bootstrap
+	$(BIN)/ruff check $(LINT_PATHS)
+
+lab-up: bootstrap
+	$(BIN)/nfqfw lab up --policy $(POLICY) --prefix $(PREFIX)
+
+lab-down: bootstrap
+	$(BIN)/nfqfw lab down --prefix $(PREFIX)
+
+bench: bootstrap
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) $(VENV_STAMP) .pytest_cache .ruff_cache nfqfw.egg-info
