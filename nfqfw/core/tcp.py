@@ -41,6 +41,8 @@ from nfqfw.core.tcp_states import (
     TcpResult,
     TcpState,
     TcpTimeouts,
+    flag_class,
+    invalid_flags_reason,
     sCL,
     sCW,
     sES,
@@ -78,6 +80,7 @@ from nfqfw.core.tcp_window import (
     segment_end,
     tcp_in_window,
 )
+from nfqfw.core.verdict import Direction
 
 __all__ = [
     "ACCEPT",
@@ -89,13 +92,15 @@ __all__ = [
     "TcpResult",
     "TcpState",
     "TcpTimeouts",
+    "flag_class",
+    "invalid_flags_reason",
     "tcp_new",
     "tcp_packet",
     "tcp_timeouts",
 ]
 
-ORIGINAL = 0
-REPLY = 1
+ORIGINAL = int(Direction.ORIGINAL)
+REPLY = int(Direction.REPLY)
 
 _SYN = int(FlagClass.SYN)
 _SYNACK = int(FlagClass.SYNACK)
@@ -322,7 +327,11 @@ _HOOKS: tuple[Hook | None, ...] = (
 def tcp_packet(
     conn: TcpConn, pkt: Packet, direction: int, seen_reply: bool, timeouts: TcpTimeouts = KERNEL_TIMEOUTS
 ) -> TcpResult:
-    """Track one packet of a known flow; `direction` is 0 (ORIGINAL) or 1 (REPLY)."""
+    """Track one packet of a known flow (the first one too, right after tcp_new).
+
+    direction: Direction.ORIGINAL or REPLY. seen_reply: a REPLY packet was accepted or
+    ignored before this one. timeouts: TcpTimeouts built from the configuration.
+    """
     if pkt.malformed is not None:
         return TcpResult(INVALID, pkt.malformed, None, False)
     flags = pkt.tcp_flags

@@ -173,7 +173,7 @@ def tcp_in_window(w: TcpWindow, pkt: Packet, direction: int, index: int, state: 
     win_raw = win = pkt.window
     end = (seq + pkt.payload_len + ((flags >> 1) & 1) + (flags & FIN)) & MASK
 
-    if td[r + FLAGS] & F_SACK_PERM and pkt.sack:
+    if pkt.sack and td[r + FLAGS] & F_SACK_PERM:
         for _left, right in pkt.sack:
             if after(right, sack):
                 sack = right
@@ -209,14 +209,16 @@ def tcp_in_window(w: TcpWindow, pkt: Packet, direction: int, index: int, state: 
     if flags & RST and seq == 0 and state == _SYN_SENT:
         seq = end = td[s + END]  # RST answering our SYN
 
+    s_end = td[s + END]
+    s_maxend = td[s + MAXEND]
     maxwin = td[s + MAXWIN]
     maxackwindow = maxwin if maxwin > MAXACKWINCONST else MAXACKWINCONST
     r_end = td[r + END]
     r_maxwin = td[r + MAXWIN]
-    if not before(seq, td[s + MAXEND] + 1):  # I
-        overshot = (end - td[s + MAXEND] + 1) & MASK
+    if not before(seq, s_maxend + 1):  # I
+        overshot = (end - s_maxend + 1) & MASK
         ack_ok = after(sack, r_end - maxackwindow - 1)
-        in_recv_win = r_maxwin and after(end, td[s + END] - r_maxwin - 1)
+        in_recv_win = r_maxwin and after(end, s_end - r_maxwin - 1)
         if in_recv_win and ack_ok and overshot <= r_maxwin and before(sack, r_end + 1):
             # A TCP sending a little more than the window allows: let the data be tracked
             # so that the peer's ACK for it passes III later.
@@ -226,7 +228,7 @@ def tcp_in_window(w: TcpWindow, pkt: Packet, direction: int, index: int, state: 
         return _failed(td, s, SEQ_OVER_UPPER_BOUND)
     if not before(sack, r_end + 1):  # III
         return _failed(td, s, ACK_OVER_UPPER_BOUND)
-    if r_maxwin and not after(end, td[s + END] - r_maxwin - 1):  # II
+    if r_maxwin and not after(end, s_end - r_maxwin - 1):  # II
         return _failed(td, s, SEQ_UNDER_LOWER_BOUND)
     if not after(sack, r_end - maxackwindow - 1):  # IV
         return _failed(td, s, ACK_UNDER_LOWER_BOUND)
@@ -238,7 +240,7 @@ def tcp_in_window(w: TcpWindow, pkt: Packet, direction: int, index: int, state: 
     swin = (win + ((sack - ack) & MASK)) & MASK
     if maxwin < swin:
         td[s + MAXWIN] = swin
-    if after(end, td[s + END]):
+    if after(end, s_end):
         td[s + END] = end
         td[s + FLAGS] |= F_DATA_UNACKNOWLEDGED
     if flags & ACK:
@@ -249,12 +251,12 @@ def tcp_in_window(w: TcpWindow, pkt: Packet, direction: int, index: int, state: 
             td[s + MAXACK] = ack
 
     # Update the receiver.
-    if r_maxwin and after(end, td[s + MAXEND]):
-        td[r + MAXWIN] = (r_maxwin + end - td[s + MAXEND]) & MASK
+    if r_maxwin and after(end, s_maxend):
+        td[r + MAXWIN] = (r_maxwin + end - s_maxend) & MASK
     right = (sack + win) & MASK
     if after(right, td[r + MAXEND] - 1):
         td[r + MAXEND] = right if win else (right + 1) & MASK
-    if ack == r_end:
+    if ack == r_end and td[r + FLAGS] & F_DATA_UNACKNOWLEDGED:
         td[r + FLAGS] &= ~F_DATA_UNACKNOWLEDGED
 
     if index == _ACK_CLASS:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN, Packet
 from nfqfw.core.tcp import (
@@ -677,3 +679,35 @@ def test_common_results_are_prebuilt() -> None:
     assert first is second
     data = flow.orig(seg(ACK | PSH, C + 1, S + 1, win=502, length=10))
     assert data is flow.orig(seg(ACK | PSH, C + 11, S + 1, win=502, length=10))
+
+
+# --- robustness ------------------------------------------------------------------------------------
+
+u32 = st.integers(min_value=0, max_value=0xFFFFFFFF)
+packets = st.tuples(
+    st.sampled_from([0, 1]),  # direction
+    st.sampled_from([SYN, SYN | ACK, FIN | ACK, ACK, ACK | PSH, RST, RST | ACK, FIN, SYN | FIN, 0]),
+    u32,  # seq
+    u32,  # ack
+    st.integers(min_value=0, max_value=0xFFFF),  # window
+    st.integers(min_value=0, max_value=1500),  # payload
+    st.integers(min_value=-1, max_value=14),  # wscale
+    st.booleans(),  # seen_reply
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.booleans(), u32, st.lists(packets, max_size=30))
+def test_any_packet_sequence_is_tracked_without_errors(
+    loose: bool, isn: int, sequence: list[tuple[int, int, int, int, int, int, int, bool]]
+) -> None:
+    conn = tcp_new(seg(SYN if not loose else ACK, isn, isn), loose)
+    assert isinstance(conn, TcpConn)
+    for direction, flags, seq, ack, win, length, wscale, seen_reply in sequence:
+        before = conn.state
+        result = tcp_packet(conn, seg(flags, seq, ack, win, length, wscale), direction, seen_reply)
+        assert result.kind in (ACCEPT, IGNORE, INVALID, KILL, REOPEN)
+        assert result.reason.startswith("tcp: ")
+        if result.kind in (IGNORE, INVALID, REOPEN):
+            assert conn.state == before
+        assert 0 <= conn.state <= 9
