@@ -80,7 +80,7 @@ def handshake(
 
 def established(c_win: int = 502, **handshake_args: int) -> TcpWindow:
     """After the third ACK (window c_win)."""
-    w = handshake(**handshake_args)  # type: ignore[arg-type]
+    w = handshake(**handshake_args)
     assert check(w, seg(ACK, C_ISN + 1, S_ISN + 1, win=c_win), ORIG, TcpState.SYN_RECV) is None
     return w
 
