@@ -47,7 +47,7 @@ class Line:
 
 Check = Callable[[Topology], Line]
 
-COLUMNS = (("tried", 52), ("expected", 30), ("seen", 34))
+COLUMNS = (("tried", 52), ("expected", 34), ("seen", 35))
 
 
 def run_demo(policy: str | Path = REPO_POLICY, prefix: str = DEMO_PREFIX, out: TextIO = sys.stdout) -> int:
@@ -168,7 +168,7 @@ def ingress_mail_v4(t: Topology) -> Line:
 def egress_rejected(t: Topology) -> Line:
     probe = traffic.tcp_probe(t.lan, WAN_V4, SMB, timeout=3.0)
     return Line(
-        f"egress TCP  inside -> {WAN_V4}:{SMB} (rule no-smb-out)",
+        f"egress TCP  inside -> {WAN_V4}:{SMB} (no-smb-out)",
         f"refused within {REJECT_FAST:g} s (reset)",
         _outcome_text(probe),
         probe.outcome == "refused" and probe.seconds < REJECT_FAST,
