@@ -91,10 +91,10 @@ def run_down(args: argparse.Namespace) -> int:
     except LabError as err:
         print(f"nfqfw lab down: {err}", file=sys.stderr)
         return 1
-    if removed:
-        print("removed: " + ", ".join(removed))
-    else:
+    if not removed:
         print(f"no lab with prefix {args.prefix!r} (nothing to do)")
+        return 0
+    print("removed: " + ", ".join(removed))
     state = LabState(args.prefix)
     if state.log_file.exists():
         print(f"the daemon's log stays at {state.log_file}")
