@@ -238,6 +238,35 @@ def udp_probe(ns: str, host: str, port: int, timeout: float = 2.0, payload: byte
     return Probe("reply", time.monotonic() - start, text)
 
 
+# Path MTU socket options (linux/in.h, linux/in6.h); not all are exported by the socket module.
+IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
+IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU = 23, 2, 24
+
+
+def udp_path_mtu(ns: str, host: str, port: int, size: int = 1400, timeout: float = 2.0) -> int:
+    """The path MTU a UDP echo flow from `ns` learns after one datagram of `size` bytes sent with
+    "don't fragment": a small exchange first, so the error comes back about an established flow.
+    """
+    family = family_of(host)
+    level, discover, do, mtu = (
+        (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU)
+        if family == socket.AF_INET6
+        else (socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU)
+    )
+    with socket_in(ns, family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.setsockopt(level, discover, do)
+        sock.connect((host, port))
+        sock.send(b"small")
+        sock.recv(65535)
+        with contextlib.suppress(OSError):  # EMSGSIZE if the MTU is known already
+            sock.send(b"x" * size)
+        deadline = time.monotonic() + timeout
+        while sock.getsockopt(level, mtu) > size and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return sock.getsockopt(level, mtu)
+
+
 def open_connection(ns: str, host: str, port: int, timeout: float = 5.0) -> tuple[socket.socket, str]:
     """A live TCP connection from `ns` to a greet_and_echo server, and its greeting line."""
     sock = socket_in(ns, family_of(host), socket.SOCK_STREAM)
