@@ -86,4 +86,5 @@ class Packet:
         self.malformed: str | None = None  # why the packet cannot be trusted, None when sane
 
     def __repr__(self) -> str:
-        return f"<Packet v{self.family} proto={self.proto} {self.sport}->{self.dport} malformed={self.malformed}>"
+        ports = f"{self.sport}->{self.dport}"
+        return f"<Packet v{self.family} proto={self.proto} {ports} malformed={self.malformed}>"

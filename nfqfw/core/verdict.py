@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 
 
 class Hook(IntEnum):
@@ -14,13 +14,13 @@ class Hook(IntEnum):
     OUTPUT = 3  # from the gateway itself
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     ACCEPT = "accept"
     DROP = "drop"
     REJECT = "reject"
 
 
-class Ct(str, Enum):
+class Ct(StrEnum):
     """Conntrack state of a packet, as iptables' `-m conntrack --ctstate` names it."""
 
     NEW = "new"

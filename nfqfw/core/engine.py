@@ -1,0 +1,136 @@
+"""The engine: decode -> conntrack -> policy -> verdict, for one packet at a time.
+
+Pure: the adapter hands in the packet bytes, the kernel's metadata and the clock.  One
+Engine per NFQUEUE queue; the kernel hashes both directions of a flow to the same queue,
+so worker processes with one Engine each never need to share state.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from nfqfw.core.conntrack import Conntrack, Flow
+from nfqfw.core.decode import decode
+from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
+from nfqfw.core.policy import CompiledPolicy
+from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
+
+ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
+RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, "related")
+UNTRACKED_ND = Verdict(Action.ACCEPT, Ct.UNTRACKED, None, "untracked: icmpv6 neighbour discovery / MLD")
+VERDICT_CACHE_SIZE = 4096
+
+
+def reject_kind(pkt: Packet) -> str:
+    """How to refuse a packet: an RST for TCP, an ICMP unreachable otherwise (iptables' choice)."""
+    if pkt.proto == PROTO_TCP:
+        return "tcp-reset"
+    if pkt.proto == PROTO_UDP:
+        return "icmp-port-unreachable"
+    return "icmp-admin-prohibited"
+
+
+class Engine:
+    def __init__(self, policy: CompiledPolicy, local_addresses: frozenset[bytes] | None = None) -> None:
+        options = policy.config.options
+        self.policy = policy
+        self.conntrack = Conntrack(max_flows=options.max_flows, loose=options.tcp_pickup_loose)
+        self.local_addresses = local_addresses or policy.gateway_addresses
+        self.counters: Counter[str] = Counter()
+        self.established = 0  # the hot path counts here, folded into counters on read
+        self._verdicts: dict[tuple[object, ...], Verdict] = {}
+
+    def replace_policy(self, policy: CompiledPolicy) -> None:
+        """Swap the policy between two packets; conntrack state is kept."""
+        self.policy = policy
+        self.conntrack.loose = policy.config.options.tcp_pickup_loose
+        self.conntrack.max_flows = policy.config.options.max_flows
+
+    def counts(self) -> dict[str, int]:
+        counts = dict(self.counters)
+        if self.established:
+            counts["accept established"] = counts.get("accept established", 0) + self.established
+        return counts
+
+    # -- per packet ------------------------------------------------------------------------
+    def process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
+        try:
+            pkt = decode(data)
+            if pkt.malformed is not None:
+                return self._count(self._invalid(pkt.malformed))
+            tracked = self.conntrack.track(pkt, now)
+            ct = tracked.ct
+            if ct is Ct.ESTABLISHED:
+                self.established += 1
+                return ESTABLISHED
+            if ct is Ct.RELATED:
+                return self._count(RELATED)
+            if ct is Ct.INVALID:
+                return self._count(self._invalid(tracked.reason))
+            if ct is Ct.UNTRACKED and pkt.proto == PROTO_ICMPV6 and pkt.frag == 0:
+                return self._count(self._neighbour_discovery(meta))
+            verdict = self._decide(pkt, meta, ct, now)
+            flow = tracked.flow
+            if tracked.new and flow is not None and verdict.action is Action.ACCEPT:
+                verdict = self._confirm(flow, meta, verdict)
+            return self._count(verdict)
+        except Exception as error:  # a bug must never take the firewall down: drop and say why
+            return self._count(self._make(Action.DROP, Ct.INVALID, None, f"internal error: {error!r}"[:200]))
+
+    def _confirm(self, flow: Flow, meta: Meta, verdict: Verdict) -> Verdict:
+        flow.rule = verdict.reason
+        flow.meta = meta
+        if self.conntrack.confirm(flow):
+            return verdict
+        return self._make(Action.DROP, Ct.NEW, None, "conntrack table full")
+
+    def _decide(self, pkt: Packet, meta: Meta, ct: Ct, now: float) -> Verdict:
+        side, to_gateway, from_gateway = self.classify(pkt, meta)
+        decision = self.policy.match(side, pkt, to_gateway, from_gateway, meta.in_iface, meta.out_iface, now)
+        action = decision.action
+        reject_with = reject_kind(pkt) if action is Action.REJECT else None
+        if reject_with is not None and pkt.proto in (PROTO_ICMP, PROTO_ICMPV6) and pkt.inner is not None:
+            reject_with = None  # never answer an ICMP error with one
+            action = Action.DROP
+        return self._make(action, ct, decision.rule, decision.reason, decision.log, reject_with)
+
+    def classify(self, pkt: Packet, meta: Meta) -> tuple[str, bool, bool]:
+        """(side, to_gateway, from_gateway).  Traffic from the gateway itself and from an internal
+        interface is egress; from an external interface -- or one in no zone -- is ingress."""
+        hook = meta.hook
+        if hook == Hook.OUTPUT:
+            return "egress", False, True
+        zone = self.policy.zone_of(meta.in_iface)
+        side = "egress" if zone == "internal" else "ingress"
+        return side, hook == Hook.INPUT, False
+
+    def _neighbour_discovery(self, meta: Meta) -> Verdict:
+        # ND and MLD are link-local: allowed to and from the gateway, never forwarded.
+        if meta.hook == Hook.FORWARD:
+            reason = "untracked: neighbour discovery is not forwarded"
+            return self._make(Action.DROP, Ct.UNTRACKED, None, reason)
+        return UNTRACKED_ND
+
+    def _invalid(self, why: str) -> Verdict:
+        return self._make(self.policy.invalid_action, Ct.INVALID, None, f"invalid: {why}")
+
+    def _make(
+        self,
+        action: Action,
+        ct: Ct,
+        rule: str | None,
+        reason: str,
+        log: bool = False,
+        reject_with: str | None = None,
+    ) -> Verdict:
+        key = (action, ct, rule, reason, log, reject_with)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = Verdict(action, ct, rule, reason, log, reject_with)
+            if len(self._verdicts) < VERDICT_CACHE_SIZE:
+                self._verdicts[key] = verdict
+        return verdict
+
+    def _count(self, verdict: Verdict) -> Verdict:
+        self.counters[f"{verdict.action.value} {verdict.reason}"] += 1
+        return verdict
