@@ -1,0 +1,155 @@
+"""`nfqfw explain --config FILE --in IFACE PROTO SRC[:PORT] DST[:PORT]`: what would the policy
+do with this one packet, and why?
+
+Builds the packet with `nfqfw.core.build`, runs it through a fresh engine (so conntrack has
+seen nothing before it) and prints the verdict, the conntrack state and what decided.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+from typing import Any
+
+from nfqfw.commands.replay import derive_hook, load_compiled
+from nfqfw.core import build
+from nfqfw.core.config import ICMP_TYPES
+from nfqfw.core.engine import Engine
+from nfqfw.core.verdict import Hook, Meta, Verdict
+
+TCP_FLAG_LETTERS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
+PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
+HOOKS = {"input": Hook.INPUT, "forward": Hook.FORWARD, "output": Hook.OUTPUT}
+DEFAULT_SPORT = 40000
+ECHO_ID_SEQ = (1, 1)
+
+
+class ExplainError(Exception):
+    """The packet described on the command line cannot be built."""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "explain",
+        help="show the verdict for one packet",
+        description="Build one packet and show what a fresh engine decides about it and why. "
+        "Addresses: 192.0.2.1:80, [2001:db8::1]:80 or a bare address.",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="policy file (YAML)")
+    parser.add_argument(
+        "--in", dest="in_iface", required=True, metavar="IFACE", help="interface it arrives on"
+    )
+    parser.add_argument("proto", choices=PROTOCOLS, metavar="PROTO", help="tcp, udp, icmp or icmpv6")
+    parser.add_argument("src", metavar="SRC[:PORT]")
+    parser.add_argument("dst", metavar="DST[:PORT]")
+    parser.add_argument("--flags", default="S", help="TCP flags from S A F R P U E C (default S)")
+    parser.add_argument("--icmp-type", default="echo-request", metavar="NAME|N", help="default echo-request")
+    parser.add_argument("--hook", choices=tuple(HOOKS), help="default: from the policy's gateway-addresses")
+    parser.set_defaults(func=run)
+
+
+def parse_endpoint(text: str) -> tuple[bytes, int | None]:
+    """'10.0.0.1:80', '[fd00::1]:80', 'fd00::1' or '10.0.0.1' -> (raw address, port or None)."""
+    host, port = text, None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ExplainError(f"bad address '{text}'")
+        port = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        raw = build.addr(host)
+    except OSError:
+        raise ExplainError(f"bad address '{host}'") from None
+    if port is None:
+        return raw, None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ExplainError(f"bad port '{port}'")
+    return raw, int(port)
+
+
+def tcp_flags(letters: str) -> int:
+    flags = 0
+    for letter in letters.upper():
+        if letter not in TCP_FLAG_LETTERS:
+            raise ExplainError(f"unknown TCP flag '{letter}' (use S A F R P U E C)")
+        flags |= TCP_FLAG_LETTERS[letter]
+    return flags
+
+
+def icmp_type(text: str, family: int) -> int:
+    if text.isdigit() and int(text) <= 255:
+        return int(text)
+    if text not in ICMP_TYPES:
+        raise ExplainError(f"unknown ICMP type '{text}'")
+    number = ICMP_TYPES[text][0 if family == 4 else 1]
+    if number is None:
+        raise ExplainError(f"ICMP type '{text}' does not exist for IPv{family}")
+    return number
+
+
+def build_packet(args: argparse.Namespace) -> bytes:
+    src, sport = parse_endpoint(args.src)
+    dst, dport = parse_endpoint(args.dst)
+    if len(src) != len(dst):
+        raise ExplainError("source and destination are of different IP families")
+    family = 4 if len(src) == 4 else 6
+    if args.proto in ("tcp", "udp"):
+        if dport is None:
+            raise ExplainError(f"{args.proto} needs a destination port (DST:PORT)")
+        sport = DEFAULT_SPORT if sport is None else sport
+        if args.proto == "tcp":
+            flags = tcp_flags(args.flags)
+            segment = build.tcp(src, dst, sport, dport, seq=1000, ack=1 if flags & 0x10 else 0, flags=flags)
+            return _ip(src, dst, build.PROTO_TCP, segment)
+        return _ip(src, dst, build.PROTO_UDP, build.udp(src, dst, sport, dport))
+    if args.proto == "icmpv6" and family == 4:
+        raise ExplainError("icmpv6 needs IPv6 addresses")
+    type_ = icmp_type(args.icmp_type, family)
+    if family == 4:
+        return _ip(src, dst, build.PROTO_ICMP, build.icmp(type_, 0, ECHO_ID_SEQ))
+    return _ip(
+        src, dst, build.PROTO_ICMPV6, build.icmpv6(src, dst, type_, 0, struct.pack("!HH", *ECHO_ID_SEQ))
+    )
+
+
+def _ip(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:
+    return build.ipv4(src, dst, proto, payload) if len(src) == 4 else build.ipv6(src, dst, proto, payload)
+
+
+def decided_by(verdict: Verdict) -> str:
+    if verdict.rule is not None:
+        return f"rule {verdict.rule}"
+    if verdict.reason.startswith("default "):
+        return verdict.reason
+    return f"conntrack ({verdict.ct.value})"
+
+
+def report(verdict: Verdict) -> str:
+    lines = [
+        f"verdict: {verdict.action.value}",
+        f"conntrack: {verdict.ct.value}",
+        f"decided by: {decided_by(verdict)}",
+        f"why: {verdict.reason}",
+    ]
+    if verdict.reject_with:
+        lines.append(f"reject with: {verdict.reject_with}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    policy = load_compiled(args.config)
+    if policy is None:
+        return 1
+    try:
+        packet = build_packet(args)
+    except (ExplainError, ValueError) as err:
+        print(f"nfqfw explain: {err}", file=sys.stderr)
+        return 1
+    hook = HOOKS[args.hook] if args.hook else derive_hook(packet, policy.gateway_addresses)
+    meta = Meta(hook, in_iface=args.in_iface if hook != Hook.OUTPUT else None)
+    verdict = Engine(policy).process(packet, meta, now=0.0)
+    print(report(verdict))
+    return 0
