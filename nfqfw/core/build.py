@@ -9,7 +9,7 @@ arguments that cannot be encoded (they are fed by code, not by the network).
 
 from __future__ import annotations
 
-import socket
+import ipaddress
 import struct
 
 PROTO_ICMP = 1
@@ -29,8 +29,11 @@ _MF = 0x2000
 
 def addr(text: str) -> bytes:
     """Raw bytes of an IPv4 ("192.0.2.1") or IPv6 ("2001:db8::1") address."""
-    family = socket.AF_INET6 if ":" in text else socket.AF_INET
-    return socket.inet_pton(family, text)
+    # ipaddress rather than socket.inet_pton: the core imports no socket.  OSError kept for callers.
+    try:
+        return ipaddress.ip_address(text).packed
+    except ValueError:
+        raise OSError(f"illegal IP address string {text!r}") from None
 
 
 # --- checksums --------------------------------------------------------------------------------
