@@ -53,8 +53,12 @@ def tcp_packets(i: int) -> list[tuple[bytes, Meta]]:
     c, s, port = endpoints(i)
     return [
         (build.ipv4(c, s, 6, build.tcp(c, s, port, 80, 1000, 0, SYN, options=build.mss_option(1460))), OUT),
-        (build.ipv4(s, c, 6, build.tcp(s, c, 80, port, 5000, 1001, SYN | ACK, options=build.mss_option(1460))),
-         BACK),  # fmt: skip
+        (
+            build.ipv4(
+                s, c, 6, build.tcp(s, c, 80, port, 5000, 1001, SYN | ACK, options=build.mss_option(1460))
+            ),
+            BACK,
+        ),
         (build.ipv4(c, s, 6, build.tcp(c, s, port, 80, 1001, 5001, ACK)), OUT),
     ]
 
@@ -80,13 +84,23 @@ def measure(kind: str, flows: int) -> dict[str, object]:
     states: dict[str, int] = {}
     for flow in engine.conntrack:
         states[flow.state_name] = states.get(flow.state_name, 0) + 1
-    return {"kind": kind, "flows": tracked, "packets_accepted": accepted, "packets": len(packets),
-            "bytes": after - before, "bytes_per_flow": round(per_flow, 1), "target": TARGET,
-            "meets_target": per_flow <= TARGET, "states": states}  # fmt: skip
+    return {
+        "kind": kind,
+        "flows": tracked,
+        "packets_accepted": accepted,
+        "packets": len(packets),
+        "bytes": after - before,
+        "bytes_per_flow": round(per_flow, 1),
+        "target": TARGET,
+        "meets_target": per_flow <= TARGET,
+        "states": states,
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--flows", type=int, default=50_000)
     args = parser.parse_args()
     results = [measure("udp", args.flows), measure("tcp", args.flows)]

@@ -97,7 +97,11 @@ def synthetic_mix(flows: int) -> list[Packet]:
             client = struct.pack("!I", c0 + 2 + i % 250)
             server = struct.pack("!I", s0 + 10 + i % 200)
             port = 1024 + i % 60000
-            batch += [tcp_flow(client, server, port), udp_pair(client, server, port), icmp_pair(client, server, i)]
+            batch += [
+                tcp_flow(client, server, port),
+                udp_pair(client, server, port),
+                icmp_pair(client, server, i),
+            ]
         # interleave: walk the flows' packet lists in lock step, like concurrent traffic
         depth = max(len(b) for b in batch)
         for k in range(depth):
@@ -122,8 +126,12 @@ def time_engine(packets: list[Packet]) -> dict[str, object]:
         verdict = process(data, meta, now)
         verdicts[verdict.action.value] = verdicts.get(verdict.action.value, 0) + 1
     elapsed = time.perf_counter() - start
-    return {"packets": len(packets), "seconds": round(elapsed, 3), "pps": round(len(packets) / elapsed),
-            "verdicts": verdicts}  # fmt: skip
+    return {
+        "packets": len(packets),
+        "seconds": round(elapsed, 3),
+        "pps": round(len(packets) / elapsed),
+        "verdicts": verdicts,
+    }
 
 
 def write_pcap(path: str, packets: list[Packet]) -> None:
@@ -148,23 +156,33 @@ def time_replay(packets: list[Packet]) -> dict[str, object]:
         elapsed = time.perf_counter() - start
     if done.returncode != 0:
         return {"error": done.stderr.strip()[-500:]}
-    return {"packets": len(packets), "seconds": round(elapsed, 3), "pps": round(len(packets) / elapsed),
-            "summary": done.stderr.strip().splitlines()[:6]}  # fmt: skip
+    return {
+        "packets": len(packets),
+        "seconds": round(elapsed, 3),
+        "pps": round(len(packets) / elapsed),
+        "summary": done.stderr.strip().splitlines()[:6],
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--flows", type=int, default=4000, help="TCP flows (plus as many UDP and ICMP pairs)")
     parser.add_argument("--no-replay", action="store_true", help="skip the `nfqfw replay` measurement")
     parser.add_argument("--profile", action="store_true", help="cProfile Engine.process, print the top 25")
     args = parser.parse_args()
     packets = synthetic_mix(args.flows)
-    result: dict[str, object] = {"mix": f"{args.flows} TCP flows ({len(tcp_flow(b'1234', b'5678', 1))} pkts each)"
-                                 f" + {args.flows} UDP pairs + {args.flows} ICMP echo pairs"}  # fmt: skip
+    result: dict[str, object] = {
+        "mix": f"{args.flows} TCP flows ({len(tcp_flow(b'1234', b'5678', 1))} pkts each)"
+        f" + {args.flows} UDP pairs + {args.flows} ICMP echo pairs"
+    }
     time_engine(packets[:2000])  # warm-up
     result["engine"] = time_engine(packets)
-    print(f"engine.process: {result['engine']['pps']:,} packets/s "  # type: ignore[index]
-          f"({result['engine']['packets']} packets in {result['engine']['seconds']} s)")  # type: ignore[index]
+    print(
+        f"engine.process: {result['engine']['pps']:,} packets/s "  # type: ignore[index]
+        f"({result['engine']['packets']} packets in {result['engine']['seconds']} s)"
+    )  # type: ignore[index]
     print(f"  verdicts: {result['engine']['verdicts']}")  # type: ignore[index]
     if args.profile:
         profiler = cProfile.Profile()
@@ -172,7 +190,9 @@ def main() -> int:
         time_engine(packets)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    replay_ok = (ROOT / "nfqfw" / "commands" / "replay.py").exists() and (ROOT / "nfqfw" / "capture.py").exists()
+    replay_ok = (ROOT / "nfqfw" / "commands" / "replay.py").exists() and (
+        ROOT / "nfqfw" / "capture.py"
+    ).exists()
     if replay_ok and not args.no_replay:
         # at least 100k packets; a larger fresh mix rather than repeats (repeats would hit stale flows)
         replay_packets = packets
@@ -183,8 +203,10 @@ def main() -> int:
         if "error" in r:  # type: ignore[operator]
             print(f"nfqfw replay failed: {r['error']}")  # type: ignore[index]
         else:
-            print(f"nfqfw replay: {r['pps']:,} packets/s wall time "  # type: ignore[index]
-                  f"({r['packets']} packets in {r['seconds']} s, incl. start-up and JSON output)")  # type: ignore[index]
+            print(
+                f"nfqfw replay: {r['pps']:,} packets/s wall time "  # type: ignore[index]
+                f"({r['packets']} packets in {r['seconds']} s, incl. start-up and JSON output)"
+            )  # type: ignore[index]
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "replay_speed.json").write_text(json.dumps(result, indent=2) + "\n")
