@@ -13,9 +13,16 @@ keeps run() busy, from the packet callback itself (see nfqfw.queue).
 Signals: SIGTERM and SIGINT stop: STOPPING=1, the queues are unbound, counters are logged,
 exit code 0. The kernel rules stay as they are (see nfqfw.rules): in the default closed
 failure mode, traffic stays blocked until nfqfw runs again; `nfqfw rules remove` takes them
-away. SIGUSR1 logs the verdict and adapter counters. SIGHUP is logged and otherwise ignored
-for now; live reload will re-read the config with `_load()` and swap it in with
-`engine.replace_policy()` (conntrack state kept) in `reload()`.
+away. SIGUSR1 logs the verdict and adapter counters.
+
+SIGHUP reloads the policy live: the handler only sets a flag; housekeeping (between two
+packets) re-reads and validates the file. Invalid: the located errors are logged and the
+running policy stays. Valid: `engine.replace_policy()` swaps it in (conntrack state kept) and,
+with `reload: recheck` (the default), the flows the new policy would not let start any more
+are removed (nfqfw.core.recheck); `reload: keep` keeps them. A changed failure mode
+re-installs the kernel rules. RELOADING=1 ... READY=1 surround the reload either way.
+
+A policy file writable by group or others is refused, at start and at reload.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -73,6 +81,7 @@ class Loaded:
 
     engine_policy: Any  # a CompiledPolicy
     fail_open: bool  # policy option failure-mode: open
+    recheck: bool = True  # policy option reload: recheck (False: keep)
 
 
 @dataclass
@@ -93,16 +102,29 @@ class _Requests:
     served: set[str] = field(default_factory=set)
 
 
+def check_file_mode(path: str) -> None:
+    """Refuse a policy anyone but its owner may rewrite: it decides what passes the gateway.
+    A missing or unreadable file is left to the loader, which reports it located."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StartupError(f"{path}: refusing a policy file writable by group or others (mode {mode:04o})")
+
+
 def load_policy_file(path: str) -> Loaded:
-    """Read and compile the policy; raises StartupError with the located errors."""
+    """Check the file mode, read and compile the policy; raises StartupError with the located errors."""
     from nfqfw.core.config import ConfigError, load_policy
     from nfqfw.core.policy import CompiledPolicy
 
+    check_file_mode(path)
     try:
         config = load_policy(path)  # an unreadable file is a located ConfigError too
     except ConfigError as err:
         raise StartupError(str(err)) from err
-    return Loaded(CompiledPolicy(config), config.options.failure_mode == "open")
+    options = config.options
+    return Loaded(CompiledPolicy(config), options.failure_mode == "open", options.reload == "recheck")
 
 
 def default_engine(loaded: Loaded) -> Any:
@@ -135,6 +157,7 @@ class Daemon:
         self._requests = _Requests()
         self._schedule = _Schedule()
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self.fail_open = False
 
     # -- start --
 
@@ -151,6 +174,7 @@ class Daemon:
         bypass, mark = loaded.fail_open, opts.mark
         self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
         self.engine = self._make_engine(loaded)
+        self.fail_open = loaded.fail_open
         try:
             self.links = Links()
             self.sender = RawSender(opts.mark)
@@ -245,13 +269,44 @@ class Daemon:
             self.notifier.status(self.status_text())
         return min(now + HOUSEKEEPING_PERIOD, schedule.watchdog)
 
-    def reload(self) -> None:
-        """SIGHUP. Live reload is a later step: it will be
-        ``loaded = self._load(self.options.config)`` (StartupError -> log, keep the old policy),
-        ``self.engine.replace_policy(loaded.engine_policy)`` and, if the failure mode changed,
-        ``rules.install(new spec)``, between ``notifier.reloading()`` and ``notifier.ready()``.
-        """
-        log.warning("SIGHUP received: live reload is not supported yet; restart nfqfw to apply the policy")
+    def reload(self) -> bool:
+        """SIGHUP, run between two packets. True when the new policy is in force."""
+        log.info("SIGHUP received: reloading %s", self.options.config)
+        self.notifier.reloading("reloading the policy")
+        try:
+            loaded = self._load(self.options.config)
+        except StartupError as err:
+            for line in str(err).splitlines() or ["reload failed"]:
+                log.error("reload: %s", line)
+            log.error("reload failed: the running policy stays in force")
+            self.notifier.ready("reload failed: running policy kept")
+            return False
+        self.engine.replace_policy(loaded.engine_policy)
+        if loaded.recheck:
+            from nfqfw.core.recheck import recheck
+
+            removed = recheck(self.engine)
+            log.info("policy reloaded: %d flows no longer allowed were removed", len(removed))
+        else:
+            log.info("policy reloaded: existing flows kept (reload: keep)")
+        if loaded.fail_open != self.fail_open:
+            self._change_failure_mode(loaded.fail_open)
+        self.notifier.ready("policy reloaded")
+        return True
+
+    def _change_failure_mode(self, fail_open: bool) -> None:
+        """The failure mode lives in the kernel rules (queue bypass): re-install them."""
+        assert self.spec is not None
+        spec = rules.QueueSpec(self.spec.first, self.spec.last, bypass=fail_open, mark=self.spec.mark)
+        try:
+            rules.install(spec)
+        except rules.RulesError as err:
+            log.error("reload: failure mode not changed, rules not re-installed: %s", err)
+            return
+        self.spec, self.fail_open = spec, fail_open
+        if self.adapter is not None:
+            self.adapter.fail_open = fail_open
+        log.info("failure mode now %s", "open" if fail_open else "closed")
 
     def status_text(self) -> str:
         flows = len(getattr(self.engine, "conntrack", ()))

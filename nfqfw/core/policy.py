@@ -232,3 +232,19 @@ class CompiledPolicy:
                 if limiter is None or limiter.allow(pkt.src, now):
                     return rule.decision
         return self._defaults[side]
+
+    def match_standing(
+        self,
+        side: str,
+        pkt: Packet,
+        to_gateway: bool,
+        from_gateway: bool,
+        in_iface: str | None,
+        out_iface: str | None,
+    ) -> RuleDecision:
+        """As `match`, but rate limits are neither checked nor charged: a flow that is already
+        up is re-judged on what the rules say (reload recheck), not on token buckets."""
+        for rule in self._rules[side]:
+            if rule.matches(pkt, to_gateway, from_gateway, in_iface, out_iface):
+                return rule.decision
+        return self._defaults[side]
