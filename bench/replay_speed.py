@@ -28,7 +28,7 @@ from nfqfw.core import build  # noqa: E402
 from nfqfw.core.config import load_policy  # noqa: E402
 from nfqfw.core.engine import Engine  # noqa: E402
 from nfqfw.core.policy import CompiledPolicy  # noqa: E402
-from nfqfw.core.verdict import Hook, Meta  # noqa: E402
+from nfqfw.core.verdict import Action, Hook, Meta  # noqa: E402
 
 POLICY = ROOT / "config" / "policy.yaml"
 OUT = Meta(Hook.FORWARD, "lan0", "wan0")  # original direction: inside -> outside
@@ -118,19 +118,19 @@ def time_engine(packets: list[Packet]) -> dict[str, object]:
     process = engine.process
     metas = [OUT if forward else BACK for _, forward in packets]
     datas = [data for data, _ in packets]
-    verdicts: dict[str, int] = {}
+    verdicts: dict[Action, int] = {}  # keyed by the enum member: .value costs an enum lookup
     start = time.perf_counter()
     now = 1000.0
     for data, meta in zip(datas, metas, strict=True):
         now += 0.00001
         verdict = process(data, meta, now)
-        verdicts[verdict.action.value] = verdicts.get(verdict.action.value, 0) + 1
+        verdicts[verdict.action] = verdicts.get(verdict.action, 0) + 1
     elapsed = time.perf_counter() - start
     return {
         "packets": len(packets),
         "seconds": round(elapsed, 3),
         "pps": round(len(packets) / elapsed),
-        "verdicts": verdicts,
+        "verdicts": {action.value: count for action, count in verdicts.items()},
     }
 
 
