@@ -139,3 +139,15 @@ def test_reload_that_forbids_the_session_cuts_it(reload_lab: LabAndPolicy, sessi
         traffic.echo_roundtrip(session, b"cut?\n")
     assert traffic.tcp_probe(lab.topology.lan, WAN_V4, WAN_ECHO, timeout=1.5).outcome == "timeout"
     assert lab.daemon is not None and lab.daemon.alive()
+
+
+def test_reload_keep_leaves_a_now_forbidden_session_up(reload_lab: LabAndPolicy) -> None:
+    lab, policy = reload_lab
+    write_policy(policy, POLICY)
+    assert "policy reloaded" in sighup_and_wait(lab)
+    sock, _ = traffic.open_connection(lab.topology.lan, WAN_V4, WAN_ECHO)
+    with sock:
+        write_policy(policy, NO_HTTP_OUT + "options:\n  reload: keep\n")
+        assert "policy reloaded: existing flows kept (reload: keep)" in sighup_and_wait(lab)
+        assert traffic.echo_roundtrip(sock, b"kept\n") == b"kept\n"
+        assert traffic.tcp_probe(lab.topology.lan, WAN_V4, WAN_ECHO, timeout=1.5).outcome == "timeout"

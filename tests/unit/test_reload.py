@@ -224,3 +224,12 @@ def test_check_file_mode(tmp_path: Path, mode: int, refused: bool) -> None:
     else:
         check_file_mode(str(path))
         assert load_policy_file(str(path)).recheck is True
+
+
+def test_load_policy_file_refuses_other_writable_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE)
+    os.chmod(path, 0o646)
+    with pytest.raises(StartupError) as err:
+        load_policy_file(str(path))
+    assert str(err.value) == f"{path}: refusing a policy file writable by group or others (mode 0646)"
