@@ -36,8 +36,8 @@ class Engine:
         self.policy = policy
         self.conntrack = Conntrack(max_flows=options.max_flows, loose=options.tcp_pickup_loose)
         self.local_addresses = local_addresses or policy.gateway_addresses
-        self.counters: Counter[str] = Counter()
-        self.established = 0  # the hot path counts here, folded into counters on read
+        self._counters: Counter[str] = Counter()
+        self.established = 0  # the hot path counts here, folded into `counters` on read
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
@@ -46,8 +46,13 @@ class Engine:
         self.conntrack.loose = policy.config.options.tcp_pickup_loose
         self.conntrack.max_flows = policy.config.options.max_flows
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """Verdicts by "action reason", established packets included."""
+        return self.counts()
+
     def counts(self) -> dict[str, int]:
-        counts = dict(self.counters)
+        counts = dict(self._counters)
         if self.established:
             counts["accept established"] = counts.get("accept established", 0) + self.established
         return counts
@@ -132,5 +137,5 @@ class Engine:
         return verdict
 
     def _count(self, verdict: Verdict) -> Verdict:
-        self.counters[f"{verdict.action.value} {verdict.reason}"] += 1
+        self._counters[f"{verdict.action.value} {verdict.reason}"] += 1
         return verdict

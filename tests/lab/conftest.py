@@ -31,6 +31,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     if text is not None:
         policy = tmp_path_factory.mktemp("lab") / "policy.yaml"
         policy.write_text(text)
+        policy.chmod(0o600)  # the daemon refuses a group/world-writable policy
     with ExitStack() as stack:
         stack.callback(down, PREFIX)  # also when up() or a server fails
         the_lab = up(PREFIX, policy)
