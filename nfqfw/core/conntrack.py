@@ -11,6 +11,7 @@ follows from its type.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 from nfqfw.core.expiry import ExpiryWheel
 from nfqfw.core.packet import (
@@ -19,6 +20,7 @@ from nfqfw.core.packet import (
     PROTO_ICMPV6,
     PROTO_TCP,
     PROTO_UDP,
+    SYN,
     Packet,
 )
 from nfqfw.core.tcp import TcpConn, tcp_new, tcp_packet
@@ -126,6 +128,40 @@ def flow_key(pkt: Packet) -> tuple[bytes, bool] | None:
     return bytes((proto,)) + b + a, False
 
 
+# The reader of the layout flow_key() writes; keep the two together.
+_ADDR_LEN_FAMILY = {4: 4, 16: 6}
+
+
+def first_packet(flow: Flow) -> Packet | None:
+    """The originator's first packet, as far as the policy looks at it; None for a malformed key."""
+    key, proto = flow.key, flow.key[0]
+    pkt = Packet()
+    pkt.proto = proto
+    if proto in (PROTO_TCP, PROTO_UDP):
+        size = (len(key) - 1) // 2 - 2
+        a, b = key[1 : 1 + size + 2], key[3 + size :]
+        (src, dst) = (a, b) if flow.orig_a else (b, a)
+        pkt.src, pkt.sport = src[:size], int.from_bytes(src[size:], "big")
+        pkt.dst, pkt.dport = dst[:size], int.from_bytes(dst[size:], "big")
+        if proto == PROTO_TCP:
+            pkt.tcp_flags = SYN
+    elif proto in (PROTO_ICMP, PROTO_ICMPV6):
+        # requester first: type, requester, responder, identifier, 2 bytes of zero
+        size = (len(key) - 6) // 2
+        pkt.icmp_type, pkt.icmp_code = key[1], 0
+        pkt.src, pkt.dst = key[2 : 2 + size], key[2 + size : 2 + 2 * size]
+        pkt.icmp_id = int.from_bytes(key[2 + 2 * size : 4 + 2 * size], "big")
+    else:
+        size = (len(key) - 1) // 2
+        a, b = key[1 : 1 + size], key[1 + size :]
+        pkt.src, pkt.dst = (a, b) if flow.orig_a else (b, a)
+    family = _ADDR_LEN_FAMILY.get(size)
+    if family is None or len(pkt.src) != size or len(pkt.dst) != size:
+        return None
+    pkt.family = family
+    return pkt
+
+
 class Conntrack:
     """Bounded flow table.  `track()` classifies a packet; `confirm()` inserts a new flow once
     the policy accepted its first packet (as the kernel confirms only accepted conntracks)."""
@@ -143,8 +179,8 @@ class Conntrack:
     def __len__(self) -> int:
         return len(self._flows)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(self._flows.values()))
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(list(self._flows.values()))  # a copy: callers may remove flows while iterating
 
     def get(self, key: bytes) -> Flow | None:
         return self._flows.get(key)
@@ -171,7 +207,7 @@ class Conntrack:
         key, is_a = keyed
         flow = self._flows.get(key)
         if flow is not None and flow.deadline <= now:
-            self._remove(flow)
+            self.remove(flow)
             self.expired += 1
             flow = None
         if flow is None:
@@ -235,12 +271,12 @@ class Conntrack:
                 flow.deadline = now + timeout
             return self._answer(Ct.INVALID, result.reason)
         if kind == REOPEN:
-            self._remove(flow)
+            self.remove(flow)
             keyed = flow_key(pkt)
             assert keyed is not None
             return self._new(pkt, keyed[0], keyed[1], now)
         if kind == KILL:
-            self._remove(flow)
+            self.remove(flow)
             self._out.flow = None
             return self._answer(Ct.ESTABLISHED, "established: RST before any reply (flow removed)")
         state = self._state_of(flow, direction)
@@ -324,7 +360,7 @@ class Conntrack:
         if not unassured:
             return False
         victim = self._flows[next(iter(unassured))]
-        self._remove(victim)
+        self.remove(victim)
         self.early_drops += 1
         return True
 
@@ -332,20 +368,17 @@ class Conntrack:
         flow.assured = True
         self._unassured.pop(flow.key, None)
 
-    def _remove(self, flow: Flow) -> None:
+    def remove(self, flow: Flow) -> None:
         if self._flows.get(flow.key) is flow:
             del self._flows[flow.key]
             self._unassured.pop(flow.key, None)
-
-    def remove(self, flow: Flow) -> None:
-        self._remove(flow)
 
     def _expire(self, item: object) -> bool:
         flow = item
         assert isinstance(flow, Flow)
         if self._flows.get(flow.key) is not flow:
             return False
-        self._remove(flow)
+        self.remove(flow)
         self.expired += 1
         return True
 

@@ -11,7 +11,7 @@ from collections import Counter
 
 from nfqfw.core.conntrack import Conntrack, Flow
 from nfqfw.core.decode import decode
-from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
+from nfqfw.core.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 
@@ -93,10 +93,8 @@ class Engine:
         side, to_gateway, from_gateway = self.classify(pkt, meta)
         decision = self.policy.match(side, pkt, to_gateway, from_gateway, meta.in_iface, meta.out_iface, now)
         action = decision.action
+        # ICMP errors never get here (conntrack makes them RELATED or INVALID): no reply to an error.
         reject_with = reject_kind(pkt) if action is Action.REJECT else None
-        if reject_with is not None and pkt.proto in (PROTO_ICMP, PROTO_ICMPV6) and pkt.inner is not None:
-            reject_with = None  # never answer an ICMP error with one
-            action = Action.DROP
         return self._make(action, ct, decision.rule, decision.reason, decision.log, reject_with)
 
     def classify(self, pkt: Packet, meta: Meta) -> tuple[str, bool, bool]:

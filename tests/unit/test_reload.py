@@ -10,10 +10,11 @@ import pytest
 
 from nfqfw.core.build import addr, icmp, ipv4, ipv6, tcp, udp
 from nfqfw.core.config import load_policy, parse_policy
+from nfqfw.core.conntrack import first_packet
 from nfqfw.core.engine import Engine
 from nfqfw.core.packet import PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN
 from nfqfw.core.policy import CompiledPolicy
-from nfqfw.core.recheck import first_packet, recheck, stale_flows
+from nfqfw.core.recheck import recheck, stale_flows
 from nfqfw.core.verdict import Action, Hook, Meta
 from nfqfw.daemon import Daemon, Options, StartupError, check_file_mode, load_policy_file
 
