@@ -12,6 +12,7 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tcp_segments import seg
 
 from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN, Packet
 from nfqfw.core.tcp import (
@@ -44,29 +45,6 @@ TW = TcpState.TIME_WAIT
 CL = TcpState.CLOSE
 S2 = TcpState.SYN_SENT2
 
-
-def seg(
-    flags: int,
-    seq: int,
-    ack: int = 0,
-    win: int = 65535,
-    length: int = 0,
-    wscale: int = -1,
-    sack_perm: bool = False,
-    mss: int = 0,
-) -> Packet:
-    pkt = Packet()
-    pkt.family = 4
-    pkt.proto = 6
-    pkt.tcp_flags = flags
-    pkt.seq = seq & 0xFFFFFFFF
-    pkt.ack = ack & 0xFFFFFFFF
-    pkt.window = win
-    pkt.payload_len = length
-    pkt.wscale = wscale
-    pkt.sack_perm = sack_perm
-    pkt.mss = mss
-    return pkt
 
 
 def ok(state: TcpState, timeout: float | None, assure: bool = False) -> TcpResult:

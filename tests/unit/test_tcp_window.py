@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from tcp_segments import seg
 
 from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN, Packet
 from nfqfw.core.tcp_states import FLAG_CLASS_BY_FLAGS, IGNORE, INVALID, FlagClass, TcpResult, TcpState
@@ -30,29 +31,6 @@ ORIG, REPLY = 0, 1
 C_ISN = 1000  # client initial sequence number
 S_ISN = 5000  # server initial sequence number
 
-
-def seg(
-    flags: int,
-    seq: int,
-    ack: int = 0,
-    win: int = 65535,
-    length: int = 0,
-    wscale: int = -1,
-    sack_perm: bool = False,
-    sack: tuple[tuple[int, int], ...] = (),
-) -> Packet:
-    pkt = Packet()
-    pkt.family = 4
-    pkt.proto = 6
-    pkt.tcp_flags = flags
-    pkt.seq = seq & 0xFFFFFFFF
-    pkt.ack = ack & 0xFFFFFFFF
-    pkt.window = win
-    pkt.payload_len = length
-    pkt.wscale = wscale
-    pkt.sack_perm = sack_perm
-    pkt.sack = sack
-    return pkt
 
 
 def check(w: TcpWindow, pkt: Packet, direction: int, state: int = TcpState.ESTABLISHED) -> TcpResult | None:
