@@ -1,10 +1,17 @@
-"""Engine packets/s over a synthetic traffic mix, and `nfqfw replay` wall time over a pcap of it.
+"""Engine packets/s over synthetic traffic, and `nfqfw replay` wall time over a pcap of it.
 
-The mix, per "round" of flows: TCP flows from the LAN to the outside (handshake, a few data
-segments each way with their ACKs, FIN/ACK close), UDP request/reply pairs and ICMP echo
-request/reply pairs. Packets are built once up front; only Engine.process is timed.
+Two mixes; packets are built once up front and only Engine.process is timed.
 
-    .venv/bin/python bench/replay_speed.py [--flows N] [--no-replay] [--profile]
+- mixed, per "round" of flows: TCP flows from the LAN to the outside (handshake, a few data
+  segments each way with their ACKs, FIN/ACK close), UDP request/reply pairs and ICMP echo
+  request/reply pairs;
+- bulk: 64 TCP connections as a Linux sender makes them (SYN options, timestamps on every
+  segment), each then carrying `--segments` 1448-byte data segments with an ACK every second
+  segment (delayed ACK), all interleaved: what an iperf3 transfer puts through a gateway.
+
+    .venv/bin/python bench/replay_speed.py [--flows N] [--segments N] [--full-path] [--no-replay] [--profile]
+
+--full-path turns the engine's fast path (core.fastpath) off, to compare.
 """
 
 from __future__ import annotations
@@ -86,6 +93,52 @@ def icmp_pair(client: bytes, server: bytes, ident: int) -> list[Packet]:
     ]
 
 
+def bulk_flow(client: bytes, server: bytes, sport: int, segments: int) -> list[Packet]:
+    """A Linux-like bulk transfer client -> server: SYN/SYN-ACK with MSS, SACK-permitted,
+    timestamps and window scale; NOP, NOP, timestamps on every later segment; 1448-byte data
+    segments, the server ACKing every second one (window 3000 << 7)."""
+    c_seq, s_seq, ts = 1_000_000, 7_000_000, 100
+
+    def stamp() -> bytes:
+        return b"\x01\x01" + build.timestamp_option(ts, ts)
+
+    syn_options = (
+        build.mss_option(1460) + build.sack_perm_option() + stamp() + b"\x01" + build.wscale_option(7)
+    )
+
+    def seg(
+        forward: bool, seq: int, ack: int, flags: int, window: int, options: bytes, size: int = 0
+    ) -> Packet:
+        src, dst, sp, dp = (client, server, sport, 5201) if forward else (server, client, 5201, sport)
+        data = build.tcp(src, dst, sp, dp, seq, ack, flags, window, options, BULK_PAYLOAD[:size])
+        return (build.ipv4(src, dst, 6, data), forward)
+
+    pkts = [
+        seg(True, c_seq, 0, SYN, 64240, syn_options),
+        seg(False, s_seq, c_seq + 1, SYN | ACK, 65160, syn_options),
+    ]
+    c_seq, s_seq = c_seq + 1, s_seq + 1
+    pkts.append(seg(True, c_seq, s_seq, ACK, 502, stamp()))
+    for n in range(segments):
+        ts += 1
+        pkts.append(seg(True, c_seq, s_seq, ACK | PSH, 502, stamp(), 1448))
+        c_seq += 1448
+        if n % 2:
+            pkts.append(seg(False, s_seq, c_seq, ACK, 3000, stamp()))
+    return pkts
+
+
+BULK_PAYLOAD = b"b" * 1448
+
+
+def bulk_mix(segments: int, connections: int = 64) -> list[Packet]:
+    """`connections` bulk transfers of `segments` data segments each, interleaved packet by packet."""
+    client, server = build.addr("10.0.0.25"), build.addr("203.0.113.10")
+    flows = [bulk_flow(client, server, 40000 + i, segments) for i in range(connections)]
+    depth = max(len(f) for f in flows)
+    return [f[k] for k in range(depth) for f in flows if k < len(f)]
+
+
 def synthetic_mix(flows: int) -> list[Packet]:
     """`flows` TCP flows plus as many UDP pairs and ICMP pairs, interleaved in rounds of 64."""
     client_base, server_base = build.addr("10.0.0.0"), build.addr("203.0.113.0")
@@ -109,12 +162,12 @@ def synthetic_mix(flows: int) -> list[Packet]:
     return packets
 
 
-def new_engine() -> Engine:
-    return Engine(CompiledPolicy(load_policy(str(POLICY))))
+def new_engine(fast_path: bool = True) -> Engine:
+    return Engine(CompiledPolicy(load_policy(str(POLICY))), fast_path=fast_path)
 
 
-def time_engine(packets: list[Packet]) -> dict[str, object]:
-    engine = new_engine()
+def time_engine(packets: list[Packet], fast_path: bool = True) -> dict[str, object]:
+    engine = new_engine(fast_path)
     process = engine.process
     metas = [OUT if forward else BACK for _, forward in packets]
     datas = [data for data, _ in packets]
@@ -169,27 +222,33 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--flows", type=int, default=4000, help="TCP flows (plus as many UDP and ICMP pairs)")
+    parser.add_argument("--segments", type=int, default=1500, help="data segments per bulk connection")
+    parser.add_argument("--full-path", action="store_true", help="turn the engine's fast path off")
     parser.add_argument("--no-replay", action="store_true", help="skip the `nfqfw replay` measurement")
     parser.add_argument("--profile", action="store_true", help="cProfile Engine.process, print the top 25")
     args = parser.parse_args()
+    fast = not args.full_path
     packets = synthetic_mix(args.flows)
+    bulk = bulk_mix(args.segments)
     result: dict[str, object] = {
         "mix": f"{args.flows} TCP flows ({len(tcp_flow(b'1234', b'5678', 1))} pkts each)"
-        f" + {args.flows} UDP pairs + {args.flows} ICMP echo pairs"
+        f" + {args.flows} UDP pairs + {args.flows} ICMP echo pairs",
+        "bulk": f"64 TCP connections x {args.segments} data segments, ACK every second one",
+        "fast_path": fast,
     }
-    time_engine(packets[:2000])  # warm-up
-    result["engine"] = time_engine(packets)
-    print(
-        f"engine.process: {result['engine']['pps']:,} packets/s "  # type: ignore[index]
-        f"({result['engine']['packets']} packets in {result['engine']['seconds']} s)"
-    )  # type: ignore[index]
-    print(f"  verdicts: {result['engine']['verdicts']}")  # type: ignore[index]
+    time_engine(packets[:2000], fast)  # warm-up
+    for name, mix in (("engine", packets), ("engine_bulk", bulk)):
+        timed = result[name] = time_engine(mix, fast)
+        label = "engine.process" if name == "engine" else "engine.process, bulk TCP"
+        print(f"{label}: {timed['pps']:,} packets/s ({timed['packets']} packets in {timed['seconds']} s)")
+        print(f"  verdicts: {timed['verdicts']}")
     if args.profile:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        time_engine(packets)
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        for mix in (packets, bulk):
+            profiler = cProfile.Profile()
+            profiler.enable()
+            time_engine(mix, fast)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     replay_ok = (ROOT / "nfqfw" / "commands" / "replay.py").exists() and (
         ROOT / "nfqfw" / "capture.py"
     ).exists()

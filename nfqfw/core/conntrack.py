@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterator
 
 from nfqfw.core.expiry import ExpiryWheel
+from nfqfw.core.flowtable import ASSURED, IS_TCP, NO_SLOT, ORIG_A, SEEN_REPLY, Flow, FlowTable
 from nfqfw.core.packet import (
     FRAG_LATER,
     PROTO_ICMP,
@@ -23,14 +24,14 @@ from nfqfw.core.packet import (
     SYN,
     Packet,
 )
-from nfqfw.core.tcp import TcpConn, tcp_new, tcp_packet
+from nfqfw.core.tcp import tcp_new, tcp_packet
 from nfqfw.core.tcp_states import (
     IGNORE,
     INVALID,
+    KERNEL_TIMEOUTS,
     KILL,
     REOPEN,
     SHRINK_MIN_REMAINING,
-    STATE_NAMES,
 )
 from nfqfw.core.verdict import Ct, Direction
 
@@ -57,47 +58,22 @@ _PORT = struct.Struct("!H").pack
 _PORTS = struct.Struct("!HH").pack
 
 
-class Flow:
-    """One tracked connection.  Kept small: it is multiplied by max_flows."""
-
-    __slots__ = ("assured", "created", "deadline", "key", "meta", "orig_a", "rule", "seen_reply", "tcp")
-
-    def __init__(self, key: bytes, orig_a: bool, now: float) -> None:
-        self.key = key
-        self.orig_a = orig_a  # True when the originator's endpoint sorts first in the key
-        self.created = now
-        self.deadline = now
-        self.assured = False
-        self.seen_reply = False
-        self.tcp: TcpConn | None = None
-        self.rule: str | None = None  # what admitted the flow: "rule mail" / "default egress"
-        self.meta: object = None  # the Meta of the first packet (interned by the adapter)
-
-    @property
-    def proto(self) -> int:
-        return self.key[0]
-
-    @property
-    def state_name(self) -> str:
-        if self.tcp is not None:
-            return STATE_NAMES[self.tcp.state]
-        return "ASSURED" if self.assured else ("REPLIED" if self.seen_reply else "UNREPLIED")
-
-    def __repr__(self) -> str:
-        return f"<Flow proto={self.proto} {self.state_name} deadline={self.deadline:.1f}>"
-
-
 class Tracked:
     """The conntrack answer for one packet (reused: one per Conntrack, not per packet)."""
 
-    __slots__ = ("ct", "direction", "flow", "new", "reason")
+    __slots__ = ("_table", "ct", "direction", "new", "reason", "slot")
 
-    def __init__(self) -> None:
+    def __init__(self, table: FlowTable) -> None:
+        self._table = table
         self.ct: Ct = Ct.INVALID
-        self.flow: Flow | None = None
+        self.slot = NO_SLOT  # the packet's flow, NO_SLOT when it has none
         self.new = False  # the flow is not in the table yet: confirm() it if the packet is accepted
         self.direction: int = ORIGINAL
         self.reason = ""
+
+    @property
+    def flow(self) -> Flow | None:
+        return None if self.slot == NO_SLOT else self._table.handle(self.slot)
 
 
 def flow_key(pkt: Packet) -> tuple[bytes, bool] | None:
@@ -164,34 +140,48 @@ def first_packet(flow: Flow) -> Packet | None:
 
 class Conntrack:
     """Bounded flow table.  `track()` classifies a packet; `confirm()` inserts a new flow once
-    the policy accepted its first packet (as the kernel confirms only accepted conntracks)."""
+    the policy accepted its first packet (as the kernel confirms only accepted conntracks).
+
+    Flows live in `table` (core.flowtable), one slot each; `_slots` maps a flow key to its slot.
+    A new flow gets a slot at once (its *pending* slot) and is entered in `_slots` on
+    confirmation; a pending flow that is not confirmed before the next track() is freed."""
 
     def __init__(self, max_flows: int = DEFAULT_MAX_FLOWS, loose: bool = False) -> None:
         self.max_flows = max_flows
         self.loose = loose
-        self._flows: dict[bytes, Flow] = {}
-        self._unassured: dict[bytes, None] = {}  # insertion-ordered: the early-drop candidates
-        self._wheel = ExpiryWheel()
-        self._out = Tracked()
+        self.tcp_timeouts = KERNEL_TIMEOUTS
+        self.table = FlowTable()
+        self._slots: dict[bytes, int] = {}
+        self._pending = NO_SLOT
+        self._oldest = NO_SLOT  # the not-ASSURED confirmed flows, oldest first: early-drop order
+        self._newest = NO_SLOT
+        # Filed by key object: a flow removed and tracked again gets a new key object, so an
+        # old entry is recognised (the slot's key is not the filed object) and skipped.
+        self._wheel = ExpiryWheel(self._deadline_of)
+        self._out = Tracked(self.table)
         self.expired = 0
         self.early_drops = 0
 
     def __len__(self) -> int:
-        return len(self._flows)
+        return len(self._slots)
 
     def __iter__(self) -> Iterator[Flow]:
-        return iter(list(self._flows.values()))  # a copy: callers may remove flows while iterating
+        handle = self.table.handle
+        return iter([handle(slot) for slot in self._slots.values()])  # a list: callers may remove flows
 
     def get(self, key: bytes) -> Flow | None:
-        return self._flows.get(key)
+        slot = self._slots.get(key)
+        return None if slot is None else self.table.handle(slot)
 
     # -- per packet ------------------------------------------------------------------------
     def track(self, pkt: Packet, now: float) -> Tracked:
+        if self._pending != NO_SLOT:
+            self._free(self._pending)
         due = self._wheel.next_due()
         if due is not None and due <= now:
             self._wheel.sweep(now, self._expire)
         out = self._out
-        out.flow = None
+        out.slot = NO_SLOT
         out.new = False
         out.direction = ORIGINAL
         if pkt.frag == FRAG_LATER:
@@ -205,22 +195,24 @@ class Conntrack:
         if keyed is None:  # pragma: no cover - every non-query ICMP type was handled above
             return self._answer(Ct.INVALID, "icmp: no flow for this type")
         key, is_a = keyed
-        flow = self._flows.get(key)
-        if flow is not None and flow.deadline <= now:
-            self.remove(flow)
+        table = self.table
+        slot = self._slots.get(key)
+        if slot is not None and table.deadline[slot] <= now:
+            self._remove(slot)
             self.expired += 1
-            flow = None
-        if flow is None:
+            slot = None
+        if slot is None:
             return self._new(pkt, key, is_a, now)
+        bits = table.bits[slot]
         if proto in (PROTO_ICMP, PROTO_ICMPV6):
             direction = ORIGINAL if is_a else REPLY
         else:
-            direction = ORIGINAL if is_a == flow.orig_a else REPLY
-        out.flow = flow
+            direction = ORIGINAL if is_a == bool(bits & ORIG_A) else REPLY
+        out.slot = slot
         out.direction = direction
-        if flow.tcp is not None:
-            return self._tcp(flow, pkt, direction, now)
-        return self._stateless(flow, direction, now)
+        if bits & IS_TCP:
+            return self._tcp(slot, bits, pkt, direction, now)
+        return self._stateless(slot, bits, direction, now)
 
     def _answer(self, ct: Ct, reason: str) -> Tracked:
         out = self._out
@@ -228,87 +220,93 @@ class Conntrack:
         out.reason = reason
         return out
 
-    def _state_of(self, flow: Flow, direction: int) -> Tracked:
+    def _state_of(self, bits: int, direction: int) -> Tracked:
         # As the kernel's ctinfo: before any reply, the originator's packets are still NEW.
-        if direction == ORIGINAL and not flow.seen_reply:
+        if direction == ORIGINAL and not bits & SEEN_REPLY:
             return self._answer(Ct.NEW, "new")
         return self._answer(Ct.ESTABLISHED, "established")
 
     def _new(self, pkt: Packet, key: bytes, is_a: bool, now: float) -> Tracked:
         out = self._out
         proto = pkt.proto
-        flow = Flow(key, is_a, now)
         if proto == PROTO_TCP:
             conn = tcp_new(pkt, self.loose)
             if isinstance(conn, str):
                 return self._answer(Ct.INVALID, conn)
-            flow.tcp = conn
-            result = tcp_packet(conn, pkt, ORIGINAL, False)
+            result = tcp_packet(conn, pkt, ORIGINAL, False, self.tcp_timeouts)
             if result.kind == INVALID:
                 return self._answer(Ct.INVALID, result.reason)
-            flow.deadline = now + (result.timeout if result.timeout is not None else 120.0)
+            timeout = result.timeout if result.timeout is not None else 120.0
         elif proto == PROTO_UDP:
-            flow.deadline = now + UDP_UNREPLIED
+            timeout = UDP_UNREPLIED
         elif proto in (PROTO_ICMP, PROTO_ICMPV6):
             if not is_a:
                 return self._answer(Ct.INVALID, "icmp: reply without a request")
-            flow.deadline = now + ICMP_TIMEOUT
+            timeout = ICMP_TIMEOUT
         else:
-            flow.deadline = now + OTHER_TIMEOUT
-        out.flow = flow
+            timeout = OTHER_TIMEOUT
+        table = self.table
+        slot = self._pending = table.alloc(key, is_a, now)
+        table.deadline[slot] = now + timeout
+        if proto == PROTO_TCP:
+            table.store_tcp(slot, conn)
+        out.slot = slot
         out.new = True
         out.direction = ORIGINAL
         return self._answer(Ct.NEW, "new")
 
-    def _tcp(self, flow: Flow, pkt: Packet, direction: int, now: float) -> Tracked:
-        conn = flow.tcp
-        assert conn is not None
-        result = tcp_packet(conn, pkt, direction, flow.seen_reply)
+    def _tcp(self, slot: int, bits: int, pkt: Packet, direction: int, now: float) -> Tracked:
+        table = self.table
+        conn = table.load_tcp(slot)
+        result = tcp_packet(conn, pkt, direction, bool(bits & SEEN_REPLY), self.tcp_timeouts)
         kind = result.kind
-        if kind == INVALID:
-            timeout = result.timeout
-            if timeout is not None and flow.deadline - now > max(timeout, SHRINK_MIN_REMAINING):
-                flow.deadline = now + timeout
-            return self._answer(Ct.INVALID, result.reason)
         if kind == REOPEN:
-            self.remove(flow)
+            self._remove(slot)
             keyed = flow_key(pkt)
             assert keyed is not None
             return self._new(pkt, keyed[0], keyed[1], now)
         if kind == KILL:
-            self.remove(flow)
-            self._out.flow = None
+            self._remove(slot)
+            self._out.slot = NO_SLOT
             return self._answer(Ct.ESTABLISHED, "established: RST before any reply (flow removed)")
-        state = self._state_of(flow, direction)
+        table.store_tcp(slot, conn)
+        if kind == INVALID:
+            timeout = result.timeout
+            if timeout is not None and table.deadline[slot] - now > max(timeout, SHRINK_MIN_REMAINING):
+                table.deadline[slot] = now + timeout
+            return self._answer(Ct.INVALID, result.reason)
+        state = self._state_of(bits, direction)
         if direction == REPLY:
-            flow.seen_reply = True
+            table.bits[slot] = bits | SEEN_REPLY
         if kind != IGNORE and result.timeout is not None:
-            flow.deadline = now + result.timeout
-        if result.assure and not flow.assured:
-            self._assure(flow)
+            table.deadline[slot] = now + result.timeout
+        if result.assure and not bits & ASSURED:
+            self._assure(slot)
         return state
 
-    def _stateless(self, flow: Flow, direction: int, now: float) -> Tracked:
-        state = self._state_of(flow, direction)
-        proto = flow.key[0]
+    def _stateless(self, slot: int, bits: int, direction: int, now: float) -> Tracked:
+        table = self.table
+        state = self._state_of(bits, direction)
+        proto = table.keys[slot][0]  # type: ignore[index]
         if direction == REPLY:
-            flow.seen_reply = True
+            bits |= SEEN_REPLY
+            table.bits[slot] = bits
         if proto == PROTO_UDP:
-            if flow.seen_reply:
-                if now > flow.created + UDP_STREAM_AFTER:
-                    flow.deadline = now + UDP_REPLIED
-                    if not flow.assured:
-                        self._assure(flow)
+            if bits & SEEN_REPLY:
+                if now > table.created[slot] + UDP_STREAM_AFTER:
+                    table.deadline[slot] = now + UDP_REPLIED
+                    if not bits & ASSURED:
+                        self._assure(slot)
                 else:
-                    flow.deadline = now + UDP_UNREPLIED
+                    table.deadline[slot] = now + UDP_UNREPLIED
             else:
-                flow.deadline = now + UDP_UNREPLIED
+                table.deadline[slot] = now + UDP_UNREPLIED
         elif proto in (PROTO_ICMP, PROTO_ICMPV6):
-            flow.deadline = now + ICMP_TIMEOUT
+            table.deadline[slot] = now + ICMP_TIMEOUT
         else:
-            flow.deadline = now + OTHER_TIMEOUT
-            if flow.seen_reply and not flow.assured:
-                self._assure(flow)
+            table.deadline[slot] = now + OTHER_TIMEOUT
+            if bits & SEEN_REPLY and not bits & ASSURED:
+                self._assure(slot)
         return state
 
     def _icmp_special(self, pkt: Packet) -> Tracked | None:
@@ -335,50 +333,127 @@ class Conntrack:
         if inner is None:
             return self._answer(Ct.INVALID, "icmp error: no embedded header")
         keyed = flow_key(inner)
-        flow = self._flows.get(keyed[0]) if keyed is not None else None
-        if flow is None:
+        slot = self._slots.get(keyed[0]) if keyed is not None else None
+        if slot is None:
             return self._answer(Ct.INVALID, "icmp error: embedded header matches no flow")
         if pkt.dst != inner.src:
             return self._answer(Ct.INVALID, "icmp error: outer destination is not the flow's endpoint")
-        self._out.flow = flow
+        self._out.slot = slot
         return self._answer(Ct.RELATED, "related")
 
     # -- table management ------------------------------------------------------------------
     def confirm(self, flow: Flow) -> bool:
-        """Insert a new flow; evict a not-ASSURED flow when full (early drop).  False when the
-        table is full of ASSURED flows: the packet must be dropped."""
-        flows = self._flows
-        if len(flows) >= self.max_flows and not self._early_drop():
+        """Insert a new flow: the pending one of the last track(), or a detached Flow (made by
+        Flow(); its row is copied in and the handle attached).  Evicts a not-ASSURED flow when
+        full (early drop).  False when the table is full of ASSURED flows: the packet must be
+        dropped."""
+        table = self.table
+        if flow._table is table:
+            if flow._slot != self._pending:
+                raise ValueError("confirm: the flow is not the pending one of the last track()")
+            return self.confirm_pending(flow.rule, flow.meta)
+        if not self._make_room():
             return False
-        flows[flow.key] = flow
-        self._unassured[flow.key] = None
-        self._wheel.file(flow)
+        slot = table.alloc(b"", False, 0.0)
+        table.copy_row(flow._table, flow._slot, slot)
+        flow._table, flow._slot = table, slot
+        table.handles[slot] = flow
+        self._insert(slot)
         return True
 
-    def _early_drop(self) -> bool:
-        unassured = self._unassured
-        if not unassured:
+    def confirm_pending(self, rule: str | None, meta: object) -> bool:
+        """Insert the flow the last track() answered NEW for (the engine's accept path)."""
+        slot = self._pending
+        if slot == NO_SLOT:
+            raise ValueError("confirm: no pending flow")
+        if not self._make_room():
             return False
-        victim = self._flows[next(iter(unassured))]
-        self.remove(victim)
+        self._pending = NO_SLOT
+        table = self.table
+        table.rule[slot] = rule
+        table.meta[slot] = meta
+        self._insert(slot)
+        return True
+
+    def _insert(self, slot: int) -> None:
+        table = self.table
+        key = table.keys[slot]
+        assert key is not None
+        self._slots[key] = slot
+        if not table.bits[slot] & ASSURED:
+            self._link(slot)
+        self._wheel.file(key)
+
+    def _make_room(self) -> bool:
+        return len(self._slots) < self.max_flows or self._early_drop()
+
+    def _early_drop(self) -> bool:
+        victim = self._oldest
+        if victim == NO_SLOT:
+            return False
+        self._remove(victim)
         self.early_drops += 1
         return True
 
-    def _assure(self, flow: Flow) -> None:
-        flow.assured = True
-        self._unassured.pop(flow.key, None)
+    def _assure(self, slot: int) -> None:
+        self.table.bits[slot] |= ASSURED
+        self._unlink(slot)
+
+    def _link(self, slot: int) -> None:
+        """Append a confirmed, not-ASSURED flow to the early-drop list."""
+        table = self.table
+        newest = self._newest
+        table.older[slot] = newest
+        table.newer[slot] = NO_SLOT
+        if newest == NO_SLOT:
+            self._oldest = slot
+        else:
+            table.newer[newest] = slot
+        self._newest = slot
+
+    def _unlink(self, slot: int) -> None:
+        table = self.table
+        older, newer = table.older[slot], table.newer[slot]
+        if older == NO_SLOT:
+            if self._oldest != slot:
+                return  # not in the list (ASSURED, or never confirmed)
+            self._oldest = newer
+        else:
+            table.newer[older] = newer
+        if newer == NO_SLOT:
+            self._newest = older
+        else:
+            table.older[newer] = older
+        table.older[slot] = table.newer[slot] = NO_SLOT
 
     def remove(self, flow: Flow) -> None:
-        if self._flows.get(flow.key) is flow:
-            del self._flows[flow.key]
-            self._unassured.pop(flow.key, None)
+        """Take a flow out of the table (its handle keeps the flow's last values)."""
+        if flow._table is self.table and self._slots.get(flow.key) == flow._slot:
+            self._remove(flow._slot)
 
-    def _expire(self, item: object) -> bool:
-        flow = item
-        assert isinstance(flow, Flow)
-        if self._flows.get(flow.key) is not flow:
+    def _remove(self, slot: int) -> None:
+        key = self.table.keys[slot]
+        assert key is not None
+        del self._slots[key]
+        self._unlink(slot)
+        self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        if slot == self._pending:
+            self._pending = NO_SLOT
+        self.table.free(slot)
+
+    def _deadline_of(self, key: object) -> float | None:
+        slot = self._slots.get(key)  # type: ignore[call-overload]
+        if slot is None or self.table.keys[slot] is not key:
+            return None  # removed since it was filed
+        return self.table.deadline[slot]
+
+    def _expire(self, key: object) -> bool:
+        slot = self._slots.get(key)  # type: ignore[call-overload]
+        if slot is None or self.table.keys[slot] is not key:
             return False
-        self.remove(flow)
+        self._remove(slot)
         self.expired += 1
         return True
 
@@ -387,6 +462,8 @@ class Conntrack:
         self._wheel.sweep(now, self._expire)
 
     def clear(self) -> None:
-        self._flows.clear()
-        self._unassured.clear()
+        for slot in list(self._slots.values()):
+            self._remove(slot)
+        if self._pending != NO_SLOT:
+            self._free(self._pending)
         self._wheel.clear()

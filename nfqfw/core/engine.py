@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from nfqfw.core.conntrack import Conntrack, Flow
+from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
+from nfqfw.core.fastpath import make_fast_path
 from nfqfw.core.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
@@ -30,11 +31,19 @@ def reject_kind(pkt: Packet) -> str:
     return "icmp-admin-prohibited"
 
 
+def _never(data: bytes | bytearray | memoryview, now: float) -> bool:
+    return False
+
+
 class Engine:
-    def __init__(self, policy: CompiledPolicy, local_addresses: frozenset[bytes] | None = None) -> None:
+    def __init__(
+        self, policy: CompiledPolicy, local_addresses: frozenset[bytes] | None = None, fast_path: bool = True
+    ) -> None:
         options = policy.config.options
         self.policy = policy
         self.conntrack = Conntrack(max_flows=options.max_flows, loose=options.tcp_pickup_loose)
+        # fast_path=False: every packet takes the full path (the differential tests compare both)
+        self._fast = make_fast_path(self.conntrack) if fast_path else _never
         self.local_addresses = local_addresses or policy.gateway_addresses
         self._counters: Counter[str] = Counter()
         self.established = 0  # the hot path counts here, folded into `counters` on read
@@ -60,6 +69,9 @@ class Engine:
     # -- per packet ------------------------------------------------------------------------
     def process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
         try:
+            if self._fast(data, now):
+                self.established += 1
+                return ESTABLISHED
             pkt = decode(data)
             if pkt.malformed is not None:
                 return self._count(self._invalid(pkt.malformed))
@@ -75,17 +87,14 @@ class Engine:
             if ct is Ct.UNTRACKED and pkt.proto == PROTO_ICMPV6 and pkt.frag == 0:
                 return self._count(self._neighbour_discovery(meta))
             verdict = self._decide(pkt, meta, ct, now)
-            flow = tracked.flow
-            if tracked.new and flow is not None and verdict.action is Action.ACCEPT:
-                verdict = self._confirm(flow, meta, verdict)
+            if tracked.new and verdict.action is Action.ACCEPT:
+                verdict = self._confirm(meta, verdict)
             return self._count(verdict)
         except Exception as error:  # a bug must never take the firewall down: drop and say why
             return self._count(self._make(Action.DROP, Ct.INVALID, None, f"internal error: {error!r}"[:200]))
 
-    def _confirm(self, flow: Flow, meta: Meta, verdict: Verdict) -> Verdict:
-        flow.rule = verdict.reason
-        flow.meta = meta
-        if self.conntrack.confirm(flow):
+    def _confirm(self, meta: Meta, verdict: Verdict) -> Verdict:
+        if self.conntrack.confirm_pending(verdict.reason, meta):
             return verdict
         return self._make(Action.DROP, Ct.NEW, None, "conntrack table full")
 

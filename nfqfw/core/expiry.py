@@ -1,32 +1,40 @@
 """Ordered expiry of flows: one-second buckets keyed by deadline, visited in order.
 
-A flow is filed once, in the bucket of the deadline it had when filed.  Refreshing a
-flow only moves its `deadline` field; when its old bucket comes due the flow is
-re-filed (still alive) or expired.  So each packet costs O(1) and each flow is looked
-at about once per timeout period -- no periodic full scans of the table.
+An item is filed once, in the bucket of the deadline it had when filed.  Refreshing it only
+moves its deadline; when its old bucket comes due the item is re-filed (still alive) or
+expired.  So each packet costs O(1) and each flow is looked at about once per timeout
+period -- no periodic full scans of the table.
+
+`deadline_of(item)` reads an item's current deadline (by default its `deadline` attribute);
+it returns None for an item that is gone already, which is then dropped without a visit.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from typing import Protocol
+from operator import attrgetter
+from typing import Any
 
-
-class Expiring(Protocol):
-    deadline: float
+DeadlineOf = Callable[[Any], "float | None"]
 
 
 class ExpiryWheel:
-    __slots__ = ("_buckets", "_due")
+    __slots__ = ("_buckets", "_deadline_of", "_due")
 
-    def __init__(self) -> None:
-        self._buckets: dict[int, list[Expiring]] = {}
+    def __init__(self, deadline_of: DeadlineOf = attrgetter("deadline")) -> None:
+        self._buckets: dict[int, list[Any]] = {}
         self._due: list[int] = []  # heap of the seconds that have a bucket
+        self._deadline_of = deadline_of
 
-    def file(self, item: Expiring) -> None:
+    def file(self, item: Any) -> None:
         """Remember `item` until its current deadline comes due."""
-        second = int(item.deadline) + 1  # ceil-ish: the bucket is swept only once its second has fully passed
+        deadline = self._deadline_of(item)
+        if deadline is not None:
+            self._file_at(item, deadline)
+
+    def _file_at(self, item: Any, deadline: float) -> None:
+        second = int(deadline) + 1  # ceil-ish: the bucket is swept only once its second has fully passed
         bucket = self._buckets.get(second)
         if bucket is None:
             bucket = self._buckets[second] = []
@@ -36,15 +44,19 @@ class ExpiryWheel:
     def next_due(self) -> int | None:
         return self._due[0] if self._due else None
 
-    def sweep(self, now: float, expire: Callable[[Expiring], bool]) -> None:
+    def sweep(self, now: float, expire: Callable[[Any], bool]) -> None:
         """Visit every bucket whose second has passed; `expire(item)` returns False for an item
         that is gone already (skipped).  Items whose deadline moved on are re-filed."""
         due = self._due
+        deadline_of = self._deadline_of
         while due and due[0] <= now:
             bucket = self._buckets.pop(heapq.heappop(due))
             for item in bucket:
-                if item.deadline > now:
-                    self.file(item)
+                deadline = deadline_of(item)
+                if deadline is None:
+                    continue
+                if deadline > now:
+                    self._file_at(item, deadline)
                 else:
                     expire(item)
 

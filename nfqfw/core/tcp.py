@@ -30,6 +30,7 @@ from nfqfw.core.tcp_states import (
     KILL,
     MAX_RETRANS,
     REOPEN,
+    STATE_COUNT,
     STATE_NAMES,
     T_CLOSE,
     T_KEEP,
@@ -94,6 +95,7 @@ __all__ = [
     "TcpTimeouts",
     "flag_class",
     "invalid_flags_reason",
+    "steady_states",
     "tcp_new",
     "tcp_packet",
     "tcp_timeouts",
@@ -319,6 +321,16 @@ _HOOKS: tuple[Hook | None, ...] = (
     _invalid,  # sIV
     _ignored,  # sIG
 )
+
+
+def steady_states(index: int) -> frozenset[int]:
+    """The states a packet of flag class `index` keeps, in both directions, with no special
+    case: read off the table, for the fast path (core.fastpath) to handle exactly those."""
+    return frozenset(
+        state
+        for state in range(STATE_COUNT)
+        if _HOOKS[state] is None and all(TRANSITIONS[d][index][state] == state for d in (ORIGINAL, REPLY))
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,264 @@
+"""The fast path: a plain ACK segment of an established TCP flow, tracked straight off the bytes.
+
+Most packets of a busy gateway are data and ACK segments of established TCP connections. For
+those the full path (decode into a Packet, conntrack, the table-driven tracker) does far more
+than the packet needs. `make_fast_path(conntrack)` returns a function that handles exactly the
+common case and nothing else:
+
+- an IPv4 packet without IP options, or an IPv6 packet whose next header is TCP (no
+  extension headers), not a fragment, lengths consistent with the bytes captured;
+- a TCP header without options or with exactly NOP, NOP, timestamps (Linux's usual layout):
+  so no SACK blocks and no malformed options;
+- flags of the ACK class that are valid (`tcp_states` tables: ACK, PSH, URG, ECE, CWR);
+- a flow in the table, not past its deadline, no expiry sweep due, ASSURED, replied, in a
+  state the table keeps for an ACK in both directions without a special case
+  (`tcp.steady_states`: ESTABLISHED and CLOSE_WAIT);
+- the sender's direction seen already (its max window known) and all four window checks of
+  `tcp_window.tcp_in_window` passing.
+
+It then makes the very updates the full path would make (window data, last-packet record,
+retransmission count, last flag class and direction, the timeout chosen as
+`tcp._timeout_choice` chooses it) and returns True: the packet is ESTABLISHED. For anything
+else it returns False *before changing any state*, and the full path decides. The full path
+stays the authority; tests/unit/test_fastpath.py runs both over random and mutated TCP
+sequences and requires identical verdicts and identical flow state.
+
+Layout note: the flow key is packed here from integers with the byte layout of
+`conntrack.flow_key` (protocol, lower endpoint, higher endpoint; address then port).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from nfqfw.core.conntrack import Conntrack
+from nfqfw.core.flowtable import (
+    ASSURED,
+    IS_TCP,
+    LAST_DIR,
+    LAST_INDEX,
+    ORIG_A,
+    RETRANS,
+    SEEN_REPLY,
+    SMALL,
+    TCP_ASSURED,
+)
+from nfqfw.core.packet import PROTO_TCP, URG
+from nfqfw.core.tcp import steady_states
+from nfqfw.core.tcp_states import (
+    FLAG_CLASS_BY_FLAGS,
+    INVALID_FLAGS_RESULT,
+    MAX_RETRANS,
+    STATE_COUNT,
+    T_RETRANS,
+    T_STATE,
+    T_UNACK,
+    FlagClass,
+    TcpTimeouts,
+)
+from nfqfw.core.tcp_window import (
+    F_DATA_UNACKNOWLEDGED,
+    F_MAXACK_SET,
+    HALF,
+    MASK,
+    MAXACKWINCONST,
+    WORDS,
+)
+
+_ACK_CLASS = int(FlagClass.ACK)
+
+# Flag bytes the fast path takes: valid, and classed ACK (so no SYN, FIN or RST).
+FAST_FLAGS = frozenset(
+    flags
+    for flags in range(256)
+    if INVALID_FLAGS_RESULT[flags] is None and FLAG_CLASS_BY_FLAGS[flags] == _ACK_CLASS
+)
+assert all(flags & 0x10 and not flags & 0x07 for flags in FAST_FLAGS)
+assert URG in {flags & URG for flags in FAST_FLAGS}  # URG needs no tracking of its own
+
+# IPv4 without options + TCP: total length, flags/fragment offset, protocol, addresses, then the
+# TCP ports, seq, ack, data offset, flags, window; the _TS variants add the first 4 option bytes.
+_V4 = struct.Struct("!2xH2xHxB2xIIHHIIBBH").unpack_from
+_V4_TS = struct.Struct("!2xH2xHxB2xIIHHIIBBH4xI").unpack_from
+# IPv6 + TCP: payload length, next header, addresses as (high, low) halves, then TCP as above.
+_V6 = struct.Struct("!4xHBxQQQQHHIIBBH").unpack_from
+_V6_TS = struct.Struct("!4xHBxQQQQHHIIBBH4xI").unpack_from
+_KEY4 = struct.Struct("!BIHIH").pack
+_KEY6 = struct.Struct("!BQQHQQH").pack
+_ROW = struct.Struct(f"={WORDS}I").unpack_from  # one flow's TCP words (tcp_window layout)
+_LAST = struct.Struct("=4I").pack_into  # the last-packet words: seq, ack, end, window
+_TIMESTAMPS_ONLY = 0x0101080A  # NOP, NOP, timestamps (kind 8, length 10)
+_IPV4_NO_OPTIONS = 0x45
+_FRAGMENT_BITS = 0x3FFF  # more-fragments flag and fragment offset
+_NEEDED = IS_TCP | ASSURED | SEEN_REPLY
+assert ORIG_A == 1  # the direction is computed as (bits & ORIG_A) ^ is_a
+
+FastPath = Callable[[bytes, float], bool]
+
+
+def make_fast_path(conntrack: Conntrack) -> FastPath:
+    """The fast path over `conntrack`'s table: fast(data, now) -> True when the packet was
+    tracked as ESTABLISHED, False when the full path must decide (nothing was changed)."""
+    table = conntrack.table
+    slots_get = conntrack._slots.get
+    due = conntrack._wheel._due
+    deadline_col, bits_col, td, small = table.deadline, table.bits, table.td, table.small
+    timeouts: TcpTimeouts = conntrack.tcp_timeouts
+    steady = steady_states(_ACK_CLASS)
+    fast_state = bytes(1 if state in steady else 0 for state in range(STATE_COUNT))
+    # seconds by [state][choice] for the choices an ACK-class packet can get here
+    by_choice = [
+        [timeouts.accepted[state][choice].timeout or 0.0 for choice in range(T_UNACK + 1)]
+        for state in range(STATE_COUNT)
+    ]
+    own_timeout = timeouts.by_state
+    retrans_timeout, unack_timeout = timeouts.retrans, timeouts.unack
+    fast_flags = FAST_FLAGS
+    v4, v4_ts, v6, v6_ts, key4, key6, row, set_last = _V4, _V4_TS, _V6, _V6_TS, _KEY4, _KEY6, _ROW, _LAST
+    ack_class = _ACK_CLASS
+
+    def fast(data: bytes, now: float) -> bool:
+        if due and due[0] <= now:
+            return False  # an expiry sweep is due: the full path runs it
+        size = len(data)
+        first = data[0] if size >= 40 else 0
+        if first == _IPV4_NO_OPTIONS:
+            if size >= 44:
+                (total, fragment, proto, src, dst, sport, dport,
+                 seq, ack, offset, flags, window, options) = v4_ts(data)  # fmt: skip
+            else:
+                (total, fragment, proto, src, dst, sport, dport,
+                 seq, ack, offset, flags, window) = v4(data)  # fmt: skip
+                options = 0
+            if proto != PROTO_TCP or fragment & _FRAGMENT_BITS or total > size:
+                return False
+            header = (offset >> 4) * 4
+            payload = total - 20 - header
+            is_a = src < dst or (src == dst and sport <= dport)
+            key = key4(PROTO_TCP, src, sport, dst, dport) if is_a else key4(PROTO_TCP, dst, dport, src, sport)
+        elif first >> 4 == 6 and size >= 60:
+            if size >= 64:
+                (length, proto, s_hi, s_lo, d_hi, d_lo, sport, dport,
+                 seq, ack, offset, flags, window, options) = v6_ts(data)  # fmt: skip
+            else:
+                (length, proto, s_hi, s_lo, d_hi, d_lo, sport, dport,
+                 seq, ack, offset, flags, window) = v6(data)  # fmt: skip
+                options = 0
+            if proto != PROTO_TCP or length + 40 > size:
+                return False
+            header = (offset >> 4) * 4
+            payload = length - header
+            is_a = (s_hi, s_lo, sport) <= (d_hi, d_lo, dport)
+            if is_a:
+                key = key6(PROTO_TCP, s_hi, s_lo, sport, d_hi, d_lo, dport)
+            else:
+                key = key6(PROTO_TCP, d_hi, d_lo, dport, s_hi, s_lo, sport)
+        else:
+            return False
+        # No options, or exactly NOP, NOP, timestamps: no SACK blocks, nothing malformed.
+        if header != 20 and (header != 32 or options != _TIMESTAMPS_ONLY):
+            return False
+        if payload < 0 or flags not in fast_flags:
+            return False
+
+        slot = slots_get(key)
+        if slot is None or deadline_col[slot] <= now:
+            return False
+        bits = bits_col[slot]
+        if bits & _NEEDED != _NEEDED:
+            return False
+        at = slot * SMALL
+        state = small[at]  # STATE
+        if not fast_state[state] or not small[at + TCP_ASSURED]:
+            return False
+        direction = (bits & ORIG_A) ^ is_a  # 0: ORIGINAL, 1: REPLY (ORIG_A is bit 0)
+
+        # -- tcp_window.tcp_in_window, for an ACK-class segment without SACK ------------------
+        base = slot * WORDS
+        if direction:
+            (r_end, r_maxend, r_maxwin, _, _, r_flags,
+             s_end, s_maxend, s_maxwin, s_maxack, s_scale, s_flags,
+             last_seq, last_ack, last_end, last_win) = row(td, base * 4)  # fmt: skip
+            s, r = base + 6, base
+        else:
+            (s_end, s_maxend, s_maxwin, s_maxack, s_scale, s_flags,
+             r_end, r_maxend, r_maxwin, _, _, r_flags,
+             last_seq, last_ack, last_end, last_win) = row(td, base * 4)  # fmt: skip
+            s, r = base, base + 6
+        end = seq + payload
+        if not 0 < s_maxwin < HALF or r_maxwin >= HALF or end > MASK:
+            # The first packet seen from this side (the full path sets it up), windows too large
+            # for the plain comparisons below, or the sequence numbers wrap in this segment.
+            return False
+        maxackwindow = s_maxwin if s_maxwin > MAXACKWINCONST else MAXACKWINCONST
+        # The four checks, as sufficient conditions in plain integers: each implies its modulo
+        # 2**32 original (`before`/`after` in tcp_window); near a wrap they fail and the full
+        # path, with the exact arithmetic, decides.
+        if not (
+            0 <= s_maxend - seq < HALF  # I: seq within the receiver's window
+            and 0 <= r_end - ack <= maxackwindow  # III: ACKs only data seen; IV: not overly delayed
+            and 0 <= end - s_end + r_maxwin < HALF  # II: not old data
+        ):
+            return False
+
+        # In window: update the sender ...  (after II, |end - s_end| < HALF and after I,
+        # |end - s_maxend| < HALF: `after` is a plain comparison there)
+        win = window << s_scale
+        if s_maxwin < win:
+            td[s + 2] = win  # MAXWIN
+        if end > s_end:
+            td[s] = end  # END
+            if not s_flags & F_DATA_UNACKNOWLEDGED:
+                s_flags |= F_DATA_UNACKNOWLEDGED
+                td[s + 5] = s_flags  # FLAGS
+        if not s_flags & F_MAXACK_SET:
+            td[s + 3] = ack  # MAXACK
+            s_flags |= F_MAXACK_SET
+            td[s + 5] = s_flags
+        elif (s_maxack - ack) & MASK >= HALF:  # after(ack, s_maxack)
+            td[s + 3] = ack
+        # ... and the receiver.
+        if r_maxwin and end > s_maxend:
+            td[r + 2] = r_maxwin + end - s_maxend  # MAXWIN
+        right = (ack + win) & MASK
+        if (r_maxend - 1 - right) & MASK >= HALF:  # after(right, r_maxend - 1)
+            td[r + 1] = right if win else (right + 1) & MASK  # MAXEND
+        if ack == r_end and r_flags & F_DATA_UNACKNOWLEDGED:
+            r_flags &= ~F_DATA_UNACKNOWLEDGED
+            td[r + 5] = r_flags
+
+        # Retransmission count: identical ACK-class packets in a row.
+        retrans = small[at + RETRANS]
+        if (
+            last_seq == seq
+            and last_ack == ack
+            and last_end == end
+            and last_win == window
+            and small[at + LAST_DIR] == direction
+        ):
+            if retrans < 255:
+                retrans += 1
+                small[at + RETRANS] = retrans
+        else:
+            set_last(td, (base + 12) * 4, seq, ack, end, window)  # LAST_SEQ .. LAST_WIN
+            if retrans:
+                retrans = 0
+                small[at + RETRANS] = 0
+        small[at + LAST_INDEX] = ack_class
+        small[at + LAST_DIR] = direction
+
+        # The timeout, as tcp._timeout_choice picks it (the last window is this packet's).
+        own = own_timeout[state]
+        if retrans >= MAX_RETRANS and own > retrans_timeout:
+            choice = T_RETRANS
+        elif (s_flags | r_flags) & F_DATA_UNACKNOWLEDGED and own > unack_timeout:
+            choice = T_UNACK
+        elif window == 0 and own > retrans_timeout:
+            choice = T_RETRANS
+        else:
+            choice = T_STATE
+        deadline_col[slot] = now + by_choice[state][choice]
+        return True
+
+    return fast

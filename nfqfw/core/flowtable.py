@@ -1,0 +1,277 @@
+"""Where tracked flows are stored: one *slot* per flow in parallel columns, and `Flow` handles.
+
+A flow's fields live unboxed in typed arrays indexed by its slot (deadline and creation time
+as C doubles, the TCP windows as 32-bit words, flags and small TCP fields as bytes) instead of
+a Python object per flow holding boxed floats and a per-flow array. That is what keeps a flow
+under 300 bytes (bench/flow_memory.py) and lets the per-packet code read a field with one
+array index. Freed slots are reused; the columns keep their high-water mark, as a dict does.
+
+The conntrack table (`core.conntrack`) works on slots. Code outside it sees `Flow` handles:
+one handle per flow at a time (made on first request, cached), reading and writing the
+columns. When a flow leaves the table its handle is *detached*: it gets a private one-slot
+table holding the flow's last values, so a removed flow reads as it was (as a removed Python
+object would). `Flow(key, orig_a, now)` makes a detached flow (snapshot restore); confirming it
+into a table copies its row in and attaches the handle.
+
+TCP: the table-driven tracker (`core.tcp`, `core.tcp_window`) works on a `TcpConn` object;
+`load_tcp` / `store_tcp` copy a slot's TCP fields into one and back. The fast path
+(`core.fastpath`) reads and writes the TCP columns directly.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from nfqfw.core.tcp import TcpConn
+from nfqfw.core.tcp_states import STATE_NAMES
+from nfqfw.core.tcp_window import WORDS
+
+# Flow flags (the `bits` column).
+ORIG_A = 0x01  # the originator's endpoint sorts first in the key
+ASSURED = 0x02
+SEEN_REPLY = 0x04
+IS_TCP = 0x08
+
+# The small TCP fields, one byte each (the `small` column, SMALL bytes per slot).
+STATE, LAST_INDEX, LAST_DIR, LAST_FLAGS, LAST_WSCALE, RETRANS, TCP_ASSURED = range(7)
+SMALL = 8
+
+NO_SLOT = -1  # end of the unassured list
+
+_ZERO_WORDS = array("I", bytes(4 * WORDS))
+_ZERO_SMALL = bytes(SMALL)
+
+
+class FlowTable:
+    """The columns.  Slot `s` of a flow: keys[s], deadline[s], ... td[s*WORDS : (s+1)*WORDS],
+    small[s*SMALL : (s+1)*SMALL].  `older` / `newer` link the not-ASSURED confirmed flows
+    oldest first (the early-drop order), kept by core.conntrack."""
+
+    __slots__ = (
+        "_free",
+        "bits",
+        "created",
+        "deadline",
+        "handles",
+        "keys",
+        "meta",
+        "newer",
+        "older",
+        "rule",
+        "small",
+        "td",
+    )
+
+    def __init__(self) -> None:
+        self.keys: list[bytes | None] = []
+        self.deadline = array("d")
+        self.created = array("d")
+        self.bits = bytearray()
+        self.rule: list[str | None] = []  # what admitted the flow: "rule mail" / "default egress"
+        self.meta: list[object] = []  # the Meta of the first packet (interned by the adapter)
+        self.td = array("I")  # TCP windows and last packet, WORDS per slot (core.tcp_window layout)
+        self.small = bytearray()  # TCP state and last-packet record, SMALL per slot
+        self.older = array("i")
+        self.newer = array("i")
+        self.handles: dict[int, Flow] = {}  # the Flow handle of a slot, once one was asked for
+        self._free: list[int] = []
+
+    def alloc(self, key: bytes, orig_a: bool, now: float) -> int:
+        """A slot for a new flow: not TCP, not replied, deadline = created = now."""
+        bits = ORIG_A if orig_a else 0
+        free = self._free
+        if free:
+            slot = free.pop()
+            self.keys[slot] = key
+            self.deadline[slot] = now
+            self.created[slot] = now
+            self.bits[slot] = bits
+            return slot
+        slot = len(self.keys)
+        self.keys.append(key)
+        self.deadline.append(now)
+        self.created.append(now)
+        self.bits.append(bits)
+        self.rule.append(None)
+        self.meta.append(None)
+        self.td.extend(_ZERO_WORDS)
+        self.small.extend(_ZERO_SMALL)
+        self.older.append(NO_SLOT)
+        self.newer.append(NO_SLOT)
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Give the slot back; a handle on it is detached first (keeps the flow's values)."""
+        handle = self.handles.pop(slot, None)
+        if handle is not None:
+            handle._detach()
+        self.keys[slot] = None
+        self.rule[slot] = None
+        self.meta[slot] = None
+        if self.bits[slot] & IS_TCP:
+            base = slot * WORDS
+            self.td[base : base + WORDS] = _ZERO_WORDS
+            start = slot * SMALL
+            self.small[start : start + SMALL] = _ZERO_SMALL
+        self._free.append(slot)
+
+    def handle(self, slot: int) -> Flow:
+        """The Flow handle of a slot (one per flow, so `is` compares flows)."""
+        handle = self.handles.get(slot)
+        if handle is None:
+            handle = Flow.__new__(Flow)
+            handle._table = self
+            handle._slot = slot
+            self.handles[slot] = handle
+        return handle
+
+    def copy_row(self, source: FlowTable, slot: int, into: int) -> None:
+        """Copy every field of `source`'s slot into this table's slot `into`."""
+        self.keys[into] = source.keys[slot]
+        self.deadline[into] = source.deadline[slot]
+        self.created[into] = source.created[slot]
+        self.bits[into] = source.bits[slot]
+        self.rule[into] = source.rule[slot]
+        self.meta[into] = source.meta[slot]
+        base, to = slot * WORDS, into * WORDS
+        self.td[to : to + WORDS] = source.td[base : base + WORDS]
+        start, at = slot * SMALL, into * SMALL
+        self.small[at : at + SMALL] = source.small[start : start + SMALL]
+
+    # -- TCP ---------------------------------------------------------------------------------
+    def load_tcp(self, slot: int) -> TcpConn:
+        """A TcpConn holding a copy of the slot's TCP fields (for the table-driven tracker)."""
+        conn = TcpConn.__new__(TcpConn)
+        base = slot * WORDS
+        conn.td = self.td[base : base + WORDS]
+        start = slot * SMALL
+        state, last_index, last_dir, last_flags, last_wscale, retrans, assured, _ = self.small[
+            start : start + SMALL
+        ]
+        conn.state = state
+        conn.last_index = last_index
+        conn.last_dir = last_dir
+        conn.last_flags = last_flags
+        conn.last_wscale = last_wscale
+        conn.retrans = retrans
+        conn.assured = bool(assured)
+        return conn
+
+    def store_tcp(self, slot: int, conn: TcpConn) -> None:
+        """Write a TcpConn's fields into the slot and mark the flow TCP."""
+        base = slot * WORDS
+        self.td[base : base + WORDS] = conn.td
+        start = slot * SMALL
+        self.small[start : start + 7] = bytes(
+            (
+                conn.state,
+                conn.last_index,
+                conn.last_dir,
+                conn.last_flags,
+                conn.last_wscale,
+                conn.retrans,
+                1 if conn.assured else 0,
+            )
+        )
+        self.bits[slot] |= IS_TCP
+
+
+def _flag(bit: int, doc: str) -> property:
+    def get(self: Flow) -> bool:
+        return bool(self._table.bits[self._slot] & bit)
+
+    def set_(self: Flow, value: bool) -> None:
+        bits = self._table.bits
+        bits[self._slot] = bits[self._slot] | bit if value else bits[self._slot] & ~bit
+
+    return property(get, set_, doc=doc)
+
+
+class Flow:
+    """One tracked connection: a handle on its slot.  Fields read and write the table."""
+
+    __slots__ = ("_slot", "_table")
+
+    _table: FlowTable
+    _slot: int
+
+    def __init__(self, key: bytes, orig_a: bool, now: float) -> None:
+        """A detached flow (not in any conntrack table yet), created at `now`."""
+        self._table = FlowTable()
+        self._slot = self._table.alloc(key, orig_a, now)
+
+    def _detach(self) -> None:
+        private = FlowTable()
+        slot = private.alloc(b"", False, 0.0)
+        private.copy_row(self._table, self._slot, slot)
+        self._table, self._slot = private, slot
+
+    orig_a = _flag(ORIG_A, "True when the originator's endpoint sorts first in the key")
+    assured = _flag(ASSURED, "ASSURED: kept when the table is full (no early drop)")
+    seen_reply = _flag(SEEN_REPLY, "a REPLY-direction packet was accepted")
+
+    @property
+    def key(self) -> bytes:
+        key = self._table.keys[self._slot]
+        assert key is not None
+        return key
+
+    @property
+    def deadline(self) -> float:
+        return self._table.deadline[self._slot]
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._table.deadline[self._slot] = value
+
+    @property
+    def created(self) -> float:
+        return self._table.created[self._slot]
+
+    @created.setter
+    def created(self, value: float) -> None:
+        self._table.created[self._slot] = value
+
+    @property
+    def rule(self) -> str | None:
+        """What admitted the flow: "rule mail" / "default egress"."""
+        return self._table.rule[self._slot]
+
+    @rule.setter
+    def rule(self, value: str | None) -> None:
+        self._table.rule[self._slot] = value
+
+    @property
+    def meta(self) -> object:
+        """The Meta of the flow's first packet."""
+        return self._table.meta[self._slot]
+
+    @meta.setter
+    def meta(self, value: object) -> None:
+        self._table.meta[self._slot] = value
+
+    @property
+    def tcp(self) -> TcpConn | None:
+        """A copy of the TCP state (None for other protocols); assign a TcpConn to change it."""
+        if not self._table.bits[self._slot] & IS_TCP:
+            return None
+        return self._table.load_tcp(self._slot)
+
+    @tcp.setter
+    def tcp(self, conn: TcpConn) -> None:
+        self._table.store_tcp(self._slot, conn)
+
+    @property
+    def proto(self) -> int:
+        return self.key[0]
+
+    @property
+    def state_name(self) -> str:
+        table, slot = self._table, self._slot
+        bits = table.bits[slot]
+        if bits & IS_TCP:
+            return STATE_NAMES[table.small[slot * SMALL + STATE]]
+        return "ASSURED" if bits & ASSURED else ("REPLIED" if bits & SEEN_REPLY else "UNREPLIED")
+
+    def __repr__(self) -> str:
+        return f"<Flow proto={self.proto} {self.state_name} deadline={self.deadline:.1f}>"
