@@ -2,8 +2,11 @@
 
 Start-up, in this order, each failure a one-line message on stderr and exit code 1:
   root? -> iptables tools present? -> policy valid (its located errors are printed) ->
-  raw reply sockets -> bind the queue(s) -> install the rules -> READY=1 to $NOTIFY_SOCKET.
-The queue is bound before the rules go in, so the first queued packet finds a listener.
+  raw reply sockets -> restore the flow snapshot -> bind the queue(s) -> install the rules ->
+  READY=1 to $NOTIFY_SOCKET.
+The queue is bound before the rules go in, so the first queued packet finds a listener, and
+after the flows of the last run are back (nfqfw.statefile: saved at stop and every
+--snapshot-interval seconds; a bad snapshot is logged and ignored, never fatal).
 
 Loop: poll(2) on the queue sockets, the rtnetlink event socket and a signal wake-up pipe;
 a readable queue is drained with NetfilterQueue.run(block=False). Housekeeping (links, drop
@@ -52,6 +55,7 @@ from nfqfw.queue import (
 )
 from nfqfw.rawsend import RawSender
 from nfqfw.sdnotify import Notifier, watchdog_interval
+from nfqfw.statefile import DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_STATE_DIR, StateDir
 
 log = logging.getLogger("nfqfw")
 
@@ -73,6 +77,8 @@ class Options:
     sock_len: int = DEFAULT_SOCK_LEN
     reject_rate: float = DEFAULT_REJECT_RATE
     stats_interval: float = 5.0  # seconds between reads of the kernel's queue drop counters
+    state_dir: str = DEFAULT_STATE_DIR  # flow snapshots (nfqfw.statefile)
+    snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL  # seconds; 0: only at stop
 
 
 @dataclass
@@ -158,6 +164,7 @@ class Daemon:
         self._schedule = _Schedule()
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self.fail_open = False
+        self.state = StateDir(options.state_dir, options.snapshot_interval)
 
     # -- start --
 
@@ -191,6 +198,7 @@ class Daemon:
             clock=self.clock,
         )
         self.adapter.housekeeping = self._housekeeping
+        self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
         try:
             self.adapter.bind(self.spec.queues, opts.max_len, opts.sock_len)
         except QueueError as err:
@@ -261,6 +269,7 @@ class Daemon:
         if now >= schedule.stats:
             schedule.stats = now + self.options.stats_interval
             self.drops.check()
+        self.state.tick(self.engine, now)
         if now >= schedule.watchdog and schedule.watchdog_every is not None:
             schedule.watchdog = now + schedule.watchdog_every
             self.notifier.watchdog()
@@ -367,6 +376,8 @@ class Daemon:
         if "stop" not in self._requests.served:
             self._requests.served.add("stop")
             self.notifier.stopping("stopping")
+        if self.engine is not None:
+            self.state.save(self.engine, self.clock())
         self._log_counters()
         self.close()
 

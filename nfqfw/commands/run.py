@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nfqfw import queue, rules
+from nfqfw import queue, rules, statefile
 from nfqfw.daemon import Options, run_daemon, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -56,6 +56,20 @@ def register(subparsers: Any) -> None:
         metavar="PER_SECOND",
         help=f"most RST/ICMP answers sent per second (default {queue.DEFAULT_REJECT_RATE:g})",
     )
+    parser.add_argument(
+        "--state-dir",
+        default=statefile.DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"where the flow table is saved across restarts (default {statefile.DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--snapshot-interval",
+        type=_seconds,
+        default=statefile.DEFAULT_SNAPSHOT_INTERVAL,
+        metavar="SECONDS",
+        help="save the flow table this often, so a crash loses at most the flows of the last SECONDS; "
+        f"0: only at stop (default {statefile.DEFAULT_SNAPSHOT_INTERVAL:g})",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     parser.set_defaults(func=run)
 
@@ -71,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         sock_len=args.sock_len,
         reject_rate=args.reject_rate,
+        state_dir=args.state_dir,
+        snapshot_interval=args.snapshot_interval,
     )
     return run_daemon(options)
 
@@ -105,3 +121,13 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return value

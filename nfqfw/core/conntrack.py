@@ -355,6 +355,15 @@ class Conntrack:
         self._wheel.file(flow)
         return True
 
+    def restore(self, flow: Flow) -> bool:
+        """Insert a flow saved by an earlier run (core.snapshot) as it was, ASSURED or not;
+        False when the table is full of ASSURED flows."""
+        if not self.confirm(flow):
+            return False
+        if flow.assured:
+            self._unassured.pop(flow.key, None)
+        return True
+
     def _early_drop(self) -> bool:
         unassured = self._unassured
         if not unassured:

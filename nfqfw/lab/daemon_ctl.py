@@ -1,8 +1,10 @@
 """Bring the whole lab up and down: the namespaces, and `nfqfw run` inside the gateway's.
 
-The daemon is started as ``ip netns exec {P}gw <python> -m nfqfw run --config FILE --queue N``
-in a session of its own (it outlives `nfqfw lab up`), with stdout/stderr going to
-``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid`` there. Readiness is the systemd
+The daemon is started as ``ip netns exec {P}gw <python> -m nfqfw run --config FILE --queue N
+--state-dir /run/nfqfw-lab/{P}/state`` in a session of its own (it outlives `nfqfw lab up`),
+with stdout/stderr going to ``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid``
+there. Its flow snapshot stays in the state directory between a stop and the next start (a
+restart keeps connections, as on a gateway); `down` removes it with the lab. Readiness is the systemd
 way: the lab binds an AF_UNIX datagram socket (a path, not an abstract name: abstract sockets
 belong to a network namespace and the daemon runs in another one), passes it in $NOTIFY_SOCKET
 and waits for READY=1, which nfqfw sends once its queue is bound and its rules are in.
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +66,11 @@ class LabState:
     @property
     def notify_socket(self) -> Path:
         return self.directory / "notify.sock"
+
+    @property
+    def state_dir(self) -> Path:
+        """The daemon's --state-dir (its flow snapshot)."""
+        return self.directory / "state"
 
 
 @dataclass
@@ -119,18 +128,25 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
     state = LabState(prefix)
     for path in (state.pid_file, state.notify_socket):
         path.unlink(missing_ok=True)
+    shutil.rmtree(state.state_dir, ignore_errors=True)  # a new lab starts with an empty flow table
     return removed
 
 
 def start_daemon(
-    prefix: str, policy: str | os.PathLike[str], queue: int = 0, timeout: float = READY_TIMEOUT
+    prefix: str,
+    policy: str | os.PathLike[str],
+    queue: int = 0,
+    timeout: float = READY_TIMEOUT,
+    extra: Sequence[str] = (),
 ) -> Daemon:
-    """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes)."""
+    """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
+    `extra`: more `nfqfw run` arguments (e.g. --snapshot-interval)."""
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
-    argv = in_ns(topology.gw, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue))
+    run = ("run", "--config", config, "--queue", str(queue), "--state-dir", str(state.state_dir), *extra)
+    argv = in_ns(topology.gw, sys.executable, "-m", "nfqfw", *run)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))
         env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}
