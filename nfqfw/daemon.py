@@ -376,8 +376,8 @@ class Daemon:
         if "stop" not in self._requests.served:
             self._requests.served.add("stop")
             self.notifier.stopping("stopping")
-        if self.engine is not None:
-            self.state.save(self.engine, self.clock())
+        if self.engine is not None:  # exact: the kernel drops what comes until the next start
+            self.state.save(self.engine, self.clock(), exact=not self.fail_open)
         self._log_counters()
         self.close()
 

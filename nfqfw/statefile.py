@@ -8,7 +8,10 @@ new snapshot, never half of one. The periodic write runs in a thread: the table 
 between two packets, the disk's slowness (fsync) stays off the packet path.
 
 At start, before the queue is bound, the snapshot is read back: flows whose time ran out while
-nfqfw was down are dropped, the others are put into the table. A file that is missing starts an
+nfqfw was down are dropped, the others are put into the table. Only the snapshot of a stop in
+failure-mode closed is exact (nothing passed unseen since); from any other, TCP flows learn their
+windows anew (nfqfw.core.snapshot). An exact snapshot is rewritten as not exact right after it
+was restored: once packets flow again, it no longer is. A file that is missing starts an
 empty table; one that is corrupt, truncated, foreign, of an unknown version, or that anyone but
 its owner (root) may write, is logged, moved aside as `flows.snapshot.bad` and ignored:
 never fatal. A state directory writable by group or others is not used at all (whoever can
@@ -173,6 +176,8 @@ class StateDir:
                 "the wall clock is behind the flow snapshot's save time: counting no time as passed since"
             )
         installed = snapshot.install(engine.conntrack, restored.flows)
+        if restored.exact:
+            self._write(*self._encode(engine, now, exact=False))
         stale = 0
         if recheck:
             from nfqfw.core.recheck import recheck as recheck_flows
@@ -180,11 +185,12 @@ class StateDir:
             stale = len(recheck_flows(engine))
         kept = len(engine.conntrack)
         log.info(
-            "restored %d flows from %s (saved %.1f s ago): %d had run out, %d are not allowed by the "
+            "restored %d flows from %s (saved %.1f s ago %s): %d had run out, %d are not allowed by the "
             "policy any more%s, %d did not fit the table",
             kept,
             self.path,
             restored.elapsed,
+            "at a stop" if restored.exact else "while running; TCP windows are learnt anew",
             restored.expired,
             stale,
             "" if recheck else " (not checked: reload: keep)",
@@ -212,27 +218,28 @@ class StateDir:
         if self._writer is not None and self._writer.is_alive():
             log.warning("flow snapshot: the last write to %s is still running, skipping this one", self.path)
             return
-        data, count = self._encode(engine, now)
+        data, count = self._encode(engine, now, exact=False)
         self._writer = threading.Thread(
             target=self._write, args=(data, count), name="nfqfw-snapshot", daemon=True
         )
         self._writer.start()
 
-    def save(self, engine: Any, now: float) -> bool:
-        """Write the snapshot now and wait for it (at stop). True when it is on disk."""
+    def save(self, engine: Any, now: float, exact: bool = False) -> bool:
+        """Write the snapshot now and wait for it (at stop). `exact`: no packet will pass unseen
+        until the next start (a stop in failure-mode closed). True when it is on disk."""
         if not self.usable:
             return False
         if self._writer is not None:
             self._writer.join()
-        data, count = self._encode(engine, now)
+        data, count = self._encode(engine, now, exact)
         if not self._write(data, count):
             return False
         log.info("saved %d flows to %s", count, self.path)
         return True
 
-    def _encode(self, engine: Any, now: float) -> tuple[bytes, int]:
+    def _encode(self, engine: Any, now: float, exact: bool) -> tuple[bytes, int]:
         flows = [flow for flow in engine.conntrack if flow.deadline > now]
-        return snapshot.encode(flows, now, self.wall_clock()), len(flows)
+        return snapshot.encode(flows, now, self.wall_clock(), exact), len(flows)
 
     def _write(self, data: bytes, count: int) -> bool:
         try:

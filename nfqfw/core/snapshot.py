@@ -6,6 +6,15 @@ remaining time and age as of the save and the wall-clock time of the save; a res
 the wall-clock time that passed since and rebases both onto the new process's monotonic clock.
 Flows whose time ran out meanwhile are not restored.
 
+A snapshot is EXACT when nothing can have passed the gateway unseen since it was taken: the
+daemon takes one at a stop, after its last packet, with the kernel dropping traffic until the
+next start (failure-mode closed). The others -- periodic ones, or one taken before a stop in
+failure-mode open -- may be behind the connections by up to a snapshot interval of traffic,
+far more than a TCP window. Their TCP flows are restored with their sequence numbers
+forgotten: each direction learns its window anew from its next packet, and the checks are
+liberal, as the kernel does for a connection it picked up mid-stream (only an RST must still
+be in window). State, options (window scale, SACK), ASSURED and timeouts are kept.
+
 `_encode_flow` and `_decode_flow` are the only code here that knows the layout of Flow and
 TcpConn: a change of that layout changes these two functions, not the format.
 
@@ -13,8 +22,8 @@ Format, version 1, little-endian:
 
   header  magic b"NFQFWFT\\0" (8), version u16, reserved u16 (0), body length u64,
           SHA-256 of the body (32 bytes)
-  body    saved_at f64 (wall clock), string count u32, strings (u16 length + UTF-8 each),
-          flow count u32, the flows
+  body    saved_at f64 (wall clock), flags u32 (EXACT), string count u32, strings (u16
+          length + UTF-8 each), flow count u32, the flows
   flow    key length u8, key (conntrack.flow_key's layout), flags u8 (ORIG_A, ASSURED,
           SEEN_REPLY, TCP), remaining f64 (deadline - now), age f64 (now - created),
           rule u32, hook u8 (0: no Meta), in_iface u32, out_iface u32 (string indexes,
@@ -38,6 +47,10 @@ from nfqfw.core.tcp import TcpConn
 from nfqfw.core.tcp_states import STATE_COUNT, FlagClass, sNO
 from nfqfw.core.tcp_window import (
     END,
+    F_BE_LIBERAL,
+    F_CLOSE_INIT,
+    F_SACK_PERM,
+    F_WINDOW_SCALE,
     FLAGS,
     LAST_ACK,
     LAST_END,
@@ -56,11 +69,12 @@ MAGIC = b"NFQFWFT\0"
 VERSION = 1
 NO_STRING = 0xFFFFFFFF
 
-ORIG_A, ASSURED, SEEN_REPLY, TCP = 0x01, 0x02, 0x04, 0x08
+EXACT = 0x01  # snapshot flag: taken at a stop while traffic was blocked
+ORIG_A, ASSURED, SEEN_REPLY, TCP = 0x01, 0x02, 0x04, 0x08  # flow flags
 _KNOWN_FLAGS = ORIG_A | ASSURED | SEEN_REPLY | TCP
 
 _HEADER = struct.Struct("<8sHHQ32s")
-_BODY_HEAD = struct.Struct("<dI")
+_BODY_HEAD = struct.Struct("<dII")
 _U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
 _FLOW = struct.Struct("<BddIBII")
 _TCP = struct.Struct("<7B16I")
@@ -86,6 +100,7 @@ class Restored:
     """What decode() found: the flows still alive, rebased onto the caller's clock."""
 
     flows: list[Flow]
+    exact: bool  # False: the TCP flows' windows are learnt anew (see the module's docstring)
     saved_at: float  # wall-clock time of the save
     elapsed: float  # wall-clock seconds from the save to `wall` (0 when the clock went back)
     expired: int  # flows whose time ran out since the save (not in `flows`)
@@ -103,16 +118,19 @@ class Installed:
 # -- flows -> bytes ------------------------------------------------------------------------------
 
 
-def encode(flows: Iterable[Flow], now: float, wall: float) -> bytes:
-    """A snapshot of `flows` taken at monotonic `now`, wall-clock `wall`. Flows already past
-    their deadline (the table sweeps lazily) are left out."""
+def encode(flows: Iterable[Flow], now: float, wall: float, exact: bool = False) -> bytes:
+    """A snapshot of `flows` taken at monotonic `now`, wall-clock `wall`; `exact` only when no
+    packet can pass unseen before it is restored. Flows already past their deadline (the table
+    sweeps lazily) are left out."""
     strings: dict[str, int] = {}
     records = []
     for flow in flows:
         if flow.deadline > now:
             records.append(_encode_flow(flow, now, strings))
     table = b"".join(_U16.pack(len(raw)) + raw for raw in (text.encode() for text in strings))
-    body = b"".join((_BODY_HEAD.pack(wall, len(strings)), table, _U32.pack(len(records)), *records))
+    body = b"".join(
+        (_BODY_HEAD.pack(wall, EXACT if exact else 0, len(strings)), table, _U32.pack(len(records)), *records)
+    )
     return _HEADER.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
 
 
@@ -173,9 +191,12 @@ def decode(data: bytes, now: float, wall: float) -> Restored:
 
 
 def _decode_body(reader: _Reader, now: float, wall: float) -> Restored:
-    saved_at, string_count = reader.take(_BODY_HEAD)
+    saved_at, flags, string_count = reader.take(_BODY_HEAD)
     if not math.isfinite(saved_at):
         raise SnapshotError("the save time is not a number")
+    if int(flags) & ~EXACT:
+        raise SnapshotError(f"unknown snapshot flags 0x{int(flags):x}")
+    exact = bool(int(flags) & EXACT)
     strings = [reader.string() for _ in range(int(string_count))]
     elapsed = wall - saved_at
     went_back = elapsed < 0  # the wall clock was set back: count no time as passed
@@ -195,11 +216,13 @@ def _decode_body(reader: _Reader, now: float, wall: float) -> Restored:
         seen.add(flow.key)
         if remaining <= 0:
             expired += 1
-        else:
-            flows.append(flow)
+            continue
+        if not exact and flow.tcp is not None:
+            _relearn_windows(flow.tcp)
+        flows.append(flow)
     if reader.left:
         raise SnapshotError(f"{reader.left} bytes after the last flow")
-    return Restored(flows, saved_at, elapsed, expired, went_back)
+    return Restored(flows, exact, saved_at, elapsed, expired, went_back)
 
 
 def _checked_body(data: bytes) -> bytes:
@@ -304,6 +327,19 @@ def _decode_tcp(fields: tuple[int | float, ...]) -> TcpConn:
         if td[offset] > MAX_WSCALE:
             raise SnapshotError(f"TCP window scale {td[offset]} out of range")
     return conn
+
+
+_KEPT_ON_RELEARN = F_WINDOW_SCALE | F_SACK_PERM | F_CLOSE_INIT
+
+
+def _relearn_windows(conn: TcpConn) -> None:
+    """Forget both directions' sequence numbers (a zero td_maxwin makes the window tracker
+    learn them from the direction's next packet) and track liberally from now on."""
+    td = conn.td
+    for base in (0, SIDE):
+        td[base + END] = td[base + MAXEND] = td[base + MAXWIN] = td[base + MAXACK] = 0
+        td[base + FLAGS] = (td[base + FLAGS] & _KEPT_ON_RELEARN) | F_BE_LIBERAL
+    conn.retrans = 0
 
 
 def _check_key(flow: Flow) -> None:

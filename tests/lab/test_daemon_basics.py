@@ -143,7 +143,8 @@ def start_daemon(lab: Lab, policy: str = POLICY, *args: str) -> Daemon:
     lab.sockets.append(notify)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
     env.pop("JOURNAL_STREAM", None)
-    argv = in_ns(GW, sys.executable, "-m", "nfqfw", "run", "--config", str(config), *args)
+    state = ("--state-dir", str(lab.tmp / "state"))  # not the host's /var/lib/nfqfw
+    argv = in_ns(GW, sys.executable, "-m", "nfqfw", "run", "--config", str(config), *state, *args)
     daemon = Daemon(lab.spawn(argv, env=env), notify)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and daemon.proc.poll() is None:

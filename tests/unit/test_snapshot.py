@@ -105,12 +105,12 @@ class Conversation:
         kw: dict[str, Any],
     ) -> Verdict:
         src, dst, sport, dport = ends
+        seq, ack = seq & 0xFFFFFFFF, ack & 0xFFFFFFFF
         segment = tcp(src, dst, sport, dport, seq=seq, ack=ack, flags=flags, payload=data, **kw)
         packet = (ipv4 if len(src) == 4 else ipv6)(src, dst, 6, segment)
         return self.e.process(packet, meta, now)
 
-    def handshake(self, now: float = T0) -> None:
-        opts = wscale_option(7) + sack_perm_option()
+    def handshake(self, now: float = T0, opts: bytes = wscale_option(7) + sack_perm_option()) -> None:
         assert self.client_sends(SYN, now=now, options=opts).action is Action.ACCEPT
         assert self.server_sends(SYN | ACK, now=now, options=opts).action is Action.ACCEPT
         assert self.client_sends(ACK, now=now).action is Action.ACCEPT
@@ -187,8 +187,9 @@ def populated() -> tuple[Engine, dict[str, Conversation]]:
     return e, convs
 
 
-def roundtrip(e: Engine, wall_later: float = WALL, now: float = T1) -> snapshot.Restored:
-    return decode(encode(e.conntrack, T0, WALL), now, wall_later)
+def roundtrip(e: Engine, wall_later: float = WALL, now: float = T1, exact: bool = True) -> snapshot.Restored:
+    """Save at T0 (exact: at a stop, unless told otherwise), restore at `now`, `wall_later`."""
+    return decode(encode(e.conntrack, T0, WALL, exact), now, wall_later)
 
 
 # -- round trips ---------------------------------------------------------------------------------
@@ -358,6 +359,66 @@ def test_window_checks_still_bite_after_restore() -> None:
     assert verdict.reason.startswith("invalid: tcp: SEQ is over the upper bound")
 
 
+# -- a snapshot taken while running: the connections moved on since ------------------------------
+
+
+def test_a_periodic_snapshot_forgets_tcp_sequence_numbers_and_keeps_the_rest() -> None:
+    e, _ = populated()
+    before = {flow.key: fields(flow, T0) for flow in e.conntrack}
+    restored = roundtrip(e, exact=False)
+    assert not restored.exact
+    for flow in restored.flows:
+        got, was = fields(flow, T1), before[flow.key]
+        if flow.tcp is None:
+            assert got == was
+            continue
+        assert {k: v for k, v in got.items() if k != "tcp"} == {k: v for k, v in was.items() if k != "tcp"}
+        assert (
+            got["tcp"][:5] == was["tcp"][:5] and got["tcp"][6] == was["tcp"][6]
+        )  # state, last packet, assured
+        for direction in (0, 1):
+            side, old = flow.tcp.side(direction), e.conntrack.get(flow.key).tcp.side(direction)  # type: ignore[union-attr]
+            assert (side["td_end"], side["td_maxend"], side["td_maxwin"], side["td_maxack"]) == (0, 0, 0, 0)
+            assert side["td_scale"] == old["td_scale"]
+            assert side["flags"] == (old["flags"] & 0x07) | 0x08  # scale, SACK, CLOSE_INIT kept; BE_LIBERAL
+
+
+def moved_on(exact: bool) -> tuple[Conversation, Engine]:
+    """An established connection (no window scaling: a 64 KB window) saved at T0, then carrying
+    140 KB each way, far beyond the windows of the snapshot; the restored engine."""
+    e = new_engine()
+    c = Conversation(e, LAN, WAN, 40100, 80, OUT)
+    c.handshake(opts=sack_perm_option())
+    data = encode(e.conntrack, T0, WALL, exact)
+    for _ in range(100):
+        assert c.client_sends(ACK | PSH, b"u" * 1400, now=T0 + 1).reason == "established"
+        assert c.server_sends(ACK | PSH, b"d" * 1400, now=T0 + 1).reason == "established"
+    again = new_engine()
+    install(again.conntrack, decode(data, T0 + 2, WALL + 2).flows)
+    c.e = again
+    return c, again
+
+
+def test_an_exact_snapshot_that_is_stale_would_cut_the_connection() -> None:
+    c, _ = moved_on(exact=True)  # what a periodic snapshot restored with its old windows would do
+    verdict = c.client_sends(ACK | PSH, b"next", now=T0 + 3)
+    assert verdict.reason == "invalid: tcp: SEQ is over the upper bound (over the window of the receiver)"
+
+
+def test_a_periodic_snapshot_lets_a_connection_that_moved_on_carry_on() -> None:
+    c, again = moved_on(exact=False)
+    for _ in range(3):
+        assert c.client_sends(ACK | PSH, b"next", now=T0 + 3).reason == "established"
+        assert c.server_sends(ACK | PSH, b"back", now=T0 + 3).reason == "established"
+    flow = again.conntrack.get(_key_of(again, c))
+    assert flow is not None and flow.tcp is not None
+    assert flow.tcp.side(0)["td_end"] == c.cseq and flow.tcp.side(1)["td_end"] == c.sseq  # learnt anew
+    # Liberal, as for a connection picked up mid-stream: only an RST must still be in window.
+    c.cseq -= 0x10000000
+    assert c.client_sends(RST, now=T0 + 4).reason == "invalid: tcp: RST outside window"
+    assert c.client_sends(ACK | PSH, b"x", now=T0 + 4).reason == "established"
+
+
 # -- into the table ------------------------------------------------------------------------------
 
 
@@ -425,9 +486,11 @@ def reason(data: bytes) -> str:
     return str(caught.value)
 
 
-def one_flow_body(record: bytes, strings: tuple[bytes, ...] = (b"rule x",), count: int = 1) -> bytes:
+def one_flow_body(
+    record: bytes, strings: tuple[bytes, ...] = (b"rule x",), count: int = 1, flags: int = 1
+) -> bytes:
     table = b"".join(struct.pack("<H", len(s)) + s for s in strings)
-    return struct.pack("<dI", WALL, len(strings)) + table + struct.pack("<I", count) + record
+    return struct.pack("<dII", WALL, flags, len(strings)) + table + struct.pack("<I", count) + record
 
 
 def udp_record(
@@ -541,9 +604,12 @@ def tcp_tail(**changed: int) -> bytes:
         (one_flow_body(udp_record() * 2, count=2), "corrupt: flow 2: the same key twice"),
         (one_flow_body(udp_record() + b"xyz"), "corrupt: 3 bytes after the last flow"),
         (one_flow_body(udp_record(), strings=(b"\xff\xfe",)), "corrupt: a string is not UTF-8"),
-        (struct.pack("<dI", float("nan"), 0), "corrupt: the save time is not a number"),
-        (struct.pack("<dI", WALL, 3), "corrupt: runs past the end of the snapshot"),
+        (struct.pack("<dII", float("nan"), 0, 0), "corrupt: the save time is not a number"),
+        (struct.pack("<dII", WALL, 0, 3), "corrupt: runs past the end of the snapshot"),
+        (struct.pack("<dI", WALL, 0), "corrupt: runs past the end of the snapshot"),
+        (one_flow_body(udp_record(), flags=3), "corrupt: unknown snapshot flags 0x3"),
     ],
+    ids=lambda value: value if isinstance(value, str) else None,
 )
 def test_malformed_content_behind_a_good_checksum(body: bytes, message: str) -> None:
     assert reason(resign(body)) == message

@@ -9,12 +9,14 @@ import hashlib
 import logging
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
 
 from nfqfw import statefile
 from nfqfw.commands.run import _seconds
+from nfqfw.core import snapshot
 from nfqfw.core.build import addr, ipv4, tcp, udp
 from nfqfw.core.config import load_policy, parse_policy
 from nfqfw.core.engine import Engine
@@ -126,7 +128,7 @@ def test_read_trusted(tmp_path: Path) -> None:
 def test_save_then_restore_with_the_time_that_passed(state: Path, caplog: pytest.LogCaptureFixture) -> None:
     saver = store(state)
     assert saver.prepare()
-    assert saver.save(with_flows(100.0), 100.0)
+    assert saver.save(with_flows(100.0), 100.0, exact=True)
     snapshot_file = state / "flows.snapshot"
     assert snapshot_file.stat().st_mode & 0o777 == 0o600
     assert state.stat().st_mode & 0o777 == 0o700
@@ -134,7 +136,7 @@ def test_save_then_restore_with_the_time_that_passed(state: Path, caplog: pytest
     with caplog.at_level(logging.INFO, logger="nfqfw"):
         assert store(state, WALL + 40.0).restore(fresh, 7.0, recheck=True) == 1
     assert messages(caplog)[-1] == (
-        f"restored 1 flows from {snapshot_file} (saved 40.0 s ago): 1 had run out, "
+        f"restored 1 flows from {snapshot_file} (saved 40.0 s ago at a stop): 1 had run out, "
         "0 are not allowed by the policy any more, 0 did not fit the table"
     )
     (flow,) = fresh.conntrack
@@ -142,6 +144,26 @@ def test_save_then_restore_with_the_time_that_passed(state: Path, caplog: pytest
     # ... and the connection carries on in the new engine.
     data = ipv4(WAN, LAN, 6, tcp(WAN, LAN, 80, 40000, seq=10, ack=2, flags=ACK, payload=b"hello"))
     assert fresh.process(data, IN, 8.0).reason == "established"
+    # Packets flow again: the file on disk is no longer exact, and says so.
+    again = snapshot.decode(snapshot_file.read_bytes(), 7.0, WALL + 40.0)
+    assert not again.exact and [f.key for f in again.flows] == [flow.key]
+
+
+def test_a_snapshot_taken_while_running_is_restored_with_windows_learnt_anew(
+    state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    saver = store(state)
+    saver.prepare()
+    saver.save(with_flows(100.0), 100.0)
+    fresh = engine()
+    with caplog.at_level(logging.INFO, logger="nfqfw"):
+        assert store(state, WALL + 2.0).restore(fresh, 7.0, recheck=True) == 2
+    assert messages(caplog)[-1] == (
+        f"restored 2 flows from {state / 'flows.snapshot'} (saved 2.0 s ago while running; TCP windows are "
+        "learnt anew): 0 had run out, 0 are not allowed by the policy any more, 0 did not fit the table"
+    )
+    tcp_flow = next(flow for flow in fresh.conntrack if flow.tcp is not None)
+    assert tcp_flow.tcp is not None and tcp_flow.tcp.side(0)["flags"] & 0x08  # liberal
 
 
 def test_saving_logs_the_count(state: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -327,6 +349,7 @@ def test_tick_saves_every_interval_in_the_background(state: Path) -> None:
     wait_for_writer(saver)
     first = path.stat().st_mtime_ns
     assert saver.last_saved == 2
+    assert not snapshot.decode(path.read_bytes(), 110.0, WALL).exact
     path.unlink()
     saver.tick(e, 119.0)
     wait_for_writer(saver)
@@ -384,12 +407,17 @@ class Notifier:
         pass
 
 
-def test_the_daemon_saves_at_stop(state: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("fail_open", "exact"), [(False, True), (True, False)])
+def test_the_daemon_saves_at_stop(state: Path, tmp_path: Path, fail_open: bool, exact: bool) -> None:
+    """Exact only in failure-mode closed: in open mode traffic passes unseen until the next start."""
     options = Options(config=str(tmp_path / "p.yaml"), state_dir=str(state))
     d = Daemon(options, notifier=Notifier(), clock=lambda: 100.0)  # type: ignore[arg-type]
     d.engine = with_flows(100.0)
+    d.fail_open = fail_open
     d.state.prepare()
     d.stop()
+    saved = snapshot.decode((state / "flows.snapshot").read_bytes(), 100.0, time.time())
+    assert (saved.exact, len(saved.flows)) == (exact, 2)
     restored = engine()
     assert StateDir(str(state)).restore(restored, 0.0, recheck=True) == 2  # real wall clock: just saved
 
