@@ -38,8 +38,11 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import sys
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from nfqfw.core.conntrack import ICMP_QUERIES, ICMPV6_QUERIES, Conntrack, Flow, first_packet
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP
@@ -62,6 +65,7 @@ from nfqfw.core.tcp_window import (
     MAXWIN,
     SCALE,
     SIDE,
+    WORDS,
 )
 from nfqfw.core.verdict import Hook, Meta
 
@@ -77,7 +81,8 @@ _HEADER = struct.Struct("<8sHHQ32s")
 _BODY_HEAD = struct.Struct("<dII")
 _U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
 _FLOW = struct.Struct("<BddIBII")
-_TCP = struct.Struct("<7B16I")
+_TCP_HEAD = struct.Struct("<7B")
+_WORDS = struct.Struct("<16I")
 # The window words in the format's order: td offsets of ORIGINAL's block, REPLY's, last packet.
 _TD_ORDER = (
     *(base + word for base in (0, SIDE) for word in (END, MAXEND, MAXWIN, MAXACK, SCALE, FLAGS)),
@@ -87,6 +92,8 @@ _TD_ORDER = (
     LAST_WIN,
 )
 _SCALE_WORDS = (SCALE, SIDE + SCALE)
+# The window words are kept in the format's order, as little-endian 32-bit words: copied whole.
+_TD_AS_STORED = tuple(range(WORDS)) == _TD_ORDER and sys.byteorder == "little" and array("I").itemsize == 4
 _HOOKS = {int(hook): hook for hook in Hook}
 _FLAG_CLASSES = len(FlagClass)
 
@@ -122,25 +129,47 @@ def encode(flows: Iterable[Flow], now: float, wall: float, exact: bool = False) 
     """A snapshot of `flows` taken at monotonic `now`, wall-clock `wall`; `exact` only when no
     packet can pass unseen before it is restored. Flows already past their deadline (the table
     sweeps lazily) are left out."""
-    strings: dict[str, int] = {}
-    records = []
+    strings = _Strings()
+    parts: list[bytes] = []
+    count = 0
     for flow in flows:
         if flow.deadline > now:
-            records.append(_encode_flow(flow, now, strings))
-    table = b"".join(_U16.pack(len(raw)) + raw for raw in (text.encode() for text in strings))
-    body = b"".join(
-        (_BODY_HEAD.pack(wall, EXACT if exact else 0, len(strings)), table, _U32.pack(len(records)), *records)
-    )
+            _encode_flow(flow, now, strings, parts)
+            count += 1
+    table = b"".join(_U16.pack(len(raw)) + raw for raw in (text.encode() for text in strings.index))
+    head = _BODY_HEAD.pack(wall, EXACT if exact else 0, len(strings.index))
+    body = b"".join((head, table, _U32.pack(count), *parts))
     return _HEADER.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
 
 
-def _index(strings: dict[str, int], text: str | None) -> int:
-    if text is None:
-        return NO_STRING
-    return strings.setdefault(text, len(strings))
+class _Strings:
+    """The string table being built: text -> index, and each Meta's three numbers (by identity:
+    the adapter interns Metas, so a table has a handful of them)."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self._metas: dict[int, tuple[int, int, int]] = {}
+
+    def of(self, text: str | None) -> int:
+        if text is None:
+            return NO_STRING
+        found = self.index.get(text)
+        if found is None:
+            found = self.index[text] = len(self.index)
+        return found
+
+    def meta(self, meta: object) -> tuple[int, int, int]:
+        numbers = self._metas.get(id(meta))
+        if numbers is None:
+            if isinstance(meta, Meta):
+                numbers = (int(meta.hook), self.of(meta.in_iface), self.of(meta.out_iface))
+            else:
+                numbers = (0, NO_STRING, NO_STRING)
+            self._metas[id(meta)] = numbers
+        return numbers
 
 
-def _encode_flow(flow: Flow, now: float, strings: dict[str, int]) -> bytes:
+def _encode_flow(flow: Flow, now: float, strings: _Strings, parts: list[bytes]) -> None:
     key = flow.key
     conn = flow.tcp
     flags = (
@@ -149,31 +178,29 @@ def _encode_flow(flow: Flow, now: float, strings: dict[str, int]) -> bytes:
         | (SEEN_REPLY if flow.seen_reply else 0)
         | (TCP if conn is not None else 0)
     )
-    meta = flow.meta
-    if isinstance(meta, Meta):
-        hook, in_iface, out_iface = (
-            int(meta.hook),
-            _index(strings, meta.in_iface),
-            _index(strings, meta.out_iface),
+    hook, in_iface, out_iface = strings.meta(flow.meta)
+    rule = strings.of(flow.rule)
+    parts.append(_U8.pack(len(key)) + key)
+    parts.append(_FLOW.pack(flags, flow.deadline - now, now - flow.created, rule, hook, in_iface, out_iface))
+    if conn is not None:
+        parts.append(
+            _TCP_HEAD.pack(
+                conn.state,
+                conn.last_index,
+                conn.last_dir,
+                conn.last_flags,
+                conn.last_wscale,
+                conn.retrans,
+                1 if conn.assured else 0,
+            )
         )
-    else:
-        hook, in_iface, out_iface = 0, NO_STRING, NO_STRING
-    rule = _index(strings, flow.rule)
-    head = _FLOW.pack(flags, flow.deadline - now, now - flow.created, rule, hook, in_iface, out_iface)
-    record = b"".join((_U8.pack(len(key)), key, head))
-    if conn is None:
-        return record
-    td = conn.td
-    return record + _TCP.pack(
-        conn.state,
-        conn.last_index,
-        conn.last_dir,
-        conn.last_flags,
-        conn.last_wscale,
-        conn.retrans,
-        1 if conn.assured else 0,
-        *(td[i] for i in _TD_ORDER),
-    )
+        parts.append(_words_of(conn.td))
+
+
+def _words_of(td: array[int]) -> bytes:
+    if _TD_AS_STORED:
+        return td.tobytes()
+    return _WORDS.pack(*(td[i] for i in _TD_ORDER))
 
 
 # -- bytes -> flows ------------------------------------------------------------------------------
@@ -194,21 +221,21 @@ def _decode_body(reader: _Reader, now: float, wall: float) -> Restored:
     saved_at, flags, string_count = reader.take(_BODY_HEAD)
     if not math.isfinite(saved_at):
         raise SnapshotError("the save time is not a number")
-    if int(flags) & ~EXACT:
-        raise SnapshotError(f"unknown snapshot flags 0x{int(flags):x}")
-    exact = bool(int(flags) & EXACT)
-    strings = [reader.string() for _ in range(int(string_count))]
+    if flags & ~EXACT:
+        raise SnapshotError(f"unknown snapshot flags 0x{flags:x}")
+    exact = bool(flags & EXACT)
+    strings = [reader.string() for _ in range(string_count)]
     elapsed = wall - saved_at
     went_back = elapsed < 0  # the wall clock was set back: count no time as passed
     elapsed = max(0.0, elapsed)
-    metas: dict[tuple[int, int, int], Meta] = {}
+    decoder = _Decoder(strings, now, elapsed)
     flows: list[Flow] = []
     seen: set[bytes] = set()
     expired = 0
     (count,) = reader.take(_U32)
-    for number in range(1, int(count) + 1):
+    for number in range(1, count + 1):
         try:
-            flow, remaining = _decode_flow(reader, strings, metas, now, elapsed)
+            flow, remaining = decoder.flow(reader)
         except SnapshotError as err:
             raise SnapshotError(f"flow {number}: {err}") from None
         if flow.key in seen:
@@ -255,59 +282,105 @@ class _Reader:
     def left(self) -> int:
         return len(self.body) - self.at
 
-    def take(self, layout: struct.Struct) -> tuple[int | float, ...]:
-        if self.left < layout.size:
-            raise SnapshotError("runs past the end of the snapshot")
-        values = layout.unpack_from(self.body, self.at)
+    def take(self, layout: struct.Struct) -> tuple[Any, ...]:
+        try:
+            values = layout.unpack_from(self.body, self.at)
+        except struct.error:
+            raise SnapshotError("runs past the end of the snapshot") from None
         self.at += layout.size
         return values
 
     def raw(self, size: int) -> bytes:
-        if self.left < size:
+        end = self.at + size
+        if end > len(self.body):
             raise SnapshotError("runs past the end of the snapshot")
-        chunk = self.body[self.at : self.at + size]
-        self.at += size
+        chunk = self.body[self.at : end]
+        self.at = end
         return chunk
 
     def string(self) -> str:
         (size,) = self.take(_U16)
         try:
-            return self.raw(int(size)).decode()
+            return self.raw(size).decode()
         except UnicodeDecodeError:
             raise SnapshotError("a string is not UTF-8") from None
 
 
-def _decode_flow(
-    reader: _Reader, strings: list[str], metas: dict[tuple[int, int, int], Meta], now: float, elapsed: float
-) -> tuple[Flow, float]:
-    """One flow record, and its remaining time at `now` (<= 0: it ran out)."""
-    (key_len,) = reader.take(_U8)
-    key = reader.raw(int(key_len))
-    flags, remaining, age, rule, hook, in_iface, out_iface = reader.take(_FLOW)
-    flags = int(flags)
-    if flags & ~_KNOWN_FLAGS:
-        raise SnapshotError(f"unknown flags 0x{flags:02x}")
-    if not (math.isfinite(remaining) and math.isfinite(age)):
-        raise SnapshotError("a time is not a number")
-    remaining -= elapsed
-    flow = Flow(key, bool(flags & ORIG_A), now)
-    flow.created = now - max(0.0, age) - elapsed
-    flow.deadline = now + remaining
-    flow.assured = bool(flags & ASSURED)
-    flow.seen_reply = bool(flags & SEEN_REPLY)
-    flow.rule = _string_at(strings, int(rule))
-    flow.meta = _meta(metas, strings, int(hook), int(in_iface), int(out_iface))
-    _check_key(flow)
-    is_tcp = key[0] == PROTO_TCP
-    if bool(flags & TCP) != is_tcp:
-        raise SnapshotError("TCP state on a non-TCP flow" if not is_tcp else "TCP flow without TCP state")
-    if is_tcp:
-        flow.tcp = _decode_tcp(reader.take(_TCP))
-    return flow, remaining
+class _Decoder:
+    """What the flow records refer to: the string table, and Metas and key checks already done."""
+
+    def __init__(self, strings: list[str], now: float, elapsed: float) -> None:
+        self.strings = strings
+        self.now = now
+        self.elapsed = elapsed
+        self._metas: dict[tuple[int, int, int], Meta | None] = {}
+        self._key_forms: set[tuple[int, int, int]] = set()
+
+    def flow(self, reader: _Reader) -> tuple[Flow, float]:
+        """One flow record, and its remaining time at `now` (<= 0: it ran out)."""
+        (key_len,) = reader.take(_U8)
+        key = reader.raw(key_len)
+        flags, remaining, age, rule, hook, in_iface, out_iface = reader.take(_FLOW)
+        if flags & ~_KNOWN_FLAGS:
+            raise SnapshotError(f"unknown flags 0x{flags:02x}")
+        if not (math.isfinite(remaining) and math.isfinite(age)):
+            raise SnapshotError("a time is not a number")
+        now, elapsed = self.now, self.elapsed
+        remaining -= elapsed
+        flow = Flow(key, bool(flags & ORIG_A), now)
+        flow.created = now - max(0.0, age) - elapsed
+        flow.deadline = now + remaining
+        flow.assured = bool(flags & ASSURED)
+        flow.seen_reply = bool(flags & SEEN_REPLY)
+        flow.rule = self.string(rule)
+        flow.meta = self.meta(hook, in_iface, out_iface)
+        self.check_key(flow)
+        is_tcp = key[0] == PROTO_TCP
+        if bool(flags & TCP) != is_tcp:
+            raise SnapshotError("TCP state on a non-TCP flow" if not is_tcp else "TCP flow without TCP state")
+        if is_tcp:
+            flow.tcp = _decode_tcp(reader.take(_TCP_HEAD), reader.raw(_WORDS.size))
+        return flow, remaining
+
+    def string(self, index: int) -> str | None:
+        if index == NO_STRING:
+            return None
+        if index >= len(self.strings):
+            raise SnapshotError(f"string {index} of {len(self.strings)}")
+        return self.strings[index]
+
+    def meta(self, hook: int, in_iface: int, out_iface: int) -> Meta | None:
+        """The first packet's Meta, one object per distinct value (as the adapter interns them)."""
+        numbers = (hook, in_iface, out_iface)
+        if numbers in self._metas:
+            return self._metas[numbers]
+        meta = None
+        if hook != 0:
+            if hook not in _HOOKS:
+                raise SnapshotError(f"unknown hook {hook}")
+            meta = Meta(_HOOKS[hook], self.string(in_iface), self.string(out_iface))
+        self._metas[numbers] = meta
+        return meta
+
+    def check_key(self, flow: Flow) -> None:
+        """A key conntrack can read back; the answer depends on the protocol, the length and
+        (ICMP) the type only, so each form is checked once."""
+        key = flow.key
+        if not key:
+            raise SnapshotError("malformed flow key")
+        form = (key[0], len(key), key[1] if key[0] in (PROTO_ICMP, PROTO_ICMPV6) else 0)
+        if form in self._key_forms:
+            return
+        if first_packet(flow) is None:
+            raise SnapshotError("malformed flow key")
+        queries = {PROTO_ICMP: ICMP_QUERIES, PROTO_ICMPV6: ICMPV6_QUERIES}.get(key[0])
+        if queries is not None and key[1] not in queries:
+            raise SnapshotError(f"ICMP flow of type {key[1]}, not a query")
+        self._key_forms.add(form)
 
 
-def _decode_tcp(fields: tuple[int | float, ...]) -> TcpConn:
-    state, last_index, last_dir, last_flags, last_wscale, retrans, assured, *words = (int(v) for v in fields)
+def _decode_tcp(head: tuple[int, ...], words: bytes) -> TcpConn:
+    state, last_index, last_dir, last_flags, last_wscale, retrans, assured = head
     if not sNO < state < STATE_COUNT:
         raise SnapshotError(f"TCP state {state} out of range")
     if last_index >= _FLAG_CLASSES or last_dir > 1:
@@ -320,12 +393,15 @@ def _decode_tcp(fields: tuple[int | float, ...]) -> TcpConn:
     conn.last_wscale = min(last_wscale, MAX_WSCALE)
     conn.retrans = retrans
     conn.assured = bool(assured)
-    td = conn.td
-    for offset, value in zip(_TD_ORDER, words, strict=True):
-        td[offset] = value
+    if _TD_AS_STORED:
+        conn.td = array("I", words)
+    else:
+        td = conn.td
+        for offset, value in zip(_TD_ORDER, _WORDS.unpack(words), strict=True):
+            td[offset] = value
     for offset in _SCALE_WORDS:
-        if td[offset] > MAX_WSCALE:
-            raise SnapshotError(f"TCP window scale {td[offset]} out of range")
+        if conn.td[offset] > MAX_WSCALE:
+            raise SnapshotError(f"TCP window scale {conn.td[offset]} out of range")
     return conn
 
 
@@ -340,38 +416,6 @@ def _relearn_windows(conn: TcpConn) -> None:
         td[base + END] = td[base + MAXEND] = td[base + MAXWIN] = td[base + MAXACK] = 0
         td[base + FLAGS] = (td[base + FLAGS] & _KEPT_ON_RELEARN) | F_BE_LIBERAL
     conn.retrans = 0
-
-
-def _check_key(flow: Flow) -> None:
-    key = flow.key
-    if not key or first_packet(flow) is None:
-        raise SnapshotError("malformed flow key")
-    queries = {PROTO_ICMP: ICMP_QUERIES, PROTO_ICMPV6: ICMPV6_QUERIES}.get(key[0])
-    if queries is not None and key[1] not in queries:
-        raise SnapshotError(f"ICMP flow of type {key[1]}, not a query")
-
-
-def _string_at(strings: list[str], index: int) -> str | None:
-    if index == NO_STRING:
-        return None
-    if index >= len(strings):
-        raise SnapshotError(f"string {index} of {len(strings)}")
-    return strings[index]
-
-
-def _meta(
-    metas: dict[tuple[int, int, int], Meta], strings: list[str], hook: int, in_iface: int, out_iface: int
-) -> Meta | None:
-    """The first packet's Meta, one object per distinct value (as the adapter interns them)."""
-    if hook == 0:
-        return None
-    if hook not in _HOOKS:
-        raise SnapshotError(f"unknown hook {hook}")
-    meta = metas.get((hook, in_iface, out_iface))
-    if meta is None:
-        meta = Meta(_HOOKS[hook], _string_at(strings, in_iface), _string_at(strings, out_iface))
-        metas[(hook, in_iface, out_iface)] = meta
-    return meta
 
 
 # -- into the table ------------------------------------------------------------------------------
