@@ -15,8 +15,9 @@ forgotten: each direction learns its window anew from its next packet, and the c
 liberal, as the kernel does for a connection it picked up mid-stream (only an RST must still
 be in window). State, options (window scale, SACK), ASSURED and timeouts are kept.
 
-`_encode_flow` and `_decode_flow` are the only code here that knows the layout of Flow and
-TcpConn: a change of that layout changes these two functions, not the format.
+Only `_encode_flow` and `_words_of` (writing), `_Decoder.flow`, `_decode_tcp` and
+`_relearn_windows` (reading) know the layout of Flow and TcpConn: a change of that layout
+changes them, not the format (tests/unit/test_snapshot.py checks every field both ways).
 
 Format, version 1, little-endian:
 
