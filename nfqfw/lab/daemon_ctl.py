@@ -137,16 +137,20 @@ def start_daemon(
     policy: str | os.PathLike[str],
     queue: int = 0,
     timeout: float = READY_TIMEOUT,
+    wrapper: Sequence[str] = (),
     extra: Sequence[str] = (),
 ) -> Daemon:
     """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
-    `extra`: more `nfqfw run` arguments (e.g. --snapshot-interval)."""
+
+    `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
+    then the wrapper's. `extra`: more `nfqfw run` arguments (e.g. --snapshot-interval).
+    """
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
     run = ("run", "--config", config, "--queue", str(queue), "--state-dir", str(state.state_dir), *extra)
-    argv = in_ns(topology.gw, sys.executable, "-m", "nfqfw", *run)
+    argv = in_ns(topology.gw, *wrapper, sys.executable, "-m", "nfqfw", *run)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))
         env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}
