@@ -281,15 +281,21 @@ def test_queue_already_bound(fresh_lab: Lab) -> None:
     assert other.stdout is not None and other.stdout.readline().strip() == "bound"
     config = fresh_lab.tmp / "policy.yaml"
     config.write_text(POLICY)
-    result = nfqfw("run", "--config", str(config))
-    assert (result.returncode, result.stderr) == (1, "nfqfw: queue 0 is already bound by another process\n")
+    state = fresh_lab.tmp / "state"
+    result = nfqfw("run", "--config", str(config), "--state-dir", str(state))
+    # The flow snapshot is restored before the queue is bound: its log line comes first.
+    *logged, error = result.stderr.splitlines()
+    assert (result.returncode, error) == (1, "nfqfw: queue 0 is already bound by another process")
+    assert len(logged) == 1 and logged[0].endswith(
+        f"INFO nfqfw: no flow snapshot at {state}/flows.snapshot: starting with an empty flow table"
+    )
     assert not [line for line in iptables_save(GW) if "NFQFW" in line]  # nothing installed
 
 
 def test_invalid_config_prints_located_errors(fresh_lab: Lab) -> None:
     config = fresh_lab.tmp / "policy.yaml"
     config.write_text(POLICY.replace("action: accept", "action: allow"))
-    result = nfqfw("run", "--config", str(config))
+    result = nfqfw("run", "--config", str(config), "--state-dir", str(fresh_lab.tmp / "state"))
     assert (result.returncode, result.stderr) == (
         1,
         f"nfqfw: {config}:13:13: egress rule 'web': action: expected accept, drop or reject, got 'allow'\n",
@@ -298,7 +304,7 @@ def test_invalid_config_prints_located_errors(fresh_lab: Lab) -> None:
 
 def test_missing_config_file(fresh_lab: Lab) -> None:
     absent = fresh_lab.tmp / "absent.yaml"
-    result = nfqfw("run", "--config", str(absent))
+    result = nfqfw("run", "--config", str(absent), "--state-dir", str(fresh_lab.tmp / "state"))
     assert (result.returncode, result.stderr) == (
         1,
         f"nfqfw: {absent}:1:1: cannot read: No such file or directory\n",
