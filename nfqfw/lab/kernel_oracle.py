@@ -18,7 +18,8 @@ into the gateway from one side and says what the kernel did with it::
   sentinel comes out on the far side the packet's fate is decided: this thread is pinned to one
   CPU, and the kernel handles what one CPU queued in order.
 - The outcome: "accept" if the packet came out on the far side; "reject" if a TCP RST or an
-  ICMP error about it came back to the sender; else "drop".
+  ICMP error about it came back to the sender; else "drop". The fragments of one datagram are
+  judged together (the kernel reassembles them before conntrack and forwards all or none).
 - A packet socket in the gateway (all interfaces, incoming only, kernel timestamps) records
   the packets as they arrived there: `arrivals` is the capture to replay through nfqfw.
 
@@ -48,6 +49,7 @@ from nfqfw.lab.topology import build as build_topology
 
 DEFAULT_PREFIX = "nfqk-"
 ETH_P_ALL = 0x0003
+IPPROTO_FRAGMENT = 44
 ETHERTYPE = {4: 0x0800, 6: 0x86DD}
 PACKET_OUTGOING = 4
 SO_TIMESTAMPNS = 35  # asm-generic/socket.h (x86, arm, ...); not exported by Python's socket module
@@ -153,9 +155,14 @@ def ip_of(frame: bytes) -> bytes | None:
 
 
 def identity(ip: bytes) -> bytes:
-    """The packet without what forwarding changes: TTL / hop limit and the IPv4 header checksum."""
+    """The packet without what forwarding changes: TTL / hop limit, the IPv4 header checksum, and
+    the identification of an IPv6 fragment header right after the fixed header (the kernel sends
+    a reassembled datagram on in fragments of the same sizes, but under an identification of its
+    own)."""
     if ip[0] >> 4 == 4:
         return ip[:8] + b"\0\0\0\0" + ip[12:]
+    if ip[6] == IPPROTO_FRAGMENT and len(ip) >= 48:
+        return ip[:7] + b"\0" + ip[8:44] + b"\0\0\0\0" + ip[48:]
     return ip[:7] + b"\0" + ip[8:]
 
 
@@ -272,20 +279,27 @@ class KernelOracle:
             os.sched_setaffinity(0, self._affinity)
             self._affinity = None
 
-    def judge(self, side: str, ip: bytes) -> str:
-        """Send `ip` into the gateway from `side` ("wan" or "lan"): "accept", "drop" or "reject"."""
+    def judge(self, side: str, packets: Sequence[bytes]) -> str:
+        """Send `packets` (one, or the fragments of one datagram) into the gateway from `side`
+        ("wan" or "lan"), then ask what the kernel did: "accept" if all came out on the far side,
+        "partial" if only some did, "reject" if the sender got an RST / ICMP error about one
+        of them, else "drop"."""
         far_side = "lan" if side == "wan" else "wan"
         sender, far = self._ports[side], self._ports[far_side]
         sender.incoming()  # forget whatever came before
         far.incoming()
         sentinel = self._sentinel(side, far_side)
-        sender.send(ip)
+        for ip in packets:
+            sender.send(ip)
         sender.send(sentinel)
-        came_out = self._wait_for(far, identity(ip), identity(sentinel))
-        self._record_arrival(ip)
-        if came_out:
+        wanted = {identity(ip) for ip in packets}
+        came_out = self._came_out(far, wanted, identity(sentinel))
+        self._record_arrivals(packets)
+        if came_out == wanted:
             return "accept"
-        if any(answers(reply, ip) for reply in sender.incoming()):
+        if came_out:
+            return "partial"
+        if any(answers(reply, ip) for reply in sender.incoming() for ip in packets):
             return "reject"
         return "drop"
 
@@ -297,35 +311,48 @@ class KernelOracle:
             src, dst, build.PROTO_UDP, build.udp(src, dst, SENTINEL_PORT, SENTINEL_PORT, payload)
         )
 
-    def _wait_for(self, far: _Port, wanted: bytes, sentinel: bytes) -> bool:
-        """Read the far side until the sentinel comes out; whether `wanted` came out before it."""
-        seen = False
+    def _came_out(self, far: _Port, wanted: set[bytes], sentinel: bytes) -> set[bytes]:
+        """Read the far side until the sentinel comes out; which of `wanted` came out before it."""
+        seen: set[bytes] = set()
         deadline = time.monotonic() + SENTINEL_WAIT
         while True:
             for ip in far.incoming():
                 got = identity(ip)
                 if got == sentinel:
                     return seen
-                seen = seen or got == wanted
+                if got in wanted:
+                    seen.add(got)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise LabError(f"the sentinel did not come out on {far.host.ns} within {SENTINEL_WAIT:g} s")
             select.select([far.sock], [], [], left)
 
-    def _record_arrival(self, ip: bytes) -> None:
-        """Move the gateway's copy of `ip` from the tap to `arrivals` (exactly one must be there)."""
+    def _record_arrivals(self, packets: Sequence[bytes]) -> None:
+        """Move the gateway's copies of `packets` from the tap to `arrivals`: each exactly once,
+        in the order sent, or LabError.
+
+        Matched by identity, and the packet recorded as sent: a packet socket's copy shares its
+        buffer with the packet, and the kernel rewrites held fragments in place when it forwards
+        the reassembled datagram (what we read later has the outgoing TTL, checksum and IPv6
+        fragment identification).
+        """
         assert self._tap is not None
+        wanted = [identity(ip) for ip in packets]
         found = []
         while True:
             try:
                 frame, ancillary, _flags, address = self._tap.recvmsg(65535, socket.CMSG_SPACE(16))
             except BlockingIOError:
                 break
-            if address[2] != PACKET_OUTGOING and ip_of(frame) == ip:
-                found.append(Arrival(_timestamp(ancillary), address[0], frame))
-        if len(found) != 1:
-            raise LabError(f"the gateway received the packet {len(found)} times, expected once")
-        self.arrivals.append(found[0])
+            ip = ip_of(frame)
+            if address[2] != PACKET_OUTGOING and ip is not None and identity(ip) in wanted:
+                sent = packets[wanted.index(identity(ip))]
+                found.append(Arrival(_timestamp(ancillary), address[0], frame[:14] + sent))
+        if [arrival.frame[14:] for arrival in found] != list(packets):
+            raise LabError(
+                f"the gateway received {len(found)} of the {len(packets)} packets sent, or not in order"
+            )
+        self.arrivals += found
 
 
 def _timestamp(ancillary: list[tuple[int, int, bytes]]) -> float:

@@ -26,14 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
     ICMPv6EchoReply,
     ICMPv6EchoRequest,
+    ICMPv6ND_NS,
     ICMPv6PacketTooBig,
     ICMPv6TimeExceeded,
+    ICMPv6Unknown,
     IPv6,
+    IPv6ExtHdrFragment,
+    fragment6,
 )
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
@@ -44,6 +48,7 @@ from nfqfw.lab.kernel_oracle import Arrival, kernel_gateway
 pytestmark = pytest.mark.lab
 
 ACCEPT, DROP, REJECT = "accept", "drop", "reject"
+PARTIAL = "partial"  # some fragments of a datagram passed, not all
 
 POLICY = """\
 zones:
@@ -53,6 +58,7 @@ defaults: {ingress: drop, egress: accept, invalid: drop}
 ingress:
   - {name: mail, proto: tcp, to: [10.0.0.25, fd00::25], ports: [25, 587], action: accept}
   - {name: no-ident, proto: tcp, ports: [113], action: reject}
+  - {name: syslog, proto: udp, to: [10.0.0.25, fd00::25], ports: [514], action: accept}
 egress:
   - {name: no-smb-out, proto: tcp, ports: [445], action: reject}
   - {name: no-telnet, proto: tcp, ports: [23], action: drop}
@@ -71,6 +77,7 @@ def forward_rules(family: int) -> list[str]:
         "-m conntrack --ctstate INVALID -j DROP",
         f"-i wan0 {new} -p tcp -d {mail_host} -m multiport --dports 25,587 -j ACCEPT",
         f"-i wan0 {new} -p tcp --dport 113 -j REJECT --reject-with tcp-reset",
+        f"-i wan0 {new} -p udp -d {mail_host} --dport 514 -j ACCEPT",
         f"-i lan0 {new} -p tcp --dport 445 -j REJECT --reject-with tcp-reset",
         f"-i lan0 {new} -p tcp --dport 23 -j DROP",
         f"-i lan0 {new} -p udp --dport 137 -j REJECT --reject-with {port_unreachable}",
@@ -86,6 +93,7 @@ class Family:
     lan: str  # the inside host
     lan2: str  # another inside address, reached through the inside host (not its own)
     wan: str  # the outside host
+    wan2: str  # another outside address, reached through the outside host
     router: str  # an outside router: only the source of ICMP errors
 
     def ip(self, src: str, dst: str) -> Packet:
@@ -117,9 +125,9 @@ class Family:
         return self.ip(src, dst) / layer / body
 
 
-V4 = Family("ipv4", "10.0.0.25", "10.0.0.26", "203.0.113.10", "203.0.113.254")
-V6 = Family("ipv6", "fd00::25", "fd00::26", "2001:db8:1::10", "2001:db8:1::fe")
-NEIGHBOURS = {"wan": [V4.wan, V6.wan], "lan": [V4.lan, V4.lan2, V6.lan, V6.lan2]}
+V4 = Family("ipv4", "10.0.0.25", "10.0.0.26", "203.0.113.10", "203.0.113.11", "203.0.113.254")
+V6 = Family("ipv6", "fd00::25", "fd00::26", "2001:db8:1::10", "2001:db8:1::11", "2001:db8:1::fe")
+NEIGHBOURS = {"wan": [V4.wan, V4.wan2, V6.wan, V6.wan2], "lan": [V4.lan, V4.lan2, V6.lan, V6.lan2]}
 INSIDE = (V4.lan, V4.lan2, V6.lan, V6.lan2)
 
 
@@ -129,8 +137,8 @@ INSIDE = (V4.lan, V4.lan2, V6.lan, V6.lan2)
 @dataclass
 class Step:
     what: str
-    side: str  # where the packet enters the gateway: "wan" or "lan"
-    packet: bytes
+    side: str  # where the packets enter the gateway: "wan" or "lan"
+    packets: tuple[bytes, ...]  # one packet, or the fragments of one datagram
     expect: str  # the kernel's verdict, and nfqfw's unless `nfqfw` says otherwise
     nfqfw: str | None = None  # a documented, deliberate difference: nfqfw's verdict ...
     why: str = ""  # ... and the reason
@@ -138,21 +146,46 @@ class Step:
 
 @dataclass
 class Script:
-    """One scenario: packets in order, each marked uniquely (IPv4 id / IPv6 flow label)."""
+    """One scenario: packets in order, each datagram marked uniquely (IPv4 id / IPv6 flow label)."""
 
     name: str
     markers: Iterator[int]
     steps: list[Step] = field(default_factory=list)
 
     def send(self, pkt: Packet, expect: str, what: str) -> bytes:
-        if IPv6 in pkt:
-            pkt[IPv6].fl = next(self.markers)
-        else:
-            pkt[IP].id = next(self.markers)
+        self._mark(pkt)
         data = bytes(pkt)
-        side = "lan" if (pkt[IPv6].src if IPv6 in pkt else pkt[IP].src) in INSIDE else "wan"
-        self.steps.append(Step(what, side, data, expect))
+        self.steps.append(Step(what, side_of(pkt), (data,), expect))
         return data
+
+    def send_fragments(
+        self, pkt: Packet, expect: str, what: str, order: tuple[int, ...] = (0, 1, 2)
+    ) -> bytes:
+        """Send `pkt` (IP/UDP, > 2800 bytes) as three fragments, in `order`; returns the datagram."""
+        marker = self._mark(pkt)
+        if IPv6 in pkt:
+            layer = pkt[IPv6]
+            pkt = (
+                IPv6(src=layer.src, dst=layer.dst, fl=marker) / IPv6ExtHdrFragment(id=marker) / layer.payload
+            )
+            pieces = fragment6(pkt, 1400)
+        else:
+            pieces = fragment(pkt, fragsize=1400)
+        assert len(pieces) == 3, len(pieces)
+        self.steps.append(Step(what, side_of(pkt), tuple(bytes(pieces[i]) for i in order), expect))
+        return bytes(pkt)
+
+    def _mark(self, pkt: Packet) -> int:
+        marker = next(self.markers)
+        if IPv6 in pkt:
+            pkt[IPv6].fl = marker
+        else:
+            pkt[IP].id = marker
+        return marker
+
+
+def side_of(pkt: Packet) -> str:
+    return "lan" if (pkt[IPv6].src if IPv6 in pkt else pkt[IP].src) in INSIDE else "wan"
 
 
 CLIENT, SERVER = 0, 1
@@ -161,7 +194,7 @@ MASK = 0xFFFFFFFF
 
 class Tcp:
     """One TCP conversation: builds segments with the right sequence numbers, like a packetdrill
-    script. Accepted segments advance their sender's next sequence number."""
+    script, each side's next sequence number kept as the segments go."""
 
     def __init__(
         self, script: Script, family: Family, client: str, cport: int, server: str, sport: int,
@@ -188,16 +221,17 @@ class Tcp:
         self, who: int, flags: str, expect: str, what: str, data: bytes, fields: dict[str, object]
     ) -> bytes:
         (src, sport), (dst, dport) = self.ends[who], self.ends[1 - who]
+        # Only an accepted segment sent at the next sequence number moves it on: one with a
+        # chosen `seq` is a retransmission, a forgery or ignored by conntrack.
+        advance = expect == ACCEPT and "seq" not in fields
         seq = fields.pop("seq", self.nxt[who])
         ack = fields.pop("ack", self.nxt[1 - who] if "A" in flags else 0)
         window = fields.pop("window", self.windows[who])
         segment = TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=window, **fields)
         pkt = self.family.ip(src, dst) / segment / Raw(data) if data else self.family.ip(src, dst) / segment
         label = what or f"{'client' if who == CLIENT else 'server'} {flags}{f' +{len(data)}' if data else ''}"
-        if expect == ACCEPT:
-            end = (int(seq) + len(data) + ("S" in flags) + ("F" in flags)) & MASK
-            if (end - self.nxt[who]) & MASK < 1 << 31:
-                self.nxt[who] = end
+        if advance:
+            self.nxt[who] = (int(seq) + len(data) + ("S" in flags) + ("F" in flags)) & MASK
         return self.script.send(pkt, expect, label)
 
 
@@ -327,6 +361,94 @@ class Scenarios:
         t.c("PA", ACCEPT, data=b"u" * 10)
         t.s("PA", ACCEPT, data=b"v" * 10)
 
+    def tcp_syn_in_established(self, f: Family) -> None:
+        # The client lost its connection and starts over on the same ports (kernel selftest
+        # conntrack_syn_challenge_ack): the SYN is ignored, the server's challenge ACK passes, the
+        # client's RST for it closes the entry, and the next SYN opens a new one.
+        t = self.egress(self.script(f"tcp-syn-in-established-{f.name}"), f, 80)
+        t.handshake()
+        t.c("PA", ACCEPT, data=b"e" * 50)
+        t.s("A", ACCEPT)
+        challenged = t.nxt[CLIENT]
+        t.c("S", ACCEPT, "new SYN in ESTABLISHED: ignored, passes", seq=2_000_000_000)
+        t.s("A", ACCEPT, "server's challenge ACK", ack=challenged)
+        t.c("R", ACCEPT, "client's RST for the challenge ACK", seq=challenged)
+        again = Tcp(t.script, f, *t.ends[0], *t.ends[1], cseq=2_000_000_000, sseq=5_000_000)
+        again.handshake("after the RST, a new ")
+        again.c("PA", ACCEPT, data=b"f" * 10)
+
+    def tcp_synack_resync(self, f: Family) -> None:
+        # A SYN ignored in ESTABLISHED and the server's SYN-ACK for it: conntrack resynchronises
+        # on the new connection, and the old sequence numbers are out of the window from then on.
+        t = self.egress(self.script(f"tcp-synack-resync-{f.name}"), f, 80)
+        t.handshake()
+        old = t.nxt[CLIENT]
+        t.c("PA", ACCEPT, data=b"o" * 50)
+        new = Tcp(t.script, f, *t.ends[0], *t.ends[1], cseq=3_500_000_000, sseq=900_000_000)
+        new.c("S", ACCEPT, "new SYN in ESTABLISHED: ignored, passes")
+        new.s("SA", ACCEPT, "SYN-ACK answering it: resynchronised")
+        new.c("A", ACCEPT)
+        new.c("PA", ACCEPT, "data of the new connection", data=b"p" * 10)
+        new.s("A", ACCEPT)
+        t.c("PA", DROP, "data with the old connection's numbers", data=b"o" * 10, seq=old + 50)
+
+    def tcp_rst_before_reply(self, f: Family) -> None:
+        script = self.script(f"tcp-rst-before-reply-{f.name}")
+        t = self.egress(script, f, 80)
+        t.c("S", ACCEPT)
+        t.s("RA", ACCEPT, "RST-ACK answering the SYN: passes, the entry is removed")
+        t.s("SA", DROP, "a SYN-ACK after it: no entry")
+        aborted = self.egress(script, f, 80)
+        aborted.c("S", ACCEPT)
+        aborted.c("R", ACCEPT, "the client aborts in SYN_SENT: passes, the entry is removed", seq=1001)
+        aborted.s("SA", DROP, "the SYN-ACK arriving late: no entry")
+        wrong = self.egress(script, f, 80)
+        wrong.c("S", ACCEPT)
+        wrong.s("SA", DROP, "SYN-ACK acknowledging more than the SYN", ack=wrong.nxt[CLIENT] + 100)
+        wrong.s("SA", ACCEPT, "the right SYN-ACK")
+        wrong.c("A", ACCEPT)
+
+    def tcp_window_edges(self, f: Family) -> None:
+        # The server offers a 1000-byte window (no scaling): sequence checks at its edges.
+        t = self.egress(self.script(f"tcp-window-edges-{f.name}"), f, 80, windows=(64240, 1000))
+        t.handshake()
+        first = t.nxt[CLIENT]
+        t.c("PA", ACCEPT, data=b"1" * 600)
+        t.s("A", ACCEPT, window=1000)
+        edge = (first + 600 + 1000 + 10) & MASK  # 10 bytes past the right edge of the window
+        t.c("PA", ACCEPT, "data starting just past the window: ignored, passes", data=b"2" * 100, seq=edge)
+        t.c("PA", DROP, "data starting far past the window", data=b"3" * 100, seq=(edge + 5000) & MASK)
+        t.c("PA", ACCEPT, "the data the window allows", data=b"4" * 1000)
+        t.s("A", ACCEPT, window=1000)
+        t.c("PA", ACCEPT, "a retransmission of the oldest data: ignored, passes", data=b"1" * 600, seq=first)
+
+    def tcp_ack_loss_stall(self, f: Family) -> None:
+        # Kernel selftest conntrack_ack_loss_stall: after ~70 KB acknowledged, a retransmission
+        # of the first bytes and a stale ACK are below the lower bounds: ignored, not invalid.
+        t = Tcp(self.script(f"tcp-ack-loss-stall-{f.name}"), f, f.lan, next(self.ports), f.wan, 80)
+        t.handshake()
+        start = t.nxt[SERVER]
+        t.c("PA", ACCEPT, "request", data=b"GET /big\r\n")
+        for burst in (40, 10):
+            for n in range(burst):
+                t.s("A", ACCEPT, f"server data {n + 1}/{burst}", data=b"D" * 1400)
+            t.c("A", ACCEPT, "client ACKs them all")
+        t.s("PA", ACCEPT, "server retransmits the first segment", data=b"D" * 1400, seq=start)
+        t.c("A", ACCEPT, "a stale client ACK of the first segment", ack=start + 1400)
+        t.c("PA", ACCEPT, "the connection goes on", data=b"bye")
+
+    def tcp_close_from_outside(self, f: Family) -> None:
+        t = self.egress(self.script(f"tcp-close-from-outside-{f.name}"), f, 80)
+        t.handshake()
+        t.s("FA", ACCEPT, "server FIN")
+        t.c("A", ACCEPT, "client ACK: CLOSE_WAIT")
+        t.c("PA", ACCEPT, "client data in CLOSE_WAIT", data=b"late" * 5)
+        t.s("A", ACCEPT)
+        t.s("FA", ACCEPT, "server FIN retransmitted", seq=t.nxt[SERVER] - 1)
+        t.c("FA", ACCEPT, "client FIN: LAST_ACK")
+        t.s("A", ACCEPT, "server ACK: TIME_WAIT")
+        t.c("PA", ACCEPT, "in-window data in TIME_WAIT: no check that it follows a FIN", data=b"x" * 10)
+
     def tcp_ingress(self, f: Family) -> None:
         script = self.script(f"tcp-ingress-{f.name}")
         mail = Tcp(script, f, f.wan, next(self.ports), f.lan, 25)
@@ -363,6 +485,11 @@ class Scenarios:
             f.ip(f.wan, f.lan) / UDP(sport=54, dport=port) / b"x", DROP, "from another port: new, ingress"
         )
         script.send(f.ip(f.wan, f.lan) / UDP(sport=53, dport=5353) / b"x", DROP, "unsolicited: ingress")
+        reply = script.send(
+            f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / b"answer 3", ACCEPT, "third reply"
+        )
+        script.send(f.error(f.lan, f.wan, "port-unreachable", reply), ACCEPT,
+                    "port unreachable from inside quoting the reply: RELATED")  # fmt: skip
         netbios = f.ip(f.lan, f.wan) / UDP(sport=next(self.ports), dport=137) / b"nb"
         script.send(netbios, REJECT, "to port 137: rule no-netbios rejects")
 
@@ -376,6 +503,47 @@ class Scenarios:
         script.send(f.echo(f.wan, f.lan, other, 1), DROP, "echo request from outside: ingress")
         script.send(f.echo(f.lan, f.wan, ident, 2), ACCEPT, "second request")
         script.send(f.echo(f.wan, f.lan, ident, 2, reply=True), ACCEPT, "second reply")
+        script.send(f.echo(f.wan2, f.lan, ident, 2, reply=True), DROP, "the right id from another host")
+        script.send(f.echo(f.lan, f.wan2, ident, 3), ACCEPT, "the same id to that host: a flow of its own")
+        script.send(f.echo(f.wan2, f.lan, ident, 3, reply=True), ACCEPT, "its reply")
+
+    def icmp_types(self, f: Family) -> None:
+        script = self.script(f"icmp-types-{f.name}")
+        ident = next(self.idents)
+        if f is V4:
+            script.send(
+                IP(src=f.lan, dst=f.wan) / ICMP(type=13, id=ident, seq=1), ACCEPT, "timestamp request"
+            )
+            script.send(IP(src=f.wan, dst=f.lan) / ICMP(type=14, id=ident, seq=1), ACCEPT, "timestamp reply")
+            script.send(IP(src=f.wan, dst=f.lan) / ICMP(type=9), DROP, "router advertisement: no flow")
+            script.send(IP(src=f.lan, dst=f.wan) / ICMP(type=42), DROP, "unknown type 42: INVALID")
+            return
+        query = b"\x00\x02\x00\x00" + bytes(range(8))  # node information query: qtype 2, nonce
+        script.send(IPv6(src=f.lan, dst=f.wan) / ICMPv6Unknown(type=139, msgbody=query), ACCEPT,
+                    "node information query")  # fmt: skip
+        script.send(IPv6(src=f.wan, dst=f.lan) / ICMPv6Unknown(type=140, msgbody=query), ACCEPT,
+                    "node information reply")  # fmt: skip
+        script.send(IPv6(src=f.lan, dst=f.wan) / ICMPv6Unknown(type=200, msgbody=b"\0" * 8), DROP,
+                    "unknown type 200: INVALID")  # fmt: skip
+        script.send(IPv6(src=f.wan, dst=f.lan, hlim=255) / ICMPv6ND_NS(tgt=f.lan), DROP,
+                    "neighbour solicitation to be forwarded: untracked, not forwarded")  # fmt: skip
+
+    def fragments(self, f: Family) -> None:
+        script = self.script(f"fragments-{f.name}")
+        port = next(self.ports)
+        script.send(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / b"query", ACCEPT, "request")
+        script.send_fragments(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / (b"R" * 3000), ACCEPT,
+                              "a reply in 3 fragments")  # fmt: skip
+        script.send_fragments(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / (b"Q" * 3000), ACCEPT,
+                              "a request in 3 fragments")  # fmt: skip
+        script.send_fragments(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port + 1) / (b"U" * 3000), DROP,
+                              "unsolicited, in 3 fragments")  # fmt: skip
+        script.send_fragments(f.ip(f.wan, f.lan) / UDP(sport=next(self.ports), dport=514) / (b"L" * 3000),
+                              ACCEPT, "to port 514 from outside, in 3 fragments: rule syslog")  # fmt: skip
+        script.send_fragments(f.ip(f.lan, f.wan) / UDP(sport=next(self.ports), dport=137) / (b"N" * 3000),
+                              REJECT, "to port 137 from inside, in 3 fragments: rule no-netbios")  # fmt: skip
+        script.send_fragments(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / (b"S" * 3000), ACCEPT,
+                              "a reply in 3 fragments, the first one last", order=(1, 2, 0))  # fmt: skip
 
     def icmp_errors(self, f: Family) -> None:
         script = self.script(f"icmp-errors-{f.name}")
@@ -412,11 +580,19 @@ class Scenarios:
             self.tcp_rst(f)
             self.tcp_syn_retransmit(f)
             self.tcp_simultaneous_open(f)
+            self.tcp_syn_in_established(f)
+            self.tcp_synack_resync(f)
+            self.tcp_rst_before_reply(f)
+            self.tcp_window_edges(f)
+            self.tcp_ack_loss_stall(f)
+            self.tcp_close_from_outside(f)
             self.tcp_ingress(f)
             self.tcp_egress_rules(f)
             self.udp(f)
             self.icmp_echo(f)
             self.icmp_errors(f)
+            self.icmp_types(f)
+            self.fragments(f)
         return self.scripts
 
 
@@ -455,28 +631,36 @@ def replay(policy: Path, capture: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
+def combined(verdicts: list[str]) -> str:
+    """nfqfw's verdict on a datagram from those on its fragments, in the oracle's terms."""
+    if all(v == ACCEPT for v in verdicts):
+        return ACCEPT
+    return PARTIAL if ACCEPT in verdicts else verdicts[0]
+
+
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Judged]]:
     steps = [step for script in SCRIPTS for step in script.steps]
     with kernel_gateway(forward_rules(4), forward_rules(6), NEIGHBOURS, V4.wan, V4.lan) as oracle:
-        kernel = [oracle.judge(step.side, step.packet) for step in steps]
+        kernel = [oracle.judge(step.side, step.packets) for step in steps]
         arrivals = list(oracle.arrivals)
     # The capture holds exactly the judged packets, in order, each on the interface it came in by.
-    assert [(a.iface, a.frame[14:]) for a in arrivals] == [(f"{s.side}0", s.packet) for s in steps]
+    sent = [(f"{step.side}0", packet) for step in steps for packet in step.packets]
+    assert [(a.iface, a.frame[14:]) for a in arrivals] == sent
     directory = tmp_path_factory.mktemp("kernel-agreement")
     policy, capture = directory / "policy.yaml", directory / "gateway.pcapng"
     policy.write_text(POLICY)
     write_capture(capture, arrivals)
-    lines = replay(policy, capture)
-    assert [line["n"] for line in lines] == list(range(1, len(steps) + 1))
-    verdicts = iter(zip(kernel, lines, strict=True))
+    lines = iter(replay(policy, capture))
     results: dict[str, list[Judged]] = {}
+    verdicts = iter(kernel)
     for script in SCRIPTS:
         for step in script.steps:
-            k, line = next(verdicts)
-            results.setdefault(script.name, []).append(
-                Judged(step, k, str(line["verdict"]), str(line["reason"]))
-            )
+            mine = [next(lines) for _ in step.packets]
+            reason = "; ".join(str(line["reason"]) for line in mine)
+            nfqfw = combined([str(line["verdict"]) for line in mine])
+            results.setdefault(script.name, []).append(Judged(step, next(verdicts), nfqfw, reason))
+    assert next(lines, None) is None
     return results
 
 
