@@ -279,6 +279,15 @@ class KernelOracle:
             os.sched_setaffinity(0, self._affinity)
             self._affinity = None
 
+    def sysctl(self, *assignments: str) -> None:
+        """Change the gateway's settings between packets, e.g. net.netfilter.nf_conntrack_tcp_loose=1."""
+        sysctl(self.topology.gw, *assignments)
+
+    def take_arrivals(self) -> list[Arrival]:
+        """The packets judged since the last call, as the gateway received them."""
+        taken, self.arrivals = self.arrivals, []
+        return taken
+
     def judge(self, side: str, packets: Sequence[bytes]) -> str:
         """Send `packets` (one, or the fragments of one datagram) into the gateway from `side`
         ("wan" or "lan"), then ask what the kernel did: "accept" if all came out on the far side,
