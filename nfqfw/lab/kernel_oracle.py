@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import socket
 import struct
@@ -54,6 +55,7 @@ ETHERTYPE = {4: 0x0800, 6: 0x86DD}
 PACKET_OUTGOING = 4
 SO_TIMESTAMPNS = 35  # asm-generic/socket.h (x86, arm, ...); not exported by Python's socket module
 SENTINEL_PORT = 9
+SENTINEL_RULE = f"-p udp --dport {SENTINEL_PORT} -m conntrack --ctstate UNTRACKED -j ACCEPT"
 SENTINEL_WAIT = 10.0  # seconds; generous, the machine may be loaded
 SOCKET_BUFFER = 4 << 20
 
@@ -73,6 +75,16 @@ class Host:
 
 
 @dataclass(frozen=True)
+class Judgement:
+    """What the kernel did with a packet, and which FORWARD rule decided: one of the rules given
+    to build_kernel_gateway (as given), "policy" (the chain's policy) or "none" (the packet
+    never reached the FORWARD chain)."""
+
+    outcome: str  # accept, drop, reject or partial (fragments: some came out, not all)
+    rule: str
+
+
+@dataclass(frozen=True)
 class Arrival:
     """A judged packet as the gateway received it: kernel timestamp, interface, Ethernet frame."""
 
@@ -81,17 +93,30 @@ class Arrival:
     frame: bytes
 
 
+def forward_chain(forward: Sequence[str], family: int) -> list[str]:
+    """The FORWARD rules installed: the sentinel's first (IPv4), then `forward`."""
+    return ([SENTINEL_RULE] if family == 4 else []) + list(forward)
+
+
 def ruleset(forward: Sequence[str], family: int) -> str:
-    """iptables-restore input: FORWARD policy DROP, the sentinel first (IPv4), then `forward`."""
+    """iptables-restore input: the sentinel untracked (IPv4), FORWARD policy DROP, its rules."""
     lines = []
     if family == 4:
         lines += ["*raw", f"-A PREROUTING -p udp --dport {SENTINEL_PORT} -j CT --notrack", "COMMIT"]
     lines += ["*filter", ":FORWARD DROP [0:0]"]
-    if family == 4:
-        lines.append(f"-A FORWARD -p udp --dport {SENTINEL_PORT} -m conntrack --ctstate UNTRACKED -j ACCEPT")
-    lines += [f"-A FORWARD {rule}" for rule in forward]
+    lines += [f"-A FORWARD {rule}" for rule in forward_chain(forward, family)]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def forward_counters(ns: str, family: int) -> list[int]:
+    """Packets counted by the FORWARD chain's policy, then by each of its rules in order."""
+    tool = "iptables" if family == 4 else "ip6tables"
+    lines = run_in(ns, tool, "-w", "-L", "FORWARD", "-v", "-x", "-n").splitlines()
+    policy = re.search(r"policy \w+ (\d+) packets", lines[0])
+    if policy is None:
+        raise LabError(f"unexpected {tool} -L output: {lines[0]!r}")
+    return [int(policy.group(1)), *(int(line.split()[0]) for line in lines[2:] if line.strip())]
 
 
 def mac_of(ns: str, ifname: str) -> str:
@@ -235,8 +260,17 @@ class KernelOracle:
     """Judges packets one at a time on a gateway built by `build_kernel_gateway` (use as a context
     manager: it pins this thread to one CPU and restores its affinity on exit)."""
 
-    def __init__(self, topology: Topology, wan_v4: str, lan_v4: str) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        forward_v4: Sequence[str],
+        forward_v6: Sequence[str],
+        wan_v4: str,
+        lan_v4: str,
+    ) -> None:
         self.topology = topology
+        self.rules = {4: forward_chain(forward_v4, 4), 6: forward_chain(forward_v6, 6)}
+        self._counters: dict[int, list[int]] = {}
         self.hosts = {
             "wan": Host(topology.wan, "wan0", wan_v4),
             "lan": Host(topology.lan, "lan0", lan_v4),
@@ -260,6 +294,8 @@ class KernelOracle:
             tap.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
             tap.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             tap.setblocking(False)
+            for family in (4, 6):
+                self._counters[family] = forward_counters(self.topology.gw, family)
         except BaseException:
             self.close()
             raise
@@ -288,11 +324,11 @@ class KernelOracle:
         taken, self.arrivals = self.arrivals, []
         return taken
 
-    def judge(self, side: str, packets: Sequence[bytes]) -> str:
+    def judge(self, side: str, packets: Sequence[bytes]) -> Judgement:
         """Send `packets` (one, or the fragments of one datagram) into the gateway from `side`
         ("wan" or "lan"), then ask what the kernel did: "accept" if all came out on the far side,
         "partial" if only some did, "reject" if the sender got an RST / ICMP error about one
-        of them, else "drop"."""
+        of them, else "drop"; and which FORWARD rule decided."""
         far_side = "lan" if side == "wan" else "wan"
         sender, far = self._ports[side], self._ports[far_side]
         sender.incoming()  # forget whatever came before
@@ -304,13 +340,28 @@ class KernelOracle:
         wanted = {identity(ip) for ip in packets}
         came_out = self._came_out(far, wanted, identity(sentinel))
         self._record_arrivals(packets)
+        rule = self._rule_hit(packets[0][0] >> 4)
         if came_out == wanted:
-            return "accept"
+            return Judgement("accept", rule)
         if came_out:
-            return "partial"
+            return Judgement("partial", rule)
         if any(answers(reply, ip) for reply in sender.incoming() for ip in packets):
-            return "reject"
-        return "drop"
+            return Judgement("reject", rule)
+        return Judgement("drop", rule)
+
+    def _rule_hit(self, family: int) -> str:
+        """The FORWARD rule (or "policy") whose packet counter moved since the last look, "none"
+        if none did. The sentinel's own rule, always hit, is left out."""
+        before = self._counters.get(family)
+        after = self._counters[family] = forward_counters(self.topology.gw, family)
+        if before is None:
+            raise LabError("rule counters were not read before the first packet")
+        names = ["policy", *self.rules[family]]
+        moved = [name for name, old, new in zip(names, before, after, strict=True) if new != old]
+        moved = [name for name in moved if name != SENTINEL_RULE]
+        if len(moved) > 1:
+            raise LabError(f"one packet moved the counters of several FORWARD rules: {moved}")
+        return moved[0] if moved else "none"
 
     def _sentinel(self, side: str, far_side: str) -> bytes:
         self._sentinels += 1
@@ -384,7 +435,7 @@ def kernel_gateway(
     """Build the kernel gateway, yield its KernelOracle, always tear everything down."""
     topology = build_kernel_gateway(prefix, forward_v4, forward_v6, neighbours)
     try:
-        with KernelOracle(topology, wan_v4, lan_v4) as oracle:
+        with KernelOracle(topology, forward_v4, forward_v6, wan_v4, lan_v4) as oracle:
             yield oracle
     finally:
         teardown(topology)

@@ -46,7 +46,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 from scapy.utils import wrpcapng
 
-from nfqfw.lab.kernel_oracle import Arrival, kernel_gateway
+from nfqfw.lab.kernel_oracle import Arrival, Judgement, kernel_gateway
 
 pytestmark = pytest.mark.lab
 
@@ -77,24 +77,34 @@ egress:
 """
 
 
-def forward_rules(family: int) -> list[str]:
-    """POLICY as iptables (family 4) or ip6tables (6) FORWARD rules. The chain's policy is DROP
-    (the ingress default); ESTABLISHED and RELATED pass, INVALID is dropped (defaults.invalid);
-    a NEW packet meets the rules of its side, in order, and egress is accepted by default."""
+def forward_rules(family: int) -> list[tuple[str, str]]:
+    """POLICY as iptables (family 4) or ip6tables (6) FORWARD rules, each with the conntrack
+    state of the packets it sees. ESTABLISHED and RELATED pass, INVALID is dropped
+    (defaults.invalid); a NEW packet meets the rules of its side in order, then its side's
+    default. The chain's policy (DROP) sees only what conntrack leaves untracked."""
     mail_host = "10.0.0.25" if family == 4 else "fd00::25"
     port_unreachable = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
     new = "-m conntrack --ctstate NEW"
     return [
-        "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        "-m conntrack --ctstate INVALID -j DROP",
-        f"-i wan0 {new} -p tcp -d {mail_host} -m multiport --dports 25,587 -j ACCEPT",
-        f"-i wan0 {new} -p tcp --dport 113 -j REJECT --reject-with tcp-reset",
-        f"-i wan0 {new} -p udp -d {mail_host} --dport 514 -j ACCEPT",
-        f"-i lan0 {new} -p tcp --dport 445 -j REJECT --reject-with tcp-reset",
-        f"-i lan0 {new} -p tcp --dport 23 -j DROP",
-        f"-i lan0 {new} -p udp --dport 137 -j REJECT --reject-with {port_unreachable}",
-        f"-i lan0 {new} -j ACCEPT",
+        ("established", "-m conntrack --ctstate ESTABLISHED -j ACCEPT"),
+        ("related", "-m conntrack --ctstate RELATED -j ACCEPT"),
+        ("invalid", "-m conntrack --ctstate INVALID -j DROP"),
+        ("new", f"-i wan0 {new} -p tcp -d {mail_host} -m multiport --dports 25,587 -j ACCEPT"),
+        ("new", f"-i wan0 {new} -p tcp --dport 113 -j REJECT --reject-with tcp-reset"),
+        ("new", f"-i wan0 {new} -p udp -d {mail_host} --dport 514 -j ACCEPT"),
+        ("new", f"-i wan0 {new} -j DROP"),
+        ("new", f"-i lan0 {new} -p tcp --dport 445 -j REJECT --reject-with tcp-reset"),
+        ("new", f"-i lan0 {new} -p tcp --dport 23 -j DROP"),
+        ("new", f"-i lan0 {new} -p udp --dport 137 -j REJECT --reject-with {port_unreachable}"),
+        ("new", f"-i lan0 {new} -j ACCEPT"),
     ]
+
+
+# The conntrack state the kernel gave a packet, told by the rule that decided it.
+CT_OF_RULE = {rule: ct for family in (4, 6) for ct, rule in forward_rules(family)} | {
+    "policy": "untracked",
+    "none": "never reached FORWARD",
+}
 
 
 @dataclass(frozen=True)
@@ -152,8 +162,8 @@ class Step:
     side: str  # where the packets enter the gateway: "wan" or "lan"
     packets: tuple[bytes, ...]  # one packet, or the fragments of one datagram
     expect: str  # the kernel's verdict, and nfqfw's unless `nfqfw` says otherwise
-    nfqfw: str | None = None  # a documented, deliberate difference: nfqfw's verdict ...
-    why: str = ""  # ... and the reason
+    nfqfw: tuple[str, str] | None = None  # a documented, deliberate difference: nfqfw's verdict
+    why: str = ""  # and conntrack state, and the reason
 
 
 @dataclass
@@ -171,10 +181,10 @@ class Script:
         return data
 
     def send_fragments(
-        self, pkt: Packet, expect: str, what: str, order: tuple[int, ...] = (0, 1, 2), **differs: str
+        self, pkt: Packet, expect: str, what: str, order: tuple[int, ...] = (0, 1, 2), **differs: Any
     ) -> bytes:
         """Send `pkt` (IP/UDP, > 2800 bytes) as three fragments, in `order`; returns the datagram.
-        `differs`: nfqfw=VERDICT, why=REASON for a documented difference from the kernel."""
+        `differs`: nfqfw=(VERDICT, CT), why=REASON for a documented difference from the kernel."""
         marker = self._mark(pkt)
         if IPv6 in pkt:
             layer = pkt[IPv6]
@@ -558,7 +568,7 @@ class Scenarios:
                               REJECT, "to port 137 from inside, in 3 fragments: rule no-netbios")  # fmt: skip
         script.send_fragments(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / (b"S" * 3000), ACCEPT,
                               "a reply in 3 fragments, the first one last", order=(1, 2, 0),
-                              nfqfw=PARTIAL, why=OUT_OF_ORDER_FRAGMENTS)  # fmt: skip
+                              nfqfw=(PARTIAL, "untracked"), why=OUT_OF_ORDER_FRAGMENTS)  # fmt: skip
 
     def icmp_errors(self, f: Family) -> None:
         script = self.script(f"icmp-errors-{f.name}")
@@ -676,8 +686,10 @@ SCRIPTS = [script for phase in PHASES for script in phase.scripts]
 @dataclass(frozen=True)
 class Judged:
     step: Step
-    kernel: str
+    kernel: str  # verdict
+    kernel_ct: str  # conntrack state, from the rule that decided
     nfqfw: str
+    nfqfw_ct: str  # of the first packet of the step
     reason: str  # nfqfw's
 
 
@@ -711,9 +723,10 @@ def combined(verdicts: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Judged]]:
-    kernel: dict[str, list[str]] = {}
+    kernel: dict[str, list[Judgement]] = {}
     arrivals: dict[str, list[Arrival]] = {}
-    with kernel_gateway(forward_rules(4), forward_rules(6), NEIGHBOURS, V4.wan, V4.lan) as oracle:
+    rules = {family: [rule for _, rule in forward_rules(family)] for family in (4, 6)}
+    with kernel_gateway(rules[4], rules[6], NEIGHBOURS, V4.wan, V4.lan) as oracle:
         for phase in PHASES:
             oracle.sysctl(phase.sysctl)
             steps = [step for script in phase.scripts for step in script.steps]
@@ -730,26 +743,31 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Judged]]:
         policy.write_text(phase.policy)
         write_capture(capture, arrivals[phase.name])
         lines = iter(replay(policy, capture))
-        verdicts = iter(kernel[phase.name])
+        judgements = iter(kernel[phase.name])
         for script in phase.scripts:
             for step in script.steps:
                 mine = [next(lines) for _ in step.packets]
                 reason = "; ".join(str(line["reason"]) for line in mine)
-                nfqfw = combined([str(line["verdict"]) for line in mine])
-                results.setdefault(script.name, []).append(Judged(step, next(verdicts), nfqfw, reason))
+                verdict = combined([str(line["verdict"]) for line in mine])
+                k = next(judgements)
+                row = Judged(step, k.outcome, CT_OF_RULE[k.rule], verdict, str(mine[0]["ct"]), reason)
+                results.setdefault(script.name, []).append(row)
         assert next(lines, None) is None
     return results
 
 
 @pytest.mark.parametrize("scenario", [script.name for script in SCRIPTS])
 def test_replay_agrees_with_the_kernel(judged: dict[str, list[Judged]], scenario: str) -> None:
+    """Per packet: the kernel's verdict is the one expected, and nfqfw's verdict and conntrack
+    state are the kernel's (but where a documented difference says otherwise)."""
     rows = judged[scenario]
     table = "\n".join(
-        f"{n:3} {r.step.side}  {r.step.what:70} kernel {r.kernel:6} nfqfw {r.nfqfw:6} ({r.reason})"
+        f"{n:3} {r.step.side}  {r.step.what:66} kernel {r.kernel:6} {r.kernel_ct:11}  "
+        f"nfqfw {r.nfqfw:6} {r.nfqfw_ct:11} ({r.reason})"
         for n, r in enumerate(rows, 1)
     )
-    seen = [(r.step.what, r.kernel, r.nfqfw) for r in rows]
-    wanted = [(r.step.what, r.step.expect, r.step.nfqfw or r.step.expect) for r in rows]
+    seen = [(r.step.what, r.kernel, r.nfqfw, r.nfqfw_ct) for r in rows]
+    wanted = [(r.step.what, r.step.expect, *(r.step.nfqfw or (r.step.expect, r.kernel_ct))) for r in rows]
     assert seen == wanted, f"\n{table}"
 
 
