@@ -20,6 +20,8 @@ into the gateway from one side and says what the kernel did with it::
 - The outcome: "accept" if the packet came out on the far side; "reject" if a TCP RST or an
   ICMP error about it came back to the sender; else "drop". The fragments of one datagram are
   judged together (the kernel reassembles them before conntrack and forwards all or none).
+  With it, the FORWARD rule that decided (whose packet counter moved), which tells the
+  conntrack state the kernel gave the packet when the rules match on --ctstate.
 - A packet socket in the gateway (all interfaces, incoming only, kernel timestamps) records
   the packets as they arrived there: `arrivals` is the capture to replay through nfqfw.
 

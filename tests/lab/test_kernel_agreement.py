@@ -61,6 +61,13 @@ OUT_OF_ORDER_FRAGMENTS = (
     "the ingress default drops the two that come first, and the datagram is lost"
 )
 
+NO_CHECKSUMS = (
+    "nfqfw does not verify TCP/UDP/ICMP checksums (a sum over every byte, per packet, in Python; "
+    "the receiving host discards such packets anyway); the kernel's conntrack calls a packet with "
+    "a wrong checksum INVALID (nf_conntrack_checksum=1, the default), so it is dropped and changes "
+    "no state -- in nfqfw it passes and is tracked like an intact one"
+)
+
 POLICY = """\
 zones:
   external: [wan0]
@@ -174,10 +181,12 @@ class Script:
     markers: Iterator[int]
     steps: list[Step] = field(default_factory=list)
 
-    def send(self, pkt: Packet, expect: str, what: str) -> bytes:
+    def send(self, pkt: Packet, expect: str, what: str, **differs: Any) -> bytes:
+        """Send one packet; `differs`: nfqfw=(VERDICT, CT), why=REASON for a documented
+        difference from the kernel. Returns the packet's bytes."""
         self._mark(pkt)
         data = bytes(pkt)
-        self.steps.append(Step(what, side_of(pkt), (data,), expect))
+        self.steps.append(Step(what, side_of(pkt), (data,), expect, **differs))
         return data
 
     def send_fragments(
@@ -221,18 +230,27 @@ class Tcp:
     script, each side's next sequence number kept as the segments go."""
 
     def __init__(
-        self, script: Script, family: Family, client: str, cport: int, server: str, sport: int,
-        cseq: int = 1_000, sseq: int = 3_000_000, windows: tuple[int, int] = (64240, 65160),
-    ) -> None:  # fmt: skip
+        self,
+        script: Script,
+        family: Family,
+        client: str,
+        cport: int,
+        server: str,
+        sport: int,
+        cseq: int = 1_000,
+        sseq: int = 3_000_000,
+        windows: tuple[int, int] = (64240, 65160),
+    ) -> None:
         self.script, self.family = script, family
         self.ends = ((client, cport), (server, sport))
         self.nxt = [cseq, sseq]
         self.windows = windows
 
-    def c(self, flags: str, expect: str, what: str = "", data: bytes = b"", **fields: int) -> bytes:
+    def c(self, flags: str, expect: str, what: str = "", data: bytes = b"", **fields: Any) -> bytes:
+        """A segment from the client; `fields`: TCP header fields, or nfqfw= and why= (see Script.send)."""
         return self._segment(CLIENT, flags, expect, what, data, fields)
 
-    def s(self, flags: str, expect: str, what: str = "", data: bytes = b"", **fields: int) -> bytes:
+    def s(self, flags: str, expect: str, what: str = "", data: bytes = b"", **fields: Any) -> bytes:
         return self._segment(SERVER, flags, expect, what, data, fields)
 
     def handshake(self, what: str = "", options: bool = False) -> None:
@@ -245,6 +263,7 @@ class Tcp:
         self, who: int, flags: str, expect: str, what: str, data: bytes, fields: dict[str, object]
     ) -> bytes:
         (src, sport), (dst, dport) = self.ends[who], self.ends[1 - who]
+        differs = {key: fields.pop(key) for key in ("nfqfw", "why") if key in fields}
         # Only an accepted segment sent at the next sequence number moves it on: one with a
         # chosen `seq` is a retransmission, a forgery or ignored by conntrack.
         advance = expect == ACCEPT and "seq" not in fields
@@ -256,7 +275,7 @@ class Tcp:
         label = what or f"{'client' if who == CLIENT else 'server'} {flags}{f' +{len(data)}' if data else ''}"
         if advance:
             self.nxt[who] = (int(seq) + len(data) + ("S" in flags) + ("F" in flags)) & MASK
-        return self.script.send(pkt, expect, label)
+        return self.script.send(pkt, expect, label, **differs)
 
 
 class Scenarios:
@@ -512,8 +531,11 @@ class Scenarios:
         reply = script.send(
             f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / b"answer 3", ACCEPT, "third reply"
         )
-        script.send(f.error(f.lan, f.wan, "port-unreachable", reply), ACCEPT,
-                    "port unreachable from inside quoting the reply: RELATED")  # fmt: skip
+        script.send(
+            f.error(f.lan, f.wan, "port-unreachable", reply),
+            ACCEPT,
+            "port unreachable from inside quoting the reply: RELATED",
+        )
         netbios = f.ip(f.lan, f.wan) / UDP(sport=next(self.ports), dport=137) / b"nb"
         script.send(netbios, REJECT, "to port 137: rule no-netbios rejects")
 
@@ -543,32 +565,60 @@ class Scenarios:
             script.send(IP(src=f.lan, dst=f.wan) / ICMP(type=42), DROP, "unknown type 42: INVALID")
             return
         query = b"\x00\x02\x00\x00" + bytes(range(8))  # node information query: qtype 2, nonce
-        script.send(IPv6(src=f.lan, dst=f.wan) / ICMPv6Unknown(type=139, msgbody=query), ACCEPT,
-                    "node information query")  # fmt: skip
-        script.send(IPv6(src=f.wan, dst=f.lan) / ICMPv6Unknown(type=140, msgbody=query), ACCEPT,
-                    "node information reply")  # fmt: skip
-        script.send(IPv6(src=f.lan, dst=f.wan) / ICMPv6Unknown(type=200, msgbody=b"\0" * 8), DROP,
-                    "unknown type 200: INVALID")  # fmt: skip
-        script.send(IPv6(src=f.wan, dst=f.lan, hlim=255) / ICMPv6ND_NS(tgt=f.lan), DROP,
-                    "neighbour solicitation to be forwarded: untracked, not forwarded")  # fmt: skip
+        script.send(
+            IPv6(src=f.lan, dst=f.wan) / ICMPv6Unknown(type=139, msgbody=query),
+            ACCEPT,
+            "node information query",
+        )
+        script.send(
+            IPv6(src=f.wan, dst=f.lan) / ICMPv6Unknown(type=140, msgbody=query),
+            ACCEPT,
+            "node information reply",
+        )
+        script.send(
+            IPv6(src=f.lan, dst=f.wan) / ICMPv6Unknown(type=200, msgbody=b"\0" * 8),
+            DROP,
+            "unknown type 200: INVALID",
+        )
+        script.send(
+            IPv6(src=f.wan, dst=f.lan, hlim=255) / ICMPv6ND_NS(tgt=f.lan),
+            DROP,
+            "neighbour solicitation to be forwarded: untracked, not forwarded",
+        )
 
     def fragments(self, f: Family) -> None:
         script = self.script(f"fragments-{f.name}")
         port = next(self.ports)
         script.send(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / b"query", ACCEPT, "request")
-        script.send_fragments(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / (b"R" * 3000), ACCEPT,
-                              "a reply in 3 fragments")  # fmt: skip
-        script.send_fragments(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / (b"Q" * 3000), ACCEPT,
-                              "a request in 3 fragments")  # fmt: skip
-        script.send_fragments(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port + 1) / (b"U" * 3000), DROP,
-                              "unsolicited, in 3 fragments")  # fmt: skip
-        script.send_fragments(f.ip(f.wan, f.lan) / UDP(sport=next(self.ports), dport=514) / (b"L" * 3000),
-                              ACCEPT, "to port 514 from outside, in 3 fragments: rule syslog")  # fmt: skip
-        script.send_fragments(f.ip(f.lan, f.wan) / UDP(sport=next(self.ports), dport=137) / (b"N" * 3000),
-                              REJECT, "to port 137 from inside, in 3 fragments: rule no-netbios")  # fmt: skip
-        script.send_fragments(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / (b"S" * 3000), ACCEPT,
-                              "a reply in 3 fragments, the first one last", order=(1, 2, 0),
-                              nfqfw=(PARTIAL, "untracked"), why=OUT_OF_ORDER_FRAGMENTS)  # fmt: skip
+        script.send_fragments(
+            f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / (b"R" * 3000), ACCEPT, "a reply in 3 fragments"
+        )
+        script.send_fragments(
+            f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / (b"Q" * 3000), ACCEPT, "a request in 3 fragments"
+        )
+        script.send_fragments(
+            f.ip(f.wan, f.lan) / UDP(sport=53, dport=next(self.ports)) / (b"U" * 3000),
+            DROP,
+            "unsolicited, in 3 fragments",
+        )
+        script.send_fragments(
+            f.ip(f.wan, f.lan) / UDP(sport=next(self.ports), dport=514) / (b"L" * 3000),
+            ACCEPT,
+            "to port 514 from outside, in 3 fragments: rule syslog",
+        )
+        script.send_fragments(
+            f.ip(f.lan, f.wan) / UDP(sport=next(self.ports), dport=137) / (b"N" * 3000),
+            REJECT,
+            "to port 137 from inside, in 3 fragments: rule no-netbios",
+        )
+        script.send_fragments(
+            f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / (b"S" * 3000),
+            ACCEPT,
+            "a reply in 3 fragments, the first one last",
+            order=(1, 2, 0),
+            nfqfw=(PARTIAL, "untracked"),
+            why=OUT_OF_ORDER_FRAGMENTS,
+        )
 
     def icmp_errors(self, f: Family) -> None:
         script = self.script(f"icmp-errors-{f.name}")
@@ -579,21 +629,92 @@ class Scenarios:
             f.error(f.wan, f.lan, "port-unreachable", udp), ACCEPT, "port unreachable quoting it: RELATED"
         )
         syn = self.egress(script, f, 81).c("S", ACCEPT, "TCP SYN out")
-        script.send(f.error(f.router, f.lan, "host-unreachable", syn), ACCEPT,
-                    "host unreachable from a router quoting the SYN: RELATED")  # fmt: skip
+        script.send(
+            f.error(f.router, f.lan, "host-unreachable", syn),
+            ACCEPT,
+            "host unreachable from a router quoting the SYN: RELATED",
+        )
         script.send(f.error(f.router, f.lan, "too-big", syn), ACCEPT, "too big quoting the SYN: RELATED")
         echo = script.send(f.echo(f.lan, f.wan, next(self.idents), 1), ACCEPT, "echo request out")
-        script.send(f.error(f.router, f.lan, "time-exceeded", echo), ACCEPT,
-                    "time exceeded quoting the echo request: RELATED")  # fmt: skip
+        script.send(
+            f.error(f.router, f.lan, "time-exceeded", echo),
+            ACCEPT,
+            "time exceeded quoting the echo request: RELATED",
+        )
         never = bytes(f.ip(f.lan, f.wan) / UDP(sport=next(self.ports), dport=5002) / b"never sent")
         script.send(f.error(f.wan, f.lan, "port-unreachable", never), DROP, "error quoting nothing: INVALID")
-        script.send(f.error(f.wan, f.lan2, "port-unreachable", udp), DROP,
-                    "error about the UDP flow, sent to another inside host: INVALID")  # fmt: skip
+        script.send(
+            f.error(f.wan, f.lan2, "port-unreachable", udp),
+            DROP,
+            "error about the UDP flow, sent to another inside host: INVALID",
+        )
         inbound = Tcp(script, f, f.wan, next(self.ports), f.lan, 587).c(
             "S", ACCEPT, "SYN to 587 from outside"
         )
-        script.send(f.error(f.lan, f.wan, "port-unreachable", inbound), ACCEPT,
-                    "port unreachable from inside quoting it: RELATED")  # fmt: skip
+        script.send(
+            f.error(f.lan, f.wan, "port-unreachable", inbound),
+            ACCEPT,
+            "port unreachable from inside quoting it: RELATED",
+        )
+        minimal = syn[: (20 if f is V4 else 40) + 8]  # RFC 792: the IP header and 8 bytes of data
+        script.send(
+            f.error(f.router, f.lan, "host-unreachable", minimal),
+            ACCEPT,
+            "host unreachable quoting the SYN's header and 8 bytes of it: RELATED",
+        )
+        error = bytes(f.error(f.wan, f.lan, "port-unreachable", udp))
+        script.send(
+            f.error(f.lan2, f.wan, "time-exceeded", error),
+            DROP,
+            "an inside router's error quoting an error: INVALID",
+        )
+
+    def bad_checksums(self, f: Family) -> None:
+        script = self.script(f"bad-checksums-{f.name}")
+        port = next(self.ports)
+        script.send(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / b"query", ACCEPT, "request")
+        script.send(
+            f.ip(f.wan, f.lan) / UDP(sport=53, dport=port, chksum=0x1234) / b"answer",
+            DROP,
+            "a reply with a wrong UDP checksum",
+            nfqfw=(ACCEPT, "established"),
+            why=NO_CHECKSUMS,
+        )
+        script.send(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / b"answer", ACCEPT, "the reply, intact")
+        t = self.egress(script, f, 80)
+        t.c(
+            "S",
+            DROP,
+            "a SYN with a wrong TCP checksum",
+            chksum=0x1234,
+            nfqfw=(ACCEPT, "new"),
+            why=NO_CHECKSUMS,
+        )
+        t.handshake("then a SYN intact: ")
+        t.s(
+            "PA",
+            DROP,
+            "data with a wrong TCP checksum",
+            data=b"c" * 20,
+            chksum=0x1234,
+            nfqfw=(ACCEPT, "established"),
+            why=NO_CHECKSUMS,
+        )
+        t.s("PA", ACCEPT, "the data, intact", data=b"c" * 20)
+        ident = next(self.idents)
+        script.send(f.echo(f.lan, f.wan, ident, 1), ACCEPT, "echo request")
+        reply = f.echo(f.wan, f.lan, ident, 1, reply=True)
+        if f is V6:
+            reply[ICMPv6EchoReply].cksum = 0x1234
+        else:
+            reply[ICMP].chksum = 0x1234
+        script.send(
+            reply,
+            DROP,
+            "its reply with a wrong ICMP checksum",
+            nfqfw=(ACCEPT, "established"),
+            why=NO_CHECKSUMS,
+        )
 
     # -- loose pick-up (options: {tcp-pickup: loose}; nf_conntrack_tcp_loose=1) -----------------
     def loose_pickup(self, f: Family) -> None:
@@ -654,6 +775,7 @@ class Scenarios:
             self.icmp_errors(f)
             self.icmp_types(f)
             self.fragments(f)
+            self.bad_checksums(f)
         return self.scripts[first:]
 
 
@@ -774,10 +896,17 @@ def test_replay_agrees_with_the_kernel(judged: dict[str, list[Judged]], scenario
 def test_the_documented_differences() -> None:
     """Where nfqfw and the kernel differ on purpose; each step says why."""
     documented = [(script.name, step.what) for script in SCRIPTS for step in script.steps if step.nfqfw]
-    assert documented == [
-        ("fragments-ipv4", "a reply in 3 fragments, the first one last"),
-        ("fragments-ipv6", "a reply in 3 fragments, the first one last"),
+    checksums = [
+        "a reply with a wrong UDP checksum",
+        "a SYN with a wrong TCP checksum",
+        "data with a wrong TCP checksum",
+        "its reply with a wrong ICMP checksum",
     ]
+    expected = []
+    for family in ("ipv4", "ipv6"):
+        expected.append((f"fragments-{family}", "a reply in 3 fragments, the first one last"))
+        expected += [(f"bad-checksums-{family}", what) for what in checksums]
+    assert documented == expected
     assert all(step.why for script in SCRIPTS for step in script.steps if step.nfqfw)
 
 
