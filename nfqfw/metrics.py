@@ -19,7 +19,8 @@ ingress rule letting it reach the gateway's port: the endpoint is filtered like 
 Metrics (all prefixed nfqfw_):
   verdicts_total{action,reason,rule}     packets by verdict; reason "rule" with the rule's name
                                          in `rule`, else the verdict reason ("established",
-                                         "default ingress", "invalid: ...") and rule=""
+                                         "default ingress", "invalid: ...", numbers as N) and
+                                         rule=""
   flows{proto,state}                     flows in the table by protocol and state
   flows_max, flow_table_usage_ratio      the table bound (max-flows) and flows / max-flows
   conntrack_early_drops_total            flows evicted because the table was full
@@ -37,6 +38,7 @@ Metrics (all prefixed nfqfw_):
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -75,6 +77,8 @@ ADAPTER_UNSENT = {
     "reject send error": "send_error",
 }
 
+_NUMBER = re.compile(r"\b[0-9]+\b")  # "ipv4" keeps its 4
+
 T = TypeVar("T")
 
 
@@ -88,21 +92,29 @@ class MetricsError(Exception):
 def parse_address(text: str) -> tuple[str, int]:
     """`PORT`, `ADDR:PORT` or `[IPV6]:PORT` -> (host, port); a bare port is 127.0.0.1:PORT.
     ADDR is an IP address or `localhost`. Raises ValueError with the reason."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [IPV6]:PORT, got '{text}'")
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"write an IPv6 address in brackets, as [{host}]:{port_text}")
+    else:
         host, port_text = "127.0.0.1", text
-    elif host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"write an IPv6 address in brackets, as [{host}]:{port_text}")
     if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
         raise ValueError(f"'{port_text}' is not a port number (1-65535)")
-    if host != "localhost":
+    if text.startswith("["):
         try:
-            host = str(ipaddress.ip_address(host))
+            return str(ipaddress.IPv6Address(host)), int(port_text)
         except ValueError:
-            raise ValueError(f"'{host}' is not an IP address or localhost") from None
-    return host, int(port_text)
+            raise ValueError(f"'{host}' is not an IPv6 address") from None
+    if host == "localhost":
+        return host, int(port_text)
+    try:
+        return str(ipaddress.IPv4Address(host)), int(port_text)
+    except ValueError:
+        raise ValueError(f"'{host}' is not an IPv4 address or localhost") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -212,12 +224,12 @@ class NfqfwCollector(Collector):
         family = CounterMetricFamily(
             "nfqfw_verdicts", "Packets by verdict", labels=("action", "reason", "rule")
         )
-        for key, value in sorted(copied(lambda: dict(engine.counters)).items()):
+        totals: Counter[tuple[str, str, str]] = Counter()
+        for key, value in copied(lambda: dict(engine.counters)).items():
             action, _, reason = key.partition(" ")
-            rule = ""
-            if reason.startswith("rule "):
-                reason, rule = "rule", reason[5:]
-            family.add_metric((action, reason, rule), value)
+            totals[(action, *verdict_labels(reason))] += value
+        for labels, value in sorted(totals.items()):
+            family.add_metric(labels, value)
         yield family
 
     def _flows(self, conntrack: Any) -> Iterator[Metric]:
@@ -282,6 +294,17 @@ class NfqfwCollector(Collector):
             "Packets that hit an error in the adapter (given the failure-mode verdict)",
             value=counters.get("verdict error", 0),
         )
+
+
+def verdict_labels(reason: str) -> tuple[str, str]:
+    """(reason, rule) labels of a verdict reason. Numbers become N ("invalid: ipv4: total length
+    N > N bytes captured") and an internal error's text is dropped, so that crafted packets
+    cannot grow the label set without bound; the packet log has the exact reason."""
+    if reason.startswith("rule "):
+        return "rule", reason[5:]
+    if reason.startswith("internal error"):
+        return "internal error", ""
+    return _NUMBER.sub("N", reason), ""
 
 
 def copied(copy: Callable[[], T]) -> T:

@@ -93,13 +93,16 @@ def format_packet(data: bytes | bytearray | memoryview, meta: Meta, verdict: Ver
         f"IN={meta.in_iface or ''}",
         f"OUT={meta.out_iface or ''}",
     ]
-    if len(pkt.src) in (4, 16) and len(pkt.dst) == len(pkt.src):
-        fields += [f"SRC={ipaddress.ip_address(pkt.src)}", f"DST={ipaddress.ip_address(pkt.dst)}"]
-    fields.append(f"LEN={pkt.length or len(data)}")
-    if pkt.family:
-        fields.append(f"TTL={pkt.ttl}")
-    if pkt.proto or pkt.family:
-        fields.append(f"PROTO={_PROTO_LABELS.get(pkt.proto, str(pkt.proto))}")
+    if len(pkt.src) not in (4, 16):  # not even an IP header: what the reason says is all there is
+        fields.append(f"LEN={len(data)}")
+        return " ".join(fields)
+    fields += [
+        f"SRC={ipaddress.ip_address(pkt.src)}",
+        f"DST={ipaddress.ip_address(pkt.dst)}",
+        f"LEN={pkt.length or len(data)}",
+        f"TTL={pkt.ttl}",
+        f"PROTO={_PROTO_LABELS.get(pkt.proto, str(pkt.proto))}",
+    ]
     fields += _transport_fields(pkt)
     return " ".join(fields)
 
