@@ -105,7 +105,7 @@ def up(
     down(prefix)  # a lab left over from before, or half of one
     try:
         build(topology)
-        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout, args)
+        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout, args=args)
     except BaseException:
         down(prefix)
         raise
@@ -129,17 +129,20 @@ def start_daemon(
     policy: str | os.PathLike[str],
     queue: int = 0,
     timeout: float = READY_TIMEOUT,
+    wrapper: Sequence[str] = (),
     args: Sequence[str] = (),
 ) -> Daemon:
     """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
-    `args` are more `nfqfw run` options (e.g. --metrics)."""
+
+    `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
+    then the wrapper's. `args` are more `nfqfw run` options (e.g. --metrics).
+    """
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
-    argv = in_ns(
-        topology.gw, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue), *args
-    )
+    command = (*wrapper, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue))
+    argv = in_ns(topology.gw, *command, *args)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))
         env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}
