@@ -36,25 +36,10 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
+from nfqfw.core import packet as wire
 from nfqfw.core.config import DEFAULT_LOG_LIMIT, PROTOCOL_NAMES, LogLimit
 from nfqfw.core.decode import decode
-from nfqfw.core.packet import (
-    ACK,
-    CWR,
-    ECE,
-    FIN,
-    FRAG_FIRST,
-    FRAG_LATER,
-    PROTO_ICMP,
-    PROTO_ICMPV6,
-    PROTO_TCP,
-    PROTO_UDP,
-    PSH,
-    RST,
-    SYN,
-    URG,
-    Packet,
-)
+from nfqfw.core.packet import FRAG_FIRST, FRAG_LATER, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.ratelimit import TokenBucket
 from nfqfw.core.verdict import Ct, Meta, Verdict
 
@@ -64,15 +49,8 @@ SUMMARY_INTERVAL = 60.0  # seconds between two "lines suppressed" summaries
 MAX_BUCKETS = 1024  # bucket keys are rule names and a few fixed reasons; this only bounds a leak
 
 # iptables LOG's order of the flag names
-_FLAGS = (
-    (CWR, "CWR"),
-    (ECE, "ECE"),
-    (URG, "URG"),
-    (ACK, "ACK"),
-    (PSH, "PSH"),
-    (RST, "RST"),
-    (SYN, "SYN"),
-    (FIN, "FIN"),
+_FLAGS = tuple(
+    (getattr(wire, name), name) for name in ("CWR", "ECE", "URG", "ACK", "PSH", "RST", "SYN", "FIN")
 )
 _PROTO_LABELS = {number: name.upper() for number, name in PROTOCOL_NAMES.items()} | {PROTO_ICMPV6: "ICMPv6"}
 _PERIODS = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}

@@ -40,14 +40,8 @@ FLOOD = 200
 WAIT = 10.0  # seconds for the daemon to log or count what was sent
 
 POLICY = f"""\
-zones:
-  external: [wan0]
-  internal: [lan0]
-defaults:
-  ingress: drop
-  egress: accept
-  invalid: drop
-ingress:
+zones: {{external: [wan0], internal: [lan0]}}
+ingress:                    # defaults: ingress drop, egress accept, invalid drop
   - {{name: mail, proto: tcp, to: {LAN_V4}, ports: [{LAN_MAIL}], action: accept, log: true}}
   - {{name: no-telnet, proto: tcp, ports: [23], action: reject}}
   - {{name: flood-sink, proto: udp, ports: [9999], action: drop}}

@@ -4,6 +4,7 @@ and how `Verdict.log` is set by the policy and engine and reaches the adapter's 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -14,6 +15,7 @@ from nfqfw.core.config import LogLimit, parse_policy
 from nfqfw.core.engine import Engine
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
+from nfqfw.daemon import load_policy_file
 from nfqfw.packetlog import PacketLog, format_packet
 from nfqfw.queue import QueueAdapter
 
@@ -327,3 +329,13 @@ def test_adapter_hands_logged_verdicts_to_the_packet_log_after_the_verdict() -> 
         packet.verdict = None
         adapter.on_packet(packet)
     assert calls == [(SYN, IN, DEFAULT_DROP, 5.0, "drop")]  # only the verdict with log set
+
+
+def test_reload_applies_a_new_log_limit(tmp_path: Path) -> None:
+    from test_reload import BASE, daemon_for
+
+    d, _ = daemon_for(tmp_path / "p.yaml", BASE + "\noptions:\n  log-limit: 2/second\n  log-limit-burst: 4\n")
+    assert d.packet_log.limit == UFW_LIMIT  # before start: the defaults
+    assert d.reload() is True
+    assert d.packet_log.limit == LogLimit(2, 1, 4)
+    assert load_policy_file(str(tmp_path / "p.yaml")).log_limit == LogLimit(2, 1, 4)
