@@ -153,6 +153,7 @@ class Engine:
         log: bool = False,
         reject_with: str | None = None,
     ) -> Verdict:
+        log = log or (action is not Action.ACCEPT and self.policy.log_denied)  # INVALID, table full...
         key = (action, ct, rule, reason, log, reject_with)
         verdict = self._verdicts.get(key)
         if verdict is None:

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,13 +98,14 @@ def up(
     policy: str | os.PathLike[str] | None = None,
     queue: int = 0,
     timeout: float = READY_TIMEOUT,
+    args: Sequence[str] = (),
 ) -> Lab:
     """Build the namespaces and (with a policy) start nfqfw in the gateway; returns once it is ready."""
     topology, state = Topology(prefix), LabState(prefix)
     down(prefix)  # a lab left over from before, or half of one
     try:
         build(topology)
-        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout)
+        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout, args=args)
     except BaseException:
         down(prefix)
         raise
@@ -123,14 +125,24 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
 
 
 def start_daemon(
-    prefix: str, policy: str | os.PathLike[str], queue: int = 0, timeout: float = READY_TIMEOUT
+    prefix: str,
+    policy: str | os.PathLike[str],
+    queue: int = 0,
+    timeout: float = READY_TIMEOUT,
+    wrapper: Sequence[str] = (),
+    args: Sequence[str] = (),
 ) -> Daemon:
-    """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes)."""
+    """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
+
+    `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
+    then the wrapper's. `args` are more `nfqfw run` options (e.g. --metrics).
+    """
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
-    argv = in_ns(topology.gw, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue))
+    command = (*wrapper, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue))
+    argv = in_ns(topology.gw, *command, *args)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))
         env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}
