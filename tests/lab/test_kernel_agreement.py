@@ -517,10 +517,15 @@ class Scenarios:
         web.s("SA", ACCEPT)
 
     # -- UDP and ICMP --------------------------------------------------------------------------
+    def udp_request(self, script: Script, f: Family) -> int:
+        """A UDP request from the inside host to the outside one's port 53; its source port."""
+        port = next(self.ports)
+        script.send(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / b"query", ACCEPT, "request")
+        return port
+
     def udp(self, f: Family) -> None:
         script = self.script(f"udp-{f.name}")
-        port = next(self.ports)
-        script.send(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / b"query 1", ACCEPT, "request")
+        port = self.udp_request(script, f)
         script.send(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / b"answer 1", ACCEPT, "reply")
         script.send(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / b"query 2", ACCEPT, "second request")
         script.send(f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / b"answer 2", ACCEPT, "second reply")
@@ -588,8 +593,7 @@ class Scenarios:
 
     def fragments(self, f: Family) -> None:
         script = self.script(f"fragments-{f.name}")
-        port = next(self.ports)
-        script.send(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / b"query", ACCEPT, "request")
+        port = self.udp_request(script, f)
         script.send_fragments(
             f.ip(f.wan, f.lan) / UDP(sport=53, dport=port) / (b"R" * 3000), ACCEPT, "a reply in 3 fragments"
         )
@@ -671,8 +675,7 @@ class Scenarios:
 
     def bad_checksums(self, f: Family) -> None:
         script = self.script(f"bad-checksums-{f.name}")
-        port = next(self.ports)
-        script.send(f.ip(f.lan, f.wan) / UDP(sport=port, dport=53) / b"query", ACCEPT, "request")
+        port = self.udp_request(script, f)
         script.send(
             f.ip(f.wan, f.lan) / UDP(sport=53, dport=port, chksum=0x1234) / b"answer",
             DROP,
