@@ -79,6 +79,3 @@ class Fragments:
             if verdicts[key][0] > now:
                 return
             del verdicts[key]
-
-    def clear(self) -> None:
-        self._verdicts.clear()
