@@ -26,6 +26,10 @@ are removed (nfqfw.core.recheck); `reload: keep` keeps them. A changed failure m
 re-installs the kernel rules. RELOADING=1 ... READY=1 surround the reload either way.
 
 A policy file writable by group or others is refused, at start and at reload.
+
+Observability (own modules): the packet log (nfqfw.packetlog) gets the packets whose verdict
+says `log` from the adapter and its suppression summary from housekeeping; `--metrics` starts
+the Prometheus endpoint (nfqfw.metrics) before the queue is bound.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nfqfw import rules
+from nfqfw.core.config import DEFAULT_LOG_LIMIT, LogLimit
 from nfqfw.links import Links
+from nfqfw.packetlog import PacketLog
 from nfqfw.queue import (
     DEFAULT_MAX_LEN,
     DEFAULT_REJECT_RATE,
@@ -79,6 +85,8 @@ class Options:
     stats_interval: float = 5.0  # seconds between reads of the kernel's queue drop counters
     state_dir: str = DEFAULT_STATE_DIR  # flow snapshots (nfqfw.statefile)
     snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL  # seconds; 0: only at stop
+    metrics: tuple[str, int] | None = None  # --metrics: (host, port) of the Prometheus endpoint
+    metrics_allow_remote: bool = False
 
 
 @dataclass
@@ -88,6 +96,7 @@ class Loaded:
     engine_policy: Any  # a CompiledPolicy
     fail_open: bool  # policy option failure-mode: open
     recheck: bool = True  # policy option reload: recheck (False: keep)
+    log_limit: LogLimit = DEFAULT_LOG_LIMIT  # policy options log-limit, log-limit-burst
 
 
 @dataclass
@@ -130,7 +139,8 @@ def load_policy_file(path: str) -> Loaded:
     except ConfigError as err:
         raise StartupError(str(err)) from err
     options = config.options
-    return Loaded(CompiledPolicy(config), options.failure_mode == "open", options.reload == "recheck")
+    fail_open, recheck = options.failure_mode == "open", options.reload == "recheck"
+    return Loaded(CompiledPolicy(config), fail_open, recheck, options.log_limit)
 
 
 def default_engine(loaded: Loaded) -> Any:
@@ -165,6 +175,8 @@ class Daemon:
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self.fail_open = False
         self.state = StateDir(options.state_dir, options.snapshot_interval)
+        self.packet_log = PacketLog()
+        self.metrics: Any = None  # a nfqfw.metrics.MetricsServer with --metrics
 
     # -- start --
 
@@ -182,6 +194,8 @@ class Daemon:
         self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
         self.engine = self._make_engine(loaded)
         self.fail_open = loaded.fail_open
+        self.packet_log.configure(loaded.log_limit)
+        timer = self._start_metrics()
         try:
             self.links = Links()
             self.sender = RawSender(opts.mark)
@@ -196,6 +210,8 @@ class Daemon:
             fail_open=loaded.fail_open,
             reject_rate=opts.reject_rate,
             clock=self.clock,
+            log_packet=self.packet_log.log,
+            wrap_process=None if timer is None else timer.wrap,
         )
         self.adapter.housekeeping = self._housekeeping
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
@@ -218,6 +234,20 @@ class Daemon:
         queue = self._queue_text()
         log.info("queue %s bound, rules installed (failure mode %s, mark 0x%x)", queue, mode, opts.mark)
         self.notifier.ready(f"filtering on queue {self._queue_text()}, failure mode {mode}")
+
+    def _start_metrics(self) -> Any:
+        """The Prometheus endpoint with --metrics; returns its engine timer (None without)."""
+        if self.options.metrics is None:
+            return None
+        from nfqfw import metrics
+
+        host, port = self.options.metrics
+        try:
+            self.metrics, timer = metrics.serve(self, host, port, self.options.metrics_allow_remote)
+        except metrics.MetricsError as err:
+            raise StartupError(str(err)) from err
+        log.info("metrics on http://%s/metrics", self.metrics.address)
+        return timer
 
     def _queue_text(self) -> str:
         assert self.spec is not None
@@ -266,6 +296,7 @@ class Daemon:
             self._log_counters()
         assert self.links is not None and self.drops is not None
         self.links.on_events()
+        self.packet_log.flush(now)
         if now >= schedule.stats:
             schedule.stats = now + self.options.stats_interval
             self.drops.check()
@@ -291,6 +322,7 @@ class Daemon:
             self.notifier.ready("reload failed: running policy kept")
             return False
         self.engine.replace_policy(loaded.engine_policy)
+        self.packet_log.configure(loaded.log_limit)
         if loaded.recheck:
             from nfqfw.core.recheck import recheck
 
@@ -378,6 +410,7 @@ class Daemon:
             self.notifier.stopping("stopping")
         if self.engine is not None:  # exact: the kernel drops what comes until the next start
             self.state.save(self.engine, self.clock(), exact=not self.fail_open)
+        self.packet_log.flush(self.clock(), force=True)
         self._log_counters()
         self.close()
 
@@ -391,6 +424,9 @@ class Daemon:
                     log.info("adapter %s: %d", name, value)
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.adapter is not None:
             self.adapter.unbind()
         if self.sender is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nfqfw import queue, rules, statefile
+from nfqfw import metrics, queue, rules, statefile
 from nfqfw.daemon import Options, run_daemon, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -70,6 +70,18 @@ def register(subparsers: Any) -> None:
         help="save the flow table this often, so a crash loses at most the flows of the last SECONDS; "
         f"0: only at stop (default {statefile.DEFAULT_SNAPSHOT_INTERVAL:g})",
     )
+    parser.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        metavar="[ADDR:]PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default; ADDR defaults to "
+        f"127.0.0.1 and must be a loopback address, e.g. 127.0.0.1:{metrics.DEFAULT_PORT} or [::1]:PORT)",
+    )
+    parser.add_argument(
+        "--metrics-allow-remote",
+        action="store_true",
+        help="allow a --metrics address that is not loopback (the page names rules and shows traffic)",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     parser.set_defaults(func=run)
 
@@ -87,8 +99,17 @@ def run(args: argparse.Namespace) -> int:
         reject_rate=args.reject_rate,
         state_dir=args.state_dir,
         snapshot_interval=args.snapshot_interval,
+        metrics=args.metrics,
+        metrics_allow_remote=args.metrics_allow_remote,
     )
     return run_daemon(options)
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    try:
+        return metrics.parse_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _queue_number(text: str) -> int:

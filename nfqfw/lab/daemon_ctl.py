@@ -106,13 +106,14 @@ def up(
     policy: str | os.PathLike[str] | None = None,
     queue: int = 0,
     timeout: float = READY_TIMEOUT,
+    args: Sequence[str] = (),
 ) -> Lab:
     """Build the namespaces and (with a policy) start nfqfw in the gateway; returns once it is ready."""
     topology, state = Topology(prefix), LabState(prefix)
     down(prefix)  # a lab left over from before, or half of one
     try:
         build(topology)
-        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout)
+        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout, args=args)
     except BaseException:
         down(prefix)
         raise
@@ -138,18 +139,18 @@ def start_daemon(
     queue: int = 0,
     timeout: float = READY_TIMEOUT,
     wrapper: Sequence[str] = (),
-    extra: Sequence[str] = (),
+    args: Sequence[str] = (),
 ) -> Daemon:
     """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
 
     `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
-    then the wrapper's. `extra`: more `nfqfw run` arguments (e.g. --snapshot-interval).
+    then the wrapper's. `args` are more `nfqfw run` options (e.g. --metrics, --snapshot-interval).
     """
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
-    run = ("run", "--config", config, "--queue", str(queue), "--state-dir", str(state.state_dir), *extra)
+    run = ("run", "--config", config, "--queue", str(queue), "--state-dir", str(state.state_dir), *args)
     argv = in_ns(topology.gw, *wrapper, sys.executable, "-m", "nfqfw", *run)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))

@@ -166,7 +166,7 @@ def test_sessions_survive_stop_and_start(lab: Lab, policy: Path, sessions: dict[
     state = LabState(PREFIX)
     # No periodic snapshots: what the new daemon restores is what SIGTERM saved.
     extra = ("--snapshot-interval", "0")
-    daemon_ctl.start_daemon(PREFIX, policy, extra=extra)
+    daemon_ctl.start_daemon(PREFIX, policy, args=extra)
     open_sessions(lab, sessions)
     offset = log_size()
     stopped = daemon_ctl.stop_daemon(PREFIX)
@@ -176,7 +176,7 @@ def test_sessions_survive_stop_and_start(lab: Lab, policy: Path, sessions: dict[
     assert path.stat().st_mode & 0o777 == 0o600
     assert_blocked(lab, sessions)
     offset = log_size()
-    daemon_ctl.start_daemon(PREFIX, policy, extra=extra)
+    daemon_ctl.start_daemon(PREFIX, policy, args=extra)
     added = log_since(offset)
     restored = re.search(
         r"restored 3 flows from (\S+) \(saved [\d.]+ s ago at a stop\): 0 had run out, 0 are not allowed",

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,8 +118,9 @@ def test_the_daemon_stays_within_the_units_syscall_filter(bare_lab: Lab, tmp_pat
     policy.chmod(0o600)
     trace = tmp_path / "strace.out"
     wrapper = ("strace", "-f", "-qq", "-o", str(trace))
-    # A periodic flow snapshot each second: its writer thread is traced too (and the final one at stop).
-    started = daemon_ctl.start_daemon(PREFIX, policy, wrapper=wrapper, extra=("--snapshot-interval", "1"))
+    # The exporter thread's calls count too, and a periodic flow snapshot's writer thread (each second).
+    extra = ("--metrics", "127.0.0.1:9469", "--snapshot-interval", "1")
+    started = daemon_ctl.start_daemon(PREFIX, policy, wrapper=wrapper, args=extra)
     try:
         pid = the_traced_daemon(started.pid)
         with traffic.TcpServer(t.wan, [80, 445]):
@@ -127,6 +129,11 @@ def test_the_daemon_stays_within_the_units_syscall_filter(bare_lab: Lab, tmp_pat
             assert traffic.tcp_probe(t.wan, LAN_V4, 22, timeout=1.0).outcome == "timeout"
             assert traffic.ping(t.lan, WAN_V6).returncode == 0
             assert traffic.ping(t.wan, GW_WAN_V4, wait=1.0).returncode == 1  # no answer
+        with (
+            traffic.entered(t.gw),
+            urllib.request.urlopen("http://127.0.0.1:9469/metrics", timeout=10) as page,
+        ):
+            assert b'nfqfw_verdicts_total{action="reject",reason="rule",rule="no-smb-out"} 1.0' in page.read()
         snapshot = bare_lab.state.state_dir / "flows.snapshot"
         deadline = time.monotonic() + 30
         while not snapshot.exists():
