@@ -45,29 +45,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from nfqfw.core import tcp_window as window
 from nfqfw.core.conntrack import ICMP_QUERIES, ICMPV6_QUERIES, Conntrack, Flow, first_packet
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP
 from nfqfw.core.tcp import TcpConn
 from nfqfw.core.tcp_states import STATE_COUNT, FlagClass, sNO
-from nfqfw.core.tcp_window import (
-    END,
-    F_BE_LIBERAL,
-    F_CLOSE_INIT,
-    F_SACK_PERM,
-    F_WINDOW_SCALE,
-    FLAGS,
-    LAST_ACK,
-    LAST_END,
-    LAST_SEQ,
-    LAST_WIN,
-    MAX_WSCALE,
-    MAXACK,
-    MAXEND,
-    MAXWIN,
-    SCALE,
-    SIDE,
-    WORDS,
-)
 from nfqfw.core.verdict import Hook, Meta
 
 MAGIC = b"NFQFWFT\0"
@@ -86,15 +68,21 @@ _TCP_HEAD = struct.Struct("<7B")
 _WORDS = struct.Struct("<16I")
 # The window words in the format's order: td offsets of ORIGINAL's block, REPLY's, last packet.
 _TD_ORDER = (
-    *(base + word for base in (0, SIDE) for word in (END, MAXEND, MAXWIN, MAXACK, SCALE, FLAGS)),
-    LAST_SEQ,
-    LAST_ACK,
-    LAST_END,
-    LAST_WIN,
+    *(
+        base + word
+        for base in (0, window.SIDE)
+        for word in (window.END, window.MAXEND, window.MAXWIN, window.MAXACK, window.SCALE, window.FLAGS)
+    ),
+    window.LAST_SEQ,
+    window.LAST_ACK,
+    window.LAST_END,
+    window.LAST_WIN,
 )
-_SCALE_WORDS = (SCALE, SIDE + SCALE)
+_SCALE_WORDS = (window.SCALE, window.SIDE + window.SCALE)
 # The window words are kept in the format's order, as little-endian 32-bit words: copied whole.
-_TD_AS_STORED = tuple(range(WORDS)) == _TD_ORDER and sys.byteorder == "little" and array("I").itemsize == 4
+_TD_AS_STORED = (
+    tuple(range(window.WORDS)) == _TD_ORDER and sys.byteorder == "little" and array("I").itemsize == 4
+)
 _HOOKS = {int(hook): hook for hook in Hook}
 _FLAG_CLASSES = len(FlagClass)
 
@@ -391,7 +379,7 @@ def _decode_tcp(head: tuple[int, ...], words: bytes) -> TcpConn:
     conn.last_index = last_index
     conn.last_dir = last_dir
     conn.last_flags = last_flags
-    conn.last_wscale = min(last_wscale, MAX_WSCALE)
+    conn.last_wscale = min(last_wscale, window.MAX_WSCALE)
     conn.retrans = retrans
     conn.assured = bool(assured)
     if _TD_AS_STORED:
@@ -401,21 +389,22 @@ def _decode_tcp(head: tuple[int, ...], words: bytes) -> TcpConn:
         for offset, value in zip(_TD_ORDER, _WORDS.unpack(words), strict=True):
             td[offset] = value
     for offset in _SCALE_WORDS:
-        if conn.td[offset] > MAX_WSCALE:
+        if conn.td[offset] > window.MAX_WSCALE:
             raise SnapshotError(f"TCP window scale {conn.td[offset]} out of range")
     return conn
 
 
-_KEPT_ON_RELEARN = F_WINDOW_SCALE | F_SACK_PERM | F_CLOSE_INIT
+_KEPT_ON_RELEARN = window.F_WINDOW_SCALE | window.F_SACK_PERM | window.F_CLOSE_INIT
 
 
 def _relearn_windows(conn: TcpConn) -> None:
     """Forget both directions' sequence numbers (a zero td_maxwin makes the window tracker
     learn them from the direction's next packet) and track liberally from now on."""
     td = conn.td
-    for base in (0, SIDE):
-        td[base + END] = td[base + MAXEND] = td[base + MAXWIN] = td[base + MAXACK] = 0
-        td[base + FLAGS] = (td[base + FLAGS] & _KEPT_ON_RELEARN) | F_BE_LIBERAL
+    for base in (0, window.SIDE):
+        for word in (window.END, window.MAXEND, window.MAXWIN, window.MAXACK):
+            td[base + word] = 0
+        td[base + window.FLAGS] = (td[base + window.FLAGS] & _KEPT_ON_RELEARN) | window.F_BE_LIBERAL
     conn.retrans = 0
 
 

@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from lab_policies import MAIL_IN_NO_SMB_OUT
 
 from nfqfw.core import snapshot
 from nfqfw.core.conntrack import first_packet
@@ -36,17 +37,7 @@ WAN_ECHO, LAN_MAIL = 80, 25
 BLOCKED_WAIT = 2.0  # seconds without an answer that count as "blocked"
 BACK_WAIT = 30.0  # seconds for TCP to retransmit into the restarted daemon (RTO backoff)
 
-POLICY = """\
-zones:
-  external: [wan0]
-  internal: [lan0]
-ingress:
-  - name: mail
-    proto: tcp
-    to: [10.0.0.25, fd00::25]
-    ports: [25]
-    action: accept
-"""
+POLICY = MAIL_IN_NO_SMB_OUT
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +123,19 @@ def local_port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
 
-def assert_blocked(lab: Lab, opened: dict[str, socket.socket]) -> None:
-    """No nfqfw: the kernel drops what its rules queue (fail-closed), the sessions hear nothing."""
+def assert_no_answer(opened: dict[str, socket.socket], data: bytes, why: str) -> None:
+    """Each session sends `data`; no echo comes back within BLOCKED_WAIT."""
     for name, sock in opened.items():
-        sock.sendall(b"while down\n")
+        sock.sendall(data)
         sock.settimeout(BLOCKED_WAIT)
         with pytest.raises(TimeoutError):
             sock.recv(100)
-            pytest.fail(f"{name}: an answer came through while nfqfw was down")
+            pytest.fail(f"{name}: an answer came through {why}")
+
+
+def assert_blocked(lab: Lab, opened: dict[str, socket.socket]) -> None:
+    """No nfqfw: the kernel drops what its rules queue (fail-closed), the sessions hear nothing."""
+    assert_no_answer(opened, b"while down\n", "while nfqfw was down")
     t = lab.topology
     assert traffic.tcp_probe(t.lan, WAN_V4, WAN_ECHO, timeout=BLOCKED_WAIT).outcome == "timeout"
     assert traffic.tcp_probe(t.wan, LAN_V4, LAN_MAIL, timeout=BLOCKED_WAIT).outcome == "timeout"
@@ -237,12 +233,7 @@ def test_a_corrupt_snapshot_is_reported_and_the_daemon_starts_empty(
     t = lab.topology
     assert traffic.tcp_probe(t.lan, WAN_V4, WAN_ECHO).outcome == "connected"  # filtering as usual
     # Nothing restored: with strict pick-up the old sessions' next segments are INVALID.
-    for name, sock in sessions.items():
-        sock.sendall(b"lost?\n")
-        sock.settimeout(BLOCKED_WAIT)
-        with pytest.raises(TimeoutError):
-            sock.recv(100)
-            pytest.fail(f"{name}: a session went on without its flow")
+    assert_no_answer(sessions, b"lost?\n", "without the session's flow")
     offset = log_size()
     os.kill(daemon.pid, signal.SIGUSR1)  # the counters to the log
     deadline = time.monotonic() + 10

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lab_policies import MAIL_IN_NO_SMB_OUT
 
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab
@@ -28,22 +29,7 @@ pytestmark = pytest.mark.lab
 
 PREFIX = "nfqu-"
 UNIT = Path(__file__).resolve().parents[2] / "systemd/nfqfw.service"
-POLICY = """\
-zones:
-  external: [wan0]
-  internal: [lan0]
-ingress:
-  - name: mail
-    proto: tcp
-    to: [10.0.0.25, fd00::25]
-    ports: [25]
-    action: accept
-egress:
-  - name: no-smb-out
-    proto: tcp
-    ports: [445]
-    action: reject
-"""
+POLICY = MAIL_IN_NO_SMB_OUT
 FAIL_OPEN = POLICY + "options:\n  failure-mode: open\n"
 SYSCALL_LINE = re.compile(r"^\d+\s+([a-z_0-9]+)\(")
 

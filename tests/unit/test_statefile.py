@@ -55,6 +55,14 @@ def store(directory: Path, wall: float = WALL, interval: float = 10.0) -> StateD
     return StateDir(str(directory), interval, wall_clock=lambda: wall)
 
 
+def saved(state: Path, exact: bool = False) -> Path:
+    """The snapshot file of `with_flows()`, saved at monotonic 100, wall-clock WALL."""
+    saver = store(state)
+    assert saver.prepare()
+    assert saver.save(with_flows(100.0), 100.0, exact)
+    return state / "flows.snapshot"
+
+
 def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "nfqfw" and r.levelno >= level]
 
@@ -126,10 +134,7 @@ def test_read_trusted(tmp_path: Path) -> None:
 
 
 def test_save_then_restore_with_the_time_that_passed(state: Path, caplog: pytest.LogCaptureFixture) -> None:
-    saver = store(state)
-    assert saver.prepare()
-    assert saver.save(with_flows(100.0), 100.0, exact=True)
-    snapshot_file = state / "flows.snapshot"
+    snapshot_file = saved(state, exact=True)
     assert snapshot_file.stat().st_mode & 0o777 == 0o600
     assert state.stat().st_mode & 0o777 == 0o700
     fresh = engine()
@@ -152,9 +157,7 @@ def test_save_then_restore_with_the_time_that_passed(state: Path, caplog: pytest
 def test_a_snapshot_taken_while_running_is_restored_with_windows_learnt_anew(
     state: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    saver = store(state)
-    saver.prepare()
-    saver.save(with_flows(100.0), 100.0)
+    saved(state)
     fresh = engine()
     with caplog.at_level(logging.INFO, logger="nfqfw"):
         assert store(state, WALL + 2.0).restore(fresh, 7.0, recheck=True) == 2
@@ -208,10 +211,7 @@ def _flip(data: bytes) -> bytes:
 def test_a_bad_snapshot_is_logged_set_aside_and_ignored(
     state: Path, caplog: pytest.LogCaptureFixture, damage: object, why: str
 ) -> None:
-    saver = store(state)
-    saver.prepare()
-    saver.save(with_flows(), 100.0)
-    path = state / "flows.snapshot"
+    path = saved(state)
     good = path.read_bytes()
     path.write_bytes(damage(good))  # type: ignore[operator]
     fresh = engine()
@@ -226,10 +226,7 @@ def test_a_bad_snapshot_is_logged_set_aside_and_ignored(
 
 
 def test_a_snapshot_others_may_write_is_not_trusted(state: Path, caplog: pytest.LogCaptureFixture) -> None:
-    saver = store(state)
-    saver.prepare()
-    saver.save(with_flows(), 100.0)
-    path = state / "flows.snapshot"
+    path = saved(state)
     path.chmod(0o666)
     fresh = engine()
     with caplog.at_level(logging.INFO, logger="nfqfw"):
@@ -273,9 +270,7 @@ def test_an_unusable_state_directory_is_not_fatal(tmp_path: Path, caplog: pytest
 def test_restored_flows_are_rechecked_against_the_current_policy(
     state: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    saver = store(state)
-    saver.prepare()
-    saver.save(with_flows(), 100.0)
+    saved(state)
     no_http = POLICY_FILE.read_text().replace(
         "egress:\n", "egress:\n  - name: no-http-out\n    proto: tcp\n    ports: [80]\n    action: drop\n", 1
     )
@@ -298,9 +293,7 @@ def test_restored_flows_are_rechecked_against_the_current_policy(
 def test_a_restore_that_fails_inside_leaves_an_empty_table(
     state: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    saver = store(state)
-    saver.prepare()
-    saver.save(with_flows(), 100.0)
+    saved(state)
 
     def broken(*args: object) -> object:
         raise KeyError("bug")
@@ -317,9 +310,7 @@ def test_a_restore_that_fails_inside_leaves_an_empty_table(
 
 
 def test_a_clock_set_back_is_reported(state: Path, caplog: pytest.LogCaptureFixture) -> None:
-    saver = store(state)
-    saver.prepare()
-    saver.save(with_flows(), 100.0)
+    saved(state)
     fresh = engine()
     with caplog.at_level(logging.INFO, logger="nfqfw"):
         assert store(state, WALL - 3600).restore(fresh, 0.0, recheck=True) == 2
