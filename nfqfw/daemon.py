@@ -23,6 +23,12 @@ are removed (nfqfw.core.recheck); `reload: keep` keeps them. A changed failure m
 re-installs the kernel rules. RELOADING=1 ... READY=1 surround the reload either way.
 
 A policy file writable by group or others is refused, at start and at reload.
+
+Control socket (nfqfw.control): RUNTIME_DIR/control.sock (--runtime-dir, default /run/nfqfw),
+root only; `nfqfw status|flows|flush|panic|reload` ask there. It is served from the poll loop
+and from housekeeping, so also under a flood. A reload asked there takes the SIGHUP path;
+the outcome of the last one (`last_reload`) and the start time are kept for `nfqfw status`.
+Panic mode (`set_panic`) lives in the kernel rules (see nfqfw.rules) and survives a restart.
 """
 
 from __future__ import annotations
@@ -37,10 +43,11 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nfqfw import rules
+from nfqfw.control import DEFAULT_RUNTIME_DIR, ControlError, ControlServer, Requests
 from nfqfw.links import Links
 from nfqfw.queue import (
     DEFAULT_MAX_LEN,
@@ -73,6 +80,7 @@ class Options:
     sock_len: int = DEFAULT_SOCK_LEN
     reject_rate: float = DEFAULT_REJECT_RATE
     stats_interval: float = 5.0  # seconds between reads of the kernel's queue drop counters
+    runtime_dir: str = DEFAULT_RUNTIME_DIR  # the control socket's directory
 
 
 @dataclass
@@ -82,6 +90,17 @@ class Loaded:
     engine_policy: Any  # a CompiledPolicy
     fail_open: bool  # policy option failure-mode: open
     recheck: bool = True  # policy option reload: recheck (False: keep)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """The outcome of a reload, for `nfqfw status` and `nfqfw reload`."""
+
+    time: float  # wall clock
+    trigger: str  # "SIGHUP" or "control request"
+    ok: bool
+    errors: tuple[str, ...] = ()  # the located errors of a refused policy
+    removed: int | None = None  # flows removed by reload: recheck (None: reload: keep)
 
 
 @dataclass
@@ -158,6 +177,10 @@ class Daemon:
         self._schedule = _Schedule()
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self.fail_open = False
+        self.control: ControlServer | None = None
+        self.started = time.time()
+        self.started_mono = clock()
+        self.last_reload: ReloadResult | None = None
 
     # -- start --
 
@@ -197,6 +220,14 @@ class Daemon:
             self.close()
             raise StartupError(str(err)) from err
         try:
+            self.control = ControlServer.open(opts.runtime_dir, Requests(self), clock=self.clock)
+        except ControlError as err:
+            self.close()
+            raise StartupError(str(err)) from err
+        try:
+            if rules.panic_installed():  # left on by an earlier run: a restart must not reopen
+                self.spec = replace(self.spec, panic=True)
+                log.warning("panic mode is on (kept from before): everything but loopback is dropped")
             rules.install(self.spec)
         except rules.RulesError as err:
             self.close()
@@ -224,6 +255,8 @@ class Daemon:
         handlers: dict[int, Callable[[], object]] = dict(self.adapter.fds())
         handlers[self.links.fileno()] = self.links.on_events
         handlers[self._wakeup[0].fileno()] = self._drain_wakeup
+        if self.control is not None:
+            handlers[self.control.fileno()] = self.control.service
         poller = select.poll()
         for fd in handlers:
             poller.register(fd, select.POLLIN)
@@ -256,6 +289,10 @@ class Daemon:
         if requests.dump:
             requests.dump = False
             self._log_counters()
+        control_due = math.inf
+        if self.control is not None:
+            self.control.service()
+            control_due = self.control.next_due(now)
         assert self.links is not None and self.drops is not None
         self.links.on_events()
         if now >= schedule.stats:
@@ -267,37 +304,56 @@ class Daemon:
         if now >= schedule.status:
             schedule.status = now + STATUS_PERIOD
             self.notifier.status(self.status_text())
-        return min(now + HOUSEKEEPING_PERIOD, schedule.watchdog)
+        return min(now + HOUSEKEEPING_PERIOD, schedule.watchdog, control_due)
 
-    def reload(self) -> bool:
-        """SIGHUP, run between two packets. True when the new policy is in force."""
-        log.info("SIGHUP received: reloading %s", self.options.config)
+    def reload(self, trigger: str = "SIGHUP") -> bool:
+        """SIGHUP or a control request, run between two packets. True when the new policy is in force."""
+        why = "SIGHUP received" if trigger == "SIGHUP" else trigger
+        log.info("%s: reloading %s", why, self.options.config)
         self.notifier.reloading("reloading the policy")
         try:
             loaded = self._load(self.options.config)
         except StartupError as err:
-            for line in str(err).splitlines() or ["reload failed"]:
+            errors = str(err).splitlines() or ["reload failed"]
+            for line in errors:
                 log.error("reload: %s", line)
             log.error("reload failed: the running policy stays in force")
+            self.last_reload = ReloadResult(time.time(), trigger, False, tuple(errors))
             self.notifier.ready("reload failed: running policy kept")
             return False
         self.engine.replace_policy(loaded.engine_policy)
+        removed: int | None = None
         if loaded.recheck:
             from nfqfw.core.recheck import recheck
 
-            removed = recheck(self.engine)
-            log.info("policy reloaded: %d flows no longer allowed were removed", len(removed))
+            removed = len(recheck(self.engine))
+            log.info("policy reloaded: %d flows no longer allowed were removed", removed)
         else:
             log.info("policy reloaded: existing flows kept (reload: keep)")
         if loaded.fail_open != self.fail_open:
             self._change_failure_mode(loaded.fail_open)
+        self.last_reload = ReloadResult(time.time(), trigger, True, removed=removed)
         self.notifier.ready("policy reloaded")
+        return True
+
+    def set_panic(self, on: bool) -> bool:
+        """Panic mode on/off in the kernel rules (nfqfw panic); False when they could not be installed."""
+        assert self.spec is not None
+        spec = replace(self.spec, panic=on)
+        try:
+            rules.install(spec)
+        except rules.RulesError as err:
+            log.error("panic mode not changed: %s", err)
+            return False
+        if on != self.spec.panic:
+            log.warning("panic mode %s", "on: everything but loopback is dropped" if on else "off")
+        self.spec = spec
         return True
 
     def _change_failure_mode(self, fail_open: bool) -> None:
         """The failure mode lives in the kernel rules (queue bypass): re-install them."""
         assert self.spec is not None
-        spec = rules.QueueSpec(self.spec.first, self.spec.last, bypass=fail_open, mark=self.spec.mark)
+        spec = replace(self.spec, bypass=fail_open)
         try:
             rules.install(spec)
         except rules.RulesError as err:
@@ -380,6 +436,9 @@ class Daemon:
                     log.info("adapter %s: %d", name, value)
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         if self.adapter is not None:
             self.adapter.unbind()
         if self.sender is not None:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from nfqfw import queue, rules
+from nfqfw.control import DEFAULT_RUNTIME_DIR, SOCKET_NAME
 from nfqfw.daemon import Options, run_daemon, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -56,6 +57,13 @@ def register(subparsers: Any) -> None:
         metavar="PER_SECOND",
         help=f"most RST/ICMP answers sent per second (default {queue.DEFAULT_REJECT_RATE:g})",
     )
+    parser.add_argument(
+        "--runtime-dir",
+        default=DEFAULT_RUNTIME_DIR,
+        metavar="DIR",
+        help=f"where the control socket {SOCKET_NAME} goes (default {DEFAULT_RUNTIME_DIR}); "
+        "one per daemon when several run",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     parser.set_defaults(func=run)
 
@@ -71,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         sock_len=args.sock_len,
         reject_rate=args.reject_rate,
+        runtime_dir=args.runtime_dir,
     )
     return run_daemon(options)
 

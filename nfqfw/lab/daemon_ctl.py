@@ -2,7 +2,9 @@
 
 The daemon is started as ``ip netns exec {P}gw <python> -m nfqfw run --config FILE --queue N``
 in a session of its own (it outlives `nfqfw lab up`), with stdout/stderr going to
-``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid`` there. Readiness is the systemd
+``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid`` there; the same directory is its
+``--runtime-dir``, so ``nfqfw status --runtime-dir /run/nfqfw-lab/{P}`` asks it (a Unix socket
+path reaches across network namespaces). Readiness is the systemd
 way: the lab binds an AF_UNIX datagram socket (a path, not an abstract name: abstract sockets
 belong to a network namespace and the daemon runs in another one), passes it in $NOTIFY_SOCKET
 and waits for READY=1, which nfqfw sends once its queue is bound and its rules are in.
@@ -24,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nfqfw.control import SOCKET_NAME
 from nfqfw.lab.topology import (
     DEFAULT_PREFIX,
     NETNS_DIR,
@@ -62,6 +65,15 @@ class LabState:
     @property
     def notify_socket(self) -> Path:
         return self.directory / "notify.sock"
+
+    @property
+    def runtime_dir(self) -> Path:
+        """The daemon's --runtime-dir: its control socket is control.sock in there."""
+        return self.directory
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / SOCKET_NAME
 
 
 @dataclass
@@ -117,7 +129,7 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
         removed.append("nfqfw daemon")
     removed += teardown(Topology(prefix))
     state = LabState(prefix)
-    for path in (state.pid_file, state.notify_socket):
+    for path in (state.pid_file, state.notify_socket, state.control_socket):
         path.unlink(missing_ok=True)
     return removed
 
@@ -130,7 +142,11 @@ def start_daemon(
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
-    argv = in_ns(topology.gw, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue))
+    argv = in_ns(
+        topology.gw,
+        *(sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue)),
+        *("--runtime-dir", str(state.runtime_dir)),
+    )
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))
         env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}
