@@ -216,6 +216,8 @@ class ControlServer:
             refusal = self._refusal(sock)
             if refusal is not None:
                 self._answer(client, iter([error(refusal)]), now, now + self.work_slice)
+            else:
+                self._read(client, now)  # a client sends at once: one round (under a flood, 1 s) serves it
 
     def _refusal(self, sock: socket.socket) -> str | None:
         try:
