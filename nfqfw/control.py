@@ -54,7 +54,7 @@ MAX_REQUEST = 64 * 1024  # bytes of one request line
 IDLE_TIMEOUT = 5.0  # seconds to send the whole request, and to go on reading the answer
 MAX_CLIENTS = 16
 SLICE = 0.002  # seconds of work on a streamed answer per service() call, then packets again
-BUSY_AGAIN = 0.01  # while an answer is being streamed, housekeeping comes back this soon
+BUSY_AGAIN = 0.01  # while a client is connected, housekeeping comes back this soon
 FLOWS_PER_CHUNK = 256
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 COMMANDS = ("status", "flows", "flush", "panic", "reload")
@@ -164,11 +164,9 @@ class ControlServer:
         return len(self._clients)
 
     def next_due(self, now: float) -> float:
-        """When housekeeping should call service() again: soon while answers are being written,
-        at the nearest client deadline otherwise."""
-        if any(client.chunks is not None for client in self._clients.values()):
-            return now + BUSY_AGAIN
-        return min((client.deadline for client in self._clients.values()), default=float("inf"))
+        """When housekeeping should call service() again: soon while a client is connected (its
+        request may still be on its way, or its answer being written), else never."""
+        return now + BUSY_AGAIN if self._clients else float("inf")
 
     def service(self) -> None:
         """Do what is ready now, without blocking: accept, read, answer, write, time out."""
