@@ -368,7 +368,9 @@ class Daemon:
         flows = len(getattr(self.engine, "conntrack", ()))
         verdicts = sum(getattr(self.engine, "counters", {}).values())
         rejects = self.counters()["reject sent"]
-        return f"queue {self._queue_text()}: {verdicts} verdicts, {flows} flows, {rejects} rejects sent"
+        panic = "PANIC MODE, " if self.spec is not None and self.spec.panic else ""
+        counts = f"{verdicts} verdicts, {flows} flows, {rejects} rejects sent"
+        return f"{panic}queue {self._queue_text()}: {counts}"
 
     def counters(self) -> dict[str, int]:
         assert self.adapter is not None
