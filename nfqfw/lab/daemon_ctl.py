@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,18 +136,23 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
 
 
 def start_daemon(
-    prefix: str, policy: str | os.PathLike[str], queue: int = 0, timeout: float = READY_TIMEOUT
+    prefix: str,
+    policy: str | os.PathLike[str],
+    queue: int = 0,
+    timeout: float = READY_TIMEOUT,
+    wrapper: Sequence[str] = (),
 ) -> Daemon:
-    """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes)."""
+    """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
+
+    `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
+    then the wrapper's.
+    """
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
-    argv = in_ns(
-        topology.gw,
-        *(sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue)),
-        *("--runtime-dir", str(state.runtime_dir)),
-    )
+    command = (*wrapper, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue))
+    argv = in_ns(topology.gw, *command, "--runtime-dir", str(state.runtime_dir))
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))
         env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}
