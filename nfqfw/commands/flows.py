@@ -11,7 +11,7 @@ from typing import Any
 
 from nfqfw.control_client import add_runtime_dir_option, ask
 from nfqfw.control_format import format_flows
-from nfqfw.flowlist import STATES, FilterError, parse_addr, parse_proto, parse_state
+from nfqfw.flowlist import STATES, FilterError, FlowFilter, parse_addr, parse_proto, parse_state
 
 
 def register(subparsers: Any) -> None:
@@ -40,14 +40,8 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
 
 
 def filter_fields(args: argparse.Namespace) -> dict[str, str]:
-    fields = {}
-    if args.proto is not None:
-        fields["proto"] = str(args.proto)
-    if args.state is not None:
-        fields["state"] = args.state
-    if args.addr is not None:
-        fields["addr"] = str(args.addr)
-    return fields
+    """The request fields of the filter options given (already checked by argparse)."""
+    return FlowFilter.parse(args.proto, args.state, args.addr).request_fields()
 
 
 def _checked(parse: Callable[[str], object]) -> Callable[[str], object]:

@@ -418,3 +418,67 @@ def test_commands_without_a_daemon_print_one_line(
     out, err = capsys.readouterr()
     no_daemon = f"no nfqfw daemon at {rundir}/control.sock (is it running?)"
     assert (out, err) == ("", f"nfqfw {command[0]}: {no_daemon}\n")
+
+
+FLOW = {
+    "proto": "tcp", "protonum": 6, "timeout": 99, "state": "SYN_SENT", "family": 4, "src": "10.1.2.3",
+    "dst": "192.0.2.1", "sport": 40000, "dport": 22, "replied": False, "assured": False,
+    "admitted_by": "rule ssh", "in": "lan0", "out": "wan0", "age": 1,
+}  # fmt: skip
+CANNED = {
+    "flows": {"tracked": 4, "max_flows": 10, "flows": [FLOW]},
+    "flush": {"removed": 2, "tracked": 3},
+    "panic": {"panic": True, "changed": True},
+    "reload": {"time": 0.0, "trigger": "control request", "ok": False, "errors": ["p.yaml:1:1: bad"],
+               "removed": None},
+    "status": {"anything": ["the daemon says"]},
+}  # fmt: skip
+
+
+def test_commands_send_their_requests_and_print_the_answers(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def canned(request: dict[str, Any]) -> Iterator[bytes]:
+        seen.append(request)
+        return iter([encode({"ok": True, "result": CANNED[request["cmd"]]})])
+
+    serving = Serving(rundir, handler=canned)
+    where = ["--runtime-dir", str(rundir)]
+    try:
+        assert cli.main(["flows", "--proto", "6", "--state", "syn-sent", "--addr", "10.1.2.3/8", *where]) == 0
+        assert capsys.readouterr() == (
+            "tcp      6 99 SYN_SENT src=10.1.2.3 dst=192.0.2.1 sport=40000 dport=22 [UNREPLIED] rule=ssh "
+            "in=lan0 out=wan0\n",
+            "1 flow shown (4 tracked, at most 10)\n",
+        )
+        assert cli.main(["flush", "--proto", "udp", *where]) == 0
+        assert capsys.readouterr() == ("2 flows removed (3 still tracked)\n", "")
+        assert cli.main(["panic", "on", *where]) == 0
+        assert capsys.readouterr() == ("panic mode on: everything but loopback is dropped\n", "")
+        assert cli.main(["reload", *where]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.endswith(" by control request: FAILED, the running policy stays in force:\n"
+                                          "  p.yaml:1:1: bad\n")  # fmt: skip
+        assert cli.main(["status", "--json", *where]) == 0
+        assert json.loads(capsys.readouterr().out) == {"anything": ["the daemon says"]}
+    finally:
+        serving.close()
+    assert seen == [
+        {"cmd": "flows", "proto": "tcp", "state": "SYN_SENT", "addr": "10.0.0.0/8"},
+        {"cmd": "flush", "proto": "udp"},
+        {"cmd": "panic", "on": True},
+        {"cmd": "reload"},
+        {"cmd": "status"},
+    ]
+
+
+def test_bad_filter_options_are_refused_before_asking(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["flush", "--state", "open", "--runtime-dir", "/nonexistent"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "argument --state: unknown state 'open': expected one of SYN_SENT, SYN_RECV, ESTABLISHED, "
+        "FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE, SYN_SENT2, ASSURED, UNREPLIED, REPLIED\n"
+    )
