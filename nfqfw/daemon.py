@@ -339,30 +339,33 @@ class Daemon:
     def set_panic(self, on: bool) -> bool:
         """Panic mode on/off in the kernel rules (nfqfw panic); False when they could not be installed."""
         assert self.spec is not None
-        spec = replace(self.spec, panic=on)
-        try:
-            rules.install(spec)
-        except rules.RulesError as err:
-            log.error("panic mode not changed: %s", err)
+        was = self.spec.panic
+        if not self._reinstall(replace(self.spec, panic=on), "panic mode not changed"):
             return False
-        if on != self.spec.panic:
+        if on != was:
             log.warning("panic mode %s", "on: everything but loopback is dropped" if on else "off")
-        self.spec = spec
         return True
 
     def _change_failure_mode(self, fail_open: bool) -> None:
         """The failure mode lives in the kernel rules (queue bypass): re-install them."""
         assert self.spec is not None
-        spec = replace(self.spec, bypass=fail_open)
-        try:
-            rules.install(spec)
-        except rules.RulesError as err:
-            log.error("reload: failure mode not changed, rules not re-installed: %s", err)
+        failed = "reload: failure mode not changed, rules not re-installed"
+        if not self._reinstall(replace(self.spec, bypass=fail_open), failed):
             return
-        self.spec, self.fail_open = spec, fail_open
+        self.fail_open = fail_open
         if self.adapter is not None:
             self.adapter.fail_open = fail_open
         log.info("failure mode now %s", "open" if fail_open else "closed")
+
+    def _reinstall(self, spec: rules.QueueSpec, failed: str) -> bool:
+        """Install the kernel rules for `spec` and make it ours; on failure log `failed: why`."""
+        try:
+            rules.install(spec)
+        except rules.RulesError as err:
+            log.error("%s: %s", failed, err)
+            return False
+        self.spec = spec
+        return True
 
     def status_text(self) -> str:
         flows = len(getattr(self.engine, "conntrack", ()))

@@ -1,7 +1,8 @@
-"""The control socket in the lab (namespaces nfqc-wan / nfqc-gw / nfqc-lan): `nfqfw status`,
-`flows`, `flush`, `panic` and `reload` run as commands in the root namespace and reach the
-daemon in nfqc-gw through /run/nfqfw-lab/nfqc-/control.sock (a Unix socket path crosses network
-namespaces). The module's tests run in order on one daemon.
+"""The control socket in the lab (conftest's `lab`): `nfqfw status`, `flows`, `flush`, `panic`
+and `reload` run as commands in the root namespace and reach the daemon in the gateway namespace
+through /run/nfqfw-lab/PREFIX/control.sock (a Unix socket path crosses network namespaces). The
+module's tests run in order on one daemon. Servers used: outside TCP 80 (echo), inside TCP
+25.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,16 @@ import pytest
 
 from nfqfw.control_client import ClientError, call
 from nfqfw.lab import traffic
-from nfqfw.lab.daemon_ctl import Lab, down, running_daemon, start_daemon, stop_daemon, up
+from nfqfw.lab.daemon_ctl import Lab, running_daemon, start_daemon, stop_daemon
 from nfqfw.lab.topology import GW_LAN_V4, LAN_V4, WAN_V4, in_ns
 
 pytestmark = pytest.mark.lab
 
-PREFIX = "nfqc-"
-WAN_ECHO, WAN_DNS, LAN_MAIL, IPERF = 80, 53, 25, 5201
+WAN_ECHO, LAN_MAIL, IPERF = 80, 25, 5201
 REPO = Path(__file__).resolve().parents[2]
 BLOCKED = 2.0  # seconds a probe waits before calling the path blocked
 
-POLICY = """\
+LAB_POLICY = POLICY = """\
 zones:
   external: [wan0]
   internal: [lan0]
@@ -52,10 +50,6 @@ egress:
     proto: tcp
     ports: [80]
     action: accept
-  - name: dns
-    proto: udp
-    ports: [53]
-    action: accept
   - name: iperf
     proto: [tcp, udp]
     ports: [5201]
@@ -65,20 +59,6 @@ egress:
     action: accept
 """
 BROKEN = POLICY.replace("ingress: drop", "ingress: perhaps")
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Path]]:
-    policy = tmp_path_factory.mktemp("control") / "policy.yaml"
-    write_policy(policy, POLICY)
-    with ExitStack() as stack:
-        stack.callback(down, PREFIX)  # also when up() or a server fails
-        the_lab = up(PREFIX, policy)
-        t = the_lab.topology
-        stack.enter_context(traffic.TcpServer(t.wan, [WAN_ECHO]))
-        stack.enter_context(traffic.UdpEchoServer(t.wan, [WAN_DNS]))
-        stack.enter_context(traffic.TcpServer(t.lan, [LAN_MAIL]))
-        yield the_lab, policy
 
 
 def write_policy(path: Path, text: str) -> None:
@@ -126,7 +106,7 @@ def blocked(sock: socket.socket, data: bytes) -> bool:
     return False
 
 
-def test_no_daemon_is_one_clear_line(lab: tuple[Lab, Path]) -> None:
+def test_no_daemon_is_one_clear_line(lab: Lab) -> None:
     argv = [sys.executable, "-m", "nfqfw", "status", "--runtime-dir", "/run/nfqfw-lab/nfqc-none"]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (
@@ -136,8 +116,8 @@ def test_no_daemon_is_one_clear_line(lab: tuple[Lab, Path]) -> None:
     )
 
 
-def test_status_and_flows_show_a_live_session(lab: tuple[Lab, Path]) -> None:
-    the_lab, policy = lab
+def test_status_and_flows_show_a_live_session(lab: Lab, lab_policy: Path) -> None:
+    the_lab, policy = lab, lab_policy
     with session(the_lab) as sock:
         sport = sock.getsockname()[1]
         flows = as_json(the_lab, "flows", "--proto", "tcp")["flows"]
@@ -183,8 +163,8 @@ def test_status_and_flows_show_a_live_session(lab: tuple[Lab, Path]) -> None:
         assert traffic.echo_roundtrip(sock, b"still up\n") == b"still up\n"
 
 
-def test_flush_cuts_the_session(lab: tuple[Lab, Path]) -> None:
-    the_lab, _ = lab
+def test_flush_cuts_the_session(lab: Lab) -> None:
+    the_lab = lab
     with session(the_lab) as sock:
         before = as_json(the_lab, "status")["verdicts"]
         # (the closed session of the test before is still tracked, in TIME_WAIT)
@@ -201,8 +181,8 @@ def test_flush_cuts_the_session(lab: tuple[Lab, Path]) -> None:
         assert nfqfw(the_lab, "flows", "--state", "established").stdout == ""
 
 
-def test_panic_blocks_everything_and_survives_a_restart(lab: tuple[Lab, Path]) -> None:
-    the_lab, policy = lab
+def test_panic_blocks_everything_and_survives_a_restart(lab: Lab, lab_policy: Path) -> None:
+    the_lab, policy = lab, lab_policy
     t = the_lab.topology
     assert traffic.ping(t.lan, GW_LAN_V4).returncode == 0
     with session(the_lab) as sock:
@@ -222,8 +202,8 @@ def test_panic_blocks_everything_and_survives_a_restart(lab: tuple[Lab, Path]) -
         assert traffic.echo_roundtrip(sock, b"after panic\n") == b"after panic\n"
 
     assert nfqfw(the_lab, "panic", "on").returncode == 0
-    assert stop_daemon(PREFIX) is not None
-    start_daemon(PREFIX, policy)
+    assert stop_daemon(lab.state.prefix) is not None
+    start_daemon(lab.state.prefix, policy)
     assert "panic mode is on (kept from before)" in the_lab.state.log_file.read_text()
     assert as_json(the_lab, "status")["panic"] is True
     assert traffic.tcp_probe(t.lan, WAN_V4, WAN_ECHO, timeout=BLOCKED).outcome == "timeout"
@@ -259,8 +239,8 @@ def as_nobody(runtime_dir: Path) -> str:
     return message
 
 
-def test_non_root_clients_are_refused(lab: tuple[Lab, Path]) -> None:
-    the_lab, _ = lab
+def test_non_root_clients_are_refused(lab: Lab) -> None:
+    the_lab = lab
     path = the_lab.state.control_socket
     assert as_nobody(the_lab.state.runtime_dir) == (
         f"permission denied on {path}: the control socket is for root"
@@ -276,8 +256,8 @@ def test_non_root_clients_are_refused(lab: tuple[Lab, Path]) -> None:
     assert as_json(the_lab, "status")["pid"] > 0  # root still gets in
 
 
-def test_reload_reports_a_broken_policy_and_the_daemon_keeps_running(lab: tuple[Lab, Path]) -> None:
-    the_lab, policy = lab
+def test_reload_reports_a_broken_policy_and_the_daemon_keeps_running(lab: Lab, lab_policy: Path) -> None:
+    the_lab, policy = lab, lab_policy
     write_policy(policy, BROKEN)
     done = nfqfw(the_lab, "reload")
     assert done.returncode == 1
@@ -285,7 +265,7 @@ def test_reload_reports_a_broken_policy_and_the_daemon_keeps_running(lab: tuple[
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d by control request: FAILED, the running policy "
                         r"stays in force:", first), first  # fmt: skip
     assert errors == [f"  {policy}:5:12: defaults: ingress: expected accept, drop or reject, got 'perhaps'"]
-    daemon = running_daemon(PREFIX)
+    daemon = running_daemon(lab.state.prefix)
     assert daemon is not None and daemon.alive()
     status = as_json(the_lab, "status")
     assert status["last_reload"]["ok"] is False
@@ -301,10 +281,10 @@ def test_reload_reports_a_broken_policy_and_the_daemon_keeps_running(lab: tuple[
     assert "control request: reloading" in the_lab.state.log_file.read_text()
 
 
-def test_requests_are_answered_under_a_flood(lab: tuple[Lab, Path]) -> None:
+def test_requests_are_answered_under_a_flood(lab: Lab) -> None:
     """A UDP flood of small packets keeps the packet loop busy; the control socket still answers
     (from housekeeping in the packet callback when NetfilterQueue.run() does not return)."""
-    the_lab, _ = lab
+    the_lab = lab
     t = the_lab.topology
     server = subprocess.Popen(in_ns(t.wan, "iperf3", "-s", "-1"), stdout=subprocess.DEVNULL)
     try:
