@@ -281,6 +281,15 @@ def test_reload_reports_a_broken_policy_and_the_daemon_keeps_running(lab: Lab, l
     assert "control request: reloading" in the_lab.state.log_file.read_text()
 
 
+def wait_listening(ns: str, port: int, timeout: float = 30.0) -> None:
+    """Until a TCP socket listens on `port` in `ns` (asked of ss: a probe connection would be
+    taken by the one-shot iperf3 server as its test)."""
+    deadline = time.monotonic() + timeout
+    while not traffic.run(ns, "ss", "-Htln", f"sport = :{port}").stdout.strip():
+        assert time.monotonic() < deadline, f"nothing listens on port {port} in {ns}"
+        time.sleep(0.05)
+
+
 def test_requests_are_answered_under_a_flood(lab: Lab) -> None:
     """A UDP flood of small packets keeps the packet loop busy; the control socket still answers
     (from housekeeping in the packet callback when NetfilterQueue.run() does not return)."""
@@ -288,7 +297,7 @@ def test_requests_are_answered_under_a_flood(lab: Lab) -> None:
     t = the_lab.topology
     server = subprocess.Popen(in_ns(t.wan, "iperf3", "-s", "-1"), stdout=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_listening(t.wan, IPERF)
         flood = subprocess.Popen(
             in_ns(t.lan, "iperf3", "-c", WAN_V4, "-u", "-b", "0", "-l", "64", "-t", "120"),
             stdout=subprocess.DEVNULL,
