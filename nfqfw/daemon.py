@@ -29,6 +29,10 @@ root only; `nfqfw status|flows|flush|panic|reload` ask there. It is served from 
 and from housekeeping, so also under a flood. A reload asked there takes the SIGHUP path;
 the outcome of the last one (`last_reload`) and the start time are kept for `nfqfw status`.
 Panic mode (`set_panic`) lives in the kernel rules (see nfqfw.rules) and survives a restart.
+
+Observability (own modules): the packet log (nfqfw.packetlog) gets the packets whose verdict
+says `log` from the adapter and its suppression summary from housekeeping; `--metrics` starts
+the Prometheus endpoint (nfqfw.metrics) before the queue is bound.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from typing import Any
 
 from nfqfw import rules
 from nfqfw.control import DEFAULT_RUNTIME_DIR, ControlError, ControlServer, Requests
+from nfqfw.core.config import DEFAULT_LOG_LIMIT, LogLimit
 from nfqfw.links import Links
+from nfqfw.packetlog import PacketLog
 from nfqfw.queue import (
     DEFAULT_MAX_LEN,
     DEFAULT_REJECT_RATE,
@@ -81,6 +87,8 @@ class Options:
     reject_rate: float = DEFAULT_REJECT_RATE
     stats_interval: float = 5.0  # seconds between reads of the kernel's queue drop counters
     runtime_dir: str = DEFAULT_RUNTIME_DIR  # the control socket's directory
+    metrics: tuple[str, int] | None = None  # --metrics: (host, port) of the Prometheus endpoint
+    metrics_allow_remote: bool = False
 
 
 @dataclass
@@ -90,6 +98,7 @@ class Loaded:
     engine_policy: Any  # a CompiledPolicy
     fail_open: bool  # policy option failure-mode: open
     recheck: bool = True  # policy option reload: recheck (False: keep)
+    log_limit: LogLimit = DEFAULT_LOG_LIMIT  # policy options log-limit, log-limit-burst
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,8 @@ def load_policy_file(path: str) -> Loaded:
     except ConfigError as err:
         raise StartupError(str(err)) from err
     options = config.options
-    return Loaded(CompiledPolicy(config), options.failure_mode == "open", options.reload == "recheck")
+    fail_open, recheck = options.failure_mode == "open", options.reload == "recheck"
+    return Loaded(CompiledPolicy(config), fail_open, recheck, options.log_limit)
 
 
 def default_engine(loaded: Loaded) -> Any:
@@ -181,6 +191,8 @@ class Daemon:
         self.started = time.time()
         self.started_mono = clock()
         self.last_reload: ReloadResult | None = None
+        self.packet_log = PacketLog()
+        self.metrics: Any = None  # a nfqfw.metrics.MetricsServer with --metrics
 
     # -- start --
 
@@ -198,6 +210,8 @@ class Daemon:
         self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
         self.engine = self._make_engine(loaded)
         self.fail_open = loaded.fail_open
+        self.packet_log.configure(loaded.log_limit)
+        timer = self._start_metrics()
         try:
             self.links = Links()
             self.sender = RawSender(opts.mark)
@@ -212,6 +226,8 @@ class Daemon:
             fail_open=loaded.fail_open,
             reject_rate=opts.reject_rate,
             clock=self.clock,
+            log_packet=self.packet_log.log,
+            wrap_process=None if timer is None else timer.wrap,
         )
         self.adapter.housekeeping = self._housekeeping
         try:
@@ -241,6 +257,20 @@ class Daemon:
         queue = self._queue_text()
         log.info("queue %s bound, rules installed (failure mode %s, mark 0x%x)", queue, mode, opts.mark)
         self.notifier.ready(f"filtering on queue {self._queue_text()}, failure mode {mode}")
+
+    def _start_metrics(self) -> Any:
+        """The Prometheus endpoint with --metrics; returns its engine timer (None without)."""
+        if self.options.metrics is None:
+            return None
+        from nfqfw import metrics
+
+        host, port = self.options.metrics
+        try:
+            self.metrics, timer = metrics.serve(self, host, port, self.options.metrics_allow_remote)
+        except metrics.MetricsError as err:
+            raise StartupError(str(err)) from err
+        log.info("metrics on http://%s/metrics", self.metrics.address)
+        return timer
 
     def _queue_text(self) -> str:
         assert self.spec is not None
@@ -295,6 +325,7 @@ class Daemon:
             control_due = self.control.next_due(now)
         assert self.links is not None and self.drops is not None
         self.links.on_events()
+        self.packet_log.flush(now)
         if now >= schedule.stats:
             schedule.stats = now + self.options.stats_interval
             self.drops.check()
@@ -322,6 +353,7 @@ class Daemon:
             self.notifier.ready("reload failed: running policy kept")
             return False
         self.engine.replace_policy(loaded.engine_policy)
+        self.packet_log.configure(loaded.log_limit)
         removed: int | None = None
         if loaded.recheck:
             from nfqfw.core.recheck import recheck
@@ -428,6 +460,7 @@ class Daemon:
         if "stop" not in self._requests.served:
             self._requests.served.add("stop")
             self.notifier.stopping("stopping")
+        self.packet_log.flush(self.clock(), force=True)
         self._log_counters()
         self.close()
 
@@ -444,6 +477,9 @@ class Daemon:
         if self.control is not None:
             self.control.close()
             self.control = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.adapter is not None:
             self.adapter.unbind()
         if self.sender is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nfqfw import queue, rules
+from nfqfw import metrics, queue, rules
 from nfqfw.control import DEFAULT_RUNTIME_DIR, SOCKET_NAME
 from nfqfw.daemon import Options, run_daemon, setup_logging
 
@@ -58,6 +58,18 @@ def register(subparsers: Any) -> None:
         help=f"most RST/ICMP answers sent per second (default {queue.DEFAULT_REJECT_RATE:g})",
     )
     parser.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        metavar="[ADDR:]PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default; ADDR defaults to "
+        f"127.0.0.1 and must be a loopback address, e.g. 127.0.0.1:{metrics.DEFAULT_PORT} or [::1]:PORT)",
+    )
+    parser.add_argument(
+        "--metrics-allow-remote",
+        action="store_true",
+        help="allow a --metrics address that is not loopback (the page names rules and shows traffic)",
+    )
+    parser.add_argument(
         "--runtime-dir",
         default=DEFAULT_RUNTIME_DIR,
         metavar="DIR",
@@ -80,8 +92,17 @@ def run(args: argparse.Namespace) -> int:
         sock_len=args.sock_len,
         reject_rate=args.reject_rate,
         runtime_dir=args.runtime_dir,
+        metrics=args.metrics,
+        metrics_allow_remote=args.metrics_allow_remote,
     )
     return run_daemon(options)
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    try:
+        return metrics.parse_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _queue_number(text: str) -> int:

@@ -278,6 +278,9 @@ class Conntrack:
         if kind == KILL:
             self.remove(flow)
             self._out.flow = None
+            # From the originator the RST is still NEW (no reply yet), as the kernel's ctinfo.
+            if direction == ORIGINAL:
+                return self._answer(Ct.NEW, "new: RST before any reply (flow removed)")
             return self._answer(Ct.ESTABLISHED, "established: RST before any reply (flow removed)")
         state = self._state_of(flow, direction)
         if direction == REPLY:

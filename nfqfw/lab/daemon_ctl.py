@@ -110,13 +110,14 @@ def up(
     policy: str | os.PathLike[str] | None = None,
     queue: int = 0,
     timeout: float = READY_TIMEOUT,
+    args: Sequence[str] = (),
 ) -> Lab:
     """Build the namespaces and (with a policy) start nfqfw in the gateway; returns once it is ready."""
     topology, state = Topology(prefix), LabState(prefix)
     down(prefix)  # a lab left over from before, or half of one
     try:
         build(topology)
-        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout)
+        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout, args=args)
     except BaseException:
         down(prefix)
         raise
@@ -141,18 +142,19 @@ def start_daemon(
     queue: int = 0,
     timeout: float = READY_TIMEOUT,
     wrapper: Sequence[str] = (),
+    args: Sequence[str] = (),
 ) -> Daemon:
     """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
 
     `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
-    then the wrapper's.
+    then the wrapper's. `args` are more `nfqfw run` options (e.g. --metrics).
     """
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
     command = (*wrapper, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue))
-    argv = in_ns(topology.gw, *command, "--runtime-dir", str(state.runtime_dir))
+    argv = in_ns(topology.gw, *command, "--runtime-dir", str(state.runtime_dir), *args)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))
         env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def test_the_daemon_stays_within_the_units_syscall_filter(bare_lab: Lab, tmp_pat
     policy.chmod(0o600)
     trace = tmp_path / "strace.out"
     wrapper = ("strace", "-f", "-qq", "-o", str(trace))
-    started = daemon_ctl.start_daemon(PREFIX, policy, wrapper=wrapper)
+    metrics = ("--metrics", "127.0.0.1:9469")  # the exporter thread's calls count too
+    started = daemon_ctl.start_daemon(PREFIX, policy, wrapper=wrapper, args=metrics)
     try:
         pid = the_traced_daemon(started.pid)
         with traffic.TcpServer(t.wan, [80, 445]):
@@ -135,6 +137,11 @@ def test_the_daemon_stays_within_the_units_syscall_filter(bare_lab: Lab, tmp_pat
             assert traffic.tcp_probe(t.wan, LAN_V4, 22, timeout=1.0).outcome == "timeout"
             assert traffic.ping(t.lan, WAN_V6).returncode == 0
             assert traffic.ping(t.wan, GW_WAN_V4, wait=1.0).returncode == 1  # no answer
+        with (
+            traffic.entered(t.gw),
+            urllib.request.urlopen("http://127.0.0.1:9469/metrics", timeout=10) as page,
+        ):
+            assert b'nfqfw_verdicts_total{action="reject",reason="rule",rule="no-smb-out"} 1.0' in page.read()
         os.kill(pid, signal.SIGHUP)
         wait_for_log(started.log_file, "policy reloaded")
         policy.write_text(FAIL_OPEN)

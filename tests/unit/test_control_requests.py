@@ -252,12 +252,13 @@ def test_reload_reports_located_errors_then_success(daemon: Daemon, monkeypatch:
     requests = Requests(daemon)
     path = daemon.options.config
     Path(path).write_text(POLICY.replace("ingress: drop", "ingress: perhaps"))
+    line = POLICY[: POLICY.index("  ingress: drop")].count("\n") + 1  # in config/policy.yaml
     failed = answer(requests({"cmd": "reload"}))
     assert failed == {
         "time": 1_750_000_000.0,
         "trigger": "control request",
         "ok": False,
-        "errors": [f"{path}:41:12: defaults: ingress: expected accept, drop or reject, got 'perhaps'"],
+        "errors": [f"{path}:{line}:12: defaults: ingress: expected accept, drop or reject, got 'perhaps'"],
         "removed": None,
     }
     assert answer(requests({"cmd": "status"}))["last_reload"] == failed
