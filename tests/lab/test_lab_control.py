@@ -32,13 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 BLOCKED = 2.0  # seconds a probe waits before calling the path blocked
 
 LAB_POLICY = POLICY = """\
-zones:
-  external: [wan0]
-  internal: [lan0]
-defaults:
-  ingress: drop
-  egress: drop
-  invalid: drop
+zones: {external: [wan0], internal: [lan0]}
+defaults: {ingress: drop, egress: drop, invalid: drop}
 ingress:
   - name: mail
     proto: tcp
@@ -264,7 +259,7 @@ def test_reload_reports_a_broken_policy_and_the_daemon_keeps_running(lab: Lab, l
     first, *errors = done.stderr.splitlines()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d by control request: FAILED, the running policy "
                         r"stays in force:", first), first  # fmt: skip
-    assert errors == [f"  {policy}:5:12: defaults: ingress: expected accept, drop or reject, got 'perhaps'"]
+    assert errors == [f"  {policy}:2:21: defaults: ingress: expected accept, drop or reject, got 'perhaps'"]
     daemon = running_daemon(lab.state.prefix)
     assert daemon is not None and daemon.alive()
     status = as_json(the_lab, "status")

@@ -108,15 +108,9 @@ def test_open_mode_balance_and_custom_mark_replacing_existing_jumps() -> None:
 
 SAVE_PANIC = """\
 *filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
 :NFQFW-FORWARD - [0:0]
 :NFQFW-INPUT - [0:0]
 :NFQFW-OUTPUT - [0:0]
--A INPUT -j NFQFW-INPUT
--A FORWARD -j NFQFW-FORWARD
--A OUTPUT -j NFQFW-OUTPUT
 -A NFQFW-FORWARD -j DROP
 -A NFQFW-INPUT -i lo -j RETURN
 -A NFQFW-INPUT -j DROP
@@ -137,9 +131,6 @@ def test_panic_drops_everything_but_loopback_and_queues_nothing() -> None:
         "-A NFQFW-FORWARD -j DROP\n"
         "-A NFQFW-OUTPUT -o lo -j RETURN\n"
         "-A NFQFW-OUTPUT -j DROP\n"
-        "-D INPUT -j NFQFW-INPUT\n"
-        "-D FORWARD -j NFQFW-FORWARD\n"
-        "-D OUTPUT -j NFQFW-OUTPUT\n"
         "-I INPUT 1 -j NFQFW-INPUT\n"
         "-I FORWARD 1 -j NFQFW-FORWARD\n"
         "-I OUTPUT 1 -j NFQFW-OUTPUT\n"
