@@ -55,6 +55,11 @@ def start(lab: Lab, tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
     """start(policy_text) runs nfqfw in the gateway until the test ends."""
 
     def start_with(text: str) -> Daemon:
+        # A test before may have left neighbour entries FAILED while nothing served the queue
+        # (ND to and from the gateway is queued too): the next connect would fail at once.
+        for ns in lab.topology.namespaces:
+            run_in(ns, "ip", "neigh", "flush", "all")
+            run_in(ns, "ip", "-6", "neigh", "flush", "all")
         policy = tmp_path / "policy.yaml"
         policy.write_text(text)
         return daemon_ctl.start_daemon(PREFIX, policy)
