@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from nfqfw import metrics, queue, rules, statefile
+from nfqfw.control import DEFAULT_RUNTIME_DIR, SOCKET_NAME
 from nfqfw.daemon import Options, run_daemon, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -82,6 +83,13 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="allow a --metrics address that is not loopback (the page names rules and shows traffic)",
     )
+    parser.add_argument(
+        "--runtime-dir",
+        default=DEFAULT_RUNTIME_DIR,
+        metavar="DIR",
+        help=f"where the control socket {SOCKET_NAME} goes (default {DEFAULT_RUNTIME_DIR}); "
+        "one per daemon when several run",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     parser.set_defaults(func=run)
 
@@ -99,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         reject_rate=args.reject_rate,
         state_dir=args.state_dir,
         snapshot_interval=args.snapshot_interval,
+        runtime_dir=args.runtime_dir,
         metrics=args.metrics,
         metrics_allow_remote=args.metrics_allow_remote,
     )

@@ -1,10 +1,12 @@
 """Bring the whole lab up and down: the namespaces, and `nfqfw run` inside the gateway's.
 
-The daemon is started as ``ip netns exec {P}gw <python> -m nfqfw run --config FILE --queue N
---state-dir /run/nfqfw-lab/{P}/state`` in a session of its own (it outlives `nfqfw lab up`),
-with stdout/stderr going to ``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid``
-there. Its flow snapshot stays in the state directory between a stop and the next start (a
-restart keeps connections, as on a gateway); `down` removes it with the lab. Readiness is the systemd
+The daemon is started as ``ip netns exec {P}gw <python> -m nfqfw run --config FILE --queue N``
+in a session of its own (it outlives `nfqfw lab up`), with stdout/stderr going to
+``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid`` there; the same directory is its
+``--runtime-dir``, so ``nfqfw status --runtime-dir /run/nfqfw-lab/{P}`` asks it (a Unix socket
+path reaches across network namespaces). Its ``--state-dir`` is ``/run/nfqfw-lab/{P}/state``:
+the flow snapshot stays there between a stop and the next start (a restart keeps connections,
+as on a gateway); `down` removes it with the lab. Readiness is the systemd
 way: the lab binds an AF_UNIX datagram socket (a path, not an abstract name: abstract sockets
 belong to a network namespace and the daemon runs in another one), passes it in $NOTIFY_SOCKET
 and waits for READY=1, which nfqfw sends once its queue is bound and its rules are in.
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nfqfw.control import SOCKET_NAME
 from nfqfw.lab.topology import (
     DEFAULT_PREFIX,
     NETNS_DIR,
@@ -66,6 +69,15 @@ class LabState:
     @property
     def notify_socket(self) -> Path:
         return self.directory / "notify.sock"
+
+    @property
+    def runtime_dir(self) -> Path:
+        """The daemon's --runtime-dir: its control socket is control.sock in there."""
+        return self.directory
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / SOCKET_NAME
 
     @property
     def state_dir(self) -> Path:
@@ -127,7 +139,7 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
         removed.append("nfqfw daemon")
     removed += teardown(Topology(prefix))
     state = LabState(prefix)
-    for path in (state.pid_file, state.notify_socket):
+    for path in (state.pid_file, state.notify_socket, state.control_socket):
         path.unlink(missing_ok=True)
     shutil.rmtree(state.state_dir, ignore_errors=True)  # a new lab starts with an empty flow table
     return removed
@@ -150,7 +162,8 @@ def start_daemon(
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
-    run = ("run", "--config", config, "--queue", str(queue), "--state-dir", str(state.state_dir), *args)
+    run = ("run", "--config", config, "--queue", str(queue), "--runtime-dir", str(state.runtime_dir))
+    run += ("--state-dir", str(state.state_dir), *args)
     argv = in_ns(topology.gw, *wrapper, sys.executable, "-m", "nfqfw", *run)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))

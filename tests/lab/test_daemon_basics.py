@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from nfqfw.lab import traffic
+from nfqfw.lab.daemon_ctl import LabState
 from nfqfw.lab.topology import WAN_V4, WAN_V6, Topology, build, in_ns, teardown
 
 pytestmark = pytest.mark.lab
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.lab
 TOPOLOGY = Topology("nfqk-")
 GW, INSIDE, OUTSIDE = TOPOLOGY.gw, TOPOLOGY.lan, TOPOLOGY.wan
 REPO = Path(__file__).resolve().parents[2]
+RUNTIME_DIR = str(LabState(TOPOLOGY.prefix).runtime_dir)  # not the host's /run/nfqfw
 
 POLICY = """\
 # nfqfw policy for tests/lab/test_daemon_basics.py: clients inside (lan0), server outside (wan0)
@@ -144,7 +146,8 @@ def start_daemon(lab: Lab, policy: str = POLICY, *args: str) -> Daemon:
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
     env.pop("JOURNAL_STREAM", None)
     state = ("--state-dir", str(lab.tmp / "state"))  # not the host's /var/lib/nfqfw
-    argv = in_ns(GW, sys.executable, "-m", "nfqfw", "run", "--config", str(config), *state, *args)
+    run = ("run", "--config", str(config), "--runtime-dir", RUNTIME_DIR, *state, *args)
+    argv = in_ns(GW, sys.executable, "-m", "nfqfw", *run)
     daemon = Daemon(lab.spawn(argv, env=env), notify)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and daemon.proc.poll() is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from lab_policies import MAIL_IN_NO_SMB_OUT
 
+from nfqfw.control_client import call
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab
 from nfqfw.lab.topology import GW_WAN_V4, LAN_V4, WAN_V4, WAN_V6
@@ -31,6 +32,14 @@ PREFIX = "nfqu-"
 UNIT = Path(__file__).resolve().parents[2] / "systemd/nfqfw.service"
 POLICY = MAIL_IN_NO_SMB_OUT
 FAIL_OPEN = POLICY + "options:\n  failure-mode: open\n"
+CONTROL_REQUESTS = (
+    {"cmd": "status"},
+    {"cmd": "flows", "addr": "10.0.0.0/24"},
+    {"cmd": "flush", "proto": "udp"},
+    {"cmd": "panic", "on": True},
+    {"cmd": "panic", "on": False},
+    {"cmd": "reload"},
+)
 SYSCALL_LINE = re.compile(r"^\d+\s+([a-z_0-9]+)\(")
 
 
@@ -132,6 +141,8 @@ def test_the_daemon_stays_within_the_units_syscall_filter(bare_lab: Lab, tmp_pat
         wait_for_log(started.log_file, "failure mode now open")
         os.kill(pid, signal.SIGUSR1)
         wait_for_log(started.log_file, "adapter reject sent: 1")
+        for request in CONTROL_REQUESTS:  # the control socket: nfqfw status, flows, flush, panic, reload
+            call(bare_lab.state.runtime_dir, request)
         os.kill(pid, signal.SIGTERM)
         assert started.process is not None
         assert started.process.wait(timeout=30) == 0
@@ -139,5 +150,5 @@ def test_the_daemon_stays_within_the_units_syscall_filter(bare_lab: Lab, tmp_pat
     finally:
         daemon_ctl.stop_daemon(PREFIX, signal.SIGKILL)
     calls = traced_calls(trace)
-    assert {"execve", "bind", "sendto", "recvmsg", "wait4"} <= calls  # the trace saw the whole life
+    assert {"execve", "bind", "sendto", "recvmsg", "wait4", "accept4"} <= calls  # saw the whole life
     assert sorted(calls - unit_allows()) == []
