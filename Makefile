@@ -7,6 +7,9 @@
 #   make lab-up     the lab with config/policy.yaml (POLICY=file to choose), left running
 #   make lab-down   stop nfqfw and remove the lab's namespaces
 #   make bench      the benchmark table (bench/run.py)
+#   make install    nfqfw on this machine as a gateway service: /opt/nfqfw, /usr/local/bin/nfqfw,
+#                   /etc/nfqfw/policy.yaml (kept if present), the systemd unit
+#   make uninstall  takes away what install put in place, except the policy and saved state
 #
 # Everything is idempotent: bootstrap installs packages only when dpkg says they are missing and
 # re-runs pip only when pyproject.toml changed (or .venv is new).
@@ -28,12 +31,12 @@ LINT_PATHS := $(wildcard nfqfw tests bench)
 # What the lab, the tests and the build need. python3-dev/python3-venv are added below only if
 # the python in use lacks them (a pyenv or python.org build has both).
 DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack iputils-ping \
-	netcat-openbsd nmap iperf3 tcpdump ruby
+	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench clean
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench install uninstall clean
 
 help:
-	@sed -n '1,10s/^# \{0,1\}//p' Makefile
+	@sed -n '1,13s/^# \{0,1\}//p' Makefile
 
 bootstrap: debs $(VENV_STAMP)
 
@@ -83,6 +86,45 @@ lab-down: bootstrap
 
 bench: bootstrap
 	$(BIN)/python bench/run.py
+
+# --- installing on a gateway -------------------------------------------------------------------
+# DESTDIR stages the files elsewhere (packaging, tests); the paths written into them stay the
+# real ones. The venv keeps nfqfw and its dependencies away from the system's Python (PEP 668).
+INSTALL_VENV ?= /opt/nfqfw
+INSTALL_BIN ?= /usr/local/bin
+INSTALL_ETC ?= /etc/nfqfw
+INSTALL_UNIT_DIR ?= /etc/systemd/system
+INSTALL_DOC ?= /usr/share/doc/nfqfw
+DESTDIR ?=
+
+install: debs
+	$(PYTHON) -m venv --clear $(DESTDIR)$(INSTALL_VENV)
+	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q .
+	install -d -m 0755 $(DESTDIR)$(INSTALL_BIN) $(DESTDIR)$(INSTALL_DOC)
+	ln -sfn $(INSTALL_VENV)/bin/nfqfw $(DESTDIR)$(INSTALL_BIN)/nfqfw
+	install -d -m 0755 $(DESTDIR)$(INSTALL_ETC)
+	@if [ -e $(DESTDIR)$(INSTALL_ETC)/policy.yaml ]; then \
+		echo "install: keeping the existing $(INSTALL_ETC)/policy.yaml"; \
+	else \
+		install -m 0600 config/policy.yaml $(DESTDIR)$(INSTALL_ETC)/policy.yaml; \
+		echo "install: $(INSTALL_ETC)/policy.yaml written from config/policy.yaml: edit its zones first"; \
+	fi
+	install -D -m 0644 systemd/nfqfw.service $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw.service
+	install -m 0644 README.md $(DESTDIR)$(INSTALL_DOC)/README.md
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "install: done. Next: edit $(INSTALL_ETC)/policy.yaml, 'nfqfw check $(INSTALL_ETC)/policy.yaml',"
+	@echo "         then 'systemctl enable --now nfqfw'"
+
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+		systemctl disable --now nfqfw 2>/dev/null || true; \
+	fi
+	@# Without the daemon, rules left in fail-closed mode would block the gateway's traffic.
+	@if [ -z "$(DESTDIR)" ] && [ -x $(INSTALL_BIN)/nfqfw ]; then $(INSTALL_BIN)/nfqfw rules remove; fi
+	rm -f $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw.service $(DESTDIR)$(INSTALL_BIN)/nfqfw
+	rm -rf $(DESTDIR)$(INSTALL_VENV) $(DESTDIR)$(INSTALL_DOC)
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "uninstall: kept $(INSTALL_ETC) and /var/lib/nfqfw"
 
 clean:
 	rm -rf $(VENV) $(VENV_STAMP) .pytest_cache .ruff_cache nfqfw.egg-info

@@ -12,7 +12,11 @@ import sys
 
 from nfqfw import __version__
 
-COMMANDS = ("check", "explain", "replay", "run", "rules", "lab")
+COMMANDS = (
+    *("check", "explain", "replay", "run", "rules"),
+    *("status", "flows", "flush", "panic", "reload"),  # ask the running daemon (control socket)
+    "lab",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,11 @@
 
 Start-up, in this order, each failure a one-line message on stderr and exit code 1:
   root? -> iptables tools present? -> policy valid (its located errors are printed) ->
-  raw reply sockets -> bind the queue(s) -> install the rules -> READY=1 to $NOTIFY_SOCKET.
-The queue is bound before the rules go in, so the first queued packet finds a listener.
+  raw reply sockets -> restore the flow snapshot -> bind the queue(s) -> install the rules ->
+  READY=1 to $NOTIFY_SOCKET.
+The queue is bound before the rules go in, so the first queued packet finds a listener, and
+after the flows of the last run are back (nfqfw.statefile: saved at stop and every
+--snapshot-interval seconds; a bad snapshot is logged and ignored, never fatal).
 
 Loop: poll(2) on the queue sockets, the rtnetlink event socket and a signal wake-up pipe;
 a readable queue is drained with NetfilterQueue.run(block=False). Housekeeping (links, drop
@@ -23,6 +26,16 @@ are removed (nfqfw.core.recheck); `reload: keep` keeps them. A changed failure m
 re-installs the kernel rules. RELOADING=1 ... READY=1 surround the reload either way.
 
 A policy file writable by group or others is refused, at start and at reload.
+
+Control socket (nfqfw.control): RUNTIME_DIR/control.sock (--runtime-dir, default /run/nfqfw),
+root only; `nfqfw status|flows|flush|panic|reload` ask there. It is served from the poll loop
+and from housekeeping, so also under a flood. A reload asked there takes the SIGHUP path;
+the outcome of the last one (`last_reload`) and the start time are kept for `nfqfw status`.
+Panic mode (`set_panic`) lives in the kernel rules (see nfqfw.rules) and survives a restart.
+
+Observability (own modules): the packet log (nfqfw.packetlog) gets the packets whose verdict
+says `log` from the adapter and its suppression summary from housekeeping; `--metrics` starts
+the Prometheus endpoint (nfqfw.metrics) before the queue is bound.
 """
 
 from __future__ import annotations
@@ -37,11 +50,14 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nfqfw import rules
+from nfqfw.control import DEFAULT_RUNTIME_DIR, ControlError, ControlServer, Requests
+from nfqfw.core.config import DEFAULT_LOG_LIMIT, LogLimit
 from nfqfw.links import Links
+from nfqfw.packetlog import PacketLog
 from nfqfw.queue import (
     DEFAULT_MAX_LEN,
     DEFAULT_REJECT_RATE,
@@ -52,6 +68,7 @@ from nfqfw.queue import (
 )
 from nfqfw.rawsend import RawSender
 from nfqfw.sdnotify import Notifier, watchdog_interval
+from nfqfw.statefile import DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_STATE_DIR, StateDir
 
 log = logging.getLogger("nfqfw")
 
@@ -73,6 +90,11 @@ class Options:
     sock_len: int = DEFAULT_SOCK_LEN
     reject_rate: float = DEFAULT_REJECT_RATE
     stats_interval: float = 5.0  # seconds between reads of the kernel's queue drop counters
+    state_dir: str = DEFAULT_STATE_DIR  # flow snapshots (nfqfw.statefile)
+    snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL  # seconds; 0: only at stop
+    runtime_dir: str = DEFAULT_RUNTIME_DIR  # the control socket's directory
+    metrics: tuple[str, int] | None = None  # --metrics: (host, port) of the Prometheus endpoint
+    metrics_allow_remote: bool = False
 
 
 @dataclass
@@ -82,6 +104,18 @@ class Loaded:
     engine_policy: Any  # a CompiledPolicy
     fail_open: bool  # policy option failure-mode: open
     recheck: bool = True  # policy option reload: recheck (False: keep)
+    log_limit: LogLimit = DEFAULT_LOG_LIMIT  # policy options log-limit, log-limit-burst
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """The outcome of a reload, for `nfqfw status` and `nfqfw reload`."""
+
+    time: float  # wall clock
+    trigger: str  # "SIGHUP" or "control request"
+    ok: bool
+    errors: tuple[str, ...] = ()  # the located errors of a refused policy
+    removed: int | None = None  # flows removed by reload: recheck (None: reload: keep)
 
 
 @dataclass
@@ -124,7 +158,8 @@ def load_policy_file(path: str) -> Loaded:
     except ConfigError as err:
         raise StartupError(str(err)) from err
     options = config.options
-    return Loaded(CompiledPolicy(config), options.failure_mode == "open", options.reload == "recheck")
+    fail_open, recheck = options.failure_mode == "open", options.reload == "recheck"
+    return Loaded(CompiledPolicy(config), fail_open, recheck, options.log_limit)
 
 
 def default_engine(loaded: Loaded) -> Any:
@@ -158,6 +193,13 @@ class Daemon:
         self._schedule = _Schedule()
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self.fail_open = False
+        self.state = StateDir(options.state_dir, options.snapshot_interval)
+        self.control: ControlServer | None = None
+        self.started = time.time()
+        self.started_mono = clock()
+        self.last_reload: ReloadResult | None = None
+        self.packet_log = PacketLog()
+        self.metrics: Any = None  # a nfqfw.metrics.MetricsServer with --metrics
 
     # -- start --
 
@@ -175,6 +217,8 @@ class Daemon:
         self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
         self.engine = self._make_engine(loaded)
         self.fail_open = loaded.fail_open
+        self.packet_log.configure(loaded.log_limit)
+        timer = self._start_metrics()
         try:
             self.links = Links()
             self.sender = RawSender(opts.mark)
@@ -189,14 +233,25 @@ class Daemon:
             fail_open=loaded.fail_open,
             reject_rate=opts.reject_rate,
             clock=self.clock,
+            log_packet=self.packet_log.log,
+            wrap_process=None if timer is None else timer.wrap,
         )
         self.adapter.housekeeping = self._housekeeping
+        self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
         try:
             self.adapter.bind(self.spec.queues, opts.max_len, opts.sock_len)
         except QueueError as err:
             self.close()
             raise StartupError(str(err)) from err
         try:
+            self.control = ControlServer.open(opts.runtime_dir, Requests(self), clock=self.clock)
+        except ControlError as err:
+            self.close()
+            raise StartupError(str(err)) from err
+        try:
+            if rules.panic_installed():  # left on by an earlier run: a restart must not reopen
+                self.spec = replace(self.spec, panic=True)
+                log.warning("panic mode is on (kept from before): everything but loopback is dropped")
             rules.install(self.spec)
         except rules.RulesError as err:
             self.close()
@@ -211,6 +266,20 @@ class Daemon:
         log.info("queue %s bound, rules installed (failure mode %s, mark 0x%x)", queue, mode, opts.mark)
         self.notifier.ready(f"filtering on queue {self._queue_text()}, failure mode {mode}")
 
+    def _start_metrics(self) -> Any:
+        """The Prometheus endpoint with --metrics; returns its engine timer (None without)."""
+        if self.options.metrics is None:
+            return None
+        from nfqfw import metrics
+
+        host, port = self.options.metrics
+        try:
+            self.metrics, timer = metrics.serve(self, host, port, self.options.metrics_allow_remote)
+        except metrics.MetricsError as err:
+            raise StartupError(str(err)) from err
+        log.info("metrics on http://%s/metrics", self.metrics.address)
+        return timer
+
     def _queue_text(self) -> str:
         assert self.spec is not None
         first, last = self.spec.first, self.spec.last
@@ -224,6 +293,8 @@ class Daemon:
         handlers: dict[int, Callable[[], object]] = dict(self.adapter.fds())
         handlers[self.links.fileno()] = self.links.on_events
         handlers[self._wakeup[0].fileno()] = self._drain_wakeup
+        if self.control is not None:
+            handlers[self.control.fileno()] = self.control.service
         poller = select.poll()
         for fd in handlers:
             poller.register(fd, select.POLLIN)
@@ -256,63 +327,94 @@ class Daemon:
         if requests.dump:
             requests.dump = False
             self._log_counters()
+        control_due = math.inf
+        if self.control is not None:
+            self.control.service()
+            control_due = self.control.next_due(now)
         assert self.links is not None and self.drops is not None
         self.links.on_events()
+        self.packet_log.flush(now)
         if now >= schedule.stats:
             schedule.stats = now + self.options.stats_interval
             self.drops.check()
+        self.state.tick(self.engine, now)
         if now >= schedule.watchdog and schedule.watchdog_every is not None:
             schedule.watchdog = now + schedule.watchdog_every
             self.notifier.watchdog()
         if now >= schedule.status:
             schedule.status = now + STATUS_PERIOD
             self.notifier.status(self.status_text())
-        return min(now + HOUSEKEEPING_PERIOD, schedule.watchdog)
+        return min(now + HOUSEKEEPING_PERIOD, schedule.watchdog, control_due)
 
-    def reload(self) -> bool:
-        """SIGHUP, run between two packets. True when the new policy is in force."""
-        log.info("SIGHUP received: reloading %s", self.options.config)
+    def reload(self, trigger: str = "SIGHUP") -> bool:
+        """SIGHUP or a control request, run between two packets. True when the new policy is in force."""
+        why = "SIGHUP received" if trigger == "SIGHUP" else trigger
+        log.info("%s: reloading %s", why, self.options.config)
         self.notifier.reloading("reloading the policy")
         try:
             loaded = self._load(self.options.config)
         except StartupError as err:
-            for line in str(err).splitlines() or ["reload failed"]:
+            errors = str(err).splitlines() or ["reload failed"]
+            for line in errors:
                 log.error("reload: %s", line)
             log.error("reload failed: the running policy stays in force")
+            self.last_reload = ReloadResult(time.time(), trigger, False, tuple(errors))
             self.notifier.ready("reload failed: running policy kept")
             return False
         self.engine.replace_policy(loaded.engine_policy)
+        self.packet_log.configure(loaded.log_limit)
+        removed: int | None = None
         if loaded.recheck:
             from nfqfw.core.recheck import recheck
 
-            removed = recheck(self.engine)
-            log.info("policy reloaded: %d flows no longer allowed were removed", len(removed))
+            removed = len(recheck(self.engine))
+            log.info("policy reloaded: %d flows no longer allowed were removed", removed)
         else:
             log.info("policy reloaded: existing flows kept (reload: keep)")
         if loaded.fail_open != self.fail_open:
             self._change_failure_mode(loaded.fail_open)
+        self.last_reload = ReloadResult(time.time(), trigger, True, removed=removed)
         self.notifier.ready("policy reloaded")
+        return True
+
+    def set_panic(self, on: bool) -> bool:
+        """Panic mode on/off in the kernel rules (nfqfw panic); False when they could not be installed."""
+        assert self.spec is not None
+        was = self.spec.panic
+        if not self._reinstall(replace(self.spec, panic=on), "panic mode not changed"):
+            return False
+        if on != was:
+            log.warning("panic mode %s", "on: everything but loopback is dropped" if on else "off")
         return True
 
     def _change_failure_mode(self, fail_open: bool) -> None:
         """The failure mode lives in the kernel rules (queue bypass): re-install them."""
         assert self.spec is not None
-        spec = rules.QueueSpec(self.spec.first, self.spec.last, bypass=fail_open, mark=self.spec.mark)
-        try:
-            rules.install(spec)
-        except rules.RulesError as err:
-            log.error("reload: failure mode not changed, rules not re-installed: %s", err)
+        failed = "reload: failure mode not changed, rules not re-installed"
+        if not self._reinstall(replace(self.spec, bypass=fail_open), failed):
             return
-        self.spec, self.fail_open = spec, fail_open
+        self.fail_open = fail_open
         if self.adapter is not None:
             self.adapter.fail_open = fail_open
         log.info("failure mode now %s", "open" if fail_open else "closed")
+
+    def _reinstall(self, spec: rules.QueueSpec, failed: str) -> bool:
+        """Install the kernel rules for `spec` and make it ours; on failure log `failed: why`."""
+        try:
+            rules.install(spec)
+        except rules.RulesError as err:
+            log.error("%s: %s", failed, err)
+            return False
+        self.spec = spec
+        return True
 
     def status_text(self) -> str:
         flows = len(getattr(self.engine, "conntrack", ()))
         verdicts = sum(getattr(self.engine, "counters", {}).values())
         rejects = self.counters()["reject sent"]
-        return f"queue {self._queue_text()}: {verdicts} verdicts, {flows} flows, {rejects} rejects sent"
+        panic = "PANIC MODE, " if self.spec is not None and self.spec.panic else ""
+        counts = f"{verdicts} verdicts, {flows} flows, {rejects} rejects sent"
+        return f"{panic}queue {self._queue_text()}: {counts}"
 
     def counters(self) -> dict[str, int]:
         assert self.adapter is not None
@@ -367,6 +469,9 @@ class Daemon:
         if "stop" not in self._requests.served:
             self._requests.served.add("stop")
             self.notifier.stopping("stopping")
+        if self.engine is not None:  # exact: the kernel drops what comes until the next start
+            self.state.save(self.engine, self.clock(), exact=not self.fail_open)
+        self.packet_log.flush(self.clock(), force=True)
         self._log_counters()
         self.close()
 
@@ -380,6 +485,12 @@ class Daemon:
                     log.info("adapter %s: %d", name, value)
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.adapter is not None:
             self.adapter.unbind()
         if self.sender is not None:

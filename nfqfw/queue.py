@@ -12,10 +12,16 @@ all served by one thread. For each packet the callback:
    - drop: NF_DROP,
    - reject: NF_DROP, and a RST/ICMP answer built by nfqfw.core.reject goes out through the raw
      sender, at most `reject_rate` per second (like the kernel's icmp_msgs_per_sec),
-4. if the housekeeping deadline has passed, runs the housekeeping callable (see below).
+4. if the verdict says `log` (a rule with `log: true`, or a denied packet with log-denied), hands
+   the packet to `log_packet` (nfqfw.packetlog: rate-limited, formats only what it emits); one
+   attribute check per packet, nothing more for packets that are not logged,
+5. if the housekeeping deadline has passed, runs the housekeeping callable (see below).
+
+With metrics on, `wrap_process` (nfqfw.metrics) wraps engine.process once, when the callback is
+built, to time a sample of the calls; with metrics off the callback calls engine.process as is.
 
 The callback is the throughput ceiling: everything it needs is bound to closure locals once,
-there is no logging on it, no per-packet object besides what the engine allocates, and the
+there is no logging on it but step 4, no per-packet object besides what the engine allocates, and the
 except clause costs nothing unless something raises (then the packet gets the failure-mode
 verdict: drop when closed, accept when open, and "verdict error" is counted).
 
@@ -63,6 +69,10 @@ ADAPTER_COUNTERS = (
 
 class EngineLike(Protocol):
     def process(self, data: bytes, meta: Meta, now: float) -> Verdict: ...
+
+
+ProcessFn = Callable[[bytes, Meta, float], Verdict]
+LogPacketFn = Callable[[bytes, Meta, Verdict, float], None]
 
 
 class LinksLike(Protocol):
@@ -156,6 +166,8 @@ class QueueAdapter:
         fail_open: bool = False,
         reject_rate: float = DEFAULT_REJECT_RATE,
         clock: Callable[[], float] = time.monotonic,
+        log_packet: LogPacketFn | None = None,
+        wrap_process: Callable[[ProcessFn], ProcessFn] | None = None,
     ) -> None:
         self.engine = engine
         self.links = links
@@ -164,6 +176,8 @@ class QueueAdapter:
         self.fail_open = fail_open
         self.reject_rate = reject_rate
         self.clock = clock
+        self.log_packet = log_packet or _not_logged
+        self.wrap_process = wrap_process
         self.counters: dict[str, int] = dict.fromkeys(ADAPTER_COUNTERS, 0)
         self.housekeeping: Callable[[float], float] = lambda now: now + 1.0
         self.queues: dict[int, NetfilterQueue] = {}
@@ -233,6 +247,9 @@ class QueueAdapter:
 
     def _make_callback(self) -> Callable[[Any], None]:
         process = self.engine.process
+        if self.wrap_process is not None:  # metrics on: time a sample of the engine calls
+            process = self.wrap_process(process)
+        log_packet = self.log_packet
         clock = self.clock
         metas_get = self._metas.get
         new_meta = self._new_meta
@@ -262,6 +279,8 @@ class QueueAdapter:
                 else:
                     pkt.drop()
                     reject(data, verdict.reject_with, pkt.indev or pkt.outdev, now)
+                if verdict.log:
+                    log_packet(data, meta, verdict, now)
             except Exception:
                 failed(pkt)
             if now >= deadline[0]:
@@ -319,6 +338,10 @@ class QueueAdapter:
         except Exception:
             log.exception("housekeeping failed")
             self._deadline[0] = now + 1.0
+
+
+def _not_logged(data: bytes, meta: Meta, verdict: Verdict, now: float) -> None:
+    """No packet log attached (tests, tools): logged verdicts are ignored."""
 
 
 def _drainer(queue: NetfilterQueue) -> Callable[[], None]:

@@ -30,6 +30,13 @@ bound to the queue (during a restart, after a crash). A normal stop leaves the r
 and removes nothing, so traffic stays blocked until nfqfw is back; with the policy option
 ``failure-mode: open`` the rules carry ``--queue-bypass`` and traffic passes (unfiltered) while
 nfqfw is down. Only ``nfqfw rules remove`` takes the rules away, for good.
+
+Panic mode (``nfqfw panic on``) replaces the queue rule of each chain by ``-j DROP``, after the
+loopback exclusion: everything but loopback is dropped in the kernel, without a packet reaching
+the queue, so it holds under a flood that keeps the daemon busy and while no daemon runs. The
+panic is kept in the kernel rules only: a restarted daemon finds the DROP rules (``panic_installed``)
+and keeps them, so a crash or ``systemctl restart`` never reopens a gateway in panic; a reboot,
+``nfqfw panic off`` and ``nfqfw rules remove`` end it.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ TABLE = "filter"
 CHAINS = {"INPUT": "NFQFW-INPUT", "FORWARD": "NFQFW-FORWARD", "OUTPUT": "NFQFW-OUTPUT"}
 _LOOPBACK_EXCLUSION = {"INPUT": "-i lo -j RETURN", "OUTPUT": "-o lo -j RETURN"}
 OUR_CHAINS = frozenset(CHAINS.values())
+PANIC_TARGET = "DROP"
+_PANIC_LINES = frozenset(f"-A {chain} -j {PANIC_TARGET}" for chain in CHAINS.values())
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class QueueSpec:
     last: int = 0  # == first for a single queue, > first for --queue-balance first:last
     bypass: bool = False  # failure-mode open: pass traffic while no daemon is bound
     mark: int = DEFAULT_MARK  # bit(s) set on packets nfqfw accepted, so they skip the queue
+    panic: bool = False  # drop everything but loopback in the kernel, queue nothing
 
     def __post_init__(self) -> None:
         if not 0 <= self.first <= self.last <= 0xFFFF:
@@ -101,6 +111,11 @@ class Installed:
     @property
     def empty(self) -> bool:
         return not self.chains and not self.jumps
+
+    @property
+    def panic(self) -> bool:
+        """Our chains hold panic mode's DROP rules (nothing else of ours drops)."""
+        return any(line in self.lines for line in _PANIC_LINES)
 
 
 # --- pure: parsing and rendering --------------------------------------------------------------
@@ -146,12 +161,13 @@ def _target(words: list[str]) -> str | None:
 def render_install(spec: QueueSpec, installed: Installed) -> str:
     """iptables-restore --noflush input installing our rules (same text for both families)."""
     match_unmarked = f"-m mark ! --mark 0x{spec.mark:x}/0x{spec.mark:x}"
+    verdict = f"-j {PANIC_TARGET}" if spec.panic else f"{match_unmarked} -j {spec.target()}"
     lines = ["*" + TABLE]
     lines += [f":{chain} - [0:0]" for chain in CHAINS.values()]
     for base, chain in CHAINS.items():
         if base in _LOOPBACK_EXCLUSION:
             lines.append(f"-A {chain} {_LOOPBACK_EXCLUSION[base]}")
-        lines.append(f"-A {chain} {match_unmarked} -j {spec.target()}")
+        lines.append(f"-A {chain} {verdict}")
     lines += [f"-D {jump}" for jump in installed.jumps]
     lines += [f"-I {base} 1 -j {chain}" for base, chain in CHAINS.items()]
     lines.append("COMMIT")
@@ -193,6 +209,11 @@ def install(spec: QueueSpec, families: Iterable[Tools] = FAMILIES, run: Runner =
     for tools in families:
         text = render_install(spec, read_installed(tools, run))
         _run(run, [tools.restore, "-w", "--noflush"], text)
+
+
+def panic_installed(families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> bool:
+    """Are panic mode's DROP rules in place (left by an earlier run) for any family?"""
+    return any(read_installed(tools, run).panic for tools in families)
 
 
 def remove(families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> list[int]:

@@ -79,6 +79,8 @@ def run_up(args: argparse.Namespace) -> int:
     else:
         print("no nfqfw running (--no-daemon)")
     print(f"try: ip netns exec {lab.topology.lan} ping -c1 {topology.WAN_V4}")
+    if lab.daemon is not None:
+        print(f"look: nfqfw status --runtime-dir {lab.state.runtime_dir}  (flows, flush, panic, reload too)")
     print(f"stop: nfqfw lab down --prefix {args.prefix}")
     return 0
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nfqfw import queue, rules
+from nfqfw import metrics, queue, rules, statefile
+from nfqfw.control import DEFAULT_RUNTIME_DIR, SOCKET_NAME
 from nfqfw.daemon import Options, run_daemon, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -56,6 +57,39 @@ def register(subparsers: Any) -> None:
         metavar="PER_SECOND",
         help=f"most RST/ICMP answers sent per second (default {queue.DEFAULT_REJECT_RATE:g})",
     )
+    parser.add_argument(
+        "--state-dir",
+        default=statefile.DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"where the flow table is saved across restarts (default {statefile.DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--snapshot-interval",
+        type=_seconds,
+        default=statefile.DEFAULT_SNAPSHOT_INTERVAL,
+        metavar="SECONDS",
+        help="save the flow table this often, so a crash loses at most the flows of the last SECONDS; "
+        f"0: only at stop (default {statefile.DEFAULT_SNAPSHOT_INTERVAL:g})",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        metavar="[ADDR:]PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default; ADDR defaults to "
+        f"127.0.0.1 and must be a loopback address, e.g. 127.0.0.1:{metrics.DEFAULT_PORT} or [::1]:PORT)",
+    )
+    parser.add_argument(
+        "--metrics-allow-remote",
+        action="store_true",
+        help="allow a --metrics address that is not loopback (the page names rules and shows traffic)",
+    )
+    parser.add_argument(
+        "--runtime-dir",
+        default=DEFAULT_RUNTIME_DIR,
+        metavar="DIR",
+        help=f"where the control socket {SOCKET_NAME} goes (default {DEFAULT_RUNTIME_DIR}); "
+        "one per daemon when several run",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     parser.set_defaults(func=run)
 
@@ -71,8 +105,20 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         sock_len=args.sock_len,
         reject_rate=args.reject_rate,
+        state_dir=args.state_dir,
+        snapshot_interval=args.snapshot_interval,
+        runtime_dir=args.runtime_dir,
+        metrics=args.metrics,
+        metrics_allow_remote=args.metrics_allow_remote,
     )
     return run_daemon(options)
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    try:
+        return metrics.parse_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _queue_number(text: str) -> int:
@@ -105,3 +151,13 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return value

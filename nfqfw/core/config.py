@@ -11,7 +11,8 @@ Shape (see config/policy.yaml for the commented version)::
     defaults: {ingress: drop, egress: accept, invalid: drop}
     ingress:  [rules]       # first match wins
     egress:   [rules]
-    options:  {max-flows, tcp-pickup, failure-mode, reload, log-denied, gateway-addresses}
+    options:  {max-flows, tcp-pickup, failure-mode, reload, log-denied, log-limit,
+               log-limit-burst, gateway-addresses}
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ ZONES = ("external", "internal")
 SIDES = ("ingress", "egress")
 TOP_KEYS = ("zones", "defaults", "ingress", "egress", "options")
 DEFAULT_KEYS = ("ingress", "egress", "invalid")
-OPTION_KEYS = ("max-flows", "tcp-pickup", "failure-mode", "reload", "log-denied", "gateway-addresses")
+OPTION_KEYS = (
+    "max-flows",
+    "tcp-pickup",
+    "failure-mode",
+    "reload",
+    "log-denied",
+    "log-limit",
+    "log-limit-burst",
+    "gateway-addresses",
+)
 RULE_KEYS = (
     "name",
     "action",
@@ -83,6 +93,10 @@ PROTOCOLS: dict[str, tuple[int, ...]] = {
     "l2tp": (115,),
     "sctp": (132,),
     "udplite": (136,),
+}
+# Protocol number -> the name above (for logs and metrics); ICMP is "icmp", 58 is "icmpv6".
+PROTOCOL_NAMES: dict[int, str] = {PROTO_ICMP: "icmp"} | {
+    numbers[0]: name for name, numbers in reversed(PROTOCOLS.items()) if len(numbers) == 1
 }
 PORT_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP})  # the only ones whose ports the decoder reads
 ICMP_PROTOCOLS = frozenset({PROTO_ICMP, PROTO_ICMPV6})
@@ -181,6 +195,18 @@ class LimitConfig:
     per_source: bool
 
 
+class LogLimit(NamedTuple):
+    """The packet log's token buckets: `count` lines per `period` seconds, bursts of `burst`."""
+
+    count: int
+    period: int  # seconds
+    burst: int
+
+
+# As ufw's and iptables' LOG rules (-m limit --limit 3/min --limit-burst 10).
+DEFAULT_LOG_LIMIT = LogLimit(3, 60, 10)
+
+
 @dataclass(frozen=True, slots=True)
 class RuleConfig:
     """One validated rule. None in a match field means "any"."""
@@ -215,7 +241,8 @@ class OptionsConfig:
     tcp_pickup_loose: bool = False
     failure_mode: str = "closed"  # "closed" | "open"
     reload: str = "recheck"  # "recheck" | "keep"
-    log_denied: bool = False
+    log_denied: bool = True  # as ufw, which logs blocked packets by default (rate-limited)
+    log_limit: LogLimit = DEFAULT_LOG_LIMIT
     gateway_addresses: tuple[str, ...] = ()  # normalised text, for the offline tools
 
     @property
@@ -513,9 +540,23 @@ class _Checker:
             values["reload"] = self.choice(found["reload"][1], "options: reload", ("recheck", "keep"))
         if "log-denied" in found:
             values["log_denied"] = self.boolean(found["log-denied"][1], "options: log-denied")
+        if "log-limit" in found or "log-limit-burst" in found:
+            values["log_limit"] = self.log_limit(found)
         if "gateway-addresses" in found:
             values["gateway_addresses"] = self.gateway_addresses(found["gateway-addresses"][1])
         return OptionsConfig(**{key: value for key, value in values.items() if value is not None})  # type: ignore[arg-type]
+
+    def log_limit(self, found: dict[str, tuple[ScalarNode, Node]]) -> LogLimit | None:
+        """`log-limit` and `log-limit-burst`, either one left out keeping its default."""
+        count, period, burst = DEFAULT_LOG_LIMIT
+        rate: tuple[int, int] | None = (count, period)
+        if "log-limit" in found:
+            rate = self.rate(found["log-limit"][1], "options: log-limit")
+        if "log-limit-burst" in found:
+            burst = self.positive_int(found["log-limit-burst"][1], "options: log-limit-burst") or 0
+        if rate is None or not burst:
+            return None
+        return LogLimit(rate[0], rate[1], burst)
 
     def gateway_addresses(self, node: Node) -> tuple[str, ...]:
         where = "options: gateway-addresses"

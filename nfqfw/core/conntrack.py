@@ -268,6 +268,9 @@ class Conntrack:
         if kind == KILL:
             self._remove(slot)
             self._out.slot = NO_SLOT
+            # From the originator the RST is still NEW (no reply yet), as the kernel's ctinfo.
+            if direction == ORIGINAL:
+                return self._answer(Ct.NEW, "new: RST before any reply (flow removed)")
             return self._answer(Ct.ESTABLISHED, "established: RST before any reply (flow removed)")
         table.store_tcp(slot, conn)
         if kind == INVALID:
@@ -356,10 +359,14 @@ class Conntrack:
             return False
         slot = table.alloc(b"", False, 0.0)
         table.copy_row(flow._table, flow._slot, slot)
-        flow._table, flow._slot = table, slot
-        table.handles[slot] = flow
+        table.attach(flow, slot)
         self._insert(slot)
         return True
+
+    def restore(self, flow: Flow) -> bool:
+        """Insert a flow saved by an earlier run (core.snapshot) as it was, ASSURED or not;
+        False when the table is full of ASSURED flows."""
+        return self.confirm(flow)  # an ASSURED flow does not join the early-drop list
 
     def confirm_pending(self, rule: str | None, meta: object) -> bool:
         """Insert the flow the last track() answered NEW for (the engine's accept path)."""

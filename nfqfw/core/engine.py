@@ -12,7 +12,8 @@ from collections import Counter
 from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
 from nfqfw.core.fastpath import make_fast_path
-from nfqfw.core.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
+from nfqfw.core.fragments import Fragments, datagram_key
+from nfqfw.core.packet import FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 
@@ -44,6 +45,7 @@ class Engine:
         self.conntrack = Conntrack(max_flows=options.max_flows, loose=options.tcp_pickup_loose)
         # fast_path=False: every packet takes the full path (the differential tests compare both)
         self._fast = make_fast_path(self.conntrack) if fast_path else _never
+        self.fragments = Fragments()
         self.local_addresses = local_addresses or policy.gateway_addresses
         self._counters: Counter[str] = Counter()
         self.established = 0  # the hot path counts here, folded into `counters` on read
@@ -75,6 +77,14 @@ class Engine:
             pkt = decode(data)
             if pkt.malformed is not None:
                 return self._count(self._invalid(pkt.malformed))
+            if pkt.frag:
+                return self._fragment(pkt, data, meta, now)
+        except Exception as error:  # a bug must never take the firewall down: drop and say why
+            return self._internal_error(error)
+        return self._judge(pkt, meta, now)
+
+    def _judge(self, pkt: Packet, meta: Meta, now: float) -> Verdict:
+        try:
             tracked = self.conntrack.track(pkt, now)
             ct = tracked.ct
             if ct is Ct.ESTABLISHED:
@@ -90,8 +100,25 @@ class Engine:
             if tracked.new and verdict.action is Action.ACCEPT:
                 verdict = self._confirm(meta, verdict)
             return self._count(verdict)
-        except Exception as error:  # a bug must never take the firewall down: drop and say why
-            return self._count(self._make(Action.DROP, Ct.INVALID, None, f"internal error: {error!r}"[:200]))
+        except Exception as error:
+            return self._internal_error(error)
+
+    def _internal_error(self, error: Exception) -> Verdict:
+        return self._count(self._make(Action.DROP, Ct.INVALID, None, f"internal error: {error!r}"[:200]))
+
+    def _fragment(self, pkt: Packet, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
+        """A fragment after the first gets the verdict on its datagram's first fragment, as the
+        kernel, which reassembles before conntrack, decides a datagram as a whole."""
+        key = datagram_key(pkt, data)
+        if pkt.frag == FRAG_LATER:
+            first = self.fragments.first_verdict(key, now)
+            if first is None:  # its first fragment not seen (yet): on its own
+                return self._judge(pkt, meta, now)
+            action = Action.DROP if first.action is Action.REJECT else first.action  # one answer is enough
+            return self._count(self._make(action, first.ct, first.rule, f"fragment of: {first.reason}"))
+        verdict = self._judge(pkt, meta, now)
+        self.fragments.remember(key, verdict, now)
+        return verdict
 
     def _confirm(self, meta: Meta, verdict: Verdict) -> Verdict:
         if self.conntrack.confirm_pending(verdict.reason, meta):
@@ -135,6 +162,7 @@ class Engine:
         log: bool = False,
         reject_with: str | None = None,
     ) -> Verdict:
+        log = log or (action is not Action.ACCEPT and self.policy.log_denied)  # INVALID, table full...
         key = (action, ct, rule, reason, log, reject_with)
         verdict = self._verdicts.get(key)
         if verdict is None:

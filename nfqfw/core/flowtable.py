@@ -20,6 +20,7 @@ TCP: the table-driven tracker (`core.tcp`, `core.tcp_window`) works on a `TcpCon
 
 from __future__ import annotations
 
+import weakref
 from array import array
 
 from nfqfw.core.tcp import TcpConn
@@ -73,7 +74,9 @@ class FlowTable:
         self.small = bytearray()  # TCP state and last-packet record, SMALL per slot
         self.older = array("i")
         self.newer = array("i")
-        self.handles: dict[int, Flow] = {}  # the Flow handle of a slot, once one was asked for
+        # The live Flow handle of a slot, if one is in use (weakly: handles made for a listing
+        # or a snapshot must not stay with every flow).
+        self.handles: dict[int, weakref.ref[Flow]] = {}
         self._free: list[int] = []
 
     def alloc(self, key: bytes, orig_a: bool, now: float) -> int:
@@ -102,9 +105,11 @@ class FlowTable:
 
     def free(self, slot: int) -> None:
         """Give the slot back; a handle on it is detached first (keeps the flow's values)."""
-        handle = self.handles.pop(slot, None)
-        if handle is not None:
-            handle._detach()
+        if self.handles:
+            ref = self.handles.pop(slot, None)
+            handle = ref() if ref is not None else None
+            if handle is not None:
+                handle._detach()
         self.keys[slot] = None
         self.rule[slot] = None
         self.meta[slot] = None
@@ -116,14 +121,26 @@ class FlowTable:
         self._free.append(slot)
 
     def handle(self, slot: int) -> Flow:
-        """The Flow handle of a slot (one per flow, so `is` compares flows)."""
-        handle = self.handles.get(slot)
+        """The Flow handle of a slot (one per flow while in use, so `is` compares flows)."""
+        ref = self.handles.get(slot)
+        handle = ref() if ref is not None else None
         if handle is None:
             handle = Flow.__new__(Flow)
             handle._table = self
             handle._slot = slot
-            self.handles[slot] = handle
+            self.attach(handle, slot)
         return handle
+
+    def attach(self, handle: Flow, slot: int) -> None:
+        """Make `handle` the handle of this table's `slot`."""
+        handles = self.handles
+
+        def forget(ref: weakref.ref[Flow]) -> None:
+            if handles.get(slot) is ref:
+                del handles[slot]
+
+        handle._table, handle._slot = self, slot
+        handles[slot] = weakref.ref(handle, forget)
 
     def copy_row(self, source: FlowTable, slot: int, into: int) -> None:
         """Copy every field of `source`'s slot into this table's slot `into`."""
@@ -190,7 +207,7 @@ def _flag(bit: int, doc: str) -> property:
 class Flow:
     """One tracked connection: a handle on its slot.  Fields read and write the table."""
 
-    __slots__ = ("_slot", "_table")
+    __slots__ = ("__weakref__", "_slot", "_table")
 
     _table: FlowTable
     _slot: int

@@ -172,6 +172,7 @@ class CompiledPolicy:
         self.config = config
         options = config.options
         self.invalid_action: Action = config.defaults.invalid
+        self.log_denied: bool = options.log_denied  # every drop/reject is logged, not only rules'
         self.gateway_addresses: frozenset[bytes] = options.gateway_address_bytes
         self._rules: dict[str, tuple[RuleMatcher, ...]] = {
             "ingress": tuple(RuleMatcher(rule, options.log_denied) for rule in config.ingress),

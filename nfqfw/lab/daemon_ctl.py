@@ -2,7 +2,11 @@
 
 The daemon is started as ``ip netns exec {P}gw <python> -m nfqfw run --config FILE --queue N``
 in a session of its own (it outlives `nfqfw lab up`), with stdout/stderr going to
-``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid`` there. Readiness is the systemd
+``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid`` there; the same directory is its
+``--runtime-dir``, so ``nfqfw status --runtime-dir /run/nfqfw-lab/{P}`` asks it (a Unix socket
+path reaches across network namespaces). Its ``--state-dir`` is ``/run/nfqfw-lab/{P}/state``:
+the flow snapshot stays there between a stop and the next start (a restart keeps connections,
+as on a gateway); `down` removes it with the lab. Readiness is the systemd
 way: the lab binds an AF_UNIX datagram socket (a path, not an abstract name: abstract sockets
 belong to a network namespace and the daemon runs in another one), passes it in $NOTIFY_SOCKET
 and waits for READY=1, which nfqfw sends once its queue is bound and its rules are in.
@@ -16,14 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nfqfw.control import SOCKET_NAME
 from nfqfw.lab.topology import (
     DEFAULT_PREFIX,
     NETNS_DIR,
@@ -63,6 +70,20 @@ class LabState:
     def notify_socket(self) -> Path:
         return self.directory / "notify.sock"
 
+    @property
+    def runtime_dir(self) -> Path:
+        """The daemon's --runtime-dir: its control socket is control.sock in there."""
+        return self.directory
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / SOCKET_NAME
+
+    @property
+    def state_dir(self) -> Path:
+        """The daemon's --state-dir (its flow snapshot)."""
+        return self.directory / "state"
+
 
 @dataclass
 class Daemon:
@@ -97,13 +118,14 @@ def up(
     policy: str | os.PathLike[str] | None = None,
     queue: int = 0,
     timeout: float = READY_TIMEOUT,
+    args: Sequence[str] = (),
 ) -> Lab:
     """Build the namespaces and (with a policy) start nfqfw in the gateway; returns once it is ready."""
     topology, state = Topology(prefix), LabState(prefix)
     down(prefix)  # a lab left over from before, or half of one
     try:
         build(topology)
-        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout)
+        daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout, args=args)
     except BaseException:
         down(prefix)
         raise
@@ -117,20 +139,32 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
         removed.append("nfqfw daemon")
     removed += teardown(Topology(prefix))
     state = LabState(prefix)
-    for path in (state.pid_file, state.notify_socket):
+    for path in (state.pid_file, state.notify_socket, state.control_socket):
         path.unlink(missing_ok=True)
+    shutil.rmtree(state.state_dir, ignore_errors=True)  # a new lab starts with an empty flow table
     return removed
 
 
 def start_daemon(
-    prefix: str, policy: str | os.PathLike[str], queue: int = 0, timeout: float = READY_TIMEOUT
+    prefix: str,
+    policy: str | os.PathLike[str],
+    queue: int = 0,
+    timeout: float = READY_TIMEOUT,
+    wrapper: Sequence[str] = (),
+    args: Sequence[str] = (),
 ) -> Daemon:
-    """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes)."""
+    """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
+
+    `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
+    then the wrapper's. `args` are more `nfqfw run` options (e.g. --metrics, --snapshot-interval).
+    """
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
-    argv = in_ns(topology.gw, sys.executable, "-m", "nfqfw", "run", "--config", config, "--queue", str(queue))
+    run = ("run", "--config", config, "--queue", str(queue), "--runtime-dir", str(state.runtime_dir))
+    run += ("--state-dir", str(state.state_dir), *args)
+    argv = in_ns(topology.gw, *wrapper, sys.executable, "-m", "nfqfw", *run)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))
         env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}

@@ -107,8 +107,9 @@ def is_up(topology: Topology) -> bool:
     return len(existing_namespaces(topology)) == len(topology.namespaces)
 
 
-def build(topology: Topology) -> None:
-    """Create the three namespaces, the links, addresses, routes, forwarding and NAT.
+def build(topology: Topology, nat: bool = True) -> None:
+    """Create the three namespaces, the links, addresses, routes, forwarding and (unless `nat` is
+    False) NAT.
 
     Raises LabError if any of the namespaces already exists or a step fails; in the latter case
     everything built so far is removed again.
@@ -117,7 +118,7 @@ def build(topology: Topology) -> None:
     if leftovers:
         raise LabError(f"namespaces already exist: {', '.join(leftovers)} (run `nfqfw lab down` first)")
     try:
-        _build(topology)
+        _build(topology, nat)
     except Exception as err:
         teardown(topology)
         if isinstance(err, LabError):
@@ -135,7 +136,7 @@ def teardown(topology: Topology) -> list[str]:
     return removed
 
 
-def _build(topology: Topology) -> None:
+def _build(topology: Topology, nat: bool) -> None:
     for name in topology.namespaces:
         netns.create(name)
         _prepare_namespace(name)
@@ -154,6 +155,8 @@ def _build(topology: Topology) -> None:
         ipr.route("add", dst="0.0.0.0/0", gateway=GW_LAN_V4)
         ipr.route("add", dst="::/0", gateway=GW_LAN_V6, family=10)
     sysctl(topology.gw, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+    if not nat:
+        return
     run_in(topology.gw, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING",
            "-s", LAN_NET_V4, "-o", "wan0", "-j", "MASQUERADE")  # fmt: skip
 

@@ -1,8 +1,8 @@
 """The lab for the integration tests: namespaces nfqt-wan / nfqt-gw / nfqt-lan, one per module.
 
 A test module sets `LAB_POLICY` to the policy text nfqfw runs with, or None for the namespaces
-alone. The module-scoped `lab` fixture builds the lab, starts the servers below and always
-takes everything down again.
+alone; `lab_policy` is the file written from it. The module-scoped `lab` fixture builds the lab,
+starts the servers below and always takes everything down again.
 
 Servers: outside host TCP 80, 445, 8080 (greet and echo), 9000 (sha256 sink), 9001 (byte
 source), UDP 53, 137 (echo); inside host TCP 22, 25, 80 (greet and echo), 587 (sha256 sink).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
@@ -25,16 +26,22 @@ LAN_TCP, LAN_SINK = (22, 25, 80), 587
 
 
 @pytest.fixture(scope="module")
-def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab_policy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """The policy file the module's daemon runs with, written from LAB_POLICY (None: no daemon)."""
     text = getattr(request.module, "LAB_POLICY", None)
-    policy = None
-    if text is not None:
-        policy = tmp_path_factory.mktemp("lab") / "policy.yaml"
-        policy.write_text(text)
-        policy.chmod(0o600)  # the daemon refuses a group/world-writable policy
+    if text is None:
+        return None
+    policy = tmp_path_factory.mktemp("lab") / "policy.yaml"
+    policy.write_text(text)
+    policy.chmod(0o600)  # the daemon refuses a group/world-writable policy
+    return policy
+
+
+@pytest.fixture(scope="module")
+def lab(lab_policy: Path | None) -> Iterator[Lab]:
     with ExitStack() as stack:
         stack.callback(down, PREFIX)  # also when up() or a server fails
-        the_lab = up(PREFIX, policy)
+        the_lab = up(PREFIX, lab_policy)
         t = the_lab.topology
         stack.enter_context(traffic.TcpServer(t.wan, WAN_TCP))
         stack.enter_context(traffic.TcpServer(t.wan, [WAN_SINK], traffic.hash_sink))

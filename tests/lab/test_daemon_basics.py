@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from nfqfw.lab import traffic
+from nfqfw.lab.daemon_ctl import LabState
 from nfqfw.lab.topology import WAN_V4, WAN_V6, Topology, build, in_ns, teardown
 
 pytestmark = pytest.mark.lab
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.lab
 TOPOLOGY = Topology("nfqk-")
 GW, INSIDE, OUTSIDE = TOPOLOGY.gw, TOPOLOGY.lan, TOPOLOGY.wan
 REPO = Path(__file__).resolve().parents[2]
+RUNTIME_DIR = str(LabState(TOPOLOGY.prefix).runtime_dir)  # not the host's /run/nfqfw
 
 POLICY = """\
 # nfqfw policy for tests/lab/test_daemon_basics.py: clients inside (lan0), server outside (wan0)
@@ -143,7 +145,9 @@ def start_daemon(lab: Lab, policy: str = POLICY, *args: str) -> Daemon:
     lab.sockets.append(notify)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
     env.pop("JOURNAL_STREAM", None)
-    argv = in_ns(GW, sys.executable, "-m", "nfqfw", "run", "--config", str(config), *args)
+    state = ("--state-dir", str(lab.tmp / "state"))  # not the host's /var/lib/nfqfw
+    run = ("run", "--config", str(config), "--runtime-dir", RUNTIME_DIR, *state, *args)
+    argv = in_ns(GW, sys.executable, "-m", "nfqfw", *run)
     daemon = Daemon(lab.spawn(argv, env=env), notify)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and daemon.proc.poll() is None:
@@ -280,15 +284,21 @@ def test_queue_already_bound(fresh_lab: Lab) -> None:
     assert other.stdout is not None and other.stdout.readline().strip() == "bound"
     config = fresh_lab.tmp / "policy.yaml"
     config.write_text(POLICY)
-    result = nfqfw("run", "--config", str(config))
-    assert (result.returncode, result.stderr) == (1, "nfqfw: queue 0 is already bound by another process\n")
+    state = fresh_lab.tmp / "state"
+    result = nfqfw("run", "--config", str(config), "--state-dir", str(state))
+    # The flow snapshot is restored before the queue is bound: its log line comes first.
+    *logged, error = result.stderr.splitlines()
+    assert (result.returncode, error) == (1, "nfqfw: queue 0 is already bound by another process")
+    assert len(logged) == 1 and logged[0].endswith(
+        f"INFO nfqfw: no flow snapshot at {state}/flows.snapshot: starting with an empty flow table"
+    )
     assert not [line for line in iptables_save(GW) if "NFQFW" in line]  # nothing installed
 
 
 def test_invalid_config_prints_located_errors(fresh_lab: Lab) -> None:
     config = fresh_lab.tmp / "policy.yaml"
     config.write_text(POLICY.replace("action: accept", "action: allow"))
-    result = nfqfw("run", "--config", str(config))
+    result = nfqfw("run", "--config", str(config), "--state-dir", str(fresh_lab.tmp / "state"))
     assert (result.returncode, result.stderr) == (
         1,
         f"nfqfw: {config}:13:13: egress rule 'web': action: expected accept, drop or reject, got 'allow'\n",
@@ -297,7 +307,7 @@ def test_invalid_config_prints_located_errors(fresh_lab: Lab) -> None:
 
 def test_missing_config_file(fresh_lab: Lab) -> None:
     absent = fresh_lab.tmp / "absent.yaml"
-    result = nfqfw("run", "--config", str(absent))
+    result = nfqfw("run", "--config", str(absent), "--state-dir", str(fresh_lab.tmp / "state"))
     assert (result.returncode, result.stderr) == (
         1,
         f"nfqfw: {absent}:1:1: cannot read: No such file or directory\n",

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from lab_policies import MAIL_IN_NO_SMB_OUT
 
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Daemon, Lab
@@ -23,22 +24,7 @@ pytestmark = pytest.mark.lab
 
 LAB_POLICY = None  # each test starts nfqfw itself
 
-POLICY = """\
-zones:
-  external: [wan0]
-  internal: [lan0]
-ingress:
-  - name: mail
-    proto: tcp
-    to: [10.0.0.25, fd00::25]
-    ports: [25]
-    action: accept
-egress:
-  - name: no-smb-out
-    proto: tcp
-    ports: [445]
-    action: reject
-"""
+POLICY = MAIL_IN_NO_SMB_OUT
 FAIL_OPEN = POLICY + "options:\n  failure-mode: open\n"
 
 DROP_WAIT = 1.5
@@ -55,6 +41,11 @@ def start(lab: Lab, tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
     """start(policy_text) runs nfqfw in the gateway until the test ends."""
 
     def start_with(text: str) -> Daemon:
+        # A test before may have left neighbour entries FAILED while nothing served the queue
+        # (ND to and from the gateway is queued too): the next connect would fail at once.
+        for ns in lab.topology.namespaces:
+            run_in(ns, "ip", "neigh", "flush", "all")
+            run_in(ns, "ip", "-6", "neigh", "flush", "all")
         policy = tmp_path / "policy.yaml"
         policy.write_text(text)
         return daemon_ctl.start_daemon(PREFIX, policy)

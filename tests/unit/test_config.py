@@ -17,6 +17,7 @@ from nfqfw.core.config import (
     ConfigIssue,
     DefaultsConfig,
     LimitConfig,
+    LogLimit,
     OptionsConfig,
     PolicyConfig,
     RuleConfig,
@@ -152,7 +153,8 @@ def test_defaults_and_options_when_left_out() -> None:
         tcp_pickup_loose=False,
         failure_mode="closed",
         reload="recheck",
-        log_denied=False,
+        log_denied=True,
+        log_limit=LogLimit(count=3, period=60, burst=10),
         gateway_addresses=(),
     )
 
@@ -167,7 +169,9 @@ def test_every_option_set() -> None:
               tcp-pickup: loose
               failure-mode: open
               reload: keep
-              log-denied: true
+              log-denied: false
+              log-limit: 20/hour
+              log-limit-burst: 3
               gateway-addresses: [192.0.2.1, "2001:DB8::0001"]
             """)
     )
@@ -177,7 +181,8 @@ def test_every_option_set() -> None:
         tcp_pickup_loose=True,
         failure_mode="open",
         reload="keep",
-        log_denied=True,
+        log_denied=False,
+        log_limit=LogLimit(count=20, period=3600, burst=3),
         gateway_addresses=("192.0.2.1", "2001:db8::1"),
     )
     assert config.options.gateway_address_bytes == frozenset(
@@ -580,6 +585,30 @@ def test_gateway_in_egress_to_is_an_error() -> None:
         (
             ZONES + "options:\n  log-denied: 1\n",
             ["p.yaml:5:15: options: log-denied: expected true or false, got '1'"],
+        ),
+        (
+            ZONES + "options:\n  log-limit: fast\n",
+            ["p.yaml:5:14: options: log-limit: expected N/second, N/minute, N/hour or N/day, got 'fast'"],
+        ),
+        (
+            ZONES + "options:\n  log-limit: 0/second\n",
+            ["p.yaml:5:14: options: log-limit: the rate must be at least 1, got '0/second'"],
+        ),
+        (
+            ZONES + "options:\n  log-limit: 10/fortnight\n  log-limit-burst: 0\n",
+            [
+                "p.yaml:5:14: options: log-limit: expected N/second, N/minute, N/hour or N/day, got "
+                "'10/fortnight'",
+                "p.yaml:6:20: options: log-limit-burst: expected a positive integer, got '0'",
+            ],
+        ),
+        (
+            ZONES + "options:\n  log-limit-burst: [5]\n",
+            ["p.yaml:5:20: options: log-limit-burst: expected a positive integer, got a list"],
+        ),
+        (
+            ZONES + "options:\n  log-limits: 3/minute\n",
+            ["p.yaml:5:3: options: unknown key 'log-limits' (did you mean 'log-limit'?)"],
         ),
         (
             ZONES + "options:\n  gateway-addresses: [10.0.0.1, 10.0.0.0/24]\n",

@@ -7,7 +7,7 @@ import struct
 from nfqfw.core.build import addr, icmp, icmpv6, ipv4, ipv6, tcp, udp
 from nfqfw.core.conntrack import Conntrack, Tracked
 from nfqfw.core.decode import decode
-from nfqfw.core.packet import SYN, Packet
+from nfqfw.core.packet import ACK, RST, SYN, Packet
 from nfqfw.core.verdict import Ct, Direction
 
 LAN = addr("10.0.0.5")
@@ -44,6 +44,31 @@ def admit(ct: Conntrack, data: bytes, now: float) -> Tracked:
         assert tracked.flow is not None
         assert ct.confirm(tracked.flow)
     return tracked
+
+
+# -- TCP: RST before any reply -------------------------------------------------------------
+
+
+def tcp4(src: bytes, dst: bytes, sport: int, dport: int, flags: int, seq: int, ack: int = 0) -> bytes:
+    return ipv4(src, dst, 6, tcp(src, dst, sport, dport, seq=seq, ack=ack, flags=flags))
+
+
+def test_rst_before_any_reply_removes_the_flow_and_keeps_its_direction_state() -> None:
+    # Kernel: the entry is killed; the RST itself is NEW from the originator (ctinfo IP_CT_NEW:
+    # nothing came back yet) and ESTABLISHED from the other side (IP_CT_ESTABLISHED_REPLY).
+    for sender, state in (("originator", Ct.NEW), ("responder", Ct.ESTABLISHED)):
+        ct = Conntrack()
+        admit(ct, tcp4(LAN, WAN, 40000, 80, SYN, seq=1000), 1.0)
+        rst = tcp4(LAN, WAN, 40000, 80, RST, seq=1001)
+        if sender == "responder":
+            rst = tcp4(WAN, LAN, 80, 40000, RST | ACK, seq=0, ack=1001)
+        tracked = ct.track(pkt(rst), 1.1)
+        assert (tracked.ct, tracked.reason, tracked.flow) == (
+            state,
+            f"{state.value}: RST before any reply (flow removed)",
+            None,
+        ), sender
+        assert len(ct) == 0
 
 
 # -- UDP -----------------------------------------------------------------------------------

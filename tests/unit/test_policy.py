@@ -48,7 +48,7 @@ egress:
 ACCEPT_MAIL = RuleDecision(Action.ACCEPT, "mail", False, "rule mail")
 ACCEPT_PING = RuleDecision(Action.ACCEPT, "ping-gateway", False, "rule ping-gateway")
 ACCEPT_SSH = RuleDecision(Action.ACCEPT, "ssh-office", False, "rule ssh-office")
-DROP_DEFAULT = RuleDecision(Action.DROP, None, False, "default ingress")
+DROP_DEFAULT = RuleDecision(Action.DROP, None, True, "default ingress")
 ACCEPT_EGRESS_DEFAULT = RuleDecision(Action.ACCEPT, None, False, "default egress")
 
 
@@ -137,7 +137,7 @@ def test_brief_policy_ping_both_families_with_the_same_name() -> None:
 
 def test_brief_policy_egress() -> None:
     policy = compiled(BRIEF_POLICY)
-    smb = RuleDecision(Action.REJECT, "no-smb-out", False, "rule no-smb-out")
+    smb = RuleDecision(Action.REJECT, "no-smb-out", True, "rule no-smb-out")
     assert egress(policy, packet("10.0.0.5", "203.0.113.9", TCP, 40000, 445)) == smb
     assert egress(policy, packet("fd00::5", "2001:db8::9", TCP, 40000, 445)) == smb
     assert egress(policy, packet("10.0.0.5", "203.0.113.9", TCP, 40000, 443)) == ACCEPT_EGRESS_DEFAULT
@@ -222,7 +222,7 @@ def test_first_match_wins() -> None:
           ports: 80
           action: reject
         """)
-    drop = RuleDecision(Action.DROP, "block-one-host", False, "rule block-one-host")
+    drop = RuleDecision(Action.DROP, "block-one-host", True, "rule block-one-host")
     web = RuleDecision(Action.ACCEPT, "web", False, "rule web")
     assert ingress(policy, packet("203.0.113.66", "10.0.0.5", TCP, 4000, 80)) == drop
     assert ingress(policy, packet("203.0.113.67", "10.0.0.5", TCP, 4000, 80)) == web
@@ -354,7 +354,7 @@ def test_gateway_in_egress_from() -> None:
     )
     dns = packet("192.0.2.1", "203.0.113.53", UDP, 5353, 53)
     assert egress(policy, dns, from_gateway=True).rule == "gateway-dns"
-    assert egress(policy, dns, from_gateway=False) == RuleDecision(Action.DROP, None, False, "default egress")
+    assert egress(policy, dns, from_gateway=False) == RuleDecision(Action.DROP, None, True, "default egress")
 
 
 def test_gateway_mixed_with_addresses() -> None:
@@ -398,10 +398,10 @@ def test_logging_rules_and_denied_defaults() -> None:
           log: true
           action: accept
         """
-    plain = policy_with(rules)
+    plain = policy_with(rules, extra="options: {log-denied: false}\n")
     udp, tcp, gre = (packet("203.0.113.1", "10.0.0.1", proto, 1, 2) for proto in (UDP, TCP, GRE))
     assert [ingress(plain, pkt).log for pkt in (udp, tcp, gre)] == [False, True, False]
-    denied = policy_with(rules, extra="options: {log-denied: true}\n")
+    denied = policy_with(rules)  # log-denied: true is the default (as ufw)
     assert [ingress(denied, pkt).log for pkt in (udp, tcp, gre)] == [True, True, True]
     assert ingress(denied, gre) == RuleDecision(Action.DROP, None, True, "default ingress")
     assert egress(denied, gre) == RuleDecision(

@@ -13,6 +13,7 @@ from nfqfw.rules import (
     QueueSpec,
     RulesError,
     install,
+    panic_installed,
     parse_save,
     remove,
     render_install,
@@ -103,6 +104,51 @@ def test_open_mode_balance_and_custom_mark_replacing_existing_jumps() -> None:
         "-I OUTPUT 1 -j NFQFW-OUTPUT\n"
         "COMMIT\n"
     )
+
+
+SAVE_PANIC = """\
+*filter
+:NFQFW-FORWARD - [0:0]
+:NFQFW-INPUT - [0:0]
+:NFQFW-OUTPUT - [0:0]
+-A NFQFW-FORWARD -j DROP
+-A NFQFW-INPUT -i lo -j RETURN
+-A NFQFW-INPUT -j DROP
+-A NFQFW-OUTPUT -o lo -j RETURN
+-A NFQFW-OUTPUT -j DROP
+COMMIT
+"""
+
+
+def test_panic_drops_everything_but_loopback_and_queues_nothing() -> None:
+    assert render_install(QueueSpec(0, 0, panic=True), parse_save(SAVE_PANIC)) == (
+        "*filter\n"
+        ":NFQFW-INPUT - [0:0]\n"
+        ":NFQFW-FORWARD - [0:0]\n"
+        ":NFQFW-OUTPUT - [0:0]\n"
+        "-A NFQFW-INPUT -i lo -j RETURN\n"
+        "-A NFQFW-INPUT -j DROP\n"
+        "-A NFQFW-FORWARD -j DROP\n"
+        "-A NFQFW-OUTPUT -o lo -j RETURN\n"
+        "-A NFQFW-OUTPUT -j DROP\n"
+        "-I INPUT 1 -j NFQFW-INPUT\n"
+        "-I FORWARD 1 -j NFQFW-FORWARD\n"
+        "-I OUTPUT 1 -j NFQFW-OUTPUT\n"
+        "COMMIT\n"
+    )
+
+
+def test_panic_is_read_back_from_the_installed_rules() -> None:
+    assert parse_save(SAVE_PANIC).panic
+    assert not parse_save(SAVE_INSTALLED).panic
+    assert not parse_save(SAVE_FRESH).panic
+    # An admin's own DROP elsewhere, or in a chain of ours with a match, is not our panic.
+    assert not parse_save(SAVE_FRESH.replace("-j ACCEPT", "-j DROP")).panic
+    assert not parse_save(SAVE_PANIC.replace("-A NFQFW-FORWARD -j DROP", "")
+                          .replace("-A NFQFW-INPUT -j DROP", "-A NFQFW-INPUT -p tcp -j DROP")
+                          .replace("-A NFQFW-OUTPUT -j DROP", "")).panic  # fmt: skip
+    assert panic_installed(run=FakeTools({"iptables-save": SAVE_FRESH, "ip6tables-save": SAVE_PANIC}))
+    assert not panic_installed(run=FakeTools({"iptables-save": SAVE_INSTALLED, "ip6tables-save": SAVE_FRESH}))
 
 
 def test_single_queue_open_mode_target() -> None:

@@ -1,0 +1,426 @@
+"""Flow-table snapshots: the tracked flows as bytes and back, so a restart keeps connections.
+
+Pure: no files and no clock. Both sides are handed `now` (the daemon's monotonic clock, the one
+flow deadlines are kept in) and `wall` (seconds since the epoch). A snapshot stores each flow's
+remaining time and age as of the save and the wall-clock time of the save; a restore takes off
+the wall-clock time that passed since and rebases both onto the new process's monotonic clock.
+Flows whose time ran out meanwhile are not restored.
+
+A snapshot is EXACT when nothing can have passed the gateway unseen since it was taken: the
+daemon takes one at a stop, after its last packet, with the kernel dropping traffic until the
+next start (failure-mode closed). The others -- periodic ones, or one taken before a stop in
+failure-mode open -- may be behind the connections by up to a snapshot interval of traffic,
+far more than a TCP window. Their TCP flows are restored with their sequence numbers
+forgotten: each direction learns its window anew from its next packet, and the checks are
+liberal, as the kernel does for a connection it picked up mid-stream (only an RST must still
+be in window). State, options (window scale, SACK), ASSURED and timeouts are kept.
+
+Only `_encode_flow` and `_words_of` (writing), `_Decoder.flow`, `_decode_tcp` and
+`_relearn_windows` (reading) know the layout of Flow and TcpConn: a change of that layout
+changes them, not the format (tests/unit/test_snapshot.py checks every field both ways).
+
+Format, version 1, little-endian:
+
+  header  magic b"NFQFWFT\\0" (8), version u16, reserved u16 (0), body length u64,
+          SHA-256 of the body (32 bytes)
+  body    saved_at f64 (wall clock), flags u32 (EXACT), string count u32, strings (u16
+          length + UTF-8 each), flow count u32, the flows
+  flow    key length u8, key (conntrack.flow_key's layout), flags u8 (ORIG_A, ASSURED,
+          SEEN_REPLY, TCP), remaining f64 (deadline - now), age f64 (now - created),
+          rule u32, hook u8 (0: no Meta), in_iface u32, out_iface u32 (string indexes,
+          NO_STRING for None)
+  + TCP   state, last_index, last_dir, last_flags, last_wscale, retrans, assured: u8 each;
+          per direction (ORIGINAL, then REPLY) td_end, td_maxend, td_maxwin, td_maxack,
+          td_scale, flags: u32 each; then last_seq, last_ack, last_end, last_win: u32 each
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import sys
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from nfqfw.core import tcp_window as window
+from nfqfw.core.conntrack import ICMP_QUERIES, ICMPV6_QUERIES, Conntrack, Flow, first_packet
+from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP
+from nfqfw.core.tcp import TcpConn
+from nfqfw.core.tcp_states import STATE_COUNT, FlagClass, sNO
+from nfqfw.core.verdict import Hook, Meta
+
+MAGIC = b"NFQFWFT\0"
+VERSION = 1
+NO_STRING = 0xFFFFFFFF
+
+EXACT = 0x01  # snapshot flag: taken at a stop while traffic was blocked
+ORIG_A, ASSURED, SEEN_REPLY, TCP = 0x01, 0x02, 0x04, 0x08  # flow flags
+_KNOWN_FLAGS = ORIG_A | ASSURED | SEEN_REPLY | TCP
+
+_HEADER = struct.Struct("<8sHHQ32s")
+_BODY_HEAD = struct.Struct("<dII")
+_U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
+_FLOW = struct.Struct("<BddIBII")
+_TCP_HEAD = struct.Struct("<7B")
+_WORDS = struct.Struct("<16I")
+# The window words in the format's order: td offsets of ORIGINAL's block, REPLY's, last packet.
+_TD_ORDER = (
+    *(
+        base + word
+        for base in (0, window.SIDE)
+        for word in (window.END, window.MAXEND, window.MAXWIN, window.MAXACK, window.SCALE, window.FLAGS)
+    ),
+    window.LAST_SEQ,
+    window.LAST_ACK,
+    window.LAST_END,
+    window.LAST_WIN,
+)
+_SCALE_WORDS = (window.SCALE, window.SIDE + window.SCALE)
+# The window words are kept in the format's order, as little-endian 32-bit words: copied whole.
+_TD_AS_STORED = (
+    tuple(range(window.WORDS)) == _TD_ORDER and sys.byteorder == "little" and array("I").itemsize == 4
+)
+_HOOKS = {int(hook): hook for hook in Hook}
+_FLAG_CLASSES = len(FlagClass)
+
+
+class SnapshotError(ValueError):
+    """The bytes are no snapshot this nfqfw can restore; str() says why, in a few words."""
+
+
+@dataclass
+class Restored:
+    """What decode() found: the flows still alive, rebased onto the caller's clock."""
+
+    flows: list[Flow]
+    exact: bool  # False: the TCP flows' windows are learnt anew (see the module's docstring)
+    saved_at: float  # wall-clock time of the save
+    elapsed: float  # wall-clock seconds from the save to `wall` (0 when the clock went back)
+    expired: int  # flows whose time ran out since the save (not in `flows`)
+    clock_went_back: bool = False
+
+
+@dataclass
+class Installed:
+    """What install() did with the restored flows."""
+
+    restored: int = 0
+    table_full: int = 0  # did not fit: the table was full of ASSURED flows
+
+
+# -- flows -> bytes ------------------------------------------------------------------------------
+
+
+def encode(flows: Iterable[Flow], now: float, wall: float, exact: bool = False) -> bytes:
+    """A snapshot of `flows` taken at monotonic `now`, wall-clock `wall`; `exact` only when no
+    packet can pass unseen before it is restored. Flows already past their deadline (the table
+    sweeps lazily) are left out."""
+    strings = _Strings()
+    parts: list[bytes] = []
+    count = 0
+    for flow in flows:
+        if flow.deadline > now:
+            _encode_flow(flow, now, strings, parts)
+            count += 1
+    table = b"".join(_U16.pack(len(raw)) + raw for raw in (text.encode() for text in strings.index))
+    head = _BODY_HEAD.pack(wall, EXACT if exact else 0, len(strings.index))
+    body = b"".join((head, table, _U32.pack(count), *parts))
+    return _HEADER.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
+
+
+class _Strings:
+    """The string table being built: text -> index, and each Meta's three numbers (by identity:
+    the adapter interns Metas, so a table has a handful of them)."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self._metas: dict[int, tuple[int, int, int]] = {}
+
+    def of(self, text: str | None) -> int:
+        if text is None:
+            return NO_STRING
+        found = self.index.get(text)
+        if found is None:
+            found = self.index[text] = len(self.index)
+        return found
+
+    def meta(self, meta: object) -> tuple[int, int, int]:
+        numbers = self._metas.get(id(meta))
+        if numbers is None:
+            if isinstance(meta, Meta):
+                numbers = (int(meta.hook), self.of(meta.in_iface), self.of(meta.out_iface))
+            else:
+                numbers = (0, NO_STRING, NO_STRING)
+            self._metas[id(meta)] = numbers
+        return numbers
+
+
+def _encode_flow(flow: Flow, now: float, strings: _Strings, parts: list[bytes]) -> None:
+    key = flow.key
+    conn = flow.tcp
+    flags = (
+        (ORIG_A if flow.orig_a else 0)
+        | (ASSURED if flow.assured else 0)
+        | (SEEN_REPLY if flow.seen_reply else 0)
+        | (TCP if conn is not None else 0)
+    )
+    hook, in_iface, out_iface = strings.meta(flow.meta)
+    rule = strings.of(flow.rule)
+    parts.append(_U8.pack(len(key)) + key)
+    parts.append(_FLOW.pack(flags, flow.deadline - now, now - flow.created, rule, hook, in_iface, out_iface))
+    if conn is not None:
+        parts.append(
+            _TCP_HEAD.pack(
+                conn.state,
+                conn.last_index,
+                conn.last_dir,
+                conn.last_flags,
+                conn.last_wscale,
+                conn.retrans,
+                1 if conn.assured else 0,
+            )
+        )
+        parts.append(_words_of(conn.td))
+
+
+def _words_of(td: array[int]) -> bytes:
+    if _TD_AS_STORED:
+        return td.tobytes()
+    return _WORDS.pack(*(td[i] for i in _TD_ORDER))
+
+
+# -- bytes -> flows ------------------------------------------------------------------------------
+
+
+def decode(data: bytes, now: float, wall: float) -> Restored:
+    """The live flows of a snapshot, their deadlines and creation times on the monotonic clock
+    of `now`, less the wall-clock time from the save to `wall`. Raises SnapshotError for
+    anything but an intact snapshot of this version: all of it is restored, or none."""
+    body = _checked_body(data)
+    try:
+        return _decode_body(_Reader(body), now, wall)
+    except SnapshotError as err:
+        raise SnapshotError(f"corrupt: {err}") from None
+
+
+def _decode_body(reader: _Reader, now: float, wall: float) -> Restored:
+    saved_at, flags, string_count = reader.take(_BODY_HEAD)
+    if not math.isfinite(saved_at):
+        raise SnapshotError("the save time is not a number")
+    if flags & ~EXACT:
+        raise SnapshotError(f"unknown snapshot flags 0x{flags:x}")
+    exact = bool(flags & EXACT)
+    strings = [reader.string() for _ in range(string_count)]
+    elapsed = wall - saved_at
+    went_back = elapsed < 0  # the wall clock was set back: count no time as passed
+    elapsed = max(0.0, elapsed)
+    decoder = _Decoder(strings, now, elapsed)
+    flows: list[Flow] = []
+    seen: set[bytes] = set()
+    expired = 0
+    (count,) = reader.take(_U32)
+    for number in range(1, count + 1):
+        try:
+            flow, remaining = decoder.flow(reader)
+        except SnapshotError as err:
+            raise SnapshotError(f"flow {number}: {err}") from None
+        if flow.key in seen:
+            raise SnapshotError(f"flow {number}: the same key twice")
+        seen.add(flow.key)
+        if remaining <= 0:
+            expired += 1
+            continue
+        if not exact and (conn := flow.tcp) is not None:
+            _relearn_windows(conn)
+            flow.tcp = conn  # flow.tcp is a copy of the flow's TCP fields (core.flowtable)
+        flows.append(flow)
+    if reader.left:
+        raise SnapshotError(f"{reader.left} bytes after the last flow")
+    return Restored(flows, exact, saved_at, elapsed, expired, went_back)
+
+
+def _checked_body(data: bytes) -> bytes:
+    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+        raise SnapshotError("not an nfqfw flow snapshot")
+    if len(data) < _HEADER.size:
+        raise SnapshotError(f"truncated: {len(data)} bytes, the header alone has {_HEADER.size}")
+    _, version, _, length, digest = _HEADER.unpack_from(data)
+    if version != VERSION:
+        newer = "newer than this nfqfw reads" if version > VERSION else "unknown to this nfqfw"
+        raise SnapshotError(f"format version {version} is {newer} (it reads version {VERSION})")
+    body = data[_HEADER.size :]
+    if len(body) < length:
+        raise SnapshotError(f"truncated: {len(body)} of {length} bytes after the header")
+    if len(body) > length:
+        raise SnapshotError(f"{len(body) - length} bytes after the end of the snapshot")
+    if hashlib.sha256(body).digest() != digest:
+        raise SnapshotError("checksum mismatch")
+    return body
+
+
+class _Reader:
+    """Reads the body front to back; running off its end is a SnapshotError, never an IndexError."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.at = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.body) - self.at
+
+    def take(self, layout: struct.Struct) -> tuple[Any, ...]:
+        try:
+            values = layout.unpack_from(self.body, self.at)
+        except struct.error:
+            raise SnapshotError("runs past the end of the snapshot") from None
+        self.at += layout.size
+        return values
+
+    def raw(self, size: int) -> bytes:
+        end = self.at + size
+        if end > len(self.body):
+            raise SnapshotError("runs past the end of the snapshot")
+        chunk = self.body[self.at : end]
+        self.at = end
+        return chunk
+
+    def string(self) -> str:
+        (size,) = self.take(_U16)
+        try:
+            return self.raw(size).decode()
+        except UnicodeDecodeError:
+            raise SnapshotError("a string is not UTF-8") from None
+
+
+class _Decoder:
+    """What the flow records refer to: the string table, and Metas and key checks already done."""
+
+    def __init__(self, strings: list[str], now: float, elapsed: float) -> None:
+        self.strings = strings
+        self.now = now
+        self.elapsed = elapsed
+        self._metas: dict[tuple[int, int, int], Meta | None] = {}
+        self._key_forms: set[tuple[int, int, int]] = set()
+
+    def flow(self, reader: _Reader) -> tuple[Flow, float]:
+        """One flow record, and its remaining time at `now` (<= 0: it ran out)."""
+        (key_len,) = reader.take(_U8)
+        key = reader.raw(key_len)
+        flags, remaining, age, rule, hook, in_iface, out_iface = reader.take(_FLOW)
+        if flags & ~_KNOWN_FLAGS:
+            raise SnapshotError(f"unknown flags 0x{flags:02x}")
+        if not (math.isfinite(remaining) and math.isfinite(age)):
+            raise SnapshotError("a time is not a number")
+        now, elapsed = self.now, self.elapsed
+        remaining -= elapsed
+        flow = Flow(key, bool(flags & ORIG_A), now)
+        flow.created = now - max(0.0, age) - elapsed
+        flow.deadline = now + remaining
+        flow.assured = bool(flags & ASSURED)
+        flow.seen_reply = bool(flags & SEEN_REPLY)
+        flow.rule = self.string(rule)
+        flow.meta = self.meta(hook, in_iface, out_iface)
+        self.check_key(flow)
+        is_tcp = key[0] == PROTO_TCP
+        if bool(flags & TCP) != is_tcp:
+            raise SnapshotError("TCP state on a non-TCP flow" if not is_tcp else "TCP flow without TCP state")
+        if is_tcp:
+            flow.tcp = _decode_tcp(reader.take(_TCP_HEAD), reader.raw(_WORDS.size))
+        return flow, remaining
+
+    def string(self, index: int) -> str | None:
+        if index == NO_STRING:
+            return None
+        if index >= len(self.strings):
+            raise SnapshotError(f"string {index} of {len(self.strings)}")
+        return self.strings[index]
+
+    def meta(self, hook: int, in_iface: int, out_iface: int) -> Meta | None:
+        """The first packet's Meta, one object per distinct value (as the adapter interns them)."""
+        numbers = (hook, in_iface, out_iface)
+        if numbers in self._metas:
+            return self._metas[numbers]
+        meta = None
+        if hook != 0:
+            if hook not in _HOOKS:
+                raise SnapshotError(f"unknown hook {hook}")
+            meta = Meta(_HOOKS[hook], self.string(in_iface), self.string(out_iface))
+        self._metas[numbers] = meta
+        return meta
+
+    def check_key(self, flow: Flow) -> None:
+        """A key conntrack can read back; the answer depends on the protocol, the length and
+        (ICMP) the type only, so each form is checked once."""
+        key = flow.key
+        if not key:
+            raise SnapshotError("malformed flow key")
+        form = (key[0], len(key), key[1] if key[0] in (PROTO_ICMP, PROTO_ICMPV6) else 0)
+        if form in self._key_forms:
+            return
+        if first_packet(flow) is None:
+            raise SnapshotError("malformed flow key")
+        queries = {PROTO_ICMP: ICMP_QUERIES, PROTO_ICMPV6: ICMPV6_QUERIES}.get(key[0])
+        if queries is not None and key[1] not in queries:
+            raise SnapshotError(f"ICMP flow of type {key[1]}, not a query")
+        self._key_forms.add(form)
+
+
+def _decode_tcp(head: tuple[int, ...], words: bytes) -> TcpConn:
+    state, last_index, last_dir, last_flags, last_wscale, retrans, assured = head
+    if not sNO < state < STATE_COUNT:
+        raise SnapshotError(f"TCP state {state} out of range")
+    if last_index >= _FLAG_CLASSES or last_dir > 1:
+        raise SnapshotError("TCP last packet record out of range")
+    conn = TcpConn()
+    conn.state = state
+    conn.last_index = last_index
+    conn.last_dir = last_dir
+    conn.last_flags = last_flags
+    conn.last_wscale = min(last_wscale, window.MAX_WSCALE)
+    conn.retrans = retrans
+    conn.assured = bool(assured)
+    if _TD_AS_STORED:
+        conn.td = array("I", words)
+    else:
+        td = conn.td
+        for offset, value in zip(_TD_ORDER, _WORDS.unpack(words), strict=True):
+            td[offset] = value
+    for offset in _SCALE_WORDS:
+        if conn.td[offset] > window.MAX_WSCALE:
+            raise SnapshotError(f"TCP window scale {conn.td[offset]} out of range")
+    return conn
+
+
+_KEPT_ON_RELEARN = window.F_WINDOW_SCALE | window.F_SACK_PERM | window.F_CLOSE_INIT
+
+
+def _relearn_windows(conn: TcpConn) -> None:
+    """Forget both directions' sequence numbers (a zero td_maxwin makes the window tracker
+    learn them from the direction's next packet) and track liberally from now on."""
+    td = conn.td
+    for base in (0, window.SIDE):
+        for word in (window.END, window.MAXEND, window.MAXWIN, window.MAXACK):
+            td[base + word] = 0
+        td[base + window.FLAGS] = (td[base + window.FLAGS] & _KEPT_ON_RELEARN) | window.F_BE_LIBERAL
+    conn.retrans = 0
+
+
+# -- into the table ------------------------------------------------------------------------------
+
+
+def install(conntrack: Conntrack, flows: Iterable[Flow]) -> Installed:
+    """Put restored flows into a table, in their saved order (which keeps the early-drop order
+    of the not-ASSURED ones). A flow whose key is in the table already is left out."""
+    done = Installed()
+    for flow in flows:
+        if conntrack.get(flow.key) is not None:
+            continue
+        if conntrack.restore(flow):
+            done.restored += 1
+        else:
+            done.table_full += 1
+    return done

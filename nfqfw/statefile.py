@@ -1,0 +1,256 @@
+"""The state directory of `nfqfw run` (--state-dir, default /var/lib/nfqfw): the flow snapshot.
+
+`flows.snapshot` there holds the flow table in nfqfw.core.snapshot's format (versioned,
+SHA-256-checked). It is written when nfqfw stops and every --snapshot-interval seconds while it
+runs, atomically: `flows.snapshot.tmp` (mode 0600) is written and fsync'ed, renamed over the
+old file, and the directory is fsync'ed, so a crash at any moment leaves either the old or the
+new snapshot, never half of one. The periodic write runs in a thread: the table is encoded
+between two packets, the disk's slowness (fsync) stays off the packet path.
+
+At start, before the queue is bound, the snapshot is read back: flows whose time ran out while
+nfqfw was down are dropped, the others are put into the table. Only the snapshot of a stop in
+failure-mode closed is exact (nothing passed unseen since); from any other, TCP flows learn their
+windows anew (nfqfw.core.snapshot). An exact snapshot is rewritten as not exact right after it
+was restored: once packets flow again, it no longer is. A file that is missing starts an
+empty table; one that is corrupt, truncated, foreign, of an unknown version, or that anyone but
+its owner (root) may write, is logged, moved aside as `flows.snapshot.bad` and ignored:
+never fatal. A state directory writable by group or others is not used at all (whoever can
+write it could hand nfqfw flows the policy never admitted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nfqfw.core import snapshot
+
+log = logging.getLogger("nfqfw")
+
+DEFAULT_STATE_DIR = "/var/lib/nfqfw"
+DEFAULT_SNAPSHOT_INTERVAL = 10.0  # seconds; at most this much of new flows is lost in a crash
+SNAPSHOT_NAME = "flows.snapshot"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+EMPTY = "starting with an empty flow table"
+
+
+class StateFileError(Exception):
+    """The snapshot file cannot be trusted or read; str() says why."""
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace `path` with `data`: a crash leaves the old content or the new, never a mix."""
+    directory = os.path.dirname(path) or "."
+    tmp = path + ".tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # a leftover temp file may have had another mode
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def read_trusted(path: str) -> bytes:
+    """The file's bytes, if it is a regular file only its owner, us, may write.
+    FileNotFoundError when there is none; StateFileError when it must not be used."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise StateFileError(f"cannot open it: {err.strerror or err}") from err
+    try:
+        _check_trusted(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as file:
+        return file.read()
+
+
+def _check_trusted(info: os.stat_result) -> None:
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISREG(info.st_mode):
+        raise StateFileError("not a regular file")
+    if info.st_uid != os.geteuid():
+        raise StateFileError(f"owned by uid {info.st_uid}, not by uid {os.geteuid()}")
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StateFileError(f"writable by group or others (mode {mode:04o})")
+
+
+class StateDir:
+    """The flow snapshot of one daemon: restore() at start, tick() from housekeeping, save() at stop."""
+
+    def __init__(
+        self,
+        directory: str = DEFAULT_STATE_DIR,
+        interval: float = DEFAULT_SNAPSHOT_INTERVAL,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, SNAPSHOT_NAME)
+        self.interval = interval  # 0: only at stop
+        self.wall_clock = wall_clock
+        self.usable = False  # set by prepare(): the directory exists and is ours alone
+        self.last_saved: int | None = None  # flows in the last snapshot written
+        self._next = 0.0
+        self._writer: threading.Thread | None = None
+        self._failing = False
+
+    # -- start --
+
+    def prepare(self) -> bool:
+        """Create the directory if needed and check that nobody else may write it."""
+        try:
+            os.makedirs(self.directory, mode=DIR_MODE, exist_ok=True)
+            info = os.stat(self.directory)
+        except OSError as err:
+            log.error(
+                "state directory %s unusable (%s): flows are not kept across restarts", self.directory, err
+            )
+            return False
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid != os.geteuid():
+            log.error(
+                "state directory %s is writable by others than uid %d (mode %04o, owner uid %d): "
+                "not used, flows are not kept across restarts",
+                self.directory,
+                os.geteuid(),
+                mode,
+                info.st_uid,
+            )
+            return False
+        self.usable = True
+        return True
+
+    def restore(self, engine: Any, now: float, recheck: bool) -> int:
+        """Fill the engine's empty table from the snapshot (call before the queue is bound).
+        `recheck`: remove the flows the current policy would not let start (policy option
+        reload: recheck), as a reload does. Returns the number of flows in the table; never raises."""
+        if not self.prepare():
+            return 0
+        self._next = now + self.interval
+        try:
+            data = read_trusted(self.path)
+        except FileNotFoundError:
+            log.info("no flow snapshot at %s: %s", self.path, EMPTY)
+            return 0
+        except (StateFileError, OSError) as err:
+            self._set_aside(str(err))
+            return 0
+        try:
+            return self._restore(engine, data, now, recheck)
+        except snapshot.SnapshotError as err:
+            self._set_aside(str(err))
+        except Exception as err:  # a bug here must not keep the firewall from starting
+            log.exception("restoring the flow snapshot failed")
+            self._set_aside(f"internal error: {err!r}")
+        engine.conntrack.clear()
+        return 0
+
+    def _restore(self, engine: Any, data: bytes, now: float, recheck: bool) -> int:
+        restored = snapshot.decode(data, now, self.wall_clock())
+        if restored.clock_went_back:
+            log.warning(
+                "the wall clock is behind the flow snapshot's save time: counting no time as passed since"
+            )
+        installed = snapshot.install(engine.conntrack, restored.flows)
+        if restored.exact:
+            self._write(*self._encode(engine, now, exact=False))
+        stale = 0
+        if recheck:
+            from nfqfw.core.recheck import recheck as recheck_flows
+
+            stale = len(recheck_flows(engine))
+        kept = len(engine.conntrack)
+        log.info(
+            "restored %d flows from %s (saved %.1f s ago %s): %d had run out, %d are not allowed by the "
+            "policy any more%s, %d did not fit the table",
+            kept,
+            self.path,
+            restored.elapsed,
+            "at a stop" if restored.exact else "while running; TCP windows are learnt anew",
+            restored.expired,
+            stale,
+            "" if recheck else " (not checked: reload: keep)",
+            installed.table_full,
+        )
+        return kept
+
+    def _set_aside(self, why: str) -> None:
+        bad = self.path + ".bad"
+        try:
+            os.replace(self.path, bad)
+            kept = f" (moved to {bad})"
+        except OSError:
+            kept = ""
+        log.warning("flow snapshot %s ignored: %s%s; %s", self.path, why, kept, EMPTY)
+
+    # -- while running --
+
+    def tick(self, engine: Any, now: float) -> None:
+        """Housekeeping: when a periodic snapshot is due, encode the table now and write it in
+        the background. A write still running from the last round makes this round skip."""
+        if not self.usable or self.interval <= 0 or now < self._next:
+            return
+        self._next = now + self.interval
+        if self._writer is not None and self._writer.is_alive():
+            log.warning("flow snapshot: the last write to %s is still running, skipping this one", self.path)
+            return
+        data, count = self._encode(engine, now, exact=False)
+        self._writer = threading.Thread(
+            target=self._write, args=(data, count), name="nfqfw-snapshot", daemon=True
+        )
+        self._writer.start()
+
+    def save(self, engine: Any, now: float, exact: bool = False) -> bool:
+        """Write the snapshot now and wait for it (at stop). `exact`: no packet will pass unseen
+        until the next start (a stop in failure-mode closed). True when it is on disk."""
+        if not self.usable:
+            return False
+        if self._writer is not None:
+            self._writer.join()
+        data, count = self._encode(engine, now, exact)
+        if not self._write(data, count):
+            return False
+        log.info("saved %d flows to %s", count, self.path)
+        return True
+
+    def _encode(self, engine: Any, now: float, exact: bool) -> tuple[bytes, int]:
+        flows = [flow for flow in engine.conntrack if flow.deadline > now]
+        return snapshot.encode(flows, now, self.wall_clock(), exact), len(flows)
+
+    def _write(self, data: bytes, count: int) -> bool:
+        try:
+            write_atomically(self.path, data)
+        except OSError as err:
+            if not self._failing:  # once per run of failures, not every interval
+                log.error("cannot save the flow snapshot to %s: %s", self.path, err)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("flow snapshot saved to %s again", self.path)
+        self._failing = False
+        self.last_saved = count
+        return True
