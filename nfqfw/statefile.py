@@ -238,8 +238,7 @@ class StateDir:
         return True
 
     def _encode(self, engine: Any, now: float, exact: bool) -> tuple[bytes, int]:
-        flows = [flow for flow in engine.conntrack if flow.deadline > now]
-        return snapshot.encode(flows, now, self.wall_clock(), exact), len(flows)
+        return snapshot.encode_table(engine.conntrack, now, self.wall_clock(), exact)
 
     def _write(self, data: bytes, count: int) -> bool:
         try:

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterator
 
 from nfqfw.core.expiry import ExpiryWheel
-from nfqfw.core.flowtable import ASSURED, IS_TCP, NO_SLOT, ORIG_A, SEEN_REPLY, Flow, FlowTable
+from nfqfw.core.flowtable import ASSURED, DETACHED, IS_TCP, NO_SLOT, ORIG_A, SEEN_REPLY, Flow, FlowTable, Row
 from nfqfw.core.packet import (
     FRAG_LATER,
     PROTO_ICMP,
@@ -168,6 +168,11 @@ class Conntrack:
     def __iter__(self) -> Iterator[Flow]:
         handle = self.table.handle
         return iter([handle(slot) for slot in self._slots.values()])  # a list: callers may remove flows
+
+    def rows(self) -> Iterator[Row]:
+        """Every confirmed flow's fields (FlowTable.row), read straight off the table, one at a
+        time: the table must not change until the iteration is done."""
+        return self.table.rows(self._slots.values())
 
     def get(self, key: bytes) -> Flow | None:
         slot = self._slots.get(key)
@@ -347,9 +352,9 @@ class Conntrack:
     # -- table management ------------------------------------------------------------------
     def confirm(self, flow: Flow) -> bool:
         """Insert a new flow: the pending one of the last track(), or a detached Flow (made by
-        Flow(); its row is copied in and the handle attached).  Evicts a not-ASSURED flow when
-        full (early drop).  False when the table is full of ASSURED flows: the packet must be
-        dropped."""
+        Flow(), or removed from a table: its row is copied in and the handle attached).  Evicts
+        a not-ASSURED flow when full (early drop).  False when the table is full of ASSURED
+        flows: the packet must be dropped."""
         table = self.table
         if flow._table is table:
             if flow._slot != self._pending:
@@ -359,6 +364,8 @@ class Conntrack:
             return False
         slot = table.alloc(b"", False, 0.0)
         table.copy_row(flow._table, flow._slot, slot)
+        if flow._table is DETACHED:
+            DETACHED.free(flow._slot)
         table.attach(flow, slot)
         self._insert(slot)
         return True

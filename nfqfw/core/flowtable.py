@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import weakref
 from array import array
+from collections.abc import Iterable, Iterator
 
 from nfqfw.core.tcp import TcpConn
 from nfqfw.core.tcp_states import STATE_NAMES
@@ -39,6 +40,9 @@ SMALL = 8
 
 NO_SLOT = -1  # end of the unassured list
 
+# FlowTable.row(): key, bits, deadline, created, rule, meta, small TCP fields, TCP words.
+Row = tuple[bytes, int, float, float, "str | None", object, bytes, bytes]
+
 _ZERO_WORDS = array("I", bytes(4 * WORDS))
 _ZERO_SMALL = bytes(SMALL)
 
@@ -50,6 +54,7 @@ class FlowTable:
 
     __slots__ = (
         "_free",
+        "_ref_slots",
         "bits",
         "created",
         "deadline",
@@ -77,6 +82,7 @@ class FlowTable:
         # The live Flow handle of a slot, if one is in use (weakly: handles made for a listing
         # or a snapshot must not stay with every flow).
         self.handles: dict[int, weakref.ref[Flow]] = {}
+        self._ref_slots: dict[weakref.ref[Flow], int] = {}
         self._free: list[int] = []
 
     def alloc(self, key: bytes, orig_a: bool, now: float) -> int:
@@ -133,14 +139,16 @@ class FlowTable:
 
     def attach(self, handle: Flow, slot: int) -> None:
         """Make `handle` the handle of this table's `slot`."""
-        handles = self.handles
-
-        def forget(ref: weakref.ref[Flow]) -> None:
-            if handles.get(slot) is ref:
-                del handles[slot]
-
         handle._table, handle._slot = self, slot
-        handles[slot] = weakref.ref(handle, forget)
+        ref = weakref.ref(handle, self._forget)
+        self.handles[slot] = ref
+        self._ref_slots[ref] = slot
+
+    def _forget(self, ref: weakref.ref[Flow]) -> None:
+        """A handle died: forget it, unless its slot has another handle by now."""
+        slot = self._ref_slots.pop(ref, NO_SLOT)
+        if self.handles.get(slot) is ref:
+            del self.handles[slot]
 
     def copy_row(self, source: FlowTable, slot: int, into: int) -> None:
         """Copy every field of `source`'s slot into this table's slot `into`."""
@@ -154,6 +162,54 @@ class FlowTable:
         self.td[to : to + WORDS] = source.td[base : base + WORDS]
         start, at = slot * SMALL, into * SMALL
         self.small[at : at + SMALL] = source.small[start : start + SMALL]
+
+    def row(self, slot: int) -> Row:
+        """Every field of a slot at once (snapshots): key, flags, deadline, created, rule, meta,
+        for TCP flows the 7 small TCP fields as bytes (STATE ... TCP_ASSURED) and the TCP words
+        as native 32-bit words (tcp_window layout), for others two empty bytes."""
+        return next(self.rows((slot,)))
+
+    def rows(self, slots: Iterable[int]) -> Iterator[Row]:
+        """row() of many slots, one at a time (a snapshot of the whole table makes no list of
+        65k tuples for the garbage collector to walk)."""
+        keys, bits, deadline, created, rule, meta = (
+            self.keys,
+            self.bits,
+            self.deadline,
+            self.created,
+            self.rule,
+            self.meta,
+        )
+        small, td = self.small, self.td
+        return (
+            (
+                keys[slot],  # type: ignore[misc]
+                bits[slot],
+                deadline[slot],
+                created[slot],
+                rule[slot],
+                meta[slot],
+                bytes(small[slot * SMALL : slot * SMALL + 7]) if bits[slot] & IS_TCP else b"",
+                td[slot * WORDS : slot * WORDS + WORDS].tobytes() if bits[slot] & IS_TCP else b"",
+            )
+            for slot in slots
+        )
+
+    def set_row(self, slot: int, row: Row) -> None:
+        """Write every field of a slot (the inverse of row(); empty TCP parts leave them zero)."""
+        key, bits, deadline, created, rule, meta, tcp_small, words = row
+        self.keys[slot] = key
+        self.bits[slot] = bits
+        self.deadline[slot] = deadline
+        self.created[slot] = created
+        self.rule[slot] = rule
+        self.meta[slot] = meta
+        if tcp_small:
+            at = slot * SMALL
+            self.small[at : at + 7] = tcp_small
+        if words:
+            base = slot * WORDS
+            self.td[base : base + WORDS] = array("I", words)
 
     # -- TCP ---------------------------------------------------------------------------------
     def load_tcp(self, slot: int) -> TcpConn:
@@ -193,6 +249,11 @@ class FlowTable:
         self.bits[slot] |= IS_TCP
 
 
+# Where detached flows keep their values: flows made by Flow() before they are confirmed into a
+# table, and flows removed from a table while someone still holds their handle.
+DETACHED = FlowTable()
+
+
 def _flag(bit: int, doc: str) -> property:
     def get(self: Flow) -> bool:
         return bool(self._table.bits[self._slot] & bit)
@@ -214,18 +275,35 @@ class Flow:
 
     def __init__(self, key: bytes, orig_a: bool, now: float) -> None:
         """A detached flow (not in any conntrack table yet), created at `now`."""
-        self._table = FlowTable()
-        self._slot = self._table.alloc(key, orig_a, now)
+        self._table = DETACHED
+        self._slot = DETACHED.alloc(key, orig_a, now)
+
+    @classmethod
+    def from_row(cls, row: Row) -> Flow:
+        """A detached flow holding `row` (FlowTable.row's layout)."""
+        flow = cls.__new__(cls)
+        flow._table = DETACHED
+        flow._slot = DETACHED.alloc(b"", False, 0.0)
+        DETACHED.set_row(flow._slot, row)
+        return flow
 
     def _detach(self) -> None:
-        private = FlowTable()
-        slot = private.alloc(b"", False, 0.0)
-        private.copy_row(self._table, self._slot, slot)
-        self._table, self._slot = private, slot
+        """Move the flow's values to a slot of its own (its slot in the table is being freed)."""
+        slot = DETACHED.alloc(b"", False, 0.0)
+        DETACHED.copy_row(self._table, self._slot, slot)
+        self._table, self._slot = DETACHED, slot
+
+    def __del__(self) -> None:
+        if self._table is DETACHED:
+            DETACHED.free(self._slot)
 
     orig_a = _flag(ORIG_A, "True when the originator's endpoint sorts first in the key")
     assured = _flag(ASSURED, "ASSURED: kept when the table is full (no early drop)")
     seen_reply = _flag(SEEN_REPLY, "a REPLY-direction packet was accepted")
+
+    def row(self) -> Row:
+        """Every field at once (see FlowTable.row)."""
+        return self._table.row(self._slot)
 
     @property
     def key(self) -> bytes:

@@ -16,8 +16,9 @@ liberal, as the kernel does for a connection it picked up mid-stream (only an RS
 be in window). State, options (window scale, SACK), ASSURED and timeouts are kept.
 
 Only `_encode_flow` and `_words_of` (writing), `_Decoder.flow`, `_decode_tcp` and
-`_relearn_windows` (reading) know the layout of Flow and TcpConn: a change of that layout
-changes them, not the format (tests/unit/test_snapshot.py checks every field both ways).
+`_relearn_windows` (reading) know the layout of a flow (core.flowtable's rows: the format's
+flags and TCP head are the table's own bytes): a change of that layout changes them, not the
+format (tests/unit/test_snapshot.py checks every field both ways).
 
 Format, version 1, little-endian:
 
@@ -45,10 +46,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from nfqfw.core import flowtable
 from nfqfw.core import tcp_window as window
 from nfqfw.core.conntrack import ICMP_QUERIES, ICMPV6_QUERIES, Conntrack, Flow, first_packet
+from nfqfw.core.flowtable import Row
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP
-from nfqfw.core.tcp import TcpConn
 from nfqfw.core.tcp_states import STATE_COUNT, FlagClass, sNO
 from nfqfw.core.verdict import Hook, Meta
 
@@ -58,6 +60,15 @@ NO_STRING = 0xFFFFFFFF
 
 EXACT = 0x01  # snapshot flag: taken at a stop while traffic was blocked
 ORIG_A, ASSURED, SEEN_REPLY, TCP = 0x01, 0x02, 0x04, 0x08  # flow flags
+# The format's flow flags and TCP head are the flow table's own (core.flowtable): copied as they are.
+assert (ORIG_A, ASSURED, SEEN_REPLY, TCP) == (
+    flowtable.ORIG_A,
+    flowtable.ASSURED,
+    flowtable.SEEN_REPLY,
+    flowtable.IS_TCP,
+)
+assert (flowtable.STATE, flowtable.LAST_INDEX, flowtable.LAST_DIR, flowtable.LAST_FLAGS) == (0, 1, 2, 3)
+assert (flowtable.LAST_WSCALE, flowtable.RETRANS, flowtable.TCP_ASSURED) == (4, 5, 6)
 _KNOWN_FLAGS = ORIG_A | ASSURED | SEEN_REPLY | TCP
 
 _HEADER = struct.Struct("<8sHHQ32s")
@@ -84,6 +95,8 @@ _TD_AS_STORED = (
     tuple(range(window.WORDS)) == _TD_ORDER and sys.byteorder == "little" and array("I").itemsize == 4
 )
 _HOOKS = {int(hook): hook for hook in Hook}
+
+
 _FLAG_CLASSES = len(FlagClass)
 
 
@@ -118,17 +131,24 @@ def encode(flows: Iterable[Flow], now: float, wall: float, exact: bool = False) 
     """A snapshot of `flows` taken at monotonic `now`, wall-clock `wall`; `exact` only when no
     packet can pass unseen before it is restored. Flows already past their deadline (the table
     sweeps lazily) are left out."""
+    return _encode_rows([flow.row() for flow in flows], now, wall, exact)[0]
+
+
+def encode_table(conntrack: Conntrack, now: float, wall: float, exact: bool = False) -> tuple[bytes, int]:
+    """As encode() over every flow of `conntrack`, read straight from its table (no Flow
+    handles: this runs between two packets); also returns how many flows it holds."""
+    return _encode_rows(conntrack.rows(), now, wall, exact)
+
+
+def _encode_rows(rows: Iterable[Row], now: float, wall: float, exact: bool) -> tuple[bytes, int]:
     strings = _Strings()
-    parts: list[bytes] = []
-    count = 0
-    for flow in flows:
-        if flow.deadline > now:
-            _encode_flow(flow, now, strings, parts)
-            count += 1
+    encode_flow = _encode_flow
+    parts = [encode_flow(row, now, strings) for row in rows if row[2] > now]  # row[2]: deadline
+    count = len(parts)
     table = b"".join(_U16.pack(len(raw)) + raw for raw in (text.encode() for text in strings.index))
     head = _BODY_HEAD.pack(wall, EXACT if exact else 0, len(strings.index))
     body = b"".join((head, table, _U32.pack(count), *parts))
-    return _HEADER.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
+    return _HEADER.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body, count
 
 
 class _Strings:
@@ -158,37 +178,21 @@ class _Strings:
         return numbers
 
 
-def _encode_flow(flow: Flow, now: float, strings: _Strings, parts: list[bytes]) -> None:
-    key = flow.key
-    conn = flow.tcp
-    flags = (
-        (ORIG_A if flow.orig_a else 0)
-        | (ASSURED if flow.assured else 0)
-        | (SEEN_REPLY if flow.seen_reply else 0)
-        | (TCP if conn is not None else 0)
+def _encode_flow(row: Row, now: float, strings: _Strings) -> bytes:
+    key, bits, deadline, created, rule, meta, tcp_small, words = row
+    hook, in_iface, out_iface = strings.meta(meta)
+    head = _FLOW.pack(
+        bits & _KNOWN_FLAGS, deadline - now, now - created, strings.of(rule), hook, in_iface, out_iface
     )
-    hook, in_iface, out_iface = strings.meta(flow.meta)
-    rule = strings.of(flow.rule)
-    parts.append(_U8.pack(len(key)) + key)
-    parts.append(_FLOW.pack(flags, flow.deadline - now, now - flow.created, rule, hook, in_iface, out_iface))
-    if conn is not None:
-        parts.append(
-            _TCP_HEAD.pack(
-                conn.state,
-                conn.last_index,
-                conn.last_dir,
-                conn.last_flags,
-                conn.last_wscale,
-                conn.retrans,
-                1 if conn.assured else 0,
-            )
-        )
-        parts.append(_words_of(conn.td))
+    if not bits & TCP:
+        return b"".join((bytes((len(key),)), key, head))
+    if not _TD_AS_STORED:
+        words = _words_of(array("I", words))
+    # + state, last_index, last_dir, last_flags, last_wscale, retrans, assured; the window words
+    return b"".join((bytes((len(key),)), key, head, tcp_small, words))
 
 
 def _words_of(td: array[int]) -> bytes:
-    if _TD_AS_STORED:
-        return td.tobytes()
     return _WORDS.pack(*(td[i] for i in _TD_ORDER))
 
 
@@ -217,7 +221,7 @@ def _decode_body(reader: _Reader, now: float, wall: float) -> Restored:
     elapsed = wall - saved_at
     went_back = elapsed < 0  # the wall clock was set back: count no time as passed
     elapsed = max(0.0, elapsed)
-    decoder = _Decoder(strings, now, elapsed)
+    decoder = _Decoder(strings, now, elapsed, exact)
     flows: list[Flow] = []
     seen: set[bytes] = set()
     expired = 0
@@ -233,9 +237,6 @@ def _decode_body(reader: _Reader, now: float, wall: float) -> Restored:
         if remaining <= 0:
             expired += 1
             continue
-        if not exact and (conn := flow.tcp) is not None:
-            _relearn_windows(conn)
-            flow.tcp = conn  # flow.tcp is a copy of the flow's TCP fields (core.flowtable)
         flows.append(flow)
     if reader.left:
         raise SnapshotError(f"{reader.left} bytes after the last flow")
@@ -299,10 +300,11 @@ class _Reader:
 class _Decoder:
     """What the flow records refer to: the string table, and Metas and key checks already done."""
 
-    def __init__(self, strings: list[str], now: float, elapsed: float) -> None:
+    def __init__(self, strings: list[str], now: float, elapsed: float, exact: bool) -> None:
         self.strings = strings
         self.now = now
         self.elapsed = elapsed
+        self.exact = exact
         self._metas: dict[tuple[int, int, int], Meta | None] = {}
         self._key_forms: set[tuple[int, int, int]] = set()
 
@@ -317,19 +319,25 @@ class _Decoder:
             raise SnapshotError("a time is not a number")
         now, elapsed = self.now, self.elapsed
         remaining -= elapsed
-        flow = Flow(key, bool(flags & ORIG_A), now)
-        flow.created = now - max(0.0, age) - elapsed
-        flow.deadline = now + remaining
-        flow.assured = bool(flags & ASSURED)
-        flow.seen_reply = bool(flags & SEEN_REPLY)
-        flow.rule = self.string(rule)
-        flow.meta = self.meta(hook, in_iface, out_iface)
-        self.check_key(flow)
-        is_tcp = key[0] == PROTO_TCP
+        is_tcp = key[0] == PROTO_TCP if key else False
         if bool(flags & TCP) != is_tcp:
             raise SnapshotError("TCP state on a non-TCP flow" if not is_tcp else "TCP flow without TCP state")
+        tcp_small, words = b"", b""
         if is_tcp:
-            flow.tcp = _decode_tcp(reader.take(_TCP_HEAD), reader.raw(_WORDS.size))
+            tcp_small, words = _decode_tcp(reader.take(_TCP_HEAD), reader.raw(_WORDS.size), self.exact)
+        flow = Flow.from_row(
+            (
+                key,
+                flags,
+                now + remaining,  # deadline
+                now - max(0.0, age) - elapsed,  # created
+                self.string(rule),
+                self.meta(hook, in_iface, out_iface),
+                tcp_small,
+                words,
+            )
+        )
+        self.check_key(flow)
         return flow, remaining
 
     def string(self, index: int) -> str | None:
@@ -369,44 +377,43 @@ class _Decoder:
         self._key_forms.add(form)
 
 
-def _decode_tcp(head: tuple[int, ...], words: bytes) -> TcpConn:
+def _decode_tcp(head: tuple[int, ...], raw: bytes, exact: bool) -> tuple[bytes, bytes]:
+    """The flow table's small TCP fields and TCP words (native order) of a TCP record."""
     state, last_index, last_dir, last_flags, last_wscale, retrans, assured = head
     if not sNO < state < STATE_COUNT:
         raise SnapshotError(f"TCP state {state} out of range")
     if last_index >= _FLAG_CLASSES or last_dir > 1:
         raise SnapshotError("TCP last packet record out of range")
-    conn = TcpConn()
-    conn.state = state
-    conn.last_index = last_index
-    conn.last_dir = last_dir
-    conn.last_flags = last_flags
-    conn.last_wscale = min(last_wscale, window.MAX_WSCALE)
-    conn.retrans = retrans
-    conn.assured = bool(assured)
-    if _TD_AS_STORED:
-        conn.td = array("I", words)
-    else:
-        td = conn.td
-        for offset, value in zip(_TD_ORDER, _WORDS.unpack(words), strict=True):
-            td[offset] = value
+    td = array("I", raw) if _TD_AS_STORED else _ordered_words(raw)
     for offset in _SCALE_WORDS:
-        if conn.td[offset] > window.MAX_WSCALE:
-            raise SnapshotError(f"TCP window scale {conn.td[offset]} out of range")
-    return conn
+        if td[offset] > window.MAX_WSCALE:
+            raise SnapshotError(f"TCP window scale {td[offset]} out of range")
+    if not exact:
+        _relearn_windows(td)
+        retrans = 0
+    last_wscale = min(last_wscale, window.MAX_WSCALE)
+    small = bytes((state, last_index, last_dir, last_flags, last_wscale, retrans, 1 if assured else 0))
+    return small, td.tobytes()
+
+
+def _ordered_words(raw: bytes) -> array[int]:
+    td = array("I", bytes(4 * window.WORDS))
+    for offset, value in zip(_TD_ORDER, _WORDS.unpack(raw), strict=True):
+        td[offset] = value
+    return td
 
 
 _KEPT_ON_RELEARN = window.F_WINDOW_SCALE | window.F_SACK_PERM | window.F_CLOSE_INIT
 
 
-def _relearn_windows(conn: TcpConn) -> None:
+def _relearn_windows(td: array[int]) -> None:
     """Forget both directions' sequence numbers (a zero td_maxwin makes the window tracker
-    learn them from the direction's next packet) and track liberally from now on."""
-    td = conn.td
+    learn them from the direction's next packet) and track liberally from now on (the
+    retransmission count starts over too)."""
     for base in (0, window.SIDE):
         for word in (window.END, window.MAXEND, window.MAXWIN, window.MAXACK):
             td[base + word] = 0
         td[base + window.FLAGS] = (td[base + window.FLAGS] & _KEPT_ON_RELEARN) | window.F_BE_LIBERAL
-    conn.retrans = 0
 
 
 # -- into the table ------------------------------------------------------------------------------
