@@ -8,10 +8,11 @@ so worker processes with one Engine each never need to share state.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
-from nfqfw.core.fastpath import make_fast_path
+from nfqfw.core.fastpath import make_fast_process
 from nfqfw.core.fragments import Fragments, datagram_key
 from nfqfw.core.packet import FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.policy import CompiledPolicy
@@ -32,8 +33,8 @@ def reject_kind(pkt: Packet) -> str:
     return "icmp-admin-prohibited"
 
 
-def _never(data: bytes | bytearray | memoryview, now: float) -> bool:
-    return False
+def _none() -> int:
+    return 0
 
 
 class Engine:
@@ -43,13 +44,19 @@ class Engine:
         options = policy.config.options
         self.policy = policy
         self.conntrack = Conntrack(max_flows=options.max_flows, loose=options.tcp_pickup_loose)
-        # fast_path=False: every packet takes the full path (the differential tests compare both)
-        self._fast = make_fast_path(self.conntrack) if fast_path else _never
         self.fragments = Fragments()
         self.local_addresses = local_addresses or policy.gateway_addresses
         self._counters: Counter[str] = Counter()
-        self.established = 0  # the hot path counts here, folded into `counters` on read
+        self.established = 0  # the full path counts here, folded into `counters` on read
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
+        # process(data, meta, now) -> Verdict: the fast path (core.fastpath) in front of
+        # full_process, or with fast_path=False (the differential tests) full_process alone.
+        self.process: Callable[[bytes | bytearray | memoryview, Meta, float], Verdict] = self.full_process
+        self._fast_packets: Callable[[], int] = _none
+        if fast_path:
+            self.process, self._fast_packets = make_fast_process(
+                self.conntrack, self.full_process, ESTABLISHED
+            )
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         """Swap the policy between two packets; conntrack state is kept."""
@@ -64,16 +71,15 @@ class Engine:
 
     def counts(self) -> dict[str, int]:
         counts = dict(self._counters)
-        if self.established:
-            counts["accept established"] = counts.get("accept established", 0) + self.established
+        established = self.established + self._fast_packets()
+        if established:
+            counts["accept established"] = counts.get("accept established", 0) + established
         return counts
 
     # -- per packet ------------------------------------------------------------------------
-    def process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
+    def full_process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
+        """Decode, conntrack, policy: the verdict for any packet (`process` is the entry point)."""
         try:
-            if self._fast(data, now):
-                self.established += 1
-                return ESTABLISHED
             pkt = decode(data)
             if pkt.malformed is not None:
                 return self._count(self._invalid(pkt.malformed))

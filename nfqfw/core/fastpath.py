@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Any
 
-from nfqfw.core.conntrack import Conntrack
+from nfqfw.core.conntrack import UDP_REPLIED, UDP_STREAM_AFTER, UDP_UNREPLIED, Conntrack
 from nfqfw.core.flowtable import (
     ASSURED,
     IS_TCP,
@@ -42,9 +43,10 @@ from nfqfw.core.flowtable import (
     RETRANS,
     SEEN_REPLY,
     SMALL,
+    STATE,
     TCP_ASSURED,
 )
-from nfqfw.core.packet import PROTO_TCP, URG
+from nfqfw.core.packet import PROTO_TCP, PROTO_UDP, URG
 from nfqfw.core.tcp import steady_states
 from nfqfw.core.tcp_states import (
     FLAG_CLASS_BY_FLAGS,
@@ -65,6 +67,7 @@ from nfqfw.core.tcp_window import (
     MAXACKWINCONST,
     WORDS,
 )
+from nfqfw.core.verdict import Verdict
 
 _ACK_CLASS = int(FlagClass.ACK)
 
@@ -77,13 +80,17 @@ FAST_FLAGS = frozenset(
 assert all(flags & 0x10 and not flags & 0x07 for flags in FAST_FLAGS)
 assert URG in {flags & URG for flags in FAST_FLAGS}  # URG needs no tracking of its own
 
-# IPv4 without options + TCP: total length, flags/fragment offset, protocol, addresses, then the
-# TCP ports, seq, ack, data offset, flags, window; the _TS variants add the first 4 option bytes.
-_V4 = struct.Struct("!2xH2xHxB2xIIHHIIBBH").unpack_from
-_V4_TS = struct.Struct("!2xH2xHxB2xIIHHIIBBH4xI").unpack_from
-# IPv6 + TCP: payload length, next header, addresses as (high, low) halves, then TCP as above.
-_V6 = struct.Struct("!4xHBxQQQQHHIIBBH").unpack_from
-_V6_TS = struct.Struct("!4xHBxQQQQHHIIBBH4xI").unpack_from
+# IPv4 without options + TCP: total length, flags/fragment offset, addresses, then the TCP
+# ports, seq, ack, data offset, window; the _TS variants add the first 4 option bytes. (The
+# protocol and TCP flags bytes are looked at first, on their own.)
+_V4 = struct.Struct("!2xH2xH4xIIHHIIBxH").unpack_from
+_V4_TS = struct.Struct("!2xH2xH4xIIHHIIBxH4xI").unpack_from
+# IPv6 + TCP: payload length, addresses as (high, low) halves, then TCP as above.
+_V6 = struct.Struct("!4xH2xQQQQHHIIBxH").unpack_from
+_V6_TS = struct.Struct("!4xH2xQQQQHHIIBxH4xI").unpack_from
+# UDP: the same IP fields, then the ports and the UDP length.
+_UDP4 = struct.Struct("!2xH2xH4xIIHHH").unpack_from
+_UDP6 = struct.Struct("!4xH2xQQQQHHH").unpack_from
 _KEY4 = struct.Struct("!BIHIH").pack
 _KEY6 = struct.Struct("!BQQHQQH").pack
 _ROW = struct.Struct(f"={WORDS}I").unpack_from  # one flow's TCP words (tcp_window layout)
@@ -94,171 +101,229 @@ _FRAGMENT_BITS = 0x3FFF  # more-fragments flag and fragment offset
 _NEEDED = IS_TCP | ASSURED | SEEN_REPLY
 assert ORIG_A == 1  # the direction is computed as (bits & ORIG_A) ^ is_a
 
-FastPath = Callable[[bytes, float], bool]
+ProcessFn = Callable[[bytes, Any, float], Verdict]
+_SMALL_READ = struct.Struct("BxBxxBB").unpack_from  # STATE, LAST_DIR, RETRANS, TCP_ASSURED
+_SMALL_WRITE = struct.Struct("2B").pack_into  # LAST_INDEX, LAST_DIR
+assert (STATE, LAST_INDEX, LAST_DIR, RETRANS, TCP_ASSURED) == (0, 1, 2, 5, 6)
 
 
-def make_fast_path(conntrack: Conntrack) -> FastPath:
-    """The fast path over `conntrack`'s table: fast(data, now) -> True when the packet was
-    tracked as ESTABLISHED, False when the full path must decide (nothing was changed)."""
+def make_fast_process(
+    conntrack: Conntrack, full: ProcessFn, established: Verdict
+) -> tuple[ProcessFn, Callable[[], int]]:
+    """`process(data, meta, now)` for an engine over `conntrack`: the fast path, and `full`
+    (the engine's full path) for every packet the fast path does not take. Returns it with a
+    function telling how many packets the fast path took (all ESTABLISHED: `established`)."""
     table = conntrack.table
     slots_get = conntrack._slots.get
     due = conntrack._wheel._due
-    deadline_col, bits_col, td, small = table.deadline, table.bits, table.td, table.small
+    deadline_col, bits_col, td, small, created_col = (
+        table.deadline,
+        table.bits,
+        table.td,
+        table.small,
+        table.created,
+    )
     timeouts: TcpTimeouts = conntrack.tcp_timeouts
     steady = steady_states(_ACK_CLASS)
     fast_state = bytes(1 if state in steady else 0 for state in range(STATE_COUNT))
-    # seconds by [state][choice] for the choices an ACK-class packet can get here
-    by_choice = [
-        [timeouts.accepted[state][choice].timeout or 0.0 for choice in range(T_UNACK + 1)]
-        for state in range(STATE_COUNT)
-    ]
     own_timeout = timeouts.by_state
     retrans_timeout, unack_timeout = timeouts.retrans, timeouts.unack
+    assert all(timeouts.accepted[state][T_STATE].timeout == own_timeout[state] for state in steady)
+    assert all(timeouts.accepted[state][T_RETRANS].timeout == retrans_timeout for state in steady)
+    assert all(timeouts.accepted[state][T_UNACK].timeout == unack_timeout for state in steady)
     fast_flags = FAST_FLAGS
     v4, v4_ts, v6, v6_ts, key4, key6, row, set_last = _V4, _V4_TS, _V6, _V6_TS, _KEY4, _KEY6, _ROW, _LAST
+    small_read, small_write = _SMALL_READ, _SMALL_WRITE
+    udp4_header, udp6_header = _UDP4, _UDP6
     ack_class = _ACK_CLASS
+    taken = 0
 
-    def fast(data: bytes, now: float) -> bool:
-        if due and due[0] <= now:
-            return False  # an expiry sweep is due: the full path runs it
-        size = len(data)
-        first = data[0] if size >= 40 else 0
-        if first == _IPV4_NO_OPTIONS:
-            if size >= 44:
-                (total, fragment, proto, src, dst, sport, dport,
-                 seq, ack, offset, flags, window, options) = v4_ts(data)  # fmt: skip
+    def process(data: bytes, meta: Any, now: float) -> Verdict:
+        nonlocal taken
+        try:
+            if due and due[0] <= now:
+                return full(data, meta, now)  # an expiry sweep is due: the full path runs it
+            size = len(data)
+            first = data[0] if size >= 40 else 0
+            if first == _IPV4_NO_OPTIONS and data[9] == PROTO_TCP:
+                if data[33] not in fast_flags:  # the TCP flags byte
+                    return full(data, meta, now)
+                if size >= 44:
+                    (total, fragment, src, dst, sport, dport,
+                     seq, ack, offset, window, options) = v4_ts(data)  # fmt: skip
+                else:
+                    (total, fragment, src, dst, sport, dport,
+                     seq, ack, offset, window) = v4(data)  # fmt: skip
+                    options = 0
+                if fragment & _FRAGMENT_BITS or total > size:
+                    return full(data, meta, now)
+                segment = total - 20
+                is_a = src < dst or (src == dst and sport <= dport)
+                key = (
+                    key4(PROTO_TCP, src, sport, dst, dport)
+                    if is_a
+                    else key4(PROTO_TCP, dst, dport, src, sport)
+                )
+            elif first >> 4 == 6 and size >= 60 and data[6] == PROTO_TCP:
+                if data[53] not in fast_flags:
+                    return full(data, meta, now)
+                if size >= 64:
+                    (segment, s_hi, s_lo, d_hi, d_lo, sport, dport,
+                     seq, ack, offset, window, options) = v6_ts(data)  # fmt: skip
+                else:
+                    (segment, s_hi, s_lo, d_hi, d_lo, sport, dport,
+                     seq, ack, offset, window) = v6(data)  # fmt: skip
+                    options = 0
+                if segment + 40 > size:
+                    return full(data, meta, now)
+                is_a = (s_hi, s_lo, sport) <= (d_hi, d_lo, dport)
+                if is_a:
+                    key = key6(PROTO_TCP, s_hi, s_lo, sport, d_hi, d_lo, dport)
+                else:
+                    key = key6(PROTO_TCP, d_hi, d_lo, dport, s_hi, s_lo, sport)
             else:
-                (total, fragment, proto, src, dst, sport, dport,
-                 seq, ack, offset, flags, window) = v4(data)  # fmt: skip
-                options = 0
-            if proto != PROTO_TCP or fragment & _FRAGMENT_BITS or total > size:
-                return False
+                if udp(data, size, now):
+                    taken += 1
+                    return established
+                return full(data, meta, now)
+
+            # -- an ACK-class TCP segment of `segment` bytes (header and data) of the flow `key` ----
             header = (offset >> 4) * 4
-            payload = total - 20 - header
-            is_a = src < dst or (src == dst and sport <= dport)
-            key = key4(PROTO_TCP, src, sport, dst, dport) if is_a else key4(PROTO_TCP, dst, dport, src, sport)
-        elif first >> 4 == 6 and size >= 60:
-            if size >= 64:
-                (length, proto, s_hi, s_lo, d_hi, d_lo, sport, dport,
-                 seq, ack, offset, flags, window, options) = v6_ts(data)  # fmt: skip
+            payload = segment - header
+            # No options, or exactly NOP, NOP, timestamps: no SACK blocks, nothing malformed.
+            if (header != 20 and (header != 32 or options != _TIMESTAMPS_ONLY)) or payload < 0:
+                return full(data, meta, now)
+            slot = slots_get(key)
+            if slot is None or deadline_col[slot] <= now:
+                return full(data, meta, now)
+            bits = bits_col[slot]
+            at = slot * SMALL
+            state, last_dir, retrans, tcp_assured = small_read(small, at)
+            if bits & _NEEDED != _NEEDED or not tcp_assured or not fast_state[state]:
+                return full(data, meta, now)
+            direction = (bits & ORIG_A) ^ is_a  # 0: ORIGINAL, 1: REPLY (ORIG_A is bit 0)
+
+            # -- tcp_window.tcp_in_window, for an ACK-class segment without SACK --------------------
+            base = slot * WORDS
+            if direction:
+                (r_end, r_maxend, r_maxwin, _, _, r_flags,
+                 s_end, s_maxend, s_maxwin, s_maxack, s_scale, s_flags,
+                 last_seq, last_ack, last_end, last_win) = row(td, base * 4)  # fmt: skip
+                s, r = base + 6, base
             else:
-                (length, proto, s_hi, s_lo, d_hi, d_lo, sport, dport,
-                 seq, ack, offset, flags, window) = v6(data)  # fmt: skip
-                options = 0
-            if proto != PROTO_TCP or length + 40 > size:
+                (s_end, s_maxend, s_maxwin, s_maxack, s_scale, s_flags,
+                 r_end, r_maxend, r_maxwin, _, _, r_flags,
+                 last_seq, last_ack, last_end, last_win) = row(td, base * 4)  # fmt: skip
+                s, r = base, base + 6
+            end = seq + payload
+            if not 0 < s_maxwin < HALF or r_maxwin >= HALF or end > MASK:
+                # The first packet seen from this side (the full path sets it up), windows too large
+                # for the plain comparisons below, or the sequence numbers wrap in this segment.
+                return full(data, meta, now)
+            # The four checks, as sufficient conditions in plain integers: each implies its modulo
+            # 2**32 original (`before`/`after` in tcp_window); near a wrap they fail and the full
+            # path, with the exact arithmetic, decides. MAXACKWINDOW = max(td_maxwin, 66000).
+            if not (
+                0 <= s_maxend - seq < HALF  # I: seq within the receiver's window
+                and 0 <= r_end - ack <= (s_maxwin if s_maxwin > MAXACKWINCONST else MAXACKWINCONST)  # III, IV
+                and 0 <= end - s_end + r_maxwin < HALF  # II: not old data
+            ):
+                return full(data, meta, now)
+
+            # In window: update the sender ...  (after II, |end - s_end| < HALF and after I,
+            # |end - s_maxend| < HALF: `after` is a plain comparison there)
+            win = window << s_scale
+            if s_maxwin < win:
+                td[s + 2] = win  # MAXWIN
+            if end > s_end:
+                td[s] = end  # END
+                if not s_flags & F_DATA_UNACKNOWLEDGED:
+                    s_flags |= F_DATA_UNACKNOWLEDGED
+                    td[s + 5] = s_flags  # FLAGS
+            if not s_flags & F_MAXACK_SET:
+                td[s + 3] = ack  # MAXACK
+                s_flags |= F_MAXACK_SET
+                td[s + 5] = s_flags
+            elif (s_maxack - ack) & MASK >= HALF:  # after(ack, s_maxack)
+                td[s + 3] = ack
+            # ... and the receiver.
+            if r_maxwin and end > s_maxend:
+                td[r + 2] = r_maxwin + end - s_maxend  # MAXWIN
+            right = (ack + win) & MASK
+            if (r_maxend - 1 - right) & MASK >= HALF:  # after(right, r_maxend - 1)
+                td[r + 1] = right if win else (right + 1) & MASK  # MAXEND
+            if ack == r_end and r_flags & F_DATA_UNACKNOWLEDGED:
+                r_flags &= ~F_DATA_UNACKNOWLEDGED
+                td[r + 5] = r_flags
+
+            # Retransmission count: identical ACK-class packets in a row.
+            if (
+                last_seq == seq
+                and last_ack == ack
+                and last_end == end
+                and last_win == window
+                and last_dir == direction
+            ):
+                if retrans < 255:
+                    retrans += 1
+                    small[at + RETRANS] = retrans
+            else:
+                set_last(td, (base + 12) * 4, seq, ack, end, window)  # LAST_SEQ .. LAST_WIN
+                if retrans:
+                    retrans = 0
+                    small[at + RETRANS] = 0
+            small_write(small, at + LAST_INDEX, ack_class, direction)  # LAST_INDEX, LAST_DIR
+
+            # The timeout, as tcp._timeout_choice picks it (the last window is this packet's).
+            timeout = own_timeout[state]
+            if retrans >= MAX_RETRANS and timeout > retrans_timeout:
+                timeout = retrans_timeout
+            elif (s_flags | r_flags) & F_DATA_UNACKNOWLEDGED and timeout > unack_timeout:
+                timeout = unack_timeout
+            elif window == 0 and timeout > retrans_timeout:
+                timeout = retrans_timeout
+            deadline_col[slot] = now + timeout
+            taken += 1
+            return established
+        except Exception:  # a packet the checks above let through by mistake: never a crash
+            return full(data, meta, now)
+
+    def udp(data: bytes, size: int, now: float) -> bool:
+        """A datagram of a replied UDP flow: ESTABLISHED either way (conntrack._stateless)."""
+        first = data[0] if size >= 28 else 0
+        if first == _IPV4_NO_OPTIONS and data[9] == PROTO_UDP:
+            total, fragment, src, dst, sport, dport, length = udp4_header(data)
+            if fragment & _FRAGMENT_BITS or total > size or not 8 <= length <= total - 20:
                 return False
-            header = (offset >> 4) * 4
-            payload = length - header
-            is_a = (s_hi, s_lo, sport) <= (d_hi, d_lo, dport)
-            if is_a:
-                key = key6(PROTO_TCP, s_hi, s_lo, sport, d_hi, d_lo, dport)
+            if src < dst or (src == dst and sport <= dport):
+                key = key4(PROTO_UDP, src, sport, dst, dport)
             else:
-                key = key6(PROTO_TCP, d_hi, d_lo, dport, s_hi, s_lo, sport)
+                key = key4(PROTO_UDP, dst, dport, src, sport)
+        elif first >> 4 == 6 and size >= 48 and data[6] == PROTO_UDP:
+            payload_length, s_hi, s_lo, d_hi, d_lo, sport, dport, length = udp6_header(data)
+            if payload_length + 40 > size or not 8 <= length <= payload_length:
+                return False
+            if (s_hi, s_lo, sport) <= (d_hi, d_lo, dport):
+                key = key6(PROTO_UDP, s_hi, s_lo, sport, d_hi, d_lo, dport)
+            else:
+                key = key6(PROTO_UDP, d_hi, d_lo, dport, s_hi, s_lo, sport)
         else:
             return False
-        # No options, or exactly NOP, NOP, timestamps: no SACK blocks, nothing malformed.
-        if header != 20 and (header != 32 or options != _TIMESTAMPS_ONLY):
-            return False
-        if payload < 0 or flags not in fast_flags:
-            return False
-
         slot = slots_get(key)
         if slot is None or deadline_col[slot] <= now:
             return False
         bits = bits_col[slot]
-        if bits & _NEEDED != _NEEDED:
-            return False
-        at = slot * SMALL
-        state = small[at]  # STATE
-        if not fast_state[state] or not small[at + TCP_ASSURED]:
-            return False
-        direction = (bits & ORIG_A) ^ is_a  # 0: ORIGINAL, 1: REPLY (ORIG_A is bit 0)
-
-        # -- tcp_window.tcp_in_window, for an ACK-class segment without SACK ------------------
-        base = slot * WORDS
-        if direction:
-            (r_end, r_maxend, r_maxwin, _, _, r_flags,
-             s_end, s_maxend, s_maxwin, s_maxack, s_scale, s_flags,
-             last_seq, last_ack, last_end, last_win) = row(td, base * 4)  # fmt: skip
-            s, r = base + 6, base
+        if not bits & SEEN_REPLY:
+            return False  # the originator's packets are NEW until a reply: the policy decides
+        if now > created_col[slot] + UDP_STREAM_AFTER:
+            if not bits & ASSURED:
+                return False  # it becomes an ASSURED stream now: the full path does that, once
+            deadline_col[slot] = now + UDP_REPLIED
         else:
-            (s_end, s_maxend, s_maxwin, s_maxack, s_scale, s_flags,
-             r_end, r_maxend, r_maxwin, _, _, r_flags,
-             last_seq, last_ack, last_end, last_win) = row(td, base * 4)  # fmt: skip
-            s, r = base, base + 6
-        end = seq + payload
-        if not 0 < s_maxwin < HALF or r_maxwin >= HALF or end > MASK:
-            # The first packet seen from this side (the full path sets it up), windows too large
-            # for the plain comparisons below, or the sequence numbers wrap in this segment.
-            return False
-        maxackwindow = s_maxwin if s_maxwin > MAXACKWINCONST else MAXACKWINCONST
-        # The four checks, as sufficient conditions in plain integers: each implies its modulo
-        # 2**32 original (`before`/`after` in tcp_window); near a wrap they fail and the full
-        # path, with the exact arithmetic, decides.
-        if not (
-            0 <= s_maxend - seq < HALF  # I: seq within the receiver's window
-            and 0 <= r_end - ack <= maxackwindow  # III: ACKs only data seen; IV: not overly delayed
-            and 0 <= end - s_end + r_maxwin < HALF  # II: not old data
-        ):
-            return False
-
-        # In window: update the sender ...  (after II, |end - s_end| < HALF and after I,
-        # |end - s_maxend| < HALF: `after` is a plain comparison there)
-        win = window << s_scale
-        if s_maxwin < win:
-            td[s + 2] = win  # MAXWIN
-        if end > s_end:
-            td[s] = end  # END
-            if not s_flags & F_DATA_UNACKNOWLEDGED:
-                s_flags |= F_DATA_UNACKNOWLEDGED
-                td[s + 5] = s_flags  # FLAGS
-        if not s_flags & F_MAXACK_SET:
-            td[s + 3] = ack  # MAXACK
-            s_flags |= F_MAXACK_SET
-            td[s + 5] = s_flags
-        elif (s_maxack - ack) & MASK >= HALF:  # after(ack, s_maxack)
-            td[s + 3] = ack
-        # ... and the receiver.
-        if r_maxwin and end > s_maxend:
-            td[r + 2] = r_maxwin + end - s_maxend  # MAXWIN
-        right = (ack + win) & MASK
-        if (r_maxend - 1 - right) & MASK >= HALF:  # after(right, r_maxend - 1)
-            td[r + 1] = right if win else (right + 1) & MASK  # MAXEND
-        if ack == r_end and r_flags & F_DATA_UNACKNOWLEDGED:
-            r_flags &= ~F_DATA_UNACKNOWLEDGED
-            td[r + 5] = r_flags
-
-        # Retransmission count: identical ACK-class packets in a row.
-        retrans = small[at + RETRANS]
-        if (
-            last_seq == seq
-            and last_ack == ack
-            and last_end == end
-            and last_win == window
-            and small[at + LAST_DIR] == direction
-        ):
-            if retrans < 255:
-                retrans += 1
-                small[at + RETRANS] = retrans
-        else:
-            set_last(td, (base + 12) * 4, seq, ack, end, window)  # LAST_SEQ .. LAST_WIN
-            if retrans:
-                retrans = 0
-                small[at + RETRANS] = 0
-        small[at + LAST_INDEX] = ack_class
-        small[at + LAST_DIR] = direction
-
-        # The timeout, as tcp._timeout_choice picks it (the last window is this packet's).
-        own = own_timeout[state]
-        if retrans >= MAX_RETRANS and own > retrans_timeout:
-            choice = T_RETRANS
-        elif (s_flags | r_flags) & F_DATA_UNACKNOWLEDGED and own > unack_timeout:
-            choice = T_UNACK
-        elif window == 0 and own > retrans_timeout:
-            choice = T_RETRANS
-        else:
-            choice = T_STATE
-        deadline_col[slot] = now + by_choice[state][choice]
+            deadline_col[slot] = now + UDP_UNREPLIED
         return True
 
-    return fast
+    def fast_packets() -> int:
+        return taken
+
+    return process, fast_packets

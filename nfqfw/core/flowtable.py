@@ -20,6 +20,7 @@ TCP: the table-driven tracker (`core.tcp`, `core.tcp_window`) works on a `TcpCon
 
 from __future__ import annotations
 
+import struct
 import weakref
 from array import array
 from collections.abc import Iterable, Iterator
@@ -43,6 +44,7 @@ NO_SLOT = -1  # end of the unassured list
 # FlowTable.row(): key, bits, deadline, created, rule, meta, small TCP fields, TCP words.
 Row = tuple[bytes, int, float, float, "str | None", object, bytes, bytes]
 
+_SMALL_FIELDS = struct.Struct("7B")  # STATE ... TCP_ASSURED
 _ZERO_WORDS = array("I", bytes(4 * WORDS))
 _ZERO_SMALL = bytes(SMALL)
 
@@ -217,16 +219,15 @@ class FlowTable:
         conn = TcpConn.__new__(TcpConn)
         base = slot * WORDS
         conn.td = self.td[base : base + WORDS]
-        start = slot * SMALL
-        state, last_index, last_dir, last_flags, last_wscale, retrans, assured, _ = self.small[
-            start : start + SMALL
-        ]
-        conn.state = state
-        conn.last_index = last_index
-        conn.last_dir = last_dir
-        conn.last_flags = last_flags
-        conn.last_wscale = last_wscale
-        conn.retrans = retrans
+        (
+            conn.state,
+            conn.last_index,
+            conn.last_dir,
+            conn.last_flags,
+            conn.last_wscale,
+            conn.retrans,
+            assured,
+        ) = _SMALL_FIELDS.unpack_from(self.small, slot * SMALL)
         conn.assured = bool(assured)
         return conn
 
@@ -234,17 +235,16 @@ class FlowTable:
         """Write a TcpConn's fields into the slot and mark the flow TCP."""
         base = slot * WORDS
         self.td[base : base + WORDS] = conn.td
-        start = slot * SMALL
-        self.small[start : start + 7] = bytes(
-            (
-                conn.state,
-                conn.last_index,
-                conn.last_dir,
-                conn.last_flags,
-                conn.last_wscale,
-                conn.retrans,
-                1 if conn.assured else 0,
-            )
+        _SMALL_FIELDS.pack_into(
+            self.small,
+            slot * SMALL,
+            conn.state,
+            conn.last_index,
+            conn.last_dir,
+            conn.last_flags,
+            conn.last_wscale,
+            conn.retrans,
+            conn.assured,
         )
         self.bits[slot] |= IS_TCP
 
