@@ -3,6 +3,9 @@
 One NetfilterQueue handle per bound queue (one for --queue N, B-A+1 for --queue-balance A:B),
 all served by one thread. For each packet the callback:
 
+0. tries the engine's fast path, engine.fast_path(payload, now): a segment of an established TCP
+   flow or a datagram of a replied UDP flow is tracked and accepted (as in 3.) right there, with
+   no Meta and no Verdict (most packets of a busy gateway end here);
 1. looks up the Meta(hook, in_iface, out_iface) for (hook, indev, outdev) in a dict (built once
    per combination from the ifindex->name map, dropped when links change),
 2. asks the engine: engine.process(payload, meta, now=time.monotonic()),
@@ -18,7 +21,9 @@ all served by one thread. For each packet the callback:
 5. if the housekeeping deadline has passed, runs the housekeeping callable (see below).
 
 With metrics on, `wrap_process` (nfqfw.metrics) wraps engine.process once, when the callback is
-built, to time a sample of the calls; with metrics off the callback calls engine.process as is.
+built, to time a sample of the calls, and step 0 is left out (engine.process runs the same fast
+path inside, so the timed calls cover every packet); with metrics off the callback calls
+engine.process as is.
 
 The callback is the throughput ceiling: everything it needs is bound to closure locals once,
 there is no logging on it but step 4, no per-packet object besides what the engine allocates, and the
@@ -247,8 +252,13 @@ class QueueAdapter:
 
     def _make_callback(self) -> Callable[[Any], None]:
         process = self.engine.process
+        # The engine's fast path (an established TCP segment or UDP datagram: accepted, no Meta
+        # needed) is tried before the Meta is looked up. With metrics on, every packet goes
+        # through the wrapped engine.process instead, which runs the same fast path inside.
+        fast: Callable[[bytes, float], bool] = getattr(self.engine, "fast_path", None) or _never_fast
         if self.wrap_process is not None:  # metrics on: time a sample of the engine calls
             process = self.wrap_process(process)
+            fast = _never_fast
         log_packet = self.log_packet
         clock = self.clock
         metas_get = self._metas.get
@@ -264,23 +274,27 @@ class QueueAdapter:
         def on_packet(pkt: Any) -> None:
             now = clock()
             try:
-                key = pkt.hook | pkt.indev << 3 | pkt.outdev << 35
-                meta = metas_get(key)
-                if meta is None:
-                    meta = new_meta(key)
                 data = pkt.get_payload()
-                verdict = process(data, meta, now)
-                action = verdict.action
-                if action is accept:
+                if fast(data, now):
                     pkt.set_mark(pkt.mark | mark)
                     pkt.repeat()
-                elif action is drop:
-                    pkt.drop()
                 else:
-                    pkt.drop()
-                    reject(data, verdict.reject_with, pkt.indev or pkt.outdev, now)
-                if verdict.log:
-                    log_packet(data, meta, verdict, now)
+                    key = pkt.hook | pkt.indev << 3 | pkt.outdev << 35
+                    meta = metas_get(key)
+                    if meta is None:
+                        meta = new_meta(key)
+                    verdict = process(data, meta, now)
+                    action = verdict.action
+                    if action is accept:
+                        pkt.set_mark(pkt.mark | mark)
+                        pkt.repeat()
+                    elif action is drop:
+                        pkt.drop()
+                    else:
+                        pkt.drop()
+                        reject(data, verdict.reject_with, pkt.indev or pkt.outdev, now)
+                    if verdict.log:
+                        log_packet(data, meta, verdict, now)
             except Exception:
                 failed(pkt)
             if now >= deadline[0]:
@@ -338,6 +352,11 @@ class QueueAdapter:
         except Exception:
             log.exception("housekeeping failed")
             self._deadline[0] = now + 1.0
+
+
+def _never_fast(data: bytes, now: float) -> bool:
+    """No fast path (an engine without one, or metrics timing every engine call)."""
+    return False
 
 
 def _not_logged(data: bytes, meta: Meta, verdict: Verdict, now: float) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
-from nfqfw.core.fastpath import make_fast_process
+from nfqfw.core.fastpath import FastPath, make_fast_path
 from nfqfw.core.fragments import Fragments, datagram_key
 from nfqfw.core.packet import FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.policy import CompiledPolicy
@@ -49,14 +49,12 @@ class Engine:
         self._counters: Counter[str] = Counter()
         self.established = 0  # the full path counts here, folded into `counters` on read
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
-        # process(data, meta, now) -> Verdict: the fast path (core.fastpath) in front of
-        # full_process, or with fast_path=False (the differential tests) full_process alone.
-        self.process: Callable[[bytes | bytearray | memoryview, Meta, float], Verdict] = self.full_process
+        # fast_path(data, now) -> True: the packet was ESTABLISHED and is tracked (core.fastpath);
+        # None with fast_path=False (the differential tests: every packet takes full_process).
+        self.fast_path: FastPath | None = None
         self._fast_packets: Callable[[], int] = _none
         if fast_path:
-            self.process, self._fast_packets = make_fast_process(
-                self.conntrack, self.full_process, ESTABLISHED
-            )
+            self.fast_path, self._fast_packets = make_fast_path(self.conntrack)
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         """Swap the policy between two packets; conntrack state is kept."""
@@ -77,8 +75,16 @@ class Engine:
         return counts
 
     # -- per packet ------------------------------------------------------------------------
+    def process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
+        """The verdict for one packet: the fast path's when it takes the packet, else the full
+        path's. (The NFQUEUE adapter tries `fast_path` itself, before it looks up the Meta.)"""
+        fast = self.fast_path
+        if fast is not None and fast(data, now):  # type: ignore[arg-type]
+            return ESTABLISHED
+        return self.full_process(data, meta, now)
+
     def full_process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
-        """Decode, conntrack, policy: the verdict for any packet (`process` is the entry point)."""
+        """Decode, conntrack, policy: the verdict for any packet."""
         try:
             pkt = decode(data)
             if pkt.malformed is not None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
 
 from nfqfw.core.conntrack import UDP_REPLIED, UDP_STREAM_AFTER, UDP_UNREPLIED, Conntrack
 from nfqfw.core.flowtable import (
@@ -67,7 +66,6 @@ from nfqfw.core.tcp_window import (
     MAXACKWINCONST,
     WORDS,
 )
-from nfqfw.core.verdict import Verdict
 
 _ACK_CLASS = int(FlagClass.ACK)
 
@@ -101,18 +99,16 @@ _FRAGMENT_BITS = 0x3FFF  # more-fragments flag and fragment offset
 _NEEDED = IS_TCP | ASSURED | SEEN_REPLY
 assert ORIG_A == 1  # the direction is computed as (bits & ORIG_A) ^ is_a
 
-ProcessFn = Callable[[bytes, Any, float], Verdict]
+FastPath = Callable[[bytes, float], bool]
 _SMALL_READ = struct.Struct("BxBxxBB").unpack_from  # STATE, LAST_DIR, RETRANS, TCP_ASSURED
 _SMALL_WRITE = struct.Struct("2B").pack_into  # LAST_INDEX, LAST_DIR
 assert (STATE, LAST_INDEX, LAST_DIR, RETRANS, TCP_ASSURED) == (0, 1, 2, 5, 6)
 
 
-def make_fast_process(
-    conntrack: Conntrack, full: ProcessFn, established: Verdict
-) -> tuple[ProcessFn, Callable[[], int]]:
-    """`process(data, meta, now)` for an engine over `conntrack`: the fast path, and `full`
-    (the engine's full path) for every packet the fast path does not take. Returns it with a
-    function telling how many packets the fast path took (all ESTABLISHED: `established`)."""
+def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
+    """The fast path over `conntrack`'s table: fast(data, now) is True when it tracked the packet
+    (ESTABLISHED), False when the full path must decide (nothing was changed). Returned with a
+    function telling how many packets it took."""
     table = conntrack.table
     slots_get = conntrack._slots.get
     due = conntrack._wheel._due
@@ -138,16 +134,16 @@ def make_fast_process(
     ack_class = _ACK_CLASS
     taken = 0
 
-    def process(data: bytes, meta: Any, now: float) -> Verdict:
+    def fast(data: bytes, now: float) -> bool:
         nonlocal taken
         try:
             if due and due[0] <= now:
-                return full(data, meta, now)  # an expiry sweep is due: the full path runs it
+                return False  # an expiry sweep is due: the full path runs it
             size = len(data)
             first = data[0] if size >= 40 else 0
             if first == _IPV4_NO_OPTIONS and data[9] == PROTO_TCP:
                 if data[33] not in fast_flags:  # the TCP flags byte
-                    return full(data, meta, now)
+                    return False
                 if size >= 44:
                     (total, fragment, src, dst, sport, dport,
                      seq, ack, offset, window, options) = v4_ts(data)  # fmt: skip
@@ -156,7 +152,7 @@ def make_fast_process(
                      seq, ack, offset, window) = v4(data)  # fmt: skip
                     options = 0
                 if fragment & _FRAGMENT_BITS or total > size:
-                    return full(data, meta, now)
+                    return False
                 segment = total - 20
                 is_a = src < dst or (src == dst and sport <= dport)
                 key = (
@@ -166,7 +162,7 @@ def make_fast_process(
                 )
             elif first >> 4 == 6 and size >= 60 and data[6] == PROTO_TCP:
                 if data[53] not in fast_flags:
-                    return full(data, meta, now)
+                    return False
                 if size >= 64:
                     (segment, s_hi, s_lo, d_hi, d_lo, sport, dport,
                      seq, ack, offset, window, options) = v6_ts(data)  # fmt: skip
@@ -175,7 +171,7 @@ def make_fast_process(
                      seq, ack, offset, window) = v6(data)  # fmt: skip
                     options = 0
                 if segment + 40 > size:
-                    return full(data, meta, now)
+                    return False
                 is_a = (s_hi, s_lo, sport) <= (d_hi, d_lo, dport)
                 if is_a:
                     key = key6(PROTO_TCP, s_hi, s_lo, sport, d_hi, d_lo, dport)
@@ -184,23 +180,23 @@ def make_fast_process(
             else:
                 if udp(data, size, now):
                     taken += 1
-                    return established
-                return full(data, meta, now)
+                    return True
+                return False
 
             # -- an ACK-class TCP segment of `segment` bytes (header and data) of the flow `key` ----
             header = (offset >> 4) * 4
             payload = segment - header
             # No options, or exactly NOP, NOP, timestamps: no SACK blocks, nothing malformed.
             if (header != 20 and (header != 32 or options != _TIMESTAMPS_ONLY)) or payload < 0:
-                return full(data, meta, now)
+                return False
             slot = slots_get(key)
             if slot is None or deadline_col[slot] <= now:
-                return full(data, meta, now)
+                return False
             bits = bits_col[slot]
             at = slot * SMALL
             state, last_dir, retrans, tcp_assured = small_read(small, at)
             if bits & _NEEDED != _NEEDED or not tcp_assured or not fast_state[state]:
-                return full(data, meta, now)
+                return False
             direction = (bits & ORIG_A) ^ is_a  # 0: ORIGINAL, 1: REPLY (ORIG_A is bit 0)
 
             # -- tcp_window.tcp_in_window, for an ACK-class segment without SACK --------------------
@@ -219,7 +215,7 @@ def make_fast_process(
             if not 0 < s_maxwin < HALF or r_maxwin >= HALF or end > MASK:
                 # The first packet seen from this side (the full path sets it up), windows too large
                 # for the plain comparisons below, or the sequence numbers wrap in this segment.
-                return full(data, meta, now)
+                return False
             # The four checks, as sufficient conditions in plain integers: each implies its modulo
             # 2**32 original (`before`/`after` in tcp_window); near a wrap they fail and the full
             # path, with the exact arithmetic, decides. MAXACKWINDOW = max(td_maxwin, 66000).
@@ -228,7 +224,7 @@ def make_fast_process(
                 and 0 <= r_end - ack <= (s_maxwin if s_maxwin > MAXACKWINCONST else MAXACKWINCONST)  # III, IV
                 and 0 <= end - s_end + r_maxwin < HALF  # II: not old data
             ):
-                return full(data, meta, now)
+                return False
 
             # In window: update the sender ...  (after II, |end - s_end| < HALF and after I,
             # |end - s_maxend| < HALF: `after` is a plain comparison there)
@@ -284,9 +280,9 @@ def make_fast_process(
                 timeout = retrans_timeout
             deadline_col[slot] = now + timeout
             taken += 1
-            return established
+            return True
         except Exception:  # a packet the checks above let through by mistake: never a crash
-            return full(data, meta, now)
+            return False
 
     def udp(data: bytes, size: int, now: float) -> bool:
         """A datagram of a replied UDP flow: ESTABLISHED either way (conntrack._stateless)."""
@@ -326,4 +322,4 @@ def make_fast_process(
     def fast_packets() -> int:
         return taken
 
-    return process, fast_packets
+    return fast, fast_packets

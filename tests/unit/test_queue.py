@@ -222,6 +222,53 @@ def test_unexpected_hook_is_an_error_and_dropped() -> None:
     assert (pkt.verdict, engine.seen, adapter.counters["verdict error"]) == ("drop", [], 1)
 
 
+class FastEngine(StandInEngine):
+    """An engine whose fast path takes the packets of one payload."""
+
+    def __init__(self, verdict: Verdict, fast_for: bytes) -> None:
+        super().__init__(verdict)
+        self.fast_for = fast_for
+        self.fast_seen: list[tuple[bytes, float]] = []
+
+    def fast_path(self, data: bytes, now: float) -> bool:
+        self.fast_seen.append((data, now))
+        return data == self.fast_for
+
+
+def test_fast_path_packet_is_accepted_without_meta_or_verdict() -> None:
+    engine, links = FastEngine(DROP, fast_for=UDP_PACKET), FakeLinks({3: "lan0", 4: "wan0"})
+    adapter = QueueAdapter(engine, links, FakeSender(), mark=MARK, clock=Clock())
+    adapter.set_deadline(1e9)
+    fast, slow = FakePacket(UDP_PACKET, mark=0x5), FakePacket(SYN)
+    adapter.on_packet(fast)
+    adapter.on_packet(slow)
+    assert (fast.verdict, fast.new_mark) == ("repeat", 0x10000005)
+    assert slow.verdict == "drop"  # not taken by the fast path: the engine's verdict
+    assert engine.fast_seen == [(UDP_PACKET, 100.0), (SYN, 100.0)]
+    assert engine.seen == [(SYN, Meta(Hook.FORWARD, "lan0", "wan0"), 100.0)]
+    assert links.lookups == [3, 4]  # the Meta only for the packet that needed it
+
+
+def test_with_metrics_every_packet_goes_through_the_wrapped_process() -> None:
+    engine = FastEngine(ACCEPT, fast_for=UDP_PACKET)
+    wrapped: list[bytes] = []
+
+    def wrap(process: Callable[[bytes, Meta, float], Verdict]) -> Callable[[bytes, Meta, float], Verdict]:
+        def timed(data: bytes, meta: Meta, now: float) -> Verdict:
+            wrapped.append(data)
+            return process(data, meta, now)
+
+        return timed
+
+    adapter = QueueAdapter(
+        engine, FakeLinks({3: "lan0", 4: "wan0"}), FakeSender(), mark=MARK, clock=Clock(), wrap_process=wrap
+    )
+    adapter.set_deadline(1e9)
+    pkt = FakePacket(UDP_PACKET)
+    adapter.on_packet(pkt)
+    assert (pkt.verdict, wrapped, engine.fast_seen) == ("repeat", [UDP_PACKET], [])
+
+
 def test_housekeeping_runs_from_the_callback_once_due() -> None:
     adapter, _, _, _, clock = _adapter(ACCEPT)
     calls: list[float] = []
