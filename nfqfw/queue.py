@@ -253,11 +253,14 @@ class QueueAdapter:
     def _make_callback(self) -> Callable[[Any], None]:
         process = self.engine.process
         # The engine's fast path (an established TCP segment or UDP datagram: accepted, no Meta
-        # needed) is tried before the Meta is looked up. With metrics on, every packet goes
-        # through the wrapped engine.process instead, which runs the same fast path inside.
+        # needed) is tried before the Meta is looked up, then the engine's full path. With
+        # metrics on, every packet goes through the wrapped engine.process instead, which runs
+        # the same fast path inside.
         fast: Callable[[bytes, float], bool] = getattr(self.engine, "fast_path", None) or _never_fast
+        if fast is not _never_fast:
+            process = getattr(self.engine, "full_process", process)
         if self.wrap_process is not None:  # metrics on: time a sample of the engine calls
-            process = self.wrap_process(process)
+            process = self.wrap_process(self.engine.process)
             fast = _never_fast
         log_packet = self.log_packet
         clock = self.clock

@@ -11,6 +11,7 @@ follows from its type.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Iterator
 
 from nfqfw.core.expiry import ExpiryWheel
@@ -24,7 +25,7 @@ from nfqfw.core.packet import (
     SYN,
     Packet,
 )
-from nfqfw.core.tcp import tcp_new, tcp_packet
+from nfqfw.core.tcp import TcpConn, tcp_new, tcp_packet
 from nfqfw.core.tcp_states import (
     IGNORE,
     INVALID,
@@ -153,12 +154,15 @@ class Conntrack:
         self.table = FlowTable()
         self._slots: dict[bytes, int] = {}
         self._pending = NO_SLOT
-        self._oldest = NO_SLOT  # the not-ASSURED confirmed flows, oldest first: early-drop order
-        self._newest = NO_SLOT
+        # The early-drop order: confirmed flows, oldest first, by key object. ASSURED and removed
+        # flows are skipped when met (so assuring or removing a flow costs nothing here) and
+        # swept out when they outnumber the live entries (an amortised O(1) per flow).
+        self._unassured: deque[bytes] = deque()
         # Filed by key object: a flow removed and tracked again gets a new key object, so an
         # old entry is recognised (the slot's key is not the filed object) and skipped.
         self._wheel = ExpiryWheel(self._deadline_of)
         self._out = Tracked(self.table)
+        self._conn = TcpConn()  # the TCP fields of the flow at hand, copied out of the table and back
         self.expired = 0
         self.early_drops = 0
 
@@ -255,6 +259,7 @@ class Conntrack:
         table.deadline[slot] = now + timeout
         if proto == PROTO_TCP:
             table.store_tcp(slot, conn)
+            table.bits[slot] |= IS_TCP
         out.slot = slot
         out.new = True
         out.direction = ORIGINAL
@@ -262,8 +267,8 @@ class Conntrack:
 
     def _tcp(self, slot: int, bits: int, pkt: Packet, direction: int, now: float) -> Tracked:
         table = self.table
-        conn = table.load_tcp(slot)
-        result = tcp_packet(conn, pkt, direction, bool(bits & SEEN_REPLY), self.tcp_timeouts)
+        conn = table.load_tcp(slot, self._conn)
+        result = tcp_packet(conn, pkt, direction, bits & SEEN_REPLY != 0, self.tcp_timeouts)
         kind = result.kind
         if kind == REOPEN:
             self._remove(slot)
@@ -284,7 +289,7 @@ class Conntrack:
                 table.deadline[slot] = now + timeout
             return self._answer(Ct.INVALID, result.reason)
         state = self._state_of(bits, direction)
-        if direction == REPLY:
+        if direction == REPLY and not bits & SEEN_REPLY:
             table.bits[slot] = bits | SEEN_REPLY
         if kind != IGNORE and result.timeout is not None:
             table.deadline[slot] = now + result.timeout
@@ -395,50 +400,39 @@ class Conntrack:
         assert key is not None
         self._slots[key] = slot
         if not table.bits[slot] & ASSURED:
-            self._link(slot)
-        self._wheel.file(key)
+            unassured = self._unassured
+            unassured.append(key)
+            if len(unassured) > 2 * len(self._slots) + 64:
+                self._sweep_unassured()
+        self._wheel.file_at(key, table.deadline[slot])
 
     def _make_room(self) -> bool:
         return len(self._slots) < self.max_flows or self._early_drop()
 
+    def _unassured_slot(self, key: bytes) -> int | None:
+        """The slot of the flow filed under this key object if it is still in the table and not
+        ASSURED, else None."""
+        slot = self._slots.get(key)
+        table = self.table
+        if slot is None or table.keys[slot] is not key or table.bits[slot] & ASSURED:
+            return None
+        return slot
+
     def _early_drop(self) -> bool:
-        victim = self._oldest
-        if victim == NO_SLOT:
-            return False
-        self._remove(victim)
-        self.early_drops += 1
-        return True
+        unassured = self._unassured
+        while unassured:
+            slot = self._unassured_slot(unassured.popleft())
+            if slot is not None:
+                self._remove(slot)
+                self.early_drops += 1
+                return True
+        return False
+
+    def _sweep_unassured(self) -> None:
+        self._unassured = deque(key for key in self._unassured if self._unassured_slot(key) is not None)
 
     def _assure(self, slot: int) -> None:
-        self.table.bits[slot] |= ASSURED
-        self._unlink(slot)
-
-    def _link(self, slot: int) -> None:
-        """Append a confirmed, not-ASSURED flow to the early-drop list."""
-        table = self.table
-        newest = self._newest
-        table.older[slot] = newest
-        table.newer[slot] = NO_SLOT
-        if newest == NO_SLOT:
-            self._oldest = slot
-        else:
-            table.newer[newest] = slot
-        self._newest = slot
-
-    def _unlink(self, slot: int) -> None:
-        table = self.table
-        older, newer = table.older[slot], table.newer[slot]
-        if older == NO_SLOT:
-            if self._oldest != slot:
-                return  # not in the list (ASSURED, or never confirmed)
-            self._oldest = newer
-        else:
-            table.newer[older] = newer
-        if newer == NO_SLOT:
-            self._newest = older
-        else:
-            table.older[newer] = older
-        table.older[slot] = table.newer[slot] = NO_SLOT
+        self.table.bits[slot] |= ASSURED  # its entry in _unassured is skipped from now on
 
     def remove(self, flow: Flow) -> None:
         """Take a flow out of the table (its handle keeps the flow's last values)."""
@@ -449,7 +443,6 @@ class Conntrack:
         key = self.table.keys[slot]
         assert key is not None
         del self._slots[key]
-        self._unlink(slot)
         self._free(slot)
 
     def _free(self, slot: int) -> None:
@@ -478,6 +471,7 @@ class Conntrack:
     def clear(self) -> None:
         for slot in list(self._slots.values()):
             self._remove(slot)
+        self._unassured.clear()
         if self._pending != NO_SLOT:
             self._free(self._pending)
         self._wheel.clear()

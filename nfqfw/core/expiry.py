@@ -31,9 +31,10 @@ class ExpiryWheel:
         """Remember `item` until its current deadline comes due."""
         deadline = self._deadline_of(item)
         if deadline is not None:
-            self._file_at(item, deadline)
+            self.file_at(item, deadline)
 
-    def _file_at(self, item: Any, deadline: float) -> None:
+    def file_at(self, item: Any, deadline: float) -> None:
+        """Remember `item`, whose deadline is `deadline`, until then."""
         second = int(deadline) + 1  # ceil-ish: the bucket is swept only once its second has fully passed
         bucket = self._buckets.get(second)
         if bucket is None:
@@ -56,7 +57,7 @@ class ExpiryWheel:
                 if deadline is None:
                     continue
                 if deadline > now:
-                    self._file_at(item, deadline)
+                    self.file_at(item, deadline)
                 else:
                     expire(item)
 

@@ -39,7 +39,7 @@ IS_TCP = 0x08
 STATE, LAST_INDEX, LAST_DIR, LAST_FLAGS, LAST_WSCALE, RETRANS, TCP_ASSURED = range(7)
 SMALL = 8
 
-NO_SLOT = -1  # end of the unassured list
+NO_SLOT = -1  # no flow
 
 # FlowTable.row(): key, bits, deadline, created, rule, meta, small TCP fields, TCP words.
 Row = tuple[bytes, int, float, float, "str | None", object, bytes, bytes]
@@ -51,8 +51,7 @@ _ZERO_SMALL = bytes(SMALL)
 
 class FlowTable:
     """The columns.  Slot `s` of a flow: keys[s], deadline[s], ... td[s*WORDS : (s+1)*WORDS],
-    small[s*SMALL : (s+1)*SMALL].  `older` / `newer` link the not-ASSURED confirmed flows
-    oldest first (the early-drop order), kept by core.conntrack."""
+    small[s*SMALL : (s+1)*SMALL]."""
 
     __slots__ = (
         "_free",
@@ -63,8 +62,6 @@ class FlowTable:
         "handles",
         "keys",
         "meta",
-        "newer",
-        "older",
         "rule",
         "small",
         "td",
@@ -79,8 +76,6 @@ class FlowTable:
         self.meta: list[object] = []  # the Meta of the first packet (interned by the adapter)
         self.td = array("I")  # TCP windows and last packet, WORDS per slot (core.tcp_window layout)
         self.small = bytearray()  # TCP state and last-packet record, SMALL per slot
-        self.older = array("i")
-        self.newer = array("i")
         # The live Flow handle of a slot, if one is in use (weakly: handles made for a listing
         # or a snapshot must not stay with every flow).
         self.handles: dict[int, weakref.ref[Flow]] = {}
@@ -107,8 +102,6 @@ class FlowTable:
         self.meta.append(None)
         self.td.extend(_ZERO_WORDS)
         self.small.extend(_ZERO_SMALL)
-        self.older.append(NO_SLOT)
-        self.newer.append(NO_SLOT)
         return slot
 
     def free(self, slot: int) -> None:
@@ -214,9 +207,10 @@ class FlowTable:
             self.td[base : base + WORDS] = array("I", words)
 
     # -- TCP ---------------------------------------------------------------------------------
-    def load_tcp(self, slot: int) -> TcpConn:
-        """A TcpConn holding a copy of the slot's TCP fields (for the table-driven tracker)."""
-        conn = TcpConn.__new__(TcpConn)
+    def load_tcp(self, slot: int, into: TcpConn | None = None) -> TcpConn:
+        """The slot's TCP fields copied into `into` (a new TcpConn when None), for the
+        table-driven tracker."""
+        conn = TcpConn.__new__(TcpConn) if into is None else into
         base = slot * WORDS
         conn.td = self.td[base : base + WORDS]
         (
@@ -228,11 +222,11 @@ class FlowTable:
             conn.retrans,
             assured,
         ) = _SMALL_FIELDS.unpack_from(self.small, slot * SMALL)
-        conn.assured = bool(assured)
+        conn.assured = assured != 0
         return conn
 
     def store_tcp(self, slot: int, conn: TcpConn) -> None:
-        """Write a TcpConn's fields into the slot and mark the flow TCP."""
+        """Write a TcpConn's fields into the slot (the flow's IS_TCP flag is the caller's)."""
         base = slot * WORDS
         self.td[base : base + WORDS] = conn.td
         _SMALL_FIELDS.pack_into(
@@ -246,7 +240,6 @@ class FlowTable:
             conn.retrans,
             conn.assured,
         )
-        self.bits[slot] |= IS_TCP
 
 
 # Where detached flows keep their values: flows made by Flow() before they are confirmed into a
@@ -355,6 +348,7 @@ class Flow:
     @tcp.setter
     def tcp(self, conn: TcpConn) -> None:
         self._table.store_tcp(self._slot, conn)
+        self._table.bits[self._slot] |= IS_TCP
 
     @property
     def proto(self) -> int:

@@ -223,16 +223,28 @@ def test_unexpected_hook_is_an_error_and_dropped() -> None:
 
 
 class FastEngine(StandInEngine):
-    """An engine whose fast path takes the packets of one payload."""
+    """An engine whose fast path takes the packets of one payload; process() tries it first,
+    full_process() is the rest (what the adapter calls after trying the fast path itself)."""
 
     def __init__(self, verdict: Verdict, fast_for: bytes) -> None:
         super().__init__(verdict)
         self.fast_for = fast_for
         self.fast_seen: list[tuple[bytes, float]] = []
+        self.process_calls = 0
 
     def fast_path(self, data: bytes, now: float) -> bool:
         self.fast_seen.append((data, now))
         return data == self.fast_for
+
+    def process(self, data: bytes, meta: Meta, now: float) -> Verdict:
+        self.process_calls += 1
+        return ESTABLISHED if self.fast_path(data, now) else self.full_process(data, meta, now)
+
+    def full_process(self, data: bytes, meta: Meta, now: float) -> Verdict:
+        return super().process(data, meta, now)
+
+
+ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
 
 
 def test_fast_path_packet_is_accepted_without_meta_or_verdict() -> None:
@@ -245,7 +257,8 @@ def test_fast_path_packet_is_accepted_without_meta_or_verdict() -> None:
     assert (fast.verdict, fast.new_mark) == ("repeat", 0x10000005)
     assert slow.verdict == "drop"  # not taken by the fast path: the engine's verdict
     assert engine.fast_seen == [(UDP_PACKET, 100.0), (SYN, 100.0)]
-    assert engine.seen == [(SYN, Meta(Hook.FORWARD, "lan0", "wan0"), 100.0)]
+    assert engine.seen == [(SYN, Meta(Hook.FORWARD, "lan0", "wan0"), 100.0)]  # by full_process
+    assert engine.process_calls == 0  # the fast path was tried once, not again inside process()
     assert links.lookups == [3, 4]  # the Meta only for the packet that needed it
 
 
@@ -266,7 +279,8 @@ def test_with_metrics_every_packet_goes_through_the_wrapped_process() -> None:
     adapter.set_deadline(1e9)
     pkt = FakePacket(UDP_PACKET)
     adapter.on_packet(pkt)
-    assert (pkt.verdict, wrapped, engine.fast_seen) == ("repeat", [UDP_PACKET], [])
+    assert (pkt.verdict, wrapped, engine.process_calls) == ("repeat", [UDP_PACKET], 1)
+    assert engine.fast_seen == [(UDP_PACKET, 100.0)]  # inside the timed engine.process
 
 
 def test_housekeeping_runs_from_the_callback_once_due() -> None:
