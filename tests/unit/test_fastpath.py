@@ -25,6 +25,7 @@ from nfqfw.core.build import (
     sack_perm_option,
     tcp,
     timestamp_option,
+    udp,
     wscale_option,
 )
 from nfqfw.core.config import load_policy
@@ -289,3 +290,107 @@ def test_wrapping_sequence_numbers_fall_back_and_agree() -> None:
         c = (c + 1000) & MASK
         pair.feed(segment(4, False, ACK, s, c, 3000, stamp(n), 0), IN, now)
     assert 0 < pair.hits() < 16  # some segments straddle the wrap: those took the full path
+
+
+# -- UDP -----------------------------------------------------------------------------------------
+
+
+def datagram(family: int, forward: bool, payload: int) -> bytes:
+    client, server = HOSTS[family]
+    src, dst, sport, dport = (client, server, 40000, 53) if forward else (server, client, 53, 40000)
+    data = udp(src, dst, sport, dport, b"d" * payload)
+    return ipv4(src, dst, 17, data) if family == 4 else ipv6(src, dst, 17, data)
+
+
+def test_udp_stream_goes_through_the_fast_path_once_replied_and_assured() -> None:
+    for family in (4, 6):
+        pair = Pair()
+        pair.feed(datagram(family, True, 20), OUT, 10.0)  # NEW: the policy decides
+        pair.feed(datagram(family, True, 20), OUT, 10.5)  # still NEW (no reply yet)
+        pair.feed(datagram(family, False, 40), IN, 11.0)  # the reply
+        pair.feed(datagram(family, True, 20), OUT, 11.5)  # replied, not a stream yet: 30 s
+        pair.feed(datagram(family, True, 20), OUT, 12.5)  # a stream now: ASSURED (full path, once)
+        for n in range(10):
+            pair.feed(datagram(family, n % 2 == 0, 64), OUT if n % 2 == 0 else IN, 13.0 + n)
+        assert pair.hits() == 11
+
+
+udp_steps = st.one_of(
+    st.sampled_from([0.0, 0.5, 1.0, 2.0]),  # 2 s: exactly the UDP stream boundary
+    st.floats(min_value=0.0, max_value=3.0),
+    st.sampled_from([29.9, 30.0, 119.9, 121.0]),
+)
+udp_clean = st.tuples(
+    st.booleans(),  # forward
+    st.integers(min_value=0, max_value=200),  # payload
+    udp_steps,
+    st.just(()),
+    st.just(0),
+)
+udp_damaged = st.tuples(
+    st.booleans(),
+    st.integers(min_value=0, max_value=200),
+    udp_steps,
+    st.lists(mutation, min_size=1, max_size=2).map(tuple),  # (offset, byte) in the first 64 bytes
+    st.one_of(st.just(0), st.integers(min_value=1, max_value=12)),  # bytes cut off the end
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    family=st.sampled_from([4, 6]),
+    replied=st.booleans(),
+    sequence=st.lists(st.one_of(udp_clean, udp_clean, udp_clean, udp_damaged), min_size=3, max_size=40),
+)
+def test_udp_fast_path_matches_full_path(
+    family: int, replied: bool, sequence: list[tuple[bool, int, float, tuple[tuple[int, int], ...], int]]
+) -> None:
+    pair = Pair()
+    now = 100.0
+    pair.feed(datagram(family, True, 20), OUT, now)
+    if replied:
+        pair.feed(datagram(family, False, 20), IN, now)
+    for forward, payload, step, mutations, cut in sequence:
+        data = bytearray(datagram(family, forward, payload))
+        for at, value in mutations:
+            data[at % len(data)] = value
+        now += step
+        pair.feed(bytes(data[: len(data) - cut]), OUT if forward else IN, now)
+    hits = pair.hits()
+    event("fast path taken: " + ("0" if not hits else "1-9 times" if hits < 10 else "10+ times"))
+
+
+def udp_variants(family: int) -> list[bytes]:
+    """A datagram of the flow as sent, and damaged the ways the fast path must turn away."""
+    good = datagram(family, True, 30)
+    ip_header = 20 if family == 4 else 40
+    at = ip_header + 4  # the UDP length field
+
+    def length(value: int) -> bytes:
+        return good[:at] + value.to_bytes(2, "big") + good[at + 2 :]
+
+    variants = [good, length(7), length(8), length(len(good) - ip_header + 1), good[:-1], good + b"pad"]
+    if family == 4:
+        more_fragments = good[:6] + b"\x20\x00" + good[8:]
+        later_fragment = good[:6] + b"\x00\x10" + good[8:]
+        too_long = good[:2] + (len(good) + 1).to_bytes(2, "big") + good[4:]
+        variants += [more_fragments, later_fragment, too_long]
+    else:
+        too_long = good[:4] + (len(good) - 39).to_bytes(2, "big") + good[6:]
+        variants.append(too_long)
+    return variants
+
+
+def test_udp_edge_cases_agree() -> None:
+    for family in (4, 6):
+        good, *damaged = udp_variants(family)
+        for variant in (good, *damaged):
+            pair = Pair()
+            pair.feed(datagram(family, True, 20), OUT, 10.0)
+            pair.feed(datagram(family, False, 20), IN, 10.0)
+            pair.feed(datagram(family, True, 20), OUT, 11.0)  # replied: the fast path's from here
+            pair.feed(variant, OUT, 12.0)  # exactly 2 s after creation: not a stream yet
+            pair.feed(variant, OUT, 12.5)  # a stream: ASSURED (the full path, once)
+            pair.feed(variant, OUT, 13.0)
+            if variant is good:
+                assert pair.hits() == 3  # 11.0, 12.0 and 13.0
