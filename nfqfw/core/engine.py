@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
@@ -33,6 +34,10 @@ def reject_kind(pkt: Packet) -> str:
     return "icmp-admin-prohibited"
 
 
+def _counter_name(verdict: Verdict) -> str:
+    return f"{verdict.action.value} {verdict.reason}"
+
+
 def _none() -> int:
     return 0
 
@@ -47,6 +52,9 @@ class Engine:
         self.fragments = Fragments()
         self.local_addresses = local_addresses or policy.gateway_addresses
         self._counters: Counter[str] = Counter()
+        # Per-packet counting by verdict object (no string per packet): id -> [verdict, count].
+        # The list keeps the verdict alive, so its id cannot be reused while counted here.
+        self._tally: dict[int, list[Any]] = {}
         self.established = 0  # the full path counts here, folded into `counters` on read
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
         # fast_path(data, now) -> True: the packet was ESTABLISHED and is tracked (core.fastpath);
@@ -68,11 +76,13 @@ class Engine:
         return self.counts()
 
     def counts(self) -> dict[str, int]:
-        counts = dict(self._counters)
+        counts = Counter(self._counters)
+        for verdict, count in list(self._tally.values()):  # list(): one C call (metrics read from a thread)
+            counts[_counter_name(verdict)] += count
         established = self.established + self._fast_packets()
         if established:
-            counts["accept established"] = counts.get("accept established", 0) + established
-        return counts
+            counts["accept established"] += established
+        return dict(counts)
 
     # -- per packet ------------------------------------------------------------------------
     def process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
@@ -184,5 +194,11 @@ class Engine:
         return verdict
 
     def _count(self, verdict: Verdict) -> Verdict:
-        self._counters[f"{verdict.action.value} {verdict.reason}"] += 1
+        entry = self._tally.get(id(verdict))
+        if entry is not None:
+            entry[1] += 1
+        elif len(self._tally) < VERDICT_CACHE_SIZE:  # verdicts are interned: a few distinct ones
+            self._tally[id(verdict)] = [verdict, 1]
+        else:
+            self._counters[_counter_name(verdict)] += 1
         return verdict
