@@ -5,7 +5,7 @@ everything else a real flow costs are included): 50k UDP flows (request + reply,
 replied/assured as in real traffic) and 50k TCP flows after a complete three-way handshake.
 Packets are built before tracing starts; only what the engine keeps is counted.
 
-    .venv/bin/python bench/flow_memory.py [--flows N]
+    .venv/bin/python bench/flow_memory.py [--flows N] [--breakdown]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def tcp_packets(i: int) -> list[tuple[bytes, Meta]]:
     ]
 
 
-def measure(kind: str, flows: int) -> dict[str, object]:
+def measure(kind: str, flows: int, breakdown: bool = False) -> dict[str, object]:
     maker = udp_packets if kind == "udp" else tcp_packets
     packets = [p for i in range(flows) for p in maker(i)]
     engine = Engine(CompiledPolicy(load_policy(str(POLICY))))
@@ -73,11 +73,19 @@ def measure(kind: str, flows: int) -> dict[str, object]:
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
+    start = tracemalloc.take_snapshot() if breakdown else None
     accepted = 0
     for n, (data, meta) in enumerate(packets):
         accepted += engine.process(data, meta, 1.0 + n * 1e-6).action is Action.ACCEPT
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
+    sites: list[tuple[str, float]] = []
+    if start is not None:
+        tracked_now = len(engine.conntrack) - 1
+        for stat in tracemalloc.take_snapshot().compare_to(start, "lineno")[:8]:
+            frame = stat.traceback[0]
+            where = f"{Path(frame.filename).name}:{frame.lineno}"
+            sites.append((where, round(stat.size_diff / tracked_now, 1)))
     tracemalloc.stop()
     tracked = len(engine.conntrack) - 1
     per_flow = (after - before) / tracked if tracked else float("nan")
@@ -94,6 +102,7 @@ def measure(kind: str, flows: int) -> dict[str, object]:
         "target": TARGET,
         "meets_target": per_flow <= TARGET,
         "states": states,
+        "sites": sites,  # --breakdown: the allocation sites holding the most, bytes per flow
     }
 
 
@@ -102,14 +111,17 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--flows", type=int, default=50_000)
+    parser.add_argument("--breakdown", action="store_true", help="bytes per flow by allocation site")
     args = parser.parse_args()
-    results = [measure("udp", args.flows), measure("tcp", args.flows)]
+    results = [measure("udp", args.flows, args.breakdown), measure("tcp", args.flows, args.breakdown)]
     print(f"{'flows':<28}{'tracked':>9}{'bytes':>13}{'bytes/flow':>12}{'target':>8}  verdict")
     for r in results:
         label = "UDP (replied)" if r["kind"] == "udp" else "TCP (handshake complete)"
         verdict = "OK" if r["meets_target"] else f"over by {r['bytes_per_flow'] - TARGET:.0f}"  # type: ignore[operator]
         print(f"{label:<28}{r['flows']:>9}{r['bytes']:>13,}{r['bytes_per_flow']:>12}{TARGET:>8}  {verdict}")
         print(f"  states: {r['states']}, accepted {r['packets_accepted']}/{r['packets']} packets")
+        for where, size in r["sites"]:  # type: ignore[attr-defined]
+            print(f"  {size:8.1f}  {where}")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "flow_memory.json").write_text(json.dumps(results, indent=2) + "\n")
