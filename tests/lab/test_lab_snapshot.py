@@ -1,11 +1,12 @@
 """Restarts and crashes keep connections: namespaces nfqs-wan / nfqs-gw / nfqs-lan.
 
 Live TCP sessions through the gateway (inside -> outside over IPv4 with NAT and over IPv6, and
-an ingress one the policy allows) are opened before nfqfw stops or is killed and must carry
-data both ways once it is back. Strict TCP pick-up is the default: a restarted nfqfw that
-restored nothing drops the next segment of such a session as INVALID, which the corrupt-file
-test shows. Every test starts its own daemon (its state directory is the lab's, kept between
-the stop and the start) and stops it and removes its rules when done.
+an ingress one the policy allows) and one to the gateway itself (like an admin's SSH) are
+opened before nfqfw stops or is killed and must carry data both ways once it is back. Strict
+TCP pick-up is the default: a restarted nfqfw that restored nothing drops the next segment of
+such a session as INVALID, which the corrupt-file test shows. Every test starts its own daemon
+(its state directory is the lab's, kept between the stop and the start) and stops it and
+removes its rules when done.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from nfqfw.core import snapshot
 from nfqfw.core.conntrack import first_packet
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab, LabState
-from nfqfw.lab.topology import LAN_V4, WAN_V4, WAN_V6, in_ns
+from nfqfw.lab.topology import GW_LAN_V4, LAN_V4, WAN_V4, WAN_V6, in_ns
 
 pytestmark = pytest.mark.lab
 
 PREFIX = "nfqs-"
-WAN_ECHO, LAN_MAIL = 80, 25
+WAN_ECHO, LAN_MAIL, GW_SSH = 80, 25, 22
 BLOCKED_WAIT = 2.0  # seconds without an answer that count as "blocked"
 BACK_WAIT = 30.0  # seconds for TCP to retransmit into the restarted daemon (RTO backoff)
 
@@ -48,6 +49,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         t = the_lab.topology
         stack.enter_context(traffic.TcpServer(t.wan, [WAN_ECHO]))
         stack.enter_context(traffic.TcpServer(t.lan, [LAN_MAIL]))
+        stack.enter_context(traffic.TcpServer(t.gw, [GW_SSH]))  # an admin's session to the gateway
         yield the_lab
 
 
@@ -83,6 +85,7 @@ def open_sessions(lab: Lab, opened: dict[str, socket.socket]) -> None:
         "egress v4 (NAT)": (t.lan, WAN_V4, WAN_ECHO),
         "egress v6": (t.lan, WAN_V6, WAN_ECHO),
         "ingress v4 (rule mail)": (t.wan, LAN_V4, LAN_MAIL),
+        "to the gateway (INPUT/OUTPUT)": (t.lan, GW_LAN_V4, GW_SSH),
     }.items():
         sock, greeting = traffic.open_connection(ns, host, port)
         assert greeting.startswith("hello"), (name, greeting)
@@ -168,18 +171,18 @@ def test_sessions_survive_stop_and_start(lab: Lab, policy: Path, sessions: dict[
     stopped = daemon_ctl.stop_daemon(PREFIX)
     assert stopped is not None and stopped.exit_code() == 0
     path = state.state_dir / "flows.snapshot"
-    assert f"saved 3 flows to {path}" in log_since(offset)
+    assert f"saved 4 flows to {path}" in log_since(offset)
     assert path.stat().st_mode & 0o777 == 0o600
     assert_blocked(lab, sessions)
     offset = log_size()
     daemon_ctl.start_daemon(PREFIX, policy, args=extra)
     added = log_since(offset)
     restored = re.search(
-        r"restored 3 flows from (\S+) \(saved [\d.]+ s ago at a stop\): 0 had run out, 0 are not allowed",
+        r"restored 4 flows from (\S+) \(saved [\d.]+ s ago at a stop\): 0 had run out, 0 are not allowed",
         added,
     )
     assert restored is not None and restored.group(1) == str(path), added
-    assert added.index("restored 3 flows") < added.index("queue 0 bound")  # before any packet came
+    assert added.index("restored 4 flows") < added.index("queue 0 bound")  # before any packet came
     assert_caught_up(sessions)
     carries_data_both_ways(sessions, b"after restart ")
 
@@ -205,7 +208,7 @@ def test_after_kill_9_traffic_is_blocked_then_sessions_of_the_last_snapshot_cont
     offset = log_size()
     daemon_ctl.start_daemon(PREFIX, policy)
     assert re.search(
-        r"restored 3 flows from \S+ \(saved [\d.]+ s ago while running; TCP windows are learnt anew\)",
+        r"restored 4 flows from \S+ \(saved [\d.]+ s ago while running; TCP windows are learnt anew\)",
         log_since(offset),
     ), log_since(offset)
     assert_caught_up(sessions)
