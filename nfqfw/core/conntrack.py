@@ -369,6 +369,9 @@ class Conntrack:
             return False
         slot = table.alloc(b"", False, 0.0)
         table.copy_row(flow._table, flow._slot, slot)
+        # A key object of its own: the wheel and the early-drop queue may still hold the old one
+        # (a flow removed and confirmed again), and must not take it for this insertion.
+        table.keys[slot] = bytes(bytearray(flow.key))
         if flow._table is DETACHED:
             DETACHED.free(flow._slot)
         table.attach(flow, slot)

@@ -7,11 +7,12 @@ under 300 bytes (bench/flow_memory.py) and lets the per-packet code read a field
 array index. Freed slots are reused; the columns keep their high-water mark, as a dict does.
 
 The conntrack table (`core.conntrack`) works on slots. Code outside it sees `Flow` handles:
-one handle per flow at a time (made on first request, cached), reading and writing the
-columns. When a flow leaves the table its handle is *detached*: it gets a private one-slot
-table holding the flow's last values, so a removed flow reads as it was (as a removed Python
-object would). `Flow(key, orig_a, now)` makes a detached flow (snapshot restore); confirming it
-into a table copies its row in and attaches the handle.
+one handle per flow at a time (made on first request and remembered weakly while in use, so
+`is` compares flows), reading and writing the columns. When a flow leaves the table its handle
+is *detached*: its values move to a slot of `DETACHED`, a table of flows in no conntrack, so a
+removed flow reads as it was (as a removed Python object would). `Flow(key, orig_a, now)` makes
+a detached flow (snapshot restore); confirming it into a table copies its row in and attaches
+the handle.
 
 TCP: the table-driven tracker (`core.tcp`, `core.tcp_window`) works on a `TcpConn` object;
 `load_tcp` / `store_tcp` copy a slot's TCP fields into one and back. The fast path
@@ -127,8 +128,6 @@ class FlowTable:
         handle = ref() if ref is not None else None
         if handle is None:
             handle = Flow.__new__(Flow)
-            handle._table = self
-            handle._slot = slot
             self.attach(handle, slot)
         return handle
 

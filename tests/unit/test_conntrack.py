@@ -348,3 +348,17 @@ def test_full_table_of_assured_flows_refuses() -> None:
     assert ct.confirm(tracked.flow) is False
     assert len(ct) == 1
     assert ct.early_drops == 0
+
+
+def test_a_removed_flow_confirmed_again_goes_to_the_back_of_the_early_drop_order() -> None:
+    ct = Conntrack(max_flows=3)
+    first, second, third = (admit(ct, udp4(LAN, WAN, 40000 + i, 53), 1.0 + i).flow for i in range(3))
+    assert first is not None and second is not None and third is not None
+    ct.remove(first)
+    assert ct.get(first.key) is None and first.deadline == 31.0  # the handle keeps its values
+    assert ct.confirm(first)  # back in, as the newest
+    assert ct.get(first.key) is first
+    admit(ct, udp4(LAN, WAN, 40003, 53), 5.0)  # full: the oldest not-ASSURED flow goes
+    assert ct.early_drops == 1
+    assert ct.get(second.key) is None
+    assert ct.get(first.key) is first and ct.get(third.key) is third
