@@ -25,6 +25,8 @@ import struct
 import weakref
 from array import array
 from collections.abc import Iterable, Iterator
+from operator import attrgetter
+from typing import Any
 
 from nfqfw.core.tcp import TcpConn
 from nfqfw.core.tcp_states import STATE_NAMES
@@ -46,6 +48,9 @@ NO_SLOT = -1  # no flow
 Row = tuple[bytes, int, float, float, "str | None", object, bytes, bytes]
 
 _SMALL_FIELDS = struct.Struct("7B")  # STATE ... TCP_ASSURED
+_small_fields_of = attrgetter(
+    "state", "last_index", "last_dir", "last_flags", "last_wscale", "retrans", "assured"
+)  # a TcpConn's, in the small column's order
 _ZERO_WORDS = array("I", bytes(4 * WORDS))
 _ZERO_SMALL = bytes(SMALL)
 
@@ -212,15 +217,9 @@ class FlowTable:
         conn = TcpConn.__new__(TcpConn) if into is None else into
         base = slot * WORDS
         conn.td = self.td[base : base + WORDS]
-        (
-            conn.state,
-            conn.last_index,
-            conn.last_dir,
-            conn.last_flags,
-            conn.last_wscale,
-            conn.retrans,
-            assured,
-        ) = _SMALL_FIELDS.unpack_from(self.small, slot * SMALL)
+        fields = _SMALL_FIELDS.unpack_from(self.small, slot * SMALL)
+        (conn.state, conn.last_index, conn.last_dir, conn.last_flags,
+         conn.last_wscale, conn.retrans, assured) = fields  # fmt: skip
         conn.assured = assured != 0
         return conn
 
@@ -228,17 +227,7 @@ class FlowTable:
         """Write a TcpConn's fields into the slot (the flow's IS_TCP flag is the caller's)."""
         base = slot * WORDS
         self.td[base : base + WORDS] = conn.td
-        _SMALL_FIELDS.pack_into(
-            self.small,
-            slot * SMALL,
-            conn.state,
-            conn.last_index,
-            conn.last_dir,
-            conn.last_flags,
-            conn.last_wscale,
-            conn.retrans,
-            conn.assured,
-        )
+        _SMALL_FIELDS.pack_into(self.small, slot * SMALL, *_small_fields_of(conn))
 
 
 # Where detached flows keep their values: flows made by Flow() before they are confirmed into a
@@ -253,6 +242,18 @@ def _flag(bit: int, doc: str) -> property:
     def set_(self: Flow, value: bool) -> None:
         bits = self._table.bits
         bits[self._slot] = bits[self._slot] | bit if value else bits[self._slot] & ~bit
+
+    return property(get, set_, doc=doc)
+
+
+def _column(name: str, doc: str) -> property:
+    """A Flow field kept in the FlowTable column of that name."""
+
+    def get(self: Flow) -> Any:
+        return getattr(self._table, name)[self._slot]
+
+    def set_(self: Flow, value: Any) -> None:
+        getattr(self._table, name)[self._slot] = value
 
     return property(get, set_, doc=doc)
 
@@ -303,39 +304,10 @@ class Flow:
         assert key is not None
         return key
 
-    @property
-    def deadline(self) -> float:
-        return self._table.deadline[self._slot]
-
-    @deadline.setter
-    def deadline(self, value: float) -> None:
-        self._table.deadline[self._slot] = value
-
-    @property
-    def created(self) -> float:
-        return self._table.created[self._slot]
-
-    @created.setter
-    def created(self, value: float) -> None:
-        self._table.created[self._slot] = value
-
-    @property
-    def rule(self) -> str | None:
-        """What admitted the flow: "rule mail" / "default egress"."""
-        return self._table.rule[self._slot]
-
-    @rule.setter
-    def rule(self, value: str | None) -> None:
-        self._table.rule[self._slot] = value
-
-    @property
-    def meta(self) -> object:
-        """The Meta of the flow's first packet."""
-        return self._table.meta[self._slot]
-
-    @meta.setter
-    def meta(self, value: object) -> None:
-        self._table.meta[self._slot] = value
+    deadline = _column("deadline", "When the flow expires (the conntrack clock, seconds)")
+    created = _column("created", "When the flow's first packet was seen")
+    rule = _column("rule", 'What admitted the flow: "rule mail" / "default egress"')
+    meta = _column("meta", "The Meta of the flow's first packet")
 
     @property
     def tcp(self) -> TcpConn | None:
