@@ -108,7 +108,10 @@ assert (STATE, LAST_INDEX, LAST_DIR, RETRANS, TCP_ASSURED) == (0, 1, 2, 5, 6)
 def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
     """The fast path over `conntrack`'s table: fast(data, now) is True when it tracked the packet
     (ESTABLISHED), False when the full path must decide (nothing was changed). Returned with a
-    function telling how many packets it took."""
+    function telling how many packets it took.
+
+    It binds the table's columns, the key dict and the expiry wheel's heap once: Conntrack and
+    FlowTable change those objects in place and never replace them (clear() included)."""
     table = conntrack.table
     slots_get = conntrack._slots.get
     due = conntrack._wheel._due

@@ -394,3 +394,14 @@ def test_udp_edge_cases_agree() -> None:
             pair.feed(variant, OUT, 13.0)
             if variant is good:
                 assert pair.hits() == 3  # 11.0, 12.0 and 13.0
+
+
+def test_fast_path_after_the_table_was_cleared() -> None:
+    pair = Pair()
+    handshake(pair, 4, 1000, 5000, 7, 10.0)
+    pair.fast.conntrack.clear()
+    pair.full.conntrack.clear()
+    pair.feed(segment(4, True, ACK, 1001, 5001, 502, stamp(3), 0), OUT, 11.0)  # no flow: invalid
+    handshake(pair, 4, 7000, 9000, 7, 12.0)
+    pair.feed(segment(4, True, ACK | PSH, 7001, 9001, 502, stamp(4), 100), OUT, 12.5)
+    assert pair.hits() == 1
