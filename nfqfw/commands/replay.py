@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections import Counter
-from typing import Any
+from typing import Any, TextIO
 
 from nfqfw.capture import CaptureError, CaptureReader
 from nfqfw.core.config import ConfigError, load_policy
@@ -52,6 +52,8 @@ def load_compiled(path: str) -> CompiledPolicy | None:
 
 def derive_hook(ip: bytes, gateway_addresses: frozenset[bytes]) -> Hook:
     """INPUT if the packet is to the gateway, OUTPUT if from it, FORWARD otherwise."""
+    if not gateway_addresses:
+        return Hook.FORWARD
     pkt = decode(ip)
     if pkt.dst in gateway_addresses:
         return Hook.INPUT
@@ -70,6 +72,33 @@ def verdict_record(n: int, verdict: Verdict) -> str:
             "reason": verdict.reason,
         }
     )
+
+
+class RecordWriter:
+    """Writes verdict_record() lines, fast: the engine hands out few distinct Verdict objects, so
+    the JSON after `"n"` is made once per verdict, and lines are written in batches."""
+
+    BATCH = 4096
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._tails: dict[int, tuple[Verdict, str]] = {}  # id(verdict) -> (verdict, its JSON tail)
+        self._lines: list[str] = []
+
+    def write(self, n: int, verdict: Verdict) -> None:
+        known = self._tails.get(id(verdict))
+        if known is None or known[0] is not verdict:
+            if len(self._tails) >= self.BATCH:  # a flood of one-off verdicts: don't hoard them
+                self._tails.clear()
+            known = (verdict, verdict_record(0, verdict).partition(", ")[2])
+            self._tails[id(verdict)] = known
+        self._lines.append(f'{{"n": {n}, {known[1]}\n')
+        if len(self._lines) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        self._out.write("".join(self._lines))
+        self._lines.clear()
 
 
 def summary_table(counts: Counter[tuple[str, str, str]], packets: int, skipped: int) -> str:
@@ -94,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     engine = Engine(policy)
     gateway = policy.gateway_addresses
-    counts: Counter[tuple[str, str, str]] = Counter()
+    by_verdict: Counter[Verdict] = Counter()
+    metas: dict[tuple[Hook, str | None], Meta] = {}
+    writer = RecordWriter(sys.stdout)
     packets = 0
     try:
         with open(args.capture, "rb") as stream:
@@ -103,13 +134,20 @@ def run(args: argparse.Namespace) -> int:
                 packets += 1
                 hook = derive_hook(record.ip, gateway)
                 iface = args.iface or record.iface
-                meta = Meta(hook, in_iface=iface if hook != Hook.OUTPUT else None)
+                meta = metas.get((hook, iface))
+                if meta is None:
+                    meta = metas[(hook, iface)] = Meta(hook, in_iface=iface if hook != Hook.OUTPUT else None)
                 verdict = engine.process(record.ip, meta, record.timestamp)
-                counts[(verdict.action.value, verdict.ct.value, verdict.reason)] += 1
-                print(verdict_record(packets, verdict))
+                by_verdict[verdict] += 1
+                writer.write(packets, verdict)
     except (OSError, CaptureError) as err:
+        writer.flush()
         message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         print(f"nfqfw replay: {args.capture}: {message}", file=sys.stderr)
         return 1
+    writer.flush()
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for verdict, count in by_verdict.items():
+        counts[(verdict.action.value, verdict.ct.value, verdict.reason)] += count
     print(summary_table(counts, packets, reader.skipped), file=sys.stderr)
     return 0

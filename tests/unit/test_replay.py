@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, Packet, wrpcap, wrpcapng
 
 from nfqfw.commands import replay
+from nfqfw.core.verdict import Action, Ct, Verdict
 
 POLICY = Path(__file__).resolve().parents[2] / "config" / "policy.yaml"
 HOST = "10.0.0.25"
@@ -164,3 +166,18 @@ def test_config_errors_are_printed_located(tmp_path: Path, capsys: pytest.Captur
         f"{config}:1:1: missing required key 'zones'",
         f"{config}:2:12: defaults: ingress: expected accept, drop or reject, got 'maybe'",
     ]
+
+
+def test_record_writer_writes_exactly_verdict_record_lines_in_batches() -> None:
+    accept = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
+    mail = Verdict(Action.ACCEPT, Ct.NEW, "mail", 'rule "mail"')
+    equal_but_new = Verdict(Action.ACCEPT, Ct.NEW, "mail", 'rule "mail"')
+    sequence = [accept, mail, accept, equal_but_new] * (replay.RecordWriter.BATCH // 2 + 3)
+    out = io.StringIO()
+    writer = replay.RecordWriter(out)
+    for n, verdict in enumerate(sequence, 1):
+        writer.write(n, verdict)
+    assert out.getvalue().count("\n") == 2 * replay.RecordWriter.BATCH  # two full batches so far
+    writer.flush()
+    expected = "".join(replay.verdict_record(n, v) + "\n" for n, v in enumerate(sequence, 1))
+    assert out.getvalue() == expected
