@@ -59,9 +59,12 @@ _PERIODS = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}
 # --- one line ---------------------------------------------------------------------------------
 
 
-def format_packet(data: bytes | bytearray | memoryview, meta: Meta, verdict: Verdict) -> str:
-    """The log line of one packet (decoded again here: only logged packets pay for it)."""
-    pkt = decode(data)
+def format_packet(
+    data: bytes | bytearray | memoryview, meta: Meta, verdict: Verdict, copy_cap: int = 0
+) -> str:
+    """The log line of one packet (decoded again here: only logged packets pay for it). A packet
+    cut by the queue's copy range `copy_cap` (a GSO packet) shows its IP length in LEN."""
+    pkt = decode(data, copy_cap)
     reason = verdict.reason.replace('"', "'")
     fields = [
         f"[NFQFW {verdict.action.value.upper()}]",
@@ -122,8 +125,10 @@ class PacketLog:
         *,
         emit: Callable[[int, str], None] | None = None,
         summary_interval: float = SUMMARY_INTERVAL,
+        copy_cap: int = 0,
     ) -> None:
         self.limit = limit
+        self.copy_cap = copy_cap  # the queue's copy range (nfqfw.queue.COPY_RANGE in the daemon)
         self.summary_interval = summary_interval
         self._emit = emit or _to_logger
         self._buckets: dict[str, TokenBucket] = {}
@@ -152,7 +157,7 @@ class PacketLog:
             self.suppressed += 1
             return
         self.lines += 1
-        self._emit(logging.INFO, format_packet(data, meta, verdict))
+        self._emit(logging.INFO, format_packet(data, meta, verdict, self.copy_cap))
 
     def flush(self, now: float, force: bool = False) -> None:
         """Housekeeping: say how many lines were suppressed, at most once per summary_interval

@@ -8,7 +8,17 @@ fields decoded before that keep their values.
 Rules worth knowing:
 
 - Lengths: the IPv4 total length / IPv6 payload length is honoured, bytes past it (e.g.
-  Ethernet padding) are ignored; a length larger than what was captured is malformed.
+  Ethernet padding) are ignored; a length larger than what was captured is malformed, unless
+  the packet was cut by the queue's copy range (below).
+- Cut by the copy range (`decode(data, copy_cap)`): NFQUEUE copies at most `copy_cap` bytes of
+  a packet, so a GSO packet (up to 64 KB, handed over whole when the queue asks for GSO) or any
+  packet longer than the range arrives as exactly `copy_cap` bytes whose IP length claims more.
+  Such a packet is `truncated`: its headers are decoded from the bytes present (they must be
+  all there: "tcp: header cut by the 3840-byte copy range" otherwise), its lengths
+  (`length`, `payload_len`, the UDP length check) come from the IP length field, as the kernel
+  sees the packet. A packet shorter than `copy_cap` was not cut: a length claiming more than
+  its bytes stays malformed. Checksums are never verified (with GSO the kernel may even hand
+  over packets whose L4 checksum is not filled in yet).
 - Fragments: a first fragment (offset 0, more fragments) is FRAG_FIRST and its L4 header is
   decoded (a UDP length covering the whole datagram is expected there); a later one is
   FRAG_LATER: proto set, no L4, ports 0, `payload_len` = fragment data bytes, not malformed.
@@ -82,25 +92,28 @@ _ICMP_ERRORS = frozenset((3, 4, 5, 11, 12))
 _QUOTE_TRUNCATED = "embedded header truncated"
 
 
-def decode(data: Buffer) -> Packet:
-    """Decode one IP packet. Never raises: problems are reported in `Packet.malformed`."""
+def decode(data: Buffer, copy_cap: int = 0) -> Packet:
+    """Decode one IP packet. Never raises: problems are reported in `Packet.malformed`.
+
+    `copy_cap`: the copy range of the queue the bytes come from (0: packets are complete); a
+    packet of exactly that many bytes whose IP length claims more was cut by it (`truncated`)."""
     pkt = Packet()
     try:
-        _ip(pkt, data, False)
+        _ip(pkt, data, False, copy_cap)
     except Exception as exc:  # a decoder bug must not take the daemon down; fuzz tests keep it unused
         pkt.malformed = f"decode: internal error ({type(exc).__name__})"
     return pkt
 
 
-def _ip(pkt: Packet, data: Buffer, quoted: bool) -> None:
+def _ip(pkt: Packet, data: Buffer, quoted: bool, copy_cap: int = 0) -> None:
     if not data:
         pkt.malformed = _QUOTE_TRUNCATED if quoted else "ip: empty packet"
         return
     version = data[0] >> 4
     if version == 4:
-        _ipv4(pkt, data, quoted)
+        _ipv4(pkt, data, quoted, copy_cap)
     elif version == 6:
-        _ipv6(pkt, data, quoted)
+        _ipv6(pkt, data, quoted, copy_cap)
     else:
         pkt.malformed = f"ip: unknown version {version}"
 
@@ -108,7 +121,7 @@ def _ip(pkt: Packet, data: Buffer, quoted: bool) -> None:
 # --- IPv4 -------------------------------------------------------------------------------------
 
 
-def _ipv4(pkt: Packet, data: Buffer, quoted: bool) -> None:
+def _ipv4(pkt: Packet, data: Buffer, quoted: bool, copy_cap: int) -> None:
     captured = len(data)
     pkt.family = 4
     if captured < 20:
@@ -116,7 +129,7 @@ def _ipv4(pkt: Packet, data: Buffer, quoted: bool) -> None:
         return
     version_ihl, total, frag, pkt.ttl, pkt.proto, pkt.src, pkt.dst = _IPV4.unpack_from(data)
     ihl = (version_ihl & 0x0F) * 4
-    end = _ipv4_end(pkt, ihl, total, captured, quoted)
+    end = _ipv4_end(pkt, ihl, total, captured, quoted, copy_cap)
     if end < 0:
         return
     pkt.length = end
@@ -130,8 +143,9 @@ def _ipv4(pkt: Packet, data: Buffer, quoted: bool) -> None:
     _l4(pkt, data, ihl, end, quoted)
 
 
-def _ipv4_end(pkt: Packet, ihl: int, total: int, captured: int, quoted: bool) -> int:
-    """Where the packet ends in the buffer, or -1 (malformed set) when its lengths cannot be."""
+def _ipv4_end(pkt: Packet, ihl: int, total: int, captured: int, quoted: bool, copy_cap: int) -> int:
+    """Where the packet ends (past the buffer's end when cut by the copy range), or -1
+    (malformed set) when its lengths cannot be."""
     if ihl < 20:
         pkt.malformed = f"ipv4: header length {ihl} < 20"
         return -1
@@ -142,8 +156,10 @@ def _ipv4_end(pkt: Packet, ihl: int, total: int, captured: int, quoted: bool) ->
     if quoted:  # a quote is normally cut short: its total length only trims trailing bytes
         return total if ihl <= total < captured else captured
     if total > captured:
-        pkt.malformed = f"ipv4: total length {total} > {captured} bytes captured"
-        return -1
+        if captured != copy_cap:
+            pkt.malformed = f"ipv4: total length {total} > {captured} bytes captured"
+            return -1
+        pkt.truncated = True
     if total < ihl:
         pkt.malformed = f"ipv4: total length {total} < header length {ihl}"
         return -1
@@ -153,7 +169,7 @@ def _ipv4_end(pkt: Packet, ihl: int, total: int, captured: int, quoted: bool) ->
 # --- IPv6 -------------------------------------------------------------------------------------
 
 
-def _ipv6(pkt: Packet, data: Buffer, quoted: bool) -> None:
+def _ipv6(pkt: Packet, data: Buffer, quoted: bool, copy_cap: int) -> None:
     captured = len(data)
     pkt.family = 6
     if captured < 40:
@@ -161,7 +177,7 @@ def _ipv6(pkt: Packet, data: Buffer, quoted: bool) -> None:
         return
     payload_length, next_header, pkt.ttl, pkt.src, pkt.dst = _IPV6.unpack_from(data)
     pkt.proto = next_header
-    end = _ipv6_end(pkt, payload_length, next_header, captured, quoted)
+    end = _ipv6_end(pkt, payload_length, next_header, captured, quoted, copy_cap)
     if end < 0:
         return
     pkt.length = end
@@ -170,8 +186,11 @@ def _ipv6(pkt: Packet, data: Buffer, quoted: bool) -> None:
         _l4(pkt, data, offset, end, quoted)
 
 
-def _ipv6_end(pkt: Packet, payload_length: int, next_header: int, captured: int, quoted: bool) -> int:
-    """Where the packet ends in the buffer, or -1 (malformed set) when its length cannot be."""
+def _ipv6_end(
+    pkt: Packet, payload_length: int, next_header: int, captured: int, quoted: bool, copy_cap: int
+) -> int:
+    """Where the packet ends (past the buffer's end when cut by the copy range), or -1
+    (malformed set) when its length cannot be."""
     end = 40 + payload_length
     if quoted:
         return captured if payload_length == 0 or end > captured else end
@@ -179,8 +198,10 @@ def _ipv6_end(pkt: Packet, payload_length: int, next_header: int, captured: int,
         pkt.malformed = "ipv6: jumbogram not supported"
         return -1
     if end > captured:
-        pkt.malformed = f"ipv6: payload length {payload_length} > {captured - 40} bytes captured"
-        return -1
+        if captured != copy_cap:
+            pkt.malformed = f"ipv6: payload length {payload_length} > {captured - 40} bytes captured"
+            return -1
+        pkt.truncated = True
     return end
 
 
@@ -188,6 +209,7 @@ def _ipv6_extensions(pkt: Packet, data: Buffer, end: int, quoted: bool) -> int:
     """Walk the extension headers; set proto (and frag) and return the upper-layer offset, or
     -1 when done: malformed, or a later fragment whose remaining bytes are not headers."""
     proto, offset, count = pkt.proto, 40, 0
+    present = min(end, len(data))  # `end` itself when the packet was not cut by the copy range
     while proto in _IPV6_EXTENSIONS:
         count += 1
         if count > _IPV6_MAX_EXTENSIONS:
@@ -196,7 +218,7 @@ def _ipv6_extensions(pkt: Packet, data: Buffer, end: int, quoted: bool) -> int:
         if proto == _IPV6_HOP_BY_HOP and count > 1:
             pkt.malformed = "ipv6: hop-by-hop header not first"  # RFC 8200 4.1
             return -1
-        if offset + 8 > end:
+        if offset + 8 > present:
             pkt.malformed = _QUOTE_TRUNCATED if quoted else f"ipv6: extension header {proto} truncated"
             return -1
         if proto == _IPV6_FRAGMENT:
@@ -214,7 +236,7 @@ def _ipv6_extensions(pkt: Packet, data: Buffer, end: int, quoted: bool) -> int:
             length = (data[offset + 1] + 2) * 4
         else:
             length = (data[offset + 1] + 1) * 8
-        if offset + length > end:
+        if offset + length > present:
             pkt.malformed = _QUOTE_TRUNCATED if quoted else f"ipv6: extension header {proto} truncated"
             return -1
         proto = data[offset]
@@ -243,6 +265,15 @@ def _l4(pkt: Packet, data: Buffer, offset: int, end: int, quoted: bool) -> None:
         pkt.payload_len = end - offset
 
 
+def _header_cut(pkt: Packet, data: Buffer, header_end: int, name: str) -> bool:
+    """A header running past the bytes copied (only possible in a packet cut by the copy range:
+    otherwise the length checks before this one have failed): malformed, True."""
+    if header_end <= len(data):
+        return False
+    pkt.malformed = f"{name}: header cut by the {len(data)}-byte copy range"
+    return True
+
+
 # --- TCP --------------------------------------------------------------------------------------
 
 
@@ -250,6 +281,8 @@ def _tcp(pkt: Packet, data: Buffer, offset: int, end: int) -> None:
     segment = end - offset
     if segment < 20:
         pkt.malformed = f"tcp: truncated header ({segment} bytes)"
+        return
+    if _header_cut(pkt, data, offset + 20, "tcp"):
         return
     pkt.sport, pkt.dport, pkt.seq, pkt.ack, data_offset, pkt.tcp_flags, pkt.window = _TCP.unpack_from(
         data, offset
@@ -260,6 +293,8 @@ def _tcp(pkt: Packet, data: Buffer, offset: int, end: int) -> None:
         return
     if header > segment:
         pkt.malformed = f"tcp: data offset {header // 4} beyond {segment}-byte segment"
+        return
+    if _header_cut(pkt, data, offset + header, "tcp"):
         return
     pkt.payload_len = segment - header
     if header > 20:
@@ -311,6 +346,8 @@ def _udp(pkt: Packet, data: Buffer, offset: int, end: int) -> None:
     if segment < 8:
         pkt.malformed = f"udp: truncated header ({segment} bytes)"
         return
+    if _header_cut(pkt, data, offset + 8, "udp"):
+        return
     pkt.sport, pkt.dport, length = _UDP.unpack_from(data, offset)
     if length < 8:
         pkt.malformed = f"udp: length field {length} < 8"
@@ -343,6 +380,8 @@ def _icmp_header(
     segment = end - offset
     if segment < 8:
         pkt.malformed = f"{name}: truncated header ({segment} bytes)"
+        return False
+    if _header_cut(pkt, data, offset + 8, name):
         return False
     icmp_type, pkt.icmp_code, ident = _ICMP.unpack_from(data, offset)
     pkt.icmp_type = icmp_type

@@ -3,6 +3,11 @@
 Pure: the adapter hands in the packet bytes, the kernel's metadata and the clock.  One
 Engine per NFQUEUE queue; the kernel hashes both directions of a flow to the same queue,
 so worker processes with one Engine each never need to share state.
+
+`copy_cap` is the queue's copy range: a packet of exactly that many bytes whose IP length
+claims more was cut by it (a GSO packet, up to 64 KB, of which only the first `copy_cap` bytes
+are copied to us). Such packets are decided on their headers with the lengths of their IP
+header (see core.decode) and counted in `truncated_packets`.
 """
 
 from __future__ import annotations
@@ -38,13 +43,17 @@ def _counter_name(verdict: Verdict) -> str:
     return f"{verdict.action.value} {verdict.reason}"
 
 
-def _none() -> int:
-    return 0
+def _none() -> tuple[int, int]:
+    return 0, 0
 
 
 class Engine:
     def __init__(
-        self, policy: CompiledPolicy, local_addresses: frozenset[bytes] | None = None, fast_path: bool = True
+        self,
+        policy: CompiledPolicy,
+        local_addresses: frozenset[bytes] | None = None,
+        fast_path: bool = True,
+        copy_cap: int = 0,
     ) -> None:
         options = policy.config.options
         self.policy = policy
@@ -56,13 +65,15 @@ class Engine:
         # The list keeps the verdict alive, so its id cannot be reused while counted here.
         self._tally: dict[int, list[Any]] = {}
         self.established = 0  # the full path counts here, folded into `counters` on read
+        self.copy_cap = copy_cap
+        self._truncated = 0  # packets cut by the copy range, full path (the fast path counts its own)
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
         # fast_path(data, now) -> True: the packet was ESTABLISHED and is tracked (core.fastpath);
         # None with fast_path=False (the differential tests: every packet takes full_process).
         self.fast_path: FastPath | None = None
-        self._fast_packets: Callable[[], int] = _none
+        self._fast_packets: Callable[[], tuple[int, int]] = _none  # (taken, of those cut)
         if fast_path:
-            self.fast_path, self._fast_packets = make_fast_path(self.conntrack)
+            self.fast_path, self._fast_packets = make_fast_path(self.conntrack, copy_cap)
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         """Swap the policy between two packets; conntrack state is kept."""
@@ -79,10 +90,15 @@ class Engine:
         counts = Counter(self._counters)
         for verdict, count in list(self._tally.values()):  # list(): one C call (metrics read from a thread)
             counts[_counter_name(verdict)] += count
-        established = self.established + self._fast_packets()
+        established = self.established + self._fast_packets()[0]
         if established:
             counts["accept established"] += established
         return dict(counts)
+
+    @property
+    def truncated_packets(self) -> int:
+        """Packets longer than the copy range seen so far (GSO packets, mostly)."""
+        return self._truncated + self._fast_packets()[1]
 
     # -- per packet ------------------------------------------------------------------------
     def process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
@@ -96,7 +112,9 @@ class Engine:
     def full_process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
         """Decode, conntrack, policy: the verdict for any packet."""
         try:
-            pkt = decode(data)
+            pkt = decode(data, self.copy_cap)
+            if pkt.truncated:
+                self._truncated += 1
             if pkt.malformed is not None:
                 return self._count(self._invalid(pkt.malformed))
             if pkt.frag:

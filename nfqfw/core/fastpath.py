@@ -6,7 +6,9 @@ than the packet needs. `make_fast_path(conntrack)` returns a function that handl
 common case and nothing else:
 
 - an IPv4 packet without IP options, or an IPv6 packet whose next header is TCP (no
-  extension headers), not a fragment, lengths consistent with the bytes captured;
+  extension headers), not a fragment, lengths consistent with the bytes captured, or a packet
+  cut by the queue's copy range (exactly `copy_cap` bytes, its IP length claiming more: a GSO
+  packet), whose lengths are then the IP header's, as `decode(data, copy_cap)` takes them;
 - a TCP header without options or with exactly NOP, NOP, timestamps (Linux's usual layout):
   so no SACK blocks and no malformed options;
 - flags of the ACK class that are valid (`tcp_states` tables: ACK, PSH, URG, ECE, CWR);
@@ -100,15 +102,19 @@ _NEEDED = IS_TCP | ASSURED | SEEN_REPLY
 assert ORIG_A == 1  # the direction is computed as (bits & ORIG_A) ^ is_a
 
 FastPath = Callable[[bytes, float], bool]
+# The longest headers the fast path takes: IPv6 and TCP with timestamps. A cut packet is only
+# taken when the copy range holds them (else the full path finds the header cut short).
+_LONGEST_HEADERS = 40 + 32
 _SMALL_READ = struct.Struct("BxBxxBB").unpack_from  # STATE, LAST_DIR, RETRANS, TCP_ASSURED
 _SMALL_WRITE = struct.Struct("2B").pack_into  # LAST_INDEX, LAST_DIR
 assert (STATE, LAST_INDEX, LAST_DIR, RETRANS, TCP_ASSURED) == (0, 1, 2, 5, 6)
 
 
-def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
+def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, Callable[[], tuple[int, int]]]:
     """The fast path over `conntrack`'s table: fast(data, now) is True when it tracked the packet
     (ESTABLISHED), False when the full path must decide (nothing was changed). Returned with a
-    function telling how many packets it took.
+    function telling how many packets it took, and how many of those were cut by the copy
+    range `copy_cap` (see decode; 0: packets are complete).
 
     It binds the table's columns, the key dict and the expiry wheel's heap once: Conntrack and
     FlowTable change those objects in place and never replace them (clear() included)."""
@@ -135,10 +141,11 @@ def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
     small_read, small_write = _SMALL_READ, _SMALL_WRITE
     udp4_header, udp6_header = _UDP4, _UDP6
     ack_class = _ACK_CLASS
-    taken = 0
+    cut_size = copy_cap if copy_cap >= _LONGEST_HEADERS else -1  # a packet of this size may be cut
+    taken = cut = 0
 
     def fast(data: bytes, now: float) -> bool:
-        nonlocal taken
+        nonlocal taken, cut
         try:
             if due and due[0] <= now:
                 return False  # an expiry sweep is due: the full path runs it
@@ -154,7 +161,10 @@ def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
                     (total, fragment, src, dst, sport, dport,
                      seq, ack, offset, window) = v4(data)  # fmt: skip
                     options = 0
-                if fragment & _FRAGMENT_BITS or total > size:
+                if fragment & _FRAGMENT_BITS:
+                    return False
+                whole = total <= size
+                if not whole and size != cut_size:
                     return False
                 segment = total - 20
                 is_a = src < dst or (src == dst and sport <= dport)
@@ -173,7 +183,8 @@ def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
                     (segment, s_hi, s_lo, d_hi, d_lo, sport, dport,
                      seq, ack, offset, window) = v6(data)  # fmt: skip
                     options = 0
-                if segment + 40 > size:
+                whole = segment + 40 <= size
+                if not whole and size != cut_size:
                     return False
                 is_a = (s_hi, s_lo, sport) <= (d_hi, d_lo, dport)
                 if is_a:
@@ -181,10 +192,7 @@ def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
                 else:
                     key = key6(PROTO_TCP, d_hi, d_lo, dport, s_hi, s_lo, sport)
             else:
-                if udp(data, size, now):
-                    taken += 1
-                    return True
-                return False
+                return udp(data, size, now)
 
             # -- an ACK-class TCP segment of `segment` bytes (header and data) of the flow `key` ----
             header = (offset >> 4) * 4
@@ -283,16 +291,20 @@ def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
                 timeout = retrans_timeout
             deadline_col[slot] = now + timeout
             taken += 1
+            if not whole:
+                cut += 1
             return True
         except Exception:  # a packet the checks above let through by mistake: never a crash
             return False
 
     def udp(data: bytes, size: int, now: float) -> bool:
         """A datagram of a replied UDP flow: ESTABLISHED either way (conntrack._stateless)."""
+        nonlocal taken, cut
         first = data[0] if size >= 28 else 0
         if first == _IPV4_NO_OPTIONS and data[9] == PROTO_UDP:
             total, fragment, src, dst, sport, dport, length = udp4_header(data)
-            if fragment & _FRAGMENT_BITS or total > size or not 8 <= length <= total - 20:
+            whole = total <= size
+            if fragment & _FRAGMENT_BITS or not 8 <= length <= total - 20 or (not whole and size != cut_size):
                 return False
             if src < dst or (src == dst and sport <= dport):
                 key = key4(PROTO_UDP, src, sport, dst, dport)
@@ -300,7 +312,8 @@ def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
                 key = key4(PROTO_UDP, dst, dport, src, sport)
         elif first >> 4 == 6 and size >= 48 and data[6] == PROTO_UDP:
             payload_length, s_hi, s_lo, d_hi, d_lo, sport, dport, length = udp6_header(data)
-            if payload_length + 40 > size or not 8 <= length <= payload_length:
+            whole = payload_length + 40 <= size
+            if not 8 <= length <= payload_length or (not whole and size != cut_size):
                 return False
             if (s_hi, s_lo, sport) <= (d_hi, d_lo, dport):
                 key = key6(PROTO_UDP, s_hi, s_lo, sport, d_hi, d_lo, dport)
@@ -320,9 +333,12 @@ def make_fast_path(conntrack: Conntrack) -> tuple[FastPath, Callable[[], int]]:
             deadline_col[slot] = now + UDP_REPLIED
         else:
             deadline_col[slot] = now + UDP_UNREPLIED
+        taken += 1
+        if not whole:
+            cut += 1
         return True
 
-    def fast_packets() -> int:
-        return taken
+    def fast_packets() -> tuple[int, int]:
+        return taken, cut
 
     return fast, fast_packets

@@ -52,6 +52,7 @@ class Packet:
         "sport",
         "src",
         "tcp_flags",
+        "truncated",
         "ts",
         "ttl",
         "window",
@@ -64,7 +65,10 @@ class Packet:
         self.dst: bytes = b""
         self.proto: int = 0  # upper-layer protocol (IPv6: after the extension-header chain)
         self.ttl: int = 0  # TTL / hop limit
-        self.length: int = 0  # bytes of IP packet actually used (header + payload)
+        self.length: int = 0  # bytes of the IP packet (header + payload) by its length field
+        # Cut short by the queue's copy range (a GSO packet, or one longer than the range): the
+        # headers are in the bytes, the lengths (`length`, `payload_len`) are the IP header's.
+        self.truncated: bool = False
         self.frag: int = FRAG_NONE
         self.l4_offset: int = 0  # offset of the L4 header in the packet bytes
         self.sport: int = 0  # TCP/UDP ports, 0 when absent

@@ -16,6 +16,10 @@ net/ipv6/netfilter/nf_reject_ipv6.c and icmp_send/icmp6_send):
   original IP header plus the first 64 bits of its data (RFC 792); IPv6 type 1 code 4 / 1
   quoting as much of the original as fits in the IPv6 minimum MTU of 1280 bytes (RFC 4443 2.4).
 
+A packet cut by the queue's copy range (`copy_cap`, see core.decode: a GSO packet) is answered
+from its headers, with the segment length of its IP header: the RST's ack covers the whole
+segment, as the kernel's REJECT would compute it on the packet it holds.
+
 Never answered (returns None, RFC 1122 3.2.2, RFC 4443 2.4 (e)): an ICMP error (or an ICMPv6
 redirect), a RST, a packet to a broadcast or multicast address or from an unspecified,
 broadcast or multicast one, a non-first fragment, and anything nfqfw.core.decode calls
@@ -50,11 +54,12 @@ _UNREACH_CODES = {
 _UNSPECIFIED = {4: bytes(4), 6: bytes(16)}
 
 
-def build_reject(data: bytes, kind: str) -> bytes | None:
-    """The reply to send for `data` rejected with `kind`, or None when nothing may be sent."""
+def build_reject(data: bytes, kind: str, copy_cap: int = 0) -> bytes | None:
+    """The reply to send for `data` rejected with `kind`, or None when nothing may be sent.
+    `copy_cap`: the copy range of the queue `data` comes from (see core.decode)."""
     if kind not in KINDS:
         raise ValueError(f"unknown reject kind {kind!r}")
-    pkt = decode(data)
+    pkt = decode(data, copy_cap)
     if pkt.malformed is not None or pkt.frag == FRAG_LATER or not _may_answer(pkt):
         return None
     if kind == TCP_RESET and pkt.proto == PROTO_TCP:

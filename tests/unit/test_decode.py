@@ -674,3 +674,111 @@ def test_garbage_is_malformed_not_an_exception(garbage: bytes) -> None:
 def test_non_buffer_input_is_contained() -> None:
     pkt = decode("E" * 40)  # type: ignore[arg-type]
     assert pkt.malformed == "decode: internal error (TypeError)"
+
+
+# --- packets cut by the queue's copy range (GSO) ----------------------------------------------
+
+CAP = 3840  # nfqfw.queue.COPY_RANGE
+
+
+def _gso_tcp(family: int, payload: int, options: bytes = build.timestamp_option(1, 2)) -> bytes:
+    src, dst = (S4, D4) if family == 4 else (S6, D6)
+    segment = build.tcp(
+        src, dst, 40000, 5201, 1000, 2000, ACK | PSH, 502, build.NOP * 2 + options, bytes(payload)
+    )
+    return build.ipv4(src, dst, 6, segment) if family == 4 else build.ipv6(src, dst, 6, segment)
+
+
+def _same_but_cut(whole: bytes, cap: int) -> None:
+    """`whole` cut to `cap` bytes decodes as `whole` does, with `truncated` set."""
+    assert len(whole) > cap
+    cut = decode(whole[:cap], cap)
+    assert _fields(cut) == {**_fields(decode(whole)), "truncated": True}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_gso_segment_cut_by_the_copy_range_keeps_its_ip_lengths(family: int) -> None:
+    whole = _gso_tcp(family, 62000)
+    pkt = decode(whole[:CAP], CAP)
+    assert (pkt.malformed, pkt.truncated, pkt.payload_len) == (None, True, 62000)
+    assert (pkt.length, pkt.seq, pkt.ack, pkt.ts) == (len(whole), 1000, 2000, (1, 2))
+    _same_but_cut(whole, CAP)
+
+
+def test_cut_packets_of_every_kind_decode_as_the_whole_packet() -> None:
+    udp_datagram = build.udp(S4, D4, 5000, 53, bytes(9000))
+    chain = build.ipv6_options_header(60) + build.ipv6_options_header(6)  # hop-by-hop, destination
+    for whole, cap in [
+        (build.ipv4(S4, D4, 17, udp_datagram), 200),  # a UDP GSO datagram: its UDP length covers it all
+        (build.ipv4(S4, D4, 6, _gso_tcp(4, 9000)[20:], options=b"\x94\x04\x00\x00"), 100),  # IP options
+        (build.ipv6(S6, D6, 0, chain + _gso_tcp(6, 9000)[40:]), 120),  # extension headers
+        (build.ipv4(S4, D4, 6, bytes(9000), frag_offset=1480), 60),  # a later fragment
+        (build.ipv4(S4, D4, 1, build.icmp(8, 0, (7, 1), bytes(9000))), 28),  # a big echo request
+        (build.ipv6(S6, D6, 58, build.icmpv6(S6, D6, 128, 0, b"\0\1\0\1" + bytes(9000))), 48),
+    ]:
+        _same_but_cut(whole, cap)
+
+
+def test_only_a_packet_of_exactly_the_copy_range_is_cut() -> None:
+    whole = _gso_tcp(4, 62000)
+    assert (
+        decode(whole[: CAP - 1], CAP).malformed
+        == f"ipv4: total length {len(whole)} > {CAP - 1} bytes captured"
+    )
+    assert (
+        decode(whole[:CAP]).malformed == f"ipv4: total length {len(whole)} > {CAP} bytes captured"
+    )  # no cap
+    whole6 = _gso_tcp(6, 62000)
+    assert (
+        decode(whole6[: CAP - 1], CAP).malformed
+        == f"ipv6: payload length {len(whole6) - 40} > 3799 bytes captured"
+    )
+    short = _gso_tcp(4, 100)  # a complete packet of exactly the copy range: not cut, lengths checked
+    assert decode(short, len(short)).truncated is False
+    lying = _set(bytearray(short), 2, "!H", len(short) - 1)
+    assert decode(lying, len(short)).truncated is False  # shorter length than bytes: trims, as always
+
+
+@pytest.mark.parametrize(
+    ("whole", "cap", "reason"),
+    [
+        (_gso_tcp(4, 5000), 40, "tcp: header cut by the 40-byte copy range"),  # the options are missing
+        (_gso_tcp(4, 5000), 30, "tcp: header cut by the 30-byte copy range"),  # half the fixed header
+        (_gso_tcp(6, 5000), 64, "tcp: header cut by the 64-byte copy range"),
+        (
+            build.ipv4(S4, D4, 17, build.udp(S4, D4, 1, 2, bytes(500))),
+            24,
+            "udp: header cut by the 24-byte copy range",
+        ),
+        (
+            build.ipv4(S4, D4, 1, build.icmp(8, 0, (7, 1), bytes(500))),
+            24,
+            "icmp: header cut by the 24-byte copy range",
+        ),
+        (
+            build.ipv6(S6, D6, 60, build.ipv6_options_header(6, bytes(14)) + bytes(500)),
+            50,
+            "ipv6: extension header 60 truncated",
+        ),
+        (_gso_tcp(4, 5000), 16, "ipv4: truncated header (16 bytes)"),
+        (  # the UDP length is checked against the IP length
+            build.ipv4(S4, D4, 17, _set(bytearray(build.udp(S4, D4, 1, 2, bytes(500))), 4, "!H", 509)),
+            100,
+            "udp: length field 509 but 508 bytes",
+        ),
+    ],
+)
+def test_a_cut_packet_needs_its_headers_and_consistent_lengths(whole: bytes, cap: int, reason: str) -> None:
+    pkt = decode(whole[:cap], cap)
+    assert pkt.malformed == reason
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_cut_packet_whose_headers_just_fit(family: int) -> None:
+    whole = _gso_tcp(family, 5000)  # TCP with NOP, NOP, timestamps: 32 bytes
+    headers = (20 if family == 4 else 40) + 32
+    assert decode(whole[:headers], headers).payload_len == 5000
+    assert (
+        decode(whole[: headers - 1], headers - 1).malformed
+        == f"tcp: header cut by the {headers - 1}-byte copy range"
+    )

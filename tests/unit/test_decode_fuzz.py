@@ -87,7 +87,10 @@ def _check(pkt: Packet, data: bytes) -> None:
     assert pkt.family in (4, 6)
     assert type(pkt.src) is bytes and type(pkt.dst) is bytes
     assert len(pkt.src) == len(pkt.dst) == (4 if pkt.family == 4 else 16)
-    assert 0 < pkt.l4_offset <= pkt.length <= len(data)
+    if pkt.truncated:  # cut by the copy range: the IP length claims more than the bytes
+        assert 0 < pkt.l4_offset <= len(data) < pkt.length
+    else:
+        assert 0 < pkt.l4_offset <= pkt.length <= len(data)
     assert pkt.payload_len >= 0 and pkt.l4_offset + pkt.payload_len <= pkt.length
     assert -1 <= pkt.wscale <= 14
     if pkt.frag == FRAG_LATER:
@@ -200,3 +203,30 @@ def test_built_tcp_round_trips(
     assert pkt.ts == ts
     assert pkt.payload_len == len(payload)
     assert (pkt.src, pkt.dst, pkt.length) == (src, dst, len(data))
+
+
+@PROFILE
+@given(st.sampled_from(SEEDS), st.lists(_MUTATION, max_size=3), st.integers(0, 2000))
+def test_a_packet_cut_by_the_copy_range_decodes_as_the_whole_one(
+    seed: bytes, mutations: list[tuple[str, int, int]], cap: int
+) -> None:
+    whole = _mutate(seed, mutations)
+    part = whole[:cap]
+    pkt = decode(part, cap)
+    _check(pkt, part)
+    if len(part) != cap:  # not cut: the copy range changes nothing
+        assert _fields(pkt) == _fields(decode(part))
+        return
+    complete = decode(whole)
+    if complete.malformed is not None or pkt.malformed is not None:
+        return  # a length that lies cannot be told from a cut; headers cut short are malformed
+    assert pkt.truncated == (complete.length > cap)
+    assert {**_fields(pkt), "truncated": False, "inner": None} == {**_fields(complete), "inner": None}
+
+
+def _fields(pkt: Packet) -> dict[str, object]:
+    """Every field; an ICMP error's embedded header as its fields too."""
+    fields: dict[str, object] = {name: getattr(pkt, name) for name in Packet.__slots__}
+    if pkt.inner is not None:
+        fields["inner"] = _fields(pkt.inner)
+    return fields

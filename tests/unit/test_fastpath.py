@@ -5,7 +5,9 @@ other never does (Engine(fast_path=False)). After every packet their verdicts, c
 state of every flow (deadline, creation time, flags, rule, meta, every TCP word and byte) must be
 equal. The packets: a real handshake, then random segments from both sides around the expected
 sequence numbers (so most are in window) with random flags, options, payloads, windows, clock
-steps, and raw byte mutations of the IP and TCP headers; IPv4 and IPv6.
+steps, and raw byte mutations of the IP and TCP headers; IPv4 and IPv6. And the same with packets
+cut by a copy range as NFQUEUE hands over GSO packets (exactly `copy_cap` bytes, the IP length
+claiming up to 64 KB).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -70,19 +73,20 @@ OPTIONS = {
 class Pair:
     """A fast-path engine and a full-path engine fed the same packets."""
 
-    def __init__(self) -> None:
-        self.fast = Engine(POLICY, fast_path=True)
-        self.full = Engine(POLICY, fast_path=False)
+    def __init__(self, copy_cap: int = 0) -> None:
+        self.fast = Engine(POLICY, fast_path=True, copy_cap=copy_cap)
+        self.full = Engine(POLICY, fast_path=False, copy_cap=copy_cap)
 
     def hits(self) -> int:
         """Packets the fast path took."""
-        return self.fast._fast_packets()
+        return self.fast._fast_packets()[0]
 
     def feed(self, data: bytes, meta: Meta, now: float) -> Verdict:
         got = self.fast.process(data, meta, now)
         want = self.full.process(data, meta, now)
         assert got == want, (got, want)
         assert self.fast.counts() == self.full.counts()
+        assert self.fast.truncated_packets == self.full.truncated_packets
         assert flow_states(self.fast) == flow_states(self.full)
         return want
 
@@ -106,12 +110,35 @@ def flow_states(engine: Engine) -> dict[bytes, tuple[object, ...]]:
 
 
 def segment(
-    family: int, forward: bool, flags: int, seq: int, ack: int, window: int, options: bytes, payload: int
+    family: int,
+    forward: bool,
+    flags: int,
+    seq: int,
+    ack: int,
+    window: int,
+    options: bytes,
+    payload: int,
+    copy_cap: int = 0,
 ) -> bytes:
+    """The segment as NFQUEUE hands it over with copy range `copy_cap` (0: whole): a longer
+    one is cut to `copy_cap` bytes, its IP length still counting `payload` bytes of data."""
     client, server = HOSTS[family]
     src, dst, sport, dport = (client, server, 40000, 5201) if forward else (server, client, 5201, 40000)
-    data = tcp(src, dst, sport, dport, seq & MASK, ack & MASK, flags, window, options, b"p" * payload)
-    return ipv4(src, dst, 6, data) if family == 4 else ipv6(src, dst, 6, data)
+    built = min(payload, copy_cap) if copy_cap else payload  # enough bytes to cut from
+    data = tcp(src, dst, sport, dport, seq & MASK, ack & MASK, flags, window, options, b"p" * built)
+    packet = ipv4(src, dst, 6, data) if family == 4 else ipv6(src, dst, 6, data)
+    return kernel_copy(packet, payload - built, copy_cap)
+
+
+def kernel_copy(packet: bytes, more: int, copy_cap: int) -> bytes:
+    """`packet` with `more` bytes of data counted in its IP length, cut to `copy_cap` bytes if
+    that makes it longer (as NFQUEUE's copy range cuts a GSO packet)."""
+    if not more:
+        return packet if not copy_cap else packet[:copy_cap]
+    data = bytearray(packet)
+    at, length = (2, len(packet)) if data[0] >> 4 == 4 else (4, len(packet) - 40)
+    data[at : at + 2] = (length + more).to_bytes(2, "big")
+    return bytes(data[:copy_cap])
 
 
 def handshake(pair: Pair, family: int, c_isn: int, s_isn: int, wscale: int, now: float) -> None:
@@ -200,10 +227,10 @@ class Action:
     mutations: tuple[tuple[int, int], ...]  # (offset, new byte value) in the first 64 bytes
     cut: int  # bytes cut off the end
 
-    def packet(self, family: int, seq: int, ack: int) -> bytes:
+    def packet(self, family: int, seq: int, ack: int, copy_cap: int = 0) -> bytes:
         options = OPTIONS[self.options](seq & MASK, ack & MASK)
         data = bytearray(
-            segment(family, self.forward, self.flags, seq, ack, self.window, options, self.payload)
+            segment(family, self.forward, self.flags, seq, ack, self.window, options, self.payload, copy_cap)
         )
         for at, value in self.mutations:
             data[at % len(data)] = value
@@ -279,6 +306,70 @@ def test_fast_path_matches_full_path(
     event("fast path taken: " + ("0" if not hits else "1-9 times" if hits < 10 else "10+ times"))
 
 
+# GSO-sized segments (up to 64 KB of data) of a real peer, and the wild and mutated ones above,
+# cut by copy ranges below, at and above the longest headers the fast path takes (72 bytes).
+gso_sized = st.builds(
+    Action,
+    forward=st.booleans(),
+    flags=st.sampled_from([ACK, ACK | PSH]),
+    seq=st.one_of(st.just(0), st.integers(min_value=-70000, max_value=0)),
+    ack=st.one_of(st.just(0), st.integers(min_value=-70000, max_value=0)),
+    payload=st.one_of(
+        st.just(0),
+        st.integers(min_value=0, max_value=1460),
+        st.integers(min_value=1461, max_value=65483),
+        st.just(65483),  # the largest IPv4 segment: total length 65535 with timestamps
+    ),
+    window=st.sampled_from([0, 502, 3000, 65535]),
+    options=st.sampled_from(["none", "ts"]),
+    step=st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=2.0)),
+    mutations=st.just(()),
+    cut=st.just(0),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    family=st.sampled_from([4, 6]),
+    c_isn=u32,
+    s_isn=u32,
+    wscale=st.integers(min_value=0, max_value=14),
+    copy_cap=st.sampled_from([60, 71, 72, 100, 3840]),
+    sequence=st.lists(st.one_of(gso_sized, gso_sized, gso_sized, wild, mutated), min_size=5, max_size=40),
+)
+def test_fast_path_matches_full_path_on_packets_cut_by_the_copy_range(
+    family: int, c_isn: int, s_isn: int, wscale: int, copy_cap: int, sequence: list[Action]
+) -> None:
+    pair = Pair(copy_cap)
+    now = 100.0
+    handshake(pair, family, c_isn, s_isn, wscale, now)
+    sent = {True: (c_isn + 1) & MASK, False: (s_isn + 1) & MASK}
+    for a in sequence:
+        now += a.step
+        packet = a.packet(family, sent[a.forward] + a.seq, sent[not a.forward] + a.ack, copy_cap)
+        pair.feed(packet, OUT if a.forward else IN, now)
+        sent[a.forward] = (sent[a.forward] + a.payload) & MASK
+    cut = pair.fast._fast_packets()[1]
+    event("cut packets on the fast path: " + ("0" if not cut else "1-9" if cut < 10 else "10+"))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_gso_bulk_transfer_goes_through_the_fast_path_with_the_ip_lengths(family: int) -> None:
+    pair = Pair(copy_cap=3840)
+    c, s, now = 1000, 5000, 10.0
+    handshake(pair, family, c, s, 7, now)
+    c, s = c + 1, s + 1
+    for n in range(100):
+        now += 0.001
+        pair.feed(segment(family, True, ACK | PSH, c, s, 1024, stamp(n), 62000, copy_cap=3840), OUT, now)
+        c += 62000
+        pair.feed(segment(family, False, ACK, s, c, 3000, stamp(n), 0, copy_cap=3840), IN, now)
+    assert (pair.hits(), pair.fast.truncated_packets, pair.full.truncated_packets) == (200, 100, 100)
+    flow = next(iter(pair.fast.conntrack))
+    assert flow.state_name == "ESTABLISHED"
+    assert pair.fast.conntrack.table.td[0] == (1001 + 100 * 62000) & MASK  # the client's END
+
+
 def test_wrapping_sequence_numbers_fall_back_and_agree() -> None:
     pair = Pair()
     c, s, now = MASK - 3000, MASK - 10, 10.0
@@ -340,18 +431,22 @@ udp_damaged = st.tuples(
 @given(
     family=st.sampled_from([4, 6]),
     replied=st.booleans(),
+    copy_cap=st.sampled_from([0, 0, 40, 100]),  # 100: longer datagrams are cut (UDP GSO)
     sequence=st.lists(st.one_of(udp_clean, udp_clean, udp_clean, udp_damaged), min_size=3, max_size=40),
 )
 def test_udp_fast_path_matches_full_path(
-    family: int, replied: bool, sequence: list[tuple[bool, int, float, tuple[tuple[int, int], ...], int]]
+    family: int,
+    replied: bool,
+    copy_cap: int,
+    sequence: list[tuple[bool, int, float, tuple[tuple[int, int], ...], int]],
 ) -> None:
-    pair = Pair()
+    pair = Pair(copy_cap)
     now = 100.0
     pair.feed(datagram(family, True, 20), OUT, now)
     if replied:
         pair.feed(datagram(family, False, 20), IN, now)
     for forward, payload, step, mutations, cut in sequence:
-        data = bytearray(datagram(family, forward, payload))
+        data = bytearray(kernel_copy(datagram(family, forward, payload), 0, copy_cap))
         for at, value in mutations:
             data[at % len(data)] = value
         now += step

@@ -147,6 +147,19 @@ def test_line(data: bytes, meta: Meta, verdict: Verdict, line: str) -> None:
     assert format_packet(data, meta, verdict) == line
 
 
+def test_a_gso_packet_cut_by_the_copy_range_shows_its_ip_length() -> None:
+    gso = bytes(IP(src="203.0.113.10", dst="10.0.0.25", ttl=63) / TCP(sport=5201, dport=40000, flags="PA"))
+    gso += bytes(60000)
+    gso = gso[:2] + len(gso).to_bytes(2, "big") + gso[4:]
+    invalid = Verdict(Action.DROP, Ct.INVALID, None, "invalid: tcp: SEQ is over the upper bound", True)
+    tail = "DST=10.0.0.25 LEN=60040 TTL=63 PROTO=TCP SPT=5201 DPT=40000 FLAGS=ACK,PSH"
+    lines = Lines()
+    PacketLog(UFW_LIMIT, emit=lines, copy_cap=3840).log(gso[:3840], IN, invalid, 1.0)
+    assert lines.packets()[0].endswith(tail)
+    # Shorter than the copy range: malformed (its length lies), logged with the bytes there are.
+    assert format_packet(gso[:3839], IN, invalid, 3840).endswith("DST=10.0.0.25 LEN=3839 TTL=63 PROTO=TCP")
+
+
 # --- the rate limit ---------------------------------------------------------------------------
 
 

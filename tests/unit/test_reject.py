@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
 from scapy.layers.inet6 import (
@@ -85,6 +87,32 @@ def test_rst_without_ack_counts_payload_syn_and_fin() -> None:
 def test_rst_ignores_ethernet_padding_beyond_ip_total_length() -> None:
     data = _tcp4("S", seq=1000) + b"\0" * 6
     assert IP(build_reject(data, "tcp-reset"))[TCP].ack == 1001
+
+
+# A GSO packet as NFQUEUE hands it over: its first CAP bytes, the IP length counting them all.
+CAP = 3840
+
+
+@pytest.mark.parametrize("make", [_tcp4, _tcp6], ids=["ipv4", "ipv6"])
+def test_rst_for_a_gso_segment_cut_by_the_copy_range(make: Callable[..., bytes]) -> None:
+    with_ack = make("PA", seq=5000, ack=77777, payload=b"x" * 60000)
+    reply = build_reject(with_ack[:CAP], "tcp-reset", CAP)
+    assert reply is not None and reply == build_reject(with_ack, "tcp-reset")
+    without_ack = make("P", seq=0xFFFF0000, payload=b"y" * 60000)
+    reply = build_reject(without_ack[:CAP], "tcp-reset", CAP)
+    assert reply is not None and reply == build_reject(without_ack, "tcp-reset")
+    layer = (IP if make is _tcp4 else IPv6)(reply)[TCP]
+    assert (layer.seq, layer.ack, str(layer.flags)) == (0, (0xFFFF0000 + 60000) & 0xFFFFFFFF, "RA")
+    assert build_reject(without_ack[:CAP], "tcp-reset") is None  # without the cap: a lying length
+
+
+@pytest.mark.parametrize("kind", ["icmp-port-unreachable", "icmp-admin-prohibited"])
+def test_icmp_for_a_datagram_cut_by_the_copy_range_quotes_its_start(kind: str) -> None:
+    for original in (
+        bytes(IP(src="192.0.2.10", dst="198.51.100.20") / UDP(sport=5000, dport=53) / (b"Q" * 9000)),
+        bytes(IPv6(src="2001:db8::10", dst="2001:db8:1::20") / UDP(sport=5000, dport=53) / (b"Q" * 9000)),
+    ):
+        assert build_reject(original[:CAP], kind, CAP) == build_reject(original, kind)
 
 
 def test_no_rst_for_rst() -> None:
