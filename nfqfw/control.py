@@ -462,6 +462,7 @@ class Requests:
             "queue": str(spec.first) if spec.first == spec.last else f"{spec.first}:{spec.last}",
             "failure_mode": "open" if daemon.fail_open else "closed",
             "panic": bool(spec.panic),
+            "gso": bool(daemon.adapter.gso) and all(daemon.adapter.gso.values()),  # queued whole
             "flows": {
                 "total": len(conntrack),
                 "max": conntrack.max_flows,

@@ -136,9 +136,10 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
         first, *rest = format_reload(reload, when)
         lines.append(f"last reload:  {first}")
         lines += rest
+    gso = "" if "gso" not in status else f", GSO packets {'on' if status['gso'] else 'off'}"
     lines.append(
         f"queue:        {status['queue']}, failure mode {status['failure_mode']}, "
-        f"panic {'on' if status['panic'] else 'off'}"
+        f"panic {'on' if status['panic'] else 'off'}{gso}"
     )
     flows = status["flows"]
     share = 100.0 * flows["total"] / flows["max"] if flows["max"] else 0.0

@@ -59,6 +59,7 @@ from nfqfw.core.config import DEFAULT_LOG_LIMIT, LogLimit
 from nfqfw.links import Links
 from nfqfw.packetlog import PacketLog
 from nfqfw.queue import (
+    COPY_RANGE,
     DEFAULT_MAX_LEN,
     DEFAULT_REJECT_RATE,
     DEFAULT_SOCK_LEN,
@@ -95,6 +96,7 @@ class Options:
     runtime_dir: str = DEFAULT_RUNTIME_DIR  # the control socket's directory
     metrics: tuple[str, int] | None = None  # --metrics: (host, port) of the Prometheus endpoint
     metrics_allow_remote: bool = False
+    gso: bool = True  # ask the kernel for GSO packets whole (--no-gso: segmented, as before)
 
 
 @dataclass
@@ -165,7 +167,7 @@ def load_policy_file(path: str) -> Loaded:
 def default_engine(loaded: Loaded) -> Any:
     from nfqfw.core.engine import Engine
 
-    return Engine(loaded.engine_policy)
+    return Engine(loaded.engine_policy, copy_cap=COPY_RANGE)  # the queue's copy range: GSO packets are cut
 
 
 class Daemon:
@@ -198,7 +200,7 @@ class Daemon:
         self.started = time.time()
         self.started_mono = clock()
         self.last_reload: ReloadResult | None = None
-        self.packet_log = PacketLog()
+        self.packet_log = PacketLog(copy_cap=COPY_RANGE)
         self.metrics: Any = None  # a nfqfw.metrics.MetricsServer with --metrics
 
     # -- start --
@@ -239,7 +241,7 @@ class Daemon:
         self.adapter.housekeeping = self._housekeeping
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
         try:
-            self.adapter.bind(self.spec.queues, opts.max_len, opts.sock_len)
+            self.adapter.bind(self.spec.queues, opts.max_len, opts.sock_len, opts.gso)
         except QueueError as err:
             self.close()
             raise StartupError(str(err)) from err
@@ -263,7 +265,9 @@ class Daemon:
         self._install_signal_handlers()
         mode = "open" if loaded.fail_open else "closed"
         queue = self._queue_text()
-        log.info("queue %s bound, rules installed (failure mode %s, mark 0x%x)", queue, mode, opts.mark)
+        gso = "on" if all(self.adapter.gso.values()) else "off"
+        settings = f"failure mode {mode}, mark 0x{opts.mark:x}, GSO packets {gso}"
+        log.info("queue %s bound, rules installed (%s)", queue, settings)
         self.notifier.ready(f"filtering on queue {self._queue_text()}, failure mode {mode}")
 
     def _start_metrics(self) -> Any:

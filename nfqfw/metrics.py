@@ -31,6 +31,8 @@ Metrics (all prefixed nfqfw_):
   rejects_unsent_total{cause}            rejects not answered (not_answered, rate_limited,
                                          send_error)
   verdict_errors_total                   packets that hit an error in the adapter
+  packets_longer_than_copy_range_total   packets of which only the first 3840 bytes were copied
+                                         (GSO packets, see nfqfw.queue)
   packet_log_lines_total, packet_log_suppressed_total   packet log lines written / held back
   engine_latency_seconds                 histogram of Engine.process time, 1 packet in 64
 """
@@ -52,7 +54,7 @@ from prometheus_client.registry import Collector
 
 from nfqfw.core.config import PROTOCOL_NAMES
 from nfqfw.packetlog import PacketLog
-from nfqfw.queue import ProcessFn, QueueStat, read_queue_stats
+from nfqfw.queue import LONGER_THAN_COPY_RANGE, ProcessFn, QueueStat, read_queue_stats
 
 DEFAULT_PORT = 9469
 SAMPLE_EVERY = 64  # the latency histogram times one engine call in this many
@@ -293,6 +295,11 @@ class NfqfwCollector(Collector):
             "nfqfw_verdict_errors",
             "Packets that hit an error in the adapter (given the failure-mode verdict)",
             value=counters.get("verdict error", 0),
+        )
+        yield CounterMetricFamily(
+            "nfqfw_packets_longer_than_copy_range",
+            "Packets longer than the queue's copy range, decided on their headers (GSO packets)",
+            value=counters.get(LONGER_THAN_COPY_RANGE, 0),
         )
 
 

@@ -30,6 +30,15 @@ there is no logging on it but step 4, no per-packet object besides what the engi
 except clause costs nothing unless something raises (then the packet gets the failure-mode
 verdict: drop when closed, accept when open, and "verdict error" is counted).
 
+GSO: `bind(..., gso=True)` (the default; `nfqfw run --no-gso` turns it off) asks the kernel,
+right after binding each queue, to queue GSO packets whole (nfqfw.queueflags): a bulk TCP
+transfer then reaches us as 64 KB super-packets instead of ~45 MTU-sized ones. The copy range
+is COPY_RANGE bytes, so such a packet arrives as its first COPY_RANGE bytes; the engine is made
+with `copy_cap=COPY_RANGE` and decides it on its headers and IP lengths (nfqfw.core.decode), the
+reject builder and the packet log decode it the same way. `counters["packets longer than copy
+range"]` counts them (the engine's `truncated_packets`). A kernel that refuses the flag is
+logged and packets come segmented, as without it.
+
 Housekeeping (link events, queue drop statistics, sd_notify, a stop request) is meant to run
 off the packet path, from the daemon's poll loop when it is idle. Under a sustained flood,
 NetfilterQueue.run(block=False) keeps reading until the socket is empty and may not return for
@@ -41,6 +50,7 @@ service calls `wake()`, which moves the deadline to 0.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -51,11 +61,18 @@ from netfilterqueue import COPY_PACKET, NetfilterQueue
 
 from nfqfw.core.reject import build_reject
 from nfqfw.core.verdict import Action, Hook, Meta, Verdict
+from nfqfw.queueflags import NFQA_CFG_F_GSO, QueueFlagsError, set_queue_flags
 
 log = logging.getLogger(__name__)
 
 PROC_QUEUE = "/proc/net/netfilter/nfnetlink_queue"
-COPY_RANGE = 0xFFFF  # whole packets (NetfilterQueue caps the copy at 4016 bytes)
+# Bytes of each packet the kernel copies to us. NetfilterQueue receives into a 4096-byte buffer,
+# and the packet follows up to ~150 bytes of netlink attributes (headers, interfaces, mark,
+# priority, hardware address, timestamp, classid, cap_len, skb info): a longer message is cut by
+# recv and never parsed, so its packet never gets a verdict. (NetfilterQueue's own cap, 4016,
+# leaves 80 bytes: a GSO or jumbo packet's message is 84 here.) 256 bytes of room; every packet
+# up to 3840 bytes comes whole, a longer one (GSO) as its first 3840 bytes.
+COPY_RANGE = 3840
 DEFAULT_MAX_LEN = 8192  # packets the kernel may hold for us before it drops (queue_dropped)
 DEFAULT_SOCK_LEN = 16 * 1024 * 1024  # netlink receive buffer (the kernel doubles it)
 DEFAULT_REJECT_RATE = 1000.0  # answers per second, burst as much
@@ -70,6 +87,7 @@ ADAPTER_COUNTERS = (
     "reject send error",
     "verdict error",
 )
+LONGER_THAN_COPY_RANGE = "packets longer than copy range"  # GSO packets mostly (the engine counts)
 
 
 class EngineLike(Protocol):
@@ -183,9 +201,10 @@ class QueueAdapter:
         self.clock = clock
         self.log_packet = log_packet or _not_logged
         self.wrap_process = wrap_process
-        self.counters: dict[str, int] = dict.fromkeys(ADAPTER_COUNTERS, 0)
+        self._counters: dict[str, int] = dict.fromkeys(ADAPTER_COUNTERS, 0)
         self.housekeeping: Callable[[float], float] = lambda now: now + 1.0
         self.queues: dict[int, NetfilterQueue] = {}
+        self.gso: dict[int, bool] = {}  # queue -> the kernel queues GSO packets whole to it
         self._metas: dict[int, Meta] = {}
         self._deadline = [0.0]  # a list: shared, mutable cell read by the callback
         self._tokens = reject_rate
@@ -194,16 +213,36 @@ class QueueAdapter:
         links.on_change(self._metas.clear)
         self.on_packet = self._make_callback()
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """The adapter's counters and the packets longer than the copy range (a copy)."""
+        counters = dict(self._counters)
+        counters[LONGER_THAN_COPY_RANGE] = getattr(self.engine, "truncated_packets", 0)
+        return counters
+
     # -- binding --
 
-    def bind(self, queues: range, max_len: int = DEFAULT_MAX_LEN, sock_len: int = DEFAULT_SOCK_LEN) -> None:
-        """Bind every queue in `queues`; raises QueueError with a one-line message."""
+    def bind(
+        self,
+        queues: range,
+        max_len: int = DEFAULT_MAX_LEN,
+        sock_len: int = DEFAULT_SOCK_LEN,
+        gso: bool = True,
+    ) -> None:
+        """Bind every queue in `queues` (asking for GSO packets whole unless `gso` is False);
+        raises QueueError with a one-line message."""
+        # Packets queued while binding (a restart under traffic) are served by the callback at
+        # once; the daemon is not started yet, so no housekeeping from there.
+        deadline, self._deadline[0] = self._deadline[0], math.inf
         try:
             for number in queues:
-                self.queues[number] = self._bind_one(number, max_len, sock_len)
+                self.queues[number] = queue = self._bind_one(number, max_len, sock_len)
+                self.gso[number] = gso and _ask_for_gso(queue, number)
         except BaseException:
             self.unbind()
             raise
+        finally:
+            self._deadline[0] = deadline
 
     def _bind_one(self, number: int, max_len: int, sock_len: int) -> NetfilterQueue:
         try:
@@ -231,6 +270,7 @@ class QueueAdapter:
         for queue in self.queues.values():
             queue.unbind()
         self.queues.clear()
+        self.gso.clear()
 
     def fds(self) -> dict[int, Callable[[], None]]:
         """fd -> function to call when it is readable (drains it without blocking)."""
@@ -316,8 +356,8 @@ class QueueAdapter:
 
     def _reject(self, data: bytes, kind: str | None, ifindex: int, now: float) -> None:
         """Answer a rejected packet (already dropped): build, rate-limit, send, count."""
-        reply = build_reject(data, kind or DEFAULT_REJECT_WITH)
-        counters = self.counters
+        reply = build_reject(data, kind or DEFAULT_REJECT_WITH, COPY_RANGE)
+        counters = self._counters
         if reply is None:
             counters["reject not answered"] += 1
             return
@@ -336,7 +376,7 @@ class QueueAdapter:
         counters["reject sent"] += 1
 
     def _failed(self, pkt: Any) -> None:
-        self.counters["verdict error"] += 1
+        self._counters["verdict error"] += 1
         if self._errors_logged < 10:  # enough to diagnose, not enough to flood the journal
             self._errors_logged += 1
             log.exception("error handling a packet (failure mode %s)", "open" if self.fail_open else "closed")
@@ -355,6 +395,16 @@ class QueueAdapter:
         except Exception:
             log.exception("housekeeping failed")
             self._deadline[0] = now + 1.0
+
+
+def _ask_for_gso(queue: NetfilterQueue, number: int) -> bool:
+    """Ask the kernel to queue GSO packets whole; False (and a warning) when it does not."""
+    try:
+        set_queue_flags(queue, number, NFQA_CFG_F_GSO, NFQA_CFG_F_GSO)
+    except QueueFlagsError as err:
+        log.warning("%s: GSO packets stay off, the kernel segments them before queueing (slower)", err)
+        return False
+    return True
 
 
 def _never_fast(data: bytes, now: float) -> bool:

@@ -90,6 +90,13 @@ def register(subparsers: Any) -> None:
         help=f"where the control socket {SOCKET_NAME} goes (default {DEFAULT_RUNTIME_DIR}); "
         "one per daemon when several run",
     )
+    parser.add_argument(
+        "--no-gso",
+        dest="gso",
+        action="store_false",
+        help="let the kernel cut GSO packets (up to 64 KB, from TSO/GRO) into MTU-sized ones before "
+        "queueing them, as without nfqfw; by default they are queued whole and decided on their headers",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     parser.set_defaults(func=run)
 
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         runtime_dir=args.runtime_dir,
         metrics=args.metrics,
         metrics_allow_remote=args.metrics_allow_remote,
+        gso=args.gso,
     )
     return run_daemon(options)
 

@@ -132,6 +132,7 @@ def status(**changes: Any) -> dict[str, Any]:
         "queue": "0",
         "failure_mode": "closed",
         "panic": False,
+        "gso": True,
         "flows": {
             "total": 3,
             "max": 65536,
@@ -153,7 +154,7 @@ def test_status_text() -> None:
         "policy:       /etc/nfqfw/policy.yaml",
         f"  sha256:     {'ab' * 32} (in force)",
         "last reload:  none since start",
-        "queue:        0, failure mode closed, panic off",
+        "queue:        0, failure mode closed, panic off, GSO packets on",
         "flows:        3 of 65536 (0.0%), 12 expired, 1 early drop",
         "  tcp          2  ESTABLISHED 1, TIME_WAIT 1",
         "  udp          1  ASSURED 1",
@@ -176,6 +177,7 @@ def test_status_panic_changed_file_and_failed_reload() -> None:
             panic=True,
             failure_mode="open",
             queue="3:6",
+            gso=False,
             last_reload=reload,
             policy={"file": "p.yaml", "sha256": "ab" * 32, "file_sha256": "cd" * 32},
             verdicts={},
@@ -189,7 +191,7 @@ def test_status_panic_changed_file_and_failed_reload() -> None:
         f"  on disk:    {'cd' * 32} (changed since loaded: nfqfw reload)",
         "last reload:  2025-06-15 15:07:40 by SIGHUP: FAILED, the running policy stays in force:",
         "  p.yaml:1:1: bad",
-        "queue:        3:6, failure mode open, panic on",
+        "queue:        3:6, failure mode open, panic on, GSO packets off",
     ]
     assert lines[-5:-3] == ["verdicts (packets, by reason and rule):", "  (none)"]
     gone = {"file": "p.yaml", "sha256": "ab" * 32, "file_sha256": None}

@@ -127,6 +127,7 @@ def test_status(daemon: Daemon) -> None:
     assert status["started"] == daemon.started
     assert status["last_reload"] is None
     assert (status["queue"], status["failure_mode"], status["panic"]) == ("0", "closed", False)
+    assert status["gso"] is False  # no queue bound here
     assert status["flows"] == {
         "total": 2,
         "max": 65536,

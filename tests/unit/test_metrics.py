@@ -188,6 +188,7 @@ def fake_daemon() -> SimpleNamespace:
         "reject rate-limited": 1,
         "reject send error": 0,
         "verdict error": 0,
+        "packets longer than copy range": 42,
     }
     packet_log = PacketLog()
     packet_log.lines, packet_log.suppressed = 10, 123
@@ -250,6 +251,7 @@ def test_collector_output_from_a_fake_daemon() -> None:
         nfqfw_rejects_unsent_total{cause="rate_limited"} 1.0
         nfqfw_rejects_unsent_total{cause="send_error"} 0.0
         nfqfw_verdict_errors_total 0.0
+        nfqfw_packets_longer_than_copy_range_total 42.0
         nfqfw_packet_log_lines_total 10.0
         nfqfw_packet_log_suppressed_total 123.0
         nfqfw_engine_latency_seconds_bucket{le="1e-06"} 0.0
@@ -284,6 +286,7 @@ def test_collector_before_start_and_without_metrics_timer() -> None:
         'nfqfw_rejects_unsent_total{cause="rate_limited"} 0.0',
         'nfqfw_rejects_unsent_total{cause="send_error"} 0.0',
         "nfqfw_verdict_errors_total 0.0",
+        "nfqfw_packets_longer_than_copy_range_total 0.0",
         "nfqfw_packet_log_lines_total 0.0",
         "nfqfw_packet_log_suppressed_total 0.0",
     ]

@@ -8,8 +8,10 @@ from collections.abc import Callable
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 
+from nfqfw import queue
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
-from nfqfw.queue import DropWatch, QueueAdapter, QueueStat, parse_queue_stats
+from nfqfw.queue import COPY_RANGE, DropWatch, QueueAdapter, QueueStat, parse_queue_stats
+from nfqfw.queueflags import NFQA_CFG_F_GSO, QueueFlagsError
 
 MARK = 0x10000000
 SYN = bytes(IP(src="192.0.2.10", dst="198.51.100.20") / TCP(sport=40000, dport=81, flags="S", seq=7))
@@ -333,3 +335,59 @@ def test_drop_watch_warns_on_growth_only(caplog: pytest.LogCaptureFixture) -> No
         ]
     assert "kernel dropped 7 packets" in caplog.text
     assert watch.check() == []
+
+
+# --- GSO packets: cut by the copy range ---------------------------------------------------------
+
+
+def test_reset_for_a_gso_segment_covers_the_whole_segment() -> None:
+    adapter, _, _, sender, _ = _adapter(RESET)
+    whole = bytes(IP(src="192.0.2.10", dst="198.51.100.20") / TCP(sport=40000, dport=81, flags="P", seq=7))
+    whole += bytes(60000)
+    whole = whole[:2] + len(whole).to_bytes(2, "big") + whole[4:]
+    adapter.on_packet(FakePacket(whole[:COPY_RANGE]))  # what the kernel copies of it
+    [(reply, _)] = sender.sent
+    assert (IP(reply)[TCP].ack, str(IP(reply)[TCP].flags)) == (7 + 60000, "RA")
+
+
+def test_counters_show_the_engines_packets_longer_than_the_copy_range() -> None:
+    adapter, engine, _, _, _ = _adapter(ACCEPT)
+    assert adapter.counters["packets longer than copy range"] == 0  # an engine without the count
+    engine.truncated_packets = 12  # type: ignore[attr-defined]
+    assert adapter.counters["packets longer than copy range"] == 12
+    adapter.counters["reject sent"] = 99  # a copy: the adapter's own counts are not changed
+    assert adapter.counters["reject sent"] == 0
+
+
+def test_gso_refused_by_the_kernel_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    asked: list[tuple[int, int, int]] = []
+
+    def refuse(handle: object, number: int, flags: int, mask: int) -> None:
+        asked.append((number, flags, mask))
+        raise QueueFlagsError(f"queue {number}: the kernel refused the flags (Operation not supported)", 95)
+
+    monkeypatch.setattr(queue, "set_queue_flags", refuse)
+    with caplog.at_level(logging.WARNING):
+        assert queue._ask_for_gso(object(), 3) is False  # type: ignore[arg-type]
+    assert asked == [(3, NFQA_CFG_F_GSO, NFQA_CFG_F_GSO)]
+    assert caplog.messages == [
+        "queue 3: the kernel refused the flags (Operation not supported): GSO packets stay off, "
+        "the kernel segments them before queueing (slower)"
+    ]
+    monkeypatch.setattr(queue, "set_queue_flags", lambda *args: None)
+    assert queue._ask_for_gso(object(), 3) is True  # type: ignore[arg-type]
+
+
+def test_run_no_gso_reaches_the_daemon_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nfqfw.cli import build_parser
+    from nfqfw.commands import run
+
+    seen: list[bool] = []
+    monkeypatch.setattr(run, "setup_logging", lambda level: None)
+    monkeypatch.setattr(run, "run_daemon", lambda options: seen.append(options.gso) or 0)
+    for argv in (["run", "-c", "p.yaml"], ["run", "-c", "p.yaml", "--no-gso"]):
+        args = build_parser().parse_args(argv)
+        assert args.func(args) == 0
+    assert seen == [True, False]
