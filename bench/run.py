@@ -8,13 +8,20 @@ from the inside host to the outside host through the gateway:
     conn/s  a python loop connecting for 3 s (RST close, so no TIME_WAIT), completed connects/s
 
 Modes, all with the lab's masquerade (so kernel conntrack runs in every mode):
-    none      no filter rules
-    kernel    iptables FORWARD with ctstate rules equivalent to config/policy.yaml
-    bare-nfq  a python NetfilterQueue loop accepting everything (queue 0, FORWARD -j NFQUEUE)
-    nfqfw     `nfqfw run --config config/policy.yaml --queue 0`
+    none          no filter rules
+    kernel        iptables FORWARD with ctstate rules equivalent to config/policy.yaml
+    bare-nfq      a python NetfilterQueue loop accepting everything (queue 0, FORWARD -j NFQUEUE);
+                  the kernel cuts GSO packets into MTU-sized ones before queueing them
+    bare-nfq-gso  the same loop with the queue's GSO flag (nfqfw.queueflags): GSO packets are
+                  queued whole (their first COPY_RANGE bytes copied): the ceiling for any Python
+                  NFQUEUE consumer that takes GSO packets
+    nfqfw         `nfqfw run --config config/policy.yaml --queue 0` (GSO packets on, the default)
+    nfqfw-no-gso  the same with --no-gso
 
-Prints a table with ratios against bare-nfq and writes bench/results/latest.json. The lab is
-always torn down. Run as root: `make bench` or `.venv/bin/python bench/run.py`.
+Prints a table with ratios against bare-nfq and bare-nfq-gso and writes bench/results/latest.json.
+The honest comparisons: nfqfw against bare-nfq-gso (same kernel work per packet), nfqfw-no-gso
+against bare-nfq. The lab is always torn down. Run as root: `make bench` or
+`.venv/bin/python bench/run.py`.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from nfqfw.lab import daemon_ctl  # noqa: E402
 from nfqfw.lab.topology import WAN_V4, Topology, in_ns, run_in  # noqa: E402
+from nfqfw.queue import COPY_RANGE  # noqa: E402
 
 PREFIX = "nfqb-"
 POLICY = ROOT / "config" / "policy.yaml"
@@ -45,12 +53,15 @@ KERNEL_RULES = [
     "-A FORWARD -j DROP",
 ]
 
-# The bare loop: same queue parameters as nfqfw's adapter (max_len 8192, 16 MiB socket buffer).
-BARE_LOOP = """
-import sys
+# The bare loop: same queue parameters as nfqfw's adapter (max_len 8192, copy range, 16 MiB
+# socket buffer), and with GSO=True the same GSO flag.
+BARE_LOOP = f"""
 from netfilterqueue import NetfilterQueue, COPY_PACKET
+from nfqfw.queueflags import NFQA_CFG_F_GSO, set_queue_flags
 q = NetfilterQueue()
-q.bind(0, lambda p: p.accept(), 8192, COPY_PACKET, 0xFFFF, 16 * 1024 * 1024)
+q.bind(0, lambda p: p.accept(), 8192, COPY_PACKET, {COPY_RANGE}, 16 * 1024 * 1024)
+if GSO:
+    set_queue_flags(q, 0, NFQA_CFG_F_GSO, NFQA_CFG_F_GSO)
 print("ready", flush=True)
 try:
     q.run()
@@ -175,37 +186,44 @@ def run_modes(t: Topology) -> dict[str, dict[str, float]]:
         one("kernel")
     finally:
         kernel_rules(t.gw, False)
-    bare = start_ready(t.gw, BARE_LOOP)
-    try:
-        run_in(t.gw, "iptables", "-w", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0")
-        one("bare-nfq")
-    finally:
-        run_in(t.gw, "iptables", "-w", "-F", "FORWARD")
-        stop(bare)
-    daemon_ctl.start_daemon(PREFIX, POLICY, 0)
-    try:
-        one("nfqfw")
-    finally:
-        daemon_ctl.stop_daemon(PREFIX)
+    for name, gso in (("bare-nfq", False), ("bare-nfq-gso", True)):
+        bare = start_ready(t.gw, f"GSO = {gso}\n{BARE_LOOP}")
+        try:
+            run_in(t.gw, "iptables", "-w", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0")
+            one(name)
+        finally:
+            run_in(t.gw, "iptables", "-w", "-F", "FORWARD")
+            stop(bare)
+    for name, args in (("nfqfw", ()), ("nfqfw-no-gso", ("--no-gso",))):
+        daemon_ctl.start_daemon(PREFIX, POLICY, 0, args=args)
+        try:
+            one(name)
+        finally:
+            daemon_ctl.stop_daemon(PREFIX)
     return results
 
 
+COLUMNS = (
+    ("tcp_gbps", "TCP Gbit/s", "{:.2f}"),
+    ("udp64_pps", "UDP64 pkt/s", "{:,.0f}"),
+    ("conn_per_s", "TCP conn/s", "{:,.0f}"),
+)
+BASES = (("bare-nfq", "/bare"), ("bare-nfq-gso", "/gso"))  # ratio columns: against each bare loop
+
+
 def table(results: dict[str, dict[str, float]]) -> str:
-    base = results.get("bare-nfq", {})
-    cols = (
-        ("tcp_gbps", "TCP Gbit/s", "{:.2f}"),
-        ("udp64_pps", "UDP64 pkt/s", "{:,.0f}"),
-        ("conn_per_s", "TCP conn/s", "{:,.0f}"),
-    )
-    head = (
-        f"{'mode':<10}" + "".join(f"{title:>14}{'vs bare':>9}" for _, title, _ in cols) + f"{'conn fail':>11}"
-    )
+    head = f"{'mode':<13}"
+    for _, title, _ in COLUMNS:
+        head += f"{title:>13}" + "".join(f"{suffix:>7}" for _, suffix in BASES)
+    head += f"{'conn fail':>11}"
     lines = [head, "-" * len(head)]
     for mode, r in results.items():
-        row = f"{mode:<10}"
-        for key, _, fmt in cols:
-            ratio = r[key] / base[key] if base.get(key) else float("nan")
-            row += f"{fmt.format(r[key]):>14}{ratio:>8.2f}x"
+        row = f"{mode:<13}"
+        for key, _, fmt in COLUMNS:
+            row += f"{fmt.format(r[key]):>13}"
+            for base, _ in BASES:
+                reference = results.get(base, {}).get(key)
+                row += f"{r[key] / reference:>6.2f}x" if reference else f"{'-':>7}"
         lines.append(row + f"{r['conn_failed']:>11}")
     return "\n".join(lines)
 
@@ -233,7 +251,10 @@ def main() -> int:
         daemon_ctl.down(PREFIX)
     print()
     print(table(results))
-    print(f"\n(total {time.monotonic() - started:.0f} s; ratios are against the bare NetfilterQueue loop)")
+    print(
+        f"\n(total {time.monotonic() - started:.0f} s; /bare: against the bare NetfilterQueue loop, "
+        "/gso: against the same loop taking GSO packets whole)"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -243,6 +264,7 @@ def main() -> int:
             "udp_seconds": UDP_SECONDS,
             "conn_seconds": CONN_SECONDS,
             "udp_len": 64,
+            "copy_range": COPY_RANGE,
             "policy": "config/policy.yaml",
         },
     }
