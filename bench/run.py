@@ -6,6 +6,8 @@ from the inside host to the outside host through the gateway:
     TCP     iperf3 -t 5, Gbit/s received
     UDP     iperf3 -u -l 64 -b 0 -t 3, datagrams/s received at the server
     conn/s  a python loop connecting for 3 s (RST close, so no TIME_WAIT), completed connects/s
+    CPU     the queue consumer's CPU time during the TCP test (user + system, /proc/PID/stat),
+            in % of one core: what filtering that throughput costs the consumer
 
 Modes, all with the lab's masquerade (so kernel conntrack runs in every mode):
     none          no filter rules
@@ -27,6 +29,7 @@ against bare-nfq. The lab is always torn down. Run as root: `make bench` or
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -152,8 +155,17 @@ def measure_connects(lan: str) -> tuple[float, int]:
     return int(ok) / float(elapsed), int(failed)
 
 
-def measure(lan: str) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def measure(lan: str, consumer: int | None) -> dict[str, float | None]:
+    """The three tests; `consumer`: the pid of the queue's consumer (None: no queue)."""
+    cpu, started = cpu_seconds(consumer) if consumer else 0.0, time.monotonic()
     tcp = measure_tcp(lan)
+    cpu_share = (cpu_seconds(consumer) - cpu) / (time.monotonic() - started) if consumer else None
     udp = measure_udp(lan)
     conns, failed = measure_connects(lan)
     return {
@@ -161,6 +173,7 @@ def measure(lan: str) -> dict[str, float]:
         "udp64_pps": round(udp),
         "conn_per_s": round(conns),
         "conn_failed": failed,
+        "tcp_consumer_cpu": None if cpu_share is None else round(cpu_share, 3),
     }
 
 
@@ -172,12 +185,12 @@ def kernel_rules(gw: str, install: bool) -> None:
         run_in(gw, "iptables", "-w", "-F", "FORWARD")
 
 
-def run_modes(t: Topology) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
+def run_modes(t: Topology) -> dict[str, dict[str, float | None]]:
+    results: dict[str, dict[str, float | None]] = {}
 
-    def one(name: str) -> None:
+    def one(name: str, consumer: int | None = None) -> None:
         print(f"[{name}] measuring ...", flush=True)
-        results[name] = measure(t.lan)
+        results[name] = measure(t.lan, consumer)
         print(f"[{name}] {results[name]}", flush=True)
 
     one("none")
@@ -190,14 +203,14 @@ def run_modes(t: Topology) -> dict[str, dict[str, float]]:
         bare = start_ready(t.gw, f"GSO = {gso}\n{BARE_LOOP}")
         try:
             run_in(t.gw, "iptables", "-w", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0")
-            one(name)
+            one(name, bare.pid)  # `ip netns exec` execs python: the same pid
         finally:
             run_in(t.gw, "iptables", "-w", "-F", "FORWARD")
             stop(bare)
     for name, args in (("nfqfw", ()), ("nfqfw-no-gso", ("--no-gso",))):
-        daemon_ctl.start_daemon(PREFIX, POLICY, 0, args=args)
+        daemon = daemon_ctl.start_daemon(PREFIX, POLICY, 0, args=args)
         try:
-            one(name)
+            one(name, daemon.pid)
         finally:
             daemon_ctl.stop_daemon(PREFIX)
     return results
@@ -211,11 +224,11 @@ COLUMNS = (
 BASES = (("bare-nfq", "/bare"), ("bare-nfq-gso", "/gso"))  # ratio columns: against each bare loop
 
 
-def table(results: dict[str, dict[str, float]]) -> str:
+def table(results: dict[str, dict[str, float | None]]) -> str:
     head = f"{'mode':<13}"
     for _, title, _ in COLUMNS:
         head += f"{title:>13}" + "".join(f"{suffix:>7}" for _, suffix in BASES)
-    head += f"{'conn fail':>11}"
+    head += f"{'conn fail':>11}{'TCP CPU':>9}"
     lines = [head, "-" * len(head)]
     for mode, r in results.items():
         row = f"{mode:<13}"
@@ -224,7 +237,8 @@ def table(results: dict[str, dict[str, float]]) -> str:
             for base, _ in BASES:
                 reference = results.get(base, {}).get(key)
                 row += f"{r[key] / reference:>6.2f}x" if reference else f"{'-':>7}"
-        lines.append(row + f"{r['conn_failed']:>11}")
+        cpu = r.get("tcp_consumer_cpu")
+        lines.append(row + f"{r['conn_failed']:>11}" + (f"{cpu:>9.0%}" if cpu is not None else f"{'-':>9}"))
     return "\n".join(lines)
 
 
