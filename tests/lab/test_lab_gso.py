@@ -8,7 +8,9 @@ than MTU-sized segments, many of them longer than the copy range, and arrives in
 packet found INVALID (window tracking on the wrong lengths would soon find ACKs for data it
 never saw); an out-of-window RST forged in the middle of a bulk transfer is still dropped, by
 nfqfw's window check. The control: the same download with `nfqfw run --no-gso` reaches nfqfw
-as MTU-sized packets, none longer than the copy range.
+as MTU-sized packets, none longer than the copy range. And the flags request itself, on a queue
+that already has packets waiting in its socket (a restart under traffic): they reach the callback
+and get their verdicts before the kernel's answer is taken.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lab_policies import MAIL_IN_NO_SMB_OUT
 from nfqfw.core.packet import RST
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, start_daemon, stop_daemon
-from nfqfw.lab.topology import WAN_V4, WAN_V6, run_in
+from nfqfw.lab.topology import GW_WAN_V4, WAN_V4, WAN_V6, in_ns, run_in
 from nfqfw.queue import LONGER_THAN_COPY_RANGE, parse_queue_stats
 
 pytestmark = pytest.mark.lab
@@ -150,3 +152,36 @@ def test_with_no_gso_the_kernel_hands_over_mtu_sized_packets(lab: Lab, without_g
     queued, longer, invalid = download_counted(lab, WAN_V4, seed=33)
     assert (longer, invalid) == (0, {})
     assert queued > MTU_SEGMENTS  # every data segment, and the ACKs
+
+
+# In the outside host's namespace (no nfqfw there): queue 7 bound, 40 datagrams sent through its
+# OUTPUT rule while nobody reads the queue's socket, then the GSO flag asked for.
+FLAGS_UNDER_TRAFFIC = f"""
+import json, socket, subprocess
+from netfilterqueue import NetfilterQueue, COPY_PACKET
+from nfqfw.queue import COPY_RANGE, read_queue_stats
+from nfqfw.queueflags import NFQA_CFG_F_GSO, set_queue_flags
+seen = []
+queue = NetfilterQueue()
+queue.bind(7, lambda p: (seen.append(p.get_payload()[-4:]), p.accept()), 1024, COPY_PACKET, COPY_RANGE)
+rule = ["-p", "udp", "--dport", "9", "-j", "NFQUEUE", "--queue-num", "7"]
+subprocess.run(["iptables", "-w", "-I", "OUTPUT", *rule], check=True)
+try:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for n in range(40):
+            sock.sendto(n.to_bytes(4, "big"), ("{GW_WAN_V4}", 9))
+    waiting = read_queue_stats()[7].total
+    set_queue_flags(queue, 7, NFQA_CFG_F_GSO, NFQA_CFG_F_GSO)
+    print(json.dumps({{"waiting": waiting, "seen": [int.from_bytes(s, "big") for s in seen],
+                      "after": read_queue_stats()[7].total}}))
+finally:
+    subprocess.run(["iptables", "-w", "-D", "OUTPUT", *rule], check=True)
+    queue.unbind()
+"""
+
+
+def test_packets_waiting_when_the_flags_are_asked_for_get_their_verdicts(lab: Lab) -> None:
+    argv = in_ns(lab.topology.wan, sys.executable, "-c", FLAGS_UNDER_TRAFFIC)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"waiting": 40, "seen": list(range(40)), "after": 0}
