@@ -237,20 +237,27 @@ class Action:
         return bytes(data[: len(data) - self.cut])
 
 
+def peer(behind: int, payload: st.SearchStrategy[int]) -> st.SearchStrategy[Action]:
+    """Segments a real peer sends: ACK-class flags, sequence and ack numbers at most `behind`
+    bytes behind the expected ones, `payload` bytes of data, undamaged."""
+    offset = st.one_of(st.just(0), st.integers(min_value=-behind, max_value=0))
+    return st.builds(
+        Action,
+        forward=st.booleans(),
+        flags=st.sampled_from([ACK, ACK | PSH]),
+        seq=offset,
+        ack=offset,
+        payload=payload,
+        window=st.sampled_from([0, 502, 3000, 65535]),
+        options=st.sampled_from(["none", "ts"]),
+        step=st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=2.0)),
+        mutations=st.just(()),
+        cut=st.just(0),
+    )
+
+
 # Mostly segments a real peer sends (so the fast path has work), some anything at all.
-clean = st.builds(
-    Action,
-    forward=st.booleans(),
-    flags=st.sampled_from([ACK, ACK | PSH]),
-    seq=st.one_of(st.just(0), st.integers(min_value=-3000, max_value=0)),
-    ack=st.one_of(st.just(0), st.integers(min_value=-3000, max_value=0)),
-    payload=st.one_of(st.just(0), st.integers(min_value=0, max_value=1460)),
-    window=st.sampled_from([0, 502, 3000, 65535]),
-    options=st.sampled_from(["none", "ts"]),
-    step=st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=2.0)),
-    mutations=st.just(()),
-    cut=st.just(0),
-)
+clean = peer(3000, st.one_of(st.just(0), st.integers(min_value=0, max_value=1460)))
 wild = st.builds(
     Action,
     forward=st.booleans(),
@@ -282,65 +289,10 @@ mutated = st.builds(
 actions = st.one_of(clean, clean, clean, clean, wild, mutated)
 
 
-@settings(max_examples=400, deadline=None)
-@given(
-    family=st.sampled_from([4, 6]),
-    c_isn=u32,
-    s_isn=u32,
-    wscale=st.integers(min_value=0, max_value=14),
-    sequence=st.lists(actions, min_size=5, max_size=60),
-)
-def test_fast_path_matches_full_path(
-    family: int, c_isn: int, s_isn: int, wscale: int, sequence: list[Action]
+def play(
+    pair: Pair, family: int, c_isn: int, s_isn: int, wscale: int, sequence: list[Action], copy_cap: int = 0
 ) -> None:
-    pair = Pair()
-    now = 100.0
-    handshake(pair, family, c_isn, s_isn, wscale, now)
-    sent = {True: (c_isn + 1) & MASK, False: (s_isn + 1) & MASK}
-    for a in sequence:
-        now += a.step
-        packet = a.packet(family, sent[a.forward] + a.seq, sent[not a.forward] + a.ack)
-        pair.feed(packet, OUT if a.forward else IN, now)
-        sent[a.forward] = (sent[a.forward] + a.payload) & MASK
-    hits = pair.hits()
-    event("fast path taken: " + ("0" if not hits else "1-9 times" if hits < 10 else "10+ times"))
-
-
-# GSO-sized segments (up to 64 KB of data) of a real peer, and the wild and mutated ones above,
-# cut by copy ranges below, at and above the longest headers the fast path takes (72 bytes).
-gso_sized = st.builds(
-    Action,
-    forward=st.booleans(),
-    flags=st.sampled_from([ACK, ACK | PSH]),
-    seq=st.one_of(st.just(0), st.integers(min_value=-70000, max_value=0)),
-    ack=st.one_of(st.just(0), st.integers(min_value=-70000, max_value=0)),
-    payload=st.one_of(
-        st.just(0),
-        st.integers(min_value=0, max_value=1460),
-        st.integers(min_value=1461, max_value=65483),
-        st.just(65483),  # the largest IPv4 segment: total length 65535 with timestamps
-    ),
-    window=st.sampled_from([0, 502, 3000, 65535]),
-    options=st.sampled_from(["none", "ts"]),
-    step=st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=2.0)),
-    mutations=st.just(()),
-    cut=st.just(0),
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    family=st.sampled_from([4, 6]),
-    c_isn=u32,
-    s_isn=u32,
-    wscale=st.integers(min_value=0, max_value=14),
-    copy_cap=st.sampled_from([60, 71, 72, 100, 3840]),
-    sequence=st.lists(st.one_of(gso_sized, gso_sized, gso_sized, wild, mutated), min_size=5, max_size=40),
-)
-def test_fast_path_matches_full_path_on_packets_cut_by_the_copy_range(
-    family: int, c_isn: int, s_isn: int, wscale: int, copy_cap: int, sequence: list[Action]
-) -> None:
-    pair = Pair(copy_cap)
+    """A handshake, then `sequence` (as NFQUEUE hands it over with copy range `copy_cap`)."""
     now = 100.0
     handshake(pair, family, c_isn, s_isn, wscale, now)
     sent = {True: (c_isn + 1) & MASK, False: (s_isn + 1) & MASK}
@@ -349,7 +301,38 @@ def test_fast_path_matches_full_path_on_packets_cut_by_the_copy_range(
         packet = a.packet(family, sent[a.forward] + a.seq, sent[not a.forward] + a.ack, copy_cap)
         pair.feed(packet, OUT if a.forward else IN, now)
         sent[a.forward] = (sent[a.forward] + a.payload) & MASK
-    cut = pair.fast._fast_packets()[1]
+
+
+# GSO-sized segments (up to 64 KB of data) of a real peer.
+gso_sized = peer(
+    70000,
+    st.one_of(
+        st.just(0),
+        st.integers(min_value=0, max_value=1460),
+        st.integers(min_value=1461, max_value=65483),
+        st.just(65483),  # the largest IPv4 segment: total length 65535 with timestamps
+    ),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    family=st.sampled_from([4, 6]),
+    c_isn=u32,
+    s_isn=u32,
+    wscale=st.integers(min_value=0, max_value=14),
+    # 0: packets come whole; else longer ones are cut to it, as NFQUEUE hands over GSO packets
+    # (below, at and above the longest headers the fast path takes, 72 bytes, and nfqfw's range)
+    copy_cap=st.sampled_from([0, 0, 0, 60, 71, 72, 100, 3840]),
+    sequence=st.lists(st.one_of(actions, gso_sized), min_size=5, max_size=60),
+)
+def test_fast_path_matches_full_path(
+    family: int, c_isn: int, s_isn: int, wscale: int, copy_cap: int, sequence: list[Action]
+) -> None:
+    pair = Pair(copy_cap)
+    play(pair, family, c_isn, s_isn, wscale, sequence, copy_cap)
+    hits, cut = pair.fast._fast_packets()
+    event("fast path taken: " + ("0" if not hits else "1-9 times" if hits < 10 else "10+ times"))
     event("cut packets on the fast path: " + ("0" if not cut else "1-9" if cut < 10 else "10+"))
 
 
@@ -404,6 +387,20 @@ def test_udp_stream_goes_through_the_fast_path_once_replied_and_assured() -> Non
         for n in range(10):
             pair.feed(datagram(family, n % 2 == 0, 64), OUT if n % 2 == 0 else IN, 13.0 + n)
         assert pair.hits() == 11
+
+
+def test_udp_gso_datagrams_cut_by_the_copy_range_take_the_fast_path() -> None:
+    for family in (4, 6):
+        pair = Pair(copy_cap=3840)
+        for n, (forward, now) in enumerate([(True, 10.0), (False, 11.0), (True, 11.5), (True, 12.5)]):
+            size = 20 if n < 2 else 9000  # a UDP GSO send: its UDP length covers all 9000 bytes
+            pair.feed(kernel_copy(datagram(family, forward, size), 0, 3840), OUT if forward else IN, now)
+        for n in range(10):
+            big = kernel_copy(datagram(family, n % 2 == 0, 9000), 0, 3840)
+            assert len(big) == 3840
+            pair.feed(big, OUT if n % 2 == 0 else IN, 13.0 + n)
+        assert pair.fast._fast_packets() == (11, 11)  # 11.5 and the ten: all cut
+        assert pair.full.truncated_packets == 12  # 12.5 made the stream ASSURED: the full path, once
 
 
 udp_steps = st.one_of(
