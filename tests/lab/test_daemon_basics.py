@@ -10,6 +10,8 @@ by default. Readiness is READY=1 on a NOTIFY_SOCKET the test binds, as under sys
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import socket
@@ -134,8 +136,8 @@ class Daemon:
         return self.proc.returncode, stderr
 
 
-def start_daemon(lab: Lab, policy: str = POLICY, *args: str) -> Daemon:
-    """`nfqfw run` in the gateway, returned once it sent READY=1."""
+def start_daemon(lab: Lab, policy: str = POLICY, *args: str, environ: dict[str, str] | None = None) -> Daemon:
+    """`nfqfw run` in the gateway, returned once it sent READY=1; `environ`: more variables for it."""
     config = lab.tmp / "policy.yaml"
     config.write_text(policy)
     notify_path = lab.tmp / "notify.sock"
@@ -143,7 +145,7 @@ def start_daemon(lab: Lab, policy: str = POLICY, *args: str) -> Daemon:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     lab.sockets.append(notify)
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), **(environ or {})}
     env.pop("JOURNAL_STREAM", None)
     state = ("--state-dir", str(lab.tmp / "state"))  # not the host's /var/lib/nfqfw
     run = ("run", "--config", str(config), "--runtime-dir", RUNTIME_DIR, *state, *args)
@@ -218,6 +220,53 @@ def test_stop_notifies_exits_zero_and_stays_closed(fresh_lab: Lab) -> None:
     # Fail-closed: the rules stay, nobody is bound to the queue, the kernel drops.
     assert connect(WAN_V4, 80, timeout=0.7)[0] == "timeout"
     assert connect(WAN_V6, 80, timeout=0.7)[0] == "timeout"
+
+
+UDP_FLOOD = """\
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    for _ in range(256):
+        try:
+            sock.sendto(bytes(18), (sys.argv[2], 9))
+        except OSError:  # ENOBUFS/EPERM when the queue is full: keep pushing
+            pass
+"""
+
+
+def watchdog_arrivals(daemon: Daemon, seconds: float) -> list[float]:
+    """When each WATCHDOG=1 reached the notify socket during the next `seconds`."""
+    arrivals, end = [], time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        try:
+            message = daemon.messages(timeout=left)
+        except TimeoutError:
+            break
+        if "WATCHDOG=1" in message:
+            arrivals.append(time.monotonic())
+    return arrivals
+
+
+def test_watchdog_pings_come_from_the_packet_loop_idle_and_under_a_flood(fresh_lab: Lab) -> None:
+    # WatchdogSec=0.4 s: a ping every 0.2 s. The daemon has one thread, so the pings come from
+    # the loop that serves the packets: a wedged loop stops them and systemd restarts it.
+    daemon = start_daemon(fresh_lab, POLICY, environ={"WATCHDOG_USEC": "400000"})
+    assert os.listdir(f"/proc/{daemon.proc.pid}/task") == [str(daemon.proc.pid)]
+    idle = watchdog_arrivals(daemon, 1.0)
+    assert len(idle) >= 4, idle
+    flood = fresh_lab.spawn(in_ns(INSIDE, sys.executable, "-c", UDP_FLOOD, "3", WAN_V4))  # egress: dropped
+    time.sleep(0.5)  # the queue is busy by now
+    busy = watchdog_arrivals(daemon, 2.0)
+    assert flood.poll() is None  # the flood lasted the whole measurement
+    assert len(busy) >= 7, busy
+    assert max(b - a for a, b in itertools.pairwise(busy)) < 0.4, busy
+    flood.wait(timeout=10)
+    # It was a flood: the loop handled tens of thousands of datagrams and the kernel's queue overflowed.
+    status = json.loads(nfqfw("status", "--json", "--runtime-dir", RUNTIME_DIR).stdout)
+    assert status["verdicts"]["drop default egress"] > 20_000, status["verdicts"]
+    assert status["kernel_queues"][0]["queue_dropped"] > 0, status["kernel_queues"]
+    assert daemon.stop()[0] == 0
 
 
 def test_fail_closed_when_killed(fresh_lab: Lab) -> None:
