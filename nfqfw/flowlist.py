@@ -9,12 +9,11 @@ outside the core is in this module, so a change of the flow layout is mended her
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from nfqfw.core.conntrack import Flow, first_packet
+from nfqfw.core.conntrack import Conntrack, Flow, first_packet
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from nfqfw.core.tcp_states import TcpState
 
@@ -148,14 +147,12 @@ def flow_record(flow: Flow, now: float) -> dict[str, Any]:
     return record
 
 
-def census(flows: Iterable[Flow], now: float) -> dict[str, dict[str, int]]:
+def census(conntrack: Conntrack, now: float) -> dict[str, dict[str, int]]:
     """Live flows by protocol and state: {"tcp": {"ESTABLISHED": 3, ...}, "udp": {"ASSURED": 1}}.
     Protocols without TCP states count as ASSURED, REPLIED or UNREPLIED."""
-    counts: Counter[tuple[str, str]] = Counter()
-    for flow in flows:
-        if flow.deadline > now:
-            counts[(proto_name(flow.proto), flow.state_name)] += 1
+    counts = conntrack.census(now)
+    named = sorted((proto_name(proto), state, count) for (proto, state), count in counts.items())
     table: dict[str, dict[str, int]] = {}
-    for (proto, state), count in sorted(counts.items()):
+    for proto, state, count in named:
         table.setdefault(proto, {})[state] = count
     return table

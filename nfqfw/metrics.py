@@ -40,6 +40,7 @@ Metrics (all prefixed nfqfw_):
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import time
 from bisect import bisect_left
@@ -176,7 +177,7 @@ class EngineTimer:
 class Source(Protocol):
     """What the collector reads (the Daemon has these attributes)."""
 
-    engine: Any  # .counters, .conntrack (iterable of flows, len, max_flows, early_drops)
+    engine: Any  # .counters, .conntrack (census(), max_flows, early_drops)
     adapter: Any  # .counters (dict), or None before start
     packet_log: PacketLog
     spec: Any  # .queues (range), or None before start
@@ -235,8 +236,8 @@ class NfqfwCollector(Collector):
         yield family
 
     def _flows(self, conntrack: Any) -> Iterator[Metric]:
-        flows = copied(lambda: list(conntrack))
-        by_kind = Counter((flow.proto, flow.state_name) for flow in flows)
+        by_kind = copied(lambda: conntrack.census(-math.inf))  # every flow in the table, due or not
+        in_table = sum(by_kind.values())
         family = GaugeMetricFamily(
             "nfqfw_flows", "Flows in the table by protocol and state", labels=("proto", "state")
         )
@@ -248,7 +249,7 @@ class NfqfwCollector(Collector):
         yield GaugeMetricFamily(
             "nfqfw_flow_table_usage_ratio",
             "Flows in the table / max-flows",
-            value=len(flows) / max_flows if max_flows else 0.0,
+            value=in_table / max_flows if max_flows else 0.0,
         )
         yield CounterMetricFamily(
             "nfqfw_conntrack_early_drops",

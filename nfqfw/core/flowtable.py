@@ -235,6 +235,14 @@ class FlowTable:
 DETACHED = FlowTable()
 
 
+def state_name(bits: int, tcp_state: int) -> str:
+    """A flow's state as `nfqfw flows` names it, from its flag bits and TCP state byte: the TCP
+    state, or for other protocols ASSURED, REPLIED or UNREPLIED."""
+    if bits & IS_TCP:
+        return STATE_NAMES[tcp_state]
+    return "ASSURED" if bits & ASSURED else ("REPLIED" if bits & SEEN_REPLY else "UNREPLIED")
+
+
 def _flag(bit: int, doc: str) -> property:
     def get(self: Flow) -> bool:
         return bool(self._table.bits[self._slot] & bit)
@@ -328,10 +336,7 @@ class Flow:
     @property
     def state_name(self) -> str:
         table, slot = self._table, self._slot
-        bits = table.bits[slot]
-        if bits & IS_TCP:
-            return STATE_NAMES[table.small[slot * SMALL + STATE]]
-        return "ASSURED" if bits & ASSURED else ("REPLIED" if bits & SEEN_REPLY else "UNREPLIED")
+        return state_name(table.bits[slot], table.small[slot * SMALL + STATE])
 
     def __repr__(self) -> str:
         return f"<Flow proto={self.proto} {self.state_name} deadline={self.deadline:.1f}>"

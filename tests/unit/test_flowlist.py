@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,15 @@ def test_census_by_protocol_and_state() -> None:
         "tcp": {"ESTABLISHED": 1, "SYN_SENT": 1},
         "udp": {"UNREPLIED": 2},
     }
+
+
+@pytest.mark.parametrize("now", [-math.inf, 12.0, 40.0, math.inf])
+def test_census_from_the_columns_counts_what_the_flow_handles_say(now: float) -> None:
+    conntrack = engine().conntrack
+    conntrack.remove(next(flow for flow in conntrack if flow.proto == 1))  # a freed slot among the live ones
+    by_handles = Counter((flow.proto, flow.state_name) for flow in conntrack if flow.deadline > now)
+    assert conntrack.census(now) == by_handles
+    assert sum(by_handles.values()) == {-math.inf: 4, 12.0: 4, 40.0: 2, math.inf: 0}[now]
 
 
 def test_filter_round_trips_through_request_fields() -> None:

@@ -3,8 +3,10 @@ output from a fake daemon and from a real engine, and the HTTP endpoint on loopb
 
 from __future__ import annotations
 
+import math
 import socket
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from textwrap import dedent
 from types import SimpleNamespace
@@ -160,6 +162,10 @@ def test_adapter_uses_the_wrapped_process() -> None:
 class FakeConntrack(list[SimpleNamespace]):
     max_flows = 100
     early_drops = 2
+
+    def census(self, now: float) -> Counter[tuple[int, str]]:
+        assert now == -math.inf  # the metric counts every flow in the table
+        return Counter((flow.proto, flow.state_name) for flow in self)
 
 
 def fake_daemon() -> SimpleNamespace:
