@@ -1,8 +1,10 @@
 """Cost of a flow-table snapshot: encode (runs between two packets), write (a thread), decode.
 
 A full default table (65,536 flows: half TCP after a three-way handshake, half replied UDP) is
-filled through Engine.process; then snapshot.encode_table, statefile.write_atomically (to a temp dir)
-and snapshot.decode + install are timed, best of a few rounds.
+filled through Engine.process; then snapshot.encode_table (the stop's snapshot), the periodic
+snapshot's slices (snapshot.TableEncoder.step of statefile.SLICE_FLOWS flows: the longest one is
+the pause between two packets), statefile.write_atomically (to a temp dir) and snapshot.decode +
+install are timed, best of a few rounds.
 
     .venv/bin/python bench/snapshot_speed.py [--flows N] [--rounds R]
 """
@@ -26,7 +28,7 @@ from nfqfw.core import snapshot  # noqa: E402
 from nfqfw.core.config import load_policy  # noqa: E402
 from nfqfw.core.engine import Engine  # noqa: E402
 from nfqfw.core.policy import CompiledPolicy  # noqa: E402
-from nfqfw.statefile import write_atomically  # noqa: E402
+from nfqfw.statefile import SLICE_FLOWS, write_atomically  # noqa: E402
 
 
 def filled(flows: int) -> Engine:
@@ -48,6 +50,18 @@ def best(rounds: int, work: object) -> float:
     return min(times)
 
 
+def longest_slice(engine: Engine) -> float:
+    """The longest step of a periodic snapshot encoded a slice at a time."""
+    encoder = snapshot.TableEncoder(engine.conntrack, 2.0, time.time())
+    longest, done = 0.0, False
+    while not done:
+        start = time.perf_counter()
+        done = encoder.step(SLICE_FLOWS)
+        longest = max(longest, time.perf_counter() - start)
+    encoder.result()
+    return longest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flows", type=int, default=65536)
@@ -60,8 +74,10 @@ def main() -> None:
         results = {
             "flows": args.flows,
             "bytes": len(data),
-            # what the daemon runs between two packets (statefile: the whole table)
+            # at a stop: the whole table at once
             "encode_s": best(args.rounds, lambda: snapshot.encode_table(engine.conntrack, 2.0, time.time())),
+            # periodic: the longest pause between two packets
+            "encode_slice_max_s": min(longest_slice(engine) for _ in range(args.rounds)),
             "write_fsync_s": best(args.rounds, lambda: write_atomically(path, data)),
             "decode_install_s": best(
                 args.rounds,

@@ -341,14 +341,14 @@ class Daemon:
         if now >= schedule.stats:
             schedule.stats = now + self.options.stats_interval
             self.drops.check()
-        self.state.tick(self.engine, now)
+        snapshot_due = self.state.tick(self.engine, now)
         if now >= schedule.watchdog and schedule.watchdog_every is not None:
             schedule.watchdog = now + schedule.watchdog_every
             self.notifier.watchdog()
         if now >= schedule.status:
             schedule.status = now + STATUS_PERIOD
             self.notifier.status(self.status_text())
-        return min(now + HOUSEKEEPING_PERIOD, schedule.watchdog, control_due)
+        return min(now + HOUSEKEEPING_PERIOD, schedule.watchdog, control_due, snapshot_due)
 
     def reload(self, trigger: str = "SIGHUP") -> bool:
         """SIGHUP or a control request, run between two packets. True when the new policy is in force."""

@@ -4,8 +4,9 @@
 SHA-256-checked). It is written when nfqfw stops and every --snapshot-interval seconds while it
 runs, atomically: `flows.snapshot.tmp` (mode 0600) is written and fsync'ed, renamed over the
 old file, and the directory is fsync'ed, so a crash at any moment leaves either the old or the
-new snapshot, never half of one. The periodic write runs in a thread: the table is encoded
-between two packets, the disk's slowness (fsync) stays off the packet path.
+new snapshot, never half of one. A periodic snapshot is encoded between packets, SLICE_FLOWS
+flows per housekeeping round (a full table in short pauses, not one of ~0.1 s), and written in
+a thread: the disk's slowness (fsync) stays off the packet path.
 
 At start, before the queue is bound, the snapshot is read back: flows whose time ran out while
 nfqfw was down are dropped, the others are put into the table. Only the snapshot of a stop in
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import stat
 import threading
@@ -39,6 +41,8 @@ SNAPSHOT_NAME = "flows.snapshot"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 EMPTY = "starting with an empty flow table"
+SLICE_FLOWS = 4096  # flows a periodic snapshot encodes per housekeeping round (~7 ms here)
+SLICE_GAP = 0.01  # seconds of packets between two slices
 
 
 class StateFileError(Exception):
@@ -116,6 +120,7 @@ class StateDir:
         self.last_saved: int | None = None  # flows in the last snapshot written
         self._next = 0.0
         self._writer: threading.Thread | None = None
+        self._encoder: snapshot.TableEncoder | None = None  # a periodic snapshot under way
         self._failing = False
 
     # -- start --
@@ -209,26 +214,38 @@ class StateDir:
 
     # -- while running --
 
-    def tick(self, engine: Any, now: float) -> None:
-        """Housekeeping: when a periodic snapshot is due, encode the table now and write it in
-        the background. A write still running from the last round makes this round skip."""
-        if not self.usable or self.interval <= 0 or now < self._next:
-            return
-        self._next = now + self.interval
-        if self._writer is not None and self._writer.is_alive():
-            log.warning("flow snapshot: the last write to %s is still running, skipping this one", self.path)
-            return
-        data, count = self._encode(engine, now, exact=False)
+    def tick(self, engine: Any, now: float) -> float:
+        """Housekeeping: when a periodic snapshot is due, encode the table a slice at a time and
+        write it in the background; returns when it wants to be called again. A write still
+        running from the last round makes this round skip."""
+        if not self.usable or self.interval <= 0:
+            return math.inf
+        if self._encoder is None:
+            if now < self._next:
+                return self._next
+            self._next = now + self.interval
+            if self._writer is not None and self._writer.is_alive():
+                log.warning(
+                    "flow snapshot: the last write to %s is still running, skipping this one", self.path
+                )
+                return self._next
+            self._encoder = snapshot.TableEncoder(engine.conntrack, now, self.wall_clock())
+        if not self._encoder.step(SLICE_FLOWS):
+            return now + SLICE_GAP
+        data, count = self._encoder.result()
+        self._encoder = None
         self._writer = threading.Thread(
             target=self._write, args=(data, count), name="nfqfw-snapshot", daemon=True
         )
         self._writer.start()
+        return self._next
 
     def save(self, engine: Any, now: float, exact: bool = False) -> bool:
         """Write the snapshot now and wait for it (at stop). `exact`: no packet will pass unseen
         until the next start (a stop in failure-mode closed). True when it is on disk."""
         if not self.usable:
             return False
+        self._encoder = None  # a periodic one under way: this one replaces it
         if self._writer is not None:
             self._writer.join()
         data, count = self._encode(engine, now, exact)

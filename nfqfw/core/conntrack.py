@@ -188,6 +188,10 @@ class Conntrack:
         handle = self.table.handle
         return iter([handle(slot) for slot in self._slots.values()])  # a list: callers may remove flows
 
+    def slots(self) -> list[int]:
+        """The slots of the confirmed flows in the table (FlowTable), oldest first."""
+        return list(self._slots.values())
+
     def rows(self) -> Iterator[Row]:
         """Every confirmed flow's fields (FlowTable.row), read straight off the table, one at a
         time: the table must not change until the iteration is done."""
@@ -200,7 +204,7 @@ class Conntrack:
         table = self.table
         keys, deadline, bits, small = table.keys, table.deadline, table.bits, table.small
         raw: Counter[tuple[int, int, int]] = Counter()
-        for slot in list(self._slots.values()):  # one C-level copy: safe to read from another thread
+        for slot in self.slots():  # one C-level copy: safe to read from another thread
             key = keys[slot]
             if key is not None and deadline[slot] > now:
                 flags = bits[slot] & _CENSUS_BITS

@@ -144,11 +144,46 @@ def _encode_rows(rows: Iterable[Row], now: float, wall: float, exact: bool) -> t
     strings = _Strings()
     encode_flow = _encode_flow
     parts = [encode_flow(row, now, strings) for row in rows if row[2] > now]  # row[2]: deadline
-    count = len(parts)
+    return _assemble(parts, strings, wall, exact), len(parts)
+
+
+class TableEncoder:
+    """encode_table() a slice at a time, for a periodic snapshot of a big table taken between
+    packets without one long pause (65k flows take ~0.1 s at once).
+
+    The flows are those in the table at `now`, each read as it is when its slice comes (so the
+    snapshot is never exact: packets pass between slices). A flow removed before its slice is
+    left out; a slot reused meanwhile gives the flow now in it. A flow removed and tracked
+    again under the same key may be read twice; install() keeps the first."""
+
+    def __init__(self, conntrack: Conntrack, now: float, wall: float) -> None:
+        self._table = conntrack.table
+        self._slots = conntrack.slots()
+        self._next = 0
+        self._now, self._wall = now, wall
+        self._strings = _Strings()
+        self._parts: list[bytes] = []
+
+    def step(self, flows: int) -> bool:
+        """Encode up to `flows` more flows; True when every flow is done."""
+        keys, slots = self._table.keys, self._slots[self._next : self._next + flows]
+        self._next += len(slots)
+        live = [slot for slot in slots if keys[slot] is not None]
+        now, strings, encode_flow = self._now, self._strings, _encode_flow
+        self._parts += [encode_flow(row, now, strings) for row in self._table.rows(live) if row[2] > now]
+        return self._next >= len(self._slots)
+
+    def result(self) -> tuple[bytes, int]:
+        """The snapshot and how many flows it holds (after the last step())."""
+        return _assemble(self._parts, self._strings, self._wall, False), len(self._parts)
+
+
+def _assemble(parts: list[bytes], strings: _Strings, wall: float, exact: bool) -> bytes:
+    """Header, string table and the encoded flows."""
     table = b"".join(_U16.pack(len(raw)) + raw for raw in (text.encode() for text in strings.index))
     head = _BODY_HEAD.pack(wall, EXACT if exact else 0, len(strings.index))
-    body = b"".join((head, table, _U32.pack(count), *parts))
-    return _HEADER.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body, count
+    body = b"".join((head, table, _U32.pack(len(parts)), *parts))
+    return _HEADER.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
 
 
 class _Strings:
@@ -157,7 +192,9 @@ class _Strings:
 
     def __init__(self) -> None:
         self.index: dict[str, int] = {}
-        self._metas: dict[int, tuple[int, int, int]] = {}
+        # id -> (the Meta, its numbers): holding the Meta keeps its id from being reused by
+        # another one while a TableEncoder's slices are apart
+        self._metas: dict[int, tuple[object, tuple[int, int, int]]] = {}
 
     def of(self, text: str | None) -> int:
         if text is None:
@@ -168,13 +205,14 @@ class _Strings:
         return found
 
     def meta(self, meta: object) -> tuple[int, int, int]:
-        numbers = self._metas.get(id(meta))
-        if numbers is None:
-            if isinstance(meta, Meta):
-                numbers = (int(meta.hook), self.of(meta.in_iface), self.of(meta.out_iface))
-            else:
-                numbers = (0, NO_STRING, NO_STRING)
-            self._metas[id(meta)] = numbers
+        known = self._metas.get(id(meta))
+        if known is not None:
+            return known[1]
+        if isinstance(meta, Meta):
+            numbers = (int(meta.hook), self.of(meta.in_iface), self.of(meta.out_iface))
+        else:
+            numbers = (0, NO_STRING, NO_STRING)
+        self._metas[id(meta)] = (meta, numbers)
         return numbers
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from nfqfw.core import snapshot
 from nfqfw.core.build import addr, icmp, icmpv6, ipv4, ipv6, sack_perm_option, tcp, udp, wscale_option
 from nfqfw.core.config import load_policy
-from nfqfw.core.conntrack import Conntrack, Flow
+from nfqfw.core.conntrack import Conntrack, Flow, first_packet
 from nfqfw.core.engine import Engine
 from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN
 from nfqfw.core.policy import CompiledPolicy
@@ -285,6 +285,47 @@ def test_flows_past_their_deadline_at_save_are_left_out() -> None:
     e, _ = populated()
     data = encode(e.conntrack, T0 + 31.0, WALL)  # the table sweeps lazily: they are still in it
     assert len(decode(data, T1, WALL).flows) == 9
+
+
+@pytest.mark.parametrize("per_step", [1, 3, 1000])
+def test_a_table_encoded_in_slices_is_the_table_encoded_at_once(per_step: int) -> None:
+    e, _ = populated()
+    encoder = snapshot.TableEncoder(e.conntrack, T0 + 31.0, WALL)  # some of them past their deadline
+    steps = 1
+    while not encoder.step(per_step):
+        steps += 1
+    assert steps == -(-len(e.conntrack) // per_step)
+    assert encoder.result() == snapshot.encode_table(e.conntrack, T0 + 31.0, WALL, exact=False)
+    assert encoder.result()[1] == 9
+
+
+def test_slices_read_each_flow_as_it_is_when_its_slice_comes() -> None:
+    e = new_engine()
+    for port in (41000, 41001, 41002, 41003):
+        e.process(ipv4(LAN, WAN, 17, udp(LAN, WAN, port, 53, b"q")), OUT, T0)
+    second = list(e.conntrack)[1]
+    encoder = snapshot.TableEncoder(e.conntrack, T0, WALL)
+    assert not encoder.step(1)  # 41000, unreplied
+    for port in (41000, 41002):  # replied: 41000 after its slice, 41002 before
+        e.process(ipv4(WAN, LAN, 17, udp(WAN, LAN, 53, port, b"a")), IN, T0 + 1)
+    e.process(ipv4(LAN, WAN, 17, udp(LAN, WAN, 41009, 53, b"q")), OUT, T0 + 1)  # after the start: not in it
+    e.conntrack.remove(second)  # 41001, removed before its slice: left out
+    while not encoder.step(1):
+        pass
+    data, count = encoder.result()
+    restored = decode(data, T1, WALL)
+    assert count == 3 and not restored.exact
+    assert [(sport_of(flow), flow.seen_reply) for flow in restored.flows] == [
+        (41000, False),
+        (41002, True),
+        (41003, False),
+    ]
+
+
+def sport_of(flow: Flow) -> int:
+    packet = first_packet(flow)
+    assert packet is not None
+    return packet.sport
 
 
 def test_an_empty_table() -> None:

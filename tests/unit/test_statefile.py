@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import struct
 import time
@@ -348,6 +349,45 @@ def test_tick_saves_every_interval_in_the_background(state: Path) -> None:
     saver.tick(e, 120.5)
     wait_for_writer(saver)
     assert path.exists() and path.stat().st_mtime_ns >= first
+
+
+def test_a_periodic_snapshot_is_encoded_a_slice_a_round(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(statefile, "SLICE_FLOWS", 1)
+    saver = store(state, interval=10.0)
+    e = with_flows()  # two flows: two slices
+    saver.restore(e, 100.0, recheck=True)
+    path = state / "flows.snapshot"
+    assert saver.tick(e, 109.0) == 110.0  # not due: come back then
+    assert saver.tick(e, 110.0) == 110.0 + statefile.SLICE_GAP  # the first slice
+    wait_for_writer(saver)
+    assert not path.exists()
+    assert saver.tick(e, 110.01) == 120.0  # the second: done and written
+    wait_for_writer(saver)
+    assert saver.last_saved == 2
+    assert len(snapshot.decode(path.read_bytes(), 110.0, WALL).flows) == 2
+
+
+def test_a_stop_in_the_middle_of_a_sliced_snapshot_saves_the_whole_table(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(statefile, "SLICE_FLOWS", 1)
+    saver = store(state, interval=10.0)
+    e = with_flows()
+    saver.restore(e, 100.0, recheck=True)
+    saver.tick(e, 110.0)  # one of two slices
+    assert saver.save(e, 110.005, exact=True)
+    path = state / "flows.snapshot"
+    saved_once = path.read_bytes()
+    assert snapshot.decode(saved_once, 110.0, WALL).exact and saver.last_saved == 2
+    assert saver.tick(e, 110.01) == 120.0  # the periodic one was dropped, nothing written over it
+    wait_for_writer(saver)
+    assert path.read_bytes() == saved_once
+
+
+def test_no_periodic_snapshots_no_housekeeping_wanted(state: Path) -> None:
+    saver = store(state, interval=0.0)
+    saver.prepare()
+    assert saver.tick(with_flows(), 110.0) == math.inf
 
 
 def test_interval_zero_saves_only_at_stop(state: Path) -> None:
