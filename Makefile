@@ -96,9 +96,13 @@ INSTALL_ETC ?= /etc/nfqfw
 INSTALL_UNIT_DIR ?= /etc/systemd/system
 INSTALL_DOC ?= /usr/share/doc/nfqfw
 DESTDIR ?=
+# The service's Python is the system's: one under /root or /home (pyenv, a python.org build) is
+# hidden from the service by the unit's ProtectHome=yes, and the service would not start.
+INSTALL_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) $(PYTHON))
 
-install: debs
-	$(PYTHON) -m venv --clear $(DESTDIR)$(INSTALL_VENV)
+install:
+	$(MAKE) --no-print-directory debs PYTHON=$(INSTALL_PYTHON)
+	$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(INSTALL_VENV)
 	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q .
 	install -d -m 0755 $(DESTDIR)$(INSTALL_BIN) $(DESTDIR)$(INSTALL_DOC)
 	ln -sfn $(INSTALL_VENV)/bin/nfqfw $(DESTDIR)$(INSTALL_BIN)/nfqfw

@@ -61,6 +61,16 @@ def test_install_puts_the_package_command_policy_unit_and_docs_in_place(
     assert (check.returncode, check.stdout) == (0, summary)
 
 
+def test_the_service_python_is_not_under_root_or_home(staged: Staged) -> None:
+    # The unit's ProtectHome=yes hides /root and /home: a venv built on a pyenv Python there
+    # (as the checkout's .venv may be) would leave the service without its interpreter.
+    root, _ = staged
+    lines = (root / "opt/nfqfw/pyvenv.cfg").read_text().splitlines()
+    config = dict(line.split(" = ", 1) for line in lines if " = " in line)
+    assert not config["home"].startswith(("/root", "/home")), config
+    assert config["home"] == "/usr/bin" or not Path("/usr/bin/python3").exists(), config
+
+
 def test_install_again_keeps_the_operators_policy(staged: Staged) -> None:
     root, _ = staged
     policy = root / "etc/nfqfw/policy.yaml"
