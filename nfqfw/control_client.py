@@ -19,6 +19,10 @@ class ClientError(Exception):
     """No answer, or an error answer; str() is the message for the user."""
 
 
+class NoDaemon(ClientError):
+    """Nobody listens on the control socket (no file, or a stale one)."""
+
+
 def call(
     runtime_dir: str | os.PathLike[str], request: dict[str, Any], timeout: float = DEFAULT_TIMEOUT
 ) -> Any:
@@ -45,7 +49,7 @@ def _connect(sock: socket.socket, path: str) -> None:
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
-        raise ClientError(f"no nfqfw daemon at {path} (is it running?)") from None
+        raise NoDaemon(f"no nfqfw daemon at {path} (is it running?)") from None
     except PermissionError:
         raise ClientError(f"permission denied on {path}: the control socket is for root") from None
     except TimeoutError:

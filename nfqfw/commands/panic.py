@@ -3,14 +3,21 @@
 The running daemon replaces its queue rules by DROP rules in its own chains (nfqfw.rules), so
 panic holds under a flood and while no daemon runs; a restarted daemon keeps it; a reboot,
 `nfqfw panic off` or `nfqfw rules remove` ends it.
+
+`nfqfw panic on --no-daemon` is for when no daemon runs (stopped, crashed, or failure-mode open
+passing traffic unfiltered): it puts the same DROP rules into the kernel tables of the network
+namespace it runs in, directly. Only `on`: the queue rules that `off` would put back are the
+daemon's, so a daemon started later (it keeps panic mode) ends it with `nfqfw panic off`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from nfqfw.control_client import add_runtime_dir_option, ask
+from nfqfw import rules
+from nfqfw.control_client import ClientError, NoDaemon, add_runtime_dir_option, call
 from nfqfw.control_format import format_panic
 
 
@@ -23,13 +30,50 @@ def register(subparsers: Any) -> None:
         "'nfqfw panic off' (or a reboot, or 'nfqfw rules remove'). The control socket still works.",
     )
     parser.add_argument("mode", choices=("on", "off"), help="on or off")
+    parser.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="with no daemon running: put panic mode's DROP rules into this network namespace's "
+        "kernel tables directly (on only)",
+    )
     add_runtime_dir_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = ask("panic", args, {"cmd": "panic", "on": args.mode == "on"})
-    if result is None:
+    on = args.mode == "on"
+    if args.no_daemon:
+        return _without_daemon(args, on)
+    try:
+        result = call(args.runtime_dir, {"cmd": "panic", "on": on})
+    except ClientError as err:
+        no_daemon = on and isinstance(err, NoDaemon)
+        hint = "; 'nfqfw panic on --no-daemon' drops everything without it" if no_daemon else ""
+        print(f"nfqfw panic: {err}{hint}", file=sys.stderr)
         return 1
     print(format_panic(result))
+    return 0
+
+
+def _without_daemon(args: argparse.Namespace, on: bool) -> int:
+    if not on:
+        print(
+            "nfqfw panic: off needs the daemon (the queue rules to put back are its own): start nfqfw, "
+            "which keeps panic mode on, then run 'nfqfw panic off'; or 'nfqfw rules remove'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        call(args.runtime_dir, {"cmd": "status"}, timeout=5.0)
+    except ClientError:
+        pass  # none, or one that does not answer (wedged): as good as none here
+    else:
+        print("nfqfw panic: a daemon answers; run 'nfqfw panic on' without --no-daemon", file=sys.stderr)
+        return 2
+    try:
+        rules.install(rules.QueueSpec(panic=True))
+    except rules.RulesError as err:
+        print(f"nfqfw panic: {err}", file=sys.stderr)
+        return 1
+    print("panic mode on (no daemon, kernel rules set directly): everything but loopback is dropped")
     return 0

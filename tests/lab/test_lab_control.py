@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -207,6 +208,48 @@ def test_panic_blocks_everything_and_survives_a_restart(lab: Lab, lab_policy: Pa
     assert traffic.tcp_probe(t.lan, WAN_V4, WAN_ECHO).outcome == "connected"
     repeat = nfqfw(the_lab, "panic", "off")
     assert repeat.stdout == "panic mode off: the policy decides again (it already was)\n"
+
+
+def test_panic_without_a_daemon_closes_a_failed_open_gateway(lab: Lab, lab_policy: Path) -> None:
+    the_lab, policy = lab, lab_policy
+    t = the_lab.topology
+
+    def panic_in_gateway(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = in_ns(
+            t.gw, sys.executable, "-m", "nfqfw", "panic", *args, "--runtime-dir", str(lab.state.runtime_dir)
+        )
+        return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    refused = panic_in_gateway("on", "--no-daemon")
+    assert (refused.returncode, refused.stderr) == (
+        2,
+        "nfqfw panic: a daemon answers; run 'nfqfw panic on' without --no-daemon\n",
+    )
+    try:
+        write_policy(policy, "options: {failure-mode: open}\n" + POLICY)
+        stop_daemon(lab.state.prefix)
+        start_daemon(lab.state.prefix, policy)
+        stop_daemon(lab.state.prefix, sig=signal.SIGKILL)
+        assert traffic.tcp_probe(t.lan, WAN_V4, WAN_ECHO).outcome == "connected"  # open: unfiltered
+        asked = nfqfw(the_lab, "panic", "on")
+        assert asked.returncode == 1
+        assert asked.stderr.endswith("; 'nfqfw panic on --no-daemon' drops everything without it\n")
+        on = panic_in_gateway("on", "--no-daemon")
+        assert (on.returncode, on.stdout) == (
+            0,
+            "panic mode on (no daemon, kernel rules set directly): everything but loopback is dropped\n",
+        )
+        assert traffic.tcp_probe(t.lan, WAN_V4, WAN_ECHO, timeout=BLOCKED).outcome == "timeout"
+        assert traffic.ping(t.lan, GW_LAN_V4, wait=BLOCKED).returncode != 0
+        start_daemon(lab.state.prefix, policy)
+        assert as_json(the_lab, "status")["panic"] is True  # the daemon found and kept it
+        assert traffic.tcp_probe(t.lan, WAN_V4, WAN_ECHO, timeout=BLOCKED).outcome == "timeout"
+        assert nfqfw(the_lab, "panic", "off").returncode == 0
+        assert traffic.tcp_probe(t.lan, WAN_V4, WAN_ECHO).outcome == "connected"
+    finally:
+        write_policy(policy, POLICY)
+        stop_daemon(lab.state.prefix)
+        start_daemon(lab.state.prefix, policy)
 
 
 def as_nobody(runtime_dir: Path) -> str:

@@ -410,7 +410,7 @@ def test_call_times_out_on_a_daemon_that_never_answers(rundir: Path) -> None:
     assert str(err.value) == f"the nfqfw daemon at {rundir}/control.sock did not answer (timed out)"
 
 
-@pytest.mark.parametrize("command", [["status"], ["flows"], ["flush"], ["panic", "on"], ["reload"]])
+@pytest.mark.parametrize("command", [["status"], ["flows"], ["flush"], ["panic", "off"], ["reload"]])
 def test_commands_without_a_daemon_print_one_line(
     rundir: Path, command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -418,6 +418,25 @@ def test_commands_without_a_daemon_print_one_line(
     out, err = capsys.readouterr()
     no_daemon = f"no nfqfw daemon at {rundir}/control.sock (is it running?)"
     assert (out, err) == ("", f"nfqfw {command[0]}: {no_daemon}\n")
+
+
+def test_panic_on_without_a_daemon_names_the_way_without_it(
+    rundir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["panic", "on", "--runtime-dir", str(rundir)]) == 1
+    no_daemon = f"no nfqfw daemon at {rundir}/control.sock (is it running?)"
+    hint = "'nfqfw panic on --no-daemon' drops everything without it"
+    assert capsys.readouterr() == ("", f"nfqfw panic: {no_daemon}; {hint}\n")
+
+
+def test_panic_off_is_refused_without_the_daemon(rundir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["panic", "off", "--no-daemon", "--runtime-dir", str(rundir)]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == (
+        "",
+        "nfqfw panic: off needs the daemon (the queue rules to put back are its own): start nfqfw, "
+        "which keeps panic mode on, then run 'nfqfw panic off'; or 'nfqfw rules remove'\n",
+    )
 
 
 FLOW = {
