@@ -142,9 +142,14 @@ def encode_table(conntrack: Conntrack, now: float, wall: float, exact: bool = Fa
 
 def _encode_rows(rows: Iterable[Row], now: float, wall: float, exact: bool) -> tuple[bytes, int]:
     strings = _Strings()
-    encode_flow = _encode_flow
-    parts = [encode_flow(row, now, strings) for row in rows if row[2] > now]  # row[2]: deadline
+    parts = _encoded(rows, now, strings)
     return _assemble(parts, strings, wall, exact), len(parts)
+
+
+def _encoded(rows: Iterable[Row], now: float, strings: _Strings) -> list[bytes]:
+    """The rows of the flows still alive at `now` (row[2]: deadline), each in the format."""
+    encode_flow = _encode_flow
+    return [encode_flow(row, now, strings) for row in rows if row[2] > now]
 
 
 class TableEncoder:
@@ -169,8 +174,7 @@ class TableEncoder:
         keys, slots = self._table.keys, self._slots[self._next : self._next + flows]
         self._next += len(slots)
         live = [slot for slot in slots if keys[slot] is not None]
-        now, strings, encode_flow = self._now, self._strings, _encode_flow
-        self._parts += [encode_flow(row, now, strings) for row in self._table.rows(live) if row[2] > now]
+        self._parts += _encoded(self._table.rows(live), self._now, self._strings)
         return self._next >= len(self._slots)
 
     def result(self) -> tuple[bytes, int]:
