@@ -2,7 +2,8 @@
 
 The daemon is started as ``ip netns exec {P}gw <python> -m nfqfw run --config FILE --queue N``
 in a session of its own (it outlives `nfqfw lab up`), with stdout/stderr going to
-``/run/nfqfw-lab/{P}/daemon.log`` and its pid in ``daemon.pid`` there; the same directory is its
+``/run/nfqfw-lab/{P}/daemon.log`` (new for each `up`; the last lab's is ``daemon.log.1``) and its pid
+in ``daemon.pid`` there; the same directory is its
 ``--runtime-dir``, so ``nfqfw status --runtime-dir /run/nfqfw-lab/{P}`` asks it (a Unix socket
 path reaches across network namespaces). Its ``--state-dir`` is ``/run/nfqfw-lab/{P}/state``:
 the flow snapshot stays there between a stop and the next start (a restart keeps connections,
@@ -123,6 +124,7 @@ def up(
     """Build the namespaces and (with a policy) start nfqfw in the gateway; returns once it is ready."""
     topology, state = Topology(prefix), LabState(prefix)
     down(prefix)  # a lab left over from before, or half of one
+    _start_fresh_log(state)
     try:
         build(topology)
         daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout, args=args)
@@ -130,6 +132,13 @@ def up(
         down(prefix)
         raise
     return Lab(topology, state, daemon)
+
+
+def _start_fresh_log(state: LabState) -> None:
+    """A new lab's daemon log starts empty (readers match lines by content, and the lab's crafted
+    packets repeat from one lab to the next); the last lab's log is kept as daemon.log.1."""
+    with contextlib.suppress(FileNotFoundError):
+        state.log_file.replace(state.log_file.with_name(state.log_file.name + ".1"))
 
 
 def down(prefix: str = DEFAULT_PREFIX) -> list[str]:

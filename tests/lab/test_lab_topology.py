@@ -7,6 +7,7 @@ the same traffic passes.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -207,3 +208,18 @@ def test_a_second_build_refuses_existing_namespaces(lab: Lab) -> None:
         "namespaces already exist: nfqt-wan, nfqt-gw, nfqt-lan (run `nfqfw lab down` first)"
     )
     assert existing_namespaces(lab.topology) == ["nfqt-wan", "nfqt-gw", "nfqt-lan"]
+
+
+def test_each_lab_starts_a_fresh_daemon_log_and_keeps_the_last_one(tmp_path: Path) -> None:
+    """Tests find the daemon's lines by content, and crafted packets repeat from lab to lab."""
+    prefix = "nfqt-log-"
+    state = daemon_ctl.LabState(prefix)
+    try:
+        state.directory.mkdir(parents=True, exist_ok=True)
+        state.log_file.write_text("a line of the last lab\n")
+        daemon_ctl.up(prefix)
+        assert not state.log_file.exists()
+        assert state.log_file.with_name("daemon.log.1").read_text() == "a line of the last lab\n"
+    finally:
+        daemon_ctl.down(prefix)
+        shutil.rmtree(state.directory, ignore_errors=True)
