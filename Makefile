@@ -3,7 +3,7 @@
 #   make demo       bootstrap, then the lab demo (real traffic through nfqfw in namespaces)
 #   make test       bootstrap, then ruff and the whole pytest suite (lab tests need root)
 #   make bootstrap  Debian packages (only those missing), .venv, pip install -e '.[dev]'
-#   make lint       ruff
+#   make lint       ruff check and ruff format --check
 #   make lab-up     the lab with config/policy.yaml (POLICY=file to choose), left running
 #   make lab-down   stop nfqfw and remove the lab's namespaces
 #   make bench      the benchmark table (bench/run.py)
@@ -77,6 +77,7 @@ test: bootstrap lint
 
 lint: bootstrap
 	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 lab-up: bootstrap
 	$(BIN)/nfqfw lab up --policy $(POLICY) --prefix $(PREFIX)

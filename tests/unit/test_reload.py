@@ -79,8 +79,11 @@ def test_first_packet_icmp_and_v6() -> None:
     e = Engine(CompiledPolicy(load_policy(POLICY_FILE)))
     e.process(ipv4(LAN, WAN, 1, icmp(8, 0, (77, 1))), OUT, 1.0)
     e.process(ipv6(WAN6, LAN6, 17, udp(WAN6, LAN6, 5353, 40000)), OUT, 1.0)  # sorts the other way round
-    got = sorted((p.proto, p.family, p.src, p.dst, p.icmp_type, p.icmp_id, p.sport, p.dport)
-                 for p in (first_packet(f) for f in e.conntrack) if p is not None)
+    got = sorted(
+        (p.proto, p.family, p.src, p.dst, p.icmp_type, p.icmp_id, p.sport, p.dport)
+        for p in (first_packet(f) for f in e.conntrack)
+        if p is not None
+    )
     assert got == [
         (PROTO_ICMP, 4, LAN, WAN, 8, 77, 0, 0),
         (PROTO_UDP, 6, WAN6, LAN6, -1, 0, 5353, 40000),

@@ -46,7 +46,6 @@ CL = TcpState.CLOSE
 S2 = TcpState.SYN_SENT2
 
 
-
 def ok(state: TcpState, timeout: float | None, assure: bool = False) -> TcpResult:
     return TcpResult(ACCEPT, f"tcp: {state.name}", timeout, assure)
 

@@ -32,7 +32,6 @@ C_ISN = 1000  # client initial sequence number
 S_ISN = 5000  # server initial sequence number
 
 
-
 def check(w: TcpWindow, pkt: Packet, direction: int, state: int = TcpState.ESTABLISHED) -> TcpResult | None:
     return tcp_in_window(w, pkt, direction, FLAG_CLASS_BY_FLAGS[pkt.tcp_flags], state)
 
