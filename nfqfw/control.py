@@ -196,6 +196,16 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
 
+    def close_inherited(self) -> None:
+        """In a forked child (a worker of nfqfw.workers): let go of the parent's socket without
+        removing its file, which the parent still serves on."""
+        for client in list(self._clients.values()):
+            client.sock.close()
+        self._clients.clear()
+        with contextlib.suppress(OSError):
+            self._epoll.close()
+        self.listener.close()
+
     # -- connections --
 
     def _accept(self, now: float) -> None:

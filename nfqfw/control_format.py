@@ -62,19 +62,28 @@ def format_flow(record: dict[str, Any]) -> str:
     for key in ("in", "out"):
         if record.get(key):
             words.append(f"{key}={record[key]}")
+    if "queue" in record:  # from a supervisor (nfqfw run --workers): the worker that holds it
+        words.append(f"queue={record['queue']}")
     return " ".join(words)
+
+
+def unanswered(result: dict[str, Any]) -> str:
+    """'; queue 1 did not answer (why)' for the workers missing from a merged answer."""
+    missing = result.get("unanswered") or []
+    return "".join(f"; queue {m['queue']} did not answer ({m['error']})" for m in missing)
 
 
 def format_flows(result: dict[str, Any]) -> tuple[list[str], str]:
     """(one line per flow, the summary line for stderr)."""
     lines = [format_flow(record) for record in result["flows"]]
     tracked, most = result["tracked"], result["max_flows"]
-    summary = f"{plural(len(lines), 'flow')} shown ({tracked} tracked, at most {most})"
+    summary = f"{plural(len(lines), 'flow')} shown ({tracked} tracked, at most {most}){unanswered(result)}"
     return lines, summary
 
 
 def format_flush(result: dict[str, Any]) -> str:
-    return f"{plural(result['removed'], 'flow')} removed ({result['tracked']} still tracked)"
+    removed = f"{plural(result['removed'], 'flow')} removed ({result['tracked']} still tracked)"
+    return removed + unanswered(result)
 
 
 # --- panic, reload ----------------------------------------------------------------------------
@@ -154,9 +163,33 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
     lines += _table(_by_count(status["verdicts"]))
     lines.append("adapter:")
     lines += _table(status["adapter"].items())
+    lines += format_workers(status)
     for queue in status["kernel_queues"]:
         lines.append(
             f"kernel queue {queue['queue']}: {queue['waiting']} waiting, dropped {queue['queue_dropped']} "
             f"(queue full) and {queue['user_dropped']} (socket buffer full)"
         )
+    return lines
+
+
+def format_workers(status: dict[str, Any]) -> list[str]:
+    """The per-worker breakdown of a supervisor's status (nfqfw run --workers); none otherwise."""
+    workers = status.get("workers")
+    if not workers:
+        return []
+    lines = [f"workers:      {len(workers)}, one per queue (counts above are their sums)"]
+    in_force = status["policy"]["sha256"]
+    for worker in workers:
+        pid = "-" if worker.get("pid") is None else worker["pid"]
+        text = f"  queue {worker['queue']}: pid {pid}, {worker.get('state', '?')}"
+        if "error" in worker:
+            text += f", not answering ({worker['error']})"
+        else:
+            text += f", {plural(worker['flows'], 'flow')}, {plural(worker['verdicts'], 'verdict')}"
+        restarts = worker.get("restarts", 0)
+        if restarts:
+            text += f", restarted {plural(restarts, 'time')} (last exit: {worker.get('last_exit')})"
+        if worker.get("policy_sha256") not in (None, in_force):
+            text += f", POLICY DIFFERS: {worker['policy_sha256'][:12]}…"
+        lines.append(text)
     return lines

@@ -36,6 +36,11 @@ Panic mode (`set_panic`) lives in the kernel rules (see nfqfw.rules) and survive
 Observability (own modules): the packet log (nfqfw.packetlog) gets the packets whose verdict
 says `log` from the adapter and its suppression summary from housekeeping; `--metrics` starts
 the Prometheus endpoint (nfqfw.metrics) before the queue is bound.
+
+Worker mode (`Options.worker`, set by nfqfw.workers for each process of `nfqfw run --workers`):
+the same daemon on one queue, except that the kernel rules and panic mode are left to the
+supervisor; its READY/WATCHDOG/STATUS go to the supervisor's $NOTIFY_SOCKET, its control socket
+is the supervisor's private one for that queue.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ from nfqfw.queue import (
 )
 from nfqfw.rawsend import RawSender
 from nfqfw.sdnotify import Notifier, watchdog_interval
-from nfqfw.statefile import DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_STATE_DIR, StateDir
+from nfqfw.statefile import DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_STATE_DIR, SNAPSHOT_NAME, StateDir
 
 log = logging.getLogger("nfqfw")
 
@@ -97,6 +102,11 @@ class Options:
     metrics: tuple[str, int] | None = None  # --metrics: (host, port) of the Prometheus endpoint
     metrics_allow_remote: bool = False
     gso: bool = True  # ask the kernel for GSO packets whole (--no-gso: segmented, as before)
+    # A worker of `nfqfw run --workers` (nfqfw.workers): its supervisor owns the kernel rules
+    # (and panic mode), so a worker never installs or changes them.
+    worker: bool = False
+    snapshot_name: str = SNAPSHOT_NAME  # the flow snapshot's file in state_dir
+    adopt_snapshots: tuple[str, ...] = ()  # more snapshot files to restore flows from (workers)
 
 
 @dataclass
@@ -195,7 +205,12 @@ class Daemon:
         self._schedule = _Schedule()
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self.fail_open = False
-        self.state = StateDir(options.state_dir, options.snapshot_interval)
+        self.state = StateDir(
+            options.state_dir,
+            options.snapshot_interval,
+            name=options.snapshot_name,
+            adopt=options.adopt_snapshots,
+        )
         self.control: ControlServer | None = None
         self.started = time.time()
         self.started_mono = clock()
@@ -250,14 +265,8 @@ class Daemon:
         except ControlError as err:
             self.close()
             raise StartupError(str(err)) from err
-        try:
-            if rules.panic_installed():  # left on by an earlier run: a restart must not reopen
-                self.spec = replace(self.spec, panic=True)
-                log.warning("panic mode is on (kept from before): everything but loopback is dropped")
-            rules.install(self.spec)
-        except rules.RulesError as err:
-            self.close()
-            raise StartupError(str(err)) from err
+        if not opts.worker:  # a worker's supervisor installs the rules once every queue is bound
+            self._install_rules()
         self.drops = DropWatch(self.spec.queues)
         self._schedule.watchdog_every = watchdog_interval()
         if self._schedule.watchdog_every is not None:
@@ -267,8 +276,20 @@ class Daemon:
         queue = self._queue_text()
         gso = "on" if all(self.adapter.gso.values()) else "off"
         settings = f"failure mode {mode}, mark 0x{opts.mark:x}, GSO packets {gso}"
-        log.info("queue %s bound, rules installed (%s)", queue, settings)
+        rules_text = "rules left to the supervisor" if opts.worker else "rules installed"
+        log.info("queue %s bound, %s (%s)", queue, rules_text, settings)
         self.notifier.ready(f"filtering on queue {self._queue_text()}, failure mode {mode}")
+
+    def _install_rules(self) -> None:
+        assert self.spec is not None
+        try:
+            if rules.panic_installed():  # left on by an earlier run: a restart must not reopen
+                self.spec = replace(self.spec, panic=True)
+                log.warning("panic mode is on (kept from before): everything but loopback is dropped")
+            rules.install(self.spec)
+        except rules.RulesError as err:
+            self.close()
+            raise StartupError(str(err)) from err
 
     def _start_metrics(self) -> Any:
         """The Prometheus endpoint with --metrics; returns its engine timer (None without)."""
@@ -384,6 +405,9 @@ class Daemon:
     def set_panic(self, on: bool) -> bool:
         """Panic mode on/off in the kernel rules (nfqfw panic); False when they could not be installed."""
         assert self.spec is not None
+        if self.options.worker:  # the rules are the supervisor's: it answers panic requests itself
+            log.error("panic mode is changed by the supervisor, not by a worker")
+            return False
         was = self.spec.panic
         if not self._reinstall(replace(self.spec, panic=on), "panic mode not changed"):
             return False
@@ -395,7 +419,7 @@ class Daemon:
         """The failure mode lives in the kernel rules (queue bypass): re-install them."""
         assert self.spec is not None
         failed = "reload: failure mode not changed, rules not re-installed"
-        if not self._reinstall(replace(self.spec, bypass=fail_open), failed):
+        if not self.options.worker and not self._reinstall(replace(self.spec, bypass=fail_open), failed):
             return
         self.fail_open = fail_open
         if self.adapter is not None:

@@ -17,6 +17,12 @@ empty table; one that is corrupt, truncated, foreign, of an unknown version, or 
 its owner (root) may write, is logged, moved aside as `flows.snapshot.bad` and ignored:
 never fatal. A state directory writable by group or others is not used at all (whoever can
 write it could hand nfqfw flows the policy never admitted).
+
+A worker of `nfqfw run --workers` (nfqfw.workers) keeps its own file, `flows.queue-N.snapshot`
+(`name`), and may be told to restore other snapshot files too (`adopt`: when the queue layout
+changed since they were written, see nfqfw.workers). An adopted file is only read: a bad one is
+logged and skipped, never moved aside (the other workers read it too, and the supervisor removes
+what no queue owns any more).
 """
 
 from __future__ import annotations
@@ -111,9 +117,12 @@ class StateDir:
         directory: str = DEFAULT_STATE_DIR,
         interval: float = DEFAULT_SNAPSHOT_INTERVAL,
         wall_clock: Callable[[], float] = time.time,
+        name: str = SNAPSHOT_NAME,
+        adopt: tuple[str, ...] = (),
     ) -> None:
         self.directory = directory
-        self.path = os.path.join(directory, SNAPSHOT_NAME)
+        self.path = os.path.join(directory, name)
+        self.adopt = tuple(os.path.join(directory, other) for other in adopt if other != name)
         self.interval = interval  # 0: only at stop
         self.wall_clock = wall_clock
         self.usable = False  # set by prepare(): the directory exists and is ours alone
@@ -156,6 +165,12 @@ class StateDir:
         if not self.prepare():
             return 0
         self._next = now + self.interval
+        kept = self._restore_own(engine, now, recheck)
+        if self.adopt:
+            kept = self._adopt(engine, now, recheck)
+        return kept
+
+    def _restore_own(self, engine: Any, now: float, recheck: bool) -> int:
         try:
             data = read_trusted(self.path)
         except FileNotFoundError:
@@ -173,6 +188,24 @@ class StateDir:
             self._set_aside(f"internal error: {err!r}")
         engine.conntrack.clear()
         return 0
+
+    def _adopt(self, engine: Any, now: float, recheck: bool) -> int:
+        """Add the flows of the other snapshot files (flows already in the table are kept)."""
+        for path in self.adopt:
+            try:
+                restored = snapshot.decode(read_trusted(path), now, self.wall_clock())
+            except FileNotFoundError:
+                continue
+            except (StateFileError, OSError, snapshot.SnapshotError) as err:
+                log.warning("flow snapshot %s not adopted: %s", path, err)
+                continue
+            installed = snapshot.install(engine.conntrack, restored.flows)
+            log.info("adopted %d flows from %s", installed.restored, path)
+        if recheck:
+            from nfqfw.core.recheck import recheck as recheck_flows
+
+            recheck_flows(engine)
+        return len(engine.conntrack)
 
     def _restore(self, engine: Any, data: bytes, now: float, recheck: bool) -> int:
         restored = snapshot.decode(data, now, self.wall_clock())

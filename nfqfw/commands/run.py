@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from nfqfw import metrics, queue, rules, statefile
@@ -28,6 +29,13 @@ def register(subparsers: Any) -> None:
         type=_queue_range,
         metavar="A:B",
         help="bind queues A..B, rules spread flows over them",
+    )
+    parser.add_argument(
+        "--workers",
+        action="store_true",
+        help="with --queue-balance A:B: one worker process per queue (each its own engine, flow "
+        "table and snapshot) under a supervisor that owns the rules, the control socket and "
+        "systemd's notifications; uses several cores. Not with --metrics",
     )
     parser.add_argument(
         "--mark",
@@ -102,6 +110,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workers and not args.queue_balance:
+        print("nfqfw: --workers needs --queue-balance A:B (one worker per queue)", file=sys.stderr)
+        return 2
     setup_logging(args.log_level)
     first, last = args.queue_balance or ((args.queue, args.queue) if args.queue is not None else (0, 0))
     options = Options(
@@ -119,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         metrics_allow_remote=args.metrics_allow_remote,
         gso=args.gso,
     )
+    if args.workers:
+        from nfqfw.workers import run_supervisor
+
+        return run_supervisor(options)
     return run_daemon(options)
 
 

@@ -165,13 +165,16 @@ def start_daemon(
     """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
 
     `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
-    then the wrapper's. `args` are more `nfqfw run` options (e.g. --metrics, --snapshot-interval).
+    then the wrapper's. `args` are more `nfqfw run` options (e.g. --metrics, --snapshot-interval;
+    with --queue-balance A:B, `queue` is not passed).
     """
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
-    run = ("run", "--config", config, "--queue", str(queue), "--runtime-dir", str(state.runtime_dir))
+    # --queue-balance in `args` (several queues, e.g. with --workers) replaces --queue.
+    where = () if "--queue-balance" in args else ("--queue", str(queue))
+    run = ("run", "--config", config, *where, "--runtime-dir", str(state.runtime_dir))
     run += ("--state-dir", str(state.state_dir), *args)
     argv = in_ns(topology.gw, *wrapper, sys.executable, "-m", "nfqfw", *run)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
