@@ -1,0 +1,259 @@
+"""`nfqfw run --queue-balance 0:1 --workers` in the lab: namespaces nfqw-wan / nfqw-gw / nfqw-lan.
+
+A supervisor and two workers, one per queue. The kernel picks a flow's queue by a hash of its
+addresses and protocol, so the outside host gets WAN_EXTRA more addresses: connections from the
+inside host to them are spread over both queues (with 16 address pairs, all on one queue has a
+chance of 2**-15). The module's tests run in order on one daemon, which some of them restart:
+traffic through both workers, ingress still dropped, `flows` and `status` merged, reloads (valid
+and broken), panic, a full stop and start, `kill -9` of a worker and a wedged (SIGSTOPped) one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lab_policies import MAIL_IN_NO_SMB_OUT
+
+from nfqfw.control_client import call
+from nfqfw.lab import daemon_ctl, traffic
+from nfqfw.lab.daemon_ctl import Lab, LabState
+from nfqfw.lab.topology import LAN_V4, WAN_V4, in_ns
+
+pytestmark = pytest.mark.lab
+
+PREFIX = "nfqw-"
+WAN_ECHO, LAN_MAIL, LAN_SSH = 80, 25, 22
+WAN_EXTRA = [f"203.0.113.{100 + n}" for n in range(16)]
+ARGS = ("--queue-balance", "0:1", "--workers", "--snapshot-interval", "1")
+BACK_WAIT = 30.0  # seconds for TCP to retransmit into a restarted worker (RTO backoff)
+RESTART_WAIT = 20.0  # seconds for the supervisor to restart a worker (wedged: 10 s without heartbeat)
+
+BROKEN = MAIL_IN_NO_SMB_OUT.replace("action: accept", "action: perhaps")
+VALID_CHANGE = MAIL_IN_NO_SMB_OUT.replace("ports: [445]", "ports: [445, 139]")
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("workers") / "policy.yaml"
+    write_policy(path, MAIL_IN_NO_SMB_OUT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lab(policy: Path) -> Iterator[Lab]:
+    with ExitStack() as stack:
+        stack.callback(daemon_ctl.down, PREFIX)  # also when up() or a server fails
+        the_lab = daemon_ctl.up(PREFIX, policy, args=ARGS)
+        t = the_lab.topology
+        for address in WAN_EXTRA:
+            argv = in_ns(t.wan, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+            subprocess.run(argv, check=True, capture_output=True, timeout=30)
+        stack.enter_context(traffic.TcpServer(t.wan, [WAN_ECHO]))
+        stack.enter_context(traffic.TcpServer(t.lan, [LAN_MAIL, LAN_SSH]))
+        yield the_lab
+
+
+@pytest.fixture
+def spread(lab: Lab) -> Iterator[dict[int, socket.socket]]:
+    """One live session lan -> each outside address, by the client's port; closed at the end."""
+    opened: dict[int, socket.socket] = {}
+    try:
+        for address in [WAN_V4, *WAN_EXTRA]:
+            sock, greeting = traffic.open_connection(lab.topology.lan, address, WAN_ECHO)
+            assert greeting.startswith("hello"), greeting
+            assert traffic.echo_roundtrip(sock, b"hi\n") == b"hi\n"
+            opened[int(sock.getsockname()[1])] = sock
+        yield opened
+    finally:
+        for sock in opened.values():
+            sock.close()
+
+
+def write_policy(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+def ask(request: dict[str, Any]) -> Any:
+    return call(LabState(PREFIX).runtime_dir, request)
+
+
+def status() -> dict[str, Any]:
+    return ask({"cmd": "status"})  # type: ignore[no-any-return]
+
+
+def workers() -> dict[int, dict[str, Any]]:
+    return {w["queue"]: w for w in status()["workers"]}
+
+
+def queue_of_ports(ports: set[int]) -> dict[int, int]:
+    """Client port -> the queue whose worker holds the session's flow."""
+    flows = ask({"cmd": "flows", "proto": "tcp"})["flows"]
+    return {f["sport"]: f["queue"] for f in flows if f.get("sport") in ports}
+
+
+def nfqfw(*argv: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "nfqfw", *argv, "--runtime-dir", str(LabState(PREFIX).runtime_dir)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def roundtrip_all(opened: dict[int, socket.socket], tag: bytes, timeout: float = BACK_WAIT) -> None:
+    for port, sock in opened.items():
+        sock.settimeout(timeout)
+        assert traffic.echo_roundtrip(sock, tag) == tag, port
+
+
+def wait_for(what: str, check: Any, timeout: float = RESTART_WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def restarted(queue: int, times: int) -> bool:
+    worker = workers()[queue]
+    return worker["restarts"] >= times and worker["state"] == "running" and "error" not in worker
+
+
+# --- traffic ----------------------------------------------------------------------------------
+
+
+def test_connections_are_spread_over_both_workers(lab: Lab, spread: dict[int, socket.socket]) -> None:
+    queues = queue_of_ports(set(spread))
+    assert set(queues) == set(spread), "every session is listed by `flows`"
+    assert set(queues.values()) == {0, 1}, f"the kernel spread the sessions over both queues: {queues}"
+    merged = status()
+    by_queue = {w["queue"]: w for w in merged["workers"]}
+    assert set(by_queue) == {0, 1}
+    for worker in by_queue.values():
+        assert worker["state"] == "running" and worker["flows"] > 0 and worker["verdicts"] > 0, worker
+    assert merged["flows"]["total"] == sum(w["flows"] for w in by_queue.values())
+    assert sum(merged["verdicts"].values()) == sum(w["verdicts"] for w in by_queue.values())
+    assert merged["queue"] == "0:1" and merged["pid"] == lab.daemon.pid  # type: ignore[union-attr]
+    text = nfqfw("status").stdout
+    assert "queue 0: pid" in text and "queue 1: pid" in text
+
+
+def test_many_new_connections_get_through(lab: Lab) -> None:
+    for round_ in range(3):
+        for address in WAN_EXTRA:
+            sock, greeting = traffic.open_connection(lab.topology.lan, address, WAN_ECHO)
+            with sock:
+                assert greeting.startswith("hello"), (round_, address)
+
+
+def test_unsolicited_ingress_is_dropped(lab: Lab) -> None:
+    t = lab.topology
+    assert traffic.tcp_probe(t.wan, LAN_V4, LAN_SSH, timeout=2.0).outcome == "timeout"
+    assert traffic.tcp_probe(t.wan, LAN_V4, LAN_MAIL).outcome == "connected"  # rule mail
+
+
+def test_flows_lists_the_flows_of_both_workers(lab: Lab, spread: dict[int, socket.socket]) -> None:
+    shown = nfqfw("flows", "--proto", "tcp")
+    assert shown.returncode == 0, shown.stderr
+    lines = [line for line in shown.stdout.splitlines() if f"dport={WAN_ECHO}" in line]
+    assert any("queue=0" in line for line in lines) and any("queue=1" in line for line in lines)
+    flushed = nfqfw("flush", "--proto", "udp")
+    assert flushed.returncode == 0 and "removed" in flushed.stdout, flushed.stderr
+
+
+# --- reload, panic ----------------------------------------------------------------------------
+
+
+def test_live_sessions_survive_a_reload(lab: Lab, policy: Path, spread: dict[int, socket.socket]) -> None:
+    write_policy(policy, VALID_CHANGE)
+    reloaded = nfqfw("reload")
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+    roundtrip_all(spread, b"after reload\n")
+    merged = status()
+    assert merged["last_reload"]["ok"] and merged["last_reload"]["removed"] == 0
+    assert {w["policy_sha256"] for w in merged["workers"]} == {merged["policy"]["sha256"]}
+    os.kill(lab.daemon.pid, signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for("the SIGHUP reload", lambda: status()["last_reload"]["trigger"] == "SIGHUP", timeout=10)
+    roundtrip_all(spread, b"after SIGHUP\n")
+
+
+def test_broken_reload_keeps_the_running_policy(lab: Lab, policy: Path) -> None:
+    in_force = status()["policy"]["sha256"]
+    write_policy(policy, BROKEN)
+    try:
+        reloaded = nfqfw("reload")
+        assert reloaded.returncode == 1
+        assert "FAILED, the running policy stays in force" in reloaded.stdout + reloaded.stderr
+        merged = status()
+        assert not merged["last_reload"]["ok"] and "perhaps" in " ".join(merged["last_reload"]["errors"])
+        assert merged["policy"]["sha256"] == in_force
+        assert {w["policy_sha256"] for w in merged["workers"]} == {in_force}
+        assert "FAILED" in nfqfw("status").stdout
+        t = lab.topology
+        assert traffic.tcp_probe(t.wan, LAN_V4, LAN_MAIL).outcome == "connected"  # the old rule mail
+        assert traffic.tcp_probe(t.wan, LAN_V4, LAN_SSH, timeout=2.0).outcome == "timeout"
+    finally:
+        write_policy(policy, MAIL_IN_NO_SMB_OUT)
+        assert nfqfw("reload").returncode == 0
+
+
+def test_panic_is_done_by_the_supervisor(lab: Lab) -> None:
+    assert nfqfw("panic", "on").returncode == 0
+    try:
+        assert status()["panic"]
+        assert traffic.tcp_probe(lab.topology.lan, WAN_V4, WAN_ECHO, timeout=1.5).outcome == "timeout"
+    finally:
+        assert nfqfw("panic", "off").returncode == 0
+    assert traffic.tcp_probe(lab.topology.lan, WAN_V4, WAN_ECHO).outcome == "connected"
+
+
+# --- restarts and crashes ---------------------------------------------------------------------
+
+
+def test_live_sessions_survive_a_stop_and_start(
+    lab: Lab, policy: Path, spread: dict[int, socket.socket]
+) -> None:
+    stopped = daemon_ctl.stop_daemon(PREFIX)
+    assert stopped is not None and stopped.exit_code() == 0
+    state = LabState(PREFIX).state_dir
+    assert (state / "flows.queue-0.snapshot").exists() and (state / "flows.queue-1.snapshot").exists()
+    daemon_ctl.start_daemon(PREFIX, policy, args=ARGS)
+    roundtrip_all(spread, b"after restart\n")
+    log = LabState(PREFIX).log_file.read_text(errors="replace")
+    assert "nfqfw[queue 0]: restored" in log and "nfqfw[queue 1]: restored" in log
+    assert "adopted" not in log  # the same queue range: each worker its own file
+
+
+def test_a_killed_worker_is_restarted_and_its_sessions_go_on(spread: dict[int, socket.socket]) -> None:
+    queues = queue_of_ports(set(spread))
+    time.sleep(2.5)  # a periodic snapshot (--snapshot-interval 1) holds every session now
+    before = workers()
+    victim = before[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    others = {port: sock for port, sock in spread.items() if queues[port] == 1}
+    roundtrip_all(others, b"while queue 0 restarts\n", timeout=5.0)  # the other worker serves on
+    wait_for("queue 0's worker to be restarted", lambda: restarted(0, before[0]["restarts"] + 1))
+    after = workers()
+    assert after[0]["pid"] != victim["pid"] and after[0]["last_exit"] == "killed by SIGKILL"
+    assert after[1]["pid"] == before[1]["pid"] and after[1]["restarts"] == before[1]["restarts"]
+    roundtrip_all(spread, b"after the worker's restart\n")  # queue 0's sessions too, restored
+
+
+def test_a_wedged_worker_is_killed_and_restarted(spread: dict[int, socket.socket]) -> None:
+    time.sleep(2.5)  # a periodic snapshot holds every session
+    before = workers()
+    os.kill(before[1]["pid"], signal.SIGSTOP)  # alive, but its loop sends no heartbeat
+    wait_for("queue 1's wedged worker to be replaced", lambda: restarted(1, before[1]["restarts"] + 1))
+    assert workers()[1]["last_exit"] == "killed by SIGKILL"
+    roundtrip_all(spread, b"after the wedged worker\n")
+    log = LabState(PREFIX).log_file.read_text(errors="replace")
+    assert f"worker for queue 1 (pid {before[1]['pid']}) sent no heartbeat" in log
