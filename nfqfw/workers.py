@@ -165,13 +165,13 @@ class Supervisor:
         """Checks, the policy copy, the control socket and the workers' forks; READY=1 comes
         from the loop once every worker is ready. Raises StartupError."""
         opts = self.options
-        if os.geteuid() != 0:
-            raise StartupError("must run as root (to bind netfilter queues and install iptables rules)")
         if opts.metrics is not None:
             raise StartupError(
                 "--metrics cannot be combined with --workers: each worker counts for itself "
                 "(use nfqfw status, which sums the workers)"
             )
+        if os.geteuid() != 0:
+            raise StartupError("must run as root (to bind netfilter queues and install iptables rules)")
         try:
             rules.check_tools()
         except rules.RulesError as err:

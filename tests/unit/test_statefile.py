@@ -466,3 +466,27 @@ def test_run_command_flags() -> None:
     for bad in ("-1", "nan", "inf", "soon"):
         with pytest.raises(Exception, match="seconds"):
             _seconds(bad)
+
+
+def test_a_worker_restores_its_own_file_and_adopts_the_others(
+    state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nfqfw run --workers after a queue layout change: the flows of every snapshot file."""
+    caplog.set_level(logging.INFO, logger="nfqfw")
+    saved(state).rename(state / "flows.queue-7.snapshot")  # a queue that no longer exists
+    (state / "flows.queue-1.snapshot").write_bytes(b"damaged")
+    (state / "flows.queue-1.snapshot").chmod(0o600)
+    worker = StateDir(
+        str(state),
+        10.0,
+        wall_clock=lambda: WALL,
+        name="flows.queue-0.snapshot",
+        adopt=("flows.queue-0.snapshot", "flows.queue-1.snapshot", "flows.queue-7.snapshot"),
+    )
+    e = engine()
+    assert worker.restore(e, 100.0, recheck=True) == 2
+    assert (state / "flows.queue-7.snapshot").exists()  # only read: the supervisor removes it
+    assert (state / "flows.queue-1.snapshot").exists()  # a bad adopted file is not moved aside
+    text = " ".join(messages(caplog))
+    assert "adopted 2 flows from" in text and "not adopted" in text
+    assert worker.save(e, 101.0) and (state / "flows.queue-0.snapshot").exists()
