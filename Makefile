@@ -7,6 +7,7 @@
 #   make lab-up     the lab with config/policy.yaml (POLICY=file to choose), left running
 #   make lab-down   stop nfqfw and remove the lab's namespaces
 #   make bench      the benchmark table (bench/run.py)
+#   make bench-workers  one process for two queues against a worker per queue (bench/workers.py)
 #   make install    nfqfw on this machine as a gateway service: /opt/nfqfw, /usr/local/bin/nfqfw,
 #                   /etc/nfqfw/policy.yaml (kept if present), the systemd unit
 #   make uninstall  takes away what install put in place, except the policy and saved state
@@ -33,10 +34,10 @@ LINT_PATHS := $(wildcard nfqfw tests bench)
 DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack iputils-ping \
 	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench install uninstall clean
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers install uninstall clean
 
 help:
-	@sed -n '1,13s/^# \{0,1\}//p' Makefile
+	@sed -n '1,14s/^# \{0,1\}//p' Makefile
 
 bootstrap: debs $(VENV_STAMP)
 
@@ -87,6 +88,9 @@ lab-down: bootstrap
 
 bench: bootstrap
 	$(BIN)/python bench/run.py
+
+bench-workers: bootstrap
+	$(BIN)/python bench/workers.py --runs 2
 
 # --- installing on a gateway -------------------------------------------------------------------
 # DESTDIR stages the files elsewhere (packaging, tests); the paths written into them stay the
