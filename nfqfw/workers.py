@@ -20,7 +20,9 @@ The supervisor installs the kernel rules (one rule set, `--queue-balance A:B`; f
 panic as for the single daemon, nfqfw.rules) once every worker is ready, and then sends READY=1
 to systemd. It keeps the sd_notify conversation: RELOADING=1/READY=1 around a reload,
 STOPPING=1, a STATUS= line summing the workers' counts, and WATCHDOG=1 only while every worker
-is alive, ready and pinging. A worker that has not pinged for PING_TIMEOUT seconds (or is not
+is alive, ready and pinging (a heartbeat within HEARTBEAT_STALE seconds; a manager with a
+short WatchdogSec= then restarts the whole service). A worker that has not pinged for
+PING_TIMEOUT seconds (or is not
 ready START_TIMEOUT seconds after its start) is wedged: the supervisor kills it (SIGKILL) and
 restarts it, like any worker that dies (after 0 s, then more slowly if it keeps dying soon
 after its start: nfqfw.supervision.restart_delay). While a worker is down its queue is unbound,
@@ -86,6 +88,7 @@ POLICY_NAME = "policy.yaml"
 LAYOUT_NAME = "workers.layout"  # in --state-dir (nfqfw.supervision.Layout)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 PING_EVERY = 1.0  # seconds between a worker's WATCHDOG=1 to the supervisor
+HEARTBEAT_STALE = 3.0  # a worker silent this long stops the WATCHDOG=1 to systemd
 PING_TIMEOUT = 10.0  # a ready worker silent this long is wedged: killed and restarted
 START_TIMEOUT = 120.0  # a worker not ready this long after its start is wedged too
 ANSWER_TIMEOUT = 5.0  # seconds a worker gets to answer a fanned-out control request
@@ -397,6 +400,8 @@ class Supervisor:
         if self._dump:
             self._dump = False
             self._signal_workers(signal.SIGUSR1)
+        if self.control is not None:
+            self.control.service()  # times out idle clients even when no socket event comes
         self._restart_due(now)
         self._kill_wedged(now)
         self._notify_systemd(now)
@@ -487,7 +492,7 @@ class Supervisor:
     def _notify_systemd(self, now: float) -> None:
         workers = self.workers.values()
         due = self._watchdog_every is not None and now >= self._watchdog_due
-        if due and sv.all_healthy((w.health() for w in workers), now, self.ping_timeout):
+        if due and sv.all_healthy((w.health() for w in workers), now, HEARTBEAT_STALE):
             self.notifier.watchdog()
             self._watchdog_due = now + (self._watchdog_every or 0.0)
         if now >= self._status_due:

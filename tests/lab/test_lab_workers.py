@@ -257,3 +257,75 @@ def test_a_wedged_worker_is_killed_and_restarted(spread: dict[int, socket.socket
     roundtrip_all(spread, b"after the wedged worker\n")
     log = LabState(PREFIX).log_file.read_text(errors="replace")
     assert f"worker for queue 1 (pid {before[1]['pid']}) sent no heartbeat" in log
+
+
+# --- sd_notify --------------------------------------------------------------------------------
+
+
+def test_watchdog_pings_stop_while_a_worker_is_wedged(lab: Lab, policy: Path, tmp_path: Path) -> None:
+    """The supervisor under a systemd-like manager: READY=1 once both workers are bound, then
+    WATCHDOG=1 regularly, none while a worker is stopped, and again once it was replaced."""
+    daemon_ctl.stop_daemon(PREFIX)
+    state = LabState(PREFIX)
+    notify_path = tmp_path / "notify.sock"
+    argv = ["run", "--config", str(policy), "--runtime-dir", str(state.runtime_dir)]
+    argv += ["--state-dir", str(state.state_dir), *ARGS]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}
+        env.pop("WATCHDOG_PID", None)
+        with open(state.log_file, "ab") as log:
+            command = in_ns(lab.topology.gw, sys.executable, "-m", "nfqfw", *argv)
+            proc = subprocess.Popen(command, stdout=log, stderr=log, env=env, start_new_session=True)
+        try:
+            assert "READY=1" in messages_until(notify, "READY=1", 30.0)
+            assert messages_until(notify, "WATCHDOG=1", 3.0)  # every 0.5 s while all are well
+            wedged_pid = workers()[0]["pid"]
+            os.kill(wedged_pid, signal.SIGSTOP)
+            time.sleep(3.5)  # its last heartbeat is more than 3 s old now
+            drain(notify)
+            seen = messages_during(notify, 5.0)  # before the supervisor kills it (10 s)
+            assert "WATCHDOG=1" not in seen, seen
+            wait_for("the wedged worker's replacement", lambda: workers()[0]["pid"] != wedged_pid)
+            assert messages_until(notify, "WATCHDOG=1", 5.0)
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=20) == 0
+
+
+def messages_until(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
+    """Assignments received until one equals `wanted` (AssertionError after `timeout`)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {wanted} within {timeout} s: {seen}"
+        sock.settimeout(left)
+        try:
+            seen += sock.recv(4096).decode().split("\n")
+        except TimeoutError:
+            continue
+    return seen
+
+
+def messages_during(sock: socket.socket, seconds: float) -> list[str]:
+    seen: list[str] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            seen += sock.recv(4096).decode().split("\n")
+        except TimeoutError:
+            break
+    return seen
+
+
+def drain(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    try:
+        while sock.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
+    finally:
+        sock.setblocking(True)
