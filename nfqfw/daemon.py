@@ -75,6 +75,7 @@ from nfqfw.queue import (
 from nfqfw.rawsend import RawSender
 from nfqfw.sdnotify import Notifier, watchdog_interval
 from nfqfw.statefile import DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_STATE_DIR, SNAPSHOT_NAME, StateDir
+from nfqfw.supervision import queue_snapshots
 
 log = logging.getLogger("nfqfw")
 
@@ -209,7 +210,8 @@ class Daemon:
             options.state_dir,
             options.snapshot_interval,
             name=options.snapshot_name,
-            adopt=options.adopt_snapshots,
+            adopt=options.adopt_snapshots if options.worker else _snapshots_of_workers(options.state_dir),
+            consume_adopted=not options.worker,
         )
         self.control: ControlServer | None = None
         self.started = time.time()
@@ -533,6 +535,15 @@ class Daemon:
                 sock.close()
             self._wakeup = None
         self.notifier.close()
+
+
+def _snapshots_of_workers(state_dir: str) -> tuple[str, ...]:
+    """Per-queue snapshots a run with --workers left: a single daemon started after it keeps their
+    flows (switching --workers off must not cut the sessions)."""
+    try:
+        return queue_snapshots(os.listdir(state_dir))
+    except OSError:
+        return ()
 
 
 def run_daemon(options: Options, **kwargs: Any) -> int:

@@ -22,7 +22,9 @@ A worker of `nfqfw run --workers` (nfqfw.workers) keeps its own file, `flows.que
 (`name`), and may be told to restore other snapshot files too (`adopt`: when the queue layout
 changed since they were written, see nfqfw.workers). An adopted file is only read: a bad one is
 logged and skipped, never moved aside (the other workers read it too, and the supervisor removes
-what no queue owns any more).
+what no queue owns any more). The adopted flows are written to the worker's own file right away,
+before its queue is bound. The single-process daemon adopts the per-queue files a run with
+workers left (`consume_adopted`): it keeps their flows in `flows.snapshot` and removes them.
 """
 
 from __future__ import annotations
@@ -119,10 +121,12 @@ class StateDir:
         wall_clock: Callable[[], float] = time.time,
         name: str = SNAPSHOT_NAME,
         adopt: tuple[str, ...] = (),
+        consume_adopted: bool = False,
     ) -> None:
         self.directory = directory
         self.path = os.path.join(directory, name)
         self.adopt = tuple(os.path.join(directory, other) for other in adopt if other != name)
+        self.consume_adopted = consume_adopted  # the only reader: remove them once kept in our file
         self.interval = interval  # 0: only at stop
         self.wall_clock = wall_clock
         self.usable = False  # set by prepare(): the directory exists and is ours alone
@@ -168,7 +172,18 @@ class StateDir:
         kept = self._restore_own(engine, now, recheck)
         if self.adopt:
             kept = self._adopt(engine, now, recheck)
+            self._keep_adopted(engine, now)
         return kept
+
+    def _keep_adopted(self, engine: Any, now: float) -> None:
+        """Write the adopted flows into our own file at once: a crash before the first periodic
+        snapshot must not leave a file that lacks them (or holds another layout's share)."""
+        if not self.save(engine, now) or not self.consume_adopted:
+            return
+        for path in self.adopt:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                log.info("removed %s: its flows are kept in %s", path, self.path)
 
     def _restore_own(self, engine: Any, now: float, recheck: bool) -> int:
         try:

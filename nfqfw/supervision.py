@@ -162,6 +162,11 @@ def is_snapshot_file(name: str) -> bool:
     return name == SINGLE_SNAPSHOT or _QUEUE_SNAPSHOT.match(name) is not None
 
 
+def queue_snapshots(present: Iterable[str]) -> tuple[str, ...]:
+    """The per-queue snapshot files among `present` (left by a run with workers)."""
+    return tuple(sorted(name for name in present if _QUEUE_SNAPSHOT.match(name)))
+
+
 def to_adopt(saved: Layout | None, current: Layout, present: Iterable[str]) -> tuple[str, ...]:
     """The snapshot files every worker restores besides its own: none when the layout is the
     same, else all of them (the kernel's flow-to-queue mapping is unknown). A single-process

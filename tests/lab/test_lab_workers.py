@@ -233,6 +233,23 @@ def test_live_sessions_survive_a_stop_and_start(
     assert "adopted" not in log  # the same queue range: each worker its own file
 
 
+def test_switching_workers_off_and_on_keeps_the_sessions(
+    lab: Lab, policy: Path, spread: dict[int, socket.socket]
+) -> None:
+    """One process for both queues, then workers again: each start takes the other's snapshots."""
+    state = LabState(PREFIX).state_dir
+    single = ("--queue-balance", "0:1", "--snapshot-interval", "1")
+    for args, files in (
+        (single, ["flows.snapshot"]),
+        (ARGS, ["flows.queue-0.snapshot", "flows.queue-1.snapshot"]),
+    ):
+        stopped = daemon_ctl.stop_daemon(PREFIX)
+        assert stopped is not None and stopped.exit_code() == 0
+        daemon_ctl.start_daemon(PREFIX, policy, args=args)
+        roundtrip_all(spread, b"after switching\n")
+        assert sorted(name for name in os.listdir(state) if name.startswith("flows.")) == files
+
+
 def test_a_killed_worker_is_restarted_and_its_sessions_go_on(spread: dict[int, socket.socket]) -> None:
     queues = queue_of_ports(set(spread))
     time.sleep(2.5)  # a periodic snapshot (--snapshot-interval 1) holds every session now

@@ -489,4 +489,35 @@ def test_a_worker_restores_its_own_file_and_adopts_the_others(
     assert (state / "flows.queue-1.snapshot").exists()  # a bad adopted file is not moved aside
     text = " ".join(messages(caplog))
     assert "adopted 2 flows from" in text and "not adopted" in text
-    assert worker.save(e, 101.0) and (state / "flows.queue-0.snapshot").exists()
+    # written to the worker's own file before its queue is bound: a crash before the first
+    # periodic snapshot restores them from there alone (the layout is recorded as the new one)
+    again = StateDir(str(state), 10.0, wall_clock=lambda: WALL, name="flows.queue-0.snapshot")
+    assert again.restore(engine(), 100.0, recheck=True) == 2
+
+
+def test_a_single_daemon_keeps_the_flows_of_the_workers_before_it(
+    state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--workers switched off: the per-queue files' flows go into flows.snapshot, the files go."""
+    caplog.set_level(logging.INFO, logger="nfqfw")
+    saved(state).rename(state / "flows.queue-1.snapshot")
+    e = engine()
+    single = StateDir(
+        str(state), 10.0, wall_clock=lambda: WALL, adopt=("flows.queue-1.snapshot",), consume_adopted=True
+    )
+    assert single.restore(e, 100.0, recheck=True) == 2
+    assert sorted(os.listdir(state)) == ["flows.snapshot"]
+    assert (
+        f"removed {state}/flows.queue-1.snapshot: its flows are kept in {state}/flows.snapshot"
+        in messages(caplog)
+    )
+    assert store(state).restore(engine(), 100.0, recheck=True) == 2
+
+
+def test_the_daemon_adopts_per_queue_snapshots_only_when_it_is_not_a_worker(state: Path) -> None:
+    saved(state).rename(state / "flows.queue-3.snapshot")
+    (state / "workers.layout").write_text("{}")
+    single = Daemon(Options(config=str(POLICY_FILE), state_dir=str(state)))
+    assert single.state.adopt == (f"{state}/flows.queue-3.snapshot",) and single.state.consume_adopted
+    worker = Daemon(Options(config=str(POLICY_FILE), state_dir=str(state), worker=True))
+    assert worker.state.adopt == () and not worker.state.consume_adopted
