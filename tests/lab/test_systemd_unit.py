@@ -186,3 +186,33 @@ def test_stop_saves_the_flows_and_leaves_traffic_blocked(service: Service) -> No
     last_run = service.log.read_text().rsplit("SIGTERM received: stopping\n", 1)[1]
     assert re.search(r"INFO nfqfw: saved [1-9]\d* flows to /var/lib/nfqfw/flows.snapshot\n", last_run)
     assert last_run.endswith("stopped; kernel rules left in place (nfqfw rules remove to take them away)\n")
+
+
+def test_the_unit_runs_workers_and_takes_the_single_daemons_flows(
+    service: Service, session: socket.socket
+) -> None:
+    """ExecStart with --queue-balance 0:1 --workers, under the same sandbox: started after the stop
+    above, the workers take in its snapshot, so the session goes on."""
+    service.box.write(
+        f"/etc/systemd/system/{UNIT}.d/workers.conf",
+        "[Service]\nExecStart=\nExecStart=/usr/local/bin/nfqfw run --config /etc/nfqfw/policy.yaml "
+        "--state-dir /var/lib/nfqfw --queue-balance 0:1 --workers\n",
+    )
+    service.box.run("systemctl", "daemon-reload")
+    service.systemctl("start", UNIT)  # returns on the supervisor's READY=1: every worker bound
+    state = service.state()
+    assert (state["ActiveState"], state["SubState"]) == ("active", "running")
+    assert state["StatusText"] == "filtering on queues 0:1 with 2 workers" or re.match(
+        r"queue 0:1, 2 of 2 workers up: \d+ verdicts", state["StatusText"]
+    ), state
+    assert alive(session, b"under workers")
+    assert connects() == "connected"
+    status = service.nfqfw("status")
+    assert re.search(r"^  queue 0: pid \d+, running", status, re.M), status
+    assert re.search(r"^  queue 1: pid \d+, running", status, re.M), status
+    service.systemctl("reload", UNIT)
+    assert alive(session, b"after a reload")
+    service.systemctl("stop", UNIT)
+    assert connects(timeout=0.7) == "timeout"
+    log = service.log.read_text().rsplit("SIGTERM received", 1)[1]
+    assert "saved" in log and "flows.queue-" in log
