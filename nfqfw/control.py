@@ -11,6 +11,8 @@ with SO_PEERCRED: a client that is not uid 0 gets an error answer, whatever the 
 Protocol: the client sends one JSON object on one line, {"cmd": "status"} (flows and flush add
 "proto", "state", "addr"; panic adds "on": true|false); the daemon answers one JSON line,
 {"ok": true, "result": {...}} or {"ok": false, "error": "why"}, and closes the connection.
+"metrics" is for a supervisor (nfqfw run --workers --metrics): a worker answers with its
+Prometheus families as records (nfqfw.metrics.records), and the supervisor serves their sum.
 
 Served between packets, never blocking them: every socket is non-blocking and sits in one epoll
 set whose descriptor the daemon's poll loop watches; `service()` also runs from housekeeping,
@@ -57,7 +59,7 @@ SLICE = 0.002  # seconds of work on a streamed answer per service() call, then p
 BUSY_AGAIN = 0.01  # while a client is connected, housekeeping comes back this soon
 FLOWS_PER_CHUNK = 256
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
-COMMANDS = ("status", "flows", "flush", "panic", "reload")
+COMMANDS = ("status", "flows", "flush", "panic", "reload", "metrics")
 
 Chunks = Iterator[bytes]
 Handler = Callable[[dict[str, Any]], Chunks]
@@ -403,6 +405,7 @@ class DaemonLike(Protocol):
 
     def reload(self, trigger: str = ...) -> bool: ...
     def set_panic(self, on: bool) -> bool: ...
+    def metric_records(self) -> list[Any] | None: ...
 
 
 class Requests:
@@ -433,6 +436,12 @@ class Requests:
         if flows:
             log.info("control: flushed %d flows (%s)", len(flows), _describe(request))
         return iter([ok({"removed": len(flows), "tracked": len(conntrack)})])
+
+    def _metrics(self, request: dict[str, Any]) -> Chunks:
+        records = self.daemon.metric_records()
+        if records is None:
+            raise RequestError("metrics: not collected (a worker of nfqfw run --workers --metrics answers)")
+        return iter([ok({"families": records})])
 
     def _panic(self, request: dict[str, Any]) -> Chunks:
         on = request.get("on")

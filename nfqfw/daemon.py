@@ -102,6 +102,7 @@ class Options:
     runtime_dir: str = DEFAULT_RUNTIME_DIR  # the control socket's directory
     metrics: tuple[str, int] | None = None  # --metrics: (host, port) of the Prometheus endpoint
     metrics_allow_remote: bool = False
+    collect_metrics: bool = False  # a worker under --metrics: count for the supervisor's endpoint
     gso: bool = True  # ask the kernel for GSO packets whole (--no-gso: segmented, as before)
     # A worker of `nfqfw run --workers` (nfqfw.workers): its supervisor owns the kernel rules
     # (and panic mode), so a worker never installs or changes them.
@@ -219,6 +220,7 @@ class Daemon:
         self.last_reload: ReloadResult | None = None
         self.packet_log = PacketLog(copy_cap=COPY_RANGE)
         self.metrics: Any = None  # a nfqfw.metrics.MetricsServer with --metrics
+        self.collector: Any = None  # a worker's nfqfw.metrics.NfqfwCollector (collect_metrics)
 
     # -- start --
 
@@ -294,7 +296,14 @@ class Daemon:
             raise StartupError(str(err)) from err
 
     def _start_metrics(self) -> Any:
-        """The Prometheus endpoint with --metrics; returns its engine timer (None without)."""
+        """The Prometheus endpoint with --metrics; returns its engine timer (None without). A
+        worker under --metrics only counts: its supervisor serves (control "metrics")."""
+        if self.options.collect_metrics:
+            from nfqfw import metrics
+
+            timer = metrics.EngineTimer()
+            self.collector = metrics.NfqfwCollector(self, timer)
+            return timer
         if self.options.metrics is None:
             return None
         from nfqfw import metrics
@@ -437,6 +446,14 @@ class Daemon:
             return False
         self.spec = spec
         return True
+
+    def metric_records(self) -> list[Any] | None:
+        """This worker's Prometheus families as records (None when it does not collect them)."""
+        if self.collector is None:
+            return None
+        from nfqfw import metrics
+
+        return metrics.records(self.collector)
 
     def status_text(self) -> str:
         flows = len(getattr(self.engine, "conntrack", ()))

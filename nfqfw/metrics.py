@@ -35,6 +35,9 @@ Metrics (all prefixed nfqfw_):
                                          (GSO packets, see nfqfw.queue)
   packet_log_lines_total, packet_log_suppressed_total   packet log lines written / held back
   engine_latency_seconds                 histogram of Engine.process time, 1 packet in 64
+  worker_up{queue}                       with --workers only: 1 while the queue's worker
+                                         answers (the others are the workers' sums, see
+                                         MergedCollector)
 """
 
 from __future__ import annotations
@@ -325,13 +328,88 @@ def copied(copy: Callable[[], T]) -> T:
     return copy()
 
 
+# --- several workers (nfqfw run --workers) ----------------------------------------------------
+
+# A worker's families as JSON-able records: (name, type, help, [(sample, labels, value), ...]).
+Record = tuple[str, str, str, list[tuple[str, dict[str, str], float]]]
+USAGE_RATIO = "nfqfw_flow_table_usage_ratio"
+
+
+def records(collector: Collector) -> list[Record]:
+    """What `collector` would serve, as records a worker sends its supervisor (control "metrics")."""
+    return [
+        (
+            family.name,
+            family.type,
+            family.documentation,
+            [(s.name, dict(s.labels), s.value) for s in family.samples],
+        )
+        for family in collector.collect()
+    ]
+
+
+def merge_records(answers: Iterable[Iterable[Record]]) -> list[Record]:
+    """The workers' records as one: every sample summed over the workers by name and labels
+    (counters, flow gauges, histogram buckets, which are cumulative, and their sums and counts;
+    queue samples carry their queue's label, each from its own worker), and the table usage
+    ratio recomputed as all flows / all max-flows (each worker has a table of its own)."""
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for answer in answers:
+        for name, kind, text, samples in answer:
+            _, _, summed = families.setdefault(name, (kind, text, {}))
+            for sample, labels, value in samples:
+                key = (sample, tuple(sorted(labels.items())))
+                summed[key] = summed.get(key, 0.0) + value
+    if USAGE_RATIO in families:
+        flows = sum(families.get("nfqfw_flows", ("", "", {}))[2].values())
+        most = sum(families.get("nfqfw_flows_max", ("", "", {}))[2].values())
+        families[USAGE_RATIO][2].clear()
+        families[USAGE_RATIO][2][(USAGE_RATIO, ())] = flows / most if most else 0.0
+    return [
+        (name, kind, text, [(sample, dict(labels), value) for (sample, labels), value in summed.items()])
+        for name, (kind, text, summed) in families.items()
+    ]
+
+
+class MergedCollector(Collector):
+    """The supervisor's collector: `fetch()` asks every worker for its records (a list per
+    worker that answered) and the merged families are served; `workers()` gives (queue, up)
+    for the nfqfw_worker_up gauge, so a worker missing from the sums shows."""
+
+    def __init__(
+        self,
+        fetch: Callable[[], list[list[Record]]],
+        workers: Callable[[], list[tuple[int, bool]]],
+    ) -> None:
+        self.fetch = fetch
+        self.workers = workers
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for name, kind, text, samples in merge_records(self.fetch()):
+            family = Metric(name, text, kind)
+            for sample, labels, value in samples:
+                family.add_sample(sample, labels, value)
+            yield family
+        up = GaugeMetricFamily(
+            "nfqfw_worker_up",
+            "1 while the queue's worker answers (its counts are in the sums)",
+            labels=("queue",),
+        )
+        for queue, answered in self.workers():
+            up.add_metric((str(queue),), 1.0 if answered else 0.0)
+        yield up
+
+
 # --- the server -------------------------------------------------------------------------------
 
 
 class MetricsServer:
     """The HTTP endpoint serving one registry from its own thread."""
 
-    def __init__(self, collector: NfqfwCollector, host: str, port: int) -> None:
+    def __init__(self, collector: Collector, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         ProcessCollector(registry=self.registry)
@@ -341,6 +419,11 @@ class MetricsServer:
         except OSError as err:
             raise MetricsError(f"cannot serve metrics on {_show(host, port)}: {err.strerror or err}") from err
         self.address = _show(host, self._server.server_port)
+
+    def close_inherited(self) -> None:
+        """In a forked child (a worker): let go of the listening socket, leave the thread alone
+        (it did not come along with the fork)."""
+        self._server.socket.close()
 
     def close(self) -> None:
         self._server.shutdown()
@@ -353,13 +436,25 @@ def serve(
 ) -> tuple[MetricsServer, EngineTimer]:
     """Start the endpoint; raises MetricsError (non-loopback address without allow_remote, or
     the address cannot be bound)."""
+    check_address(host, port, allow_remote)
+    timer = EngineTimer()
+    return MetricsServer(NfqfwCollector(source, timer), host, port), timer
+
+
+def serve_merged(
+    collector: MergedCollector, host: str, port: int, allow_remote: bool = False
+) -> MetricsServer:
+    """The supervisor's endpoint (nfqfw run --workers --metrics); MetricsError as serve()."""
+    check_address(host, port, allow_remote)
+    return MetricsServer(collector, host, port)
+
+
+def check_address(host: str, port: int, allow_remote: bool) -> None:
     if not allow_remote and not is_loopback(host):
         raise MetricsError(
             f"--metrics {_show(host, port)}: not a loopback address; the metrics name the policy's "
             "rules and show its traffic: add --metrics-allow-remote to serve them beyond this host"
         )
-    timer = EngineTimer()
-    return MetricsServer(NfqfwCollector(source, timer), host, port), timer
 
 
 def _show(host: str, port: int) -> str:

@@ -49,8 +49,10 @@ delays the answer, never packets.
 Snapshots when the queue range or the boot changed: see nfqfw.supervision (every worker then
 restores every snapshot file; files of vanished queues are removed once all are up).
 
-Not with --metrics: each worker counts for itself and the exporter runs in one process; the
-combination is refused at start.
+With --metrics the supervisor serves the endpoint: at each scrape (in the exporter's thread)
+it asks every worker for its families (control "metrics"; a worker counts, its latency sample
+included, but serves nothing) and serves their sum (nfqfw.metrics.merge_records), with
+nfqfw_worker_up{queue} telling which workers' counts are in it.
 """
 
 from __future__ import annotations
@@ -161,6 +163,8 @@ class Supervisor:
         self._status_due = 0.0
         self._layout: sv.Layout | None = None
         self._adopt: tuple[str, ...] = ()
+        self.metrics: Any = None  # nfqfw.metrics.MetricsServer with --metrics
+        self._answered: dict[int, bool] = {}  # queue -> answered the last scrape's request
 
     # -- start --
 
@@ -168,11 +172,6 @@ class Supervisor:
         """Checks, the policy copy, the control socket and the workers' forks; READY=1 comes
         from the loop once every worker is ready. Raises StartupError."""
         opts = self.options
-        if opts.metrics is not None:
-            raise StartupError(
-                "--metrics cannot be combined with --workers: each worker counts for itself "
-                "(use nfqfw status, which sums the workers)"
-            )
         if os.geteuid() != 0:
             raise StartupError("must run as root (to bind netfilter queues and install iptables rules)")
         try:
@@ -195,6 +194,7 @@ class Supervisor:
         self._watchdog_every = watchdog_interval()
         for queue in self.spec.queues:
             self.workers[queue] = self._new_worker(queue)
+        self._start_metrics()  # before the forks: a port that cannot be bound fails the start
         for worker in self.workers.values():
             self._spawn(worker)
 
@@ -230,6 +230,29 @@ class Supervisor:
         notify.bind(notify_path)
         notify.setblocking(False)
         return Worker(queue, os.path.join(self.directory, f"q{queue}"), notify_path, notify)
+
+    def _start_metrics(self) -> None:
+        """--metrics: the endpoint serves the sum of the workers' counts, asked at each scrape."""
+        if self.options.metrics is None:
+            return
+        from nfqfw import metrics
+
+        host, port = self.options.metrics
+        collector = metrics.MergedCollector(self._worker_metrics, self._worker_answering)
+        try:
+            self.metrics = metrics.serve_merged(collector, host, port, self.options.metrics_allow_remote)
+        except metrics.MetricsError as err:
+            raise StartupError(str(err)) from err
+        log.info("metrics on http://%s/metrics (the workers' counts summed)", self.metrics.address)
+
+    def _worker_metrics(self) -> list[list[Any]]:
+        """Runs in the exporter's thread: each worker's records (control "metrics")."""
+        answers = self._ask_all({"cmd": "metrics"})
+        self._answered = {a.queue: a.error is None for a in answers}
+        return [a.result["families"] for a in answers if a.error is None]
+
+    def _worker_answering(self) -> list[tuple[int, bool]]:
+        return [(queue, self._answered.get(queue, False)) for queue in self.workers]
 
     # -- snapshots (see nfqfw.supervision) --
 
@@ -307,6 +330,8 @@ class Supervisor:
             signal.signal(number, signal.SIG_DFL)
         if self.control is not None:
             self.control.close_inherited()
+        if self.metrics is not None:
+            self.metrics.close_inherited()
         for other in self.workers.values():
             other.notify.close()
         for sock in self._wakeup or ():
@@ -329,6 +354,7 @@ class Supervisor:
             snapshot_name=sv.worker_snapshot(worker.queue),
             adopt_snapshots=adopt,
             metrics=None,
+            collect_metrics=self.options.metrics is not None,
         )
 
     def _on_notify(self, worker: Worker) -> None:
@@ -636,6 +662,13 @@ class Supervisor:
             raise RequestError("panic mode not changed: installing the kernel rules failed (see the log)")
         return {"panic": on, "changed": was != on}
 
+    def _answer_metrics(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.metrics is None:
+            raise RequestError("metrics: not collected (nfqfw run --metrics)")
+        from nfqfw import metrics
+
+        return {"families": metrics.merge_records(self._worker_metrics())}
+
     def _answer_reload(self, request: dict[str, Any]) -> dict[str, Any]:
         self.reload("control request")
         assert self.last_reload is not None
@@ -690,6 +723,9 @@ class Supervisor:
 
     def close(self) -> None:
         self._signal_workers(signal.SIGKILL)  # only left alive when start-up failed half-way
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.control is not None:
             self.control.close()
             self.control = None

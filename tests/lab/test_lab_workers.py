@@ -6,6 +6,7 @@ inside host to them are spread over both queues (with 16 address pairs, all on o
 chance of 2**-15). The module's tests run in order on one daemon, which some of them restart:
 traffic through both workers, ingress still dropped, `flows` and `status` merged, reloads (valid
 and broken), panic, a full stop and start, `kill -9` of a worker and a wedged (SIGSTOPped) one.
+With --metrics, the supervisor serves the workers' counts summed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 from lab_policies import MAIL_IN_NO_SMB_OUT
+from prometheus_client.parser import text_string_to_metric_families
 
 from nfqfw.control_client import call
 from nfqfw.lab import daemon_ctl, traffic
@@ -34,7 +37,17 @@ pytestmark = pytest.mark.lab
 PREFIX = "nfqw-"
 WAN_ECHO, LAN_MAIL, LAN_SSH = 80, 25, 22
 WAN_EXTRA = [f"203.0.113.{100 + n}" for n in range(16)]
-ARGS = ("--queue-balance", "0:1", "--workers", "--snapshot-interval", "1")
+METRICS_PORT = 9470
+METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+ARGS = (
+    "--queue-balance",
+    "0:1",
+    "--workers",
+    "--snapshot-interval",
+    "1",
+    "--metrics",
+    f"127.0.0.1:{METRICS_PORT}",
+)
 BACK_WAIT = 30.0  # seconds for TCP to retransmit into a restarted worker (RTO backoff)
 RESTART_WAIT = 20.0  # seconds for the supervisor to restart a worker (wedged: 10 s without heartbeat)
 
@@ -145,6 +158,42 @@ def test_connections_are_spread_over_both_workers(lab: Lab, spread: dict[int, so
     assert merged["queue"] == "0:1" and merged["pid"] == lab.daemon.pid  # type: ignore[union-attr]
     text = nfqfw("status").stdout
     assert "queue 0: pid" in text and "queue 1: pid" in text
+
+
+def scrape(lab: Lab) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics from inside the gateway namespace: (sample, sorted labels) -> value."""
+    with traffic.entered(lab.topology.gw), urllib.request.urlopen(METRICS_URL, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_are_the_sum_of_both_workers(lab: Lab) -> None:
+    egress = ("nfqfw_verdicts_total", (("action", "accept"), ("reason", "default egress"), ("rule", "")))
+    before = scrape(lab)
+    opened = []
+    for address in WAN_EXTRA:  # one new session per address pair: both queues get some
+        sock, greeting = traffic.open_connection(lab.topology.lan, address, WAN_ECHO)
+        opened.append(sock)
+        assert greeting.startswith("hello"), address
+    try:
+        after = scrape(lab)
+        assert after[egress] - before.get(egress, 0.0) == len(WAN_EXTRA)  # each SYN, once
+        assert set(queue_of_ports({s.getsockname()[1] for s in opened}).values()) == {0, 1}
+        for queue in ("0", "1"):
+            assert after[("nfqfw_worker_up", (("queue", queue),))] == 1.0
+            assert (("nfqfw_queue_kernel_drops_total", (("cause", "queue_full"), ("queue", queue)))) in after
+        flows = sum(value for (name, _), value in after.items() if name == "nfqfw_flows")
+        most = after[("nfqfw_flows_max", ())]
+        assert most == 2 * 65536  # a table per worker
+        assert after[("nfqfw_flow_table_usage_ratio", ())] == pytest.approx(flows / most)
+        assert after[("nfqfw_engine_latency_seconds_count", ())] >= 1  # the workers' samples
+    finally:
+        for sock in opened:
+            sock.close()
 
 
 def test_many_new_connections_get_through(lab: Lab) -> None:

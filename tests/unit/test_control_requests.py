@@ -32,7 +32,7 @@ POLICY = POLICY_FILE.read_text()
 OUT = Meta(Hook.FORWARD, "lan0", "wan0")
 LAN, WAN = addr("10.0.0.5"), addr("203.0.113.7")
 T0 = 1000.0
-COMMAND_WORDS = "expected one of status, flows, flush, panic, reload"
+COMMAND_WORDS = "expected one of status, flows, flush, panic, reload, metrics"
 PROTO_WORDS = "expected tcp, udp, icmp, icmpv6 or a number 0-255"
 
 
@@ -195,6 +195,21 @@ def test_flush_cuts_the_session(daemon: Daemon) -> None:
     assert answer(requests({"cmd": "flush"})) == {"removed": 0, "tracked": 0}
 
 
+def test_a_worker_answers_metrics_with_its_families(daemon: Daemon) -> None:
+    """A worker under nfqfw run --workers --metrics counts for its supervisor's endpoint."""
+    from nfqfw import metrics
+
+    daemon.collector = metrics.NfqfwCollector(daemon, metrics.EngineTimer(), read_stats=lambda: {})
+    families = {
+        name: samples for name, _, _, samples in answer(Requests(daemon)({"cmd": "metrics"}))["families"]
+    }
+    assert families["nfqfw_flows"] == [
+        ["nfqfw_flows", {"proto": "tcp", "state": "established"}, 1],  # as JSON: lists
+        ["nfqfw_flows", {"proto": "udp", "state": "unreplied"}, 1],
+    ]
+    assert families["nfqfw_flows_max"] == [["nfqfw_flows_max", {}, daemon.engine.conntrack.max_flows]]
+
+
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
@@ -205,6 +220,7 @@ def test_flush_cuts_the_session(daemon: Daemon) -> None:
         ({"cmd": "flush", "state": 3}, "state: expected a string, got int"),
         ({"cmd": "panic"}, 'panic: "on" must be true or false'),
         ({"cmd": "panic", "on": "yes"}, 'panic: "on" must be true or false'),
+        ({"cmd": "metrics"}, "metrics: not collected (a worker of nfqfw run --workers --metrics answers)"),
     ],
 )  # fmt: skip
 def test_bad_requests(daemon: Daemon, request_: dict[str, Any], message: str) -> None:

@@ -3,6 +3,7 @@ output from a fake daemon and from a real engine, and the HTTP endpoint on loopb
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import urllib.request
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 from scapy.layers.inet import IP, TCP, UDP
 from test_queue import FakeLinks, FakePacket, FakeSender, StandInEngine
 
@@ -22,10 +24,13 @@ from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 from nfqfw.metrics import (
     EngineTimer,
+    MergedCollector,
     MetricsError,
     NfqfwCollector,
     is_loopback,
+    merge_records,
     parse_address,
+    records,
     serve,
     verdict_labels,
 )
@@ -213,7 +218,7 @@ QUEUE_STATS = {
 }
 
 
-def exposition(collector: NfqfwCollector) -> str:
+def exposition(collector: Collector) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return generate_latest(registry).decode()
@@ -281,6 +286,53 @@ def test_collector_output_from_a_fake_daemon() -> None:
     )
     assert "# TYPE nfqfw_verdicts_total counter" in text.splitlines()
     assert "# TYPE nfqfw_flows gauge" in text.splitlines()
+
+
+def worker_records(queue: int, timer: EngineTimer) -> list:  # type: ignore[type-arg]
+    """A worker's records as its supervisor gets them: through JSON (tuples become lists)."""
+    daemon = fake_daemon()
+    daemon.spec = QueueSpec(queue, queue)
+    return json.loads(json.dumps(records(NfqfwCollector(daemon, timer, read_stats=lambda: QUEUE_STATS))))
+
+
+def test_the_supervisor_serves_the_sum_of_its_workers() -> None:
+    """nfqfw run --workers --metrics: counters, flows and histogram buckets summed; each queue's
+    samples from its own worker; the usage ratio of all tables; which workers answered."""
+    first, second = EngineTimer(every=64), EngineTimer(every=64)
+    first.counts[2], first.sum_ns = 5, 40_000_000
+    second.counts[2], second.counts[11], second.sum_ns = 1, 1, 20_000_000
+    answers = [worker_records(0, first), worker_records(1, second)]
+    text = exposition(MergedCollector(lambda: answers, lambda: [(0, True), (1, True), (2, False)]))
+    lines = samples(text)
+    for line in (
+        'nfqfw_verdicts_total{action="accept",reason="established",rule=""} 140.0',
+        'nfqfw_verdicts_total{action="reject",reason="rule",rule="no-smb-out"} 8.0',
+        'nfqfw_flows{proto="tcp",state="established"} 4.0',
+        "nfqfw_flows_max 200.0",
+        "nfqfw_flow_table_usage_ratio 0.07",  # 14 flows in two tables of 100
+        "nfqfw_conntrack_early_drops_total 4.0",
+        'nfqfw_queue_kernel_drops_total{cause="queue_full",queue="0"} 17.0',  # worker 0's only
+        'nfqfw_queue_kernel_drops_total{cause="queue_full",queue="1"} 0.0',
+        'nfqfw_queue_waiting{queue="0"} 5.0',
+        "nfqfw_rejects_sent_total 6.0",
+        'nfqfw_engine_latency_seconds_bucket{le="5e-06"} 6.0',
+        'nfqfw_engine_latency_seconds_bucket{le="+Inf"} 7.0',
+        "nfqfw_engine_latency_seconds_count 7.0",
+        "nfqfw_engine_latency_seconds_sum 0.06",
+        'nfqfw_worker_up{queue="0"} 1.0',
+        'nfqfw_worker_up{queue="2"} 0.0',
+    ):
+        assert line in lines, line
+    assert len([line for line in lines if line.startswith("nfqfw_queue_waiting")]) == 2
+    assert "# TYPE nfqfw_verdicts_total counter" in text.splitlines()
+    assert "# TYPE nfqfw_engine_latency_seconds histogram" in text.splitlines()
+
+
+def test_merge_of_no_answers_and_of_one() -> None:
+    assert merge_records([]) == []
+    alone = worker_records(0, EngineTimer())
+    merged = {name: samples for name, _, _, samples in merge_records([alone])}
+    assert merged == {name: [tuple(s) for s in samples] for name, _, _, samples in alone}
 
 
 def test_collector_before_start_and_without_metrics_timer() -> None:

@@ -9,7 +9,6 @@ import pytest
 
 from nfqfw import supervision as sv
 from nfqfw.control_format import format_flow, format_flows, format_flush, format_status
-from nfqfw.daemon import Options
 
 SHA = "a" * 64
 
@@ -209,14 +208,6 @@ def test_merge_reloads() -> None:
 
 
 # --- start-up refusals --------------------------------------------------------------------------
-
-
-def test_workers_refuse_metrics(capsys: pytest.CaptureFixture[str]) -> None:
-    from nfqfw.workers import run_supervisor
-
-    options = Options(config="/nonexistent", queue_first=0, queue_last=1, metrics=("127.0.0.1", 9469))
-    assert run_supervisor(options) == 1
-    assert "--metrics cannot be combined with --workers" in capsys.readouterr().err
 
 
 def test_workers_need_queue_balance(capsys: pytest.CaptureFixture[str]) -> None:
