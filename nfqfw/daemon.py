@@ -227,12 +227,7 @@ class Daemon:
     def start(self) -> None:
         """Everything up to READY=1; raises StartupError (after undoing what it did)."""
         opts = self.options
-        if os.geteuid() != 0:
-            raise StartupError("must run as root (to bind a netfilter queue and install iptables rules)")
-        try:
-            rules.check_tools()
-        except rules.RulesError as err:
-            raise StartupError(str(err)) from err
+        check_root_and_tools()
         loaded = self._load(opts.config)
         bypass, mark = loaded.fail_open, opts.mark
         self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
@@ -287,10 +282,7 @@ class Daemon:
     def _install_rules(self) -> None:
         assert self.spec is not None
         try:
-            if rules.panic_installed():  # left on by an earlier run: a restart must not reopen
-                self.spec = replace(self.spec, panic=True)
-                log.warning("panic mode is on (kept from before): everything but loopback is dropped")
-            rules.install(self.spec)
+            self.spec = rules.install_keeping_panic(self.spec)
         except rules.RulesError as err:
             self.close()
             raise StartupError(str(err)) from err
@@ -390,12 +382,7 @@ class Daemon:
         try:
             loaded = self._load(self.options.config)
         except StartupError as err:
-            errors = str(err).splitlines() or ["reload failed"]
-            for line in errors:
-                log.error("reload: %s", line)
-            log.error("reload failed: the running policy stays in force")
-            self.last_reload = ReloadResult(time.time(), trigger, False, tuple(errors))
-            self.notifier.ready("reload failed: running policy kept")
+            self.last_reload = refused_reload(trigger, str(err).splitlines(), self.notifier)
             return False
         self.engine.replace_policy(loaded.engine_policy)
         self.packet_log.configure(loaded.log_limit)
@@ -470,15 +457,8 @@ class Daemon:
     # -- signals --
 
     def _install_signal_handlers(self) -> None:
-        read, write = socket.socketpair()
-        read.setblocking(False)
-        write.setblocking(False)
-        self._wakeup = (read, write)
-        signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, self._on_reload_signal)
-        signal.signal(signal.SIGUSR1, self._on_dump_signal)
+        handlers = (self._on_stop_signal, self._on_reload_signal, self._on_dump_signal)
+        self._wakeup = install_signal_handlers(*handlers)
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
         self._requests.stop = signal.Signals(signum).name
@@ -552,6 +532,45 @@ class Daemon:
                 sock.close()
             self._wakeup = None
         self.notifier.close()
+
+
+def refused_reload(trigger: str, errors: list[str], notifier: Notifier, detail: str = "") -> ReloadResult:
+    """Log a reload refused for `errors` (the running policy stays), tell systemd; its result."""
+    errors = errors or ["reload failed"]
+    for line in errors:
+        log.error("reload: %s", line)
+    log.error("reload failed: the running policy stays in force%s", detail)
+    notifier.ready("reload failed: running policy kept")
+    return ReloadResult(time.time(), trigger, False, tuple(errors))
+
+
+def check_root_and_tools() -> None:
+    """Raises StartupError unless this runs as root and iptables-restore and co. are there."""
+    if os.geteuid() != 0:
+        raise StartupError("must run as root (to bind a netfilter queue and install iptables rules)")
+    try:
+        rules.check_tools()
+    except rules.RulesError as err:
+        raise StartupError(str(err)) from err
+
+
+SignalHandler = Callable[[int, Any], None]
+
+
+def install_signal_handlers(
+    on_stop: SignalHandler, on_reload: SignalHandler, on_dump: SignalHandler
+) -> tuple[socket.socket, socket.socket]:
+    """SIGTERM/SIGINT stop, SIGHUP reload, SIGUSR1 dump; returns the wake-up socket pair whose
+    read end the poll loop watches (a signal writes a byte to it, so the poll returns)."""
+    read, write = socket.socketpair()
+    read.setblocking(False)
+    write.setblocking(False)
+    signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+    signal.signal(signal.SIGUSR1, on_dump)
+    return read, write
 
 
 def _snapshots_of_workers(state_dir: str) -> tuple[str, ...]:

@@ -41,11 +41,14 @@ and keeps them, so a crash or ``systemctl restart`` never reopens a gateway in p
 
 from __future__ import annotations
 
+import logging
 import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+log = logging.getLogger("nfqfw")
 
 DEFAULT_MARK = 0x10000000
 TABLE = "filter"
@@ -209,6 +212,16 @@ def install(spec: QueueSpec, families: Iterable[Tools] = FAMILIES, run: Runner =
     for tools in families:
         text = render_install(spec, read_installed(tools, run))
         _run(run, [tools.restore, "-w", "--noflush"], text)
+
+
+def install_keeping_panic(spec: QueueSpec) -> QueueSpec:
+    """install(spec), but panic mode left on by an earlier run stays on (a restart must not
+    reopen the gateway); returns the spec installed. Raises RulesError."""
+    if panic_installed():
+        spec = replace(spec, panic=True)
+        log.warning("panic mode is on (kept from before): everything but loopback is dropped")
+    install(spec)
+    return spec
 
 
 def panic_installed(families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> bool:

@@ -78,7 +78,17 @@ from nfqfw import __version__, rules
 from nfqfw import supervision as sv
 from nfqfw.control import COMMANDS, ControlError, ControlServer, RequestError, file_sha256, kernel_queues, ok
 from nfqfw.control_client import ClientError, call
-from nfqfw.daemon import Loaded, Options, ReloadResult, StartupError, load_policy_file, run_daemon
+from nfqfw.daemon import (
+    Loaded,
+    Options,
+    ReloadResult,
+    StartupError,
+    check_root_and_tools,
+    install_signal_handlers,
+    load_policy_file,
+    refused_reload,
+    run_daemon,
+)
 from nfqfw.flowlist import FilterError, FlowFilter
 from nfqfw.sdnotify import Notifier, watchdog_interval
 from nfqfw.statefile import StateDir, read_trusted, write_atomically
@@ -172,12 +182,7 @@ class Supervisor:
         """Checks, the policy copy, the control socket and the workers' forks; READY=1 comes
         from the loop once every worker is ready. Raises StartupError."""
         opts = self.options
-        if os.geteuid() != 0:
-            raise StartupError("must run as root (to bind netfilter queues and install iptables rules)")
-        try:
-            rules.check_tools()
-        except rules.RulesError as err:
-            raise StartupError(str(err)) from err
+        check_root_and_tools()
         loaded = load_policy_file(opts.config)
         data = self._read_policy(loaded)
         self.fail_open = loaded.fail_open
@@ -494,10 +499,7 @@ class Supervisor:
         """Every worker bound its queue: the rules go in, READY=1 to systemd."""
         assert self.spec is not None
         try:
-            if rules.panic_installed():  # left on by an earlier run: a restart must not reopen
-                self.spec = replace(self.spec, panic=True)
-                log.warning("panic mode is on (kept from before): everything but loopback is dropped")
-            rules.install(self.spec)
+            self.spec = rules.install_keeping_panic(self.spec)
         except rules.RulesError as err:
             return str(err)
         self.live = True
@@ -571,11 +573,7 @@ class Supervisor:
         return merged.ok
 
     def _reload_refused(self, trigger: str, errors: list[str]) -> bool:
-        for line in errors:
-            log.error("reload: %s", line)
-        log.error("reload failed: the running policy stays in force (no worker was changed)")
-        self.last_reload = ReloadResult(time.time(), trigger, False, tuple(errors))
-        self.notifier.ready("reload failed: running policy kept")
+        self.last_reload = refused_reload(trigger, errors, self.notifier, " (no worker was changed)")
         return False
 
     def _change_failure_mode(self, fail_open: bool) -> None:
@@ -677,15 +675,8 @@ class Supervisor:
     # -- signals --
 
     def _install_signal_handlers(self) -> None:
-        read, write = socket.socketpair()
-        read.setblocking(False)
-        write.setblocking(False)
-        self._wakeup = (read, write)
-        signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, self._on_reload_signal)
-        signal.signal(signal.SIGUSR1, self._on_dump_signal)
+        handlers = (self._on_stop_signal, self._on_reload_signal, self._on_dump_signal)
+        self._wakeup = install_signal_handlers(*handlers)
         signal.signal(signal.SIGCHLD, _wake_only)  # its byte on the wake-up fd ends the poll: reap
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:

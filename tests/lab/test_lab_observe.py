@@ -15,13 +15,13 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import lab_metrics
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from lab_metrics import Samples
 
 from nfqfw.core import build
 from nfqfw.core.packet import SYN
@@ -52,7 +52,6 @@ options:
 """
 
 _sports = itertools.count(41000)  # a fresh source port per crafted packet keeps flows apart
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +95,7 @@ def send_syn(lab: Lab, dport: int) -> int:
 
 
 def scrape(lab: Lab) -> Samples:
-    """GET /metrics from inside the gateway namespace."""
-    with traffic.entered(lab.topology.gw), urllib.request.urlopen(METRICS_URL, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return lab_metrics.scrape(lab, METRICS_URL)
 
 
 def verdicts(samples: Samples, action: str, reason: str, rule: str = "") -> float:

@@ -17,15 +17,15 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import lab_metrics
 import pytest
+from lab_metrics import Samples
 from lab_policies import MAIL_IN_NO_SMB_OUT
-from prometheus_client.parser import text_string_to_metric_families
 
 from nfqfw.control_client import call
 from nfqfw.lab import daemon_ctl, traffic
@@ -160,15 +160,8 @@ def test_connections_are_spread_over_both_workers(lab: Lab, spread: dict[int, so
     assert "queue 0: pid" in text and "queue 1: pid" in text
 
 
-def scrape(lab: Lab) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """GET /metrics from inside the gateway namespace: (sample, sorted labels) -> value."""
-    with traffic.entered(lab.topology.gw), urllib.request.urlopen(METRICS_URL, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+def scrape(lab: Lab) -> Samples:
+    return lab_metrics.scrape(lab, METRICS_URL)
 
 
 def test_metrics_are_the_sum_of_both_workers(lab: Lab) -> None:
