@@ -30,6 +30,12 @@ def register(subparsers: Any) -> None:
     lab_up.add_argument("--queue", type=int, default=0, metavar="N", help="NFQUEUE number (default 0)")
     lab_up.add_argument("--no-daemon", action="store_true", help="only the namespaces, no nfqfw")
     _prefix_option(lab_up)
+    lab_up.add_argument(
+        "run_options",
+        nargs=argparse.REMAINDER,
+        metavar="-- RUN_OPTIONS",
+        help="more `nfqfw run` options after a --, e.g. -- --queue-balance 0:1 --workers --metrics 9469",
+    )
     lab_up.set_defaults(func=run_up)
 
     lab_down = actions.add_parser("down", help="stop nfqfw and remove the lab's namespaces")
@@ -66,7 +72,8 @@ def run_up(args: argparse.Namespace) -> int:
         print("nfqfw lab up: --policy FILE is required (or --no-daemon)", file=sys.stderr)
         return 2
     try:
-        lab = up(args.prefix, None if args.no_daemon else args.policy, queue=args.queue)
+        run_options = args.run_options[1:] if args.run_options[:1] == ["--"] else args.run_options
+        lab = up(args.prefix, None if args.no_daemon else args.policy, queue=args.queue, args=run_options)
     except LabError as err:
         print(f"nfqfw lab up: {err}", file=sys.stderr)
         return 1

@@ -201,3 +201,25 @@ def test_lab_commands_up_and_down(tmp_path: Path) -> None:
         )
     finally:
         daemon_ctl.down(prefix)
+
+
+def test_lab_up_passes_run_options_after_a_double_dash(tmp_path: Path) -> None:
+    """`nfqfw lab up -p F -- --queue-balance 0:1 --workers`: try the workers in the lab."""
+    prefix = "nfqt-clio-"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    runtime = f"/run/nfqfw-lab/{prefix}"
+    nfqfw = [sys.executable, "-m", "nfqfw"]
+    argv = [*nfqfw, "lab", "up", "--policy", str(policy), "--prefix", prefix, "--"]
+    try:
+        up = subprocess.run(
+            [*argv, "--queue-balance", "0:1", "--workers"], capture_output=True, text=True, timeout=120
+        )
+        assert up.returncode == 0, up.stderr
+        status = subprocess.run(
+            [*nfqfw, "status", "--runtime-dir", runtime], capture_output=True, text=True, timeout=30
+        )
+        assert "queue:        0:1, failure mode closed" in status.stdout, status.stdout
+        assert "workers:      2, one per queue" in status.stdout, status.stdout
+    finally:
+        daemon_ctl.down(prefix)
