@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="with --queue-balance A:B: one worker process per queue (each its own engine, flow "
         "table and snapshot) under a supervisor that owns the rules, the control socket and "
-        "systemd's notifications; uses several cores. Not with --metrics",
+        "systemd's notifications, and with --metrics serves the workers' sums; uses several cores",
     )
     parser.add_argument(
         "--mark",
