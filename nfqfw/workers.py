@@ -434,6 +434,11 @@ class Supervisor:
         if self.control is not None:
             self.control.service()  # times out idle clients even when no socket event comes
         self._restart_due(now)
+        # A fanned-out control request may have blocked the loop for longer than PING_TIMEOUT
+        # (ANSWER_TIMEOUT per slow worker): the heartbeats sent meanwhile wait unread in the
+        # notify sockets, and must count before a healthy worker is taken for a wedged one.
+        for worker in self.workers.values():
+            self._on_notify(worker)
         self._kill_wedged(now)
         self._notify_systemd(now)
         return None
