@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nfqfw import rules
+from nfqfw.control import SOCKET_NAME
 from nfqfw.daemon import Options
 from nfqfw.sdnotify import Notifier
 from nfqfw.workers import PING_TIMEOUT, Supervisor, Worker
@@ -61,4 +64,36 @@ def test_heartbeats_sent_while_the_supervisor_was_busy_keep_a_worker_alive(
         with pytest.raises(subprocess.TimeoutExpired):  # not killed: it kept sending heartbeats
             stand_in.wait(timeout=0.5)
     finally:
+        supervisor.close()
+
+
+def test_workers_that_do_not_answer_delay_a_fanned_out_request_once_not_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in: subprocess.Popen[bytes]
+) -> None:
+    """Three workers that accept the request but never answer: `status`, `flows` and the metrics
+    scrape must wait ANSWER_TIMEOUT once, not once per worker (5 s each made a scrape with two
+    wedged workers outlast Prometheus' 10 s scrape timeout, and blocked the loop for 5 s each)."""
+    monkeypatch.setattr("nfqfw.workers.ANSWER_TIMEOUT", 0.5)
+    clock = Clock()
+    supervisor, _ = live_supervisor(tmp_path, clock, stand_in.pid)
+    silent: list[socket.socket] = []
+    try:
+        for queue in (0, 1, 2):
+            worker = supervisor.workers.get(queue) or supervisor._new_worker(queue)
+            worker.pid, worker.ready = stand_in.pid, True
+            supervisor.workers[queue] = worker
+            os.makedirs(worker.directory)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(os.path.join(worker.directory, SOCKET_NAME))
+            listener.listen()  # connects and takes the request, never answers
+            silent.append(listener)
+        started = time.monotonic()
+        answers = supervisor._ask_all({"cmd": "status"})
+        elapsed = time.monotonic() - started
+        assert [a.queue for a in answers] == [0, 1, 2]
+        assert all(a.error is not None and "timed out" in a.error for a in answers)
+        assert elapsed < 1.0, f"{elapsed:.2f} s: the workers were asked one after the other"
+    finally:
+        for listener in silent:
+            listener.close()
         supervisor.close()
