@@ -189,13 +189,15 @@ class Supervisor:
         self.fail_open = loaded.fail_open
         bypass, mark = loaded.fail_open, opts.mark
         self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
-        self._prepare_directory()
-        self._put_in_force(data, loaded)
-        self._plan_snapshots()
+        # The control socket first: it refuses a start while another daemon serves this
+        # runtime directory, before the policy copy its workers restart with is overwritten.
         try:
             self.control = ControlServer.open(opts.runtime_dir, self._handle, clock=self.clock)
         except ControlError as err:
             raise StartupError(str(err)) from err
+        self._prepare_directory()
+        self._put_in_force(data, loaded)
+        self._plan_snapshots()
         self._install_signal_handlers()
         self._watchdog_every = watchdog_interval()
         for queue in self.spec.queues:
