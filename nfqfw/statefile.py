@@ -22,9 +22,11 @@ A worker of `nfqfw run --workers` (nfqfw.workers) keeps its own file, `flows.que
 (`name`), and may be told to restore other snapshot files too (`adopt`: when the queue layout
 changed since they were written, see nfqfw.workers). An adopted file is only read: a bad one is
 logged and skipped, never moved aside (the other workers read it too, and the supervisor removes
-what no queue owns any more). The adopted flows are written to the worker's own file right away,
-before its queue is bound. The single-process daemon adopts the per-queue files a run with
-workers left (`consume_adopted`): it keeps their flows in `flows.snapshot` and removes them.
+what no queue owns any more). A restore that adopts takes no file as exact, its own included:
+each may hold stale copies adopted at the last layout change (see `_restore`). The adopted
+flows are written to the worker's own file right away, before its queue is bound. The
+single-process daemon adopts the per-queue files a run with workers left (`consume_adopted`):
+it keeps their flows in `flows.snapshot` and removes them.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ class StateDir:
         """Add the flows of the other snapshot files (flows already in the table are kept)."""
         for path in self.adopt:
             try:
-                restored = snapshot.decode(read_trusted(path), now, self.wall_clock())
+                restored = snapshot.decode(read_trusted(path), now, self.wall_clock(), trust_exact=False)
             except FileNotFoundError:
                 continue
             except (StateFileError, OSError, snapshot.SnapshotError) as err:
@@ -223,7 +225,11 @@ class StateDir:
         return len(engine.conntrack)
 
     def _restore(self, engine: Any, data: bytes, now: float, recheck: bool) -> int:
-        restored = snapshot.decode(data, now, self.wall_clock())
+        # With files to adopt (the queue layout changed), no file is exact: each also holds the
+        # copies its worker adopted at the last change, which saw no packet since, and such a
+        # stale copy may be the one kept where the flow's packets now go. Trusted as exact, its
+        # frozen TCP windows would drop the connection's packets.
+        restored = snapshot.decode(data, now, self.wall_clock(), trust_exact=not self.adopt)
         if restored.clock_went_back:
             log.warning(
                 "the wall clock is behind the flow snapshot's save time: counting no time as passed since"

@@ -70,6 +70,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -188,13 +189,15 @@ class Supervisor:
         self.fail_open = loaded.fail_open
         bypass, mark = loaded.fail_open, opts.mark
         self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
-        self._prepare_directory()
-        self._put_in_force(data, loaded)
-        self._plan_snapshots()
+        # The control socket first: it refuses a start while another daemon serves this
+        # runtime directory, before the policy copy its workers restart with is overwritten.
         try:
             self.control = ControlServer.open(opts.runtime_dir, self._handle, clock=self.clock)
         except ControlError as err:
             raise StartupError(str(err)) from err
+        self._prepare_directory()
+        self._put_in_force(data, loaded)
+        self._plan_snapshots()
         self._install_signal_handlers()
         self._watchdog_every = watchdog_interval()
         for queue in self.spec.queues:
@@ -434,6 +437,11 @@ class Supervisor:
         if self.control is not None:
             self.control.service()  # times out idle clients even when no socket event comes
         self._restart_due(now)
+        # A fanned-out control request may have blocked the loop for longer than PING_TIMEOUT
+        # (ANSWER_TIMEOUT per slow worker): the heartbeats sent meanwhile wait unread in the
+        # notify sockets, and must count before a healthy worker is taken for a wedged one.
+        for worker in self.workers.values():
+            self._on_notify(worker)
         self._kill_wedged(now)
         self._notify_systemd(now)
         return None
@@ -556,9 +564,10 @@ class Supervisor:
         except StartupError as err:
             return self._reload_refused(trigger, str(err).splitlines() or ["reload failed"])
         self._put_in_force(data, loaded)
-        answers = [self._ask(w, {"cmd": "reload"}) for w in self.workers.values() if w.ready]
+        ready = [w for w in self.workers.values() if w.ready]
+        answers = self._ask_all({"cmd": "reload"}, ready)
         merged = sv.merge_reloads(answers)
-        for worker, answer in zip([w for w in self.workers.values() if w.ready], answers, strict=True):
+        for worker, answer in zip(ready, answers, strict=True):
             if answer.result is not None and answer.result["ok"]:
                 worker.generation = self._policy_generation
         if loaded.fail_open != self.fail_open:
@@ -620,8 +629,14 @@ class Supervisor:
             return sv.Answer(worker.queue, worker.pid, error=str(err))
         return sv.Answer(worker.queue, worker.pid, result)
 
-    def _ask_all(self, request: dict[str, Any]) -> list[sv.Answer]:
-        return [self._ask(worker, request) for worker in self.workers.values()]
+    def _ask_all(self, request: dict[str, Any], workers: list[Worker] | None = None) -> list[sv.Answer]:
+        """Every worker (or `workers`) at once: workers that do not answer cost ANSWER_TIMEOUT
+        once, not once each (one after the other, two wedged workers outlast a 10 s scrape
+        timeout, and the loop was blocked 5 s per silent worker). The threads end before this
+        returns."""
+        workers = list(self.workers.values()) if workers is None else workers
+        with ThreadPoolExecutor(max_workers=max(1, len(workers)), thread_name_prefix="nfqfw-ask") as pool:
+            return list(pool.map(lambda worker: self._ask(worker, request), workers))
 
     def _answer_status(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.spec is not None

@@ -241,24 +241,26 @@ def _words_of(td: array[int]) -> bytes:
 # -- bytes -> flows ------------------------------------------------------------------------------
 
 
-def decode(data: bytes, now: float, wall: float) -> Restored:
+def decode(data: bytes, now: float, wall: float, trust_exact: bool = True) -> Restored:
     """The live flows of a snapshot, their deadlines and creation times on the monotonic clock
     of `now`, less the wall-clock time from the save to `wall`. Raises SnapshotError for
-    anything but an intact snapshot of this version: all of it is restored, or none."""
+    anything but an intact snapshot of this version: all of it is restored, or none.
+    `trust_exact=False` restores an exact snapshot as if it were not (its TCP windows learnt
+    anew): for a caller that knows some of its flows may be stale copies."""
     body = _checked_body(data)
     try:
-        return _decode_body(_Reader(body), now, wall)
+        return _decode_body(_Reader(body), now, wall, trust_exact)
     except SnapshotError as err:
         raise SnapshotError(f"corrupt: {err}") from None
 
 
-def _decode_body(reader: _Reader, now: float, wall: float) -> Restored:
+def _decode_body(reader: _Reader, now: float, wall: float, trust_exact: bool) -> Restored:
     saved_at, flags, string_count = reader.take(_BODY_HEAD)
     if not math.isfinite(saved_at):
         raise SnapshotError("the save time is not a number")
     if flags & ~EXACT:
         raise SnapshotError(f"unknown snapshot flags 0x{flags:x}")
-    exact = bool(flags & EXACT)
+    exact = bool(flags & EXACT) and trust_exact
     strings = [reader.string() for _ in range(string_count)]
     elapsed = wall - saved_at
     went_back = elapsed < 0  # the wall clock was set back: count no time as passed

@@ -248,6 +248,27 @@ def test_broken_reload_keeps_the_running_policy(lab: Lab, policy: Path) -> None:
         assert nfqfw("reload").returncode == 0
 
 
+def test_a_second_supervisor_leaves_the_policy_in_force_alone(lab: Lab, tmp_path: Path) -> None:
+    """`nfqfw run --workers` started by mistake while the service runs is refused (the control
+    socket is taken) before it writes anything: it used to overwrite the running service's
+    policy copy first, which its workers would have started with at their next restart."""
+    copy = LabState(PREFIX).runtime_dir / "workers" / "policy.yaml"
+    in_force = copy.read_bytes()
+    other = tmp_path / "other.yaml"
+    write_policy(other, VALID_CHANGE.replace("ports: [445, 139]", "ports: [445, 139, 8080]"))
+    state = LabState(PREFIX)
+    argv = ["run", "--config", str(other), "--runtime-dir", str(state.runtime_dir)]
+    argv += ["--state-dir", str(state.state_dir), *ARGS[:-2]]  # without --metrics: port in use
+    second = subprocess.run(
+        in_ns(lab.topology.gw, sys.executable, "-m", "nfqfw", *argv),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1 and "another nfqfw daemon answers" in second.stderr, second.stderr
+    assert copy.read_bytes() == in_force
+
+
 def test_panic_is_done_by_the_supervisor(lab: Lab) -> None:
     assert nfqfw("panic", "on").returncode == 0
     try:

@@ -521,3 +521,32 @@ def test_the_daemon_adopts_per_queue_snapshots_only_when_it_is_not_a_worker(stat
     assert single.state.adopt == (f"{state}/flows.queue-3.snapshot",) and single.state.consume_adopted
     worker = Daemon(Options(config=str(POLICY_FILE), state_dir=str(state), worker=True))
     assert worker.state.adopt == () and not worker.state.consume_adopted
+
+
+@pytest.mark.parametrize("holder", ["flows.queue-0.snapshot", "flows.queue-1.snapshot"])
+def test_after_a_layout_change_no_snapshot_is_taken_as_exact(state: Path, holder: str) -> None:
+    """A worker's file saved at a stop is exact for the flows it served, but it also holds the
+    copies it adopted at the last layout change, which saw no packet since (the kernel sent
+    those flows to other workers). After the next change such a stale copy may be the one
+    restored where the flow's packets now go: trusted as exact, its frozen TCP windows drop the
+    connection's packets once it has moved on by more than a window. So when files are
+    adopted, every TCP flow, own file or adopted, learns its windows anew."""
+    saved(state, exact=True).rename(state / holder)
+    for name in ("flows.queue-0.snapshot", "flows.queue-1.snapshot"):
+        if not (state / name).exists():  # the other file: a valid one, without flows
+            other = StateDir(str(state), 10.0, wall_clock=lambda: WALL, name=name)
+            assert other.prepare() and other.save(engine(), 100.0, exact=True)
+    worker = StateDir(
+        str(state),
+        10.0,
+        wall_clock=lambda: WALL,
+        name="flows.queue-0.snapshot",
+        adopt=("flows.queue-0.snapshot", "flows.queue-1.snapshot"),
+    )
+    e = engine()
+    assert worker.restore(e, 100.0, recheck=True) == 2
+    tcp_flow = next(flow for flow in e.conntrack if flow.tcp is not None)
+    assert tcp_flow.tcp is not None and tcp_flow.tcp.side(0)["flags"] & 0x08  # liberal: learnt anew
+    # the connection moved on (10 MB) while another worker had it: its packets still pass
+    ahead = tcp(LAN, WAN, 40000, 80, seq=2 + 10_000_000, ack=10, flags=ACK, payload=b"x")
+    assert e.process(ipv4(LAN, WAN, 6, ahead), OUT, 101.0).action is Action.ACCEPT
