@@ -35,9 +35,9 @@ Metrics (all prefixed nfqfw_):
                                          (GSO packets, see nfqfw.queue)
   packet_log_lines_total, packet_log_suppressed_total   packet log lines written / held back
   engine_latency_seconds                 histogram of Engine.process time, 1 packet in 64
-  worker_up{queue}                       with --workers only: 1 while the queue's worker
-                                         answers (the others are the workers' sums, see
-                                         MergedCollector)
+  worker_up{queue}                       with --workers only: 1 when the queue's worker
+                                         answered the scrape (the others are the workers'
+                                         sums, see MergedCollector and WorkerCounts)
 """
 
 from __future__ import annotations
@@ -371,10 +371,39 @@ def merge_records(answers: Iterable[Iterable[Record]]) -> list[Record]:
     ]
 
 
+MONOTONIC_TYPES = ("counter", "histogram")  # what a Prometheus reader expects never to go down
+
+
+class WorkerCounts:
+    """Keeps the summed counters from going down when a worker is missing or restarts.
+
+    A worker that does not answer a scrape is served with its last records (flat, and
+    nfqfw_worker_up says it is stale). A worker that answers under a new pid (restarted: its
+    counts begin again from zero) has the counters and histograms of its previous process's
+    last records kept as a base, added to the new process's. Counts a process made after its
+    last scrape are lost with it: a small undercount, never a false reset of the whole sum."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, tuple[int | None, list[Record]]] = {}  # queue -> (pid, records)
+        self.base: dict[int, list[Record]] = {}  # queue -> counters of its earlier processes
+
+    def update(self, answers: Iterable[tuple[int, int | None, list[Record] | None]]) -> list[list[Record]]:
+        """`answers`: (queue, pid, records or None when it did not answer); the records to sum."""
+        for queue, pid, answered in answers:
+            if answered is None:
+                continue
+            before = self.last.get(queue)
+            if before is not None and before[0] != pid:
+                carried = [r for r in before[1] if r[1] in MONOTONIC_TYPES]
+                self.base[queue] = merge_records([self.base.get(queue, []), carried])
+            self.last[queue] = (pid, answered)
+        return [*self.base.values(), *(records for _, records in self.last.values())]
+
+
 class MergedCollector(Collector):
     """The supervisor's collector: `fetch()` asks every worker for its records (a list per
     worker that answered) and the merged families are served; `workers()` gives (queue, up)
-    for the nfqfw_worker_up gauge, so a worker missing from the sums shows."""
+    for the nfqfw_worker_up gauge, so a worker whose counts are stale shows."""
 
     def __init__(
         self,
@@ -395,7 +424,7 @@ class MergedCollector(Collector):
             yield family
         up = GaugeMetricFamily(
             "nfqfw_worker_up",
-            "1 while the queue's worker answers (its counts are in the sums)",
+            "1 when the queue's worker answered this scrape (0: its last counts are served)",
             labels=("queue",),
         )
         for queue, answered in self.workers():

@@ -176,6 +176,7 @@ class Supervisor:
         self._adopt: tuple[str, ...] = ()
         self.metrics: Any = None  # nfqfw.metrics.MetricsServer with --metrics
         self._answered: dict[int, bool] = {}  # queue -> answered the last scrape's request
+        self._worker_counts: Any = None  # nfqfw.metrics.WorkerCounts with --metrics
 
     # -- start --
 
@@ -246,6 +247,7 @@ class Supervisor:
         from nfqfw import metrics
 
         host, port = self.options.metrics
+        self._worker_counts = metrics.WorkerCounts()
         collector = metrics.MergedCollector(self._worker_metrics, self._worker_answering)
         try:
             self.metrics = metrics.serve_merged(collector, host, port, self.options.metrics_allow_remote)
@@ -254,10 +256,12 @@ class Supervisor:
         log.info("metrics on http://%s/metrics (the workers' counts summed)", self.metrics.address)
 
     def _worker_metrics(self) -> list[list[Any]]:
-        """Runs in the exporter's thread: each worker's records (control "metrics")."""
+        """Runs in the exporter's thread: each worker's records (control "metrics"), with the
+        last ones of a worker that did not answer and the counts of its earlier processes."""
         answers = self._ask_all({"cmd": "metrics"})
         self._answered = {a.queue: a.error is None for a in answers}
-        return [a.result["families"] for a in answers if a.error is None]
+        records = ((a.queue, a.pid, None if a.error else a.result["families"]) for a in answers)
+        return self._worker_counts.update(records)
 
     def _worker_answering(self) -> list[tuple[int, bool]]:
         return [(queue, self._answered.get(queue, False)) for queue in self.workers]

@@ -313,9 +313,12 @@ def test_switching_workers_off_and_on_keeps_the_sessions(
         assert sorted(name for name in os.listdir(state) if name.startswith("flows.")) == files
 
 
-def test_a_killed_worker_is_restarted_and_its_sessions_go_on(spread: dict[int, socket.socket]) -> None:
+def test_a_killed_worker_is_restarted_and_its_sessions_go_on(
+    lab: Lab, spread: dict[int, socket.socket]
+) -> None:
     queues = queue_of_ports(set(spread))
     time.sleep(2.5)  # a periodic snapshot (--snapshot-interval 1) holds every session now
+    counted = scrape(lab)
     before = workers()
     victim = before[0]
     os.kill(victim["pid"], signal.SIGKILL)
@@ -326,6 +329,11 @@ def test_a_killed_worker_is_restarted_and_its_sessions_go_on(spread: dict[int, s
     assert after[0]["pid"] != victim["pid"] and after[0]["last_exit"] == "killed by SIGKILL"
     assert after[1]["pid"] == before[1]["pid"] and after[1]["restarts"] == before[1]["restarts"]
     roundtrip_all(spread, b"after the worker's restart\n")  # queue 0's sessions too, restored
+    # the new process counts from zero, the summed counters go on from where they were
+    now = scrape(lab)
+    for key, value in counted.items():
+        if key[0].endswith(("_total", "_count", "_bucket")) and key[0] != "nfqfw_queue_kernel_drops_total":
+            assert now.get(key, 0.0) >= value, key
 
 
 def test_a_wedged_worker_is_killed_and_restarted(spread: dict[int, socket.socket]) -> None:

@@ -27,6 +27,7 @@ from nfqfw.metrics import (
     MergedCollector,
     MetricsError,
     NfqfwCollector,
+    WorkerCounts,
     is_loopback,
     merge_records,
     parse_address,
@@ -326,6 +327,46 @@ def test_the_supervisor_serves_the_sum_of_its_workers() -> None:
     assert len([line for line in lines if line.startswith("nfqfw_queue_waiting")]) == 2
     assert "# TYPE nfqfw_verdicts_total counter" in text.splitlines()
     assert "# TYPE nfqfw_engine_latency_seconds histogram" in text.splitlines()
+
+
+def counter(value: float) -> list:  # type: ignore[type-arg]
+    """One worker's records: a counter, a histogram's count and a gauge."""
+    return [
+        ["nfqfw_verdicts", "counter", "v", [["nfqfw_verdicts_total", {"action": "accept"}, value]]],
+        [
+            "nfqfw_engine_latency_seconds",
+            "histogram",
+            "l",
+            [["nfqfw_engine_latency_seconds_count", {}, value]],
+        ],
+        ["nfqfw_flows", "gauge", "f", [["nfqfw_flows", {}, value]]],
+    ]
+
+
+def served(counts: WorkerCounts, *answers: tuple[int, int | None, list | None]) -> dict[str, float]:  # type: ignore[type-arg]
+    return {
+        sample: value
+        for _, _, _, samples in merge_records(counts.update(answers))
+        for sample, _, value in samples
+    }
+
+
+def test_summed_counters_never_go_down_when_a_worker_is_missing_or_restarts() -> None:
+    counts = WorkerCounts()
+    assert served(counts, (0, 100, counter(10)), (1, 200, counter(5))) == {
+        "nfqfw_verdicts_total": 15,
+        "nfqfw_engine_latency_seconds_count": 15,
+        "nfqfw_flows": 15,
+    }
+    # queue 1 does not answer: its last records stand in (the sum stays, worker_up shows 0)
+    assert served(counts, (0, 100, counter(12)), (1, 200, None))["nfqfw_verdicts_total"] == 17
+    # queue 1 restarted (new pid, counting from 0): its old process's 5 is kept as a base ...
+    after = served(counts, (0, 100, counter(12)), (1, 201, counter(1)))
+    assert after == {"nfqfw_verdicts_total": 18, "nfqfw_engine_latency_seconds_count": 18, "nfqfw_flows": 13}
+    # ... and stays across a second restart, with the second process's last count added
+    again = served(counts, (0, 100, counter(12)), (1, 202, counter(2)))
+    assert again["nfqfw_verdicts_total"] == 12 + 5 + 1 + 2
+    assert again["nfqfw_flows"] == 14  # gauges are the current processes' only
 
 
 def test_merge_of_no_answers_and_of_one() -> None:
