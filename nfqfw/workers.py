@@ -77,7 +77,17 @@ from typing import Any, NoReturn
 
 from nfqfw import __version__, rules
 from nfqfw import supervision as sv
-from nfqfw.control import COMMANDS, ControlError, ControlServer, RequestError, file_sha256, kernel_queues, ok
+from nfqfw.control import (
+    COMMANDS,
+    SOCKET_NAME,
+    UNIX_PATH_MAX,
+    ControlError,
+    ControlServer,
+    RequestError,
+    file_sha256,
+    kernel_queues,
+    ok,
+)
 from nfqfw.control_client import ClientError, call
 from nfqfw.daemon import (
     Loaded,
@@ -220,6 +230,14 @@ class Supervisor:
         return data
 
     def _prepare_directory(self) -> None:
+        # the longest socket path under it: the last worker's control socket (its notify
+        # socket, qN.notify, is shorter)
+        longest = os.path.join(self.directory, f"q{self.options.queue_last}", SOCKET_NAME)
+        if len(os.fsencode(longest)) > UNIX_PATH_MAX:
+            raise StartupError(
+                f"worker socket path {longest} is too long ({len(os.fsencode(longest))} bytes, at most "
+                f"{UNIX_PATH_MAX}): choose a shorter --runtime-dir"
+            )
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             os.chmod(self.directory, 0o700)  # the workers' sockets: root only

@@ -14,7 +14,7 @@ import pytest
 
 from nfqfw import rules
 from nfqfw.control import SOCKET_NAME
-from nfqfw.daemon import Options
+from nfqfw.daemon import Options, StartupError
 from nfqfw.sdnotify import Notifier
 from nfqfw.workers import PING_TIMEOUT, Supervisor, Worker
 
@@ -97,3 +97,17 @@ def test_workers_that_do_not_answer_delay_a_fanned_out_request_once_not_each(
         for listener in silent:
             listener.close()
         supervisor.close()
+
+
+def test_a_runtime_dir_too_long_for_the_workers_sockets_is_a_start_up_error(tmp_path: Path) -> None:
+    """Its control.sock fits a Unix socket path, the workers' sockets below it would not."""
+    runtime = tmp_path / ("d" * (90 - len(str(tmp_path)) - 1))
+    assert len(str(runtime)) == 90
+    options = Options(config="/unused", runtime_dir=str(runtime), queue_first=0, queue_last=1)
+    with pytest.raises(StartupError) as caught:
+        Supervisor(options, notifier=Notifier(""))._prepare_directory()
+    assert str(caught.value) == (
+        f"worker socket path {runtime}/workers/q1/{SOCKET_NAME} is too long (114 bytes, at most 107): "
+        "choose a shorter --runtime-dir"
+    )
+    assert not (runtime / "workers").exists()
