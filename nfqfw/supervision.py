@@ -29,9 +29,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-SNAPSHOT_PREFIX = "flows."
-SNAPSHOT_SUFFIX = ".snapshot"
-SINGLE_SNAPSHOT = "flows.snapshot"  # the single-process daemon's file (nfqfw.statefile)
+from nfqfw.statefile import SNAPSHOT_NAME
+
+SINGLE_SNAPSHOT = SNAPSHOT_NAME  # the single-process daemon's file
 _QUEUE_SNAPSHOT = re.compile(r"^flows\.queue-(\d+)\.snapshot$")
 _STATUS_COUNTS = re.compile(r"(\d+) verdicts, (\d+) flows, (\d+) rejects sent")
 
