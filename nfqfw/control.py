@@ -390,21 +390,27 @@ def _bind(path: str) -> socket.socket:
 # --- what the daemon answers ------------------------------------------------------------------
 
 
-class DaemonLike(Protocol):
+class RulesOwner(Protocol):
+    """Who answers panic and reload requests: the daemon, or the supervisor of its workers."""
+
+    spec: Any
+    last_reload: Any  # a dataclass, or None
+
+    def reload(self, trigger: str = ...) -> bool: ...
+    def set_panic(self, on: bool) -> bool: ...
+
+
+class DaemonLike(RulesOwner, Protocol):
     """What the requests need of nfqfw.daemon.Daemon."""
 
     options: Any  # .config: the policy file
     engine: Any
     adapter: Any
-    spec: Any
     fail_open: bool
     started: float  # wall clock
     started_mono: float  # daemon clock
-    last_reload: Any  # a dataclass, or None
     clock: Callable[[], float]
 
-    def reload(self, trigger: str = ...) -> bool: ...
-    def set_panic(self, on: bool) -> bool: ...
     def metric_records(self) -> list[Any] | None: ...
 
 
@@ -415,22 +421,19 @@ class Requests:
         self.daemon = daemon
 
     def __call__(self, request: dict[str, Any]) -> Chunks:
-        command = request.get("cmd")
-        if command not in COMMANDS:
-            raise RequestError(f"unknown command {command!r}: expected one of {', '.join(COMMANDS)}")
-        return getattr(self, f"_{command}")(request)
+        return getattr(self, f"_{command_of(request)}")(request)
 
     def _status(self, request: dict[str, Any]) -> Chunks:
         return iter([ok(self.status())])
 
     def _flows(self, request: dict[str, Any]) -> Chunks:
         conntrack, now = self._conntrack_now()
-        flows = select_flows(conntrack, _filter_of(request), now)
+        flows = select_flows(conntrack, filter_of(request), now)
         return _stream_flows(flows, conntrack, len(conntrack), conntrack.max_flows, self.daemon.clock)
 
     def _flush(self, request: dict[str, Any]) -> Chunks:
         conntrack, now = self._conntrack_now()
-        flows = select_flows(conntrack, _filter_of(request), now)
+        flows = select_flows(conntrack, filter_of(request), now)
         for flow in flows:
             conntrack.remove(flow)
         if flows:
@@ -444,17 +447,10 @@ class Requests:
         return iter([ok({"families": records})])
 
     def _panic(self, request: dict[str, Any]) -> Chunks:
-        on = request.get("on")
-        if not isinstance(on, bool):
-            raise RequestError('panic: "on" must be true or false')
-        was = bool(self.daemon.spec.panic)
-        if not self.daemon.set_panic(on):
-            raise RequestError("panic mode not changed: installing the kernel rules failed (see the log)")
-        return iter([ok({"panic": on, "changed": was != on})])
+        return iter([ok(answer_panic(request, self.daemon))])
 
     def _reload(self, request: dict[str, Any]) -> Chunks:
-        self.daemon.reload("control request")
-        return iter([ok(asdict(self.daemon.last_reload))])
+        return iter([ok(answer_reload(self.daemon))])
 
     def _conntrack_now(self) -> tuple[Any, float]:
         now = self.daemon.clock()
@@ -495,7 +491,31 @@ class Requests:
         }
 
 
-def _filter_of(request: dict[str, Any]) -> FlowFilter:
+def command_of(request: dict[str, Any]) -> str:
+    """The request's command; RequestError unless it is one of COMMANDS."""
+    command = request.get("cmd")
+    if command not in COMMANDS:
+        raise RequestError(f"unknown command {command!r}: expected one of {', '.join(COMMANDS)}")
+    return str(command)
+
+
+def answer_panic(request: dict[str, Any], owner: RulesOwner) -> dict[str, Any]:
+    on = request.get("on")
+    if not isinstance(on, bool):
+        raise RequestError('panic: "on" must be true or false')
+    was = bool(owner.spec.panic)
+    if not owner.set_panic(on):
+        raise RequestError("panic mode not changed: installing the kernel rules failed (see the log)")
+    return {"panic": on, "changed": was != on}
+
+
+def answer_reload(owner: RulesOwner) -> dict[str, Any]:
+    owner.reload("control request")
+    return asdict(owner.last_reload)
+
+
+def filter_of(request: dict[str, Any]) -> FlowFilter:
+    """The request's flow filter (proto, state, addr); RequestError when it is not valid."""
     try:
         return FlowFilter.parse(request.get("proto"), request.get("state"), request.get("addr"))
     except FilterError as err:

@@ -78,13 +78,16 @@ from typing import Any, NoReturn
 from nfqfw import __version__, rules
 from nfqfw import supervision as sv
 from nfqfw.control import (
-    COMMANDS,
     SOCKET_NAME,
     UNIX_PATH_MAX,
     ControlError,
     ControlServer,
     RequestError,
+    answer_panic,
+    answer_reload,
+    command_of,
     file_sha256,
+    filter_of,
     kernel_queues,
     ok,
 )
@@ -100,7 +103,6 @@ from nfqfw.daemon import (
     refused_reload,
     run_daemon,
 )
-from nfqfw.flowlist import FilterError, FlowFilter
 from nfqfw.sdnotify import Notifier, watchdog_interval
 from nfqfw.statefile import StateDir, read_trusted, write_atomically
 
@@ -634,9 +636,7 @@ class Supervisor:
     # -- the control socket --
 
     def _handle(self, request: dict[str, Any]) -> Any:
-        command = request.get("cmd")
-        if command not in COMMANDS:
-            raise RequestError(f"unknown command {command!r}: expected one of {', '.join(COMMANDS)}")
+        command = command_of(request)
         if not self.live:
             raise RequestError("starting: not every worker has bound its queue yet, try again")
         answer = getattr(self, f"_answer_{command}")(request)
@@ -688,14 +688,7 @@ class Supervisor:
         return sv.merge_flush(self._ask_all(_checked_filter(request)))
 
     def _answer_panic(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.spec is not None
-        on = request.get("on")
-        if not isinstance(on, bool):
-            raise RequestError('panic: "on" must be true or false')
-        was = self.spec.panic
-        if not self.set_panic(on):
-            raise RequestError("panic mode not changed: installing the kernel rules failed (see the log)")
-        return {"panic": on, "changed": was != on}
+        return answer_panic(request, self)  # done in the rules, by the supervisor itself
 
     def _answer_metrics(self, request: dict[str, Any]) -> dict[str, Any]:
         if self.metrics is None:
@@ -705,9 +698,7 @@ class Supervisor:
         return {"families": metrics.merge_records(self._worker_metrics())}
 
     def _answer_reload(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.reload("control request")
-        assert self.last_reload is not None
-        return asdict(self.last_reload)
+        return answer_reload(self)
 
     # -- signals --
 
@@ -795,10 +786,7 @@ def run_supervisor(options: Options) -> int:
 
 def _checked_filter(request: dict[str, Any]) -> dict[str, Any]:
     """Refuse a bad filter once, here, rather than once per worker."""
-    try:
-        FlowFilter.parse(request.get("proto"), request.get("state"), request.get("addr"))
-    except FilterError as err:
-        raise RequestError(str(err)) from None
+    filter_of(request)
     return request
 
 
