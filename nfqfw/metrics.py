@@ -45,6 +45,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import threading
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -386,9 +387,16 @@ class WorkerCounts:
     def __init__(self) -> None:
         self.last: dict[int, tuple[int | None, list[Record]]] = {}  # queue -> (pid, records)
         self.base: dict[int, list[Record]] = {}  # queue -> counters of its earlier processes
+        # the exporter's thread and a control "metrics" request may update at once: a restart
+        # seen by both would be carried into the base twice
+        self._lock = threading.Lock()
 
     def update(self, answers: Iterable[tuple[int, int | None, list[Record] | None]]) -> list[list[Record]]:
         """`answers`: (queue, pid, records or None when it did not answer); the records to sum."""
+        with self._lock:
+            return self._update(list(answers))
+
+    def _update(self, answers: list[tuple[int, int | None, list[Record] | None]]) -> list[list[Record]]:
         for queue, pid, answered in answers:
             if answered is None:
                 continue
