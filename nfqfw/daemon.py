@@ -426,10 +426,7 @@ class Daemon:
 
     def _reinstall(self, spec: rules.QueueSpec, failed: str) -> bool:
         """Install the kernel rules for `spec` and make it ours; on failure log `failed: why`."""
-        try:
-            rules.install(spec)
-        except rules.RulesError as err:
-            log.error("%s: %s", failed, err)
+        if not rules.reinstall(spec, failed):
             return False
         self.spec = spec
         return True

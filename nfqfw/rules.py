@@ -214,6 +214,17 @@ def install(spec: QueueSpec, families: Iterable[Tools] = FAMILIES, run: Runner =
         _run(run, [tools.restore, "-w", "--noflush"], text)
 
 
+def reinstall(spec: QueueSpec, failed: str) -> bool:
+    """install(spec) for a running daemon (panic, failure mode): on failure the error is logged
+    as `failed: why` and False returned, the rules in place stay as they were."""
+    try:
+        install(spec)
+    except RulesError as err:
+        log.error("%s: %s", failed, err)
+        return False
+    return True
+
+
 def install_keeping_panic(spec: QueueSpec) -> QueueSpec:
     """install(spec), but panic mode left on by an earlier run stays on (a restart must not
     reopen the gateway); returns the spec installed. Raises RulesError."""

@@ -612,10 +612,7 @@ class Supervisor:
     def _change_failure_mode(self, fail_open: bool) -> None:
         assert self.spec is not None
         spec = replace(self.spec, bypass=fail_open)
-        try:
-            rules.install(spec)
-        except rules.RulesError as err:
-            log.error("reload: failure mode not changed, rules not re-installed: %s", err)
+        if not rules.reinstall(spec, "reload: failure mode not changed, rules not re-installed"):
             return
         self.spec, self.fail_open = spec, fail_open
         log.info("failure mode now %s", "open" if fail_open else "closed")
@@ -623,10 +620,7 @@ class Supervisor:
     def set_panic(self, on: bool) -> bool:
         assert self.spec is not None
         spec = replace(self.spec, panic=on)
-        try:
-            rules.install(spec)
-        except rules.RulesError as err:
-            log.error("panic mode not changed: %s", err)
+        if not rules.reinstall(spec, "panic mode not changed"):
             return False
         if on != self.spec.panic:
             log.warning("panic mode %s", "on: everything but loopback is dropped" if on else "off")
