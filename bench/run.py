@@ -14,7 +14,7 @@ Modes, all with the lab's masquerade (so kernel conntrack runs in every mode):
     kernel        iptables FORWARD with ctstate rules equivalent to config/policy.yaml
     bare-nfq      a python NetfilterQueue loop accepting everything (queue 0, FORWARD -j NFQUEUE);
                   the kernel cuts GSO packets into MTU-sized ones before queueing them
-    bare-nfq-gso  the same loop with the queue's GSO flag (nfqfw.queueflags): GSO packets are
+    bare-nfq-gso  the same loop with the queue's GSO flag (nfqfw.kernel.queueflags): GSO packets are
                   queued whole (their first COPY_RANGE bytes copied): the ceiling for any Python
                   NFQUEUE consumer that takes GSO packets
     nfqfw         `nfqfw run --config config/policy.yaml --queue 0` (GSO packets on, the default)
@@ -38,9 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nfqfw.kernel.queue_info import COPY_RANGE  # noqa: E402
 from nfqfw.lab import daemon_ctl  # noqa: E402
 from nfqfw.lab.topology import WAN_V4, Topology, in_ns, run_in  # noqa: E402
-from nfqfw.queue import COPY_RANGE  # noqa: E402
 
 PREFIX = "nfqb-"
 POLICY = ROOT / "config" / "policy.yaml"
@@ -60,7 +60,7 @@ KERNEL_RULES = [
 # socket buffer), and with GSO=True the same GSO flag.
 BARE_LOOP = f"""
 from netfilterqueue import NetfilterQueue, COPY_PACKET
-from nfqfw.queueflags import NFQA_CFG_F_GSO, set_queue_flags
+from nfqfw.kernel.queueflags import NFQA_CFG_F_GSO, set_queue_flags
 q = NetfilterQueue()
 q.bind(0, lambda p: p.accept(), 8192, COPY_PACKET, {COPY_RANGE}, 16 * 1024 * 1024)
 if GSO:

@@ -28,7 +28,7 @@ from nfqfw.core import snapshot  # noqa: E402
 from nfqfw.core.config import load_policy  # noqa: E402
 from nfqfw.core.engine import Engine  # noqa: E402
 from nfqfw.core.policy import CompiledPolicy  # noqa: E402
-from nfqfw.statefile import SLICE_FLOWS, write_atomically  # noqa: E402
+from nfqfw.service.statedir import SLICE_FLOWS, write_atomically  # noqa: E402
 
 
 def filled(flows: int) -> Engine:

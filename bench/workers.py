@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nfqfw.control_client import call  # noqa: E402
+from nfqfw.control.client import call  # noqa: E402
 from nfqfw.lab import daemon_ctl  # noqa: E402
 from nfqfw.lab.daemon_ctl import LabState  # noqa: E402
 from nfqfw.lab.topology import Topology, in_ns, run_in  # noqa: E402

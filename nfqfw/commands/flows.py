@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from nfqfw.control_client import add_runtime_dir_option, ask
-from nfqfw.control_format import format_flows
-from nfqfw.flowlist import STATES, FilterError, FlowFilter, parse_addr, parse_proto, parse_state
+from nfqfw.control.client import add_runtime_dir_option, ask
+from nfqfw.control.flowlist import STATES, FilterError, FlowFilter, parse_addr, parse_proto, parse_state
+from nfqfw.control.format import format_flows
 
 
 def register(subparsers: Any) -> None:

@@ -10,8 +10,8 @@ import argparse
 from typing import Any
 
 from nfqfw.commands.flows import add_filter_options, filter_fields
-from nfqfw.control_client import add_runtime_dir_option, ask
-from nfqfw.control_format import format_flush
+from nfqfw.control.client import add_runtime_dir_option, ask
+from nfqfw.control.format import format_flush
 
 
 def register(subparsers: Any) -> None:

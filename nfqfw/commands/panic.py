@@ -1,6 +1,6 @@
 """`nfqfw panic on|off`: drop everything but loopback (in the kernel), or stop doing so.
 
-The running daemon replaces its queue rules by DROP rules in its own chains (nfqfw.rules), so
+The running daemon replaces its queue rules by DROP rules in its own chains (nfqfw.firewall.iptables), so
 panic holds under a flood and while no daemon runs; a restarted daemon keeps it; a reboot,
 `nfqfw panic off` or `nfqfw rules remove` ends it.
 
@@ -16,9 +16,9 @@ import argparse
 import sys
 from typing import Any
 
-from nfqfw import rules
-from nfqfw.control_client import ClientError, NoDaemon, add_runtime_dir_option, call
-from nfqfw.control_format import format_panic
+from nfqfw.control.client import ClientError, NoDaemon, add_runtime_dir_option, call
+from nfqfw.control.format import format_panic
+from nfqfw.firewall import iptables as rules
 
 
 def register(subparsers: Any) -> None:

@@ -7,8 +7,8 @@ import argparse
 import sys
 from typing import Any
 
-from nfqfw.control_client import add_runtime_dir_option, ask
-from nfqfw.control_format import format_reload
+from nfqfw.control.client import add_runtime_dir_option, ask
+from nfqfw.control.format import format_reload
 
 
 def register(subparsers: Any) -> None:

@@ -13,12 +13,12 @@ import sys
 from collections import Counter
 from typing import Any, TextIO
 
-from nfqfw.capture import CaptureError, CaptureReader
 from nfqfw.core.config import ConfigError, load_policy
 from nfqfw.core.decode import decode
 from nfqfw.core.engine import Engine
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Hook, Meta, Verdict
+from nfqfw.observe.capture import CaptureError, CaptureReader
 
 
 def register(subparsers: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from nfqfw import rules
+from nfqfw.firewall import iptables as rules
 
 
 def register(subparsers: Any) -> None:

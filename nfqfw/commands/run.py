@@ -1,4 +1,4 @@
-"""`nfqfw run`: the firewall daemon (see nfqfw.daemon for the lifecycle, nfqfw.rules for the rules)."""
+"""`nfqfw run`: the firewall daemon (lifecycle: nfqfw.service.daemon; rules: nfqfw.firewall)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import sys
 from typing import Any
 
-from nfqfw import metrics, queue, rules, statefile
-from nfqfw.control import DEFAULT_RUNTIME_DIR, SOCKET_NAME
-from nfqfw.daemon import Options, run_daemon, setup_logging
+from nfqfw.control.protocol import DEFAULT_RUNTIME_DIR, SOCKET_NAME
+from nfqfw.firewall import iptables as rules
+from nfqfw.kernel import queue_info
+from nfqfw.observe import metrics
+from nfqfw.service import statedir as statefile
+from nfqfw.service.daemon import Options, run_daemon, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -47,23 +50,23 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--max-len",
         type=_positive,
-        default=queue.DEFAULT_MAX_LEN,
+        default=queue_info.DEFAULT_MAX_LEN,
         metavar="PACKETS",
-        help=f"packets the kernel queues for us before dropping (default {queue.DEFAULT_MAX_LEN})",
+        help=f"packets the kernel queues for us before dropping (default {queue_info.DEFAULT_MAX_LEN})",
     )
     parser.add_argument(
         "--sock-len",
         type=_positive,
-        default=queue.DEFAULT_SOCK_LEN,
+        default=queue_info.DEFAULT_SOCK_LEN,
         metavar="BYTES",
-        help=f"netlink socket receive buffer (default {queue.DEFAULT_SOCK_LEN})",
+        help=f"netlink socket receive buffer (default {queue_info.DEFAULT_SOCK_LEN})",
     )
     parser.add_argument(
         "--reject-rate",
         type=float,
-        default=queue.DEFAULT_REJECT_RATE,
+        default=queue_info.DEFAULT_REJECT_RATE,
         metavar="PER_SECOND",
-        help=f"most RST/ICMP answers sent per second (default {queue.DEFAULT_REJECT_RATE:g})",
+        help=f"most RST/ICMP answers sent per second (default {queue_info.DEFAULT_REJECT_RATE:g})",
     )
     parser.add_argument(
         "--state-dir",
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         gso=args.gso,
     )
     if args.workers:
-        from nfqfw.workers import run_supervisor
+        from nfqfw.service.supervisor import run_supervisor
 
         return run_supervisor(options)
     return run_daemon(options)

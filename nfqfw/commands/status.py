@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from nfqfw.control_client import add_runtime_dir_option, ask
-from nfqfw.control_format import format_status
+from nfqfw.control.client import add_runtime_dir_option, ask
+from nfqfw.control.format import format_status
 
 
 def register(subparsers: Any) -> None:

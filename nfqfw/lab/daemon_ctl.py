@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nfqfw.control import SOCKET_NAME
+from nfqfw.control.protocol import SOCKET_NAME
 from nfqfw.lab.topology import (
     DEFAULT_PREFIX,
     NETNS_DIR,

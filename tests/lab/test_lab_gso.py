@@ -28,10 +28,10 @@ import pytest
 from lab_policies import MAIL_IN_NO_SMB_OUT
 
 from nfqfw.core.packet import RST
+from nfqfw.kernel.queue_info import LONGER_THAN_COPY_RANGE, parse_queue_stats
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, start_daemon, stop_daemon
 from nfqfw.lab.topology import GW_WAN_V4, WAN_V4, WAN_V6, in_ns, run_in
-from nfqfw.queue import LONGER_THAN_COPY_RANGE, parse_queue_stats
 
 pytestmark = pytest.mark.lab
 
@@ -159,8 +159,8 @@ def test_with_no_gso_the_kernel_hands_over_mtu_sized_packets(lab: Lab, without_g
 FLAGS_UNDER_TRAFFIC = f"""
 import json, socket, subprocess
 from netfilterqueue import NetfilterQueue, COPY_PACKET
-from nfqfw.queue import COPY_RANGE, read_queue_stats
-from nfqfw.queueflags import NFQA_CFG_F_GSO, set_queue_flags
+from nfqfw.kernel.queue_info import COPY_RANGE, read_queue_stats
+from nfqfw.kernel.queueflags import NFQA_CFG_F_GSO, set_queue_flags
 seen = []
 queue = NetfilterQueue()
 queue.bind(7, lambda p: (seen.append(p.get_payload()[-4:]), p.accept()), 1024, COPY_PACKET, COPY_RANGE)

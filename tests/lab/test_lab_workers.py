@@ -27,7 +27,7 @@ import pytest
 from lab_metrics import Samples
 from lab_policies import MAIL_IN_NO_SMB_OUT
 
-from nfqfw.control_client import call
+from nfqfw.control.client import call
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab, LabState
 from nfqfw.lab.topology import LAN_V4, WAN_V4, in_ns

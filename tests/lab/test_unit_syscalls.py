@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from lab_policies import MAIL_IN_NO_SMB_OUT
 
-from nfqfw.control_client import call
+from nfqfw.control.client import call
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab
 from nfqfw.lab.topology import GW_WAN_V4, LAN_V4, WAN_V4, WAN_V6

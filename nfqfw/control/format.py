@@ -1,0 +1,195 @@
+"""What `nfqfw status`, `flows`, `flush`, `panic` and `reload` print: the daemon's JSON answers
+(see nfqfw.control.protocol) turned into text. Pure: dicts in, lines out; times are formatted by a
+function the caller passes (local time by default), so tests can pin them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+TimeText = Callable[[float], str]
+
+
+def local_time(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def duration(seconds: float) -> str:
+    """3d 04:05:06, 04:05:06 or 05:06 (whole seconds)."""
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}" if hours or days else f"{minutes:02d}:{secs:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+# --- flows ------------------------------------------------------------------------------------
+
+
+def admitted_by(text: str | None) -> str:
+    """'rule web' -> 'rule=web', 'default egress' -> 'default=egress' (conntrack's key=value style)."""
+    if not text:
+        return "rule=?"
+    kind, _, name = text.partition(" ")
+    return f"{kind}={name}" if kind in ("rule", "default") and name else f"by={text}"
+
+
+def format_flow(record: dict[str, Any]) -> str:
+    """One line, as `conntrack -L` prints the original direction, then what admitted the flow:
+    tcp      6 431999 ESTABLISHED src=10.0.0.25 dst=203.0.113.10 sport=40000 dport=80 [ASSURED] rule=web
+    """
+    words = [f"{record['proto']:<8} {record['protonum']} {record['timeout']}"]
+    if record.get("state"):
+        words.append(record["state"])
+    if "src" in record:
+        words += [f"src={record['src']}", f"dst={record['dst']}"]
+    if "sport" in record:
+        words += [f"sport={record['sport']}", f"dport={record['dport']}"]
+    if "type" in record:
+        words += [f"type={record['type']}", f"code={record['code']}", f"id={record['id']}"]
+    if not record.get("replied"):
+        words.append("[UNREPLIED]")
+    if record.get("assured"):
+        words.append("[ASSURED]")
+    words.append(admitted_by(record.get("admitted_by")))
+    for key in ("in", "out"):
+        if record.get(key):
+            words.append(f"{key}={record[key]}")
+    if "queue" in record:  # from a supervisor (nfqfw run --workers): the worker that holds it
+        words.append(f"queue={record['queue']}")
+    return " ".join(words)
+
+
+def unanswered(result: dict[str, Any]) -> str:
+    """'; queue 1 did not answer (why)' for the workers missing from a merged answer."""
+    missing = result.get("unanswered") or []
+    return "".join(f"; queue {m['queue']} did not answer ({m['error']})" for m in missing)
+
+
+def format_flows(result: dict[str, Any]) -> tuple[list[str], str]:
+    """(one line per flow, the summary line for stderr)."""
+    lines = [format_flow(record) for record in result["flows"]]
+    tracked, most = result["tracked"], result["max_flows"]
+    summary = f"{plural(len(lines), 'flow')} shown ({tracked} tracked, at most {most}){unanswered(result)}"
+    return lines, summary
+
+
+def format_flush(result: dict[str, Any]) -> str:
+    removed = f"{plural(result['removed'], 'flow')} removed ({result['tracked']} still tracked)"
+    return removed + unanswered(result)
+
+
+# --- panic, reload ----------------------------------------------------------------------------
+
+
+def format_panic(result: dict[str, Any]) -> str:
+    state = "on: everything but loopback is dropped" if result["panic"] else "off: the policy decides again"
+    already = "" if result["changed"] else " (it already was)"
+    return f"panic mode {state}{already}"
+
+
+def format_reload(outcome: dict[str, Any], when: TimeText = local_time) -> list[str]:
+    """A reload outcome (the answer of `nfqfw reload`, and `last_reload` of the status)."""
+    at = f"{when(outcome['time'])} by {outcome['trigger']}"
+    if outcome["ok"]:
+        removed = outcome.get("removed")
+        kept = "flows kept (reload: keep)" if removed is None else f"{plural(removed, 'flow')} removed"
+        return [f"{at}: ok, policy reloaded, {kept}"]
+    lines = [f"{at}: FAILED, the running policy stays in force:"]
+    lines += [f"  {error}" for error in outcome["errors"]]
+    return lines
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def _table(rows: Iterable[tuple[str, int]], indent: str = "  ") -> list[str]:
+    rows = list(rows)
+    if not rows:
+        return [f"{indent}(none)"]
+    width = max(len(name) for name, _ in rows)
+    numbers = max(len(str(value)) for _, value in rows)
+    return [f"{indent}{name:<{width}}  {value:>{numbers}}" for name, value in rows]
+
+
+def _by_count(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[str]:
+    lines = []
+    if status["panic"]:
+        lines.append("PANIC MODE ON: everything but loopback is dropped (nfqfw panic off ends it)")
+    lines.append(
+        f"nfqfw {status['version']}, pid {status['pid']}, up {duration(status['uptime'])} "
+        f"(since {when(status['started'])})"
+    )
+    policy = status["policy"]
+    lines.append(f"policy:       {policy['file']}")
+    lines.append(f"  sha256:     {policy['sha256']} (in force)")
+    if policy["file_sha256"] is None:
+        lines.append("  the file cannot be read now: a reload would fail")
+    elif policy["file_sha256"] != policy["sha256"]:
+        lines.append(f"  on disk:    {policy['file_sha256']} (changed since loaded: nfqfw reload)")
+    reload = status["last_reload"]
+    if reload is None:
+        lines.append("last reload:  none since start")
+    else:
+        first, *rest = format_reload(reload, when)
+        lines.append(f"last reload:  {first}")
+        lines += rest
+    gso = "" if "gso" not in status else f", GSO packets {'on' if status['gso'] else 'off'}"
+    lines.append(
+        f"queue:        {status['queue']}, failure mode {status['failure_mode']}, "
+        f"panic {'on' if status['panic'] else 'off'}{gso}"
+    )
+    flows = status["flows"]
+    share = 100.0 * flows["total"] / flows["max"] if flows["max"] else 0.0
+    lines.append(
+        f"flows:        {flows['total']} of {flows['max']} ({share:.1f}%), "
+        f"{flows['expired']} expired, {plural(flows['early_drops'], 'early drop')}"
+    )
+    for proto, states in flows["by_proto"].items():
+        detail = ", ".join(f"{state} {count}" for state, count in _by_count(states))
+        lines.append(f"  {proto:<8}{sum(states.values()):>6}  {detail}")
+    lines.append("verdicts (packets, by reason and rule):")
+    lines += _table(_by_count(status["verdicts"]))
+    lines.append("adapter:")
+    lines += _table(status["adapter"].items())
+    lines += format_workers(status)
+    for queue in status["kernel_queues"]:
+        lines.append(
+            f"kernel queue {queue['queue']}: {queue['waiting']} waiting, dropped {queue['queue_dropped']} "
+            f"(queue full) and {queue['user_dropped']} (socket buffer full)"
+        )
+    return lines
+
+
+def format_workers(status: dict[str, Any]) -> list[str]:
+    """The per-worker breakdown of a supervisor's status (nfqfw run --workers); none otherwise."""
+    workers = status.get("workers")
+    if not workers:
+        return []
+    lines = [f"workers:      {len(workers)}, one per queue (counts above are their sums)"]
+    in_force = status["policy"]["sha256"]
+    for worker in workers:
+        pid = "-" if worker.get("pid") is None else worker["pid"]
+        text = f"  queue {worker['queue']}: pid {pid}, {worker.get('state', '?')}"
+        if "error" in worker:
+            text += f", not answering ({worker['error']})"
+        else:
+            text += f", {plural(worker['flows'], 'flow')}, {plural(worker['verdicts'], 'verdict')}"
+        restarts = worker.get("restarts", 0)
+        if restarts:
+            text += f", restarted {plural(restarts, 'time')} (last exit: {worker.get('last_exit')})"
+        if worker.get("policy_sha256") not in (None, in_force):
+            text += f", POLICY DIFFERS: {worker['policy_sha256'][:12]}…"
+        lines.append(text)
+    return lines

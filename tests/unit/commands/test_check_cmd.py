@@ -1,0 +1,108 @@
+"""`nfqfw check`: summary and exit 0 for a valid policy, located errors on stderr and exit 1 otherwise."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from nfqfw.commands import check
+
+REPO = Path(__file__).resolve().parents[3]
+SHIPPED = sorted(path.relative_to(REPO) for path in (REPO / "config").rglob("*.yaml"))
+
+
+def run_check(*files: str | Path) -> int:
+    """Parse the arguments with the command's own parser, then run it (as nfqfw.cli does)."""
+    parser = argparse.ArgumentParser(prog="nfqfw")
+    check.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["check", *map(str, files)])
+    return int(args.func(args))
+
+
+def test_shipped_policy(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(REPO)
+    assert run_check("config/policy.yaml") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "config/policy.yaml: OK (zones: 2, ingress rules: 3, egress rules: 1)\n"
+    assert captured.err == ""
+
+
+def test_every_shipped_config_is_valid(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert {str(path) for path in SHIPPED} >= {
+        "config/policy.yaml",
+        "config/examples/home-gateway.yaml",
+        "config/examples/cloud-edge.yaml",
+        "config/examples/strict-egress.yaml",
+    }
+    monkeypatch.chdir(REPO)
+    assert run_check(*SHIPPED) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert [line.split(": OK (")[0] for line in captured.out.splitlines()] == [str(path) for path in SHIPPED]
+
+
+def test_examples_summaries(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(REPO / "config" / "examples")
+    assert run_check("home-gateway.yaml", "cloud-edge.yaml", "strict-egress.yaml") == 0
+    assert capsys.readouterr().out == (
+        "home-gateway.yaml: OK (zones: 2, ingress rules: 3, egress rules: 1)\n"
+        "cloud-edge.yaml: OK (zones: 2, ingress rules: 6, egress rules: 0)\n"
+        "strict-egress.yaml: OK (zones: 2, ingress rules: 0, egress rules: 7)\n"
+    )
+
+
+def test_invalid_policy_lists_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "zones:\n"
+        "  external: [wan0]\n"
+        "  dmz: [eth2]\n"
+        "ingress:\n"
+        "  - name: web\n"
+        "    proto: tcp\n"
+        "    ports: 80-70\n"
+        "    action: allow\n"
+    )
+    assert run_check(bad) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"{bad}:3:3: zones: unknown zone 'dmz' (expected one of: external, internal)\n"
+        f"{bad}:7:12: ingress rule 'web': ports: range '80-70' starts after it ends\n"
+        f"{bad}:8:13: ingress rule 'web': action: expected accept, drop or reject, got 'allow'\n"
+        f"{bad}: 3 errors\n"
+    )
+
+
+def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "absent.yaml"
+    assert run_check(missing) == 1
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (
+        "",
+        f"{missing}:1:1: cannot read: No such file or directory\n{missing}: 1 error\n",
+    )
+
+
+def test_one_bad_file_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("zones: {external: [wan0]}\n")
+    bad.write_text("zones: {external: [wan0]\n")
+    assert run_check(bad, good) == 1
+    captured = capsys.readouterr()
+    assert captured.out == f"{good}: OK (zones: 1, ingress rules: 0, egress rules: 0)\n"
+    assert captured.err == (
+        f"{bad}:2:1: invalid YAML: expected ',' or '}}', but got '<stream end>' "
+        f"(while parsing a flow mapping at line 1)\n{bad}: 1 error\n"
+    )
+
+
+def test_a_file_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        run_check()
+    assert caught.value.code == 2
+    assert "the following arguments are required: FILE" in capsys.readouterr().err

@@ -1,0 +1,310 @@
+"""nfqfw.control.server.Requests on a real Daemon object (engine, adapter; the kernel side faked):
+status, flows, flush, panic and reload, and a request served from the packet callback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from queue_fakes import MARK, UDP_PACKET, FakeLinks, FakePacket, FakeSender
+
+from nfqfw.control.flowlist import flow_record
+from nfqfw.control.protocol import RequestError, socket_path
+from nfqfw.control.requests import Requests
+from nfqfw.control.server import ControlServer
+from nfqfw.core.build import addr, ipv4, tcp, udp
+from nfqfw.core.config import load_policy
+from nfqfw.core.engine import Engine
+from nfqfw.core.packet import ACK, PSH, SYN
+from nfqfw.core.policy import CompiledPolicy
+from nfqfw.core.verdict import Action, Ct, Hook, Meta
+from nfqfw.firewall import iptables as rules
+from nfqfw.kernel.queue import QueueAdapter
+from nfqfw.kernel.queue_info import DropWatch
+from nfqfw.service.daemon import Daemon, Options, ReloadResult
+
+POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
+POLICY = POLICY_FILE.read_text()
+OUT = Meta(Hook.FORWARD, "lan0", "wan0")
+LAN, WAN = addr("10.0.0.5"), addr("203.0.113.7")
+T0 = 1000.0
+COMMAND_WORDS = "expected one of status, flows, flush, panic, reload, metrics"
+PROTO_WORDS = "expected tcp, udp, icmp, icmpv6 or a number 0-255"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Notes:
+    def reloading(self, status: str | None = None) -> bool:
+        return True
+
+    def ready(self, status: str | None = None) -> bool:
+        return True
+
+    def status(self, status: str) -> bool:
+        return True
+
+    def watchdog(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class QuietLinks(FakeLinks):
+    def on_events(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def tcp4(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int) -> bytes:
+    return ipv4(src, dst, 6, tcp(src, dst, sport, dport, seq=seq, ack=ack, flags=flags))
+
+
+def udp4(sport: int) -> bytes:
+    return ipv4(LAN, WAN, 17, udp(LAN, WAN, sport, 53))
+
+
+@pytest.fixture
+def rundir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="nfqr"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(rundir: Path) -> Iterator[Daemon]:
+    """A Daemon as start() leaves it, minus the kernel: one TCP session LAN:40000 -> WAN:80
+    (ESTABLISHED), one UDP flow LAN:40002 -> WAN:53."""
+    policy = rundir / "policy.yaml"
+    policy.write_text(POLICY)
+    policy.chmod(0o600)
+    clock = Clock()
+    d = Daemon(Options(config=str(policy), runtime_dir=str(rundir)), notifier=Notes(), clock=clock)  # type: ignore[arg-type]
+    d.engine = Engine(CompiledPolicy(load_policy(policy)))
+    d.spec = rules.QueueSpec(0, 0)
+    d.links = QuietLinks({3: "lan0", 4: "wan0"})  # type: ignore[assignment]
+    d.drops = DropWatch(range(0, 1), read=lambda: {})
+    d.adapter = QueueAdapter(d.engine, d.links, FakeSender(), mark=MARK, clock=clock)
+    d.adapter.housekeeping = d._housekeeping
+    for data in (
+        tcp4(LAN, WAN, 40000, 80, 100, 0, SYN),
+        tcp4(WAN, LAN, 80, 40000, 500, 101, SYN | ACK),
+        tcp4(LAN, WAN, 40000, 80, 101, 501, ACK),
+        udp4(40002),
+    ):
+        assert d.engine.process(data, OUT, T0).action is Action.ACCEPT
+    clock.now = T0 + 2.5
+    yield d
+    d.close()
+
+
+def answer(chunks: Iterator[bytes]) -> Any:
+    raw = b"".join(chunks)
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 1
+    reply = json.loads(raw)
+    assert reply["ok"] is True
+    return reply["result"]
+
+
+def test_status(daemon: Daemon) -> None:
+    status = answer(Requests(daemon)({"cmd": "status"}))
+    digest = hashlib.sha256(POLICY.encode()).hexdigest()
+    assert status["policy"] == {"file": daemon.options.config, "sha256": digest, "file_sha256": digest}
+    assert status["uptime"] == 2.5
+    assert status["started"] == daemon.started
+    assert status["last_reload"] is None
+    assert (status["queue"], status["failure_mode"], status["panic"]) == ("0", "closed", False)
+    assert status["gso"] is False  # no queue bound here
+    assert status["flows"] == {
+        "total": 2,
+        "max": 65536,
+        "by_proto": {"tcp": {"ESTABLISHED": 1}, "udp": {"UNREPLIED": 1}},
+        "expired": 0,
+        "early_drops": 0,
+    }
+    assert status["verdicts"] == {"accept default egress": 2, "accept established": 2}
+    assert status["adapter"] == dict.fromkeys(daemon.adapter.counters, 0)  # type: ignore[union-attr]
+
+
+def test_status_sees_a_changed_policy_file(daemon: Daemon) -> None:
+    Path(daemon.options.config).write_text(POLICY + "\n# edited\n")
+    policy = answer(Requests(daemon)({"cmd": "status"}))["policy"]
+    assert policy["file_sha256"] == hashlib.sha256((POLICY + "\n# edited\n").encode()).hexdigest()
+    assert policy["sha256"] != policy["file_sha256"]
+
+
+def test_flows_lists_records_and_filters(daemon: Daemon) -> None:
+    requests = Requests(daemon)
+    now = daemon.clock()
+    result = answer(requests({"cmd": "flows"}))
+    assert result == {
+        "tracked": 2,
+        "max_flows": 65536,
+        "flows": [flow_record(flow, now) for flow in daemon.engine.conntrack],
+    }
+    assert [f["dport"] for f in answer(requests({"cmd": "flows", "proto": "udp"}))["flows"]] == [53]
+    only = answer(requests({"cmd": "flows", "state": "ESTABLISHED", "addr": "203.0.113.0/24"}))["flows"]
+    assert [(f["sport"], f["state"], f["assured"], f["admitted_by"]) for f in only] == [
+        (40000, "ESTABLISHED", True, "default egress")
+    ]
+
+
+def test_flows_streams_a_big_table_and_leaves_out_flows_gone_meanwhile(daemon: Daemon) -> None:
+    for sport in range(20000, 20600):
+        daemon.engine.process(udp4(sport), OUT, T0 + 2.5)
+    chunks = Requests(daemon)({"cmd": "flows", "proto": "udp"})
+    head = next(chunks)
+    assert head == b'{"ok":true,"result":{"tracked":602,"max_flows":65536,"flows":['
+    gone = [flow for flow in daemon.engine.conntrack if flow.proto == 17][-1]
+    daemon.engine.conntrack.remove(gone)  # removed while the answer is being written
+    parts = [head, *chunks]
+    assert len(parts) > 3  # written a chunk of flows at a time
+    flows = json.loads(b"".join(parts))["result"]["flows"]
+    assert len(flows) == 600
+    assert sorted(f["sport"] for f in flows) == [*range(20000, 20599), 40002]
+
+
+def test_flows_hides_and_sweeps_timed_out_flows(daemon: Daemon) -> None:
+    daemon.clock.now = T0 + 31.0  # type: ignore[attr-defined]
+    assert [f["proto"] for f in answer(Requests(daemon)({"cmd": "flows"}))["flows"]] == ["tcp"]
+    assert len(daemon.engine.conntrack) == 1
+    assert daemon.engine.conntrack.expired == 1
+
+
+def test_flush_cuts_the_session(daemon: Daemon) -> None:
+    requests = Requests(daemon)
+    flushed = answer(requests({"cmd": "flush", "proto": "tcp", "addr": "10.0.0.5"}))
+    assert flushed == {"removed": 1, "tracked": 1}
+    # strict pick-up: the session's next segment starts no flow, it is INVALID and dropped
+    verdict = daemon.engine.process(tcp4(LAN, WAN, 40000, 80, 101, 501, PSH | ACK), OUT, T0 + 3)
+    assert (verdict.action, verdict.ct) == (Action.DROP, Ct.INVALID)
+    assert answer(requests({"cmd": "flush"})) == {"removed": 1, "tracked": 0}
+    assert answer(requests({"cmd": "flush"})) == {"removed": 0, "tracked": 0}
+
+
+def test_a_worker_answers_metrics_with_its_families(daemon: Daemon) -> None:
+    """A worker under nfqfw run --workers --metrics counts for its supervisor's endpoint."""
+    from nfqfw.observe import metrics
+
+    daemon.collector = metrics.NfqfwCollector(daemon, metrics.EngineTimer(), read_stats=lambda: {})
+    families = {
+        name: samples for name, _, _, samples in answer(Requests(daemon)({"cmd": "metrics"}))["families"]
+    }
+    assert families["nfqfw_flows"] == [
+        ["nfqfw_flows", {"proto": "tcp", "state": "established"}, 1],  # as JSON: lists
+        ["nfqfw_flows", {"proto": "udp", "state": "unreplied"}, 1],
+    ]
+    assert families["nfqfw_flows_max"] == [["nfqfw_flows_max", {}, daemon.engine.conntrack.max_flows]]
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"cmd": "shutdown"}, f"unknown command 'shutdown': {COMMAND_WORDS}"),
+        ({}, f"unknown command None: {COMMAND_WORDS}"),
+        ({"cmd": "flows", "proto": "tcpx"}, f"unknown protocol 'tcpx': {PROTO_WORDS}"),
+        ({"cmd": "flush", "addr": "10.0.0.0/33"}, "not an address or network: '10.0.0.0/33'"),
+        ({"cmd": "flush", "state": 3}, "state: expected a string, got int"),
+        ({"cmd": "panic"}, 'panic: "on" must be true or false'),
+        ({"cmd": "panic", "on": "yes"}, 'panic: "on" must be true or false'),
+        ({"cmd": "metrics"}, "metrics: not collected (a worker of nfqfw run --workers --metrics answers)"),
+    ],
+)  # fmt: skip
+def test_bad_requests(daemon: Daemon, request_: dict[str, Any], message: str) -> None:
+    with pytest.raises(RequestError) as err:
+        Requests(daemon)(request_)
+    assert str(err.value) == message
+    assert len(daemon.engine.conntrack) == 2  # a refused flush removed nothing
+
+
+def test_panic_on_and_off_reinstall_the_rules(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed: list[rules.QueueSpec] = []
+    monkeypatch.setattr(rules, "install", installed.append)
+    requests = Requests(daemon)
+    assert answer(requests({"cmd": "panic", "on": True})) == {"panic": True, "changed": True}
+    assert answer(requests({"cmd": "panic", "on": True})) == {"panic": True, "changed": False}
+    assert answer(requests({"cmd": "status"}))["panic"] is True
+    assert answer(requests({"cmd": "panic", "on": False})) == {"panic": False, "changed": True}
+    assert [spec.panic for spec in installed] == [True, True, False]
+    assert daemon.spec == rules.QueueSpec(0, 0)
+
+
+def test_panic_that_cannot_be_installed_changes_nothing(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(spec: rules.QueueSpec) -> None:
+        raise rules.RulesError("iptables-restore failed (exit 4): busy")
+
+    monkeypatch.setattr(rules, "install", failing)
+    with pytest.raises(RequestError) as err:
+        Requests(daemon)({"cmd": "panic", "on": True})
+    assert str(err.value) == "panic mode not changed: installing the kernel rules failed (see the log)"
+    assert daemon.spec is not None and daemon.spec.panic is False
+
+
+def test_a_failure_mode_change_at_reload_keeps_panic(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed: list[rules.QueueSpec] = []
+    monkeypatch.setattr(rules, "install", installed.append)
+    assert daemon.set_panic(True)
+    Path(daemon.options.config).write_text("options:\n  failure-mode: open\n" + POLICY)
+    assert answer(Requests(daemon)({"cmd": "reload"}))["ok"] is True
+    assert installed[-1] == rules.QueueSpec(0, 0, bypass=True, panic=True)
+
+
+def test_reload_reports_located_errors_then_success(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("time.time", lambda: 1_750_000_000.0)
+    requests = Requests(daemon)
+    path = daemon.options.config
+    Path(path).write_text(POLICY.replace("ingress: drop", "ingress: perhaps"))
+    line = POLICY[: POLICY.index("  ingress: drop")].count("\n") + 1  # in config/policy.yaml
+    failed = answer(requests({"cmd": "reload"}))
+    assert failed == {
+        "time": 1_750_000_000.0,
+        "trigger": "control request",
+        "ok": False,
+        "errors": [f"{path}:{line}:12: defaults: ingress: expected accept, drop or reject, got 'perhaps'"],
+        "removed": None,
+    }
+    assert answer(requests({"cmd": "status"}))["last_reload"] == failed
+    assert len(daemon.engine.conntrack) == 2  # the running policy stays, flows too
+    Path(path).write_text(POLICY.replace("ports: [445]", "ports: [445, 80]"))
+    done = answer(requests({"cmd": "reload"}))
+    assert done == {**failed, "ok": True, "errors": [], "removed": 1}
+    assert daemon.last_reload == ReloadResult(1_750_000_000.0, "control request", True, (), 1)
+    assert [f.proto for f in daemon.engine.conntrack] == [17]  # the session to port 80 is rejected now
+
+
+def test_a_request_is_served_from_the_packet_callback(daemon: Daemon, rundir: Path) -> None:
+    """Under a flood NetfilterQueue.run() does not return: housekeeping runs from the callback,
+    and the control socket is served there."""
+    daemon.control = ControlServer.open(rundir, Requests(daemon), clock=daemon.clock)
+    adapter = daemon.adapter
+    assert adapter is not None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(socket_path(rundir))
+        client.sendall(b'{"cmd": "flows", "proto": "tcp"}\n')
+        client.settimeout(5.0)
+        adapter.set_deadline(0.0)  # housekeeping is due
+        packet = FakePacket(UDP_PACKET, hook=2, indev=3, outdev=4)
+        adapter.on_packet(packet)
+        assert packet.verdict == "repeat"
+        raw = client.recv(1 << 20)
+    flows = json.loads(raw)["result"]["flows"]
+    assert [(f["proto"], f["dport"], f["state"]) for f in flows] == [("tcp", 80, "ESTABLISHED")]
+    assert adapter.deadline == pytest.approx(daemon.clock() + 1.0)  # nothing pending: back to 1 s

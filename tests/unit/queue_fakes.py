@@ -1,0 +1,89 @@
+"""Stand-ins for the queue adapter's collaborators: fake kernel packets, engine, links, sender."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from scapy.layers.inet import IP, TCP, UDP
+
+from nfqfw.core.verdict import Action, Ct, Meta, Verdict
+
+MARK = 0x10000000
+SYN = bytes(IP(src="192.0.2.10", dst="198.51.100.20") / TCP(sport=40000, dport=81, flags="S", seq=7))
+UDP_PACKET = bytes(IP(src="192.0.2.10", dst="198.51.100.20") / UDP(sport=5000, dport=53))
+
+ACCEPT = Verdict(Action.ACCEPT, Ct.NEW, "web", "rule web")
+DROP = Verdict(Action.DROP, Ct.NEW, None, "default ingress")
+RESET = Verdict(Action.REJECT, Ct.NEW, "no-ident", "rule no-ident", reject_with="tcp-reset")
+
+
+class FakePacket:
+    """What the callback uses of netfilterqueue.Packet, recording the verdict."""
+
+    def __init__(self, data: bytes, hook: int = 2, indev: int = 3, outdev: int = 4, mark: int = 0) -> None:
+        self._data = data
+        self.hook, self.indev, self.outdev, self.mark = hook, indev, outdev, mark
+        self.verdict: str | None = None
+        self.new_mark: int | None = None
+
+    def get_payload(self) -> bytes:
+        return self._data
+
+    def set_mark(self, mark: int) -> None:
+        self.new_mark = mark
+
+    def _give(self, verdict: str) -> None:
+        if self.verdict is not None:
+            raise RuntimeError("Verdict already given for this packet")
+        self.verdict = verdict
+
+    def accept(self) -> None:
+        self._give("accept")
+
+    def drop(self) -> None:
+        self._give("drop")
+
+    def repeat(self) -> None:
+        self._give("repeat")
+
+
+class StandInEngine:
+    def __init__(self, verdict: Verdict | Exception) -> None:
+        self.verdict = verdict
+        self.seen: list[tuple[bytes, Meta, float]] = []
+
+    def process(self, data: bytes, meta: Meta, now: float) -> Verdict:
+        self.seen.append((data, meta, now))
+        if isinstance(self.verdict, Exception):
+            raise self.verdict
+        return self.verdict
+
+
+class FakeLinks:
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self.lookups: list[int] = []
+        self.listeners: list[Callable[[], None]] = []
+
+    def name(self, index: int) -> str | None:
+        self.lookups.append(index)
+        return self.names.get(index)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self.listeners.append(listener)
+
+    def change(self, names: dict[int, str]) -> None:
+        self.names = names
+        for listener in self.listeners:
+            listener()
+
+
+class FakeSender:
+    def __init__(self, error: OSError | None = None) -> None:
+        self.sent: list[tuple[bytes, int]] = []
+        self.error = error
+
+    def send(self, packet: bytes, ifindex: int = 0) -> None:
+        if self.error:
+            raise self.error
+        self.sent.append((packet, ifindex))

@@ -1,0 +1,113 @@
+"""nfqfw.service.supervisor.Supervisor's housekeeping, driven with a fake clock and a stand-in worker process
+(a `sleep`): no kernel, no queue."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nfqfw.control.protocol import SOCKET_NAME
+from nfqfw.firewall import iptables as rules
+from nfqfw.service.daemon import Options, StartupError
+from nfqfw.service.sdnotify import Notifier
+from nfqfw.service.supervisor import PING_TIMEOUT, Supervisor, Worker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def stand_in() -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def live_supervisor(tmp_path: Path, clock: Clock, pid: int) -> tuple[Supervisor, Worker]:
+    """A supervisor past its start, with one ready worker (process `pid`) on queue 0."""
+    options = Options(config=str(tmp_path / "policy.yaml"), runtime_dir=str(tmp_path / "run"))
+    supervisor = Supervisor(options, notifier=Notifier(""), clock=clock)
+    supervisor._prepare_directory()
+    supervisor.spec = rules.QueueSpec(0, 0)
+    worker = supervisor._new_worker(0)
+    worker.pid, worker.ready, worker.last_ping = pid, True, clock()
+    supervisor.workers[0] = worker
+    supervisor.live = True
+    return supervisor, worker
+
+
+def test_heartbeats_sent_while_the_supervisor_was_busy_keep_a_worker_alive(
+    tmp_path: Path, stand_in: subprocess.Popen[bytes]
+) -> None:
+    """A control request fanned out to slow workers blocks the loop (up to 5 s per worker): the
+    heartbeats that came meanwhile wait in the notify socket. They must count before the
+    wedged check, or every healthy worker is killed after a long enough request."""
+    clock = Clock()
+    supervisor, worker = live_supervisor(tmp_path, clock, stand_in.pid)
+    try:
+        clock.now = PING_TIMEOUT + 5.0  # the loop was blocked this long
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"WATCHDOG=1", worker.notify_path)  # sent while it was blocked
+        assert supervisor._housekeeping(clock()) is None
+        with pytest.raises(subprocess.TimeoutExpired):  # not killed: it kept sending heartbeats
+            stand_in.wait(timeout=0.5)
+    finally:
+        supervisor.close()
+
+
+def test_workers_that_do_not_answer_delay_a_fanned_out_request_once_not_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in: subprocess.Popen[bytes]
+) -> None:
+    """Three workers that accept the request but never answer: `status`, `flows` and the metrics
+    scrape must wait ANSWER_TIMEOUT once, not once per worker (5 s each made a scrape with two
+    wedged workers outlast Prometheus' 10 s scrape timeout, and blocked the loop for 5 s each)."""
+    monkeypatch.setattr("nfqfw.service.supervisor.ANSWER_TIMEOUT", 0.5)
+    clock = Clock()
+    supervisor, _ = live_supervisor(tmp_path, clock, stand_in.pid)
+    silent: list[socket.socket] = []
+    try:
+        for queue in (0, 1, 2):
+            worker = supervisor.workers.get(queue) or supervisor._new_worker(queue)
+            worker.pid, worker.ready = stand_in.pid, True
+            supervisor.workers[queue] = worker
+            os.makedirs(worker.directory)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(os.path.join(worker.directory, SOCKET_NAME))
+            listener.listen()  # connects and takes the request, never answers
+            silent.append(listener)
+        started = time.monotonic()
+        answers = supervisor._ask_all({"cmd": "status"})
+        elapsed = time.monotonic() - started
+        assert [a.queue for a in answers] == [0, 1, 2]
+        assert all(a.error is not None and "timed out" in a.error for a in answers)
+        assert elapsed < 1.0, f"{elapsed:.2f} s: the workers were asked one after the other"
+    finally:
+        for listener in silent:
+            listener.close()
+        supervisor.close()
+
+
+def test_a_runtime_dir_too_long_for_the_workers_sockets_is_a_start_up_error(tmp_path: Path) -> None:
+    """Its control.sock fits a Unix socket path, the workers' sockets below it would not."""
+    runtime = tmp_path / ("d" * (90 - len(str(tmp_path)) - 1))
+    assert len(str(runtime)) == 90
+    options = Options(config="/unused", runtime_dir=str(runtime), queue_first=0, queue_last=1)
+    with pytest.raises(StartupError) as caught:
+        Supervisor(options, notifier=Notifier(""))._prepare_directory()
+    assert str(caught.value) == (
+        f"worker socket path {runtime}/workers/q1/{SOCKET_NAME} is too long (114 bytes, at most 107): "
+        "choose a shorter --runtime-dir"
+    )
+    assert not (runtime / "workers").exists()
