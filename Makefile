@@ -2,7 +2,7 @@
 #
 #   make demo       bootstrap, then the lab demo (real traffic through nfqfw in namespaces)
 #   make test       bootstrap, then ruff and the whole pytest suite (lab tests need root)
-#   make bootstrap  Debian packages (only those missing), .venv, pip install -e '.[dev]'
+#   make bootstrap  Debian packages (only those missing), .venv, pip install -e '.[daemon,dev]'
 #   make lint       ruff check and ruff format --check
 #   make lab-up     the lab with config/policy.yaml (POLICY=file to choose), left running
 #   make lab-down   stop nfqfw and remove the lab's namespaces
@@ -108,7 +108,7 @@ INSTALL_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) $(PYTHON))
 install:
 	$(MAKE) --no-print-directory debs PYTHON=$(INSTALL_PYTHON)
 	$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(INSTALL_VENV)
-	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q .
+	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q '.[daemon]'
 	install -d -m 0755 $(DESTDIR)$(INSTALL_BIN) $(DESTDIR)$(INSTALL_DOC)
 	ln -sfn $(INSTALL_VENV)/bin/nfqfw $(DESTDIR)$(INSTALL_BIN)/nfqfw
 	install -d -m 0755 $(DESTDIR)$(INSTALL_ETC)

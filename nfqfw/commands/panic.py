@@ -1,6 +1,6 @@
 """`nfqfw panic on|off`: drop everything but loopback (in the kernel), or stop doing so.
 
-The running daemon replaces its queue rules by DROP rules in its own chains (nfqfw.firewall.iptables), so
+The running daemon replaces its queue rules by DROP rules in its own chains (nfqfw.firewall), so
 panic holds under a flood and while no daemon runs; a restarted daemon keeps it; a reboot,
 `nfqfw panic off` or `nfqfw rules remove` ends it.
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from nfqfw.control.client import ClientError, NoDaemon, add_runtime_dir_option, call
 from nfqfw.control.format import format_panic
-from nfqfw.firewall import iptables as rules
+from nfqfw.firewall import QueueSpec, RulesError, backend_named
 
 
 def register(subparsers: Any) -> None:
@@ -71,8 +71,8 @@ def _without_daemon(args: argparse.Namespace, on: bool) -> int:
         print("nfqfw panic: a daemon answers; run 'nfqfw panic on' without --no-daemon", file=sys.stderr)
         return 2
     try:
-        rules.install(rules.QueueSpec(panic=True))
-    except rules.RulesError as err:
+        backend_named().install(QueueSpec(panic=True))
+    except RulesError as err:
         print(f"nfqfw panic: {err}", file=sys.stderr)
         return 1
     print("panic mode on (no daemon, kernel rules set directly): everything but loopback is dropped")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from nfqfw.firewall import iptables as rules
+from nfqfw.firewall import RulesError, backend_named
 
 
 def register(subparsers: Any) -> None:
@@ -24,8 +24,8 @@ def register(subparsers: Any) -> None:
 
 def show(args: argparse.Namespace) -> int:
     try:
-        sys.stdout.write(rules.show())
-    except rules.RulesError as err:
+        sys.stdout.write(backend_named().show())
+    except RulesError as err:
         print(f"nfqfw: {err}", file=sys.stderr)
         return 1
     return 0
@@ -33,8 +33,8 @@ def show(args: argparse.Namespace) -> int:
 
 def remove(args: argparse.Namespace) -> int:
     try:
-        removed = rules.remove()
-    except rules.RulesError as err:
+        removed = backend_named().remove()
+    except RulesError as err:
         print(f"nfqfw: {err}", file=sys.stderr)
         return 1
     if removed:

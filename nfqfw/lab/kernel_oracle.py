@@ -47,8 +47,9 @@ from nfqfw.core import build
 from nfqfw.core.decode import decode
 from nfqfw.core.packet import PROTO_TCP, RST
 from nfqfw.lab import traffic
-from nfqfw.lab.topology import LabError, Topology, run_in, sysctl, teardown
+from nfqfw.lab.plan import LabError, Topology
 from nfqfw.lab.topology import build as build_topology
+from nfqfw.lab.topology import run_in, sysctl, teardown
 
 DEFAULT_PREFIX = "nfqk-"
 ETH_P_ALL = 0x0003

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from nfqfw.core import build
 from nfqfw.core.decode import decode
 from nfqfw.core.packet import Packet
-from nfqfw.lab.topology import NETNS_DIR, in_ns
+from nfqfw.lab.plan import NETNS_DIR
+from nfqfw.lab.topology import in_ns
 
 CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003

@@ -58,24 +58,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nfqfw.control.protocol import DEFAULT_RUNTIME_DIR, ControlError
+from nfqfw.control.protocol import ControlError
 from nfqfw.control.requests import Requests
 from nfqfw.control.server import ControlServer
 from nfqfw.core.config import DEFAULT_LOG_LIMIT, LogLimit
-from nfqfw.firewall import iptables as rules
+from nfqfw.firewall import Firewall, QueueSpec, RulesError, backend_named
 from nfqfw.kernel.links import Links
 from nfqfw.kernel.queue import QueueAdapter, QueueError
 from nfqfw.kernel.queue_info import (
     COPY_RANGE,
-    DEFAULT_MAX_LEN,
-    DEFAULT_REJECT_RATE,
-    DEFAULT_SOCK_LEN,
     DropWatch,
 )
 from nfqfw.kernel.rawsend import RawSender
 from nfqfw.observe.packetlog import PacketLog
+from nfqfw.service.options import Options
 from nfqfw.service.sdnotify import Notifier, watchdog_interval
-from nfqfw.service.statedir import DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_STATE_DIR, SNAPSHOT_NAME, StateDir
+from nfqfw.service.statedir import StateDir
 from nfqfw.service.supervision import queue_snapshots
 
 log = logging.getLogger("nfqfw")
@@ -86,30 +84,6 @@ STATUS_PERIOD = 10.0  # seconds between STATUS= updates
 
 class StartupError(Exception):
     """Start-up cannot proceed; the lines of str() are printed as they are."""
-
-
-@dataclass
-class Options:
-    config: str
-    queue_first: int = 0
-    queue_last: int = 0
-    mark: int = rules.DEFAULT_MARK
-    max_len: int = DEFAULT_MAX_LEN
-    sock_len: int = DEFAULT_SOCK_LEN
-    reject_rate: float = DEFAULT_REJECT_RATE
-    stats_interval: float = 5.0  # seconds between reads of the kernel's queue drop counters
-    state_dir: str = DEFAULT_STATE_DIR  # flow snapshots (nfqfw.service.statedir)
-    snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL  # seconds; 0: only at stop
-    runtime_dir: str = DEFAULT_RUNTIME_DIR  # the control socket's directory
-    metrics: tuple[str, int] | None = None  # --metrics: (host, port) of the Prometheus endpoint
-    metrics_allow_remote: bool = False
-    collect_metrics: bool = False  # a worker under --metrics: count for the supervisor's endpoint
-    gso: bool = True  # ask the kernel for GSO packets whole (--no-gso: segmented, as before)
-    # A worker of `nfqfw run --workers` (nfqfw.service.supervisor): its supervisor owns the kernel rules
-    # (and panic mode), so a worker never installs or changes them.
-    worker: bool = False
-    snapshot_name: str = SNAPSHOT_NAME  # the flow snapshot's file in state_dir
-    adopt_snapshots: tuple[str, ...] = ()  # more snapshot files to restore flows from (workers)
 
 
 @dataclass
@@ -191,19 +165,21 @@ class Daemon:
         load: Callable[[str], Loaded] = load_policy_file,
         make_engine: Callable[[Loaded], Any] = default_engine,
         notifier: Notifier | None = None,
+        firewall: Firewall | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
         self._load = load
         self._make_engine = make_engine
         self.notifier = notifier or Notifier()
+        self.firewall = firewall or backend_named()
         self.clock = clock
         self.engine: Any = None
         self.links: Links | None = None
         self.sender: RawSender | None = None
         self.adapter: QueueAdapter | None = None
         self.drops: DropWatch | None = None
-        self.spec: rules.QueueSpec | None = None
+        self.spec: QueueSpec | None = None
         self._requests = _Requests()
         self._schedule = _Schedule()
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
@@ -228,10 +204,10 @@ class Daemon:
     def start(self) -> None:
         """Everything up to READY=1; raises StartupError (after undoing what it did)."""
         opts = self.options
-        check_root_and_tools()
+        check_root_and_tools(self.firewall)
         loaded = self._load(opts.config)
         bypass, mark = loaded.fail_open, opts.mark
-        self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
+        self.spec = QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
         self.engine = self._make_engine(loaded)
         self.fail_open = loaded.fail_open
         self.packet_log.configure(loaded.log_limit)
@@ -283,8 +259,8 @@ class Daemon:
     def _install_rules(self) -> None:
         assert self.spec is not None
         try:
-            self.spec = rules.install_keeping_panic(self.spec)
-        except rules.RulesError as err:
+            self.spec = self.firewall.install_keeping_panic(self.spec)
+        except RulesError as err:
             self.close()
             raise StartupError(str(err)) from err
 
@@ -425,9 +401,9 @@ class Daemon:
             self.adapter.fail_open = fail_open
         log.info("failure mode now %s", "open" if fail_open else "closed")
 
-    def _reinstall(self, spec: rules.QueueSpec, failed: str) -> bool:
+    def _reinstall(self, spec: QueueSpec, failed: str) -> bool:
         """Install the kernel rules for `spec` and make it ours; on failure log `failed: why`."""
-        if not rules.reinstall(spec, failed):
+        if not self.firewall.reinstall(spec, failed):
             return False
         self.spec = spec
         return True
@@ -542,13 +518,13 @@ def refused_reload(trigger: str, errors: list[str], notifier: Notifier, detail: 
     return ReloadResult(time.time(), trigger, False, tuple(errors))
 
 
-def check_root_and_tools() -> None:
-    """Raises StartupError unless this runs as root and iptables-restore and co. are there."""
+def check_root_and_tools(firewall: Firewall) -> None:
+    """Raises StartupError unless this runs as root and the firewall backend's tools are there."""
     if os.geteuid() != 0:
         raise StartupError("must run as root (to bind a netfilter queue and install iptables rules)")
     try:
-        rules.check_tools()
-    except rules.RulesError as err:
+        firewall.check()
+    except RulesError as err:
         raise StartupError(str(err)) from err
 
 

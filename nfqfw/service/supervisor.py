@@ -87,11 +87,10 @@ from nfqfw.control.requests import (
     kernel_queues,
 )
 from nfqfw.control.server import ControlServer
-from nfqfw.firewall import iptables as rules
+from nfqfw.firewall import Firewall, QueueSpec, RulesError, backend_named
 from nfqfw.service import supervision as sv
 from nfqfw.service.daemon import (
     Loaded,
-    Options,
     ReloadResult,
     StartupError,
     check_root_and_tools,
@@ -100,6 +99,7 @@ from nfqfw.service.daemon import (
     refused_reload,
     run_daemon,
 )
+from nfqfw.service.options import Options
 from nfqfw.service.sdnotify import Notifier, watchdog_interval
 from nfqfw.service.statedir import StateDir, read_trusted, write_atomically
 
@@ -154,14 +154,16 @@ class Supervisor:
         options: Options,
         *,
         notifier: Notifier | None = None,
+        firewall: Firewall | None = None,
         clock: Callable[[], float] = time.monotonic,
         ping_timeout: float = PING_TIMEOUT,
     ) -> None:
         self.options = options
         self.notifier = notifier or Notifier()
+        self.firewall = firewall or backend_named()
         self.clock = clock
         self.ping_timeout = ping_timeout
-        self.spec: rules.QueueSpec | None = None
+        self.spec: QueueSpec | None = None
         self.fail_open = False
         self.sha256 = ""  # of the policy in force
         self.workers: dict[int, Worker] = {}
@@ -193,12 +195,12 @@ class Supervisor:
         """Checks, the policy copy, the control socket and the workers' forks; READY=1 comes
         from the loop once every worker is ready. Raises StartupError."""
         opts = self.options
-        check_root_and_tools()
+        check_root_and_tools(self.firewall)
         loaded = load_policy_file(opts.config)
         data = self._read_policy(loaded)
         self.fail_open = loaded.fail_open
         bypass, mark = loaded.fail_open, opts.mark
-        self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
+        self.spec = QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
         # The control socket first: it refuses a start while another daemon serves this
         # runtime directory, before the policy copy its workers restart with is overwritten.
         try:
@@ -528,8 +530,8 @@ class Supervisor:
         """Every worker bound its queue: the rules go in, READY=1 to systemd."""
         assert self.spec is not None
         try:
-            self.spec = rules.install_keeping_panic(self.spec)
-        except rules.RulesError as err:
+            self.spec = self.firewall.install_keeping_panic(self.spec)
+        except RulesError as err:
             return str(err)
         self.live = True
         self._settle_snapshots()
@@ -609,7 +611,7 @@ class Supervisor:
     def _change_failure_mode(self, fail_open: bool) -> None:
         assert self.spec is not None
         spec = replace(self.spec, bypass=fail_open)
-        if not rules.reinstall(spec, "reload: failure mode not changed, rules not re-installed"):
+        if not self.firewall.reinstall(spec, "reload: failure mode not changed, rules not re-installed"):
             return
         self.spec, self.fail_open = spec, fail_open
         log.info("failure mode now %s", "open" if fail_open else "closed")
@@ -617,7 +619,7 @@ class Supervisor:
     def set_panic(self, on: bool) -> bool:
         assert self.spec is not None
         spec = replace(self.spec, panic=on)
-        if not rules.reinstall(spec, "panic mode not changed"):
+        if not self.firewall.reinstall(spec, "panic mode not changed"):
             return False
         if on != self.spec.panic:
             log.warning("panic mode %s", "on: everything but loopback is dropped" if on else "off")

@@ -24,7 +24,8 @@ import pytest
 from nfqfw.control.client import ClientError, call
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, running_daemon, start_daemon, stop_daemon
-from nfqfw.lab.topology import GW_LAN_V4, LAN_V4, WAN_V4, in_ns
+from nfqfw.lab.plan import GW_LAN_V4, LAN_V4, WAN_V4
+from nfqfw.lab.topology import in_ns
 
 pytestmark = pytest.mark.lab
 

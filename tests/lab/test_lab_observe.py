@@ -27,7 +27,8 @@ from nfqfw.core import build
 from nfqfw.core.packet import SYN
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, down, stop_daemon, up
-from nfqfw.lab.topology import GW_WAN_V4, GW_WAN_V6, LAN_V4, WAN_V4, in_ns
+from nfqfw.lab.plan import GW_WAN_V4, GW_WAN_V6, LAN_V4, WAN_V4
+from nfqfw.lab.topology import in_ns
 
 pytestmark = pytest.mark.lab
 

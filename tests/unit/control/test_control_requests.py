@@ -25,10 +25,11 @@ from nfqfw.core.engine import Engine
 from nfqfw.core.packet import ACK, PSH, SYN
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta
-from nfqfw.firewall import iptables as rules
+from nfqfw.firewall import QueueSpec, RulesError
 from nfqfw.kernel.queue import QueueAdapter
 from nfqfw.kernel.queue_info import DropWatch
-from nfqfw.service.daemon import Daemon, Options, ReloadResult
+from nfqfw.service.daemon import Daemon, ReloadResult
+from nfqfw.service.options import Options
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
 POLICY = POLICY_FILE.read_text()
@@ -97,7 +98,7 @@ def daemon(rundir: Path) -> Iterator[Daemon]:
     clock = Clock()
     d = Daemon(Options(config=str(policy), runtime_dir=str(rundir)), notifier=Notes(), clock=clock)  # type: ignore[arg-type]
     d.engine = Engine(CompiledPolicy(load_policy(policy)))
-    d.spec = rules.QueueSpec(0, 0)
+    d.spec = QueueSpec(0, 0)
     d.links = QuietLinks({3: "lan0", 4: "wan0"})  # type: ignore[assignment]
     d.drops = DropWatch(range(0, 1), read=lambda: {})
     d.adapter = QueueAdapter(d.engine, d.links, FakeSender(), mark=MARK, clock=clock)
@@ -234,24 +235,24 @@ def test_bad_requests(daemon: Daemon, request_: dict[str, Any], message: str) ->
 
 
 def test_panic_on_and_off_reinstall_the_rules(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    installed: list[rules.QueueSpec] = []
-    monkeypatch.setattr(rules, "install", installed.append)
+    installed: list[QueueSpec] = []
+    monkeypatch.setattr(daemon.firewall, "install", installed.append)
     requests = Requests(daemon)
     assert answer(requests({"cmd": "panic", "on": True})) == {"panic": True, "changed": True}
     assert answer(requests({"cmd": "panic", "on": True})) == {"panic": True, "changed": False}
     assert answer(requests({"cmd": "status"}))["panic"] is True
     assert answer(requests({"cmd": "panic", "on": False})) == {"panic": False, "changed": True}
     assert [spec.panic for spec in installed] == [True, True, False]
-    assert daemon.spec == rules.QueueSpec(0, 0)
+    assert daemon.spec == QueueSpec(0, 0)
 
 
 def test_panic_that_cannot_be_installed_changes_nothing(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing(spec: rules.QueueSpec) -> None:
-        raise rules.RulesError("iptables-restore failed (exit 4): busy")
+    def failing(spec: QueueSpec) -> None:
+        raise RulesError("iptables-restore failed (exit 4): busy")
 
-    monkeypatch.setattr(rules, "install", failing)
+    monkeypatch.setattr(daemon.firewall, "install", failing)
     with pytest.raises(RequestError) as err:
         Requests(daemon)({"cmd": "panic", "on": True})
     assert str(err.value) == "panic mode not changed: installing the kernel rules failed (see the log)"
@@ -259,12 +260,12 @@ def test_panic_that_cannot_be_installed_changes_nothing(
 
 
 def test_a_failure_mode_change_at_reload_keeps_panic(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    installed: list[rules.QueueSpec] = []
-    monkeypatch.setattr(rules, "install", installed.append)
+    installed: list[QueueSpec] = []
+    monkeypatch.setattr(daemon.firewall, "install", installed.append)
     assert daemon.set_panic(True)
     Path(daemon.options.config).write_text("options:\n  failure-mode: open\n" + POLICY)
     assert answer(Requests(daemon)({"cmd": "reload"}))["ok"] is True
-    assert installed[-1] == rules.QueueSpec(0, 0, bypass=True, panic=True)
+    assert installed[-1] == QueueSpec(0, 0, bypass=True, panic=True)
 
 
 def test_reload_reports_located_errors_then_success(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:

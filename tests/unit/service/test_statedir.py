@@ -24,7 +24,8 @@ from nfqfw.core.packet import ACK, SYN
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Hook, Meta
 from nfqfw.service import statedir as statefile
-from nfqfw.service.daemon import Daemon, Options
+from nfqfw.service.daemon import Daemon
+from nfqfw.service.options import Options
 from nfqfw.service.statedir import StateDir, StateFileError, read_trusted, write_atomically
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"

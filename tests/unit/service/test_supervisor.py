@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from nfqfw.control.protocol import SOCKET_NAME
-from nfqfw.firewall import iptables as rules
-from nfqfw.service.daemon import Options, StartupError
+from nfqfw.firewall import QueueSpec
+from nfqfw.service.daemon import StartupError
+from nfqfw.service.options import Options
 from nfqfw.service.sdnotify import Notifier
 from nfqfw.service.supervisor import PING_TIMEOUT, Supervisor, Worker
 
@@ -40,7 +41,7 @@ def live_supervisor(tmp_path: Path, clock: Clock, pid: int) -> tuple[Supervisor,
     options = Options(config=str(tmp_path / "policy.yaml"), runtime_dir=str(tmp_path / "run"))
     supervisor = Supervisor(options, notifier=Notifier(""), clock=clock)
     supervisor._prepare_directory()
-    supervisor.spec = rules.QueueSpec(0, 0)
+    supervisor.spec = QueueSpec(0, 0)
     worker = supervisor._new_worker(0)
     worker.pid, worker.ready, worker.last_ping = pid, True, clock()
     supervisor.workers[0] = worker
