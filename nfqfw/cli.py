@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from nfqfw import __version__
+from nfqfw.commands import EXIT_USAGE, Exit
 
 COMMANDS = (
     *("check", "explain", "replay", "run", "rules"),
@@ -33,5 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
-        return 2
-    return int(args.func(args))
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except Exit as done:
+        return done.code
