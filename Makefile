@@ -32,7 +32,7 @@ LINT_PATHS := $(wildcard nfqfw tests bench)
 # What the lab, the tests and the build need. python3-dev/python3-venv are added below only if
 # the python in use lacks them (a pyenv or python.org build has both).
 DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack iputils-ping \
-	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace
+	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace groff-base man-db
 
 .PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers install uninstall clean
 
