@@ -38,6 +38,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 OVERLAID = ("etc", "opt", "usr", "var", "tmp", "root")
 WORK_DIR = "/dev/shm"  # the box's directory: under none of the overlaid ones
 TARGET = "nfqfw-box.target"
+JOURNAL_UNIT = "nfqfw-box-journald.service"  # Box.start_journal()
 BOX_UNITS = "/etc/systemd/system"  # a tmpfs in the box: only the units written there
 PACKAGE_UNITS = "/lib/systemd/system"  # where a package's units go (the host's are there too)
 BOOT_TIMEOUT = 30.0
@@ -128,6 +129,18 @@ class Box:
         )
         if done.returncode != 0:
             raise BoxError(f"writing {path} in the box: {done.stderr.strip()}")
+
+    def start_journal(self) -> None:
+        """journald in the box, for units that log to the journal: its sockets and files are in
+        the box's /run; no /dev/log link (that is the socket unit's, not started here) and no
+        kernel messages. A unit that logs there needs After=JOURNAL_UNIT."""
+        self.write("/etc/systemd/journald.conf.d/box.conf", "[Journal]\nStorage=volatile\nReadKMsg=no\n")
+        self.write(
+            f"/etc/systemd/system/{JOURNAL_UNIT}",
+            "[Unit]\nDefaultDependencies=no\n[Service]\nType=notify\nExecStart=/lib/systemd/systemd-journald\n",
+        )
+        self.run("systemctl", "daemon-reload")
+        self.run("systemctl", "start", JOURNAL_UNIT, timeout=60)
 
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         """`systemctl show` of a unit, as a dict."""

@@ -3,17 +3,20 @@ the policy edited in between, remove and purge, under a real systemd in a box (n
 with real traffic through the lab's gateway.
 
 A drop-in written before the package is installed puts the service into the lab's gateway
-namespace (and gives it DefaultDependencies=no, as the box has no sysinit.target); apt and
-dpkg run in that namespace too, so the maintainer scripts' `nfqfw rules remove` acts on the
-lab's tables, never on the host's. The box's overlays keep dpkg's database and every installed
-file away from the host.
+namespace (and gives it DefaultDependencies=no, as the box has no sysinit.target). journald
+runs in the box: the service logs natively to a real journal, and `journalctl -u nfqfw
+NFQFW_RULE=...` is checked. apt and dpkg run in the gateway namespace too, so the maintainer
+scripts' `nfqfw rules remove` acts on the lab's tables, never on the host's. The box's overlays
+keep dpkg's database and every installed file away from the host.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +67,6 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
 @dataclass
 class Gateway:
     box: sdbox.Box
-    log: Path
 
     def in_gw(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """A command in the box, in the lab's gateway namespace."""
@@ -78,6 +80,11 @@ class Gateway:
 
     def state(self) -> dict[str, str]:
         return self.box.show(UNIT, "LoadState", "ActiveState", "MainPID", "UnitFileState", "FragmentPath")
+
+    def journal(self, *matches: str) -> list[dict[str, str]]:
+        """The unit's journal entries matching `matches` (FIELD=value), as journalctl -o json."""
+        done = self.box.run("journalctl", "-u", UNIT, "-o", "json", "--no-pager", *matches, check=False)
+        return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
     def exists(self, path: str) -> bool:
         return self.box.run("test", "-e", path, check=False).returncode == 0
@@ -98,14 +105,13 @@ def gateway() -> Iterator[Gateway]:
             # A container image's policy-rc.d forbids maintainer scripts to start or stop
             # services; a Debian gateway has none (removed inside the box only: an overlay).
             box.run("rm", "-f", "/usr/sbin/policy-rc.d")
-            log = box.directory / "daemon.log"
+            box.start_journal()
             box.write(
                 f"/etc/systemd/system/{UNIT}.d/lab.conf",
-                "[Unit]\nDefaultDependencies=no\n"
-                f"[Service]\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n"
-                f"StandardOutput=append:{log}\nStandardError=inherit\n",
+                f"[Unit]\nDefaultDependencies=no\nAfter={sdbox.JOURNAL_UNIT}\n"
+                f"[Service]\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n",
             )
-            yield Gateway(box, log)
+            yield Gateway(box)
     finally:
         teardown(TOPOLOGY)
 
@@ -165,9 +171,10 @@ def test_install_upgrade_remove_purge(packages: Packages, gateway: Gateway) -> N
     # -- the operator starts it: it filters in the lab's gateway
     gw.box.run("systemctl", "enable", "--now", UNIT, timeout=60)
     state = gw.state()
-    assert (state["ActiveState"], state["UnitFileState"]) == ("active", "enabled"), gateway.log.read_text()
+    assert (state["ActiveState"], state["UnitFileState"]) == ("active", "enabled"), gw.journal()
     assert "NFQFW-FORWARD" in nfqfw_rules_in_gateway()
     assert f"pid {state['MainPID']}," in gw.box.run("nfqfw", "status").stdout
+    check_the_journal(gw)
     sock, greeting = traffic.open_connection(TOPOLOGY.lan, WAN_V4, 80)
     with sock:
         assert greeting == "hello 203.0.113.1" and alive(sock, b"before")
@@ -197,6 +204,35 @@ def test_install_upgrade_remove_purge(packages: Packages, gateway: Gateway) -> N
     gw.apt("purge", "nfqfw")
     assert not gw.exists("/etc/nfqfw") and not gw.exists("/var/lib/nfqfw")
     assert gw.in_gw("dpkg-query", "-W", "nfqfw", check=False).returncode != 0
+
+
+def check_the_journal(gw: Gateway) -> None:
+    """Native journal entries with nfqfw's fields: a daemon message, and the packet line of the
+    shipped policy's rule no-smb-out (a reject, logged as log-denied is on by default)."""
+    started = gw.journal("NFQFW_EVENT=daemon")
+    assert any("bound" in entry["MESSAGE"] for entry in started), started
+    assert {entry["SYSLOG_IDENTIFIER"] for entry in started} == {"nfqfw"}
+    assert traffic.tcp_probe(TOPOLOGY.lan, WAN_V4, 445, 3.0).outcome == "refused"
+    deadline = time.monotonic() + 10
+    while not (found := gw.journal("NFQFW_RULE=no-smb-out")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert found, gw.journal()
+    entry = found[0]
+    expected = {
+        "NFQFW_EVENT": "flow_verdict",
+        "NFQFW_ACTION": "reject",
+        "NFQFW_REASON": "rule no-smb-out",
+        "NFQFW_SRC": "10.0.0.25",
+        "NFQFW_DST": WAN_V4,
+        "NFQFW_DPORT": "445",
+        "NFQFW_PROTO": "TCP",
+        "NFQFW_IN": "lan0",
+        "NFQFW_OUT": "wan0",
+        "PRIORITY": "6",
+        "_SYSTEMD_UNIT": UNIT,
+    }
+    assert {key: entry.get(key) for key in expected} == expected
+    assert entry["MESSAGE"].startswith('nfqfw.packets: [NFQFW REJECT] REASON="rule no-smb-out"')
 
 
 def test_the_package_declares_what_it_needs(packages: Packages) -> None:
