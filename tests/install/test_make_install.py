@@ -94,7 +94,11 @@ def test_systemd_accepts_the_installed_unit(staged: Staged, tmp_path: Path) -> N
     text = (root / "etc/systemd/system/nfqfw.service").read_text()
     unit = tmp_path / "nfqfw.service"
     unit.write_text(text.replace("/usr/local/bin/nfqfw", str(root / "opt/nfqfw/bin/nfqfw")))
-    verify = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60)
+    # verify also asks man for the pages in Documentation=: the staged ones.
+    env = {**os.environ, "MANPATH": str(root / "usr/local/share/man")}
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60, env=env
+    )
     assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
 
 
