@@ -23,6 +23,7 @@ from typing import Any
 from nfqfw.commands import EXIT_OK, ask
 from nfqfw.control.client import add_runtime_dir_option
 from nfqfw.control.format import format_top
+from nfqfw.control.requests import MAX_TALKERS
 
 CLEAR = "\x1b[H\x1b[2J"
 ALTERNATE_SCREEN, MAIN_SCREEN = "\x1b[?1049h", "\x1b[?1049l"
@@ -38,7 +39,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--interval", type=_interval, default=1.0, metavar="SECONDS", help="between refreshes (default 1)"
     )
-    parser.add_argument("--talkers", type=int, default=10, metavar="N", help="addresses listed (default 10)")
+    parser.add_argument(
+        "--talkers",
+        type=_talkers,
+        default=10,
+        metavar="N",
+        help=f"addresses listed, 1-{MAX_TALKERS} (default 10)",
+    )
     parser.add_argument(
         "--once", action="store_true", help="print one screen after one interval and exit (no clearing)"
     )
@@ -56,8 +63,14 @@ def _interval(text: str) -> float:
     return value
 
 
+def _talkers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_TALKERS:
+        raise argparse.ArgumentTypeError(f"not a number 1-{MAX_TALKERS}: {text!r}")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> int:
-    request = {"cmd": "status", "talkers": max(1, min(args.talkers, 100))}
+    request = {"cmd": "status", "talkers": args.talkers}
     before, taken = ask("top", args, request), time.monotonic()
     if args.once:
         time.sleep(args.interval)
