@@ -12,6 +12,7 @@ import struct
 import sys
 from typing import Any
 
+from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
 from nfqfw.commands.replay import derive_hook, load_compiled
 from nfqfw.core import build
 from nfqfw.core.config import ICMP_TYPES
@@ -46,6 +47,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--flags", default="S", help="TCP flags from S A F R P U E C (default S)")
     parser.add_argument("--icmp-type", default="echo-request", metavar="NAME|N", help="default echo-request")
     parser.add_argument("--hook", choices=tuple(HOOKS), help="default: from the policy's gateway-addresses")
+    add_json_option(parser, "the verdict (verdict, conntrack, decided_by, why, reject_with, hook)")
     parser.set_defaults(func=run)
 
 
@@ -127,29 +129,35 @@ def decided_by(verdict: Verdict) -> str:
     return f"conntrack ({verdict.ct.value})"
 
 
+def explained(verdict: Verdict) -> dict[str, str | None]:
+    return {
+        "verdict": verdict.action.value,
+        "conntrack": verdict.ct.value,
+        "decided_by": decided_by(verdict),
+        "why": verdict.reason,
+        "reject_with": verdict.reject_with,
+    }
+
+
 def report(verdict: Verdict) -> str:
-    lines = [
-        f"verdict: {verdict.action.value}",
-        f"conntrack: {verdict.ct.value}",
-        f"decided by: {decided_by(verdict)}",
-        f"why: {verdict.reason}",
-    ]
-    if verdict.reject_with:
-        lines.append(f"reject with: {verdict.reject_with}")
+    lines = [f"{key.replace('_', ' ')}: {value}" for key, value in explained(verdict).items() if value]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     policy = load_compiled(args.config)
     if policy is None:
-        return 1
+        return EXIT_FAILURE
     try:
         packet = build_packet(args)
     except (ExplainError, ValueError) as err:
         print(f"nfqfw explain: {err}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     hook = HOOKS[args.hook] if args.hook else derive_hook(packet, policy.gateway_addresses)
     meta = Meta(hook, in_iface=args.in_iface if hook != Hook.OUTPUT else None)
     verdict = Engine(policy).process(packet, meta, now=0.0)
-    print(report(verdict))
-    return 0
+    if args.json:
+        print_json({**explained(verdict), "hook": hook.name})
+    else:
+        print(report(verdict))
+    return EXIT_OK

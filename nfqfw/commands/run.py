@@ -117,10 +117,12 @@ def run(args: argparse.Namespace) -> int:
         print("nfqfw: --workers needs --queue-balance A:B (one worker per queue)", file=sys.stderr)
         return 2
     try:  # the daemon's modules need the C binding and pyroute2 (pip install 'nfqfw[daemon]')
-        from nfqfw.service.daemon import run_daemon, setup_logging
+        from nfqfw.service.daemon import run_daemon
     except ImportError as err:
         print(f"nfqfw run: {err.name or err} is not installed: pip install 'nfqfw[daemon]'", file=sys.stderr)
         return 1
+    from nfqfw.observe.logsetup import setup_logging
+
     setup_logging(args.log_level)
     first, last = args.queue_balance or ((args.queue, args.queue) if args.queue is not None else (0, 0))
     options = Options(

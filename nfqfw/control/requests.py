@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nfqfw import __version__
-from nfqfw.control.flowlist import FilterError, FlowFilter, census, flow_record, select_flows
+from nfqfw.control.flowlist import FilterError, FlowFilter, census, flow_record, select_flows, talkers
 from nfqfw.control.protocol import COMMANDS, FLOWS_PER_CHUNK, Chunks, RequestError, ok
 from nfqfw.kernel.queue_info import read_queue_stats
 
 log = logging.getLogger(__name__)
+
+MAX_TALKERS = 100  # `status` with "talkers": N lists at most this many addresses
 
 
 class RulesOwner(Protocol):
@@ -58,7 +60,14 @@ class Requests:
         return getattr(self, f"_{command_of(request)}")(request)
 
     def _status(self, request: dict[str, Any]) -> Chunks:
-        return iter([ok(self.status())])
+        status = self.status()
+        wanted = request.get("talkers")
+        if wanted is not None:  # nfqfw top: the addresses in the most flows
+            if not isinstance(wanted, int) or isinstance(wanted, bool) or not 0 < wanted <= MAX_TALKERS:
+                raise RequestError(f'status: "talkers" must be a number 1-{MAX_TALKERS}')
+            conntrack, now = self._conntrack_now()
+            status["talkers"] = talkers(conntrack, now, wanted)
+        return iter([ok(status)])
 
     def _flows(self, request: dict[str, Any]) -> Chunks:
         conntrack, now = self._conntrack_now()

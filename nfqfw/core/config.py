@@ -12,7 +12,7 @@ Shape (see config/policy.yaml for the commented version)::
     ingress:  [rules]       # first match wins
     egress:   [rules]
     options:  {max-flows, tcp-pickup, failure-mode, reload, log-denied, log-limit,
-               log-limit-burst, gateway-addresses}
+               log-limit-burst, log-format, gateway-addresses}
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ OPTION_KEYS = (
     "log-denied",
     "log-limit",
     "log-limit-burst",
+    "log-format",
     "gateway-addresses",
 )
+LOG_FORMATS = ("text", "json")  # options: log-format (nfqfw.observe.logsetup)
 RULE_KEYS = (
     "name",
     "action",
@@ -243,6 +245,7 @@ class OptionsConfig:
     reload: str = "recheck"  # "recheck" | "keep"
     log_denied: bool = True  # as ufw, which logs blocked packets by default (rate-limited)
     log_limit: LogLimit = DEFAULT_LOG_LIMIT
+    log_format: str = "text"  # one of LOG_FORMATS
     gateway_addresses: tuple[str, ...] = ()  # normalised text, for the offline tools
 
     @property
@@ -542,6 +545,8 @@ class _Checker:
             values["log_denied"] = self.boolean(found["log-denied"][1], "options: log-denied")
         if "log-limit" in found or "log-limit-burst" in found:
             values["log_limit"] = self.log_limit(found)
+        if "log-format" in found:
+            values["log_format"] = self.choice(found["log-format"][1], "options: log-format", LOG_FORMATS)
         if "gateway-addresses" in found:
             values["gateway_addresses"] = self.gateway_addresses(found["gateway-addresses"][1])
         return OptionsConfig(**{key: value for key, value in values.items() if value is not None})  # type: ignore[arg-type]

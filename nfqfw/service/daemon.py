@@ -70,6 +70,7 @@ from nfqfw.kernel.queue_info import (
     DropWatch,
 )
 from nfqfw.kernel.rawsend import RawSender
+from nfqfw.observe.logsetup import use_format
 from nfqfw.observe.packetlog import PacketLog
 from nfqfw.service.options import Options
 from nfqfw.service.sdnotify import Notifier, watchdog_interval
@@ -147,6 +148,7 @@ def load_policy_file(path: str) -> Loaded:
     except ConfigError as err:
         raise StartupError(str(err)) from err
     options = config.options
+    use_format(options.log_format)  # the policy's log-format, for every log line from now on
     fail_open, recheck = options.failure_mode == "open", options.reload == "recheck"
     return Loaded(CompiledPolicy(config), fail_open, recheck, options.log_limit)
 
@@ -574,29 +576,3 @@ def run_daemon(options: Options, **kwargs: Any) -> int:
     daemon.stop()
     log.info("stopped; kernel rules left in place (nfqfw rules remove to take them away)")
     return 0
-
-
-# --- logging ----------------------------------------------------------------------------------
-
-# syslog priorities for journald's "<N>" line prefixes (sd-daemon(3))
-_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-
-class _JournalFormatter(logging.Formatter):
-    """Under systemd (stderr connected to the journal): no timestamp, priority as '<N>' prefix."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
-
-
-def setup_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for chatty in ("pyroute2", "asyncio"):  # their debug output is per netlink message
-        logging.getLogger(chatty).setLevel(max(root.level, logging.WARNING))

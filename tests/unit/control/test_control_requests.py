@@ -4,23 +4,28 @@ status, flows, flush, panic and reload, and a request served from the packet cal
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import shutil
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from queue_fakes import MARK, UDP_PACKET, FakeLinks, FakePacket, FakeSender
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 
-from nfqfw.control.flowlist import flow_record
+from nfqfw.control.flowlist import flow_record, talkers
 from nfqfw.control.protocol import RequestError, socket_path
 from nfqfw.control.requests import Requests
 from nfqfw.control.server import ControlServer
 from nfqfw.core.build import addr, ipv4, tcp, udp
 from nfqfw.core.config import load_policy
+from nfqfw.core.conntrack import first_packet
 from nfqfw.core.engine import Engine
 from nfqfw.core.packet import ACK, PSH, SYN
 from nfqfw.core.policy import CompiledPolicy
@@ -309,3 +314,39 @@ def test_a_request_is_served_from_the_packet_callback(daemon: Daemon, rundir: Pa
     flows = json.loads(raw)["result"]["flows"]
     assert [(f["proto"], f["dport"], f["state"]) for f in flows] == [("tcp", 80, "ESTABLISHED")]
     assert adapter.deadline == pytest.approx(daemon.clock() + 1.0)  # nothing pending: back to 1 s
+
+
+def test_status_with_talkers_counts_each_end_of_each_flow(daemon: Daemon) -> None:
+    status = answer(Requests(daemon)({"cmd": "status", "talkers": 5}))
+    assert "talkers" not in answer(Requests(daemon)({"cmd": "status"}))
+    lan, wan = (str(ipaddress.ip_address(addr)) for addr in (LAN, WAN))
+    assert status["talkers"] == [{"addr": lan, "flows": 2}, {"addr": wan, "flows": 2}]
+
+
+def test_talkers_read_the_same_addresses_as_first_packet() -> None:
+    """The key layout talkers() reads is the one first_packet() reads, for every protocol kind."""
+    engine = Engine(CompiledPolicy(load_policy(POLICY_FILE)))
+    packets = [
+        IP(src="10.0.0.5", dst="198.51.100.1") / UDP(sport=5353, dport=53),
+        IP(src="10.0.0.5", dst="198.51.100.2") / TCP(sport=40000, dport=443, flags="S"),
+        IP(src="10.0.0.6", dst="198.51.100.1") / ICMP(type=8, id=7),
+        IP(src="10.0.0.6", dst="198.51.100.3", proto=47) / (b"\x00" * 8),
+        IPv6(src="fd00::5", dst="2001:db8::1") / TCP(sport=40001, dport=80, flags="S"),
+        IPv6(src="fd00::5", dst="2001:db8::1") / ICMPv6EchoRequest(id=3),
+    ]
+    for packet in packets:
+        assert engine.process(bytes(packet), OUT, T0).action is Action.ACCEPT
+    expected: Counter[str] = Counter()
+    for flow in engine.conntrack:
+        pkt = first_packet(flow)
+        assert pkt is not None
+        expected.update({str(ipaddress.ip_address(pkt.src)), str(ipaddress.ip_address(pkt.dst))})
+    found = talkers(engine.conntrack, T0, 100)
+    assert {t["addr"]: t["flows"] for t in found} == dict(expected)
+    assert found[0] == {"addr": "10.0.0.5", "flows": 2} and len(talkers(engine.conntrack, T0, 2)) == 2
+
+
+@pytest.mark.parametrize("wanted", [0, 101, "5", True])
+def test_talkers_must_be_a_small_number(daemon: Daemon, wanted: object) -> None:
+    with pytest.raises(RequestError, match='"talkers" must be a number 1-100'):
+        Requests(daemon)({"cmd": "status", "talkers": wanted})

@@ -168,9 +168,11 @@ class Lines:
 
     def __init__(self) -> None:
         self.seen: list[tuple[int, str]] = []
+        self.events: list[dict[str, object] | None] = []
 
-    def __call__(self, level: int, text: str) -> None:
+    def __call__(self, level: int, text: str, event: dict[str, object] | None) -> None:
         self.seen.append((level, text))
+        self.events.append(event)
 
     def packets(self) -> list[str]:
         return [text for level, text in self.seen if level == logging.INFO]
