@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nfqfw.core.conntrack import Conntrack, Flow, first_packet
+from nfqfw.core.l4.tcp_states import TcpState
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
-from nfqfw.core.tcp_states import TcpState
 
 PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
 PROTO_NUMBERS = {name: number for number, name in PROTO_NAMES.items()}

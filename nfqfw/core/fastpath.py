@@ -11,22 +11,22 @@ common case and nothing else:
   packet), whose lengths are then the IP header's, as `decode(data, copy_cap)` takes them;
 - a TCP header without options or with exactly NOP, NOP, timestamps (Linux's usual layout):
   so no SACK blocks and no malformed options;
-- flags of the ACK class that are valid (`tcp_states` tables: ACK, PSH, URG, ECE, CWR);
+- flags of the ACK class that are valid (`l4.tcp_states` tables: ACK, PSH, URG, ECE, CWR);
 - a flow in the table, not past its deadline, no expiry sweep due, ASSURED, replied, in a
   state the table keeps for an ACK in both directions without a special case
-  (`tcp.steady_states`: ESTABLISHED and CLOSE_WAIT);
+  (`tcp_conn.steady_states`: ESTABLISHED and CLOSE_WAIT);
 - the sender's direction seen already (its max window known) and all four window checks of
   `tcp_window.tcp_in_window` passing.
 
 It then makes the very updates the full path would make (window data, last-packet record,
 retransmission count, last flag class and direction, the timeout chosen as
-`tcp._timeout_choice` chooses it) and returns True: the packet is ESTABLISHED. For anything
+`tcp_conn._timeout_choice` chooses it) and returns True: the packet is ESTABLISHED. For anything
 else it returns False *before changing any state*, and the full path decides. The full path
-stays the authority; tests/unit/test_fastpath.py runs both over random and mutated TCP
+stays the authority; tests/unit/core/test_fastpath.py runs both over random and mutated TCP
 sequences and requires identical verdicts and identical flow state.
 
 Layout note: the flow key is packed here from integers with the byte layout of
-`conntrack.flow_key` (protocol, lower endpoint, higher endpoint; address then port).
+`l4.base.ports_key` (protocol, lower endpoint, higher endpoint; address then port).
 """
 
 from __future__ import annotations
@@ -34,22 +34,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from nfqfw.core.conntrack import UDP_REPLIED, UDP_STREAM_AFTER, UDP_UNREPLIED, Conntrack
-from nfqfw.core.flowtable import (
-    ASSURED,
-    IS_TCP,
-    LAST_DIR,
-    LAST_INDEX,
-    ORIG_A,
-    RETRANS,
-    SEEN_REPLY,
-    SMALL,
-    STATE,
-    TCP_ASSURED,
-)
-from nfqfw.core.packet import PROTO_TCP, PROTO_UDP, URG
-from nfqfw.core.tcp import steady_states
-from nfqfw.core.tcp_states import (
+from nfqfw.core.conntrack import Conntrack
+from nfqfw.core.l4.base import ASSURED, ORIG_A, PROTO_STATE, SEEN_REPLY, SMALL
+from nfqfw.core.l4.tcp import LAST_DIR, LAST_INDEX, RETRANS, STATE, TCP_ASSURED
+from nfqfw.core.l4.tcp_conn import steady_states
+from nfqfw.core.l4.tcp_states import (
     FLAG_CLASS_BY_FLAGS,
     INVALID_FLAGS_RESULT,
     MAX_RETRANS,
@@ -60,7 +49,7 @@ from nfqfw.core.tcp_states import (
     FlagClass,
     TcpTimeouts,
 )
-from nfqfw.core.tcp_window import (
+from nfqfw.core.l4.tcp_window import (
     F_DATA_UNACKNOWLEDGED,
     F_MAXACK_SET,
     HALF,
@@ -68,6 +57,8 @@ from nfqfw.core.tcp_window import (
     MAXACKWINCONST,
     WORDS,
 )
+from nfqfw.core.l4.udp import UDP_REPLIED, UDP_STREAM_AFTER, UDP_UNREPLIED
+from nfqfw.core.packet import PROTO_TCP, PROTO_UDP, URG
 
 _ACK_CLASS = int(FlagClass.ACK)
 
@@ -98,7 +89,7 @@ _LAST = struct.Struct("=4I").pack_into  # the last-packet words: seq, ack, end, 
 _TIMESTAMPS_ONLY = 0x0101080A  # NOP, NOP, timestamps (kind 8, length 10)
 _IPV4_NO_OPTIONS = 0x45
 _FRAGMENT_BITS = 0x3FFF  # more-fragments flag and fragment offset
-_NEEDED = IS_TCP | ASSURED | SEEN_REPLY
+_NEEDED = PROTO_STATE | ASSURED | SEEN_REPLY
 assert ORIG_A == 1  # the direction is computed as (bits & ORIG_A) ^ is_a
 
 FastPath = Callable[[bytes, float], bool]
@@ -281,7 +272,7 @@ def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, C
                     small[at + RETRANS] = 0
             small_write(small, at + LAST_INDEX, ack_class, direction)  # LAST_INDEX, LAST_DIR
 
-            # The timeout, as tcp._timeout_choice picks it (the last window is this packet's).
+            # The timeout, as tcp_conn._timeout_choice picks it (the last window is this packet's).
             timeout = own_timeout[state]
             if retrans >= MAX_RETRANS and timeout > retrans_timeout:
                 timeout = retrans_timeout
@@ -298,7 +289,7 @@ def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, C
             return False
 
     def udp(data: bytes, size: int, now: float) -> bool:
-        """A datagram of a replied UDP flow: ESTABLISHED either way (conntrack._stateless)."""
+        """A datagram of a replied UDP flow: ESTABLISHED either way (l4.udp.UdpTracker.packet)."""
         nonlocal taken, cut
         first = data[0] if size >= 28 else 0
         if first == _IPV4_NO_OPTIONS and data[9] == PROTO_UDP:
