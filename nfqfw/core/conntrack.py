@@ -17,7 +17,8 @@ Invariants:
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from nfqfw.core import l4
 from nfqfw.core.expiry import ExpiryWheel
@@ -53,6 +54,17 @@ class Tracked:
 def first_packet(flow: Flow) -> Packet | None:
     """The originator's first packet, as far as the policy looks at it; None for a malformed key."""
     return l4.first_packet(flow.key, flow.orig_a)
+
+
+class TableView(NamedTuple):
+    """What a fast path (core.fastpath) binds once to track packets without track(): the
+    objects are changed in place and never replaced, clear() included, so they stay valid for
+    the Conntrack's life. A fast path may only update flows that track() would update the same
+    way, and must step aside (leave it to track()) when `expiry_due[0] <= now`."""
+
+    slot_of: Callable[[bytes], int | None]  # key -> slot of a confirmed flow, else None
+    expiry_due: Sequence[int]  # heap of seconds with flows filed to expire; [0] is the next sweep
+    table: FlowTable  # the columns of the flows
 
 
 class Conntrack:
@@ -102,6 +114,10 @@ class Conntrack:
         """Every confirmed flow's fields (FlowTable.row), read straight off the table, one at a
         time: the table must not change until the iteration is done."""
         return self.table.rows(self._slots.values())
+
+    def view(self) -> TableView:
+        """The table as a fast path binds it (see TableView)."""
+        return TableView(self._slots.get, self._wheel.due, self.table)
 
     def census(self, now: float) -> Counter[tuple[int, str]]:
         """Flows whose deadline is after `now`, by (protocol number, state name as

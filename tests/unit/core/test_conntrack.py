@@ -120,3 +120,21 @@ def test_a_removed_flow_confirmed_again_goes_to_the_back_of_the_early_drop_order
     assert ct.early_drops == 1
     assert ct.get(second.key) is None
     assert ct.get(first.key) is first and ct.get(third.key) is third
+
+
+# -- the fast path's view ------------------------------------------------------------------
+
+
+def test_the_view_follows_the_table_through_clear() -> None:
+    ct = Conntrack()
+    view = ct.view()
+    flow = admit(ct, udp4(LAN, WAN, 40000, 53), 100.0).flow
+    assert flow is not None
+    assert view.table is ct.table and view.slot_of(flow.key) == ct.slots()[0]
+    assert list(view.expiry_due) == [131]  # its deadline 130.0, swept once that second has passed
+    pending = ct.track(pkt(udp4(LAN, WAN, 40001, 53)), 101.0)
+    assert pending.flow is not None and view.slot_of(pending.flow.key) is None  # confirmed flows only
+    ct.clear()
+    assert view.slot_of(flow.key) is None and list(view.expiry_due) == []
+    again = admit(ct, udp4(LAN, WAN, 40000, 53), 200.0).flow
+    assert again is not None and view.slot_of(again.key) == ct.slots()[0]
