@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from nfqfw.core.conntrack import Conntrack, Tracked
     from nfqfw.core.flowtable import FlowTable
 
-# Flow flags (the flow table's `bits` column; kernel IPS_*).
+# Flow flags (the flow table's `bits` column; ASSURED and SEEN_REPLY are the kernel's IPS_*).
 ORIG_A = 0x01  # the originator's endpoint sorts first in the key
 ASSURED = 0x02  # kept when the table is full (no early drop)
 SEEN_REPLY = 0x04  # a REPLY-direction packet was accepted
