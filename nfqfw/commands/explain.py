@@ -17,6 +17,7 @@ from nfqfw.commands.replay import derive_hook, load_compiled
 from nfqfw.core import build
 from nfqfw.core.config import ICMP_TYPES
 from nfqfw.core.engine import Engine
+from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from nfqfw.core.verdict import Hook, Meta, Verdict
 
 TCP_FLAG_LETTERS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
@@ -105,16 +106,14 @@ def build_packet(args: argparse.Namespace) -> bytes:
         if args.proto == "tcp":
             flags = tcp_flags(args.flags)
             segment = build.tcp(src, dst, sport, dport, seq=1000, ack=1 if flags & 0x10 else 0, flags=flags)
-            return _ip(src, dst, build.PROTO_TCP, segment)
-        return _ip(src, dst, build.PROTO_UDP, build.udp(src, dst, sport, dport))
+            return _ip(src, dst, PROTO_TCP, segment)
+        return _ip(src, dst, PROTO_UDP, build.udp(src, dst, sport, dport))
     if args.proto == "icmpv6" and family == 4:
         raise ExplainError("icmpv6 needs IPv6 addresses")
     type_ = icmp_type(args.icmp_type, family)
     if family == 4:
-        return _ip(src, dst, build.PROTO_ICMP, build.icmp(type_, 0, ECHO_ID_SEQ))
-    return _ip(
-        src, dst, build.PROTO_ICMPV6, build.icmpv6(src, dst, type_, 0, struct.pack("!HH", *ECHO_ID_SEQ))
-    )
+        return _ip(src, dst, PROTO_ICMP, build.icmp(type_, 0, ECHO_ID_SEQ))
+    return _ip(src, dst, PROTO_ICMPV6, build.icmpv6(src, dst, type_, 0, struct.pack("!HH", *ECHO_ID_SEQ)))
 
 
 def _ip(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nfqfw.core.conntrack import Conntrack, Flow, first_packet
+from nfqfw.core.l4.tcp_states import TcpState
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
-from nfqfw.core.tcp_states import TcpState
 
 PROTO_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
 PROTO_NUMBERS = {name: number for number, name in PROTO_NAMES.items()}
@@ -150,7 +150,7 @@ def flow_record(flow: Flow, now: float) -> dict[str, Any]:
 
 def talkers(conntrack: Conntrack, now: float, limit: int) -> list[dict[str, Any]]:
     """The `limit` addresses in the most live flows (either end), as [{"addr", "flows"}], for
-    `nfqfw top`. Read off the keys (the layout conntrack.flow_key writes, checked against
+    `nfqfw top`. Read off the keys (the layout the trackers' `key` writes, checked against
     first_packet by the unit tests), not through a Flow per flow: one pass over a full table
     costs milliseconds."""
     table = conntrack.table

@@ -31,6 +31,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from nfqfw.core.conntrack import DEFAULT_MAX_FLOWS
+from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from nfqfw.core.verdict import Action
 
 ZONES = ("external", "internal")
@@ -67,13 +69,7 @@ RULE_KEYS = (
     "limit-per",
 )
 
-DEFAULT_MAX_FLOWS = 65536
 DEFAULT_LIMIT_BURST = 5  # as iptables -m limit
-
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_ICMPV6 = 58
 
 # Protocol names. "icmp" is ICMP for IPv4 *and* ICMPv6 for IPv6, so one rule covers ping on
 # both families; "icmpv6" (58) is ICMPv6 only and the number 1 is ICMPv4 only.

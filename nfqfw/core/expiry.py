@@ -12,7 +12,7 @@ it returns None for an item that is gone already, which is then dropped without 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -20,6 +20,8 @@ DeadlineOf = Callable[[Any], "float | None"]
 
 
 class ExpiryWheel:
+    """Items filed by deadline in one-second buckets; sweep(now) expires those due."""
+
     __slots__ = ("_buckets", "_deadline_of", "_due")
 
     def __init__(self, deadline_of: DeadlineOf = attrgetter("deadline")) -> None:
@@ -43,7 +45,14 @@ class ExpiryWheel:
         bucket.append(item)
 
     def next_due(self) -> int | None:
+        """The second of the next bucket to sweep, None when nothing is filed."""
         return self._due[0] if self._due else None
+
+    @property
+    def due(self) -> Sequence[int]:
+        """The seconds that have a bucket, as a heap: due[0] is next_due(). The same list for
+        the wheel's life (read-only for callers: bound once by a fast path)."""
+        return self._due
 
     def sweep(self, now: float, expire: Callable[[Any], bool]) -> None:
         """Visit every bucket whose second has passed; `expire(item)` returns False for an item

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from nfqfw.core import build
 from nfqfw.core.decode import decode
-from nfqfw.core.packet import Packet
+from nfqfw.core.packet import PROTO_TCP, Packet
 from nfqfw.lab.plan import NETNS_DIR
 from nfqfw.lab.topology import in_ns
 
@@ -426,8 +426,8 @@ def tcp_packet(
     src_raw, dst_raw = build.addr(src), build.addr(dst)
     segment = build.tcp(src_raw, dst_raw, sport, dport, seq=seq, ack=ack, flags=flags, window=window)
     if len(src_raw) == 16:
-        return build.ipv6(src_raw, dst_raw, build.PROTO_TCP, segment)
-    return build.ipv4(src_raw, dst_raw, build.PROTO_TCP, segment)
+        return build.ipv6(src_raw, dst_raw, PROTO_TCP, segment)
+    return build.ipv4(src_raw, dst_raw, PROTO_TCP, segment)
 
 
 def send_raw(ns: str, packet: bytes) -> None:

@@ -47,8 +47,8 @@ from typing import Any
 
 from nfqfw.core import packet as wire
 from nfqfw.core.config import DEFAULT_LOG_LIMIT, PROTOCOL_NAMES, LogLimit
-from nfqfw.core.conntrack import flow_key
 from nfqfw.core.decode import decode
+from nfqfw.core.l4 import flow_key
 from nfqfw.core.packet import FRAG_FIRST, FRAG_LATER, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.ratelimit import TokenBucket
 from nfqfw.core.verdict import Ct, Meta, Verdict
