@@ -29,6 +29,7 @@ from nfqfw.core.packet import FRAG_LATER, Packet
 from nfqfw.core.verdict import Ct
 
 DEFAULT_MAX_FLOWS = 65536  # the bound when the policy sets no max-flows
+WHEEL_SLACK = 1024  # dead expiry entries tolerated beyond the live ones before a compaction
 
 _CENSUS_BITS = PROTO_STATE | ASSURED | SEEN_REPLY  # what the trackers' state names read of a flow's flags
 
@@ -92,7 +93,9 @@ class Conntrack:
         # swept out when they outnumber the live entries (an amortised O(1) per flow).
         self._unassured: deque[bytes] = deque()
         # Filed by key object: a flow removed and tracked again gets a new key object, so an
-        # old entry is recognised (the slot's key is not the filed object) and skipped.
+        # old entry is recognised (the slot's key is not the filed object) and skipped. Entries
+        # of flows removed early are compacted away once they outnumber the live flows
+        # (WHEEL_SLACK), so memory follows max_flows, not the rate of new flows x their timeout.
         self._wheel = ExpiryWheel(self._deadline_of)
         self._out = Tracked(self.table)
         self._trackers = l4.bind(self)  # by protocol number
@@ -114,6 +117,12 @@ class Conntrack:
         """Every confirmed flow's fields (FlowTable.row), read straight off the table, one at a
         time: the table must not change until the iteration is done."""
         return self.table.rows(self._slots.values())
+
+    @property
+    def expiry_entries(self) -> int:
+        """Entries in the expiry wheel, those of flows removed early included: at most
+        2 x len(self) + WHEEL_SLACK (the memory bound under churn)."""
+        return self._wheel.filed
 
     def view(self) -> TableView:
         """The table as a fast path binds it (see TableView)."""
@@ -284,7 +293,10 @@ class Conntrack:
             unassured.append(key)
             if len(unassured) > 2 * len(self._slots) + 64:
                 self._sweep_unassured()
-        self._wheel.file_at(key, table.deadline[slot])
+        wheel = self._wheel
+        wheel.file_at(key, table.deadline[slot])
+        if wheel.filed > 2 * len(self._slots) + WHEEL_SLACK:
+            wheel.compact({id(key) for key in self._slots})
 
     def _make_room(self) -> bool:
         return len(self._slots) < self.max_flows or self._early_drop()

@@ -138,3 +138,25 @@ def test_the_view_follows_the_table_through_clear() -> None:
     assert view.slot_of(flow.key) is None and list(view.expiry_due) == []
     again = admit(ct, udp4(LAN, WAN, 40000, 53), 200.0).flow
     assert again is not None and view.slot_of(again.key) == ct.slots()[0]
+
+
+def test_memory_follows_max_flows_under_churn() -> None:
+    """A random-source SYN flood into a full table of unassured flows: every new flow evicts
+    one (early drop) long before any timeout comes due, yet the expiry wheel and the early-drop
+    queue keep a bounded number of entries (before the compaction: one dead entry per SYN)."""
+    from conntrack_packets import tcp4
+
+    from nfqfw.core.conntrack import WHEEL_SLACK
+
+    max_flows, syns = 500, 100_000
+    ct = Conntrack(max_flows=max_flows)
+    most_filed = most_queued = 0
+    for n in range(syns):
+        source = (0x0A000000 + n).to_bytes(4, "big")  # 10.0.0.0 + n: a new source each time
+        admit(ct, tcp4(source, WAN, 40000, 25, 0x02, seq=n), now=1.0 + n / 100_000)
+        most_filed = max(most_filed, ct.expiry_entries)
+        most_queued = max(most_queued, len(ct._unassured))
+    assert len(ct) == max_flows
+    assert ct.early_drops == syns - max_flows
+    assert most_filed <= 2 * max_flows + WHEEL_SLACK + 1
+    assert most_queued <= 2 * max_flows + 64 + 1
