@@ -1,4 +1,4 @@
-"""`nfqfw run`: the firewall daemon (lifecycle: nfqfw.service.daemon; rules: nfqfw.firewall)."""
+"""`nfqfw run`: the firewall daemon (nfqfw.service: core, daemon, supervisor; rules: nfqfw.firewall)."""
 
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         print("nfqfw: --workers needs --queue-balance A:B (one worker per queue)", file=sys.stderr)
         return 2
     try:  # the daemon's modules need the C binding and pyroute2 (pip install 'nfqfw[daemon]')
-        from nfqfw.service.daemon import run_daemon, setup_logging
+        from nfqfw.service.core import setup_logging
+        from nfqfw.service.daemon import run_daemon
     except ImportError as err:
         print(f"nfqfw run: {err.name or err} is not installed: pip install 'nfqfw[daemon]'", file=sys.stderr)
         return 1

@@ -315,10 +315,10 @@ def test_gso_refused_by_the_kernel_is_a_warning(
 
 def test_run_no_gso_reaches_the_daemon_options(monkeypatch: pytest.MonkeyPatch) -> None:
     from nfqfw.cli import build_parser
-    from nfqfw.service import daemon
+    from nfqfw.service import core, daemon
 
     seen: list[bool] = []
-    monkeypatch.setattr(daemon, "setup_logging", lambda level: None)  # run imports them when it runs
+    monkeypatch.setattr(core, "setup_logging", lambda level: None)  # run imports them when it runs
     monkeypatch.setattr(daemon, "run_daemon", lambda options: seen.append(options.gso) or 0)
     for argv in (["run", "-c", "p.yaml"], ["run", "-c", "p.yaml", "--no-gso"]):
         args = build_parser().parse_args(argv)
