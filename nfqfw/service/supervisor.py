@@ -157,7 +157,7 @@ class Supervisor(ServiceCore):
         self._prepare_directory()
         self._put_in_force(loaded)
         self._plan_snapshots()
-        signal.signal(signal.SIGCHLD, _wake_only)  # its byte on the wake-up fd ends the poll: reap
+        signal.signal(signal.SIGCHLD, self._on_child_signal)
         for queue in self.spec.queues:
             self.workers[queue] = self._new_worker(queue)
         self._start_metrics()  # before the forks: a port that cannot be bound fails the start
@@ -366,6 +366,11 @@ class Supervisor(ServiceCore):
 
     def _readers(self) -> dict[int, Callable[[], object]]:
         return {worker.notify.fileno(): partial(self._notified, worker) for worker in self.workers.values()}
+
+    def _on_child_signal(self, _signum: int, _frame: object) -> None:
+        """A worker exited: housekeeping at once, to reap it (the signal's byte on the wake-up
+        fd ends the poll)."""
+        self._wake()
 
     def _notified(self, worker: Worker) -> None:
         """Its notify socket is readable: take the messages, and housekeeping at once (a READY=1
@@ -587,10 +592,6 @@ def _drain(sock: socket.socket) -> None:
     with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
         while sock.recv(4096):
             pass
-
-
-def _wake_only(_signum: int, _frame: object) -> None:
-    """A Python handler, so that the signal reaches the wake-up fd; the loop does the work."""
 
 
 def _boot_id() -> str:
