@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from nfqfw.control.protocol import SOCKET_NAME
+from nfqfw.control.protocol import SOCKET_NAME, RequestError
+from nfqfw.control.requests import Requests
 from nfqfw.core.build import addr, ipv4, udp
 from nfqfw.core.config import load_policy
 from nfqfw.core.engine import Engine
@@ -149,3 +150,14 @@ def test_a_workers_counts_reach_the_supervisor_as_data(
     finally:
         daemon.notifier.close()
         supervisor.close()
+
+
+def test_control_requests_wait_until_every_worker_has_bound_its_queue(tmp_path: Path) -> None:
+    supervisor = Supervisor(Options(config="/unused", runtime_dir=str(tmp_path)), notifier=Notifier(""))
+    requests = Requests(supervisor)
+    with pytest.raises(RequestError) as err:
+        requests({"cmd": "status"})
+    assert str(err.value) == "starting: not every worker has bound its queue yet, try again"
+    with pytest.raises(RequestError) as err:  # the command is checked first
+        requests({"cmd": "bogus"})
+    assert str(err.value).startswith("unknown command 'bogus': expected one of status, flows")
