@@ -221,7 +221,8 @@ class Daemon(ServiceCore):
         return engine_flush(self.engine, request, selection, self.clock())
 
     def metric_records(self) -> list[Any]:
-        """This worker's Prometheus families as records, for its supervisor's endpoint."""
+        """A worker's Prometheus families as records, for its supervisor's endpoint (RequestError
+        where they are not collected: a single daemon serves its own endpoint)."""
         if self.collector is None:
             raise RequestError("metrics: not collected (a worker of nfqfw run --workers --metrics answers)")
         from nfqfw.observe import metrics
