@@ -114,6 +114,17 @@ class QueueError(Exception):
 
 
 class QueueAdapter:
+    """The bridge between the kernel's NFQUEUE queues and the engine: binds the queues, gives
+    every queued packet its verdict from a callback built once (`_make_callback`, steps 0-5 of
+    the module docstring), sends the reject answers within `reject_rate`, and counts what went
+    wrong (`counters`).
+
+    It also holds the daemon's housekeeping deadline, in a cell the callback reads per packet:
+    `housekeeping(now)` (set by the daemon) returns when it wants to run next, and runs from
+    the poll loop or from the callback, whichever passes the deadline first (`deadline`,
+    `wake`, `run_housekeeping`).
+    """
+
     def __init__(
         self,
         engine: EngineLike,

@@ -30,8 +30,6 @@ class Options:
     metrics_allow_remote: bool = False
     collect_metrics: bool = False  # a worker under --metrics: count for the supervisor's endpoint
     gso: bool = True  # ask the kernel for GSO packets whole (--no-gso: segmented, as before)
-    # A worker of `nfqfw run --workers` (nfqfw.service.supervisor): its supervisor owns the kernel rules
-    # (and panic mode), so a worker never installs or changes them.
-    worker: bool = False
+    # Set by the supervisor of `nfqfw run --workers` for each worker (nfqfw.service.daemon.WorkerDaemon):
     snapshot_name: str = SNAPSHOT_NAME  # the flow snapshot's file in state_dir
     adopt_snapshots: tuple[str, ...] = ()  # more snapshot files to restore flows from (workers)

@@ -1,4 +1,4 @@
-"""nfqfw.control.server.Requests on a real Daemon object (engine, adapter; the kernel side faked):
+"""nfqfw.control.requests.Requests on a real Daemon object (engine, adapter; the kernel side faked):
 status, flows, flush, panic and reload, and a request served from the packet callback."""
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from nfqfw.core.verdict import Action, Ct, Hook, Meta
 from nfqfw.firewall import QueueSpec, RulesError
 from nfqfw.kernel.queue import QueueAdapter
 from nfqfw.kernel.queue_info import DropWatch
-from nfqfw.service.daemon import Daemon, ReloadResult
+from nfqfw.service.core import ReloadResult
+from nfqfw.service.daemon import Daemon
 from nfqfw.service.options import Options
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"

@@ -17,7 +17,7 @@ from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 from nfqfw.kernel.queue import QueueAdapter
 from nfqfw.observe.packetlog import PacketLog, format_packet
-from nfqfw.service.daemon import load_policy_file
+from nfqfw.service.core import load_policy_file
 
 IN = Meta(Hook.FORWARD, "wan0", "lan0")
 TO_GW = Meta(Hook.INPUT, "wan0", None)
