@@ -67,7 +67,7 @@ $(VENV)/pyvenv.cfg:
 # interpreter, useless as a timestamp): a new venv gets the install too.
 $(VENV_STAMP): pyproject.toml $(VENV)/pyvenv.cfg | debs
 	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[daemon,dev]'
 	touch $@
 
 demo: bootstrap
