@@ -72,6 +72,7 @@ from nfqfw.kernel.queue_info import (
 from nfqfw.kernel.rawsend import RawSender
 from nfqfw.observe.packetlog import PacketLog
 from nfqfw.service.options import Options
+from nfqfw.service.ruleset import protection, queue_spec
 from nfqfw.service.sdnotify import Notifier, watchdog_interval
 from nfqfw.service.statedir import StateDir
 from nfqfw.service.supervision import queue_snapshots
@@ -206,8 +207,7 @@ class Daemon:
         opts = self.options
         check_root_and_tools(self.firewall)
         loaded = self._load(opts.config)
-        bypass, mark = loaded.fail_open, opts.mark
-        self.spec = QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
+        self.spec = queue_spec(opts, loaded.engine_policy.config, bypass=loaded.fail_open)
         self.engine = self._make_engine(loaded)
         self.fail_open = loaded.fail_open
         self.packet_log.configure(loaded.log_limit)
@@ -232,7 +232,7 @@ class Daemon:
         self.adapter.housekeeping = self._housekeeping
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
         try:
-            self.adapter.bind(self.spec.queues, opts.max_len, opts.sock_len, opts.gso)
+            self.adapter.bind(self.spec.bound_queues, opts.max_len, opts.sock_len, opts.gso)
         except QueueError as err:
             self.close()
             raise StartupError(str(err)) from err
@@ -243,7 +243,7 @@ class Daemon:
             raise StartupError(str(err)) from err
         if not opts.worker:  # a worker's supervisor installs the rules once every queue is bound
             self._install_rules()
-        self.drops = DropWatch(self.spec.queues)
+        self.drops = DropWatch(self.spec.bound_queues)
         self._schedule.watchdog_every = watchdog_interval()
         if self._schedule.watchdog_every is not None:
             self._schedule.watchdog = self.clock()
@@ -371,6 +371,10 @@ class Daemon:
             log.info("policy reloaded: %d flows no longer allowed were removed", removed)
         else:
             log.info("policy reloaded: existing flows kept (reload: keep)")
+        if not self.options.worker and self.spec is not None:  # the pre-filter follows the rules
+            spec = replace(self.spec, protection=protection(self.options, loaded.engine_policy.config))
+            if spec != self.spec:
+                self._reinstall(spec, "reload: the kernel's pre-filter and caps not updated")
         if loaded.fail_open != self.fail_open:
             self._change_failure_mode(loaded.fail_open)
         self.last_reload = ReloadResult(time.time(), trigger, True, removed=removed)

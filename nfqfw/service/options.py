@@ -35,3 +35,6 @@ class Options:
     worker: bool = False
     snapshot_name: str = SNAPSHOT_NAME  # the flow snapshot's file in state_dir
     adopt_snapshots: tuple[str, ...] = ()  # more snapshot files to restore flows from (workers)
+    # --new-queue: first packets (conntrack NEW) go to this queue (N..N+last-first with several);
+    # None: they share the main queue(s). See nfqfw.service.ruleset.
+    new_queue: int | None = None

@@ -100,6 +100,7 @@ from nfqfw.service.daemon import (
     run_daemon,
 )
 from nfqfw.service.options import Options
+from nfqfw.service.ruleset import protection, queue_spec
 from nfqfw.service.sdnotify import Notifier, watchdog_interval
 from nfqfw.service.statedir import StateDir, read_trusted, write_atomically
 
@@ -199,8 +200,7 @@ class Supervisor:
         loaded = load_policy_file(opts.config)
         data = self._read_policy(loaded)
         self.fail_open = loaded.fail_open
-        bypass, mark = loaded.fail_open, opts.mark
-        self.spec = QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
+        self.spec = queue_spec(opts, loaded.engine_policy.config, bypass=loaded.fail_open)
         # The control socket first: it refuses a start while another daemon serves this
         # runtime directory, before the policy copy its workers restart with is overwritten.
         try:
@@ -384,6 +384,9 @@ class Supervisor:
             worker=True,
             snapshot_name=sv.worker_snapshot(worker.queue),
             adopt_snapshots=adopt,
+            new_queue=None
+            if self.options.new_queue is None
+            else self.options.new_queue + worker.queue - self.options.queue_first,
             metrics=None,
             collect_metrics=self.options.metrics is not None,
         )
@@ -593,6 +596,9 @@ class Supervisor:
         for worker, answer in zip(ready, answers, strict=True):
             if answer.result is not None and answer.result["ok"]:
                 worker.generation = self._policy_generation
+        spec = replace(self.spec, protection=protection(self.options, loaded.engine_policy.config))
+        if spec != self.spec and self.firewall.reinstall(spec, "reload: the kernel's pre-filter not updated"):
+            self.spec = spec
         if loaded.fail_open != self.fail_open:
             self._change_failure_mode(loaded.fail_open)
         self.last_reload = ReloadResult(time.time(), trigger, merged.ok, merged.errors, merged.removed)
