@@ -8,6 +8,7 @@
 #   make lab-down   stop nfqfw and remove the lab's namespaces
 #   make bench      the benchmark table (bench/run.py)
 #   make bench-workers  one process for two queues against a worker per queue (bench/workers.py)
+#   make bench-flood    floods against the kernel ruleset and nfqfw, side by side (bench/flood.py)
 #   make install    nfqfw on this machine as a gateway service: /opt/nfqfw, /usr/local/bin/nfqfw,
 #                   /etc/nfqfw/policy.yaml (kept if present), the systemd unit
 #   make uninstall  takes away what install put in place, except the policy and saved state
@@ -32,12 +33,12 @@ LINT_PATHS := $(wildcard nfqfw tests bench)
 # What the lab, the tests and the build need. python3-dev/python3-venv are added below only if
 # the python in use lacks them (a pyenv or python.org build has both).
 DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack iputils-ping \
-	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace
+	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace hping3
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers install uninstall clean
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood install uninstall clean
 
 help:
-	@sed -n '1,14s/^# \{0,1\}//p' Makefile
+	@sed -n '1,15s/^# \{0,1\}//p' Makefile
 
 bootstrap: debs $(VENV_STAMP)
 
@@ -92,6 +93,9 @@ bench: bootstrap
 bench-workers: bootstrap
 	$(BIN)/python bench/workers.py --runs 2
 
+bench-flood: bootstrap
+	$(BIN)/python bench/flood.py
+
 # --- installing on a gateway -------------------------------------------------------------------
 # DESTDIR stages the files elsewhere (packaging, tests); the paths written into them stay the
 # real ones. The venv keeps nfqfw and its dependencies away from the system's Python (PEP 668).
@@ -119,6 +123,7 @@ install:
 		echo "install: $(INSTALL_ETC)/policy.yaml written from config/policy.yaml: edit its zones first"; \
 	fi
 	install -D -m 0644 systemd/nfqfw.service $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw.service
+	install -m 0644 systemd/nfqfw-closed.service $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw-closed.service
 	install -m 0644 README.md $(DESTDIR)$(INSTALL_DOC)/README.md
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "install: done. Next: edit $(INSTALL_ETC)/policy.yaml, 'nfqfw check $(INSTALL_ETC)/policy.yaml',"
@@ -126,11 +131,12 @@ install:
 
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
-		systemctl disable --now nfqfw 2>/dev/null || true; \
+		systemctl disable --now nfqfw nfqfw-closed 2>/dev/null || true; \
 	fi
 	@# Without the daemon, rules left in fail-closed mode would block the gateway's traffic.
 	@if [ -z "$(DESTDIR)" ] && [ -x $(INSTALL_BIN)/nfqfw ]; then $(INSTALL_BIN)/nfqfw rules remove; fi
-	rm -f $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw.service $(DESTDIR)$(INSTALL_BIN)/nfqfw
+	rm -f $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw.service $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw-closed.service \
+		$(DESTDIR)$(INSTALL_BIN)/nfqfw
 	rm -rf $(DESTDIR)$(INSTALL_VENV) $(DESTDIR)$(INSTALL_DOC)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "uninstall: kept $(INSTALL_ETC) and /var/lib/nfqfw"

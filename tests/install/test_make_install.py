@@ -53,6 +53,8 @@ def test_install_puts_the_package_command_policy_unit_and_docs_in_place(
     assert stat.S_IMODE(policy.stat().st_mode) == 0o600
     unit = root / "etc/systemd/system/nfqfw.service"
     assert unit.read_text() == (REPO / "systemd/nfqfw.service").read_text()
+    closed = root / "etc/systemd/system/nfqfw-closed.service"
+    assert closed.read_text() == (REPO / "systemd/nfqfw-closed.service").read_text()
     assert (root / "usr/share/doc/nfqfw/README.md").is_file()
     written = "install: /etc/nfqfw/policy.yaml written from config/policy.yaml: edit its zones first"
     assert written in result.stdout
@@ -86,10 +88,12 @@ def test_install_again_keeps_the_operators_policy(staged: Staged) -> None:
 def test_systemd_accepts_the_installed_unit(staged: Staged, tmp_path: Path) -> None:
     root, _ = staged
     # verify checks that ExecStart= exists: point it at the staged venv instead of /usr/local/bin.
-    text = (root / "etc/systemd/system/nfqfw.service").read_text()
-    unit = tmp_path / "nfqfw.service"
-    unit.write_text(text.replace("/usr/local/bin/nfqfw", str(root / "opt/nfqfw/bin/nfqfw")))
-    verify = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True, timeout=60)
+    units = []
+    for name in ("nfqfw.service", "nfqfw-closed.service"):
+        text = (root / "etc/systemd/system" / name).read_text()
+        units.append(tmp_path / name)
+        units[-1].write_text(text.replace("/usr/local/bin/nfqfw", str(root / "opt/nfqfw/bin/nfqfw")))
+    verify = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
 
 
@@ -103,6 +107,7 @@ def test_uninstall_removes_what_install_put_in_place_but_the_policy(
         "opt/nfqfw",
         "usr/local/bin/nfqfw",
         "etc/systemd/system/nfqfw.service",
+        "etc/systemd/system/nfqfw-closed.service",
         "usr/share/doc/nfqfw",
     )
     for gone in installed:
