@@ -121,7 +121,7 @@ class Requests:
             },
             "verdicts": dict(daemon.engine.counters),
             "adapter": dict(daemon.adapter.counters),
-            "kernel_queues": kernel_queues(spec.queues),
+            "kernel_queues": kernel_queues(spec.bound_queues),
         }
 
 

@@ -46,7 +46,7 @@ rules are exactly the three above). The chains then read, per family::
       -m mark ! --mark M/M -j NFQUEUE ...               (the main queue, as without protections)
     NFQFW-PRE-*: -i INTERNAL -j RETURN, then the ingress rules in order (RETURN: nfqfw decides;
       DROP / REJECT, each after a sample sent to the queue for the packet log), the default last
-    NFQFW-NEW: per-source hashlimit -j DROP, all-sources hashlimit -j DROP, -j NFQUEUE (the
+    NFQFW-NEW: per-source (and protocol) hashlimit -j DROP, all-sources hashlimit -j DROP, -j NFQUEUE (the
       queue for first packets)
     raw NFQFW-RAW (jump from PREROUTING): SYNs to synproxy rules -j CT --notrack
 
@@ -382,11 +382,15 @@ def _new_chain(spec: QueueSpec, protection: Protection, family: int) -> list[str
     if protection.new_rate_per_source is not None:
         rate = protection.new_rate_per_source
         mask = " --hashlimit-srcmask 64" if family == 6 else ""
-        lines.append(
-            f"-m hashlimit --hashlimit-above {_rate(rate)} --hashlimit-burst {rate.count} "
-            f"--hashlimit-mode srcip{mask} --hashlimit-name nfqfw-src {table} "
-            f'-m comment --comment "new-rate per source" -j DROP'
-        )
+        # A bucket per source and protocol: a UDP flood from an address does not use up the
+        # allowance of its TCP connections. Other protocols: the global cap only.
+        for proto in ("tcp", "udp", "icmp" if family == 4 else "ipv6-icmp"):
+            name = f"nfqfw-{proto.removeprefix('ipv6-')}"
+            lines.append(
+                f"-p {proto} -m hashlimit --hashlimit-above {_rate(rate)} --hashlimit-burst {rate.count} "
+                f"--hashlimit-mode srcip{mask} --hashlimit-name {name} {table} "
+                f'-m comment --comment "new-rate per source" -j DROP'
+            )
     if protection.new_rate is not None:
         rate = protection.new_rate
         lines.append(

@@ -63,9 +63,12 @@ def test_protected_rules_exact_text() -> None:
         "-j REJECT --reject-with tcp-reset",
         '-A NFQFW-PRE-FORWARD -i wan+ -p tcp -m comment --comment "rule wan" -j DROP',
         '-A NFQFW-PRE-FORWARD -p tcp -m comment --comment "default ingress" -j DROP',
-        "-A NFQFW-NEW -m hashlimit --hashlimit-above 600/min --hashlimit-burst 600 --hashlimit-mode srcip "
-        "--hashlimit-name nfqfw-src --hashlimit-htable-size 16384 --hashlimit-htable-max 65536 "
-        '--hashlimit-htable-expire 10000 -m comment --comment "new-rate per source" -j DROP',
+        *(
+            f"-A NFQFW-NEW -p {proto} -m hashlimit --hashlimit-above 600/min --hashlimit-burst 600 --hashlimit-mode srcip "
+            f"--hashlimit-name nfqfw-{proto} --hashlimit-htable-size 16384 --hashlimit-htable-max 65536 "
+            '--hashlimit-htable-expire 10000 -m comment --comment "new-rate per source" -j DROP'
+            for proto in ("tcp", "udp", "icmp")
+        ),
         "-A NFQFW-NEW -m hashlimit --hashlimit-above 20000/sec --hashlimit-burst 20000 --hashlimit-name nfqfw-all "
         '-m comment --comment "new-rate" -j DROP',
         "-A NFQFW-NEW -j NFQUEUE --queue-num 1",
@@ -80,7 +83,9 @@ def test_ipv6_gets_icmpv6_guards_and_a_64_bit_source_mask() -> None:
     protection = replace(PROTECTION, new_first=4)
     lines = render_install(QueueSpec(2, 3, bypass=True, protection=protection), NOTHING, 6).splitlines()
     assert ":NFQFW-PRE-FORWARD - [0:0]" not in lines  # no IPv6 pre-filter rules in PROTECTION
-    assert "--hashlimit-srcmask 64" in next(line for line in lines if "nfqfw-src" in line)
+    per_source = [line for line in lines if "--hashlimit-mode srcip" in line]
+    assert [line.split()[3] for line in per_source] == ["tcp", "udp", "ipv6-icmp"]
+    assert all("--hashlimit-srcmask 64" in line for line in per_source)
     assert "-A NFQFW-NEW -j NFQUEUE --queue-balance 4:5 --queue-bypass" in lines
     assert (
         "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-balance 2:3 --queue-bypass"
