@@ -264,6 +264,8 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
             )
         if base == "OUTPUT":
             rules += _synproxy_answers(protection.synproxy_for(family), family)
+            if any(rule.action == "reject" for _, _, rules_ in protection.prefilter for rule in rules_):
+                rules += _REJECT_ANSWERS[family]
         else:
             rules += _synproxy_rules(protection.synproxy_for(family), base, family)
             if protection.prefilter_rules(family, base):
@@ -308,6 +310,20 @@ _REJECT_WITH = {
     },
 }
 _UNITS = {1: "sec", 60: "min", 3600: "hour", 86400: "day"}
+# The kernel's REJECT answers leave through OUTPUT as RELATED to the packet they refuse (which
+# the pre-filter took, nfqfw never saw): not nfqfw's to judge, as its own answers are not.
+_REJECT_ANSWERS = {
+    4: [
+        "-p tcp -m tcp --tcp-flags RST RST -m conntrack --ctstate RELATED -j RETURN",
+        "-p icmp -m icmp --icmp-type 3/3 -m conntrack --ctstate RELATED -j RETURN",
+        "-p icmp -m icmp --icmp-type 3/13 -m conntrack --ctstate RELATED -j RETURN",
+    ],
+    6: [
+        "-p tcp -m tcp --tcp-flags RST RST -m conntrack --ctstate RELATED -j RETURN",
+        "-p ipv6-icmp -m icmp6 --icmpv6-type 1/4 -m conntrack --ctstate RELATED -j RETURN",
+        "-p ipv6-icmp -m icmp6 --icmpv6-type 1/1 -m conntrack --ctstate RELATED -j RETURN",
+    ],
+}
 
 
 def _flags(bits: int) -> str:

@@ -8,9 +8,11 @@ tells how many packets reached nfqfw; `nfqfw rules counters` how many the kernel
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,9 +47,12 @@ def queued(lab: Lab) -> dict[int, int]:
     return {queue: stat.id_sequence for queue, stat in stats.items()}
 
 
-def hping(lab: Lab, *args: str, count: int = FLOOD, target: str = LAN_V4) -> None:
+def hping(lab: Lab, *args: str, count: int = FLOOD, target: str = LAN_V4) -> float:
+    """Send `count` packets from the outside host; returns the seconds it took."""
     argv = ["timeout", "20", "hping3", "-q", "-c", str(count), "-i", "u50", *args, target]
+    started = time.monotonic()
     subprocess.run(in_ns(lab.topology.wan, *argv), capture_output=True, timeout=30)
+    return time.monotonic() - started
 
 
 def nfqfw(lab: Lab, *args: str) -> str:
@@ -62,17 +67,30 @@ def counters(lab: Lab) -> dict[str, int]:
     return {m.group(1).strip(): int(m.group(2)) for m in re.finditer(r"^(.+?)\s+(\d+)$", out, re.M)}
 
 
+def verdicts(lab: Lab) -> dict[str, int]:
+    """nfqfw's own verdict counters."""
+    status = json.loads(nfqfw(lab, "status", "--json", "--runtime-dir", str(lab.state.runtime_dir)))
+    return dict(status["verdicts"])
+
+
+def accepted_by_mail(lab: Lab) -> int:
+    return verdicts(lab).get("accept rule mail", 0)
+
+
 def connects(lab: Lab, port: int = 25) -> str:
     return traffic.tcp_probe(lab.topology.wan, LAN_V4, port, 1.5).outcome
 
 
 def test_a_syn_flood_to_a_closed_port_is_dropped_before_the_queue(lab: Lab) -> None:
-    before, dropped = queued(lab)[0], counters(lab).get("drop default ingress", 0)
+    before, dropped = (
+        verdicts(lab).get("drop default ingress", 0),
+        counters(lab).get("drop default ingress", 0),
+    )
     hping(lab, "-S", "-p", "22")
-    after = queued(lab)[0]
-    # only the log samples (bursts of 10, then 3/minute) reached nfqfw
-    assert after - before <= 12, (before, after)
-    assert counters(lab)["drop default ingress"] - dropped >= FLOOD - 12
+    # only the log samples (bursts of 10, then 3/minute) reached nfqfw, which dropped them too
+    sampled = verdicts(lab)["drop default ingress"] - before
+    assert 1 <= sampled <= 11, sampled
+    assert counters(lab)["drop default ingress"] - dropped == FLOOD - sampled
     assert connects(lab) == "connected"  # the open port still answers, through nfqfw
     log = lab.state.log_file.read_text()
     assert re.search(r"\[NFQFW DROP\] REASON=\"default ingress\" CT=NEW .* DPT=22 FLAGS=SYN", log)
@@ -90,18 +108,19 @@ def test_invalid_tcp_flags_never_reach_the_queue(lab: Lab) -> None:
     before, dropped = queued(lab)[0], counters(lab).get("drop invalid: tcp flags", 0)
     hping(lab, "-S", "-F", "-p", "25")  # SYN+FIN to the open port
     hping(lab, "-X", "-Y", "-F", "-U", "-P", "-p", "25", count=500)  # Christmas tree, FIN without ACK
-    assert queued(lab)[0] - before == 0
+    # (a packet or two of the lab's earlier connections may still come: TIME_WAIT's last ACKs)
+    assert queued(lab)[0] - before <= 3
     assert counters(lab)["drop invalid: tcp flags"] - dropped == FLOOD + 500
     assert connects(lab) == "connected"
 
 
 def test_first_packets_from_one_source_are_capped(lab: Lab) -> None:
-    before, capped = queued(lab)[0], counters(lab).get("drop new-rate per source", 0)
-    hping(lab, "-S", "-p", "25")  # to the open port: the pre-filter lets them by, the cap does not
-    passed = queued(lab)[0] - before
-    # 200/s with bursts of 200 over the flood's ~0.15 s: about 230 reach nfqfw, the rest is dropped
-    assert 150 <= passed <= 400, passed
-    assert counters(lab)["drop new-rate per source"] - capped >= FLOOD - 400
+    before, capped = accepted_by_mail(lab), counters(lab).get("drop new-rate per source", 0)
+    seconds = hping(lab, "-S", "-p", "25")  # to the open port: the pre-filter lets them by, the cap does not
+    passed = accepted_by_mail(lab) - before
+    # 200/s in bursts of 200 (the policy's new-rate-per-source): the rest is dropped in the kernel
+    assert 200 <= passed <= 200 + 200 * seconds + 20, (passed, seconds)
+    assert counters(lab)["drop new-rate per source"] - capped == FLOOD - passed
     assert traffic.tcp_probe(lab.topology.lan, WAN_V4, 80).outcome == "connected"  # another source
 
 
@@ -118,7 +137,7 @@ def test_first_packets_get_a_queue_of_their_own(lab: Lab, lab_policy: Path) -> N
         after = queued(lab)
         assert after[1] - before[1] == 1  # the SYN
         assert after[0] - before[0] >= 4  # the rest of the connection (SYN-ACK, ACKs, data, FINs)
-        assert "rule mail" in nfqfw(lab, "rules", "show")
+        assert "-A NFQFW-NEW -j NFQUEUE --queue-num 1" in nfqfw(lab, "rules", "show")
         status = nfqfw(lab, "status", "--runtime-dir", str(lab.state.runtime_dir))
         assert "kernel queue 1:" in status, status
     finally:
