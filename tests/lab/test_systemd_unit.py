@@ -241,6 +241,10 @@ def boot_with(service: Service, failing_daemon: bool) -> str:
         f"[Service]\nType=oneshot\nRemainAfterExit=yes\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n"
         f"ExecStart=/bin/sh -c 'iptables-save > {seen}'\n",
     )
+    # The box knows only the units written into it: the system's network-pre.target, as shipped.
+    box.write(
+        "/etc/systemd/system/network-pre.target", Path("/lib/systemd/system/network-pre.target").read_text()
+    )
     box.write(
         "/etc/systemd/system/nfqfw-closed.service.d/lab.conf",
         f"[Service]\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n",
