@@ -8,9 +8,10 @@
 #   make lab-down   stop nfqfw and remove the lab's namespaces
 #   make bench      the benchmark table (bench/run.py)
 #   make bench-workers  one process for two queues against a worker per queue (bench/workers.py)
+#   make bench-flood    floods against the kernel ruleset and nfqfw, side by side (bench/flood.py)
 #   make deb        dist/nfqfw_VERSION_ARCH.deb (dpkg-buildpackage; DEB_VERSION=, DIST= to choose)
 #   make install    nfqfw on this machine from the checkout: /opt/nfqfw, /usr/local/bin/nfqfw,
-#                   /etc/nfqfw/policy.yaml (kept if present), the systemd unit, man pages, completion
+#                   /etc/nfqfw/policy.yaml (kept if present), the systemd units, man pages, completion
 #   make uninstall  takes away what install put in place, except the policy and saved state
 #
 # Everything is idempotent: bootstrap installs packages only when dpkg says they are missing and
@@ -33,15 +34,16 @@ LINT_PATHS := $(wildcard nfqfw tests bench)
 # What the lab, the tests and the build need. python3-dev/python3-venv are added below only if
 # the python in use lacks them (a pyenv or python.org build has both).
 DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack iputils-ping \
-	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace groff-base man-db tmux \
+	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace hping3 groff-base man-db tmux \
 	$(DEB_BUILD_PACKAGES)
 # What `make deb` needs (the package is built on Debian's own python3, whatever PYTHON is).
 DEB_BUILD_PACKAGES := dpkg-dev debhelper build-essential python3-dev python3-venv
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers deb docs install uninstall clean
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood deb docs install \
+	uninstall clean
 
 help:
-	@sed -n '1,14s/^# \{0,1\}//p' Makefile
+	@sed -n '1,15s/^# \{0,1\}//p' Makefile
 
 bootstrap: debs $(VENV_STAMP)
 
@@ -95,6 +97,9 @@ bench: bootstrap
 
 bench-workers: bootstrap
 	$(BIN)/python bench/workers.py --runs 2
+
+bench-flood: bootstrap
+	$(BIN)/python bench/flood.py
 
 # --- the Debian package ------------------------------------------------------------------------
 # dpkg-buildpackage runs in a copy of the sources under build/deb (it writes next to the tree it
@@ -163,6 +168,7 @@ install:
 		echo "install: $(INSTALL_ETC)/policy.yaml written from config/policy.yaml: edit its zones first"; \
 	fi
 	install -D -m 0644 systemd/nfqfw.service $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw.service
+	install -m 0644 systemd/nfqfw-closed.service $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw-closed.service
 	install -m 0644 README.md $(DESTDIR)$(INSTALL_DOC)/README.md
 	$(DESTDIR)$(INSTALL_VENV)/bin/python -m nfqfw.docs $(DESTDIR)$(INSTALL_VENV)/share/doc
 	install -D -m 0644 $(DESTDIR)$(INSTALL_VENV)/share/doc/nfqfw.8 $(DESTDIR)$(INSTALL_MAN)/man8/nfqfw.8
@@ -175,11 +181,12 @@ install:
 
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
-		systemctl disable --now nfqfw 2>/dev/null || true; \
+		systemctl disable --now nfqfw nfqfw-closed 2>/dev/null || true; \
 	fi
 	@# Without the daemon, rules left in fail-closed mode would block the gateway's traffic.
 	@if [ -z "$(DESTDIR)" ] && [ -x $(INSTALL_BIN)/nfqfw ]; then $(INSTALL_BIN)/nfqfw rules remove; fi
-	rm -f $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw.service $(DESTDIR)$(INSTALL_BIN)/nfqfw
+	rm -f $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw.service $(DESTDIR)$(INSTALL_UNIT_DIR)/nfqfw-closed.service \
+		$(DESTDIR)$(INSTALL_BIN)/nfqfw
 	rm -f $(DESTDIR)$(INSTALL_MAN)/man8/nfqfw.8 $(DESTDIR)$(INSTALL_MAN)/man5/nfqfw-policy.5
 	rm -f $(DESTDIR)$(INSTALL_COMPLETION)/nfqfw
 	rm -rf $(DESTDIR)$(INSTALL_VENV) $(DESTDIR)$(INSTALL_DOC)

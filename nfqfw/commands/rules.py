@@ -1,4 +1,10 @@
-"""`nfqfw rules show|remove [--json]`: look at or take away nfqfw's iptables/ip6tables rules."""
+"""`nfqfw rules show|counters|remove|install-closed [--json]`: nfqfw's iptables/ip6tables rules.
+
+`install-closed` is the boot step (systemd/nfqfw-closed.service, before the network comes up):
+rules that send every packet but loopback to a queue nobody serves yet, so the gateway forwards
+nothing until the daemon has bound its queue and installed its own rules over them (atomically).
+Rules already in place (a running daemon's, or panic mode's) are kept.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import sys
 from typing import Any
 
 from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
-from nfqfw.firewall import RulesError, backend_named
+from nfqfw.firewall import QueueSpec, RulesError, backend_named
 
 SECTION = re.compile(r"^# IPv(\d+) \(")  # the head of a family in Firewall.show()
 
@@ -28,6 +34,20 @@ def register(subparsers: Any) -> None:
     remove_parser = actions.add_parser("remove", help="remove nfqfw's chains and jumps")
     add_json_option(remove_parser, 'the families whose rules were removed ({"removed": [4, 6]})')
     remove_parser.set_defaults(func=remove)
+    counters_parser = actions.add_parser(
+        "counters", help="packets the kernel dropped or rejected for nfqfw before its queue"
+    )
+    add_json_option(counters_parser, 'packets by what the kernel did ({"drop pre-filter ...": N})')
+    counters_parser.set_defaults(func=counters)
+    closed = actions.add_parser(
+        "install-closed",
+        help="fail-closed rules for the boot, before the daemon runs (kept if rules are there)",
+    )
+    closed.add_argument(
+        "--queue", type=int, default=0, metavar="N", help="queue the rules send to (default 0)"
+    )
+    add_json_option(closed, 'what was done ({"installed": true|false, "queue": N})')
+    closed.set_defaults(func=install_closed)
 
 
 def show(args: argparse.Namespace) -> int:
@@ -54,6 +74,40 @@ def rules_by_family(text: str) -> dict[str, list[str]]:
         elif line and not line.startswith("#"):
             lines.append(line)
     return families
+
+
+def counters(args: argparse.Namespace) -> int:
+    try:
+        counts = backend_named().counters()
+    except RulesError as err:
+        print(f"nfqfw: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print_json(counts)
+        return EXIT_OK
+    for name, packets in sorted(counts.items()):
+        print(f"{name:<40} {packets:>12}")
+    if not counts:
+        print("no packets dropped by nfqfw's kernel rules")
+    return EXIT_OK
+
+
+def install_closed(args: argparse.Namespace) -> int:
+    try:
+        firewall = backend_named()
+        kept = firewall.installed()
+        if not kept:
+            firewall.install(QueueSpec(args.queue, args.queue))
+    except (RulesError, ValueError) as err:
+        print(f"nfqfw: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print_json({"installed": not kept, "queue": args.queue})
+    elif kept:
+        print("nfqfw rules already in place: kept")
+    else:
+        print(f"fail-closed rules installed (queue {args.queue}, no listener yet)")
+    return EXIT_OK
 
 
 def remove(args: argparse.Namespace) -> int:

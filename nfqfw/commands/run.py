@@ -41,6 +41,14 @@ def register(subparsers: Any) -> None:
         "systemd's notifications, and with --metrics serves the workers' sums; uses several cores",
     )
     parser.add_argument(
+        "--new-queue",
+        type=_queue_number,
+        metavar="N",
+        help="send first packets (those the kernel's conntrack calls NEW) to queue N (N.. with "
+        "--queue-balance, one per queue), bound by the same process, so that a flood of them cannot "
+        "fill the queue of established flows (default: they share the main queue)",
+    )
+    parser.add_argument(
         "--mark",
         type=_mark,
         default=DEFAULT_MARK,
@@ -125,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     first, last = args.queue_balance or ((args.queue, args.queue) if args.queue is not None else (0, 0))
+    if args.new_queue is not None and args.new_queue <= last and args.new_queue + last - first >= first:
+        print(f"nfqfw: --new-queue {args.new_queue} overlaps the queues {first}:{last}", file=sys.stderr)
+        return 2
     options = Options(
         config=args.config,
         queue_first=first,
@@ -139,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         metrics_allow_remote=args.metrics_allow_remote,
         gso=args.gso,
+        new_queue=args.new_queue,
     )
     if args.workers:
         from nfqfw.service.supervisor import run_supervisor

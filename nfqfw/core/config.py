@@ -12,7 +12,12 @@ Shape (see config/policy.yaml for the commented version)::
     ingress:  [rules]       # first match wins
     egress:   [rules]
     options:  {max-flows, tcp-pickup, failure-mode, reload, log-denied, log-limit,
-               log-limit-burst, log-format, gateway-addresses}
+               log-limit-burst, log-format, gateway-addresses, prefilter, new-rate,
+               new-rate-per-source, offload}
+
+The flood protections (prefilter, new-rate, new-rate-per-source, offload and a rule's
+`synproxy`) are validated here; what the kernel does with them is nfqfw.core.prefilter's and
+the firewall backend's.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ OPTION_KEYS = (
     "log-limit-burst",
     "log-format",
     "gateway-addresses",
+    "prefilter",
+    "new-rate",
+    "new-rate-per-source",
+    "offload",
 )
 LOG_FORMATS = ("text", "json")  # options: log-format (nfqfw.observe.logsetup)
 RULE_KEYS = (
@@ -67,9 +76,11 @@ RULE_KEYS = (
     "limit",
     "limit-burst",
     "limit-per",
+    "synproxy",
 )
 
 DEFAULT_LIMIT_BURST = 5  # as iptables -m limit
+OFFLOAD_MODES = ("off", "established")
 
 # Protocol names. "icmp" is ICMP for IPv4 *and* ICMPv6 for IPv6, so one rule covers ping on
 # both families; "icmpv6" (58) is ICMPv6 only and the number 1 is ICMPv4 only.
@@ -151,6 +162,7 @@ _TAG_BOOL = "tag:yaml.org,2002:bool"
 _TAG_INT = "tag:yaml.org,2002:int"
 _TAG_STR = "tag:yaml.org,2002:str"
 _CONSTRUCTOR = SafeConstructor()
+_FAILED = object()  # a value that had errors (reported), where None means "off"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -205,6 +217,22 @@ class LogLimit(NamedTuple):
 DEFAULT_LOG_LIMIT = LogLimit(3, 60, 10)
 
 
+class Rate(NamedTuple):
+    """`N/PERIOD`: `count` per `period` seconds (the kernel's caps take bursts of `count`)."""
+
+    count: int
+    period: int  # seconds
+
+
+# Packets that may start a flow, capped in the kernel before the queue (nfqfw.core.prefilter):
+# all sources together, and each source address. The queue consumer takes ~100k packets/s on
+# the development machine, first packets (the full path) fewer: 20,000/s leaves the rest to the
+# established flows; one source may use half, so a single-source flood takes at most that and
+# a client opening many connections (the `make bench` connection test, ~6,600/s) is not capped.
+DEFAULT_NEW_RATE = Rate(20000, 1)
+DEFAULT_NEW_RATE_PER_SOURCE = Rate(10000, 1)
+
+
 @dataclass(frozen=True, slots=True)
 class RuleConfig:
     """One validated rule. None in a match field means "any"."""
@@ -224,6 +252,8 @@ class RuleConfig:
     out_ifaces: tuple[str, ...] | None = None
     log: bool = False
     limit: LimitConfig | None = None
+    # pf's `synproxy state`: the kernel answers SYNs with cookies (ingress TCP accept rules only)
+    synproxy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +273,10 @@ class OptionsConfig:
     log_limit: LogLimit = DEFAULT_LOG_LIMIT
     log_format: str = "text"  # one of LOG_FORMATS
     gateway_addresses: tuple[str, ...] = ()  # normalised text, for the offline tools
+    prefilter: bool = True  # drop in the kernel the first packets no rule can accept
+    new_rate: Rate | None = DEFAULT_NEW_RATE  # None: `off`, no global cap
+    new_rate_per_source: Rate | None = DEFAULT_NEW_RATE_PER_SOURCE  # None: `off`
+    offload: str = "off"  # OFFLOAD_MODES
 
     @property
     def gateway_address_bytes(self) -> frozenset[bytes]:
@@ -545,7 +579,26 @@ class _Checker:
             values["log_format"] = self.choice(found["log-format"][1], "options: log-format", LOG_FORMATS)
         if "gateway-addresses" in found:
             values["gateway_addresses"] = self.gateway_addresses(found["gateway-addresses"][1])
-        return OptionsConfig(**{key: value for key, value in values.items() if value is not None})  # type: ignore[arg-type]
+        if "prefilter" in found:
+            prefilter = self.choice(found["prefilter"][1], "options: prefilter", ("on", "off"))
+            values["prefilter"] = None if prefilter is None else prefilter == "on"
+        for key in ("new-rate", "new-rate-per-source"):
+            if key in found:
+                values[key.replace("-", "_")] = self.rate_or_off(found[key][1], f"options: {key}")
+        if "offload" in found:
+            values["offload"] = self.choice(found["offload"][1], "options: offload", OFFLOAD_MODES)
+        chosen = {key: value for key, value in values.items() if value is not None and value is not _FAILED}
+        for key in ("new_rate", "new_rate_per_source"):
+            if key in values and values[key] is None:
+                chosen[key] = None  # `off`
+        return OptionsConfig(**chosen)  # type: ignore[arg-type]
+
+    def rate_or_off(self, node: Node, where: str) -> Rate | object | None:
+        """`N/PERIOD` or `off` (no cap); _FAILED when neither (the error is reported)."""
+        if _is_value(node) and str(node.value) == "off":
+            return None
+        rate = self.rate(node, where, allow_off=True)
+        return _FAILED if rate is None else Rate(*rate)
 
     def log_limit(self, found: dict[str, tuple[ScalarNode, Node]]) -> LogLimit | None:
         """`log-limit` and `log-limit-burst`, either one left out keeping its default."""
@@ -623,6 +676,8 @@ class _Checker:
         if "log" in found:
             fields["log"] = self.boolean(found["log"][1], f"{where}: log")
         fields["limit"] = self.limit(found, where)
+        if "synproxy" in found:
+            fields["synproxy"] = self.synproxy(*found["synproxy"], state, action)
         self.check_families(node, fields, state)
 
         if len(self.issues) > errors_before or name is None or action is None:
@@ -815,6 +870,26 @@ class _Checker:
         for family in usable:
             types[family].add(numbers[family])  # type: ignore[arg-type]
 
+    def synproxy(self, key_node: ScalarNode, node: Node, state: _Rule, action: Action | None) -> bool | None:
+        """`synproxy: true`: only where the kernel's SYNPROXY can stand in for the rule, an
+        ingress rule accepting TCP (and only TCP)."""
+        where = f"{state.where}: synproxy"
+        value = self.boolean(node, where)
+        if not value:
+            return value
+        if state.side != "ingress":
+            self.error(key_node, f"{where}: only for ingress rules (it answers SYNs from the outside)")
+        elif action is not None and action is not Action.ACCEPT:
+            self.error(key_node, f"{where}: only for rules with action accept (this one is {action.value})")
+        elif not state.proto_failed and state.protocols != frozenset({PROTO_TCP}):
+            proto = (
+                f"the rule's proto is {state.proto_text}"
+                if state.protocols is not None
+                else "the rule has no proto"
+            )
+            self.error(key_node, f"{where}: needs proto tcp ({proto})")
+        return value
+
     def limit(self, found: dict[str, tuple[ScalarNode, Node]], where: str) -> LimitConfig | None:
         rate = self.rate(found["limit"][1], f"{where}: limit") if "limit" in found else None
         burst = DEFAULT_LIMIT_BURST
@@ -832,13 +907,14 @@ class _Checker:
             return None
         return LimitConfig(rate[0], rate[1], burst, per_source)
 
-    def rate(self, node: Node, where: str) -> tuple[int, int] | None:
+    def rate(self, node: Node, where: str, allow_off: bool = False) -> tuple[int, int] | None:
         word = self.text(node, where)
         if word is None:
             return None
         match = _LIMIT_RE.fullmatch(word.lower())
         if not match or match.group(2) not in _LIMIT_UNITS:
-            self.error(node, f"{where}: expected N/second, N/minute, N/hour or N/day, got '{word}'")
+            off = " or off" if allow_off else ""
+            self.error(node, f"{where}: expected N/second, N/minute, N/hour or N/day{off}, got '{word}'")
             return None
         if int(match.group(1)) < 1:
             self.error(node, f"{where}: the rate must be at least 1, got '{word}'")

@@ -114,6 +114,12 @@ KEYS: dict[str, dict[str, Entry]] = {
             "rule | source",
             "One bucket for the rule (the default) or one per source address; only with limit.",
         ),
+        "synproxy": (
+            "true | false",
+            "On an ingress rule with proto tcp and action accept: let the kernel's SYNPROXY answer "
+            "SYNs with cookies, so a spoofed SYN flood creates no state (pf's synproxy state). "
+            "Accepted and checked; not in force yet: the rule's SYNs are capped by new-rate instead.",
+        ),
     },
     "options": {
         "max-flows": (
@@ -156,6 +162,29 @@ KEYS: dict[str, dict[str, Entry]] = {
             "ct_state, action, reason, rule, flow_id; event_type daemon for nfqfw's own messages). "
             "Under systemd the journal gets the NFQFW_* fields either way. Applies from the moment "
             "a valid policy is loaded (start, reload).",
+        ),
+        "prefilter": (
+            "on | off",
+            "on (the default): the first packets no rule can accept (TCP SYNs and ICMP echo "
+            "requests from outside to what only drop or reject rules or the ingress default cover) "
+            "are dropped or rejected in the kernel, before the queue, with the same answer nfqfw "
+            "would give; TCP flag combinations nfqfw always calls invalid are dropped there too.",
+        ),
+        "new-rate": (
+            "N/second | N/minute | N/hour | N/day | off",
+            "Packets that may start a flow (conntrack NEW) allowed to the queue, all sources "
+            "together (default 20000/second); the rest are dropped in the kernel, so a flood of "
+            "first packets cannot starve established flows.",
+        ),
+        "new-rate-per-source": (
+            "N/second | N/minute | N/hour | N/day | off",
+            "The same per source address (IPv6: per /64) and protocol (default 10000/second).",
+        ),
+        "offload": (
+            "off | established",
+            "off (the default); established: flows nfqfw has validated (a TCP handshake, a UDP "
+            "reply) are handed to the kernel's conntrack. Accepted and checked; the kernel bypass is "
+            "installed, but no flow is handed over yet.",
         ),
         "gateway-addresses": (
             "list of addresses",

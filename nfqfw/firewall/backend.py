@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 log = logging.getLogger("nfqfw")
 
@@ -27,6 +28,97 @@ DEFAULT_MARK = 0x10000000
 
 class RulesError(Exception):
     """A rule operation failed; str() is a one-line message for the user."""
+
+
+# --- flood protections: what the kernel does before the queue --------------------------------
+# The match and rule types are structural (Protocols): nfqfw.core.prefilter's KernelMatch and
+# KernelRule are passed in as they are, and the firewall package imports nothing of nfqfw.
+
+
+class MatchLike(Protocol):
+    """One rule's matches; None matches anything. Networks as text, port ranges inclusive."""
+
+    @property
+    def proto(self) -> int: ...
+    @property
+    def src(self) -> str | None: ...
+    @property
+    def dst(self) -> str | None: ...
+    @property
+    def dports(self) -> tuple[tuple[int, int], ...] | None: ...
+    @property
+    def sports(self) -> tuple[tuple[int, int], ...] | None: ...
+    @property
+    def in_iface(self) -> str | None: ...
+    @property
+    def out_iface(self) -> str | None: ...
+
+
+class PrefilterRuleLike(Protocol):
+    @property
+    def match(self) -> MatchLike: ...
+    @property
+    def action(self) -> str: ...  # "return" | "drop" | "reject"
+    @property
+    def reason(self) -> str: ...  # "rule NAME" | "default ingress": the counters' key
+    @property
+    def reject_with(self) -> str | None: ...  # tcp-reset | icmp-port-unreachable | icmp-admin-prohibited
+    @property
+    def log(self) -> bool: ...  # a sample goes to nfqfw's queue, for its packet log
+
+
+@dataclass(frozen=True)
+class Synproxy:
+    """One `synproxy: true` rule: the kernel answers SYNs to these with cookies."""
+
+    family: int
+    hook: str  # "INPUT" (to the gateway) or "FORWARD"
+    matches: tuple[MatchLike, ...]  # TCP, with dst/dports/src/in_iface of the rule
+    name: str
+
+
+@dataclass(frozen=True)
+class Rate:
+    count: int
+    period: int  # seconds: 1, 60, 3600 or 86400
+
+
+@dataclass(frozen=True)
+class Protection:
+    """The flood protections the rules carry besides the queue (see nfqfw.firewall.iptables).
+
+    prefilter: per (family, hook) the ordered pre-filter rules for first packets of
+    `first_protocols` from interfaces not in `internal_ifaces`; `invalid_tcp_flags`: (mask,
+    comp) pairs dropped statelessly. new_first: the first queue of the range that packets the
+    kernel calls NEW go to (None: the main queue), capped by `new_rate` (all sources) and
+    `new_rate_per_source` first. offload_mark: the bit nfqfw's accept verdicts set on packets
+    of flows handed to the kernel (None: no offload). synproxy: SYNPROXY for these rules.
+    """
+
+    prefilter: tuple[tuple[int, str, tuple[PrefilterRuleLike, ...]], ...] = ()
+    first_protocols: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (family, protocol numbers)
+    internal_ifaces: tuple[str, ...] = ()
+    invalid_tcp_flags: tuple[tuple[int, int], ...] = ()
+    new_first: int | None = None
+    new_rate: Rate | None = None
+    new_rate_per_source: Rate | None = None
+    offload_mark: int | None = None
+    synproxy: tuple[Synproxy, ...] = ()
+    log_limit: Rate = Rate(3, 60)  # samples of kernel drops sent to nfqfw for its packet log
+    log_burst: int = 10
+    reject_rate: int = 100  # kernel rejects per second (bursts of as many), as nfqfw's --reject-rate
+
+    def prefilter_rules(self, family: int, hook: str) -> tuple[PrefilterRuleLike, ...]:
+        for rules_family, rules_hook, rules in self.prefilter:
+            if (rules_family, rules_hook) == (family, hook):
+                return rules
+        return ()
+
+    def protocols(self, family: int) -> tuple[int, ...]:
+        return dict(self.first_protocols).get(family, ())
+
+    def synproxy_for(self, family: int) -> tuple[Synproxy, ...]:
+        return tuple(rule for rule in self.synproxy if rule.family == family)
 
 
 @dataclass(frozen=True)
@@ -38,16 +130,34 @@ class QueueSpec:
     bypass: bool = False  # failure-mode open: pass traffic while no daemon is bound
     mark: int = DEFAULT_MARK  # bit(s) set on packets nfqfw accepted, so they skip the queue
     panic: bool = False  # drop everything but loopback in the kernel, queue nothing
+    protection: Protection | None = None  # flood protections before the queue (None: none)
 
     def __post_init__(self) -> None:
         if not 0 <= self.first <= self.last <= 0xFFFF:
             raise ValueError(f"bad queue range {self.first}:{self.last}")
         if not 0 < self.mark <= 0xFFFFFFFF:
             raise ValueError(f"bad mark 0x{self.mark:x}")
+        new = self.new_queues
+        if new and (new[-1] > 0xFFFF or set(new) & set(self.queues)):
+            raise ValueError(f"bad queue range for first packets {new[0]}:{new[-1]}")
+        offload = None if self.protection is None else self.protection.offload_mark
+        if offload is not None and (not 0 < offload <= 0xFFFFFFFF or offload & self.mark):
+            raise ValueError(f"bad offload mark 0x{offload:x} (must not share a bit with 0x{self.mark:x})")
 
     @property
     def queues(self) -> range:
         return range(self.first, self.last + 1)
+
+    @property
+    def new_queues(self) -> range:
+        """The queues first packets go to (empty when they share the main queues)."""
+        first = None if self.protection is None else self.protection.new_first
+        return range(0) if first is None else range(first, first + self.last - self.first + 1)
+
+    @property
+    def bound_queues(self) -> tuple[int, ...]:
+        """Every queue a daemon serving this spec must bind."""
+        return (*self.queues, *self.new_queues)
 
     @property
     def queue_text(self) -> str:
@@ -78,12 +188,22 @@ class Firewall(ABC):
         """Are panic mode's DROP rules in place (left by an earlier run) for any family?"""
 
     @abstractmethod
+    def installed(self) -> bool:
+        """Is any rule or chain of ours in place, for any family?"""
+
+    @abstractmethod
     def remove(self) -> list[int]:
         """Remove our rules for good; returns the families (4, 6) that had something to remove."""
 
     @abstractmethod
     def show(self) -> str:
         """Our rules as the kernel holds them, per family, for `nfqfw rules show`."""
+
+    @abstractmethod
+    def counters(self) -> dict[str, int]:
+        """Packets our kernel rules dropped or rejected before the queue, both families summed,
+        by "ACTION REASON" as nfqfw's verdict counters name them (e.g. "drop default ingress",
+        "drop invalid: tcp flags", "drop new-rate per source")."""
 
     def install_keeping_panic(self, spec: QueueSpec) -> QueueSpec:
         """install(spec), but panic mode left on by an earlier run stays on (a restart must not

@@ -31,6 +31,28 @@ and removes nothing, so traffic stays blocked until nfqfw is back; with the poli
 ``failure-mode: open`` the rules carry ``--queue-bypass`` and traffic passes (unfiltered) while
 nfqfw is down. Only ``nfqfw rules remove`` takes the rules away, for good.
 
+Flood protections (``QueueSpec.protection``, nfqfw.firewall.backend.Protection; without it the
+rules are exactly the three above). The chains then read, per family::
+
+    NFQFW-INPUT / NFQFW-FORWARD / NFQFW-OUTPUT:
+      -i lo -j RETURN                                   (INPUT; OUTPUT: -o lo)
+      [offload] -m mark --mark O/O -j CONNMARK --save-mark ...  (nfqfw handed the flow over)
+      -m mark --mark M/M -j RETURN                      (accepted by nfqfw: the host's rules go on)
+      [offload] -m connmark --mark O/O -j RETURN        (a handed-over flow: the kernel tracks it)
+      -p tcp --tcp-flags ... -j DROP                    (flags nfqfw always calls INVALID)
+      [synproxy] ... --ctstate INVALID,UNTRACKED -j SYNPROXY; ... --ctstate INVALID -j DROP
+      first packets (SYN, echo request[, UDP]) --ctstate NEW -j NFQFW-PRE-INPUT|-FORWARD
+      --ctstate NEW -j NFQFW-NEW                        (INPUT, FORWARD)
+      -m mark ! --mark M/M -j NFQUEUE ...               (the main queue, as without protections)
+    NFQFW-PRE-*: -i INTERNAL -j RETURN, then the ingress rules in order (RETURN: nfqfw decides;
+      DROP / REJECT, each after a sample sent to the queue for the packet log), the default last
+    NFQFW-NEW: per-source (and protocol) hashlimit -j DROP, all-sources hashlimit -j DROP, -j NFQUEUE (the
+      queue for first packets)
+    raw NFQFW-RAW (jump from PREROUTING): SYNs to synproxy rules -j CT --notrack
+
+The kernel's own drops carry comments ("default ingress", "rule NAME", "invalid: tcp flags",
+"new-rate", "new-rate per source") whose counters `counters()` reads back (iptables-save -c).
+
 Panic mode (``nfqfw panic on``) replaces the queue rule of each chain by ``-j DROP``, after the
 loopback exclusion: everything but loopback is dropped in the kernel, without a packet reaching
 the queue, so it holds under a flood that keeps the daemon busy and while no daemon runs. The
@@ -42,22 +64,28 @@ and keeps them, so a crash or ``systemctl restart`` never reopens a gateway in p
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from nfqfw.firewall.backend import Firewall, QueueSpec, RulesError
+from nfqfw.firewall.backend import Firewall, MatchLike, Protection, QueueSpec, Rate, RulesError, Synproxy
 
 log = logging.getLogger("nfqfw")
 
 TABLE = "filter"
+RAW = "raw"
 
 # Base chain -> our chain. Loopback is excluded where it can occur (INPUT -i lo, OUTPUT -o lo).
 CHAINS = {"INPUT": "NFQFW-INPUT", "FORWARD": "NFQFW-FORWARD", "OUTPUT": "NFQFW-OUTPUT"}
 _LOOPBACK_EXCLUSION = {"INPUT": "-i lo -j RETURN", "OUTPUT": "-o lo -j RETURN"}
-OUR_CHAINS = frozenset(CHAINS.values())
+PRE_CHAINS = {"INPUT": "NFQFW-PRE-INPUT", "FORWARD": "NFQFW-PRE-FORWARD"}
+NEW_CHAIN = "NFQFW-NEW"
+RAW_CHAIN = "NFQFW-RAW"  # in the raw table, jumped to from PREROUTING
+OUR_CHAINS = frozenset({*CHAINS.values(), *PRE_CHAINS.values(), NEW_CHAIN})
+OUR_RAW_CHAINS = frozenset({RAW_CHAIN})
 PANIC_TARGET = "DROP"
 _PANIC_LINES = frozenset(f"-A {chain} -j {PANIC_TARGET}" for chain in CHAINS.values())
 
@@ -74,15 +102,17 @@ FAMILIES = (Tools(4, "iptables-save", "iptables-restore"), Tools(6, "ip6tables-s
 
 @dataclass(frozen=True)
 class Installed:
-    """What of ours is in a family's filter table (read from iptables-save)."""
+    """What of ours is in a family's filter and raw tables (read from iptables-save)."""
 
-    chains: frozenset[str]  # our chains that exist
-    jumps: tuple[str, ...]  # rules elsewhere that jump to our chains, as "CHAIN rule-spec"
-    lines: tuple[str, ...]  # every line of ours, as iptables-save prints it
+    chains: frozenset[str]  # our filter chains that exist
+    jumps: tuple[str, ...]  # filter rules elsewhere that jump to our chains, as "CHAIN rule-spec"
+    lines: tuple[str, ...]  # every line of ours, as iptables-save prints it (raw table's too)
+    raw_chains: frozenset[str] = frozenset()  # the same for the raw table
+    raw_jumps: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.chains and not self.jumps
+        return not self.chains and not self.jumps and not self.raw_chains and not self.raw_jumps
 
     @property
     def panic(self) -> bool:
@@ -94,31 +124,64 @@ class Installed:
 
 
 def parse_save(text: str) -> Installed:
-    """Find our chains, their rules and the jumps to them in `iptables-save -t filter` output."""
-    chains: set[str] = set()
-    jumps: list[str] = []
+    """Find our chains, their rules and the jumps to them in iptables-save output (filter and
+    raw tables; lines with counters, from iptables-save -c, are read too)."""
+    found: dict[str, tuple[set[str], list[str]]] = {TABLE: (set(), []), RAW: (set(), [])}
+    ours = {TABLE: OUR_CHAINS, RAW: OUR_RAW_CHAINS}
     lines: list[str] = []
-    in_filter = False
+    table = None
     for line in text.splitlines():
         if line.startswith("*"):
-            in_filter = line == "*" + TABLE
-        if not in_filter:
+            table = line[1:] if line[1:] in found else None
+        if table is None:
             continue
+        chains, jumps = found[table]
         if line.startswith(":"):
             name = line[1:].split(" ", 1)[0]
-            if name in OUR_CHAINS:
+            if name in ours[table]:
                 chains.add(name)
                 lines.append(line)
-        elif line.startswith("-A "):
-            words = shlex.split(line)
+            continue
+        rule = _COUNTERS.sub("", line, count=1)
+        if rule.startswith("-A "):
+            words = shlex.split(rule)
             if len(words) < 2:
                 continue
-            if words[1] in OUR_CHAINS:
+            if words[1] in ours[table]:
                 lines.append(line)
-            elif _target(words) in OUR_CHAINS:
-                jumps.append(line[3:])
+            elif _target(words) in ours[table]:
+                jumps.append(rule[3:])
                 lines.append(line)
-    return Installed(frozenset(chains), tuple(jumps), tuple(lines))
+    (chains, jumps), (raw_chains, raw_jumps) = found[TABLE], found[RAW]
+    return Installed(frozenset(chains), tuple(jumps), tuple(lines), frozenset(raw_chains), tuple(raw_jumps))
+
+
+_COUNTERS = re.compile(r"^\[\d+:\d+\] ")
+
+
+def parse_counters(text: str) -> dict[str, int]:
+    """Packets dropped or rejected by our commented rules, in `iptables-save -c` output:
+    "ACTION REASON" -> packets (a comment is the reason, see the module docstring)."""
+    counts: dict[str, int] = {}
+    table = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        match = _COUNTED.match(line)
+        if table != TABLE or match is None:
+            continue
+        words = shlex.split(match.group(2))
+        if len(words) < 2 or words[1] not in OUR_CHAINS or "--comment" not in words:
+            continue
+        action = {"DROP": "drop", "REJECT": "reject"}.get(_target(words) or "")
+        if action is None:
+            continue
+        key = f"{action} {words[words.index('--comment') + 1]}"
+        counts[key] = counts.get(key, 0) + int(match.group(1))
+    return counts
+
+
+_COUNTED = re.compile(r"^\[(\d+):\d+\] (-A .*)$")
 
 
 def _target(words: list[str]) -> str | None:
@@ -130,17 +193,29 @@ def _target(words: list[str]) -> str | None:
     return None
 
 
-def queue_target(spec: QueueSpec) -> str:
-    """The NFQUEUE target for `spec`: one queue or a balanced range, with the failure mode."""
-    if spec.first == spec.last:
-        where = f"--queue-num {spec.first}"
-    else:
-        where = f"--queue-balance {spec.first}:{spec.last}"
+def queue_target(spec: QueueSpec, new: bool = False) -> str:
+    """The NFQUEUE target for `spec`: one queue or a balanced range, with the failure mode;
+    `new`: the range first packets go to (spec.new_queues)."""
+    first, last = (spec.new_queues[0], spec.new_queues[-1]) if new else (spec.first, spec.last)
+    where = f"--queue-num {first}" if first == last else f"--queue-balance {first}:{last}"
     return f"NFQUEUE {where}" + (" --queue-bypass" if spec.bypass else "")
 
 
-def render_install(spec: QueueSpec, installed: Installed) -> str:
-    """iptables-restore --noflush input installing our rules (same text for both families)."""
+def render_install(spec: QueueSpec, installed: Installed, family: int = 4) -> str:
+    """iptables-restore --noflush input installing our rules for `family` (without protections
+    the same text for both families)."""
+    protection = spec.protection
+    raw = (
+        _render_raw(protection, installed, family)
+        if protection is not None
+        else _render_raw_removal(installed)
+    )
+    if protection is None:
+        return raw + _render_plain(spec, installed)
+    return raw + _render_protected(spec, protection, installed, family)
+
+
+def _render_plain(spec: QueueSpec, installed: Installed) -> str:
     match_unmarked = f"-m mark ! --mark 0x{spec.mark:x}/0x{spec.mark:x}"
     verdict = f"-j {PANIC_TARGET}" if spec.panic else f"{match_unmarked} -j {queue_target(spec)}"
     lines = ["*" + TABLE]
@@ -151,6 +226,280 @@ def render_install(spec: QueueSpec, installed: Installed) -> str:
         lines.append(f"-A {chain} {verdict}")
     lines += [f"-D {jump}" for jump in installed.jumps]
     lines += [f"-I {base} 1 -j {chain}" for base, chain in CHAINS.items()]
+    lines += _drop_unused(installed.chains, frozenset(CHAINS.values()))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _drop_unused(present: frozenset[str], declared: frozenset[str]) -> list[str]:
+    """Flush and delete chains of ours a new rule set no longer uses (their jumps are gone with
+    the declared chains, which iptables-restore empties)."""
+    unused = sorted(present - declared)
+    return [f"-F {chain}" for chain in unused] + [f"-X {chain}" for chain in unused]
+
+
+def _render_protected(spec: QueueSpec, protection: Protection, installed: Installed, family: int) -> str:
+    if spec.panic:
+        return _render_plain(spec, installed)
+    mark = f"0x{spec.mark:x}/0x{spec.mark:x}"
+    sample_queue = queue_target(spec, new=bool(spec.new_queues))
+    chains: dict[str, list[str]] = {chain: [] for chain in CHAINS.values()}
+    for base, chain in CHAINS.items():
+        rules = chains[chain]
+        if base in _LOOPBACK_EXCLUSION:
+            rules.append(_LOOPBACK_EXCLUSION[base])
+        offload = protection.offload_mark
+        if offload is not None:
+            rules.append(
+                f"-m mark --mark 0x{offload:x}/0x{offload:x} -j CONNMARK --save-mark "
+                f"--nfmask 0x{offload:x} --ctmask 0x{offload:x}"
+            )
+        rules.append(f"-m mark --mark {mark} -j RETURN")
+        if offload is not None:
+            rules.append(f"-m connmark --mark 0x{offload:x}/0x{offload:x} -j RETURN")
+        for mask, comp in protection.invalid_tcp_flags:
+            rules.append(
+                f"-p tcp -m tcp --tcp-flags {_flags(mask)} {_flags(comp)} "
+                f'-m comment --comment "invalid: tcp flags" -j DROP'
+            )
+        if base == "OUTPUT":
+            rules += _synproxy_answers(protection.synproxy_for(family), family)
+            if any(rule.action == "reject" for _, _, rules_ in protection.prefilter for rule in rules_):
+                rules += _REJECT_ANSWERS[family]
+        else:
+            rules += _synproxy_rules(protection.synproxy_for(family), base, family)
+            if protection.prefilter_rules(family, base):
+                rules += [
+                    f"{guard} -m conntrack --ctstate NEW -j {PRE_CHAINS[base]}"
+                    for guard in _first_packet_guards(protection.protocols(family), family)
+                ]
+            if spec.new_queues or protection.new_rate or protection.new_rate_per_source:
+                rules.append(f"-m conntrack --ctstate NEW -j {NEW_CHAIN}")
+        rules.append(f"-m mark ! --mark {mark} -j {queue_target(spec)}")
+    for base, pre in PRE_CHAINS.items():
+        prefilter = protection.prefilter_rules(family, base)
+        if prefilter:
+            chains[pre] = [f"-i {iface} -j RETURN" for iface in protection.internal_ifaces]
+            for rule in prefilter:
+                chains[pre] += _prefilter_rule(rule, protection, family, sample_queue)
+    if spec.new_queues or protection.new_rate or protection.new_rate_per_source:
+        chains[NEW_CHAIN] = _new_chain(spec, protection, family)
+    lines = ["*" + TABLE]
+    lines += [f":{chain} - [0:0]" for chain in chains]
+    for chain, rules in chains.items():
+        lines += [f"-A {chain} {rule}" for rule in rules]
+    lines += [f"-D {jump}" for jump in installed.jumps]
+    lines += [f"-I {base} 1 -j {chain}" for base, chain in CHAINS.items()]
+    lines += _drop_unused(installed.chains, frozenset(chains))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+_FLAG_NAMES = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"))
+_PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp"}
+_REJECT_WITH = {
+    4: {
+        "tcp-reset": "tcp-reset",
+        "icmp-port-unreachable": "icmp-port-unreachable",
+        "icmp-admin-prohibited": "icmp-admin-prohibited",
+    },
+    6: {
+        "tcp-reset": "tcp-reset",
+        "icmp-port-unreachable": "icmp6-port-unreachable",
+        "icmp-admin-prohibited": "icmp6-adm-prohibited",
+    },
+}
+_UNITS = {1: "sec", 60: "min", 3600: "hour", 86400: "day"}
+# The kernel's REJECT answers leave through OUTPUT as RELATED to the packet they refuse (which
+# the pre-filter took, nfqfw never saw): not nfqfw's to judge, as its own answers are not.
+_REJECT_ANSWERS = {
+    4: [
+        "-p tcp -m tcp --tcp-flags RST RST -m conntrack --ctstate RELATED -j RETURN",
+        "-p icmp -m icmp --icmp-type 3/3 -m conntrack --ctstate RELATED -j RETURN",
+        "-p icmp -m icmp --icmp-type 3/13 -m conntrack --ctstate RELATED -j RETURN",
+    ],
+    6: [
+        "-p tcp -m tcp --tcp-flags RST RST -m conntrack --ctstate RELATED -j RETURN",
+        "-p ipv6-icmp -m icmp6 --icmpv6-type 1/4 -m conntrack --ctstate RELATED -j RETURN",
+        "-p ipv6-icmp -m icmp6 --icmpv6-type 1/1 -m conntrack --ctstate RELATED -j RETURN",
+    ],
+}
+
+
+def _flags(bits: int) -> str:
+    """iptables --tcp-flags names, in iptables-save's order; NONE for 0."""
+    return ",".join(name for bit, name in _FLAG_NAMES if bits & bit) or "NONE"
+
+
+def _rate(rate: Rate) -> str:
+    return f"{rate.count}/{_UNITS[rate.period]}"
+
+
+def _first_packet_guards(protocols: tuple[int, ...], family: int) -> list[str]:
+    guards = []
+    for proto in protocols:
+        if proto == 6:
+            guards.append("-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN")
+        elif proto == 17:
+            guards.append("-p udp")
+        elif proto == 1 and family == 4:
+            guards.append("-p icmp -m icmp --icmp-type 8")
+        elif proto == 58 and family == 6:
+            guards.append("-p ipv6-icmp -m icmp6 --icmpv6-type 128")
+    return guards
+
+
+def _match(match: MatchLike) -> str:
+    """A MatchLike as iptables options, in the order iptables-save prints them."""
+    words = []
+    for option, value in (
+        ("-s", match.src),
+        ("-d", match.dst),
+        ("-i", match.in_iface),
+        ("-o", match.out_iface),
+    ):
+        if value is not None:
+            words.append(f"{option} {value}")
+    words.append(f"-p {_PROTO_NAMES.get(match.proto, str(match.proto))}")
+    ports = [
+        (option, ranges)
+        for option, ranges in (("--sports", match.sports), ("--dports", match.dports))
+        if ranges
+    ]
+    if ports:
+        words.append("-m multiport")
+        for option, ranges in ports:
+            text = ",".join(str(a) if a == b else f"{a}:{b}" for a, b in ranges)
+            words.append(f"{option} {text}")
+    return " ".join(words)
+
+
+def _prefilter_rule(rule: object, protection: Protection, family: int, sample_queue: str) -> list[str]:
+    match = _match(rule.match)  # type: ignore[attr-defined]
+    action, reason = rule.action, rule.reason  # type: ignore[attr-defined]
+    if action == "return":
+        return [f"{match} -j RETURN"]
+    lines = []
+    comment = f'-m comment --comment "{reason}"'
+    if rule.log:  # type: ignore[attr-defined]
+        limit = f"-m limit --limit {_rate(protection.log_limit)} --limit-burst {protection.log_burst}"
+        lines.append(f"{match} {limit} -j {sample_queue}")
+    if action == "reject":
+        answer = _REJECT_WITH[family][rule.reject_with]  # type: ignore[attr-defined]
+        limit = f"-m limit --limit {protection.reject_rate}/sec --limit-burst {protection.reject_rate}"
+        lines.append(f"{match} {limit} {comment} -j REJECT --reject-with {answer}")
+    lines.append(f"{match} {comment} -j DROP")
+    return lines
+
+
+def _new_chain(spec: QueueSpec, protection: Protection, family: int) -> list[str]:
+    lines = []
+    table = "--hashlimit-htable-size 16384 --hashlimit-htable-max 65536 --hashlimit-htable-expire 10000"
+    if protection.new_rate_per_source is not None:
+        rate = protection.new_rate_per_source
+        mask = " --hashlimit-srcmask 64" if family == 6 else ""
+        # A bucket per source and protocol: a UDP flood from an address does not use up the
+        # allowance of its TCP connections. Other protocols: the global cap only.
+        for proto in ("tcp", "udp", "icmp" if family == 4 else "ipv6-icmp"):
+            name = f"nfqfw-{proto.removeprefix('ipv6-')}"
+            lines.append(
+                f"-p {proto} -m hashlimit --hashlimit-above {_rate(rate)} --hashlimit-burst {rate.count} "
+                f"--hashlimit-mode srcip{mask} --hashlimit-name {name} {table} "
+                f'-m comment --comment "new-rate per source" -j DROP'
+            )
+    if protection.new_rate is not None:
+        rate = protection.new_rate
+        lines.append(
+            f"-m hashlimit --hashlimit-above {_rate(rate)} --hashlimit-burst {rate.count} "
+            f'--hashlimit-name nfqfw-all -m comment --comment "new-rate" -j DROP'
+        )
+    if spec.new_queues:
+        lines.append(f"-j {queue_target(spec, new=True)}")
+    return lines
+
+
+def _synproxy_rules(rules: tuple[Synproxy, ...], base: str, family: int) -> list[str]:
+    lines = []
+    for rule in rules:
+        if rule.hook != base:
+            continue
+        for match in rule.matches:
+            lines.append(
+                f"{_match(match)} -m conntrack --ctstate INVALID,UNTRACKED -j SYNPROXY "
+                "--sack-perm --timestamp --wscale 7 --mss 1460"
+            )
+            lines.append(
+                f"{_match(match)} -m conntrack --ctstate INVALID "
+                '-m comment --comment "synproxy: invalid" -j DROP'
+            )
+    return lines
+
+
+def _synproxy_answers(rules: tuple[Synproxy, ...], family: int) -> list[str]:
+    """SYNPROXY's own SYN-ACKs (cookies) leave through OUTPUT untracked: not nfqfw's to judge."""
+    lines = []
+    for rule in rules:
+        for match in rule.matches:
+            answer = _match(_Reverse(match))
+            lines.append(
+                f"{answer} -m tcp --tcp-flags SYN,ACK SYN,ACK -m conntrack --ctstate UNTRACKED -j RETURN"
+            )
+    return lines
+
+
+@dataclass(frozen=True)
+class _Reverse:
+    """A match seen from the other side: what the kernel answers in the name of its destination."""
+
+    of: MatchLike
+
+    @property
+    def proto(self) -> int:
+        return self.of.proto
+
+    @property
+    def src(self) -> str | None:
+        return self.of.dst
+
+    @property
+    def dst(self) -> str | None:
+        return self.of.src
+
+    @property
+    def sports(self) -> tuple[tuple[int, int], ...] | None:
+        return self.of.dports
+
+    @property
+    def dports(self) -> tuple[tuple[int, int], ...] | None:
+        return self.of.sports
+
+    in_iface = None
+    out_iface = None
+
+
+def _render_raw(protection: Protection, installed: Installed, family: int) -> str:
+    synproxy = protection.synproxy_for(family)
+    if not synproxy:
+        return _render_raw_removal(installed)
+    lines = ["*" + RAW, f":{RAW_CHAIN} - [0:0]"]
+    for rule in synproxy:
+        for match in rule.matches:
+            lines.append(
+                f"-A {RAW_CHAIN} {_match(match)} -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CT --notrack"
+            )
+    lines += [f"-D {jump}" for jump in installed.raw_jumps]
+    lines.append(f"-I PREROUTING 1 -j {RAW_CHAIN}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _render_raw_removal(installed: Installed) -> str:
+    if not installed.raw_chains and not installed.raw_jumps:
+        return ""
+    lines = ["*" + RAW]
+    lines += [f"-D {jump}" for jump in installed.raw_jumps]
+    lines += [f"-F {chain}" for chain in sorted(installed.raw_chains)]
+    lines += [f"-X {chain}" for chain in sorted(installed.raw_chains)]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -159,13 +508,17 @@ def render_remove(installed: Installed) -> str | None:
     """iptables-restore --noflush input removing every trace of us; None if nothing is there."""
     if installed.empty:
         return None
+    text = _render_raw_removal(installed)
+    if not installed.chains and not installed.jumps:
+        return text
     lines = ["*" + TABLE]
     lines += [f"-D {jump}" for jump in installed.jumps]
-    present = [chain for chain in CHAINS.values() if chain in installed.chains]
+    order = [*CHAINS.values(), *PRE_CHAINS.values(), NEW_CHAIN]
+    present = [chain for chain in order if chain in installed.chains]
     lines += [f"-F {chain}" for chain in present]  # rules first: a chain must be empty to go
     lines += [f"-X {chain}" for chain in present]
     lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+    return text + "\n".join(lines) + "\n"
 
 
 # --- running the tools ------------------------------------------------------------------------
@@ -194,15 +547,26 @@ class Iptables(Firewall):
                     )
 
     def read_installed(self, tools: Tools) -> Installed:
-        return parse_save(_run(self._run, [tools.save, "-t", TABLE], None))
+        # Every table the kernel has (no -t): listing a table that does not exist would create it.
+        return parse_save(_run(self._run, [tools.save], None))
 
     def install(self, spec: QueueSpec) -> None:
         for tools in self.families:
-            text = render_install(spec, self.read_installed(tools))
+            text = render_install(spec, self.read_installed(tools), tools.family)
             _run(self._run, [tools.restore, "-w", "--noflush"], text)
+
+    def counters(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for tools in self.families:
+            for key, value in parse_counters(_run(self._run, [tools.save, "-c"], None)).items():
+                counts[key] = counts.get(key, 0) + value
+        return counts
 
     def panic_installed(self) -> bool:
         return any(self.read_installed(tools).panic for tools in self.families)
+
+    def installed(self) -> bool:
+        return any(not self.read_installed(tools).empty for tools in self.families)
 
     def remove(self) -> list[int]:
         removed = []
@@ -217,7 +581,7 @@ class Iptables(Firewall):
         out = []
         for tools in self.families:
             installed = self.read_installed(tools)
-            out.append(f"# IPv{tools.family} ({tools.save} -t {TABLE})")
+            out.append(f"# IPv{tools.family} ({tools.save}: tables {TABLE} and {RAW})")
             out += list(installed.lines) if installed.lines else ["# (no nfqfw rules)"]
         return "\n".join(out) + "\n"
 

@@ -50,6 +50,7 @@ from nfqfw.firewall import Firewall, QueueSpec, RulesError, backend_named
 from nfqfw.observe.endpoint import MetricsError
 from nfqfw.observe.logsetup import use_format
 from nfqfw.service.options import Options
+from nfqfw.service.ruleset import protection, queue_spec
 from nfqfw.service.sdnotify import Notifier, watchdog_interval
 from nfqfw.service.supervision import Counts, status_line
 
@@ -189,7 +190,7 @@ class ServiceCore:
         self._check_privileges()
         loaded = self._load_policy()
         self.fail_open = loaded.fail_open
-        self.spec = QueueSpec(opts.queue_first, opts.queue_last, bypass=loaded.fail_open, mark=opts.mark)
+        self.spec = queue_spec(opts, loaded.engine_policy.config, bypass=loaded.fail_open)
         try:
             self._install_signal_handlers()
             self._schedule.watchdog_every = watchdog_interval()
@@ -334,11 +335,23 @@ class ServiceCore:
             self.last_reload = ReloadResult(time.time(), trigger, False, tuple(errors))
             return False
         applied = self._apply_policy(loaded)
+        self._follow_policy_in_the_rules(loaded)
         if loaded.fail_open != self.fail_open:
             self._change_failure_mode(loaded.fail_open)
         self.last_reload = ReloadResult(time.time(), trigger, applied.ok, applied.errors, applied.removed)
         self.notifier.ready("policy reloaded" if applied.ok else "reload incomplete: see the log")
         return applied.ok
+
+    def _follow_policy_in_the_rules(self, loaded: Loaded) -> None:
+        """The kernel's pre-filter and caps are derived from the policy: re-install them when a
+        reload changed them (a process that owns the rules)."""
+        if self.firewall is None or self.spec is None:
+            return
+        spec = replace(self.spec, protection=protection(self.options, loaded.engine_policy.config))
+        if spec != self.spec and self.firewall.reinstall(
+            spec, "reload: the kernel's pre-filter and caps not updated"
+        ):
+            self.spec = spec
 
     def set_panic(self, on: bool) -> bool:
         """Panic mode on/off in the kernel rules (nfqfw panic); False when they could not be installed."""
@@ -384,7 +397,7 @@ class ServiceCore:
             "failure_mode": "open" if self.fail_open else "closed",
             "panic": bool(self.spec.panic),
             **self._status_counts(now, talkers),
-            "kernel_queues": kernel_queues(self.spec.queues),
+            "kernel_queues": kernel_queues(self.spec.bound_queues),
         }
 
     # -- signals --

@@ -129,12 +129,12 @@ class Daemon(ServiceCore):
         self.adapter.housekeeping = self._housekeeping
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
         try:
-            self.adapter.bind(self.spec.queues, opts.max_len, opts.sock_len, opts.gso)
+            self.adapter.bind(self.spec.bound_queues, opts.max_len, opts.sock_len, opts.gso)
         except QueueError as err:
             raise StartupError(str(err)) from err
         self._open_control()
         rules = self._install_rules()  # a worker's supervisor installs them once every queue is bound
-        self.drops = DropWatch(self.spec.queues)
+        self.drops = DropWatch(self.spec.bound_queues)
         mode = "open" if loaded.fail_open else "closed"
         gso = "on" if all(self.adapter.gso.values()) else "off"
         settings = f"failure mode {mode}, mark 0x{opts.mark:x}, GSO packets {gso}"

@@ -33,3 +33,6 @@ class Options:
     # Set by the supervisor of `nfqfw run --workers` for each worker (nfqfw.service.daemon.WorkerDaemon):
     snapshot_name: str = SNAPSHOT_NAME  # the flow snapshot's file in state_dir
     adopt_snapshots: tuple[str, ...] = ()  # more snapshot files to restore flows from (workers)
+    # --new-queue: first packets (conntrack NEW) go to this queue (N..N+last-first with several);
+    # None: they share the main queue(s). See nfqfw.service.ruleset.
+    new_queue: int | None = None

@@ -326,6 +326,9 @@ class Supervisor(ServiceCore):
             runtime_dir=worker.directory,
             snapshot_name=sv.worker_snapshot(worker.queue),
             adopt_snapshots=adopt,
+            new_queue=None  # each worker its own queue for first packets, in the same order
+            if self.options.new_queue is None
+            else self.options.new_queue + worker.queue - self.options.queue_first,
             metrics=None,
             collect_metrics=self.options.metrics is not None,
         )

@@ -196,9 +196,9 @@ def test_rules_are_installed_for_both_families_without_duplicates_after_restart(
         ]
     shown = nfqfw("rules", "show")
     assert shown.returncode == 0
-    assert shown.stdout.splitlines()[0] == "# IPv4 (iptables-save -t filter)"
+    assert shown.stdout.splitlines()[0] == "# IPv4 (iptables-save: tables filter and raw)"
     assert "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0" in shown.stdout
-    assert "# IPv6 (ip6tables-save -t filter)" in shown.stdout
+    assert "# IPv6 (ip6tables-save: tables filter and raw)" in shown.stdout
 
 
 def test_queue_balance_binds_every_queue(fresh_lab: Lab) -> None:
@@ -252,7 +252,10 @@ def watchdog_arrivals(daemon: Daemon, seconds: float) -> list[float]:
 def test_watchdog_pings_come_from_the_packet_loop_idle_and_under_a_flood(fresh_lab: Lab) -> None:
     # WatchdogSec=0.4 s: a ping every 0.2 s. The daemon has one thread, so the pings come from
     # the loop that serves the packets: a wedged loop stops them and systemd restarts it.
-    daemon = start_daemon(fresh_lab, POLICY, environ={"WATCHDOG_USEC": "400000"})
+    # The caps on first packets off: the datagrams of this flood are first packets, and the test
+    # wants the loop itself flooded (tests/lab/test_lab_flood.py has the caps).
+    uncapped = "options: {new-rate: off, new-rate-per-source: off}\n" + POLICY
+    daemon = start_daemon(fresh_lab, uncapped, environ={"WATCHDOG_USEC": "400000"})
     assert os.listdir(f"/proc/{daemon.proc.pid}/task") == [str(daemon.proc.pid)]
     idle = watchdog_arrivals(daemon, 1.0)
     assert len(idle) >= 4, idle

@@ -149,6 +149,9 @@ def test_install_upgrade_remove_purge(packages: Packages, gateway: Gateway) -> N
     assert state["FragmentPath"] == "/lib/systemd/system/nfqfw.service"
     exec_start = gw.box.show(UNIT, "ExecStart", "ExecStartPre")
     assert "path=/usr/bin/nfqfw" in exec_start["ExecStart"] and "/usr/local" not in str(exec_start)
+    closed = gw.box.show("nfqfw-closed.service", "FragmentPath", "ExecStart")  # the boot step
+    assert closed["FragmentPath"] == "/lib/systemd/system/nfqfw-closed.service"
+    assert "path=/usr/bin/nfqfw" in closed["ExecStart"] and "install-closed" in closed["ExecStart"]
     conffiles = gw.in_gw("dpkg-query", "-W", "-f", "${Conffiles}", "nfqfw").stdout
     assert "/etc/nfqfw/policy.yaml" in conffiles
     assert gw.box.run("stat", "-c", "%a %U", "/etc/nfqfw/policy.yaml").stdout.strip() == "600 root"

@@ -217,3 +217,78 @@ def test_the_unit_runs_workers_and_takes_the_single_daemons_flows(
     assert connects(timeout=0.7) == "timeout"
     log = service.log.read_text().rsplit("SIGTERM received", 1)[1]
     assert "saved" in log and "flows.queue-" in log
+
+
+# --- boot: the firewall before the network -----------------------------------------------------
+
+NETWORK_UNIT = "lab-network.service"  # stands for what brings the interfaces up at boot
+
+
+def boot_with(service: Service, failing_daemon: bool) -> str:
+    """Start, as at boot and in one transaction, the units that bring the network up and
+    nfqfw (which pulls in nfqfw-closed.service); returns the gateway's iptables rules as they
+    were when the network unit ran (after network-pre.target)."""
+    box = service.box
+    seen = box.directory / "rules-at-network.txt"
+    seen.unlink(missing_ok=True)
+    box.run(
+        "systemctl", "stop", NETWORK_UNIT, UNIT, "nfqfw-closed.service", "network-pre.target", check=False
+    )
+    box.run("ip", "netns", "exec", TOPOLOGY.gw, "nfqfw", "rules", "remove")  # a fresh boot: no rules
+    box.write(
+        f"/etc/systemd/system/{NETWORK_UNIT}",
+        "[Unit]\nDefaultDependencies=no\nWants=network-pre.target\nAfter=network-pre.target\n"
+        f"[Service]\nType=oneshot\nRemainAfterExit=yes\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n"
+        f"ExecStart=/bin/sh -c 'iptables-save > {seen}'\n",
+    )
+    # The box knows only the units written into it: the system's network-pre.target, as shipped.
+    box.write(
+        "/etc/systemd/system/network-pre.target", Path("/lib/systemd/system/network-pre.target").read_text()
+    )
+    box.write(
+        "/etc/systemd/system/nfqfw-closed.service.d/lab.conf",
+        f"[Service]\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n",
+    )
+    failing = f"/etc/systemd/system/{UNIT}.d/failing.conf"
+    if failing_daemon:  # a daemon that never comes up (say, a policy that no longer loads)
+        box.write(failing, "[Service]\nExecStartPre=/bin/false\nRestart=no\n")
+    else:
+        box.run("rm", "-f", failing)
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "start", NETWORK_UNIT, UNIT, check=False, timeout=90)
+    return seen.read_text()
+
+
+def test_the_units_are_ordered_before_the_network(service: Service) -> None:
+    daemon = service.box.show(UNIT, "Before", "After", "Wants")
+    assert (
+        "network-pre.target" in daemon["Before"].split() and "network-pre.target" in daemon["Wants"].split()
+    )
+    assert (
+        "nfqfw-closed.service" in daemon["Wants"].split()
+        and "nfqfw-closed.service" in daemon["After"].split()
+    )
+    assert "network-pre.target" not in daemon["After"].split()
+    closed = service.box.show("nfqfw-closed.service", "Before", "DefaultDependencies")
+    assert {"network-pre.target", UNIT} <= set(closed["Before"].split()) and closed[
+        "DefaultDependencies"
+    ] == "no"
+
+
+def test_at_boot_the_network_comes_up_after_the_daemons_rules(service: Service) -> None:
+    rules = boot_with(service, failing_daemon=False)
+    # the daemon's own rules (with its pre-filter and caps), not only the fail-closed ones
+    assert "-A NFQFW-FORWARD -m conntrack --ctstate NEW -j NFQFW-NEW" in rules, rules
+    assert service.state()["ActiveState"] == "active"
+    assert connects() == "connected"
+
+
+def test_at_boot_a_daemon_that_fails_leaves_the_gateway_closed(service: Service) -> None:
+    rules = boot_with(service, failing_daemon=True)
+    assert service.state()["ActiveState"] == "failed"
+    # nfqfw-closed.service's rules: every packet to a queue nobody serves
+    assert "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0" in rules, rules
+    assert "NFQFW-NEW" not in rules
+    assert connects(timeout=0.7) == "timeout"
+    service.box.run("rm", "-f", f"/etc/systemd/system/{UNIT}.d/failing.conf")
+    service.box.run("systemctl", "daemon-reload")

@@ -11,6 +11,7 @@ import socket
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from nfqfw.kernel.queue_info import DropWatch
 from nfqfw.service.core import ReloadResult
 from nfqfw.service.daemon import Daemon
 from nfqfw.service.options import Options
+from nfqfw.service.ruleset import protection
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
 POLICY = POLICY_FILE.read_text()
@@ -271,7 +273,9 @@ def test_a_failure_mode_change_at_reload_keeps_panic(daemon: Daemon, monkeypatch
     assert daemon.set_panic(True)
     Path(daemon.options.config).write_text("options:\n  failure-mode: open\n" + POLICY)
     assert answer(Requests(daemon)({"cmd": "reload"}))["ok"] is True
-    assert installed[-1] == QueueSpec(0, 0, bypass=True, panic=True)
+    spec = installed[-1]
+    assert replace(spec, protection=None) == QueueSpec(0, 0, bypass=True, panic=True)
+    assert spec.protection == protection(daemon.options, load_policy(daemon.options.config))
 
 
 def test_reload_reports_located_errors_then_success(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:

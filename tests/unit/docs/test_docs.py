@@ -141,7 +141,7 @@ def test_completion_of_commands_options_and_values(script: Path, tmp_path: Path)
     assert complete(script, "nfqfw", "") == list(cli.COMMANDS)
     assert complete(script, "nfqfw", "fl") == ["flows", "flush"]
     assert complete(script, "nfqfw", "status", "--") == ["--help", "--json", "--quiet", "--runtime-dir"]
-    assert complete(script, "nfqfw", "rules", "") == ["show", "remove"]
+    assert complete(script, "nfqfw", "rules", "") == ["show", "remove", "counters", "install-closed"]
     assert complete(script, "nfqfw", "rules", "show", "--j") == ["--json"]
     assert complete(script, "nfqfw", "flows", "--state", "ES") == ["ESTABLISHED"]
     assert complete(script, "nfqfw", "flush", "--proto", "") == ["icmp", "icmpv6", "tcp", "udp"]

@@ -233,9 +233,9 @@ def test_install_runs_one_restore_per_family() -> None:
     tools = FakeTools({"iptables-save": SAVE_INSTALLED, "ip6tables-save": SAVE_FRESH})
     Iptables(run=tools).install(QueueSpec(0, 0))
     assert [argv for argv, _ in tools.calls] == [
-        ["iptables-save", "-t", "filter"],
+        ["iptables-save"],
         ["iptables-restore", "-w", "--noflush"],
-        ["ip6tables-save", "-t", "filter"],
+        ["ip6tables-save"],
         ["ip6tables-restore", "-w", "--noflush"],
     ]
     assert tools.calls[1][1] == render_install(QueueSpec(0, 0), parse_save(SAVE_INSTALLED))
@@ -252,13 +252,13 @@ def test_show_prints_our_lines_per_family() -> None:
     tools = FakeTools({"iptables-save": SAVE_INSTALLED, "ip6tables-save": SAVE_FRESH})
     text = Iptables(run=tools).show()
     assert text.splitlines()[:5] == [
-        "# IPv4 (iptables-save -t filter)",
+        "# IPv4 (iptables-save: tables filter and raw)",
         ":NFQFW-FORWARD - [0:0]",
         ":NFQFW-INPUT - [0:0]",
         ":NFQFW-OUTPUT - [0:0]",
         "-A INPUT -j NFQFW-INPUT",
     ]
-    assert text.splitlines()[-2:] == ["# IPv6 (ip6tables-save -t filter)", "# (no nfqfw rules)"]
+    assert text.splitlines()[-2:] == ["# IPv6 (ip6tables-save: tables filter and raw)", "# (no nfqfw rules)"]
 
 
 def test_restore_failure_is_one_line() -> None:

@@ -1,0 +1,338 @@
+"""The kernel pre-filter: which first packets the kernel may drop (or reject) before the queue.
+
+Pure: a validated policy in, an ordered list of kernel rules out, plus `evaluate`, the same
+rules applied to one packet in Python (the property test holds it against the engine; the
+iptables backend renders each field of a KernelMatch as exactly one match option).
+
+What is pre-filtered. A *first packet* -- a TCP SYN (SYN set; ACK, RST, FIN clear), an ICMP /
+ICMPv6 echo request, and optionally any UDP datagram -- that the kernel's conntrack calls NEW,
+arriving on an interface outside the internal zone (INPUT or FORWARD): the policy's ingress
+side. For each hook and family the ingress rules become kernel rules in their order:
+
+- a rule that could accept the packet (accept, or any rule with a `limit`, whose bucket only
+  nfqfw holds) -> RETURN: nfqfw decides, the packet goes on to the queue;
+- a drop rule -> DROP, a reject rule -> REJECT with nfqfw's answer (tcp-reset,
+  icmp-port-unreachable, icmp-admin-prohibited), rate-limited in the kernel;
+- a rule none of whose packets is a first packet of these protocols, or that never matches on
+  this hook (`out:` on INPUT, `to:` only the gateway on FORWARD) -> nothing;
+and the side's default last. A kernel rule that would take more than MAX_EXPANSION iptables
+rules (addresses x interfaces x port chunks) is widened to a RETURN without the dimension
+that made it large: RETURN over a superset is always safe.
+
+Invariant (tests/unit/core/test_prefilter.py, a property test over random policies, histories
+and packets): a packet `evaluate` drops (rejects) is one Engine.process drops (rejects the
+same way), whatever the engine's flow table holds, provided the kernel's conntrack knows
+every flow nfqfw tracks -- the kernel calls a packet NEW only when it has no entry for it,
+and the two tables admit the same flows (both confirm an entry when its first packet is
+accepted, with the same state machine). Where that proviso can fail:
+- flows nfqfw restored from a snapshot after a reboot, which the kernel never saw: a UDP
+  reply to such a flow is NEW to the kernel. Hence UDP is pre-filtered only when asked
+  (`udp=True`); TCP SYNs and echo requests of a restored flow are NEW to the kernel only in
+  shapes nfqfw accepts rarely (a SYN into an established connection, a simultaneous open);
+- `defaults.invalid: accept`: a packet nfqfw finds malformed but the kernel NEW would be
+  accepted by nfqfw; so nothing is pre-filtered unless invalid packets are dropped.
+
+Besides, with `defaults.invalid: drop`, TCP packets whose flags nfqfw always calls INVALID
+(INVALID_TCP_FLAGS, the kernel's tcp_valid_flags) are dropped statelessly, whatever either
+table holds: a flood of fuzzed segments never reaches the queue.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from nfqfw.core.config import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    AddressSet,
+    PolicyConfig,
+    RuleConfig,
+)
+from nfqfw.core.reject import ICMP_ADMIN_PROHIBITED, ICMP_PORT_UNREACHABLE, TCP_RESET
+from nfqfw.core.verdict import Action, Hook
+
+RETURN, DROP, REJECT = "return", "drop", "reject"
+MULTIPORT_SLOTS = 15  # iptables -m multiport: at most 15 ports, a range takes two
+MAX_EXPANSION = 64  # kernel rules one policy rule may become before it is widened to a RETURN
+HOOKS = (Hook.INPUT, Hook.FORWARD)
+ECHO_REQUEST = {4: 8, 6: 128}
+ICMP_OF = {4: PROTO_ICMP, 6: PROTO_ICMPV6}
+
+# TCP flag bits as on the wire.
+FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+_CHECKED = FIN | SYN | RST | ACK | URG  # ECE, CWR and PSH do not count (tcp_valid_flags)
+_VALID = frozenset({SYN, SYN | URG, SYN | ACK, RST, RST | ACK, FIN | ACK, FIN | ACK | URG, ACK, ACK | URG})
+# (mask, comp) pairs, as iptables --tcp-flags MASK COMP: together they match exactly the
+# segments whose flags (ECE, CWR and PSH aside) are not in _VALID.
+INVALID_TCP_FLAGS: tuple[tuple[int, int], ...] = (
+    (SYN | FIN, SYN | FIN),  # SYN+FIN, with anything
+    (SYN | RST, SYN | RST),  # SYN+RST
+    (FIN | ACK, FIN),  # FIN without ACK (FIN alone, FIN+URG, FIN+RST, ...)
+    (SYN | RST | ACK, 0),  # none of SYN, RST, ACK: NULL, URG alone, FIN(+URG) alone
+    (RST | URG, RST | URG),  # RST+URG
+    (SYN | ACK | URG, SYN | ACK | URG),  # SYN+ACK+URG
+    (RST | FIN, RST | FIN),  # RST+FIN(+ACK)
+)
+
+
+def tcp_flags_invalid(flags: int) -> bool:
+    """The kernel's (and nfqfw's) verdict on a flag combination alone."""
+    return (flags & _CHECKED) not in _VALID
+
+
+class KernelMatch(NamedTuple):
+    """One iptables rule's matches; None matches anything. Ports as multiport takes them."""
+
+    proto: int
+    src: str | None = None  # a network, e.g. "203.0.113.0/24"
+    dst: str | None = None
+    dports: tuple[tuple[int, int], ...] | None = None
+    sports: tuple[tuple[int, int], ...] | None = None
+    in_iface: str | None = None  # as iptables -i: a name, or a prefix ending in '+'
+    out_iface: str | None = None
+
+
+class KernelRule(NamedTuple):
+    match: KernelMatch
+    action: str  # RETURN, DROP or REJECT
+    reason: str  # "rule NAME" or "default ingress", as nfqfw's verdicts say it
+    reject_with: str | None = None  # core.reject kinds, for REJECT
+    log: bool = False  # a sample goes to nfqfw, so the packet log shows these drops too
+
+
+@dataclass(frozen=True)
+class Prefilter:
+    """What the kernel may decide for nfqfw; empty when nothing (prefilter off, invalid accept)."""
+
+    internal_ifaces: tuple[str, ...] = ()  # their packets are egress: RETURN first
+    udp: bool = False  # UDP datagrams are first packets too
+    chains: tuple[tuple[int, Hook, tuple[KernelRule, ...]], ...] = ()  # (family, hook, rules)
+    invalid_tcp_flags: tuple[tuple[int, int], ...] = ()
+
+    def rules(self, family: int, hook: Hook) -> tuple[KernelRule, ...]:
+        for chain_family, chain_hook, rules in self.chains:
+            if (chain_family, chain_hook) == (family, hook):
+                return rules
+        return ()
+
+    def protocols(self, family: int) -> tuple[int, ...]:
+        """The protocols of the first packets pre-filtered for `family`."""
+        return (PROTO_TCP, *((PROTO_UDP,) if self.udp else ()), ICMP_OF[family])
+
+    @property
+    def active(self) -> bool:
+        return bool(self.invalid_tcp_flags) or any(
+            rule.action != RETURN for _, _, rules in self.chains for rule in rules
+        )
+
+
+def derive(policy: PolicyConfig, udp: bool = False) -> Prefilter:
+    """The pre-filter for `policy` (see the module docstring); `udp` adds UDP datagrams."""
+    if not policy.options.prefilter or policy.defaults.invalid is not Action.DROP:
+        return Prefilter()
+    log_denied = policy.options.log_denied
+    shell = Prefilter(policy.zones.get("internal", ()), udp, (), INVALID_TCP_FLAGS)
+    chains = []
+    for family in (4, 6):
+        for hook in HOOKS:
+            rules: list[KernelRule] = []
+            for rule in policy.ingress:
+                rules += _rule(rule, family, hook, shell.protocols(family), log_denied)
+            default = policy.defaults.ingress
+            for proto in shell.protocols(family):
+                rules.append(_kernel_rule(KernelMatch(proto), default, "default ingress", log_denied))
+            chains.append((family, hook, _trim(rules)))
+    prefilter = Prefilter(shell.internal_ifaces, udp, tuple(chains), INVALID_TCP_FLAGS)
+    return prefilter
+
+
+def _trim(rules: list[KernelRule]) -> tuple[KernelRule, ...]:
+    """Without any DROP/REJECT the chain decides nothing: empty it (everything goes on)."""
+    if all(rule.action == RETURN for rule in rules):
+        return ()
+    while rules and rules[-1].action == RETURN:
+        rules.pop()  # a trailing RETURN is what the chain's end does anyway
+    return tuple(rules)
+
+
+def _kernel_rule(match: KernelMatch, action: Action, reason: str, log_denied: bool) -> KernelRule:
+    if action is Action.ACCEPT:
+        return KernelRule(match, RETURN, reason)
+    if action is Action.DROP:
+        return KernelRule(match, DROP, reason, None, log_denied)
+    return KernelRule(match, REJECT, reason, _reject_kind(match.proto), log_denied)
+
+
+def _reject_kind(proto: int) -> str:
+    """As nfqfw.core.engine.reject_kind."""
+    if proto == PROTO_TCP:
+        return TCP_RESET
+    if proto == PROTO_UDP:
+        return ICMP_PORT_UNREACHABLE
+    return ICMP_ADMIN_PROHIBITED
+
+
+def _rule(
+    rule: RuleConfig, family: int, hook: Hook, protocols: tuple[int, ...], log_denied: bool
+) -> list[KernelRule]:
+    """The kernel rules standing for one policy rule on one hook and family."""
+    if rule.family not in (None, family):
+        return []
+    if hook is Hook.INPUT and rule.out_ifaces is not None:
+        return []  # nfqfw sees no output interface on INPUT: the rule never matches there
+    reason = f"rule {rule.name}"
+    log = rule.log or log_denied
+    kernel_rules: list[KernelRule] = []
+    for proto in protocols:
+        if rule.protocols is not None and proto not in rule.protocols:
+            continue
+        if proto == ICMP_OF[family] and rule.icmp_types_v4 is not None:
+            allowed = rule.icmp_types_v4 if family == 4 else rule.icmp_types_v6
+            if allowed is not None and ECHO_REQUEST[family] not in allowed:
+                continue
+        if proto not in (PROTO_TCP, PROTO_UDP) and (rule.dports or rule.sports):
+            continue  # ports only exist for TCP and UDP: never matches
+        sources = _networks(rule.src, family, hook, is_src=True)
+        destinations = _networks(rule.dst, family, hook, is_src=False)
+        if sources == [] or destinations == []:
+            continue  # no address of this family (or on this hook) can match
+        dimensions = {
+            "src": sources,
+            "dst": destinations,
+            "dports": _port_chunks(rule.dports),
+            "sports": _port_chunks(rule.sports),
+            "in_iface": list(rule.in_ifaces) if rule.in_ifaces is not None else [None],
+            "out_iface": list(rule.out_ifaces)
+            if rule.out_ifaces is not None and hook is Hook.FORWARD
+            else [None],
+        }
+        action = Action.ACCEPT if rule.limit is not None else rule.action  # a bucket only nfqfw holds
+        if _size(dimensions) > MAX_EXPANSION:
+            action = Action.ACCEPT  # widened below: only a RETURN may match more than the rule
+            while _size(dimensions) > MAX_EXPANSION:
+                widest = max(dimensions, key=lambda key: len(dimensions[key]))
+                dimensions[widest] = [None]
+        for fields in _product(dimensions):
+            match = KernelMatch(proto, **fields)
+            kernel_rule = _kernel_rule(match, action, reason, log)
+            kernel_rules.append(kernel_rule)
+    return kernel_rules
+
+
+def _networks(addresses: AddressSet | None, family: int, hook: Hook, is_src: bool) -> list[str | None]:
+    """The networks of `addresses` for `family` on `hook`; [None] for any, [] for none.
+
+    `gateway` in `to` matches every packet on INPUT (nfqfw's to_gateway is hook INPUT) and
+    none on FORWARD; ingress `from` never holds it (the config refuses it)."""
+    if addresses is None:
+        return [None]
+    if addresses.gateway and not is_src and hook is Hook.INPUT:
+        return [None]
+    return [str(network) for network in addresses.networks if network.version == family]
+
+
+def _port_chunks(ranges: tuple[tuple[int, int], ...] | None) -> list[tuple[tuple[int, int], ...] | None]:
+    """Port ranges cut into pieces multiport takes (a range counts two slots, a port one)."""
+    if ranges is None:
+        return [None]
+    chunks: list[tuple[tuple[int, int], ...]] = []
+    current: list[tuple[int, int]] = []
+    used = 0
+    for first, last in ranges:
+        slots = 1 if first == last else 2
+        if used + slots > MULTIPORT_SLOTS:
+            chunks.append(tuple(current))
+            current, used = [], 0
+        current.append((first, last))
+        used += slots
+    chunks.append(tuple(current))
+    return list(chunks)
+
+
+def _size(dimensions: dict[str, list[object]]) -> int:
+    size = 1
+    for values in dimensions.values():
+        size *= len(values)
+    return size
+
+
+def _product(dimensions: dict[str, list[object]]) -> Iterator[dict[str, object]]:
+    keys = list(dimensions)
+
+    def walk(index: int, chosen: dict[str, object]) -> Iterator[dict[str, object]]:
+        if index == len(keys):
+            yield dict(chosen)
+            return
+        for value in dimensions[keys[index]]:
+            chosen[keys[index]] = value
+            yield from walk(index + 1, chosen)
+
+    return walk(0, {})
+
+
+# --- the same rules on one packet, as the kernel applies them ------------------------------------
+
+
+class Probe(NamedTuple):
+    """What the kernel rules look at: addresses as text or bytes, ports, flags, interfaces."""
+
+    family: int
+    proto: int
+    src: bytes
+    dst: bytes
+    sport: int = 0
+    dport: int = 0
+    tcp_flags: int = 0
+    icmp_type: int = -1
+    in_iface: str | None = None
+    out_iface: str | None = None
+
+
+def evaluate(prefilter: Prefilter, probe: Probe, hook: Hook, kernel_new: bool) -> KernelRule | None:
+    """The DROP/REJECT kernel rule that takes `probe`, None when it goes on to nfqfw.
+
+    `kernel_new`: the kernel's conntrack has no entry for the packet (ctstate NEW)."""
+    if probe.proto == PROTO_TCP and any(
+        probe.tcp_flags & mask == comp for mask, comp in prefilter.invalid_tcp_flags
+    ):
+        return KernelRule(KernelMatch(PROTO_TCP), DROP, "invalid: tcp flags")
+    if hook not in HOOKS or not kernel_new or not _first_packet(prefilter, probe):
+        return None
+    if probe.in_iface is not None and _iface_in(probe.in_iface, prefilter.internal_ifaces):
+        return None
+    for rule in prefilter.rules(probe.family, hook):
+        if _matches(rule.match, probe):
+            return None if rule.action == RETURN else rule
+    return None
+
+
+def _first_packet(prefilter: Prefilter, probe: Probe) -> bool:
+    if probe.proto == PROTO_TCP:
+        return probe.tcp_flags & (SYN | ACK | RST | FIN) == SYN
+    if probe.proto == PROTO_UDP:
+        return prefilter.udp
+    return probe.proto == ICMP_OF[probe.family] and probe.icmp_type == ECHO_REQUEST[probe.family]
+
+
+def _iface_in(name: str, patterns: Iterable[str]) -> bool:
+    return any(name.startswith(p[:-1]) if p.endswith("+") else name == p for p in patterns)
+
+
+def _matches(match: KernelMatch, probe: Probe) -> bool:
+    if match.proto != probe.proto:
+        return False
+    for network, raw in ((match.src, probe.src), (match.dst, probe.dst)):
+        if network is not None and ipaddress.ip_address(raw) not in ipaddress.ip_network(network):
+            return False
+    for ranges, port in ((match.dports, probe.dport), (match.sports, probe.sport)):
+        if ranges is not None and not any(first <= port <= last for first, last in ranges):
+            return False
+    for pattern, name in ((match.in_iface, probe.in_iface), (match.out_iface, probe.out_iface)):
+        if pattern is not None and (name is None or not _iface_in(name, (pattern,))):
+            return False
+    return True

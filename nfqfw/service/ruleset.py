@@ -1,0 +1,136 @@
+"""The kernel rules a daemon asks for: its queues, failure mode and the policy's flood protections.
+
+One function builds the QueueSpec for the single daemon and for the supervisor of --workers,
+from the run options and the loaded policy (nfqfw.core.prefilter decides what the kernel may
+drop; nfqfw.firewall renders it). Built again at each reload: the pre-filter follows the rules.
+
+What is not in force yet, and why (logged once at start and reload):
+- `synproxy: true`: the kernel's SYNPROXY shifts the server's sequence numbers; the engine's
+  TCP window tracking does not follow that shift yet (a client's ACKs would look invalid), so
+  the SYNPROXY rules are rendered by the backend but not installed;
+- `offload: established`: the accept verdict does not set the offload bit yet, so the connmark
+  bypass is installed but no flow uses it;
+- UDP in the pre-filter: a reply to a UDP flow restored from a snapshot after a reboot is NEW to
+  the kernel (see nfqfw.core.prefilter); UDP first packets are capped (new-rate), not dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from nfqfw.core.config import PROTO_TCP, PolicyConfig, RuleConfig
+from nfqfw.core.prefilter import KernelMatch, derive
+from nfqfw.firewall import QueueSpec
+from nfqfw.firewall.backend import Protection, Rate, Synproxy
+from nfqfw.service.options import Options
+
+log = logging.getLogger("nfqfw")
+
+OFFLOAD_MARK = 0x20000000  # the connection-mark bit of flows handed to the kernel (offload)
+# Flip when the engine follows SYNPROXY's sequence adjustment (see the module docstring).
+ENGINE_FOLLOWS_SYNPROXY = False
+
+
+def queue_spec(options: Options, config: PolicyConfig, *, bypass: bool) -> QueueSpec:
+    """The rules for `options`' queues and `config`'s protections."""
+    return QueueSpec(
+        options.queue_first,
+        options.queue_last,
+        bypass=bypass,
+        mark=options.mark,
+        protection=protection(options, config),
+    )
+
+
+def protection(options: Options, config: PolicyConfig) -> Protection:
+    opts = config.options
+    prefilter = derive(config, udp=False)
+    rate = opts.new_rate
+    per_source = opts.new_rate_per_source
+    offload = OFFLOAD_MARK if opts.offload == "established" and not OFFLOAD_MARK & options.mark else None
+    synproxy = _synproxy(config) if ENGINE_FOLLOWS_SYNPROXY else ()
+    _log_not_in_force(config)
+    log_limit = opts.log_limit
+    return Protection(
+        prefilter=tuple((family, hook.name, rules) for family, hook, rules in prefilter.chains if rules),
+        first_protocols=tuple((family, prefilter.protocols(family)) for family in (4, 6)),
+        internal_ifaces=prefilter.internal_ifaces,
+        invalid_tcp_flags=prefilter.invalid_tcp_flags,
+        new_first=options.new_queue,
+        new_rate=None if rate is None else Rate(rate.count, rate.period),
+        new_rate_per_source=None if per_source is None else Rate(per_source.count, per_source.period),
+        offload_mark=offload,
+        synproxy=synproxy,
+        log_limit=Rate(log_limit.count, log_limit.period),
+        log_burst=log_limit.burst,
+        reject_rate=max(1, int(options.reject_rate)),
+    )
+
+
+def _synproxy(config: PolicyConfig) -> tuple[Synproxy, ...]:
+    """SYNPROXY for each `synproxy: true` rule, per family and hook (gateway: INPUT)."""
+    found = []
+    external = config.zones.get("external", ())
+    for rule in config.ingress:
+        if not rule.synproxy:
+            continue
+        for family in (4, 6):
+            if rule.family not in (None, family):
+                continue
+            for hook, matches in _synproxy_matches(rule, family, external):
+                if matches:
+                    found.append(Synproxy(family, hook, matches, rule.name))
+    return tuple(found)
+
+
+def _synproxy_matches(
+    rule: RuleConfig, family: int, external: tuple[str, ...]
+) -> list[tuple[str, tuple[KernelMatch, ...]]]:
+    ifaces: list[str | None] = list(rule.in_ifaces or external) or [None]
+    sources: list[str | None] = [None]
+    if rule.src is not None:
+        sources = [str(net) for net in rule.src.networks if net.version == family]
+    ports = rule.dports or None
+    out = []
+    destinations = {
+        "FORWARD": [None]
+        if rule.dst is None
+        else [str(net) for net in rule.dst.networks if net.version == family]
+    }
+    destinations["INPUT"] = [None] if rule.dst is None or rule.dst.gateway else []
+    for hook, dsts in destinations.items():
+        matches = tuple(
+            KernelMatch(PROTO_TCP, src=src, dst=dst, dports=ports, in_iface=iface)
+            for src in sources
+            for dst in dsts
+            for iface in ifaces
+        )
+        out.append((hook, matches))
+    return out
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _log_not_in_force(config: PolicyConfig) -> None:
+    def once(key: str, detail: str, message: str, *args: Any) -> None:
+        if (key, detail) not in _warned:
+            _warned.add((key, detail))
+            log.warning(message, *args)
+
+    for rule in config.ingress:
+        if rule.synproxy and not ENGINE_FOLLOWS_SYNPROXY:
+            once(
+                "synproxy",
+                rule.name,
+                "rule %s: synproxy is not in force yet: nfqfw's TCP tracking does not follow the kernel "
+                "SYNPROXY's sequence adjustment; SYNs to it are capped by new-rate instead",
+                rule.name,
+            )
+    if config.options.offload == "established":
+        once(
+            "offload",
+            "",
+            "offload: established: the kernel bypass is installed, but nfqfw hands no flow over yet",
+        )

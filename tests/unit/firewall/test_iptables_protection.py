@@ -1,0 +1,206 @@
+"""nfqfw.firewall.iptables with flood protections: the exact text, counters, removal of every table."""
+# ruff: noqa: E501  (iptables rules are compared as whole lines)
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from test_iptables import NOTHING, SAVE_INSTALLED, FakeTools
+
+from nfqfw.core.prefilter import KernelMatch, KernelRule
+from nfqfw.firewall import QueueSpec
+from nfqfw.firewall.backend import Protection, Rate, Synproxy
+from nfqfw.firewall.iptables import Iptables, parse_counters, parse_save, render_install, render_remove
+
+PREFILTER = (
+    KernelRule(KernelMatch(6, dst="10.0.0.25/32", dports=((25, 25), (1000, 1010))), "return", "rule mail"),
+    KernelRule(KernelMatch(6, in_iface="wan+"), "reject", "rule wan", "tcp-reset", True),
+    KernelRule(KernelMatch(6), "drop", "default ingress", None, False),
+)
+PROTECTION = Protection(
+    prefilter=((4, "FORWARD", PREFILTER),),
+    first_protocols=((4, (6, 1)), (6, (6, 58))),
+    internal_ifaces=("lan0",),
+    invalid_tcp_flags=((0x03, 0x03),),
+    new_first=1,
+    new_rate=Rate(20000, 1),
+    new_rate_per_source=Rate(600, 60),
+    log_limit=Rate(3, 60),
+    log_burst=10,
+    reject_rate=50,
+)
+INVALID = '-p tcp -m tcp --tcp-flags FIN,SYN FIN,SYN -m comment --comment "invalid: tcp flags" -j DROP'
+
+
+def test_protected_rules_exact_text() -> None:
+    assert render_install(QueueSpec(0, 0, protection=PROTECTION), NOTHING, 4).splitlines() == [
+        "*filter",
+        ":NFQFW-INPUT - [0:0]",
+        ":NFQFW-FORWARD - [0:0]",
+        ":NFQFW-OUTPUT - [0:0]",
+        ":NFQFW-PRE-FORWARD - [0:0]",
+        ":NFQFW-NEW - [0:0]",
+        "-A NFQFW-INPUT -i lo -j RETURN",
+        "-A NFQFW-INPUT -m mark --mark 0x10000000/0x10000000 -j RETURN",
+        f"-A NFQFW-INPUT {INVALID}",
+        "-A NFQFW-INPUT -m conntrack --ctstate NEW -j NFQFW-NEW",
+        "-A NFQFW-INPUT -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
+        "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -j RETURN",
+        f"-A NFQFW-FORWARD {INVALID}",
+        "-A NFQFW-FORWARD -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQFW-PRE-FORWARD",
+        "-A NFQFW-FORWARD -p icmp -m icmp --icmp-type 8 -m conntrack --ctstate NEW -j NFQFW-PRE-FORWARD",
+        "-A NFQFW-FORWARD -m conntrack --ctstate NEW -j NFQFW-NEW",
+        "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
+        "-A NFQFW-OUTPUT -o lo -j RETURN",
+        "-A NFQFW-OUTPUT -m mark --mark 0x10000000/0x10000000 -j RETURN",
+        f"-A NFQFW-OUTPUT {INVALID}",
+        "-A NFQFW-OUTPUT -p tcp -m tcp --tcp-flags RST RST -m conntrack --ctstate RELATED -j RETURN",
+        "-A NFQFW-OUTPUT -p icmp -m icmp --icmp-type 3/3 -m conntrack --ctstate RELATED -j RETURN",
+        "-A NFQFW-OUTPUT -p icmp -m icmp --icmp-type 3/13 -m conntrack --ctstate RELATED -j RETURN",
+        "-A NFQFW-OUTPUT -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
+        "-A NFQFW-PRE-FORWARD -i lan0 -j RETURN",
+        "-A NFQFW-PRE-FORWARD -d 10.0.0.25/32 -p tcp -m multiport --dports 25,1000:1010 -j RETURN",
+        "-A NFQFW-PRE-FORWARD -i wan+ -p tcp -m limit --limit 3/min --limit-burst 10 -j NFQUEUE --queue-num 1",
+        '-A NFQFW-PRE-FORWARD -i wan+ -p tcp -m limit --limit 50/sec --limit-burst 50 -m comment --comment "rule wan" '
+        "-j REJECT --reject-with tcp-reset",
+        '-A NFQFW-PRE-FORWARD -i wan+ -p tcp -m comment --comment "rule wan" -j DROP',
+        '-A NFQFW-PRE-FORWARD -p tcp -m comment --comment "default ingress" -j DROP',
+        *(
+            f"-A NFQFW-NEW -p {proto} -m hashlimit --hashlimit-above 600/min --hashlimit-burst 600 --hashlimit-mode srcip "
+            f"--hashlimit-name nfqfw-{proto} --hashlimit-htable-size 16384 --hashlimit-htable-max 65536 "
+            '--hashlimit-htable-expire 10000 -m comment --comment "new-rate per source" -j DROP'
+            for proto in ("tcp", "udp", "icmp")
+        ),
+        "-A NFQFW-NEW -m hashlimit --hashlimit-above 20000/sec --hashlimit-burst 20000 --hashlimit-name nfqfw-all "
+        '-m comment --comment "new-rate" -j DROP',
+        "-A NFQFW-NEW -j NFQUEUE --queue-num 1",
+        "-I INPUT 1 -j NFQFW-INPUT",
+        "-I FORWARD 1 -j NFQFW-FORWARD",
+        "-I OUTPUT 1 -j NFQFW-OUTPUT",
+        "COMMIT",
+    ]
+
+
+def test_ipv6_gets_icmpv6_guards_and_a_64_bit_source_mask() -> None:
+    protection = replace(PROTECTION, new_first=4)
+    lines = render_install(QueueSpec(2, 3, bypass=True, protection=protection), NOTHING, 6).splitlines()
+    assert ":NFQFW-PRE-FORWARD - [0:0]" not in lines  # no IPv6 pre-filter rules in PROTECTION
+    per_source = [line for line in lines if "--hashlimit-mode srcip" in line]
+    assert [line.split()[3] for line in per_source] == ["tcp", "udp", "ipv6-icmp"]
+    assert all("--hashlimit-srcmask 64" in line for line in per_source)
+    assert "-A NFQFW-NEW -j NFQUEUE --queue-balance 4:5 --queue-bypass" in lines
+    assert (
+        "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-balance 2:3 --queue-bypass"
+        in lines
+    )
+
+
+def test_offload_bypass_and_synproxy() -> None:
+    synproxy = Synproxy(
+        4, "FORWARD", (KernelMatch(6, dst="10.0.0.80/32", dports=((443, 443),), in_iface="wan0"),), "web"
+    )
+    protection = Protection(offload_mark=0x20000000, synproxy=(synproxy,))
+    text = render_install(QueueSpec(0, 0, protection=protection), NOTHING, 4)
+    match = "-d 10.0.0.80/32 -i wan0 -p tcp -m multiport --dports 443"
+    assert text.startswith(
+        "*raw\n:NFQFW-RAW - [0:0]\n"
+        f"-A NFQFW-RAW {match} -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CT --notrack\n"
+        "-I PREROUTING 1 -j NFQFW-RAW\nCOMMIT\n*filter\n"
+    )
+    lines = text.splitlines()
+    forward = [line for line in lines if line.startswith("-A NFQFW-FORWARD")]
+    assert forward == [
+        "-A NFQFW-FORWARD -m mark --mark 0x20000000/0x20000000 -j CONNMARK --save-mark --nfmask 0x20000000 "
+        "--ctmask 0x20000000",
+        "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -j RETURN",
+        "-A NFQFW-FORWARD -m connmark --mark 0x20000000/0x20000000 -j RETURN",
+        f"-A NFQFW-FORWARD {match} -m conntrack --ctstate INVALID,UNTRACKED -j SYNPROXY --sack-perm --timestamp "
+        "--wscale 7 --mss 1460",
+        f'-A NFQFW-FORWARD {match} -m conntrack --ctstate INVALID -m comment --comment "synproxy: invalid" -j DROP',
+        "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
+    ]
+    assert (
+        "-A NFQFW-OUTPUT -s 10.0.0.80/32 -p tcp -m multiport --sports 443 -m tcp --tcp-flags SYN,ACK SYN,ACK "
+        "-m conntrack --ctstate UNTRACKED -j RETURN"
+    ) in lines
+    assert render_install(QueueSpec(0, 0, protection=protection), NOTHING, 6).startswith("*filter\n")
+
+
+SAVE_PROTECTED = """\
+*raw
+:PREROUTING ACCEPT [0:0]
+:NFQFW-RAW - [0:0]
+[5:300] -A PREROUTING -j NFQFW-RAW
+[0:0] -A NFQFW-RAW -p tcp -j CT --notrack
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:NFQFW-FORWARD - [0:0]
+:NFQFW-PRE-FORWARD - [0:0]
+:NFQFW-NEW - [0:0]
+[9:900] -A FORWARD -j NFQFW-FORWARD
+[4:240] -A NFQFW-FORWARD -p tcp -m tcp --tcp-flags FIN,SYN FIN,SYN -m comment --comment "invalid: tcp flags" -j DROP
+[3:180] -A NFQFW-FORWARD -p tcp -m tcp --tcp-flags FIN,ACK FIN -m comment --comment "invalid: tcp flags" -j DROP
+[1:60] -A NFQFW-PRE-FORWARD -p tcp -m limit --limit 3/min --limit-burst 10 -j NFQUEUE --queue-num 1
+[70:4200] -A NFQFW-PRE-FORWARD -p tcp -m comment --comment "default ingress" -j DROP
+[2:120] -A NFQFW-PRE-FORWARD -p tcp -m limit --limit 5/sec -m comment --comment "rule x" -j REJECT --reject-with tcp-reset
+[11:660] -A NFQFW-NEW -m hashlimit --hashlimit-above 5/sec --hashlimit-name nfqfw-all -m comment --comment new-rate -j DROP
+[8:480] -A INPUT -m comment --comment "default ingress" -j DROP
+COMMIT
+"""
+
+
+def test_counters_are_read_from_our_commented_rules() -> None:
+    assert parse_counters(SAVE_PROTECTED) == {
+        "drop invalid: tcp flags": 7,
+        "drop default ingress": 70,
+        "reject rule x": 2,
+        "drop new-rate": 11,
+    }
+    tools = FakeTools({"iptables-save": SAVE_PROTECTED, "ip6tables-save": SAVE_PROTECTED})
+    assert Iptables(run=tools).counters()["drop default ingress"] == 140
+    assert [argv for argv, _ in tools.calls] == [["iptables-save", "-c"], ["ip6tables-save", "-c"]]
+
+
+def test_remove_covers_the_raw_table_and_every_chain() -> None:
+    installed = parse_save(SAVE_PROTECTED)
+    assert installed.raw_chains == {"NFQFW-RAW"} and installed.raw_jumps == ("PREROUTING -j NFQFW-RAW",)
+    assert render_remove(installed) == (
+        "*raw\n-D PREROUTING -j NFQFW-RAW\n-F NFQFW-RAW\n-X NFQFW-RAW\nCOMMIT\n"
+        "*filter\n-D FORWARD -j NFQFW-FORWARD\n"
+        "-F NFQFW-FORWARD\n-F NFQFW-PRE-FORWARD\n-F NFQFW-NEW\n"
+        "-X NFQFW-FORWARD\n-X NFQFW-PRE-FORWARD\n-X NFQFW-NEW\nCOMMIT\n"
+    )
+
+
+def test_plain_install_takes_away_what_protections_left() -> None:
+    text = render_install(QueueSpec(0, 0), parse_save(SAVE_PROTECTED))
+    assert text.startswith("*raw\n-D PREROUTING -j NFQFW-RAW\n-F NFQFW-RAW\n-X NFQFW-RAW\nCOMMIT\n*filter\n")
+    assert text.endswith("-F NFQFW-NEW\n-F NFQFW-PRE-FORWARD\n-X NFQFW-NEW\n-X NFQFW-PRE-FORWARD\nCOMMIT\n")
+
+
+def test_panic_with_protections_is_plain_panic() -> None:
+    spec = QueueSpec(0, 0, panic=True, protection=PROTECTION)
+    assert render_install(spec, parse_save(SAVE_INSTALLED), 4) == render_install(
+        QueueSpec(0, 0, panic=True), parse_save(SAVE_INSTALLED), 4
+    )
+
+
+def test_queues_bound_for_first_packets() -> None:
+    with pytest.raises(ValueError, match="bad queue range for first packets 1:2"):
+        QueueSpec(2, 3, protection=Protection(new_first=1))
+    assert QueueSpec(0, 0, protection=Protection(new_first=1)).bound_queues == (0, 1)
+    assert QueueSpec(2, 3, protection=Protection(new_first=8)).bound_queues == (2, 3, 8, 9)
+    assert QueueSpec(0, 0, protection=Protection()).bound_queues == (0,)
+
+
+def test_installed_reads_both_families() -> None:
+    from test_iptables import SAVE_FRESH
+
+    assert not Iptables(
+        run=FakeTools({"iptables-save": SAVE_FRESH, "ip6tables-save": SAVE_FRESH})
+    ).installed()
+    assert Iptables(
+        run=FakeTools({"iptables-save": SAVE_FRESH, "ip6tables-save": SAVE_PROTECTED})
+    ).installed()
