@@ -52,7 +52,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from run import KERNEL_RULES, cpu_seconds, start_ready, stop  # noqa: E402
+from run import KERNEL_RULES, accept_server, cpu_seconds, start_ready, stop  # noqa: E402
 
 from nfqfw.kernel.queue_info import parse_queue_stats  # noqa: E402
 from nfqfw.lab import daemon_ctl, traffic  # noqa: E402
@@ -95,18 +95,6 @@ KERNEL_SYNPROXY = [
         f"-I FORWARD 2 -p tcp -d {SERVER} --dport {SERVER_PORT} -m conntrack --ctstate INVALID -j DROP",
     ),
 ]
-
-SERVER_CODE = f"""
-import socket, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {SERVER_PORT}))
-s.listen(4096)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    c.close()
-"""
 
 
 class Sampler(threading.Thread):
@@ -327,7 +315,7 @@ def main() -> int:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            server = start_ready(t.lan, SERVER_CODE)
+            server = start_ready(t.lan, accept_server(SERVER_PORT))
             time.sleep(0.3)
             try:
                 for mode in MODES:
