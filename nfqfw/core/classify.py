@@ -41,27 +41,28 @@ IFACE_CACHE_SIZE = 1024  # interface names remembered per dimension (wildcards m
 Ranges = dict[int, list[tuple[int, int]]]  # bit -> inclusive (first, last) value ranges
 Lookup = Callable[[Packet, bool, bool, "str | None", "str | None"], int]
 Rule = TypeVar("Rule")
+Key = TypeVar("Key")
 
 
-class Bitsets:
+class Bitsets(Generic[Key]):
     """Bitsets of `size` bits built bit by bit: a bytearray per key, turned into an int once
     (setting a high bit of an int would copy the whole int every time)."""
 
     def __init__(self, size: int) -> None:
         self._bytes = (size + 7) // 8
-        self._keys: dict[object, bytearray] = {}
+        self._keys: dict[Key, bytearray] = {}
 
-    def add(self, key: object, bit: int) -> None:
+    def add(self, key: Key, bit: int) -> None:
         data = self._keys.get(key)
         if data is None:
             data = self._keys[key] = bytearray(self._bytes)
         data[bit >> 3] |= 1 << (bit & 7)
 
-    def get(self, key: object) -> int:
+    def get(self, key: Key) -> int:
         data = self._keys.get(key)
         return 0 if data is None else int.from_bytes(data, "little")
 
-    def items(self) -> Iterable[tuple[object, int]]:
+    def items(self) -> Iterable[tuple[Key, int]]:
         return ((key, int.from_bytes(data, "little")) for key, data in self._keys.items())
 
 
@@ -138,7 +139,7 @@ class _Builder:
 
     def open_bits(self, constrains: Callable[[RuleConfig], bool]) -> int:
         """The bitset of the rules that leave the field open."""
-        builder = Bitsets(self.size)
+        builder: Bitsets[None] = Bitsets(self.size)
         for bit, rule in self.bits():
             if not constrains(rule):
                 builder.add(None, bit)
@@ -155,7 +156,7 @@ class ProtocolDimension:
     __slots__ = ("table",)
 
     def __init__(self, build: _Builder) -> None:
-        bitsets = Bitsets(build.size)
+        bitsets: Bitsets[tuple[int, bool, int | None]] = Bitsets(build.size)
         for bit, rule in build.bits():
             needs_l4 = rule.dports is not None or rule.sports is not None or rule.icmp_types_v4 is not None
             protocols = (None,) if rule.protocols is None else rule.protocols
@@ -167,10 +168,13 @@ class ProtocolDimension:
         self.table: dict[int, int] = {}
         for family in (4, 6):
             for later in (False, True):
-                any_protocol = bitsets.get((family, later, None))
+                any_protocol = build.intern(bitsets.get((family, later, None)))
                 for proto in range(256):
-                    bits = any_protocol | bitsets.get((family, later, proto))
-                    self.table[family << 9 | later << 8 | proto] = build.intern(bits)
+                    self.table[family << 9 | later << 8 | proto] = any_protocol
+        for (family, later, proto), bits in bitsets.items():
+            if proto is not None:  # a protocol some rule names: its own rules too
+                key = family << 9 | later << 8 | proto
+                self.table[key] = build.intern(self.table[key] | bits)
 
 
 class _AddressDimension:
@@ -180,7 +184,7 @@ class _AddressDimension:
 
     def __init__(self, build: _Builder, field: Callable[[RuleConfig], AddressSet | None]) -> None:
         ranges: dict[int, Ranges] = {4: {}, 6: {}}
-        gateway = Bitsets(build.size)
+        gateway: Bitsets[None] = Bitsets(build.size)
         for bit, rule in build.bits():
             addresses = field(rule)
             if addresses is None:
@@ -261,18 +265,18 @@ class IcmpType:
     __slots__ = ("table",)
 
     def __init__(self, build: _Builder) -> None:
-        bitsets = Bitsets(build.size)
+        bitsets: Bitsets[tuple[int, int]] = Bitsets(build.size)
         for bit, rule in build.bits():
             if rule.icmp_types_v4 is not None:
                 for family, types in ((4, rule.icmp_types_v4), (6, rule.icmp_types_v6 or ())):
                     for icmp_type in types:
                         bitsets.add((family, icmp_type), bit)
-        open_bits = build.open_bits(lambda rule: rule.icmp_types_v4 is not None)
+        open_bits = build.intern(build.open_bits(lambda rule: rule.icmp_types_v4 is not None))
         self.table = {
-            self.key(family, icmp_type): build.intern(open_bits | bitsets.get((family, icmp_type)))
-            for family in (4, 6)
-            for icmp_type in range(-1, 256)
+            self.key(family, icmp_type): open_bits for family in (4, 6) for icmp_type in range(-1, 256)
         }
+        for (family, icmp_type), bits in bitsets.items():
+            self.table[self.key(family, icmp_type)] = build.intern(open_bits | bits)
 
     @staticmethod
     def key(family: int, icmp_type: int) -> int:
@@ -291,7 +295,8 @@ class _InterfaceDimension:
     __slots__ = ("_cache", "_exact", "_open", "_prefixes")
 
     def __init__(self, build: _Builder, field: Callable[[RuleConfig], tuple[str, ...] | None]) -> None:
-        exact, prefixes = Bitsets(build.size), Bitsets(build.size)
+        exact: Bitsets[str] = Bitsets(build.size)
+        prefixes: Bitsets[str] = Bitsets(build.size)
         for bit, rule in build.bits():
             for name in field(rule) or ():
                 if name.endswith("+"):
@@ -299,8 +304,8 @@ class _InterfaceDimension:
                 else:
                     exact.add(name, bit)
         self._open = build.intern(build.open_bits(lambda rule: field(rule) is not None))
-        self._exact: dict[object, int] = dict(exact.items())
-        self._prefixes = tuple((str(prefix), bits) for prefix, bits in prefixes.items())
+        self._exact = dict(exact.items())
+        self._prefixes = tuple(prefixes.items())
         self._cache: dict[str | None, int] = {}
 
     def bits_of(self, name: str | None) -> int:
