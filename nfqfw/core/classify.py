@@ -193,7 +193,10 @@ class _AddressDimension:
                 gateway.add(None, bit)
             for network in addresses.networks:
                 first = int(network.network_address)
-                ranges[network.version].setdefault(bit, []).append((first, first + network.num_addresses - 1))
+                last = (
+                    first + (1 << (network.max_prefixlen - network.prefixlen)) - 1
+                )  # not num_addresses: slow
+                ranges[network.version].setdefault(bit, []).append((first, last))
         open_bits = build.open_bits(lambda rule: field(rule) is not None)
         self.v4 = IntervalMap(ranges[4], open_bits, build.size, build.intern)
         self.v6 = IntervalMap(ranges[6], open_bits, build.size, build.intern)
