@@ -8,6 +8,7 @@
 #   make lab-down   stop nfqfw and remove the lab's namespaces
 #   make bench      the benchmark table (bench/run.py)
 #   make bench-workers  one process for two queues against a worker per queue (bench/workers.py)
+#   make bench-rules    new-flow decisions/s, policy load and reload recheck for 10..10,000 rules
 #   make install    nfqfw on this machine as a gateway service: /opt/nfqfw, /usr/local/bin/nfqfw,
 #                   /etc/nfqfw/policy.yaml (kept if present), the systemd unit
 #   make uninstall  takes away what install put in place, except the policy and saved state
@@ -34,7 +35,7 @@ LINT_PATHS := $(wildcard nfqfw tests bench)
 DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack iputils-ping \
 	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers install uninstall clean
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-rules install uninstall clean
 
 help:
 	@sed -n '1,14s/^# \{0,1\}//p' Makefile
@@ -91,6 +92,9 @@ bench: bootstrap
 
 bench-workers: bootstrap
 	$(BIN)/python bench/workers.py --runs 2
+
+bench-rules: bootstrap
+	$(BIN)/python bench/rule_scaling.py
 
 # --- installing on a gateway -------------------------------------------------------------------
 # DESTDIR stages the files elsewhere (packaging, tests); the paths written into them stay the
