@@ -1,11 +1,21 @@
-"""Bytes per tracked flow, measured with tracemalloc, against the 300 bytes/flow target.
+"""Bytes per tracked flow, and memory under churn, measured with tracemalloc and RSS.
 
-Two separate tables are filled through Engine.process (so confirmation, expiry bookkeeping and
-everything else a real flow costs are included): 50k UDP flows (request + reply, so the flow is
-replied/assured as in real traffic) and 50k TCP flows after a complete three-way handshake.
-Packets are built before tracing starts; only what the engine keeps is counted.
+Per flow: two separate tables are filled through Engine.process (so confirmation, expiry
+bookkeeping and everything else a real flow costs are included): N UDP flows (request + reply,
+so the flow is replied/assured as in real traffic) and N TCP flows after a complete three-way
+handshake. The policy's max-flows is raised to N, so every flow is tracked and the figure is
+bytes per tracked flow. Packets are built before tracing starts; only what the engine keeps is
+counted.
+
+Churn (--churn): a random-source flood of first packets to a port the policy accepts
+(TCP SYNs to 10.0.0.25:25, UDP datagrams to 10.0.0.25:53), 100,000 per second of packet clock,
+into a table of --churn-max-flows: it is full after the first second, and from then on every
+new flow evicts an unassured one (early drop). Traced bytes and the process's RSS are reported
+at each checkpoint, against the same table full without churn: memory must follow max-flows,
+not the number of first packets.
 
     .venv/bin/python bench/flow_memory.py [--flows N] [--breakdown]
+    .venv/bin/python bench/flow_memory.py --churn 1000000,2000000,4000000 [--churn-max-flows 20000]
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nfqfw.core import build  # noqa: E402
-from nfqfw.core.config import load_policy  # noqa: E402
+from nfqfw.core.config import parse_policy  # noqa: E402
 from nfqfw.core.engine import Engine  # noqa: E402
 from nfqfw.core.policy import CompiledPolicy  # noqa: E402
 from nfqfw.core.verdict import Action, Hook, Meta  # noqa: E402
@@ -63,10 +73,19 @@ def tcp_packets(i: int) -> list[tuple[bytes, Meta]]:
     ]
 
 
+def policy_with(max_flows: int, extra_ingress: str = "") -> CompiledPolicy:
+    """config/policy.yaml with max-flows set (and more ingress rules first)."""
+    text = POLICY.read_text().replace(
+        "ingress:                    # first match wins\n", "ingress:\n" + extra_ingress
+    )
+    text += f"\noptions:\n  max-flows: {max_flows}\n"
+    return CompiledPolicy(parse_policy(text, str(POLICY)))
+
+
 def measure(kind: str, flows: int, breakdown: bool = False) -> dict[str, object]:
     maker = udp_packets if kind == "udp" else tcp_packets
     packets = [p for i in range(flows) for p in maker(i)]
-    engine = Engine(CompiledPolicy(load_policy(str(POLICY))))
+    engine = Engine(policy_with(flows + 16))
     # one flow first, so one-time allocations (caches, first dict resize steps) are not counted
     for data, meta in maker(flows + 1):
         engine.process(data, meta, 1.0)
@@ -106,13 +125,82 @@ def measure(kind: str, flows: int, breakdown: bool = False) -> dict[str, object]
     }
 
 
+IN = Meta(Hook.FORWARD, "wan0", "lan0")
+UDP_DNS_RULE = "  - {name: dns-in, proto: udp, to: 10.0.0.25, ports: [53], action: accept}\n"
+RATE = 100_000  # first packets per second of packet clock
+
+
+def first_packet_template(kind: str) -> tuple[bytearray, int]:
+    """One first packet from outside to an accepted port, and the offset of its source address
+    (rewritten per packet: the engine verifies no checksum, so the rest can stay)."""
+    src, dst = build.addr("198.18.0.1"), build.addr("10.0.0.25")
+    if kind == "tcp":
+        data = build.ipv4(src, dst, 6, build.tcp(src, dst, 40000, 25, 1, 0, SYN))
+    else:
+        data = build.ipv4(src, dst, 17, build.udp(src, dst, 40000, 53, b"q" * 20))
+    return bytearray(data), 12
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def churn(kind: str, max_flows: int, checkpoints: list[int]) -> list[dict[str, object]]:
+    """Traced bytes and RSS of a full table, then after each checkpoint's number of first packets."""
+    engine = Engine(policy_with(max_flows, UDP_DNS_RULE))
+    template, at = first_packet_template(kind)
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    rows: list[dict[str, object]] = []
+    sent = 0
+
+    def flood(until: int) -> None:
+        nonlocal sent
+        process, pack = engine.process, struct.Struct("!I").pack_into
+        while sent < until:
+            pack(template, at, 0xC6120000 + sent % 0x00FFFFFF)  # 198.18.0.0/15 and on: new sources
+            process(bytes(template), IN, 1.0 + sent / RATE)
+            sent += 1
+
+    def row(label: str) -> None:
+        gc.collect()
+        conntrack = engine.conntrack
+        rows.append(
+            {
+                "kind": kind,
+                "first_packets": label,
+                "flows": len(conntrack),
+                "early_drops": conntrack.early_drops,
+                "traced_mb": round((tracemalloc.get_traced_memory()[0] - base) / 1e6, 1),
+                "rss_mb": round(rss_bytes() / 1e6, 1),
+                "wheel_entries": conntrack.expiry_entries,
+            }
+        )
+
+    flood(max_flows)
+    row(f"{max_flows:,} (table full, no churn)")
+    for checkpoint in checkpoints:
+        flood(checkpoint)
+        row(f"{checkpoint:,}")
+    tracemalloc.stop()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--flows", type=int, default=50_000)
     parser.add_argument("--breakdown", action="store_true", help="bytes per flow by allocation site")
+    parser.add_argument("--churn", metavar="N,N,...", help="churn mode: first packets at each checkpoint")
+    parser.add_argument("--churn-max-flows", type=int, default=20_000, metavar="N")
     args = parser.parse_args()
+    if args.churn:
+        return main_churn([int(n) for n in args.churn.split(",")], args.churn_max_flows)
     results = [measure("udp", args.flows, args.breakdown), measure("tcp", args.flows, args.breakdown)]
     print(f"{'flows':<28}{'tracked':>9}{'bytes':>13}{'bytes/flow':>12}{'target':>8}  verdict")
     for r in results:
@@ -125,6 +213,27 @@ def main() -> int:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "flow_memory.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def main_churn(checkpoints: list[int], max_flows: int) -> int:
+    results = []
+    print(f"max-flows {max_flows:,}; first packets to an accepted port, {RATE:,}/s of packet clock")
+    columns = (("first packets", -30), ("flows", 8), ("early drops", 13), ("wheel", 9))
+    columns += (("traced MB", 11), ("RSS MB", 9))
+    print(
+        " " * 5 + "".join(name.ljust(-width) if width < 0 else name.rjust(width) for name, width in columns)
+    )
+    for kind in ("tcp", "udp"):
+        for r in churn(kind, max_flows, checkpoints):
+            results.append(r)
+            print(
+                f"{kind.upper():<5}{r['first_packets']:<30}{r['flows']:>8,}{r['early_drops']:>13,}"
+                f"{r['wheel_entries']:>9,}{r['traced_mb']:>11}{r['rss_mb']:>9}"
+            )
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flow_memory_churn.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

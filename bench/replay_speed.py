@@ -249,10 +249,7 @@ def main() -> int:
             time_engine(mix, fast)
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    replay_ok = (ROOT / "nfqfw" / "commands" / "replay.py").exists() and (
-        ROOT / "nfqfw" / "capture.py"
-    ).exists()
-    if replay_ok and not args.no_replay:
+    if not args.no_replay:
         # at least 100k packets; a larger fresh mix rather than repeats (repeats would hit stale flows)
         replay_packets = packets
         if len(packets) < 100_000:

@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from nfqfw.kernel.queue_info import COPY_RANGE  # noqa: E402
 from nfqfw.lab import daemon_ctl  # noqa: E402
-from nfqfw.lab.topology import WAN_V4, Topology, in_ns, run_in  # noqa: E402
+from nfqfw.lab.plan import WAN_V4, Topology  # noqa: E402
+from nfqfw.lab.topology import in_ns, run_in  # noqa: E402
 
 PREFIX = "nfqb-"
 POLICY = ROOT / "config" / "policy.yaml"

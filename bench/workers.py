@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from nfqfw.control.client import call  # noqa: E402
 from nfqfw.lab import daemon_ctl  # noqa: E402
 from nfqfw.lab.daemon_ctl import LabState  # noqa: E402
-from nfqfw.lab.topology import Topology, in_ns, run_in  # noqa: E402
+from nfqfw.lab.plan import Topology  # noqa: E402
+from nfqfw.lab.topology import in_ns, run_in  # noqa: E402
 
 PREFIX = "nfqbw-"
 POLICY = ROOT / "config" / "policy.yaml"

@@ -11,10 +11,11 @@ import importlib
 import sys
 
 from nfqfw import __version__
+from nfqfw.commands import EXIT_USAGE, Exit
 
 COMMANDS = (
     *("check", "explain", "replay", "run", "rules"),
-    *("status", "flows", "flush", "panic", "reload"),  # ask the running daemon (control socket)
+    *("status", "flows", "flush", "panic", "reload", "top"),  # ask the running daemon (control socket)
     "lab",
 )
 
@@ -33,5 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
-        return 2
-    return int(args.func(args))
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except Exit as done:
+        return done.code

@@ -7,7 +7,8 @@ import sys
 import time
 from typing import Any
 
-from nfqfw.core.config import ConfigError, PolicyConfig, load_policy
+from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
+from nfqfw.core.config import ConfigError, ConfigIssue, PolicyConfig, load_policy
 from nfqfw.core.policy import CompiledPolicy
 
 
@@ -20,34 +21,61 @@ def register(subparsers: Any) -> None:
         "FILE:LINE:COL: message on stderr and exits with 1.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
+    add_json_option(parser, "one object per file (file, ok, counts or errors) in a list")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    status = 0
-    for path in args.files:
-        try:
-            config = load_policy(path)
-            started = time.perf_counter()
-            CompiledPolicy(config)  # compiling must work too, as the daemon will do it
-            seconds = time.perf_counter() - started
-        except ConfigError as err:
-            for issue in err.issues:
-                print(issue, file=sys.stderr)
-            count = len(err.issues)
-            print(f"{path}: {count} error{'s' if count != 1 else ''}", file=sys.stderr)
-            status = 1
-        else:
-            print(summary(path, config, seconds))
-    return status
+    results = [check_file(path) for path in args.files]
+    if args.json:
+        print_json(results)
+    else:
+        for result in results:
+            print_result(result)
+    return EXIT_OK if all(result["ok"] for result in results) else EXIT_FAILURE
 
 
-def summary(path: str, config: PolicyConfig, compile_seconds: float) -> str:
-    zones = sum(1 for names in config.zones.values() if names)
-    counts = f"zones: {zones}, ingress rules: {len(config.ingress)}, egress rules: {len(config.egress)}"
-    rules = len(config.ingress) + len(config.egress)
-    compiled = f"{rules} rule{'s' if rules != 1 else ''} compiled in {duration(compile_seconds)}"
-    return f"{path}: OK ({counts}), {compiled}"
+def check_file(path: str) -> dict[str, Any]:
+    """{"file", "ok": true, "zones", "ingress_rules", "egress_rules", "rules", "compile_seconds"}
+    or {"file", "ok": false, "errors": [{"file", "line", "col", "message"}]}."""
+    try:
+        config = load_policy(path)
+        started = time.perf_counter()
+        CompiledPolicy(config)  # compiling must work too, as the daemon will do it
+        seconds = time.perf_counter() - started
+    except ConfigError as err:
+        return {"file": path, "ok": False, "errors": [issue._asdict() for issue in err.issues]}
+    return {"file": path, "ok": True, **counts(config), "compile_seconds": round(seconds, 6)}
+
+
+def counts(config: PolicyConfig) -> dict[str, int]:
+    return {
+        "zones": sum(1 for names in config.zones.values() if names),
+        "ingress_rules": len(config.ingress),
+        "egress_rules": len(config.egress),
+        "rules": len(config.ingress) + len(config.egress),
+    }
+
+
+def print_result(result: dict[str, Any]) -> None:
+    path = result["file"]
+    if result["ok"]:
+        print(summary(path, result))
+        return
+    for issue in result["errors"]:
+        print(ConfigIssue(**issue), file=sys.stderr)
+    count = len(result["errors"])
+    print(f"{path}: {count} error{'s' if count != 1 else ''}", file=sys.stderr)
+
+
+def summary(path: str, counted: dict[str, Any]) -> str:
+    numbers = (
+        f"zones: {counted['zones']}, ingress rules: {counted['ingress_rules']}, "
+        f"egress rules: {counted['egress_rules']}"
+    )
+    rules = counted["rules"]
+    compiled = f"{rules} rule{'s' if rules != 1 else ''} compiled in {duration(counted['compile_seconds'])}"
+    return f"{path}: OK ({numbers}), {compiled}"
 
 
 def duration(seconds: float) -> str:

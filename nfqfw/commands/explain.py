@@ -12,10 +12,12 @@ import struct
 import sys
 from typing import Any
 
+from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
 from nfqfw.commands.replay import derive_hook, load_compiled
 from nfqfw.core import build
 from nfqfw.core.config import ICMP_TYPES
 from nfqfw.core.engine import Engine
+from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from nfqfw.core.verdict import Hook, Meta, Verdict
 
 TCP_FLAG_LETTERS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
@@ -46,6 +48,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--flags", default="S", help="TCP flags from S A F R P U E C (default S)")
     parser.add_argument("--icmp-type", default="echo-request", metavar="NAME|N", help="default echo-request")
     parser.add_argument("--hook", choices=tuple(HOOKS), help="default: from the policy's gateway-addresses")
+    add_json_option(parser, "the verdict (verdict, conntrack, decided_by, why, reject_with, hook)")
     parser.set_defaults(func=run)
 
 
@@ -103,16 +106,14 @@ def build_packet(args: argparse.Namespace) -> bytes:
         if args.proto == "tcp":
             flags = tcp_flags(args.flags)
             segment = build.tcp(src, dst, sport, dport, seq=1000, ack=1 if flags & 0x10 else 0, flags=flags)
-            return _ip(src, dst, build.PROTO_TCP, segment)
-        return _ip(src, dst, build.PROTO_UDP, build.udp(src, dst, sport, dport))
+            return _ip(src, dst, PROTO_TCP, segment)
+        return _ip(src, dst, PROTO_UDP, build.udp(src, dst, sport, dport))
     if args.proto == "icmpv6" and family == 4:
         raise ExplainError("icmpv6 needs IPv6 addresses")
     type_ = icmp_type(args.icmp_type, family)
     if family == 4:
-        return _ip(src, dst, build.PROTO_ICMP, build.icmp(type_, 0, ECHO_ID_SEQ))
-    return _ip(
-        src, dst, build.PROTO_ICMPV6, build.icmpv6(src, dst, type_, 0, struct.pack("!HH", *ECHO_ID_SEQ))
-    )
+        return _ip(src, dst, PROTO_ICMP, build.icmp(type_, 0, ECHO_ID_SEQ))
+    return _ip(src, dst, PROTO_ICMPV6, build.icmpv6(src, dst, type_, 0, struct.pack("!HH", *ECHO_ID_SEQ)))
 
 
 def _ip(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:
@@ -127,29 +128,35 @@ def decided_by(verdict: Verdict) -> str:
     return f"conntrack ({verdict.ct.value})"
 
 
+def explained(verdict: Verdict) -> dict[str, str | None]:
+    return {
+        "verdict": verdict.action.value,
+        "conntrack": verdict.ct.value,
+        "decided_by": decided_by(verdict),
+        "why": verdict.reason,
+        "reject_with": verdict.reject_with,
+    }
+
+
 def report(verdict: Verdict) -> str:
-    lines = [
-        f"verdict: {verdict.action.value}",
-        f"conntrack: {verdict.ct.value}",
-        f"decided by: {decided_by(verdict)}",
-        f"why: {verdict.reason}",
-    ]
-    if verdict.reject_with:
-        lines.append(f"reject with: {verdict.reject_with}")
+    lines = [f"{key.replace('_', ' ')}: {value}" for key, value in explained(verdict).items() if value]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     policy = load_compiled(args.config)
     if policy is None:
-        return 1
+        return EXIT_FAILURE
     try:
         packet = build_packet(args)
     except (ExplainError, ValueError) as err:
         print(f"nfqfw explain: {err}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     hook = HOOKS[args.hook] if args.hook else derive_hook(packet, policy.gateway_addresses)
     meta = Meta(hook, in_iface=args.in_iface if hook != Hook.OUTPUT else None)
     verdict = Engine(policy).process(packet, meta, now=0.0)
-    print(report(verdict))
-    return 0
+    if args.json:
+        print_json({**explained(verdict), "hook": hook.name})
+    else:
+        print(report(verdict))
+    return EXIT_OK

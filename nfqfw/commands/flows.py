@@ -4,12 +4,12 @@ per flow like `conntrack -L` (original direction), with the rule that admitted i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from nfqfw.control.client import add_runtime_dir_option, ask
+from nfqfw.commands import EXIT_OK, add_json_option, ask, print_json
+from nfqfw.control.client import add_runtime_dir_option
 from nfqfw.control.flowlist import STATES, FilterError, FlowFilter, parse_addr, parse_proto, parse_state
 from nfqfw.control.format import format_flows
 
@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
         "of the original direction, [UNREPLIED]/[ASSURED], the rule that admitted it. A summary goes "
         "to stderr.",
     )
-    parser.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
+    add_json_option(parser, "the daemon's answer")
     add_filter_options(parser)
     add_runtime_dir_option(parser)
     parser.set_defaults(func=run)
@@ -57,13 +57,11 @@ def _checked(parse: Callable[[str], object]) -> Callable[[str], object]:
 
 def run(args: argparse.Namespace) -> int:
     result = ask("flows", args, {"cmd": "flows", **filter_fields(args)})
-    if result is None:
-        return 1
     if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
+        print_json(result)
+        return EXIT_OK
     lines, summary = format_flows(result)
     for line in lines:
         print(line)
     print(summary, file=sys.stderr)
-    return 0
+    return EXIT_OK

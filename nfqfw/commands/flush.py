@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from nfqfw.commands import EXIT_OK, add_json_option, ask, print_json
 from nfqfw.commands.flows import add_filter_options, filter_fields
-from nfqfw.control.client import add_runtime_dir_option, ask
+from nfqfw.control.client import add_runtime_dir_option
 from nfqfw.control.format import format_flush
 
 
@@ -22,13 +23,15 @@ def register(subparsers: Any) -> None:
         "print how many. A flushed TCP connection is cut (strict pick-up: its next segment is INVALID).",
     )
     add_filter_options(parser)
+    add_json_option(parser, "the daemon's answer (removed, tracked)")
     add_runtime_dir_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     result = ask("flush", args, {"cmd": "flush", **filter_fields(args)})
-    if result is None:
-        return 1
-    print(format_flush(result))
-    return 0
+    if args.json:
+        print_json(result)
+    else:
+        print(format_flush(result))
+    return EXIT_OK

@@ -7,9 +7,8 @@ import os
 import sys
 from typing import Any
 
-from nfqfw.lab import topology
-from nfqfw.lab.daemon_ctl import LabState, down, up
-from nfqfw.lab.topology import DEFAULT_PREFIX, LabError
+from nfqfw.lab import plan
+from nfqfw.lab.plan import DEFAULT_PREFIX, LabError
 
 
 def register(subparsers: Any) -> None:
@@ -18,7 +17,7 @@ def register(subparsers: Any) -> None:
         help="build a network-namespace lab and run nfqfw in it",
         description="Three network namespaces (outside host, gateway, inside host) with nfqfw "
         "filtering the gateway's traffic. Needs root. Never touches the root namespace.\n\n"
-        + topology.picture(DEFAULT_PREFIX),
+        + plan.picture(DEFAULT_PREFIX),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -66,6 +65,8 @@ def _not_root(action: str) -> bool:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    from nfqfw.lab.daemon_ctl import up  # pyroute2: loaded only when the lab runs
+
     if _not_root("up"):
         return 1
     if not args.no_daemon and not args.policy:
@@ -77,7 +78,7 @@ def run_up(args: argparse.Namespace) -> int:
     except LabError as err:
         print(f"nfqfw lab up: {err}", file=sys.stderr)
         return 1
-    print(topology.picture(args.prefix))
+    print(plan.picture(args.prefix))
     print()
     if lab.daemon is not None:
         print(
@@ -85,7 +86,7 @@ def run_up(args: argparse.Namespace) -> int:
         )
     else:
         print("no nfqfw running (--no-daemon)")
-    print(f"try: ip netns exec {lab.topology.lan} ping -c1 {topology.WAN_V4}")
+    print(f"try: ip netns exec {lab.topology.lan} ping -c1 {plan.WAN_V4}")
     if lab.daemon is not None:
         print(f"look: nfqfw status --runtime-dir {lab.state.runtime_dir}  (flows, flush, panic, reload too)")
     print(f"stop: nfqfw lab down --prefix {args.prefix}")
@@ -93,6 +94,8 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
+    from nfqfw.lab.daemon_ctl import LabState, down  # pyroute2: loaded only when the lab runs
+
     if _not_root("down"):
         return 1
     try:

@@ -1,6 +1,6 @@
 """`nfqfw panic on|off`: drop everything but loopback (in the kernel), or stop doing so.
 
-The running daemon replaces its queue rules by DROP rules in its own chains (nfqfw.firewall.iptables), so
+The running daemon replaces its queue rules by DROP rules in its own chains (nfqfw.firewall), so
 panic holds under a flood and while no daemon runs; a restarted daemon keeps it; a reboot,
 `nfqfw panic off` or `nfqfw rules remove` ends it.
 
@@ -16,9 +16,10 @@ import argparse
 import sys
 from typing import Any
 
+from nfqfw.commands import EXIT_FAILURE, EXIT_NO_DAEMON, EXIT_OK, EXIT_USAGE, add_json_option, print_json
 from nfqfw.control.client import ClientError, NoDaemon, add_runtime_dir_option, call
 from nfqfw.control.format import format_panic
-from nfqfw.firewall import iptables as rules
+from nfqfw.firewall import QueueSpec, RulesError, backend_named
 
 
 def register(subparsers: Any) -> None:
@@ -36,6 +37,7 @@ def register(subparsers: Any) -> None:
         help="with no daemon running: put panic mode's DROP rules into this network namespace's "
         "kernel tables directly (on only)",
     )
+    add_json_option(parser, "the outcome (panic, changed, and no_daemon with --no-daemon)")
     add_runtime_dir_option(parser)
     parser.set_defaults(func=run)
 
@@ -47,12 +49,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = call(args.runtime_dir, {"cmd": "panic", "on": on})
     except ClientError as err:
-        no_daemon = on and isinstance(err, NoDaemon)
-        hint = "; 'nfqfw panic on --no-daemon' drops everything without it" if no_daemon else ""
+        no_daemon = isinstance(err, NoDaemon)
+        hint = "; 'nfqfw panic on --no-daemon' drops everything without it" if no_daemon and on else ""
         print(f"nfqfw panic: {err}{hint}", file=sys.stderr)
-        return 1
-    print(format_panic(result))
-    return 0
+        return EXIT_NO_DAEMON if no_daemon else EXIT_FAILURE
+    if args.json:
+        print_json(result)
+    else:
+        print(format_panic(result))
+    return EXIT_OK
 
 
 def _without_daemon(args: argparse.Namespace, on: bool) -> int:
@@ -62,18 +67,23 @@ def _without_daemon(args: argparse.Namespace, on: bool) -> int:
             "which keeps panic mode on, then run 'nfqfw panic off'; or 'nfqfw rules remove'",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
     try:
         call(args.runtime_dir, {"cmd": "status"}, timeout=5.0)
     except ClientError:
         pass  # none, or one that does not answer (wedged): as good as none here
     else:
         print("nfqfw panic: a daemon answers; run 'nfqfw panic on' without --no-daemon", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
-        rules.install(rules.QueueSpec(panic=True))
-    except rules.RulesError as err:
+        backend = backend_named()
+        was = backend.panic_installed()
+        backend.install(QueueSpec(panic=True))
+    except RulesError as err:
         print(f"nfqfw panic: {err}", file=sys.stderr)
-        return 1
-    print("panic mode on (no daemon, kernel rules set directly): everything but loopback is dropped")
-    return 0
+        return EXIT_FAILURE
+    if args.json:
+        print_json({"panic": True, "changed": not was, "no_daemon": True})
+    else:
+        print("panic mode on (no daemon, kernel rules set directly): everything but loopback is dropped")
+    return EXIT_OK

@@ -1,12 +1,16 @@
-"""`nfqfw rules show|remove`: look at or take away nfqfw's iptables/ip6tables rules."""
+"""`nfqfw rules show|remove [--json]`: look at or take away nfqfw's iptables/ip6tables rules."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
-from nfqfw.firewall import iptables as rules
+from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
+from nfqfw.firewall import RulesError, backend_named
+
+SECTION = re.compile(r"^# IPv(\d+) \(")  # the head of a family in Firewall.show()
 
 
 def register(subparsers: Any) -> None:
@@ -18,27 +22,50 @@ def register(subparsers: Any) -> None:
         "(traffic then bypasses nfqfw). Nothing else in the tables is touched.",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("show", help="print nfqfw's chains and jumps").set_defaults(func=show)
-    actions.add_parser("remove", help="remove nfqfw's chains and jumps").set_defaults(func=remove)
+    show_parser = actions.add_parser("show", help="print nfqfw's chains and jumps")
+    add_json_option(show_parser, 'the rules by family ({"ipv4": [lines], "ipv6": [lines]})')
+    show_parser.set_defaults(func=show)
+    remove_parser = actions.add_parser("remove", help="remove nfqfw's chains and jumps")
+    add_json_option(remove_parser, 'the families whose rules were removed ({"removed": [4, 6]})')
+    remove_parser.set_defaults(func=remove)
 
 
 def show(args: argparse.Namespace) -> int:
     try:
-        sys.stdout.write(rules.show())
-    except rules.RulesError as err:
+        text = backend_named().show()
+    except RulesError as err:
         print(f"nfqfw: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILURE
+    if args.json:
+        print_json(rules_by_family(text))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def rules_by_family(text: str) -> dict[str, list[str]]:
+    """Firewall.show()'s text as {"ipv4": [rule lines], "ipv6": [...]} (comments left out)."""
+    families: dict[str, list[str]] = {}
+    lines: list[str] = []
+    for line in text.splitlines():
+        head = SECTION.match(line)
+        if head:
+            lines = families.setdefault(f"ipv{head.group(1)}", [])
+        elif line and not line.startswith("#"):
+            lines.append(line)
+    return families
 
 
 def remove(args: argparse.Namespace) -> int:
     try:
-        removed = rules.remove()
-    except rules.RulesError as err:
+        removed = backend_named().remove()
+    except RulesError as err:
         print(f"nfqfw: {err}", file=sys.stderr)
-        return 1
-    if removed:
+        return EXIT_FAILURE
+    if args.json:
+        print_json({"removed": removed})
+    elif removed:
         print("removed nfqfw rules for " + " and ".join(f"IPv{family}" for family in removed))
     else:
         print("no nfqfw rules to remove")
-    return 0
+    return EXIT_OK

@@ -7,11 +7,11 @@ import sys
 from typing import Any
 
 from nfqfw.control.protocol import DEFAULT_RUNTIME_DIR, SOCKET_NAME
-from nfqfw.firewall import iptables as rules
+from nfqfw.firewall import DEFAULT_MARK
 from nfqfw.kernel import queue_info
-from nfqfw.observe import metrics
-from nfqfw.service import statedir as statefile
-from nfqfw.service.daemon import Options, run_daemon, setup_logging
+from nfqfw.observe import endpoint
+from nfqfw.service import statedir
+from nfqfw.service.options import Options
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -43,9 +43,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--mark",
         type=_mark,
-        default=rules.DEFAULT_MARK,
+        default=DEFAULT_MARK,
         metavar="BITS",
-        help=f"mark bit(s) set on accepted packets so they pass our rule (default 0x{rules.DEFAULT_MARK:x})",
+        help=f"mark bit(s) set on accepted packets so they pass our rule (default 0x{DEFAULT_MARK:x})",
     )
     parser.add_argument(
         "--max-len",
@@ -70,24 +70,24 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--state-dir",
-        default=statefile.DEFAULT_STATE_DIR,
+        default=statedir.DEFAULT_STATE_DIR,
         metavar="DIR",
-        help=f"where the flow table is saved across restarts (default {statefile.DEFAULT_STATE_DIR})",
+        help=f"where the flow table is saved across restarts (default {statedir.DEFAULT_STATE_DIR})",
     )
     parser.add_argument(
         "--snapshot-interval",
         type=_seconds,
-        default=statefile.DEFAULT_SNAPSHOT_INTERVAL,
+        default=statedir.DEFAULT_SNAPSHOT_INTERVAL,
         metavar="SECONDS",
         help="save the flow table this often, so a crash loses at most the flows of the last SECONDS; "
-        f"0: only at stop (default {statefile.DEFAULT_SNAPSHOT_INTERVAL:g})",
+        f"0: only at stop (default {statedir.DEFAULT_SNAPSHOT_INTERVAL:g})",
     )
     parser.add_argument(
         "--metrics",
         type=_metrics_address,
         metavar="[ADDR:]PORT",
         help="serve Prometheus metrics on http://ADDR:PORT/metrics (off by default; ADDR defaults to "
-        f"127.0.0.1 and must be a loopback address, e.g. 127.0.0.1:{metrics.DEFAULT_PORT} or [::1]:PORT)",
+        f"127.0.0.1 and must be a loopback address, e.g. 127.0.0.1:{endpoint.DEFAULT_PORT} or [::1]:PORT)",
     )
     parser.add_argument(
         "--metrics-allow-remote",
@@ -116,6 +116,13 @@ def run(args: argparse.Namespace) -> int:
     if args.workers and not args.queue_balance:
         print("nfqfw: --workers needs --queue-balance A:B (one worker per queue)", file=sys.stderr)
         return 2
+    try:  # the daemon's modules need the C binding and pyroute2 (pip install 'nfqfw[daemon]')
+        from nfqfw.service.daemon import run_daemon
+    except ImportError as err:
+        print(f"nfqfw run: {err.name or err} is not installed: pip install 'nfqfw[daemon]'", file=sys.stderr)
+        return 1
+    from nfqfw.observe.logsetup import setup_logging
+
     setup_logging(args.log_level)
     first, last = args.queue_balance or ((args.queue, args.queue) if args.queue is not None else (0, 0))
     options = Options(
@@ -142,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _metrics_address(text: str) -> tuple[str, int]:
     try:
-        return metrics.parse_address(text)
+        return endpoint.parse_address(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

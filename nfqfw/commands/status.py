@@ -1,12 +1,14 @@
-"""`nfqfw status [--json]`: what the running daemon is doing (asked over its control socket)."""
+"""`nfqfw status [--json | --quiet]`: what the running daemon is doing (asked over its control
+socket). For monitoring: exit code 0 when a daemon answers, 3 when none runs, 1 when one does not
+answer properly (nfqfw.commands)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from nfqfw.control.client import add_runtime_dir_option, ask
+from nfqfw.commands import EXIT_OK, add_json_option, ask, print_json
+from nfqfw.control.client import add_runtime_dir_option
 from nfqfw.control.format import format_status
 
 
@@ -17,14 +19,19 @@ def register(subparsers: Any) -> None:
         description="Uptime, policy file and its sha256, the last reload, flows by protocol and state, "
         "table usage, verdicts by reason and rule, adapter and kernel queue counters, failure mode, panic.",
     )
-    parser.add_argument("--json", action="store_true", help="the daemon's answer as JSON")
+    output = parser.add_mutually_exclusive_group()
+    add_json_option(output, "the daemon's answer")
+    output.add_argument(
+        "--quiet", "-q", action="store_true", help="print nothing: the exit code says it (0 running, 3 not)"
+    )
     add_runtime_dir_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     status = ask("status", args, {"cmd": "status"})
-    if status is None:
-        return 1
-    print(json.dumps(status, indent=2) if args.json else "\n".join(format_status(status)))
-    return 0
+    if args.json:
+        print_json(status)
+    elif not args.quiet:
+        print("\n".join(format_status(status)))
+    return EXIT_OK

@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import socket
-import sys
 from typing import Any
 
 from nfqfw.control.protocol import DEFAULT_RUNTIME_DIR, SOCKET_NAME, UNIX_PATH_MAX, socket_path
@@ -95,12 +94,3 @@ def add_runtime_dir_option(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"the daemon's --runtime-dir, where its {SOCKET_NAME} is (default {DEFAULT_RUNTIME_DIR})",
     )
-
-
-def ask(command: str, args: argparse.Namespace, request: dict[str, Any]) -> Any | None:
-    """The daemon's result, or None after printing `nfqfw COMMAND: why` on stderr."""
-    try:
-        return call(args.runtime_dir, request)
-    except ClientError as err:
-        print(f"nfqfw {command}: {err}", file=sys.stderr)
-        return None

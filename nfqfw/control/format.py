@@ -193,3 +193,86 @@ def format_workers(status: dict[str, Any]) -> list[str]:
             text += f", POLICY DIFFERS: {worker['policy_sha256'][:12]}…"
         lines.append(text)
     return lines
+
+
+# --- top --------------------------------------------------------------------------------------
+
+TOP_SECTION_MIN = 3  # rows each table keeps however small the terminal
+
+
+def _rate(now: int, before: int | None, seconds: float) -> str:
+    if before is None or seconds <= 0:
+        return "-"
+    return f"{max(0, now - before) / seconds:.1f}"
+
+
+def _action_total(verdicts: dict[str, int], action: str) -> int:
+    return sum(count for key, count in verdicts.items() if key.split(" ", 1)[0] == action)
+
+
+def format_top(
+    before: dict[str, Any] | None, status: dict[str, Any], seconds: float, height: int = 24
+) -> list[str]:
+    """One screen of `nfqfw top` from two status answers `seconds` apart (`before` None: the
+    first, rates unknown): verdict rates by reason and rule, flows by state, the top talkers
+    by flows, and the kernel queue's pressure."""
+    old = before["verdicts"] if before else {}
+    verdicts = status["verdicts"]
+    flows = status["flows"]
+    share = 100.0 * flows["total"] / flows["max"] if flows["max"] else 0.0
+    totals = {
+        action: _rate(
+            _action_total(verdicts, action), _action_total(old, action) if before else None, seconds
+        )
+        for action in ("accept", "drop", "reject")
+    }
+    lines = [
+        f"nfqfw top: pid {status['pid']}, up {duration(status['uptime'])}, queue {status['queue']}, "
+        f"failure mode {status['failure_mode']}, panic {'ON' if status['panic'] else 'off'}   (q quits)",
+        f"flows {flows['total']} of {flows['max']} ({share:.1f}%)   packets/s: accept {totals['accept']}, "
+        f"drop {totals['drop']}, reject {totals['reject']}",
+    ]
+    old_queues = {q["queue"]: q for q in before["kernel_queues"]} if before else {}
+    for queue in status["kernel_queues"]:
+        was = old_queues.get(queue["queue"])
+        full = _rate(queue["queue_dropped"], was and was["queue_dropped"], seconds)
+        socket_full = _rate(queue["user_dropped"], was and was["user_dropped"], seconds)
+        lines.append(
+            f"queue {queue['queue']}: {queue['waiting']} waiting, dropped/s {full} (queue full), "
+            f"{socket_full} (socket buffer full)"
+        )
+    rates = sorted(
+        (
+            (key, _rate(count, old.get(key, 0) if before else None, seconds))
+            for key, count in verdicts.items()
+        ),
+        key=lambda item: (-float(item[1]) if item[1] != "-" else 0.0, item[0]),
+    )
+    states = sorted(
+        (
+            (f"{proto} {state}", count)
+            for proto, by in flows["by_proto"].items()
+            for state, count in by.items()
+        ),
+        key=lambda item: (-item[1], item[0]),
+    )
+    talkers = status.get("talkers")
+    room = max(TOP_SECTION_MIN, (height - len(lines) - 7) // 3)
+    lines += ["", "VERDICTS/s by reason and rule"]
+    lines += _columns(rates[:room]) or ["  (none)"]
+    lines += ["", "FLOWS by state"]
+    lines += _columns(states[:room]) or ["  (none)"]
+    lines += ["", "TOP TALKERS by flows (either end)"]
+    if talkers is None:
+        lines.append("  (not reported by this daemon)")
+    else:
+        lines += _columns([(t["addr"], t["flows"]) for t in talkers[:room]]) or ["  (none)"]
+    return lines
+
+
+def _columns(rows: list[tuple[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    width = max(len(name) for name, _ in rows)
+    numbers = max(len(str(value)) for _, value in rows)
+    return [f"  {name:<{width}}  {value!s:>{numbers}}" for name, value in rows]

@@ -1,8 +1,16 @@
-"""What a daemon answers on its control socket: status, flows, flush, metrics, panic, reload.
+"""What a service answers on its control socket: status, flows, flush, metrics, panic, reload.
 
-`Requests` turns a request of nfqfw.control.protocol into answer chunks, reading the daemon's
-engine and adapter; `answer_panic`, `answer_reload`, `command_of` and `filter_of` are shared
-with the supervisor, which answers the same commands for its workers.
+`Requests` is the one request handler of every service's ControlServer (the single daemon, a
+worker, the supervisor of workers: nfqfw.service.core.ServiceCore). It checks the command and
+its arguments once and asks the service; each answer is built in one place. The answers a
+daemon computes from its own engine (its status counts, flow list, flush) are the functions
+below `Requests`; a supervisor answers the same questions by asking its workers and merging
+their answers (nfqfw.service.supervision).
+
+To add a command: name it in nfqfw.control.protocol.COMMANDS, add a `_<command>` method to
+`Requests`, and give the service what that asks for: on ServiceCore when every process answers
+alike, else on Daemon (from its engine) and Supervisor (fanned out to the workers, merged).
+The client side is nfqfw.commands and nfqfw.control.format.
 """
 
 from __future__ import annotations
@@ -10,119 +18,77 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from nfqfw import __version__
-from nfqfw.control.flowlist import FilterError, FlowFilter, census, flow_record, select_flows
+from nfqfw.control.flowlist import FilterError, FlowFilter, census, flow_record, select_flows, talkers
 from nfqfw.control.protocol import COMMANDS, FLOWS_PER_CHUNK, Chunks, RequestError, ok
 from nfqfw.kernel.queue_info import read_queue_stats
 
 log = logging.getLogger(__name__)
 
+MAX_TALKERS = 100  # `status` with "talkers": N lists at most this many addresses
 
-class RulesOwner(Protocol):
-    """Who answers panic and reload requests: the daemon, or the supervisor of its workers."""
 
-    spec: Any
+class Service(Protocol):
+    """What the requests need of a service (nfqfw.service.core.ServiceCore)."""
+
+    spec: Any  # .panic: the panic mode the kernel rules have
     last_reload: Any  # a dataclass, or None
 
-    def reload(self, trigger: str = ...) -> bool: ...
+    def request_refusal(self) -> str | None: ...
+    def status(self, talkers: int | None = None) -> dict[str, Any]: ...
+    def flows(self, request: dict[str, Any], selection: FlowFilter) -> Chunks: ...
+    def flush(self, request: dict[str, Any], selection: FlowFilter) -> dict[str, Any]: ...
+    def metric_records(self) -> list[Any]: ...
     def set_panic(self, on: bool) -> bool: ...
-
-
-class DaemonLike(RulesOwner, Protocol):
-    """What the requests need of nfqfw.service.daemon.Daemon."""
-
-    options: Any  # .config: the policy file
-    engine: Any
-    adapter: Any
-    fail_open: bool
-    started: float  # wall clock
-    started_mono: float  # daemon clock
-    clock: Callable[[], float]
-
-    def metric_records(self) -> list[Any] | None: ...
+    def reload(self, trigger: str = ...) -> bool: ...
 
 
 class Requests:
-    """The request handler of the daemon's ControlServer: {"cmd": ...} -> answer chunks."""
+    """The request handler of a service's ControlServer: {"cmd": ...} -> answer chunks."""
 
-    def __init__(self, daemon: DaemonLike) -> None:
-        self.daemon = daemon
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
     def __call__(self, request: dict[str, Any]) -> Chunks:
-        return getattr(self, f"_{command_of(request)}")(request)
+        command = command_of(request)
+        refusal = self.service.request_refusal()
+        if refusal is not None:
+            raise RequestError(refusal)
+        return getattr(self, f"_{command}")(request)  # type: ignore[no-any-return]
 
     def _status(self, request: dict[str, Any]) -> Chunks:
-        return iter([ok(self.status())])
+        wanted = request.get("talkers")  # nfqfw top: the addresses in the most flows
+        if wanted is not None and (
+            not isinstance(wanted, int) or isinstance(wanted, bool) or not 0 < wanted <= MAX_TALKERS
+        ):
+            raise RequestError(f'status: "talkers" must be a number 1-{MAX_TALKERS}')
+        return iter([ok(self.service.status(talkers=wanted))])
 
     def _flows(self, request: dict[str, Any]) -> Chunks:
-        conntrack, now = self._conntrack_now()
-        flows = select_flows(conntrack, filter_of(request), now)
-        return _stream_flows(flows, conntrack, len(conntrack), conntrack.max_flows, self.daemon.clock)
+        return self.service.flows(request, filter_of(request))
 
     def _flush(self, request: dict[str, Any]) -> Chunks:
-        conntrack, now = self._conntrack_now()
-        flows = select_flows(conntrack, filter_of(request), now)
-        for flow in flows:
-            conntrack.remove(flow)
-        if flows:
-            log.info("control: flushed %d flows (%s)", len(flows), _describe(request))
-        return iter([ok({"removed": len(flows), "tracked": len(conntrack)})])
+        return iter([ok(self.service.flush(request, filter_of(request)))])
 
     def _metrics(self, request: dict[str, Any]) -> Chunks:
-        records = self.daemon.metric_records()
-        if records is None:
-            raise RequestError("metrics: not collected (a worker of nfqfw run --workers --metrics answers)")
-        return iter([ok({"families": records})])
+        return iter([ok({"families": self.service.metric_records()})])
 
     def _panic(self, request: dict[str, Any]) -> Chunks:
-        return iter([ok(answer_panic(request, self.daemon))])
+        on = request.get("on")
+        if not isinstance(on, bool):
+            raise RequestError('panic: "on" must be true or false')
+        was = bool(self.service.spec.panic)
+        if not self.service.set_panic(on):
+            raise RequestError("panic mode not changed: installing the kernel rules failed (see the log)")
+        return iter([ok({"panic": on, "changed": was != on})])
 
     def _reload(self, request: dict[str, Any]) -> Chunks:
-        return iter([ok(answer_reload(self.daemon))])
-
-    def _conntrack_now(self) -> tuple[Any, float]:
-        now = self.daemon.clock()
-        conntrack = self.daemon.engine.conntrack
-        conntrack.expire(now)  # what has timed out is gone, as the kernel's GC would have it
-        return conntrack, now
-
-    def status(self) -> dict[str, Any]:
-        daemon = self.daemon
-        conntrack, now = self._conntrack_now()
-        spec, config = daemon.spec, daemon.engine.policy.config
-        reload = daemon.last_reload
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "started": daemon.started,
-            "uptime": now - daemon.started_mono,
-            "policy": {
-                "file": daemon.options.config,
-                "sha256": config.sha256,
-                "file_sha256": file_sha256(daemon.options.config),
-            },
-            "last_reload": None if reload is None else asdict(reload),
-            "queue": str(spec.first) if spec.first == spec.last else f"{spec.first}:{spec.last}",
-            "failure_mode": "open" if daemon.fail_open else "closed",
-            "panic": bool(spec.panic),
-            "gso": bool(daemon.adapter.gso) and all(daemon.adapter.gso.values()),  # queued whole
-            "flows": {
-                "total": len(conntrack),
-                "max": conntrack.max_flows,
-                "by_proto": census(conntrack, now),
-                "expired": conntrack.expired,
-                "early_drops": conntrack.early_drops,
-            },
-            "verdicts": dict(daemon.engine.counters),
-            "adapter": dict(daemon.adapter.counters),
-            "kernel_queues": kernel_queues(spec.queues),
-        }
+        self.service.reload("control request")
+        return iter([ok(asdict(self.service.last_reload))])
 
 
 def command_of(request: dict[str, Any]) -> str:
@@ -133,27 +99,59 @@ def command_of(request: dict[str, Any]) -> str:
     return str(command)
 
 
-def answer_panic(request: dict[str, Any], owner: RulesOwner) -> dict[str, Any]:
-    on = request.get("on")
-    if not isinstance(on, bool):
-        raise RequestError('panic: "on" must be true or false')
-    was = bool(owner.spec.panic)
-    if not owner.set_panic(on):
-        raise RequestError("panic mode not changed: installing the kernel rules failed (see the log)")
-    return {"panic": on, "changed": was != on}
-
-
-def answer_reload(owner: RulesOwner) -> dict[str, Any]:
-    owner.reload("control request")
-    return asdict(owner.last_reload)
-
-
 def filter_of(request: dict[str, Any]) -> FlowFilter:
     """The request's flow filter (proto, state, addr); RequestError when it is not valid."""
     try:
         return FlowFilter.parse(request.get("proto"), request.get("state"), request.get("addr"))
     except FilterError as err:
         raise RequestError(str(err)) from None
+
+
+# --- a daemon's answers, from its engine ------------------------------------------------------
+
+
+def engine_status(engine: Any, adapter: Any, now: float, top: int | None = None) -> dict[str, Any]:
+    """The counts part of a daemon's status answer (timed-out flows swept first), with the `top`
+    addresses in the most flows when asked."""
+    conntrack = _swept(engine, now)
+    extra = {} if top is None else {"talkers": talkers(conntrack, now, top)}
+    return extra | {
+        "gso": bool(adapter.gso) and all(adapter.gso.values()),  # queued whole
+        "flows": {
+            "total": len(conntrack),
+            "max": conntrack.max_flows,
+            "by_proto": census(conntrack, now),
+            "expired": conntrack.expired,
+            "early_drops": conntrack.early_drops,
+        },
+        "verdicts": dict(engine.counters),
+        "adapter": dict(adapter.counters),
+    }
+
+
+def engine_flows(engine: Any, selection: FlowFilter, clock: Callable[[], float]) -> Chunks:
+    """The answer to `flows`: the selected flows, streamed."""
+    now = clock()
+    conntrack = _swept(engine, now)
+    flows = select_flows(conntrack, selection, now)
+    return _stream_flows(flows, conntrack, len(conntrack), conntrack.max_flows, clock)
+
+
+def engine_flush(engine: Any, request: dict[str, Any], selection: FlowFilter, now: float) -> dict[str, Any]:
+    """The answer to `flush`: the selected flows removed (logged with the request's words)."""
+    conntrack = _swept(engine, now)
+    flows = select_flows(conntrack, selection, now)
+    for flow in flows:
+        conntrack.remove(flow)
+    if flows:
+        log.info("control: flushed %d flows (%s)", len(flows), _describe(request))
+    return {"removed": len(flows), "tracked": len(conntrack)}
+
+
+def _swept(engine: Any, now: float) -> Any:
+    conntrack = engine.conntrack
+    conntrack.expire(now)  # what has timed out is gone, as the kernel's GC would have it
+    return conntrack
 
 
 def _describe(request: dict[str, Any]) -> str:

@@ -12,10 +12,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_ICMPV6 = 58
+from nfqfw.core.packet import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _IPV6_HEADER = struct.Struct("!IHBB16s16s")

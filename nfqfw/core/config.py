@@ -12,7 +12,7 @@ Shape (see config/policy.yaml for the commented version)::
     ingress:  [rules]       # first match wins
     egress:   [rules]
     options:  {max-flows, tcp-pickup, failure-mode, reload, log-denied, log-limit,
-               log-limit-burst, gateway-addresses}
+               log-limit-burst, log-format, gateway-addresses}
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from nfqfw.core.conntrack import DEFAULT_MAX_FLOWS
+from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from nfqfw.core.verdict import Action
 
 ZONES = ("external", "internal")
@@ -45,8 +47,10 @@ OPTION_KEYS = (
     "log-denied",
     "log-limit",
     "log-limit-burst",
+    "log-format",
     "gateway-addresses",
 )
+LOG_FORMATS = ("text", "json")  # options: log-format (nfqfw.observe.logsetup)
 RULE_KEYS = (
     "name",
     "action",
@@ -65,13 +69,7 @@ RULE_KEYS = (
     "limit-per",
 )
 
-DEFAULT_MAX_FLOWS = 65536
 DEFAULT_LIMIT_BURST = 5  # as iptables -m limit
-
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_ICMPV6 = 58
 
 # Protocol names. "icmp" is ICMP for IPv4 *and* ICMPv6 for IPv6, so one rule covers ping on
 # both families; "icmpv6" (58) is ICMPv6 only and the number 1 is ICMPv4 only.
@@ -244,6 +242,7 @@ class OptionsConfig:
     reload: str = "recheck"  # "recheck" | "keep"
     log_denied: bool = True  # as ufw, which logs blocked packets by default (rate-limited)
     log_limit: LogLimit = DEFAULT_LOG_LIMIT
+    log_format: str = "text"  # one of LOG_FORMATS
     gateway_addresses: tuple[str, ...] = ()  # normalised text, for the offline tools
 
     @property
@@ -555,6 +554,8 @@ class _Checker:
             values["log_denied"] = self.boolean(found["log-denied"][1], "options: log-denied")
         if "log-limit" in found or "log-limit-burst" in found:
             values["log_limit"] = self.log_limit(found)
+        if "log-format" in found:
+            values["log_format"] = self.choice(found["log-format"][1], "options: log-format", LOG_FORMATS)
         if "gateway-addresses" in found:
             values["gateway_addresses"] = self.gateway_addresses(found["gateway-addresses"][1])
         return OptionsConfig(**{key: value for key, value in values.items() if value is not None})  # type: ignore[arg-type]

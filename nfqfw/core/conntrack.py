@@ -1,77 +1,37 @@
-"""The flow table: flow identity and direction, UDP/ICMP/other lifecycles, RELATED ICMP
-errors, the bound with early drop, and ordered expiry.  TCP state lives in `core.tcp`.
+"""Connection tracking: the bounded table of flows and the per-packet lookup; the protocol
+work is the trackers' (core.l4), found by protocol number.
 
-Flow keys are `bytes` built from the raw header fields, so Python's per-process randomised
-bytes hash protects the table against hash flooding.  TCP/UDP/other keys put the two
-endpoints in a canonical order (one dict entry per flow); a flow remembers which endpoint
-started it (`orig_a`).  ICMP query keys are written requester-first, so a query's direction
-follows from its type.
+Invariants:
+- Flow keys are `bytes` built from raw header fields (protocol number first, the rest laid out
+  by the protocol's tracker), so Python's per-process randomised bytes hash protects the table
+  against hash flooding.
+- A flow enters the table (`_slots`) only when confirmed, once the policy accepted its first
+  packet, as the kernel confirms only accepted conntracks; the pending flow of one track() is
+  freed by the next unless confirmed.
+- The table holds at most `max_flows`; a new flow evicts the oldest not-ASSURED one when full
+  (early drop), and is refused when every flow is ASSURED.
+- A flow past its deadline is never answered for: expiry is ordered and lazy (core.expiry),
+  and track() drops an expired flow it meets.
 """
 
 from __future__ import annotations
 
-import struct
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
+from nfqfw.core import l4
 from nfqfw.core.expiry import ExpiryWheel
-from nfqfw.core.flowtable import (
-    ASSURED,
-    DETACHED,
-    IS_TCP,
-    NO_SLOT,
-    ORIG_A,
-    SEEN_REPLY,
-    SMALL,
-    STATE,
-    Flow,
-    FlowTable,
-    Row,
-    state_name,
-)
-from nfqfw.core.packet import (
-    FRAG_LATER,
-    PROTO_ICMP,
-    PROTO_ICMPV6,
-    PROTO_TCP,
-    PROTO_UDP,
-    SYN,
-    Packet,
-)
-from nfqfw.core.tcp import TcpConn, tcp_new, tcp_packet
-from nfqfw.core.tcp_states import (
-    IGNORE,
-    INVALID,
-    KERNEL_TIMEOUTS,
-    KILL,
-    REOPEN,
-    SHRINK_MIN_REMAINING,
-)
-from nfqfw.core.verdict import Ct, Direction
+from nfqfw.core.flowtable import DETACHED, NO_SLOT, Flow, FlowTable, Row
+from nfqfw.core.l4.base import ASSURED, ORIG_A, ORIGINAL, PROTO_STATE, REPLY, SEEN_REPLY, SMALL, STATE_BYTE
+from nfqfw.core.l4.tcp_states import KERNEL_TIMEOUTS
+from nfqfw.core.packet import FRAG_LATER, Packet
+from nfqfw.core.verdict import Ct
 
-_CENSUS_BITS = IS_TCP | ASSURED | SEEN_REPLY  # what state_name reads of a flow's flags
+DEFAULT_MAX_FLOWS = 65536  # the bound when the policy sets no max-flows
+WHEEL_SLACK = 1024  # dead expiry entries tolerated beyond the live ones before a compaction
 
-UDP_UNREPLIED = 30.0
-UDP_REPLIED = 120.0
-UDP_STREAM_AFTER = 2.0  # kernel: a replied flow still active 2 s after creation is a stream
-ICMP_TIMEOUT = 30.0
-OTHER_TIMEOUT = 600.0
-DEFAULT_MAX_FLOWS = 65536
-
-ORIGINAL = Direction.ORIGINAL
-REPLY = Direction.REPLY
-
-# ICMP query request type -> its reply type (kernel valid_new / invmap).
-ICMP_QUERIES = {8: 0, 13: 14, 15: 16, 17: 18}
-ICMPV6_QUERIES = {128: 129, 139: 140}
-ICMP_REPLIES = {reply: request for request, reply in ICMP_QUERIES.items()}
-ICMPV6_REPLIES = {reply: request for request, reply in ICMPV6_QUERIES.items()}
-ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})
-ICMPV6_UNTRACKED = frozenset({130, 131, 132, 133, 134, 135, 136, 137, 143})  # MLD, RS, RA, NS, NA, redirect
-ICMP_MAX_TYPE = 18
-
-_PORT = struct.Struct("!H").pack
-_PORTS = struct.Struct("!HH").pack
+_CENSUS_BITS = PROTO_STATE | ASSURED | SEEN_REPLY  # what the trackers' state names read of a flow's flags
 
 
 class Tracked:
@@ -92,75 +52,34 @@ class Tracked:
         return None if self.slot == NO_SLOT else self._table.handle(self.slot)
 
 
-def flow_key(pkt: Packet) -> tuple[bytes, bool] | None:
-    """The table key of a packet and whether its source endpoint sorts first (ICMP: whether it
-    is the requester).  None for ICMP types that have no flow (errors, untracked, unknown)."""
-    proto = pkt.proto
-    if proto in (PROTO_TCP, PROTO_UDP):
-        a = pkt.src + _PORT(pkt.sport)
-        b = pkt.dst + _PORT(pkt.dport)
-        if a <= b:
-            return bytes((proto,)) + a + b, True
-        return bytes((proto,)) + b + a, False
-    if proto in (PROTO_ICMP, PROTO_ICMPV6):
-        v4 = proto == PROTO_ICMP
-        queries = ICMP_QUERIES if v4 else ICMPV6_QUERIES
-        replies = ICMP_REPLIES if v4 else ICMPV6_REPLIES
-        kind = pkt.icmp_type
-        ident = _PORTS(pkt.icmp_id, 0)
-        if kind in queries:
-            return bytes((proto, kind)) + pkt.src + pkt.dst + ident, True
-        request = replies.get(kind)
-        if request is not None:
-            return bytes((proto, request)) + pkt.dst + pkt.src + ident, False
-        return None
-    a, b = pkt.src, pkt.dst
-    if a <= b:
-        return bytes((proto,)) + a + b, True
-    return bytes((proto,)) + b + a, False
-
-
-# The reader of the layout flow_key() writes; keep the two together.
-_ADDR_LEN_FAMILY = {4: 4, 16: 6}
-
-
 def first_packet(flow: Flow) -> Packet | None:
     """The originator's first packet, as far as the policy looks at it; None for a malformed key."""
-    key, proto = flow.key, flow.key[0]
-    pkt = Packet()
-    pkt.proto = proto
-    if proto in (PROTO_TCP, PROTO_UDP):
-        size = (len(key) - 1) // 2 - 2
-        a, b = key[1 : 1 + size + 2], key[3 + size :]
-        (src, dst) = (a, b) if flow.orig_a else (b, a)
-        pkt.src, pkt.sport = src[:size], int.from_bytes(src[size:], "big")
-        pkt.dst, pkt.dport = dst[:size], int.from_bytes(dst[size:], "big")
-        if proto == PROTO_TCP:
-            pkt.tcp_flags = SYN
-    elif proto in (PROTO_ICMP, PROTO_ICMPV6):
-        # requester first: type, requester, responder, identifier, 2 bytes of zero
-        size = (len(key) - 6) // 2
-        pkt.icmp_type, pkt.icmp_code = key[1], 0
-        pkt.src, pkt.dst = key[2 : 2 + size], key[2 + size : 2 + 2 * size]
-        pkt.icmp_id = int.from_bytes(key[2 + 2 * size : 4 + 2 * size], "big")
-    else:
-        size = (len(key) - 1) // 2
-        a, b = key[1 : 1 + size], key[1 + size :]
-        pkt.src, pkt.dst = (a, b) if flow.orig_a else (b, a)
-    family = _ADDR_LEN_FAMILY.get(size)
-    if family is None or len(pkt.src) != size or len(pkt.dst) != size:
-        return None
-    pkt.family = family
-    return pkt
+    return l4.first_packet(flow.key, flow.orig_a)
+
+
+class TableView(NamedTuple):
+    """What a fast path (core.fastpath) binds once to track packets without track(): the
+    objects are changed in place and never replaced, clear() included, so they stay valid for
+    the Conntrack's life. A fast path may only update flows that track() would update the same
+    way, and must step aside (leave it to track()) when `expiry_due[0] <= now`."""
+
+    slot_of: Callable[[bytes], int | None]  # key -> slot of a confirmed flow, else None
+    expiry_due: Sequence[int]  # heap of seconds with flows filed to expire; [0] is the next sweep
+    table: FlowTable  # the columns of the flows
 
 
 class Conntrack:
-    """Bounded flow table.  `track()` classifies a packet; `confirm()` inserts a new flow once
-    the policy accepted its first packet (as the kernel confirms only accepted conntracks).
+    """The flow table of one engine. `track(pkt, now)` classifies a packet (NEW, ESTABLISHED,
+    RELATED, INVALID, UNTRACKED) and updates its flow; `confirm_pending()` inserts the new flow
+    of the last track() once the policy accepted its first packet.
 
     Flows live in `table` (core.flowtable), one slot each; `_slots` maps a flow key to its slot.
     A new flow gets a slot at once (its *pending* slot) and is entered in `_slots` on
-    confirmation; a pending flow that is not confirmed before the next track() is freed."""
+    confirmation; a pending flow not confirmed before the next track() is freed.
+
+    The protocol work is done by this table's trackers (core.l4, one instance of each, bound
+    to it); they use the services in the "for the trackers" section below. `loose` (TCP
+    mid-stream pick-up) and `tcp_timeouts` are their configuration."""
 
     def __init__(self, max_flows: int = DEFAULT_MAX_FLOWS, loose: bool = False) -> None:
         self.max_flows = max_flows
@@ -174,10 +93,12 @@ class Conntrack:
         # swept out when they outnumber the live entries (an amortised O(1) per flow).
         self._unassured: deque[bytes] = deque()
         # Filed by key object: a flow removed and tracked again gets a new key object, so an
-        # old entry is recognised (the slot's key is not the filed object) and skipped.
+        # old entry is recognised (the slot's key is not the filed object) and skipped. Entries
+        # of flows removed early are compacted away once they outnumber the live flows
+        # (WHEEL_SLACK), so memory follows max_flows, not the rate of new flows x their timeout.
         self._wheel = ExpiryWheel(self._deadline_of)
         self._out = Tracked(self.table)
-        self._conn = TcpConn()  # the TCP fields of the flow at hand, copied out of the table and back
+        self._trackers = l4.bind(self)  # by protocol number
         self.expired = 0
         self.early_drops = 0
 
@@ -197,6 +118,16 @@ class Conntrack:
         time: the table must not change until the iteration is done."""
         return self.table.rows(self._slots.values())
 
+    @property
+    def expiry_entries(self) -> int:
+        """Entries in the expiry wheel, those of flows removed early included: at most
+        2 x len(self) + WHEEL_SLACK (the memory bound under churn)."""
+        return self._wheel.filed
+
+    def view(self) -> TableView:
+        """The table as a fast path binds it (see TableView)."""
+        return TableView(self._slots.get, self._wheel.due, self.table)
+
     def census(self, now: float) -> Counter[tuple[int, str]]:
         """Flows whose deadline is after `now`, by (protocol number, state name as
         `Flow.state_name`), read off the columns: no Flow handle per flow, so `nfqfw status`
@@ -208,10 +139,10 @@ class Conntrack:
             key = keys[slot]
             if key is not None and deadline[slot] > now:
                 flags = bits[slot] & _CENSUS_BITS
-                raw[(key[0], flags, small[slot * SMALL + STATE] if flags & IS_TCP else 0)] += 1
+                raw[(key[0], flags, small[slot * SMALL + STATE_BYTE] if flags & PROTO_STATE else 0)] += 1
         named: Counter[tuple[int, str]] = Counter()
-        for (proto, flags, tcp_state), count in raw.items():
-            named[(proto, state_name(flags, tcp_state))] += count
+        for (proto, flags, state), count in raw.items():
+            named[(proto, l4.state_name(proto, flags, state))] += count
         return named
 
     def get(self, key: bytes) -> Flow | None:
@@ -220,6 +151,7 @@ class Conntrack:
 
     # -- per packet ------------------------------------------------------------------------
     def track(self, pkt: Packet, now: float) -> Tracked:
+        """The conntrack answer for one packet (the Tracked object is reused by the next call)."""
         if self._pending != NO_SLOT:
             self._free(self._pending)
         due = self._wheel.next_due()
@@ -230,15 +162,11 @@ class Conntrack:
         out.new = False
         out.direction = ORIGINAL
         if pkt.frag == FRAG_LATER:
-            return self._answer(Ct.UNTRACKED, "untracked: non-first fragment")
-        proto = pkt.proto
-        if proto in (PROTO_ICMP, PROTO_ICMPV6):
-            special = self._icmp_special(pkt)
-            if special is not None:
-                return special
-        keyed = flow_key(pkt)
-        if keyed is None:  # pragma: no cover - every non-query ICMP type was handled above
-            return self._answer(Ct.INVALID, "icmp: no flow for this type")
+            return self.answer(Ct.UNTRACKED, "untracked: non-first fragment")
+        tracker = self._trackers[pkt.proto]
+        keyed = tracker.key(pkt)
+        if keyed is None:  # no flow of its own: an ICMP error, an untracked or invalid type
+            return tracker.error(pkt)
         key, is_a = keyed
         table = self.table
         slot = self._slots.get(key)
@@ -247,148 +175,70 @@ class Conntrack:
             self.expired += 1
             slot = None
         if slot is None:
-            return self._new(pkt, key, is_a, now)
+            return tracker.new(pkt, key, is_a, now)
         bits = table.bits[slot]
-        if proto in (PROTO_ICMP, PROTO_ICMPV6):
+        if tracker.direction_by_key:
             direction = ORIGINAL if is_a else REPLY
         else:
             direction = ORIGINAL if is_a == bool(bits & ORIG_A) else REPLY
         out.slot = slot
         out.direction = direction
-        if bits & IS_TCP:
-            return self._tcp(slot, bits, pkt, direction, now)
-        return self._stateless(slot, bits, direction, now)
+        return tracker.packet(slot, bits, pkt, direction, now)
 
-    def _answer(self, ct: Ct, reason: str) -> Tracked:
+    # -- for the trackers (core.l4) --------------------------------------------------------
+    def answer(self, ct: Ct, reason: str) -> Tracked:
+        """The answer for the packet at hand, its flow (slot, direction) as track() found it."""
         out = self._out
         out.ct = ct
         out.reason = reason
         return out
 
-    def _state_of(self, bits: int, direction: int) -> Tracked:
-        # As the kernel's ctinfo: before any reply, the originator's packets are still NEW.
+    def ctinfo(self, bits: int, direction: int) -> Tracked:
+        """The answer for a packet of a known flow with flags `bits`, as the kernel's ctinfo:
+        before any reply, the originator's packets are still NEW; else ESTABLISHED."""
         if direction == ORIGINAL and not bits & SEEN_REPLY:
-            return self._answer(Ct.NEW, "new")
-        return self._answer(Ct.ESTABLISHED, "established")
+            return self.answer(Ct.NEW, "new")
+        return self.answer(Ct.ESTABLISHED, "established")
 
-    def _new(self, pkt: Packet, key: bytes, is_a: bool, now: float) -> Tracked:
-        out = self._out
-        proto = pkt.proto
-        if proto == PROTO_TCP:
-            conn = tcp_new(pkt, self.loose)
-            if isinstance(conn, str):
-                return self._answer(Ct.INVALID, conn)
-            result = tcp_packet(conn, pkt, ORIGINAL, False, self.tcp_timeouts)
-            if result.kind == INVALID:
-                return self._answer(Ct.INVALID, result.reason)
-            timeout = result.timeout if result.timeout is not None else 120.0
-        elif proto == PROTO_UDP:
-            timeout = UDP_UNREPLIED
-        elif proto in (PROTO_ICMP, PROTO_ICMPV6):
-            if not is_a:
-                return self._answer(Ct.INVALID, "icmp: reply without a request")
-            timeout = ICMP_TIMEOUT
-        else:
-            timeout = OTHER_TIMEOUT
+    def open(self, key: bytes, is_a: bool, now: float, timeout: float) -> Tracked:
+        """A new flow for the packet at hand, expiring `timeout` seconds from `now`: its slot is
+        pending until confirm_pending(). The answer is NEW with the slot."""
         table = self.table
         slot = self._pending = table.alloc(key, is_a, now)
         table.deadline[slot] = now + timeout
-        if proto == PROTO_TCP:
-            table.store_tcp(slot, conn)
-            table.bits[slot] |= IS_TCP
+        out = self._out
         out.slot = slot
         out.new = True
         out.direction = ORIGINAL
-        return self._answer(Ct.NEW, "new")
+        return self.answer(Ct.NEW, "new")
 
-    def _tcp(self, slot: int, bits: int, pkt: Packet, direction: int, now: float) -> Tracked:
-        table = self.table
-        conn = table.load_tcp(slot, self._conn)
-        result = tcp_packet(conn, pkt, direction, bits & SEEN_REPLY != 0, self.tcp_timeouts)
-        kind = result.kind
-        if kind == REOPEN:
-            self._remove(slot)
-            keyed = flow_key(pkt)
-            assert keyed is not None
-            return self._new(pkt, keyed[0], keyed[1], now)
-        if kind == KILL:
-            self._remove(slot)
-            self._out.slot = NO_SLOT
-            # From the originator the RST is still NEW (no reply yet), as the kernel's ctinfo.
-            if direction == ORIGINAL:
-                return self._answer(Ct.NEW, "new: RST before any reply (flow removed)")
-            return self._answer(Ct.ESTABLISHED, "established: RST before any reply (flow removed)")
-        table.store_tcp(slot, conn)
-        if kind == INVALID:
-            timeout = result.timeout
-            if timeout is not None and table.deadline[slot] - now > max(timeout, SHRINK_MIN_REMAINING):
-                table.deadline[slot] = now + timeout
-            return self._answer(Ct.INVALID, result.reason)
-        state = self._state_of(bits, direction)
-        if direction == REPLY and not bits & SEEN_REPLY:
-            table.bits[slot] = bits | SEEN_REPLY
-        if kind != IGNORE and result.timeout is not None:
-            table.deadline[slot] = now + result.timeout
-        if result.assure and not bits & ASSURED:
-            self._assure(slot)
-        return state
+    def assure(self, slot: int) -> None:
+        """Mark the flow ASSURED: it is no longer evicted when the table is full."""
+        self.table.bits[slot] |= ASSURED  # its entry in _unassured is skipped from now on
 
-    def _stateless(self, slot: int, bits: int, direction: int, now: float) -> Tracked:
-        table = self.table
-        state = self._state_of(bits, direction)
-        proto = table.keys[slot][0]  # type: ignore[index]
-        if direction == REPLY:
-            bits |= SEEN_REPLY
-            table.bits[slot] = bits
-        if proto == PROTO_UDP:
-            if bits & SEEN_REPLY:
-                if now > table.created[slot] + UDP_STREAM_AFTER:
-                    table.deadline[slot] = now + UDP_REPLIED
-                    if not bits & ASSURED:
-                        self._assure(slot)
-                else:
-                    table.deadline[slot] = now + UDP_UNREPLIED
-            else:
-                table.deadline[slot] = now + UDP_UNREPLIED
-        elif proto in (PROTO_ICMP, PROTO_ICMPV6):
-            table.deadline[slot] = now + ICMP_TIMEOUT
-        else:
-            table.deadline[slot] = now + OTHER_TIMEOUT
-            if bits & SEEN_REPLY and not bits & ASSURED:
-                self._assure(slot)
-        return state
+    def kill(self, slot: int) -> None:
+        """Remove the flow of the packet at hand; the answer then has no flow."""
+        self._remove(slot)
+        self._out.slot = NO_SLOT
 
-    def _icmp_special(self, pkt: Packet) -> Tracked | None:
-        """Errors (RELATED or INVALID), untracked ICMPv6 ND/MLD, unknown types; None for queries."""
-        kind = pkt.icmp_type
-        if pkt.proto == PROTO_ICMP:
-            if kind in ICMP_QUERIES or kind in ICMP_REPLIES:
-                return None
-            if kind in ICMP_ERRORS:
-                return self._related(pkt)
-            if kind > ICMP_MAX_TYPE:
-                return self._answer(Ct.INVALID, f"icmp: unknown type {kind}")
-            return self._answer(Ct.INVALID, f"icmp: type {kind} cannot start a flow")
-        if kind in ICMPV6_QUERIES or kind in ICMPV6_REPLIES:
-            return None
-        if kind < 128:
-            return self._related(pkt)
-        if kind in ICMPV6_UNTRACKED:
-            return self._answer(Ct.UNTRACKED, "untracked: icmpv6 neighbour discovery / MLD")
-        return self._answer(Ct.INVALID, f"icmpv6: type {kind} cannot start a flow")
+    def reopen(self, slot: int, pkt: Packet, now: float) -> Tracked:
+        """Remove the flow and track the packet as the first of a new one (TCP: a SYN reusing
+        the tuple of a closed connection)."""
+        self._remove(slot)
+        tracker = self._trackers[pkt.proto]
+        keyed = tracker.key(pkt)
+        assert keyed is not None
+        return tracker.new(pkt, keyed[0], keyed[1], now)
 
-    def _related(self, pkt: Packet) -> Tracked:
-        inner = pkt.inner
-        if inner is None:
-            return self._answer(Ct.INVALID, "icmp error: no embedded header")
-        keyed = flow_key(inner)
-        slot = self._slots.get(keyed[0]) if keyed is not None else None
-        if slot is None:
-            return self._answer(Ct.INVALID, "icmp error: embedded header matches no flow")
-        if pkt.dst != inner.src:
-            return self._answer(Ct.INVALID, "icmp error: outer destination is not the flow's endpoint")
+    def lookup(self, pkt: Packet) -> int | None:
+        """The slot of the confirmed flow `pkt` belongs to (ICMP errors: the header they quote)."""
+        keyed = self._trackers[pkt.proto].key(pkt)
+        return self._slots.get(keyed[0]) if keyed is not None else None
+
+    def related(self, slot: int) -> Tracked:
+        """RELATED to the flow in `slot` (an ICMP error about it)."""
         self._out.slot = slot
-        return self._answer(Ct.RELATED, "related")
+        return self.answer(Ct.RELATED, "related")
 
     # -- table management ------------------------------------------------------------------
     def confirm(self, flow: Flow) -> bool:
@@ -443,7 +293,10 @@ class Conntrack:
             unassured.append(key)
             if len(unassured) > 2 * len(self._slots) + 64:
                 self._sweep_unassured()
-        self._wheel.file_at(key, table.deadline[slot])
+        wheel = self._wheel
+        wheel.file_at(key, table.deadline[slot])
+        if wheel.filed > 2 * len(self._slots) + WHEEL_SLACK:
+            wheel.compact({id(key) for key in self._slots})
 
     def _make_room(self) -> bool:
         return len(self._slots) < self.max_flows or self._early_drop()
@@ -469,9 +322,6 @@ class Conntrack:
 
     def _sweep_unassured(self) -> None:
         self._unassured = deque(key for key in self._unassured if self._unassured_slot(key) is not None)
-
-    def _assure(self, slot: int) -> None:
-        self.table.bits[slot] |= ASSURED  # its entry in _unassured is skipped from now on
 
     def remove(self, flow: Flow) -> None:
         """Take a flow out of the table (its handle keeps the flow's last values)."""

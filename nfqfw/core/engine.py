@@ -1,8 +1,8 @@
 """The engine: decode -> conntrack -> policy -> verdict, for one packet at a time.
 
-Pure: the adapter hands in the packet bytes, the kernel's metadata and the clock.  One
-Engine per NFQUEUE queue; the kernel hashes both directions of a flow to the same queue,
-so worker processes with one Engine each never need to share state.
+Pure: the adapter hands in the packet bytes, the kernel's metadata and the clock. One Engine
+per NFQUEUE queue; the kernel hashes both directions of a flow to the same queue, so worker
+processes with one Engine each never need to share state.
 
 `copy_cap` is the queue's copy range: a packet of exactly that many bytes whose IP length
 claims more was cut by it (a GSO packet, up to 64 KB, of which only the first `copy_cap` bytes
@@ -48,6 +48,18 @@ def _none() -> tuple[int, int]:
 
 
 class Engine:
+    """The verdict for each packet of one queue, and the state behind it: the flow table
+    (`conntrack`), the first-fragment verdicts (`fragments`) and the compiled `policy`.
+
+    Two ways in, giving the same verdicts and flow state (tests/unit/core/test_fastpath.py):
+    - `fast_path(data, now)` (core.fastpath; None when made with fast_path=False): True when it
+      tracked the packet as ESTABLISHED (accept it), False when it did not touch it;
+    - `full_process(data, meta, now)`: decode, conntrack, policy, for any packet.
+    `process()` tries the first, then the second; the NFQUEUE adapter calls the two itself so
+    that a fast-path packet needs no Meta. Verdicts are interned (a few distinct objects);
+    `counts()` tallies them by "action reason". Nothing here raises for a packet: a bug gives
+    a drop counted as "internal error"."""
+
     def __init__(
         self,
         policy: CompiledPolicy,
@@ -68,7 +80,6 @@ class Engine:
         self.copy_cap = copy_cap
         self._truncated = 0  # packets cut by the copy range, full path (the fast path counts its own)
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
-        # fast_path(data, now) -> True: the packet was ESTABLISHED and is tracked (core.fastpath);
         # None with fast_path=False (the differential tests: every packet takes full_process).
         self.fast_path: FastPath | None = None
         self._fast_packets: Callable[[], tuple[int, int]] = _none  # (taken, of those cut)

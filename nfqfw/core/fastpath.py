@@ -1,32 +1,36 @@
-"""The fast path: a plain ACK segment of an established TCP flow, tracked straight off the bytes.
+"""The fast path: the commonest packets of established flows, tracked straight off the bytes.
 
-Most packets of a busy gateway are data and ACK segments of established TCP connections. For
-those the full path (decode into a Packet, conntrack, the table-driven tracker) does far more
-than the packet needs. `make_fast_path(conntrack)` returns a function that handles exactly the
-common case and nothing else:
+Most packets of a busy gateway are data and ACK segments of established TCP connections and
+datagrams of replied UDP flows. For those the full path (decode into a Packet, conntrack, the
+protocol tracker) does far more than the packet needs. `make_fast_path(conntrack)` returns a
+function that takes exactly these and nothing else:
 
-- an IPv4 packet without IP options, or an IPv6 packet whose next header is TCP (no
-  extension headers), not a fragment, lengths consistent with the bytes captured, or a packet
-  cut by the queue's copy range (exactly `copy_cap` bytes, its IP length claiming more: a GSO
-  packet), whose lengths are then the IP header's, as `decode(data, copy_cap)` takes them;
-- a TCP header without options or with exactly NOP, NOP, timestamps (Linux's usual layout):
-  so no SACK blocks and no malformed options;
-- flags of the ACK class that are valid (`tcp_states` tables: ACK, PSH, URG, ECE, CWR);
-- a flow in the table, not past its deadline, no expiry sweep due, ASSURED, replied, in a
-  state the table keeps for an ACK in both directions without a special case
-  (`tcp.steady_states`: ESTABLISHED and CLOSE_WAIT);
-- the sender's direction seen already (its max window known) and all four window checks of
-  `tcp_window.tcp_in_window` passing.
+- an IPv4 packet without IP options or an IPv6 packet without extension headers, not a
+  fragment, lengths consistent with the bytes captured, or a packet cut by the queue's copy
+  range (exactly `copy_cap` bytes, its IP length claiming more: a GSO packet), whose lengths
+  are then the IP header's, as `decode(data, copy_cap)` takes them;
+- TCP: a header without options or with exactly NOP, NOP, timestamps (Linux's usual layout,
+  so no SACK blocks and no malformed options); flags of the ACK class that are valid (the
+  l4.tcp_states tables: ACK, PSH, URG, ECE, CWR); a flow in the table, not past its deadline,
+  ASSURED, replied, in a state the table keeps for an ACK in both directions without a special
+  case (`tcp_conn.steady_states`: ESTABLISHED and CLOSE_WAIT); the sender's direction seen
+  already (its max window known) and all four window checks of `tcp_in_window` passing;
+- UDP: a datagram of a replied flow in the table, not past its deadline, that is ASSURED or
+  within UDP_STREAM_AFTER of its creation;
+- in both cases no expiry sweep due.
 
-It then makes the very updates the full path would make (window data, last-packet record,
-retransmission count, last flag class and direction, the timeout chosen as
-`tcp._timeout_choice` chooses it) and returns True: the packet is ESTABLISHED. For anything
-else it returns False *before changing any state*, and the full path decides. The full path
-stays the authority; tests/unit/test_fastpath.py runs both over random and mutated TCP
-sequences and requires identical verdicts and identical flow state.
+It then makes the very updates the full path would make and returns True: the packet is
+ESTABLISHED. For anything else it returns False *before changing any state*, and the full path
+decides.
 
-Layout note: the flow key is packed here from integers with the byte layout of
-`conntrack.flow_key` (protocol, lower endpoint, higher endpoint; address then port).
+Invariants: the full path stays the authority. Each piece here mirrors one full-path function,
+named in a comment where it starts (the key: l4.base.ports_key; the window check:
+l4.tcp_window.tcp_in_window; the retransmission count: tcp_window._count_retransmission; the
+timeout: l4.tcp_conn._timeout_choice; UDP: l4.udp.UdpTracker.packet), and the layouts it reads
+and writes (the key, the TCP words and bytes of the flow's protocol area) are asserted against
+their definitions at import. It reaches the table only through `Conntrack.view()`.
+tests/unit/core/test_fastpath.py runs both paths over random and mutated sequences and
+requires identical verdicts and identical flow state.
 """
 
 from __future__ import annotations
@@ -34,22 +38,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from nfqfw.core.conntrack import UDP_REPLIED, UDP_STREAM_AFTER, UDP_UNREPLIED, Conntrack
-from nfqfw.core.flowtable import (
-    ASSURED,
-    IS_TCP,
-    LAST_DIR,
-    LAST_INDEX,
-    ORIG_A,
-    RETRANS,
-    SEEN_REPLY,
-    SMALL,
-    STATE,
-    TCP_ASSURED,
-)
-from nfqfw.core.packet import PROTO_TCP, PROTO_UDP, URG
-from nfqfw.core.tcp import steady_states
-from nfqfw.core.tcp_states import (
+from nfqfw.core.conntrack import Conntrack
+from nfqfw.core.l4.base import ASSURED, ORIG_A, PROTO_STATE, SEEN_REPLY, SMALL, ports_key
+from nfqfw.core.l4.tcp import LAST_DIR, LAST_INDEX, RETRANS, STATE, TCP_ASSURED
+from nfqfw.core.l4.tcp_conn import steady_states
+from nfqfw.core.l4.tcp_states import (
     FLAG_CLASS_BY_FLAGS,
     INVALID_FLAGS_RESULT,
     MAX_RETRANS,
@@ -60,14 +53,27 @@ from nfqfw.core.tcp_states import (
     FlagClass,
     TcpTimeouts,
 )
-from nfqfw.core.tcp_window import (
+from nfqfw.core.l4.tcp_window import (
+    END,
     F_DATA_UNACKNOWLEDGED,
     F_MAXACK_SET,
+    FLAGS,
     HALF,
+    LAST_ACK,
+    LAST_END,
+    LAST_SEQ,
+    LAST_WIN,
     MASK,
+    MAXACK,
     MAXACKWINCONST,
+    MAXEND,
+    MAXWIN,
+    SCALE,
+    SIDE,
     WORDS,
 )
+from nfqfw.core.l4.udp import UDP_REPLIED, UDP_STREAM_AFTER, UDP_UNREPLIED
+from nfqfw.core.packet import PROTO_TCP, PROTO_UDP, URG, Packet
 
 _ACK_CLASS = int(FlagClass.ACK)
 
@@ -91,23 +97,42 @@ _V6_TS = struct.Struct("!4xH2xQQQQHHIIBxH4xI").unpack_from
 # UDP: the same IP fields, then the ports and the UDP length.
 _UDP4 = struct.Struct("!2xH2xH4xIIHHH").unpack_from
 _UDP6 = struct.Struct("!4xH2xQQQQHHH").unpack_from
-_KEY4 = struct.Struct("!BIHIH").pack
+_KEY4 = struct.Struct("!BIHIH").pack  # l4.base.ports_key's layout, from integers (checked below)
 _KEY6 = struct.Struct("!BQQHQQH").pack
-_ROW = struct.Struct(f"={WORDS}I").unpack_from  # one flow's TCP words (tcp_window layout)
-_LAST = struct.Struct("=4I").pack_into  # the last-packet words: seq, ack, end, window
 _TIMESTAMPS_ONLY = 0x0101080A  # NOP, NOP, timestamps (kind 8, length 10)
 _IPV4_NO_OPTIONS = 0x45
 _FRAGMENT_BITS = 0x3FFF  # more-fragments flag and fragment offset
-_NEEDED = IS_TCP | ASSURED | SEEN_REPLY
+_NEEDED = PROTO_STATE | ASSURED | SEEN_REPLY
 assert ORIG_A == 1  # the direction is computed as (bits & ORIG_A) ^ is_a
 
 FastPath = Callable[[bytes, float], bool]
 # The longest headers the fast path takes: IPv6 and TCP with timestamps. A cut packet is only
 # taken when the copy range holds them (else the full path finds the header cut short).
 _LONGEST_HEADERS = 40 + 32
+
+# A TCP flow's protocol area as read and written here. The words (l4.tcp_window's layout) are
+# unpacked whole in the order ORIGINAL's block, REPLY's block, the last packet, and written
+# back by name; the bytes (l4.tcp's layout) are read and written in the orders below.
+_ROW = struct.Struct(f"={WORDS}I").unpack_from
+_LAST = struct.Struct("=4I").pack_into  # LAST_SEQ .. LAST_WIN: seq, ack, end, window
+assert tuple(range(7)) == (END, MAXEND, MAXWIN, MAXACK, SCALE, FLAGS, SIDE)
+assert tuple(range(2 * SIDE, 2 * SIDE + 5)) == (LAST_SEQ, LAST_ACK, LAST_END, LAST_WIN, WORDS)
 _SMALL_READ = struct.Struct("BxBxxBB").unpack_from  # STATE, LAST_DIR, RETRANS, TCP_ASSURED
 _SMALL_WRITE = struct.Struct("2B").pack_into  # LAST_INDEX, LAST_DIR
-assert (STATE, LAST_INDEX, LAST_DIR, RETRANS, TCP_ASSURED) == (0, 1, 2, 5, 6)
+assert (STATE, LAST_INDEX, LAST_DIR, RETRANS, TCP_ASSURED) == (0, 1, 2, 5, 6) and SMALL >= 7
+
+
+def _check_key_layout() -> None:
+    """_KEY4 and _KEY6 pack what ports_key builds: a layout change breaks at import, loudly."""
+    for size, pack in ((4, _KEY4), (16, _KEY6)):
+        pkt = Packet()
+        pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport = PROTO_TCP, bytes(size), 2, b"\xff" * size, 1
+        low, high = (0, 2**32 - 1) if size == 4 else ((0, 0), (2**64 - 1, 2**64 - 1))
+        words = (low, 2, high, 1) if size == 4 else (*low, 2, *high, 1)
+        assert ports_key(pkt) == (pack(PROTO_TCP, *words), True), "fast path key layout"
+
+
+_check_key_layout()
 
 
 def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, Callable[[], tuple[int, int]]]:
@@ -116,11 +141,9 @@ def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, C
     function telling how many packets it took, and how many of those were cut by the copy
     range `copy_cap` (see decode; 0: packets are complete).
 
-    It binds the table's columns, the key dict and the expiry wheel's heap once: Conntrack and
-    FlowTable change those objects in place and never replace them (clear() included)."""
-    table = conntrack.table
-    slots_get = conntrack._slots.get
-    due = conntrack._wheel._due
+    It binds the table's view (Conntrack.view) once, and the TCP timeouts in force."""
+    view = conntrack.view()
+    slots_get, due, table = view.slot_of, view.expiry_due, view.table
     deadline_col, bits_col, td, small, created_col = (
         table.deadline,
         table.bits,
@@ -195,6 +218,7 @@ def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, C
                 return udp(data, size, now)
 
             # -- an ACK-class TCP segment of `segment` bytes (header and data) of the flow `key` ----
+            # (the key mirrors l4.base.ports_key; what follows, l4.tcp.TcpTracker.packet)
             header = (offset >> 4) * 4
             payload = segment - header
             # No options, or exactly NOP, NOP, timestamps: no SACK blocks, nothing malformed.
@@ -210,18 +234,18 @@ def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, C
                 return False
             direction = (bits & ORIG_A) ^ is_a  # 0: ORIGINAL, 1: REPLY (ORIG_A is bit 0)
 
-            # -- tcp_window.tcp_in_window, for an ACK-class segment without SACK --------------------
+            # -- mirrors l4.tcp_window.tcp_in_window, for an ACK-class segment without SACK ---------
             base = slot * WORDS
             if direction:
                 (r_end, r_maxend, r_maxwin, _, _, r_flags,
                  s_end, s_maxend, s_maxwin, s_maxack, s_scale, s_flags,
                  last_seq, last_ack, last_end, last_win) = row(td, base * 4)  # fmt: skip
-                s, r = base + 6, base
+                s, r = base + SIDE, base
             else:
                 (s_end, s_maxend, s_maxwin, s_maxack, s_scale, s_flags,
                  r_end, r_maxend, r_maxwin, _, _, r_flags,
                  last_seq, last_ack, last_end, last_win) = row(td, base * 4)  # fmt: skip
-                s, r = base, base + 6
+                s, r = base, base + SIDE
             end = seq + payload
             if not 0 < s_maxwin < HALF or r_maxwin >= HALF or end > MASK:
                 # The first packet seen from this side (the full path sets it up), windows too large
@@ -241,29 +265,29 @@ def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, C
             # |end - s_maxend| < HALF: `after` is a plain comparison there)
             win = window << s_scale
             if s_maxwin < win:
-                td[s + 2] = win  # MAXWIN
+                td[s + MAXWIN] = win
             if end > s_end:
-                td[s] = end  # END
+                td[s + END] = end
                 if not s_flags & F_DATA_UNACKNOWLEDGED:
                     s_flags |= F_DATA_UNACKNOWLEDGED
-                    td[s + 5] = s_flags  # FLAGS
+                    td[s + FLAGS] = s_flags
             if not s_flags & F_MAXACK_SET:
-                td[s + 3] = ack  # MAXACK
+                td[s + MAXACK] = ack
                 s_flags |= F_MAXACK_SET
-                td[s + 5] = s_flags
+                td[s + FLAGS] = s_flags
             elif (s_maxack - ack) & MASK >= HALF:  # after(ack, s_maxack)
-                td[s + 3] = ack
+                td[s + MAXACK] = ack
             # ... and the receiver.
             if r_maxwin and end > s_maxend:
-                td[r + 2] = r_maxwin + end - s_maxend  # MAXWIN
+                td[r + MAXWIN] = r_maxwin + end - s_maxend
             right = (ack + win) & MASK
             if (r_maxend - 1 - right) & MASK >= HALF:  # after(right, r_maxend - 1)
-                td[r + 1] = right if win else (right + 1) & MASK  # MAXEND
+                td[r + MAXEND] = right if win else (right + 1) & MASK
             if ack == r_end and r_flags & F_DATA_UNACKNOWLEDGED:
                 r_flags &= ~F_DATA_UNACKNOWLEDGED
-                td[r + 5] = r_flags
+                td[r + FLAGS] = r_flags
 
-            # Retransmission count: identical ACK-class packets in a row.
+            # -- mirrors tcp_window._count_retransmission: identical ACK-class packets in a row --
             if (
                 last_seq == seq
                 and last_ack == ack
@@ -275,13 +299,13 @@ def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, C
                     retrans += 1
                     small[at + RETRANS] = retrans
             else:
-                set_last(td, (base + 12) * 4, seq, ack, end, window)  # LAST_SEQ .. LAST_WIN
+                set_last(td, (base + LAST_SEQ) * 4, seq, ack, end, window)  # LAST_SEQ .. LAST_WIN
                 if retrans:
                     retrans = 0
                     small[at + RETRANS] = 0
-            small_write(small, at + LAST_INDEX, ack_class, direction)  # LAST_INDEX, LAST_DIR
+            small_write(small, at + LAST_INDEX, ack_class, direction)  # LAST_INDEX, LAST_DIR (tcp_packet)
 
-            # The timeout, as tcp._timeout_choice picks it (the last window is this packet's).
+            # -- mirrors l4.tcp_conn._timeout_choice (the last window is this packet's) -----------
             timeout = own_timeout[state]
             if retrans >= MAX_RETRANS and timeout > retrans_timeout:
                 timeout = retrans_timeout
@@ -298,7 +322,8 @@ def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, C
             return False
 
     def udp(data: bytes, size: int, now: float) -> bool:
-        """A datagram of a replied UDP flow: ESTABLISHED either way (conntrack._stateless)."""
+        """A datagram of a replied UDP flow: ESTABLISHED either way. Mirrors the key of
+        l4.base.ports_key and l4.udp.UdpTracker.packet."""
         nonlocal taken, cut
         first = data[0] if size >= 28 else 0
         if first == _IPV4_NO_OPTIONS and data[9] == PROTO_UDP:

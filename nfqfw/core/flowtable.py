@@ -1,63 +1,50 @@
 """Where tracked flows are stored: one *slot* per flow in parallel columns, and `Flow` handles.
 
-A flow's fields live unboxed in typed arrays indexed by its slot (deadline and creation time
-as C doubles, the TCP windows as 32-bit words, flags and small TCP fields as bytes) instead of
-a Python object per flow holding boxed floats and a per-flow array. That is what keeps a flow
-under 300 bytes (bench/flow_memory.py) and lets the per-packet code read a field with one
-array index. Freed slots are reused; the columns keep their high-water mark, as a dict does.
+A flow's fields live unboxed in typed arrays indexed by its slot (deadline and creation time as
+C doubles, flags as bytes) instead of a Python object per flow, which keeps a flow under 300
+bytes (bench/flow_memory.py) and lets the per-packet code read a field with one array index.
+Besides the common fields each slot has a *protocol area*, WORDS 32-bit words (`td`) and SMALL
+bytes (`small`), laid out by the flow's tracker (core.l4; TCP: l4.tcp); flows whose PROTO_STATE
+flag is set use it, the others leave it zero.
 
-The conntrack table (`core.conntrack`) works on slots. Code outside it sees `Flow` handles:
-one handle per flow at a time (made on first request and remembered weakly while in use, so
-`is` compares flows), reading and writing the columns. When a flow leaves the table its handle
-is *detached*: its values move to a slot of `DETACHED`, a table of flows in no conntrack, so a
-removed flow reads as it was (as a removed Python object would). `Flow(key, orig_a, now)` makes
-a detached flow (snapshot restore); confirming it into a table copies its row in and attaches
-the handle.
-
-TCP: the table-driven tracker (`core.tcp`, `core.tcp_window`) works on a `TcpConn` object;
-`load_tcp` / `store_tcp` copy a slot's TCP fields into one and back. The fast path
-(`core.fastpath`) reads and writes the TCP columns directly.
+Invariants:
+- Freed slots are reused; the columns keep their high-water mark, as a dict does. The column
+  objects are changed in place and never replaced (the fast path binds them once).
+- Code outside conntrack sees `Flow` handles: at most one per flow at a time (made on request,
+  remembered weakly), so `is` compares flows. A flow leaving the table has its handle
+  *detached*: its values move to a slot of `DETACHED`, a table of flows in no conntrack, so a
+  removed flow reads as it was. `Flow(key, orig_a, now)` makes a detached flow (snapshot
+  restore); confirming it into a table copies its row in and attaches the handle.
 """
 
 from __future__ import annotations
 
-import struct
 import weakref
 from array import array
 from collections.abc import Iterable, Iterator
-from operator import attrgetter
 from typing import Any
 
-from nfqfw.core.tcp import TcpConn
-from nfqfw.core.tcp_states import STATE_NAMES
-from nfqfw.core.tcp_window import WORDS
-
-# Flow flags (the `bits` column).
-ORIG_A = 0x01  # the originator's endpoint sorts first in the key
-ASSURED = 0x02
-SEEN_REPLY = 0x04
-IS_TCP = 0x08
-
-# The small TCP fields, one byte each (the `small` column, SMALL bytes per slot).
-STATE, LAST_INDEX, LAST_DIR, LAST_FLAGS, LAST_WSCALE, RETRANS, TCP_ASSURED = range(7)
-SMALL = 8
+from nfqfw.core import l4
+from nfqfw.core.l4.base import ASSURED, ORIG_A, PROTO_STATE, SEEN_REPLY, SMALL, STATE_BYTE, WORDS
+from nfqfw.core.l4.tcp import load_conn, store_conn
+from nfqfw.core.l4.tcp_conn import TcpConn
+from nfqfw.core.packet import PROTO_TCP
 
 NO_SLOT = -1  # no flow
 
-# FlowTable.row(): key, bits, deadline, created, rule, meta, small TCP fields, TCP words.
+# FlowTable.row(): key, bits, deadline, created, rule, meta, then the protocol area's bytes and
+# words (native 32-bit words) when PROTO_STATE is set, else two empty bytes.
 Row = tuple[bytes, int, float, float, "str | None", object, bytes, bytes]
 
-_SMALL_FIELDS = struct.Struct("7B")  # STATE ... TCP_ASSURED
-_small_fields_of = attrgetter(
-    "state", "last_index", "last_dir", "last_flags", "last_wscale", "retrans", "assured"
-)  # a TcpConn's, in the small column's order
 _ZERO_WORDS = array("I", bytes(4 * WORDS))
 _ZERO_SMALL = bytes(SMALL)
 
 
 class FlowTable:
-    """The columns.  Slot `s` of a flow: keys[s], deadline[s], ... td[s*WORDS : (s+1)*WORDS],
-    small[s*SMALL : (s+1)*SMALL]."""
+    """The columns of the flows, one slot each: keys[s], deadline[s], created[s], bits[s] (flow
+    flags, l4.base), rule[s], meta[s], and the protocol area td[s*WORDS : (s+1)*WORDS],
+    small[s*SMALL : (s+1)*SMALL]. Conntrack allocates and frees slots; `Flow` handles read and
+    write them for everyone else."""
 
     __slots__ = (
         "_free",
@@ -80,8 +67,8 @@ class FlowTable:
         self.bits = bytearray()
         self.rule: list[str | None] = []  # what admitted the flow: "rule mail" / "default egress"
         self.meta: list[object] = []  # the Meta of the first packet (interned by the adapter)
-        self.td = array("I")  # TCP windows and last packet, WORDS per slot (core.tcp_window layout)
-        self.small = bytearray()  # TCP state and last-packet record, SMALL per slot
+        self.td = array("I")  # protocol words, WORDS per slot (TCP: the l4.tcp_window layout)
+        self.small = bytearray()  # protocol bytes, SMALL per slot (TCP: l4.tcp's)
         # The live Flow handle of a slot, if one is in use (weakly: handles made for a listing
         # or a snapshot must not stay with every flow).
         self.handles: dict[int, weakref.ref[Flow]] = {}
@@ -89,7 +76,7 @@ class FlowTable:
         self._free: list[int] = []
 
     def alloc(self, key: bytes, orig_a: bool, now: float) -> int:
-        """A slot for a new flow: not TCP, not replied, deadline = created = now."""
+        """A slot for a new flow: no protocol state, not replied, deadline = created = now."""
         bits = ORIG_A if orig_a else 0
         free = self._free
         if free:
@@ -120,7 +107,7 @@ class FlowTable:
         self.keys[slot] = None
         self.rule[slot] = None
         self.meta[slot] = None
-        if self.bits[slot] & IS_TCP:
+        if self.bits[slot] & PROTO_STATE:
             base = slot * WORDS
             self.td[base : base + WORDS] = _ZERO_WORDS
             start = slot * SMALL
@@ -163,9 +150,7 @@ class FlowTable:
         self.small[at : at + SMALL] = source.small[start : start + SMALL]
 
     def row(self, slot: int) -> Row:
-        """Every field of a slot at once (snapshots): key, flags, deadline, created, rule, meta,
-        for TCP flows the 7 small TCP fields as bytes (STATE ... TCP_ASSURED) and the TCP words
-        as native 32-bit words (tcp_window layout), for others two empty bytes."""
+        """Every field of a slot at once (snapshots), as `Row` says."""
         return next(self.rows((slot,)))
 
     def rows(self, slots: Iterable[int]) -> Iterator[Row]:
@@ -188,59 +173,35 @@ class FlowTable:
                 created[slot],
                 rule[slot],
                 meta[slot],
-                bytes(small[slot * SMALL : slot * SMALL + 7]) if bits[slot] & IS_TCP else b"",
-                td[slot * WORDS : slot * WORDS + WORDS].tobytes() if bits[slot] & IS_TCP else b"",
+                bytes(small[slot * SMALL : slot * SMALL + SMALL]) if bits[slot] & PROTO_STATE else b"",
+                td[slot * WORDS : slot * WORDS + WORDS].tobytes() if bits[slot] & PROTO_STATE else b"",
             )
             for slot in slots
         )
 
     def set_row(self, slot: int, row: Row) -> None:
-        """Write every field of a slot (the inverse of row(); empty TCP parts leave them zero)."""
-        key, bits, deadline, created, rule, meta, tcp_small, words = row
+        """Write every field of a slot (the inverse of row(); empty protocol parts leave them
+        zero, shorter ones fill the area's start)."""
+        key, bits, deadline, created, rule, meta, area_small, words = row
         self.keys[slot] = key
         self.bits[slot] = bits
         self.deadline[slot] = deadline
         self.created[slot] = created
         self.rule[slot] = rule
         self.meta[slot] = meta
-        if tcp_small:
+        if area_small:
+            if len(area_small) > SMALL:
+                raise ValueError(f"{len(area_small)} protocol bytes, a flow has {SMALL}")
             at = slot * SMALL
-            self.small[at : at + 7] = tcp_small
+            self.small[at : at + len(area_small)] = area_small
         if words:
             base = slot * WORDS
             self.td[base : base + WORDS] = array("I", words)
-
-    # -- TCP ---------------------------------------------------------------------------------
-    def load_tcp(self, slot: int, into: TcpConn | None = None) -> TcpConn:
-        """The slot's TCP fields copied into `into` (a new TcpConn when None), for the
-        table-driven tracker."""
-        conn = TcpConn.__new__(TcpConn) if into is None else into
-        base = slot * WORDS
-        conn.td = self.td[base : base + WORDS]
-        fields = _SMALL_FIELDS.unpack_from(self.small, slot * SMALL)
-        (conn.state, conn.last_index, conn.last_dir, conn.last_flags,
-         conn.last_wscale, conn.retrans, assured) = fields  # fmt: skip
-        conn.assured = assured != 0
-        return conn
-
-    def store_tcp(self, slot: int, conn: TcpConn) -> None:
-        """Write a TcpConn's fields into the slot (the flow's IS_TCP flag is the caller's)."""
-        base = slot * WORDS
-        self.td[base : base + WORDS] = conn.td
-        _SMALL_FIELDS.pack_into(self.small, slot * SMALL, *_small_fields_of(conn))
 
 
 # Where detached flows keep their values: flows made by Flow() before they are confirmed into a
 # table, and flows removed from a table while someone still holds their handle.
 DETACHED = FlowTable()
-
-
-def state_name(bits: int, tcp_state: int) -> str:
-    """A flow's state as `nfqfw flows` names it, from its flag bits and TCP state byte: the TCP
-    state, or for other protocols ASSURED, REPLIED or UNREPLIED."""
-    if bits & IS_TCP:
-        return STATE_NAMES[tcp_state]
-    return "ASSURED" if bits & ASSURED else ("REPLIED" if bits & SEEN_REPLY else "UNREPLIED")
 
 
 def _flag(bit: int, doc: str) -> property:
@@ -320,14 +281,14 @@ class Flow:
     @property
     def tcp(self) -> TcpConn | None:
         """A copy of the TCP state (None for other protocols); assign a TcpConn to change it."""
-        if not self._table.bits[self._slot] & IS_TCP:
+        if not self._table.bits[self._slot] & PROTO_STATE or self.key[0] != PROTO_TCP:
             return None
-        return self._table.load_tcp(self._slot)
+        return load_conn(self._table, self._slot)
 
     @tcp.setter
     def tcp(self, conn: TcpConn) -> None:
-        self._table.store_tcp(self._slot, conn)
-        self._table.bits[self._slot] |= IS_TCP
+        store_conn(self._table, self._slot, conn)
+        self._table.bits[self._slot] |= PROTO_STATE
 
     @property
     def proto(self) -> int:
@@ -335,8 +296,9 @@ class Flow:
 
     @property
     def state_name(self) -> str:
+        """The flow's state as `nfqfw flows` shows it (its tracker's l4 state_name)."""
         table, slot = self._table, self._slot
-        return state_name(table.bits[slot], table.small[slot * SMALL + STATE])
+        return l4.state_name(self.key[0], table.bits[slot], table.small[slot * SMALL + STATE_BYTE])
 
     def __repr__(self) -> str:
         return f"<Flow proto={self.proto} {self.state_name} deadline={self.deadline:.1f}>"

@@ -17,8 +17,9 @@ be in window). State, options (window scale, SACK), ASSURED and timeouts are kep
 
 Only `_encode_flow` and `_words_of` (writing), `_Decoder.flow`, `_decode_tcp` and
 `_relearn_windows` (reading) know the layout of a flow (core.flowtable's rows: the format's
-flags and TCP head are the table's own bytes): a change of that layout changes them, not the
-format (tests/unit/test_snapshot.py checks every field both ways).
+flags are the table's own, its TCP head and words the TCP protocol area's, l4.tcp): a change of
+that layout changes them, not the format (tests/unit/core/test_snapshot.py checks every field
+both ways).
 
 Format, version 1, little-endian:
 
@@ -26,7 +27,7 @@ Format, version 1, little-endian:
           SHA-256 of the body (32 bytes)
   body    saved_at f64 (wall clock), flags u32 (EXACT), string count u32, strings (u16
           length + UTF-8 each), flow count u32, the flows
-  flow    key length u8, key (conntrack.flow_key's layout), flags u8 (ORIG_A, ASSURED,
+  flow    key length u8, key (its tracker's layout, core.l4), flags u8 (ORIG_A, ASSURED,
           SEEN_REPLY, TCP), remaining f64 (deadline - now), age f64 (now - created),
           rule u32, hook u8 (0: no Meta), in_iface u32, out_iface u32 (string indexes,
           NO_STRING for None)
@@ -46,12 +47,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from nfqfw.core import flowtable
-from nfqfw.core import tcp_window as window
-from nfqfw.core.conntrack import ICMP_QUERIES, ICMPV6_QUERIES, Conntrack, Flow, first_packet
+from nfqfw.core.conntrack import Conntrack, Flow, first_packet
 from nfqfw.core.flowtable import Row
+from nfqfw.core.l4 import base as l4_base
+from nfqfw.core.l4 import tcp
+from nfqfw.core.l4 import tcp_window as window
+from nfqfw.core.l4.icmp import ICMP_QUERIES, ICMPV6_QUERIES
+from nfqfw.core.l4.tcp_states import STATE_COUNT, FlagClass, sNO
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP
-from nfqfw.core.tcp_states import STATE_COUNT, FlagClass, sNO
 from nfqfw.core.verdict import Hook, Meta
 
 MAGIC = b"NFQFWFT\0"
@@ -60,15 +63,16 @@ NO_STRING = 0xFFFFFFFF
 
 EXACT = 0x01  # snapshot flag: taken at a stop while traffic was blocked
 ORIG_A, ASSURED, SEEN_REPLY, TCP = 0x01, 0x02, 0x04, 0x08  # flow flags
-# The format's flow flags and TCP head are the flow table's own (core.flowtable): copied as they are.
+# The format's flow flags are the flow table's own (l4.base; TCP: the TCP flow's PROTO_STATE), its
+# TCP head the first bytes of a TCP flow's protocol area (l4.tcp): copied as they are.
 assert (ORIG_A, ASSURED, SEEN_REPLY, TCP) == (
-    flowtable.ORIG_A,
-    flowtable.ASSURED,
-    flowtable.SEEN_REPLY,
-    flowtable.IS_TCP,
+    l4_base.ORIG_A,
+    l4_base.ASSURED,
+    l4_base.SEEN_REPLY,
+    l4_base.PROTO_STATE,
 )
-assert (flowtable.STATE, flowtable.LAST_INDEX, flowtable.LAST_DIR, flowtable.LAST_FLAGS) == (0, 1, 2, 3)
-assert (flowtable.LAST_WSCALE, flowtable.RETRANS, flowtable.TCP_ASSURED) == (4, 5, 6)
+assert (tcp.STATE, tcp.LAST_INDEX, tcp.LAST_DIR, tcp.LAST_FLAGS) == (0, 1, 2, 3)
+assert (tcp.LAST_WSCALE, tcp.RETRANS, tcp.TCP_ASSURED) == (4, 5, 6)
 _KNOWN_FLAGS = ORIG_A | ASSURED | SEEN_REPLY | TCP
 
 _HEADER = struct.Struct("<8sHHQ32s")
@@ -221,7 +225,7 @@ class _Strings:
 
 
 def _encode_flow(row: Row, now: float, strings: _Strings) -> bytes:
-    key, bits, deadline, created, rule, meta, tcp_small, words = row
+    key, bits, deadline, created, rule, meta, area_small, words = row
     hook, in_iface, out_iface = strings.meta(meta)
     head = _FLOW.pack(
         bits & _KNOWN_FLAGS, deadline - now, now - created, strings.of(rule), hook, in_iface, out_iface
@@ -231,7 +235,7 @@ def _encode_flow(row: Row, now: float, strings: _Strings) -> bytes:
     if not _TD_AS_STORED:
         words = _words_of(array("I", words))
     # + state, last_index, last_dir, last_flags, last_wscale, retrans, assured; the window words
-    return b"".join((bytes((len(key),)), key, head, tcp_small, words))
+    return b"".join((bytes((len(key),)), key, head, area_small[: _TCP_HEAD.size], words))
 
 
 def _words_of(td: array[int]) -> bytes:

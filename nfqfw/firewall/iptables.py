@@ -1,4 +1,4 @@
-"""nfqfw's kernel rules: the iptables/ip6tables rules that send packets to our queue.
+"""The iptables backend: nfqfw's rules as iptables/ip6tables chains, installed with iptables-restore.
 
 Layout (filter table, the same for IPv4 and IPv6)::
 
@@ -46,11 +46,12 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+from nfqfw.firewall.backend import Firewall, QueueSpec, RulesError
 
 log = logging.getLogger("nfqfw")
 
-DEFAULT_MARK = 0x10000000
 TABLE = "filter"
 
 # Base chain -> our chain. Loopback is excluded where it can occur (INPUT -i lo, OUTPUT -o lo).
@@ -69,38 +70,6 @@ class Tools:
 
 
 FAMILIES = (Tools(4, "iptables-save", "iptables-restore"), Tools(6, "ip6tables-save", "ip6tables-restore"))
-
-
-class RulesError(Exception):
-    """A rule operation failed; str() is a one-line message for the user."""
-
-
-@dataclass(frozen=True)
-class QueueSpec:
-    """Where the rules send packets, and how they behave while nobody listens."""
-
-    first: int = 0
-    last: int = 0  # == first for a single queue, > first for --queue-balance first:last
-    bypass: bool = False  # failure-mode open: pass traffic while no daemon is bound
-    mark: int = DEFAULT_MARK  # bit(s) set on packets nfqfw accepted, so they skip the queue
-    panic: bool = False  # drop everything but loopback in the kernel, queue nothing
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.first <= self.last <= 0xFFFF:
-            raise ValueError(f"bad queue range {self.first}:{self.last}")
-        if not 0 < self.mark <= 0xFFFFFFFF:
-            raise ValueError(f"bad mark 0x{self.mark:x}")
-
-    @property
-    def queues(self) -> range:
-        return range(self.first, self.last + 1)
-
-    def target(self) -> str:
-        if self.first == self.last:
-            where = f"--queue-num {self.first}"
-        else:
-            where = f"--queue-balance {self.first}:{self.last}"
-        return f"NFQUEUE {where}" + (" --queue-bypass" if self.bypass else "")
 
 
 @dataclass(frozen=True)
@@ -161,10 +130,19 @@ def _target(words: list[str]) -> str | None:
     return None
 
 
+def queue_target(spec: QueueSpec) -> str:
+    """The NFQUEUE target for `spec`: one queue or a balanced range, with the failure mode."""
+    if spec.first == spec.last:
+        where = f"--queue-num {spec.first}"
+    else:
+        where = f"--queue-balance {spec.first}:{spec.last}"
+    return f"NFQUEUE {where}" + (" --queue-bypass" if spec.bypass else "")
+
+
 def render_install(spec: QueueSpec, installed: Installed) -> str:
     """iptables-restore --noflush input installing our rules (same text for both families)."""
     match_unmarked = f"-m mark ! --mark 0x{spec.mark:x}/0x{spec.mark:x}"
-    verdict = f"-j {PANIC_TARGET}" if spec.panic else f"{match_unmarked} -j {spec.target()}"
+    verdict = f"-j {PANIC_TARGET}" if spec.panic else f"{match_unmarked} -j {queue_target(spec)}"
     lines = ["*" + TABLE]
     lines += [f":{chain} - [0:0]" for chain in CHAINS.values()]
     for base, chain in CHAINS.items():
@@ -195,70 +173,53 @@ def render_remove(installed: Installed) -> str | None:
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
-def check_tools(families: Iterable[Tools] = FAMILIES) -> None:
-    """Raise RulesError naming the first missing iptables tool."""
-    for tools in families:
-        for tool in (tools.save, tools.restore):
-            if shutil.which(tool) is None:
-                raise RulesError(f"{tool} not found: install iptables (with the nf_tables or legacy backend)")
+class Iptables(Firewall):
+    """The Firewall backend over iptables-save/iptables-restore (and the ip6tables pair).
 
+    `families` and `run` are injectable so that tests drive it with fake tools.
+    """
 
-def read_installed(tools: Tools, run: Runner = subprocess.run) -> Installed:
-    return parse_save(_run(run, [tools.save, "-t", TABLE], None))
+    name = "iptables"
 
+    def __init__(self, families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> None:
+        self.families = tuple(families)
+        self._run = run
 
-def install(spec: QueueSpec, families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> None:
-    """Install (or re-install) our rules for every family, one atomic transaction each."""
-    for tools in families:
-        text = render_install(spec, read_installed(tools, run))
-        _run(run, [tools.restore, "-w", "--noflush"], text)
+    def check(self) -> None:
+        for tools in self.families:
+            for tool in (tools.save, tools.restore):
+                if shutil.which(tool) is None:
+                    raise RulesError(
+                        f"{tool} not found: install iptables (with the nf_tables or legacy backend)"
+                    )
 
+    def read_installed(self, tools: Tools) -> Installed:
+        return parse_save(_run(self._run, [tools.save, "-t", TABLE], None))
 
-def reinstall(spec: QueueSpec, failed: str) -> bool:
-    """install(spec) for a running daemon (panic, failure mode): on failure the error is logged
-    as `failed: why` and False returned, the rules in place stay as they were."""
-    try:
-        install(spec)
-    except RulesError as err:
-        log.error("%s: %s", failed, err)
-        return False
-    return True
+    def install(self, spec: QueueSpec) -> None:
+        for tools in self.families:
+            text = render_install(spec, self.read_installed(tools))
+            _run(self._run, [tools.restore, "-w", "--noflush"], text)
 
+    def panic_installed(self) -> bool:
+        return any(self.read_installed(tools).panic for tools in self.families)
 
-def install_keeping_panic(spec: QueueSpec) -> QueueSpec:
-    """install(spec), but panic mode left on by an earlier run stays on (a restart must not
-    reopen the gateway); returns the spec installed. Raises RulesError."""
-    if panic_installed():
-        spec = replace(spec, panic=True)
-        log.warning("panic mode is on (kept from before): everything but loopback is dropped")
-    install(spec)
-    return spec
+    def remove(self) -> list[int]:
+        removed = []
+        for tools in self.families:
+            text = render_remove(self.read_installed(tools))
+            if text is not None:
+                _run(self._run, [tools.restore, "-w", "--noflush"], text)
+                removed.append(tools.family)
+        return removed
 
-
-def panic_installed(families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> bool:
-    """Are panic mode's DROP rules in place (left by an earlier run) for any family?"""
-    return any(read_installed(tools, run).panic for tools in families)
-
-
-def remove(families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> list[int]:
-    """Remove our chains and jumps for good; returns the families that had something to remove."""
-    removed = []
-    for tools in families:
-        text = render_remove(read_installed(tools, run))
-        if text is not None:
-            _run(run, [tools.restore, "-w", "--noflush"], text)
-            removed.append(tools.family)
-    return removed
-
-
-def show(families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> str:
-    """Our rules as iptables-save prints them, per family."""
-    out = []
-    for tools in families:
-        installed = read_installed(tools, run)
-        out.append(f"# IPv{tools.family} ({tools.save} -t {TABLE})")
-        out += list(installed.lines) if installed.lines else ["# (no nfqfw rules)"]
-    return "\n".join(out) + "\n"
+    def show(self) -> str:
+        out = []
+        for tools in self.families:
+            installed = self.read_installed(tools)
+            out.append(f"# IPv{tools.family} ({tools.save} -t {TABLE})")
+            out += list(installed.lines) if installed.lines else ["# (no nfqfw rules)"]
+        return "\n".join(out) + "\n"
 
 
 def _run(run: Runner, argv: list[str], text: str | None) -> str:

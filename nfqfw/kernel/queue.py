@@ -8,7 +8,7 @@ all served by one thread. For each packet the callback:
    no Meta and no Verdict (most packets of a busy gateway end here);
 1. looks up the Meta(hook, in_iface, out_iface) for (hook, indev, outdev) in a dict (built once
    per combination from the ifindex->name map, dropped when links change),
-2. asks the engine: engine.process(payload, meta, now=time.monotonic()),
+2. asks the engine: engine.full_process(payload, meta, now) (engine.process without a fast path),
 3. answers the kernel:
    - accept: set our mark bit and NF_REPEAT; the kernel re-runs the filter hook, our rule lets
      the marked packet by and the host's later rules see it (see nfqfw.firewall.iptables),
@@ -79,7 +79,19 @@ _HOOKS = {int(hook): hook for hook in Hook}
 
 
 class EngineLike(Protocol):
-    def process(self, data: bytes, meta: Meta, now: float) -> Verdict: ...
+    """What the adapter needs of an engine (core.engine.Engine)."""
+
+    # True: the packet was tracked as ESTABLISHED, accept it; False: ask full_process(). None:
+    # no fast path (every packet goes to process()).
+    fast_path: Callable[[bytes, float], bool] | None
+
+    def process(self, data: bytes, meta: Meta, now: float) -> Verdict:
+        """The verdict for any packet (the fast path tried first)."""
+        ...
+
+    def full_process(self, data: bytes, meta: Meta, now: float) -> Verdict:
+        """The verdict for a packet the fast path did not take."""
+        ...
 
 
 LogPacketFn = Callable[[bytes, Meta, Verdict, float], None]
@@ -102,6 +114,17 @@ class QueueError(Exception):
 
 
 class QueueAdapter:
+    """The bridge between the kernel's NFQUEUE queues and the engine: binds the queues, gives
+    every queued packet its verdict from a callback built once (`_make_callback`, steps 0-5 of
+    the module docstring), sends the reject answers within `reject_rate`, and counts what went
+    wrong (`counters`).
+
+    It also holds the daemon's housekeeping deadline, in a cell the callback reads per packet:
+    `housekeeping(now)` (set by the daemon) returns when it wants to run next, and runs from
+    the poll loop or from the callback, whichever passes the deadline first (`deadline`,
+    `wake`, `run_housekeeping`).
+    """
+
     def __init__(
         self,
         engine: EngineLike,
@@ -219,9 +242,9 @@ class QueueAdapter:
         # needed) is tried before the Meta is looked up, then the engine's full path. With
         # metrics on, every packet goes through the wrapped engine.process instead, which runs
         # the same fast path inside.
-        fast: Callable[[bytes, float], bool] = getattr(self.engine, "fast_path", None) or _never_fast
+        fast: Callable[[bytes, float], bool] = self.engine.fast_path or _never_fast
         if fast is not _never_fast:
-            process = getattr(self.engine, "full_process", process)
+            process = self.engine.full_process
         if self.wrap_process is not None:  # metrics on: time a sample of the engine calls
             process = self.wrap_process(self.engine.process)
             fast = _never_fast

@@ -32,16 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nfqfw.control.protocol import SOCKET_NAME
-from nfqfw.lab.topology import (
-    DEFAULT_PREFIX,
-    NETNS_DIR,
-    LabError,
-    Topology,
-    build,
-    in_ns,
-    process_alive,
-    teardown,
-)
+from nfqfw.lab.plan import DEFAULT_PREFIX, NETNS_DIR, LabError, Topology
+from nfqfw.lab.topology import build, in_ns, process_alive, teardown
 
 STATE_ROOT = Path("/run/nfqfw-lab")
 READY_TIMEOUT = 30.0  # seconds; start-up is quick, but CI machines can be slow

@@ -17,15 +17,7 @@ from typing import TextIO
 from nfqfw.core.packet import RST
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import down, up
-from nfqfw.lab.topology import (
-    GW_WAN_V4,
-    LAN_V4,
-    LAN_V6,
-    WAN_V4,
-    WAN_V6,
-    LabError,
-    Topology,
-)
+from nfqfw.lab.plan import GW_WAN_V4, LAN_V4, LAN_V6, WAN_V4, WAN_V6, LabError, Topology
 
 DEMO_PREFIX = "nfqdemo-"
 REPO_POLICY = Path(__file__).resolve().parents[2] / "config" / "policy.yaml"

@@ -45,10 +45,11 @@ from pyroute2 import NetNS
 
 from nfqfw.core import build
 from nfqfw.core.decode import decode
-from nfqfw.core.packet import PROTO_TCP, RST
+from nfqfw.core.packet import PROTO_TCP, PROTO_UDP, RST
 from nfqfw.lab import traffic
-from nfqfw.lab.topology import LabError, Topology, run_in, sysctl, teardown
+from nfqfw.lab.plan import LabError, Topology
 from nfqfw.lab.topology import build as build_topology
+from nfqfw.lab.topology import run_in, sysctl, teardown
 
 DEFAULT_PREFIX = "nfqk-"
 ETH_P_ALL = 0x0003
@@ -369,9 +370,7 @@ class KernelOracle:
         self._sentinels += 1
         src, dst = build.addr(self.hosts[side].v4), build.addr(self.hosts[far_side].v4)
         payload = b"nfqfw sentinel %d" % self._sentinels
-        return build.ipv4(
-            src, dst, build.PROTO_UDP, build.udp(src, dst, SENTINEL_PORT, SENTINEL_PORT, payload)
-        )
+        return build.ipv4(src, dst, PROTO_UDP, build.udp(src, dst, SENTINEL_PORT, SENTINEL_PORT, payload))
 
     def _came_out(self, far: _Port, wanted: set[bytes], sentinel: bytes) -> set[bytes]:
         """Read the far side until the sentinel comes out; which of `wanted` came out before it."""

@@ -38,6 +38,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 OVERLAID = ("etc", "opt", "usr", "var", "tmp", "root")
 WORK_DIR = "/dev/shm"  # the box's directory: under none of the overlaid ones
 TARGET = "nfqfw-box.target"
+JOURNAL_UNIT = "nfqfw-box-journald.service"  # Box.start_journal()
+BOX_UNITS = "/etc/systemd/system"  # a tmpfs in the box: only the units written there
+PACKAGE_UNITS = "/lib/systemd/system"  # where a package's units go (the host's are there too)
 BOOT_TIMEOUT = 30.0
 
 
@@ -46,12 +49,12 @@ class BoxError(Exception):
 
 
 # Runs as PID 1 of the new namespaces until it execs the manager; $1 is the box's directory,
-# $2 the name of its cgroups. `set -e`: any failure ends the boot (the caller sees it). The
-# manager logs nowhere (it would write to the host's console or kernel log); a unit's output
-# goes where its drop-in says.
+# $2 the name of its cgroups, $3 the manager's unit path. `set -e`: any failure ends the boot
+# (the caller sees it). The manager logs nowhere (it would write to the host's console or
+# kernel log); a unit's output goes where its drop-in says.
 BOOT_SCRIPT = r"""
 set -euo pipefail
-box=$1 group=$2
+box=$1 group=$2 unit_path=$3
 mount -t proc proc /proc
 for dir in {overlaid}; do
     mkdir -p "$box/upper/$dir" "$box/work/$dir"
@@ -76,9 +79,9 @@ for hierarchy in /sys/fs/cgroup/*/; do
     echo $$ > "$hierarchy$group/cgroup.procs"
 done
 export container=nfqfw-box
-# Only the units put into the box exist: no sysinit.target, so nothing that would act on the
-# host's shared /dev, /sys or network settings (udev, sysctl, journald, tmpfiles) can start.
-export SYSTEMD_UNIT_PATH=/etc/systemd/system
+# By default only the units put into the box exist: no sysinit.target, so nothing that would act
+# on the host's shared /dev, /sys or network settings (udev, sysctl, journald, tmpfiles) can start.
+export SYSTEMD_UNIT_PATH=$unit_path
 exec unshare --cgroup {systemd} --unit={target} --show-status=no --log-target=null
 """.format(overlaid=" ".join(OVERLAID), target=TARGET, systemd=SYSTEMD)
 
@@ -127,6 +130,18 @@ class Box:
         if done.returncode != 0:
             raise BoxError(f"writing {path} in the box: {done.stderr.strip()}")
 
+    def start_journal(self) -> None:
+        """journald in the box, for units that log to the journal: its sockets and files are in
+        the box's /run; no /dev/log link (that is the socket unit's, not started here) and no
+        kernel messages. A unit that logs there needs After=JOURNAL_UNIT."""
+        self.write("/etc/systemd/journald.conf.d/box.conf", "[Journal]\nStorage=volatile\nReadKMsg=no\n")
+        self.write(
+            f"/etc/systemd/system/{JOURNAL_UNIT}",
+            "[Unit]\nDefaultDependencies=no\n[Service]\nType=notify\nExecStart=/lib/systemd/systemd-journald\n",
+        )
+        self.run("systemctl", "daemon-reload")
+        self.run("systemctl", "start", JOURNAL_UNIT, timeout=60)
+
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         """`systemctl show` of a unit, as a dict."""
         out = self.run("systemctl", "show", unit, "-p", ",".join(properties)).stdout
@@ -134,8 +149,11 @@ class Box:
 
 
 @contextmanager
-def booted(work: str = WORK_DIR) -> Iterator[Box]:
-    """Boot a box (see the module's docstring) and take it down again, whatever happens."""
+def booted(work: str = WORK_DIR, unit_path: Sequence[str] = (BOX_UNITS,)) -> Iterator[Box]:
+    """Boot a box (see the module's docstring) and take it down again, whatever happens.
+    `unit_path`: where the manager finds units; a test of the Debian package adds
+    PACKAGE_UNITS, where the host's units are too (none of them is started: nothing pulls
+    them in, and the host's enablement links are hidden under the box's own /etc/systemd/system)."""
     if not Path(SYSTEMD).exists():
         raise BoxError(f"{SYSTEMD} not found: install the systemd package")
     directory = Path(tempfile.mkdtemp(prefix="nfqfw-box-", dir=work))
@@ -156,6 +174,7 @@ def booted(work: str = WORK_DIR) -> Iterator[Box]:
             "nfqfw-box",
             str(directory),
             group,
+            ":".join(unit_path),
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,

@@ -25,48 +25,26 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from pyroute2 import NetNS, netns
 
-DEFAULT_PREFIX = "nfq-"
-NETNS_DIR = Path("/var/run/netns")
-
-# The addressing plan (documentation prefixes outside, private ones inside).
-WAN_V4, WAN_V6 = "203.0.113.10", "2001:db8:1::10"
-GW_WAN_V4, GW_WAN_V6 = "203.0.113.1", "2001:db8:1::1"
-GW_LAN_V4, GW_LAN_V6 = "10.0.0.1", "fd00::1"
-LAN_V4, LAN_V6 = "10.0.0.25", "fd00::25"
-LAN_NET_V4, LAN_NET_V6 = "10.0.0.0/24", "fd00::/64"
+from nfqfw.lab.plan import (
+    GW_LAN_V4,
+    GW_LAN_V6,
+    GW_WAN_V4,
+    GW_WAN_V6,
+    LAN_NET_V4,
+    LAN_NET_V6,
+    LAN_V4,
+    LAN_V6,
+    NETNS_DIR,
+    WAN_V4,
+    WAN_V6,
+    LabError,
+    Topology,
+)
 
 IFA_F_NODAD = 0x02  # linux/if_addr.h: the address is usable at once, no DAD
-
-
-class LabError(Exception):
-    """The lab could not be built or controlled; str() is a message for the user."""
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Names of a lab's namespaces, derived from its prefix."""
-
-    prefix: str = DEFAULT_PREFIX
-
-    @property
-    def wan(self) -> str:
-        return f"{self.prefix}wan"
-
-    @property
-    def gw(self) -> str:
-        return f"{self.prefix}gw"
-
-    @property
-    def lan(self) -> str:
-        return f"{self.prefix}lan"
-
-    @property
-    def namespaces(self) -> tuple[str, str, str]:
-        return (self.wan, self.gw, self.lan)
 
 
 @dataclass(frozen=True)
@@ -77,26 +55,6 @@ class _Link:
     ifname: str
     v4: str
     v6: str
-
-
-def picture(prefix: str = DEFAULT_PREFIX) -> str:
-    """The lab drawn as text, with its namespace names."""
-    t = Topology(prefix)
-    rows = (
-        ((2, "outside host"), (28, "the gateway, runs nfqfw"), (72, "inside host")),
-        ((2, f"netns {t.wan}"), (28, f"netns {t.gw}"), (72, f"netns {t.lan}")),
-        ((2, "eth0 203.0.113.10/24 ---- wan0 203.0.113.1/24   lan0 10.0.0.1/24 ---- eth0 10.0.0.25/24"),),
-        ((7, "2001:db8:1::10/64"), (33, "2001:db8:1::1/64"), (55, "fd00::1/64"), (77, "fd00::25/64")),
-        ((28, "zone external"), (50, "zone internal")),
-        ((28, "IPv4 masquerade of 10.0.0.0/24 out of wan0"),),
-    )
-    lines = []
-    for row in rows:
-        text = ""
-        for column, cell in row:
-            text = (text.ljust(column) if len(text) < column else text + " ") + cell
-        lines.append(text)
-    return "\n".join(lines)
 
 
 def existing_namespaces(topology: Topology) -> list[str]:

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 from nfqfw.core import build
 from nfqfw.core.decode import decode
-from nfqfw.core.packet import Packet
-from nfqfw.lab.topology import NETNS_DIR, in_ns
+from nfqfw.core.packet import PROTO_TCP, Packet
+from nfqfw.lab.plan import NETNS_DIR
+from nfqfw.lab.topology import in_ns
 
 CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
@@ -425,8 +426,8 @@ def tcp_packet(
     src_raw, dst_raw = build.addr(src), build.addr(dst)
     segment = build.tcp(src_raw, dst_raw, sport, dport, seq=seq, ack=ack, flags=flags, window=window)
     if len(src_raw) == 16:
-        return build.ipv6(src_raw, dst_raw, build.PROTO_TCP, segment)
-    return build.ipv4(src_raw, dst_raw, build.PROTO_TCP, segment)
+        return build.ipv6(src_raw, dst_raw, PROTO_TCP, segment)
+    return build.ipv4(src_raw, dst_raw, PROTO_TCP, segment)
 
 
 def send_raw(ns: str, packet: bytes) -> None:

@@ -42,7 +42,6 @@ Metrics (all prefixed nfqfw_):
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 import threading
@@ -59,9 +58,9 @@ from prometheus_client.registry import Collector
 
 from nfqfw.core.config import PROTOCOL_NAMES
 from nfqfw.kernel.queue_info import LONGER_THAN_COPY_RANGE, ProcessFn, QueueStat, read_queue_stats
+from nfqfw.observe.endpoint import MetricsError, check_address, show_address
 from nfqfw.observe.packetlog import PacketLog
 
-DEFAULT_PORT = 9469
 SAMPLE_EVERY = 64  # the latency histogram times one engine call in this many
 # Bucket upper bounds in nanoseconds: 1 us .. 10 ms (the engine takes ~5 us per packet).
 LATENCY_BOUNDS_NS = (
@@ -87,45 +86,6 @@ ADAPTER_UNSENT = {
 _NUMBER = re.compile(r"\b[0-9]+\b")  # "ipv4" keeps its 4
 
 T = TypeVar("T")
-
-
-class MetricsError(Exception):
-    """The endpoint cannot be served; str() is a one-line message."""
-
-
-# --- the address ------------------------------------------------------------------------------
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """`PORT`, `ADDR:PORT` or `[IPV6]:PORT` -> (host, port); a bare port is 127.0.0.1:PORT.
-    ADDR is an IP address or `localhost`. Raises ValueError with the reason."""
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"expected [IPV6]:PORT, got '{text}'")
-    elif ":" in text:
-        host, _, port_text = text.rpartition(":")
-        if ":" in host:
-            raise ValueError(f"write an IPv6 address in brackets, as [{host}]:{port_text}")
-    else:
-        host, port_text = "127.0.0.1", text
-    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
-        raise ValueError(f"'{port_text}' is not a port number (1-65535)")
-    if text.startswith("["):
-        try:
-            return str(ipaddress.IPv6Address(host)), int(port_text)
-        except ValueError:
-            raise ValueError(f"'{host}' is not an IPv6 address") from None
-    if host == "localhost":
-        return host, int(port_text)
-    try:
-        return str(ipaddress.IPv4Address(host)), int(port_text)
-    except ValueError:
-        raise ValueError(f"'{host}' is not an IPv4 address or localhost") from None
-
-
-def is_loopback(host: str) -> bool:
-    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 # --- the latency sample -----------------------------------------------------------------------
@@ -454,8 +414,9 @@ class MetricsServer:
         try:
             self._server, self._thread = start_http_server(port, host, registry=self.registry)
         except OSError as err:
-            raise MetricsError(f"cannot serve metrics on {_show(host, port)}: {err.strerror or err}") from err
-        self.address = _show(host, self._server.server_port)
+            where = show_address(host, port)
+            raise MetricsError(f"cannot serve metrics on {where}: {err.strerror or err}") from err
+        self.address = show_address(host, self._server.server_port)
 
     def close_inherited(self) -> None:
         """In a forked child (a worker): let go of the listening socket, leave the thread alone
@@ -484,15 +445,3 @@ def serve_merged(
     """The supervisor's endpoint (nfqfw run --workers --metrics); MetricsError as serve()."""
     check_address(host, port, allow_remote)
     return MetricsServer(collector, host, port)
-
-
-def check_address(host: str, port: int, allow_remote: bool) -> None:
-    if not allow_remote and not is_loopback(host):
-        raise MetricsError(
-            f"--metrics {_show(host, port)}: not a loopback address; the metrics name the policy's "
-            "rules and show its traffic: add --metrics-allow-remote to serve them beyond this host"
-        )
-
-
-def _show(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -17,6 +17,13 @@ from it). Then SRC/DST/LEN (IP total length)/TTL/PROTO and, by protocol, SPT/DPT
 (TCP), SPT/DPT (UDP) or TYPE/CODE (ICMP, ICMPv6); FRAG=FIRST|LATER for fragments (a later
 fragment has no ports).
 
+The same packet as fields (`packet_event`, Suricata eve.json's names) travels with the line in
+the record, for `options: {log-format: json}` and the journal (nfqfw.observe.logsetup):
+src_ip, src_port, dest_ip, dest_port, proto, in_iface, out_iface, hook, ct_state, action,
+reason, rule, flow_id, ip_len, ttl and tcp_flags / icmp_type, icmp_code / frag where they apply.
+`flow_id` is the same for both directions of a flow and across restarts (a hash of its
+addresses, ports or ICMP identifier and protocol), so a SIEM can group a flow's lines.
+
 Rate limit: token buckets as iptables' `-m limit` (`options: log-limit` lines per period,
 `log-limit-burst` in a burst; default 3/minute, burst 10, as ufw), one bucket per deciding rule,
 per default and one for all INVALID packets, so a flood of one kind cannot hide the others. A
@@ -31,19 +38,26 @@ lookup and a token-bucket update; only an emitted line decodes and formats.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from nfqfw.core import packet as wire
 from nfqfw.core.config import DEFAULT_LOG_LIMIT, PROTOCOL_NAMES, LogLimit
 from nfqfw.core.decode import decode
+from nfqfw.core.l4 import flow_key
 from nfqfw.core.packet import FRAG_FIRST, FRAG_LATER, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.ratelimit import TokenBucket
 from nfqfw.core.verdict import Ct, Meta, Verdict
 
 log = logging.getLogger("nfqfw.packets")
+
+Emit = Callable[[int, str, "dict[str, Any] | None"], None]  # (level, text line, eve fields or None)
+EVENT_ATTRIBUTE = "nfqfw_event"  # nfqfw.observe.logsetup reads the fields from the record there
+FLOW_ID_BITS = 53  # a JSON number every consumer reads exactly (IEEE double)
 
 SUMMARY_INTERVAL = 60.0  # seconds between two "lines suppressed" summaries
 MAX_BUCKETS = 1024  # bucket keys are rule names and a few fixed reasons; this only bounds a leak
@@ -64,7 +78,10 @@ def format_packet(
 ) -> str:
     """The log line of one packet (decoded again here: only logged packets pay for it). A packet
     cut by the queue's copy range `copy_cap` (a GSO packet) shows its IP length in LEN."""
-    pkt = decode(data, copy_cap)
+    return _line(decode(data, copy_cap), data, meta, verdict)
+
+
+def _line(pkt: Packet, data: bytes | bytearray | memoryview, meta: Meta, verdict: Verdict) -> str:
     reason = verdict.reason.replace('"', "'")
     fields = [
         f"[NFQFW {verdict.action.value.upper()}]",
@@ -103,6 +120,61 @@ def _transport_fields(pkt: Packet) -> list[str]:
     return fields
 
 
+def packet_event(
+    data: bytes | bytearray | memoryview, meta: Meta, verdict: Verdict, copy_cap: int = 0
+) -> dict[str, Any]:
+    """The packet's fields with eve.json's names (what the line says, as values)."""
+    return _event(decode(data, copy_cap), data, meta, verdict)
+
+
+def _event(pkt: Packet, data: bytes | bytearray | memoryview, meta: Meta, verdict: Verdict) -> dict[str, Any]:
+    event: dict[str, Any] = {}
+    ip = len(pkt.src) in (4, 16)
+    if ip:
+        event["flow_id"] = flow_id(pkt)
+        event["src_ip"] = str(ipaddress.ip_address(pkt.src))
+    ports = ip and pkt.frag != FRAG_LATER and pkt.proto in (PROTO_TCP, PROTO_UDP) and (pkt.sport or pkt.dport)
+    if ports:
+        event["src_port"] = pkt.sport
+    if ip:
+        event["dest_ip"] = str(ipaddress.ip_address(pkt.dst))
+    if ports:
+        event["dest_port"] = pkt.dport
+    if ip:
+        event["proto"] = _PROTO_LABELS.get(pkt.proto, str(pkt.proto))
+    event |= {
+        "in_iface": meta.in_iface,
+        "out_iface": meta.out_iface,
+        "hook": meta.hook.name,
+        "ct_state": verdict.ct.value.upper(),
+        "action": verdict.action.value,
+        "reason": verdict.reason,
+        "rule": verdict.rule,
+    }
+    if not ip:
+        event["ip_len"] = len(data)
+        return event
+    event |= {"ip_len": pkt.length or len(data), "ttl": pkt.ttl}
+    if pkt.frag != FRAG_LATER:
+        if ports and pkt.proto == PROTO_TCP:
+            event["tcp_flags"] = ",".join(name for bit, name in _FLAGS if pkt.tcp_flags & bit) or "NONE"
+        elif pkt.proto in (PROTO_ICMP, PROTO_ICMPV6) and pkt.icmp_type >= 0:
+            event |= {"icmp_type": pkt.icmp_type, "icmp_code": pkt.icmp_code}
+    if pkt.frag:
+        event["frag"] = "first" if pkt.frag == FRAG_FIRST else "later"
+    return event
+
+
+def flow_id(pkt: Packet) -> int:
+    """One number per flow, both directions alike: a hash of conntrack's flow key (addresses,
+    ports or ICMP query identifier, protocol); packets without a flow key (ICMP errors, later
+    fragments) hash their protocol and address pair."""
+    found = flow_key(pkt) if pkt.frag != FRAG_LATER else None
+    key = found[0] if found else bytes((pkt.proto,)) + min(pkt.src, pkt.dst) + max(pkt.src, pkt.dst)
+    digest = hashlib.blake2b(key, digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> (64 - FLOW_ID_BITS)
+
+
 def limit_text(limit: LogLimit) -> str:
     period = _PERIODS.get(limit.period, f"{limit.period}s")
     return f"log-limit {limit.count}/{period}, log-limit-burst {limit.burst}"
@@ -123,7 +195,7 @@ class PacketLog:
         self,
         limit: LogLimit = DEFAULT_LOG_LIMIT,
         *,
-        emit: Callable[[int, str], None] | None = None,
+        emit: Emit | None = None,
         summary_interval: float = SUMMARY_INTERVAL,
         copy_cap: int = 0,
     ) -> None:
@@ -157,7 +229,8 @@ class PacketLog:
             self.suppressed += 1
             return
         self.lines += 1
-        self._emit(logging.INFO, format_packet(data, meta, verdict, self.copy_cap))
+        pkt = decode(data, self.copy_cap)
+        self._emit(logging.INFO, _line(pkt, data, meta, verdict), _event(pkt, data, meta, verdict))
 
     def flush(self, now: float, force: bool = False) -> None:
         """Housekeeping: say how many lines were suppressed, at most once per summary_interval
@@ -171,10 +244,11 @@ class PacketLog:
         self._emit(
             logging.WARNING,
             f"{total} packet log {noun} suppressed ({parts}; {limit_text(self.limit)})",
+            None,
         )
         held.clear()
         self._next_summary = now + self.summary_interval
 
 
-def _to_logger(level: int, line: str) -> None:
-    log.log(level, "%s", line)
+def _to_logger(level: int, line: str, event: dict[str, Any] | None) -> None:
+    log.log(level, "%s", line, extra=None if event is None else {EVENT_ATTRIBUTE: event})

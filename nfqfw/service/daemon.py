@@ -1,180 +1,55 @@
-"""The `nfqfw run` daemon: start-up checks, bind, rules in, packet loop, signals, clean stop.
+"""The `nfqfw run` daemon: one process that binds its queue(s) and filters their packets.
 
-Start-up, in this order, each failure a one-line message on stderr and exit code 1:
-  root? -> iptables tools present? -> policy valid (its located errors are printed) ->
-  raw reply sockets -> restore the flow snapshot -> bind the queue(s) -> install the rules ->
-  READY=1 to $NOTIFY_SOCKET.
-The queue is bound before the rules go in, so the first queued packet finds a listener, and
-after the flows of the last run are back (nfqfw.service.statedir: saved at stop and every
---snapshot-interval seconds; a bad snapshot is logged and ignored, never fatal).
+`Daemon` is the service core (nfqfw.service.core) around an Engine and a QueueAdapter. Its
+start, in this order, each failure a one-line message on stderr and exit code 1: root and the
+firewall's tools -> the policy (its located errors are printed) -> metrics endpoint -> raw
+reply sockets -> the flow snapshot restored -> the queue(s) bound -> control socket -> the
+kernel rules -> READY=1.
 
-Loop: poll(2) on the queue sockets, the rtnetlink event socket and a signal wake-up pipe;
-a readable queue is drained with NetfilterQueue.run(block=False). Housekeeping (links, drop
-statistics, watchdog, status, signals) runs when the poll times out or, under a flood that
-keeps run() busy, from the packet callback itself (see nfqfw.kernel.queue).
+Invariants:
+- The flows of the last run are restored before the queue is bound, and the queue is bound
+  before the rules send packets to it, so the first queued packet finds a listener that knows
+  its flow. A bad snapshot is logged and ignored, never fatal (nfqfw.service.statedir).
+- One thread. The poll loop drains a readable queue with NetfilterQueue.run(block=False);
+  housekeeping (signals, control socket, links, drop statistics, packet-log summary, snapshots,
+  WATCHDOG=1, STATUS=) runs when its deadline passes, from the loop or, under a flood that
+  keeps run() busy, from the packet callback itself (nfqfw.kernel.queue). So the watchdog stops
+  exactly when the packet path is wedged.
+- A reload swaps the policy in with conntrack state kept; with `reload: recheck` (the default)
+  the flows the new policy would not let start are removed (nfqfw.core.recheck).
+- At a stop the flows are saved (exact only in failure-mode closed: in open mode traffic passes
+  unseen until the next start); the kernel rules stay.
 
-Signals: SIGTERM and SIGINT stop: STOPPING=1, the queues are unbound, counters are logged,
-exit code 0. The kernel rules stay as they are (see nfqfw.firewall.iptables): in the default closed
-failure mode, traffic stays blocked until nfqfw runs again; `nfqfw rules remove` takes them
-away. SIGUSR1 logs the verdict and adapter counters.
-
-SIGHUP reloads the policy live: the handler only sets a flag; housekeeping (between two
-packets) re-reads and validates the file. Invalid: the located errors are logged and the
-running policy stays. Valid: `engine.replace_policy()` swaps it in (conntrack state kept) and,
-with `reload: recheck` (the default), the flows the new policy would not let start any more
-are removed (nfqfw.core.recheck); `reload: keep` keeps them. A changed failure mode
-re-installs the kernel rules. RELOADING=1 ... READY=1 surround the reload either way.
-
-A policy file writable by group or others is refused, at start and at reload.
-
-Control socket (nfqfw.control.server): RUNTIME_DIR/control.sock (--runtime-dir, default /run/nfqfw),
-root only; `nfqfw status|flows|flush|panic|reload` ask there. It is served from the poll loop
-and from housekeeping, so also under a flood. A reload asked there takes the SIGHUP path;
-the outcome of the last one (`last_reload`) and the start time are kept for `nfqfw status`.
-Panic mode (`set_panic`) lives in the kernel rules (see nfqfw.firewall.iptables) and survives a restart.
-
-Observability (own modules): the packet log (nfqfw.observe.packetlog) gets the packets whose verdict
-says `log` from the adapter and its suppression summary from housekeeping; `--metrics` starts
-the Prometheus endpoint (nfqfw.observe.metrics) before the queue is bound.
-
-Worker mode (`Options.worker`, set by nfqfw.service.supervisor for each process of `nfqfw run --workers`):
-the same daemon on one queue, except that the kernel rules and panic mode are left to the
-supervisor; its READY/WATCHDOG/STATUS go to the supervisor's $NOTIFY_SOCKET, its control socket
-is the supervisor's private one for that queue.
+`WorkerDaemon` is a daemon on one queue of `nfqfw run --workers` (nfqfw.service.supervisor):
+it holds no kernel rules (`firewall` None: panic and failure mode are its supervisor's), its
+sd_notify messages and counts go to the supervisor, and it restores the snapshot files its
+supervisor names; under --metrics it counts and its supervisor serves.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import select
-import signal
-import socket
-import stat
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nfqfw.control.protocol import DEFAULT_RUNTIME_DIR, ControlError
-from nfqfw.control.requests import Requests
-from nfqfw.control.server import ControlServer
-from nfqfw.core.config import DEFAULT_LOG_LIMIT, LogLimit
-from nfqfw.firewall import iptables as rules
+from nfqfw.control.flowlist import FlowFilter
+from nfqfw.control.protocol import Chunks, RequestError
+from nfqfw.control.requests import engine_flows, engine_flush, engine_status
+from nfqfw.firewall import Firewall
 from nfqfw.kernel.links import Links
 from nfqfw.kernel.queue import QueueAdapter, QueueError
-from nfqfw.kernel.queue_info import (
-    COPY_RANGE,
-    DEFAULT_MAX_LEN,
-    DEFAULT_REJECT_RATE,
-    DEFAULT_SOCK_LEN,
-    DropWatch,
-)
+from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch
 from nfqfw.kernel.rawsend import RawSender
 from nfqfw.observe.packetlog import PacketLog
-from nfqfw.service.sdnotify import Notifier, watchdog_interval
-from nfqfw.service.statedir import DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_STATE_DIR, SNAPSHOT_NAME, StateDir
-from nfqfw.service.supervision import queue_snapshots
+from nfqfw.service.core import Applied, Loaded, ServiceCore, StartupError, load_policy_file, run_service
+from nfqfw.service.options import Options
+from nfqfw.service.sdnotify import Notifier
+from nfqfw.service.statedir import StateDir
+from nfqfw.service.supervision import Counts, counts_assignment, queue_snapshots
 
 log = logging.getLogger("nfqfw")
-
-HOUSEKEEPING_PERIOD = 1.0  # seconds between housekeeping rounds (links, signals)
-STATUS_PERIOD = 10.0  # seconds between STATUS= updates
-
-
-class StartupError(Exception):
-    """Start-up cannot proceed; the lines of str() are printed as they are."""
-
-
-@dataclass
-class Options:
-    config: str
-    queue_first: int = 0
-    queue_last: int = 0
-    mark: int = rules.DEFAULT_MARK
-    max_len: int = DEFAULT_MAX_LEN
-    sock_len: int = DEFAULT_SOCK_LEN
-    reject_rate: float = DEFAULT_REJECT_RATE
-    stats_interval: float = 5.0  # seconds between reads of the kernel's queue drop counters
-    state_dir: str = DEFAULT_STATE_DIR  # flow snapshots (nfqfw.service.statedir)
-    snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL  # seconds; 0: only at stop
-    runtime_dir: str = DEFAULT_RUNTIME_DIR  # the control socket's directory
-    metrics: tuple[str, int] | None = None  # --metrics: (host, port) of the Prometheus endpoint
-    metrics_allow_remote: bool = False
-    collect_metrics: bool = False  # a worker under --metrics: count for the supervisor's endpoint
-    gso: bool = True  # ask the kernel for GSO packets whole (--no-gso: segmented, as before)
-    # A worker of `nfqfw run --workers` (nfqfw.service.supervisor): its supervisor owns the kernel rules
-    # (and panic mode), so a worker never installs or changes them.
-    worker: bool = False
-    snapshot_name: str = SNAPSHOT_NAME  # the flow snapshot's file in state_dir
-    adopt_snapshots: tuple[str, ...] = ()  # more snapshot files to restore flows from (workers)
-
-
-@dataclass
-class Loaded:
-    """What the daemon takes from the policy file."""
-
-    engine_policy: Any  # a CompiledPolicy
-    fail_open: bool  # policy option failure-mode: open
-    recheck: bool = True  # policy option reload: recheck (False: keep)
-    log_limit: LogLimit = DEFAULT_LOG_LIMIT  # policy options log-limit, log-limit-burst
-
-
-@dataclass(frozen=True)
-class ReloadResult:
-    """The outcome of a reload, for `nfqfw status` and `nfqfw reload`."""
-
-    time: float  # wall clock
-    trigger: str  # "SIGHUP" or "control request"
-    ok: bool
-    errors: tuple[str, ...] = ()  # the located errors of a refused policy
-    removed: int | None = None  # flows removed by reload: recheck (None: reload: keep)
-
-
-@dataclass
-class _Schedule:
-    stats: float = 0.0
-    status: float = 0.0
-    watchdog: float = math.inf
-    watchdog_every: float | None = None
-
-
-@dataclass
-class _Requests:
-    """Set by signal handlers, acted on in housekeeping."""
-
-    stop: str | None = None  # name of the signal that asked for it
-    reload: bool = False
-    dump: bool = False  # log the counters
-    served: set[str] = field(default_factory=set)
-
-
-def check_file_mode(path: str) -> None:
-    """Refuse a policy anyone but its owner may rewrite: it decides what passes the gateway.
-    A missing or unreadable file is left to the loader, which reports it located."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise StartupError(f"{path}: refusing a policy file writable by group or others (mode {mode:04o})")
-
-
-def load_policy_file(path: str) -> Loaded:
-    """Check the file mode, read and compile the policy; raises StartupError with the located errors."""
-    from nfqfw.core.config import ConfigError, load_policy
-    from nfqfw.core.policy import CompiledPolicy
-
-    check_file_mode(path)
-    try:
-        config = load_policy(path)  # an unreadable file is a located ConfigError too
-    except ConfigError as err:
-        raise StartupError(str(err)) from err
-    options = config.options
-    fail_open, recheck = options.failure_mode == "open", options.reload == "recheck"
-    return Loaded(CompiledPolicy(config), fail_open, recheck, options.log_limit)
 
 
 def default_engine(loaded: Loaded) -> Any:
@@ -183,7 +58,15 @@ def default_engine(loaded: Loaded) -> Any:
     return Engine(loaded.engine_policy, copy_cap=COPY_RANGE)  # the queue's copy range: GSO packets are cut
 
 
-class Daemon:
+class Daemon(ServiceCore):
+    """One nfqfw process filtering its queue(s): the service core around an Engine (the policy
+    and the flow table) and a QueueAdapter (the kernel's packets in, verdicts out).
+
+    It owns the kernel rules (a WorkerDaemon does not), its flow snapshot (`state`), the packet
+    log and, with --metrics, the endpoint. Everything runs in one thread: housekeeping is
+    scheduled through the adapter's deadline, so the packet callback can run it under a flood.
+    """
+
     def __init__(
         self,
         options: Options,
@@ -191,56 +74,46 @@ class Daemon:
         load: Callable[[str], Loaded] = load_policy_file,
         make_engine: Callable[[Loaded], Any] = default_engine,
         notifier: Notifier | None = None,
+        firewall: Firewall | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.options = options
-        self._load = load
+        super().__init__(options, load=load, notifier=notifier, firewall=firewall, clock=clock)
         self._make_engine = make_engine
-        self.notifier = notifier or Notifier()
-        self.clock = clock
         self.engine: Any = None
         self.links: Links | None = None
         self.sender: RawSender | None = None
         self.adapter: QueueAdapter | None = None
         self.drops: DropWatch | None = None
-        self.spec: rules.QueueSpec | None = None
-        self._requests = _Requests()
-        self._schedule = _Schedule()
-        self._wakeup: tuple[socket.socket, socket.socket] | None = None
-        self.fail_open = False
-        self.state = StateDir(
-            options.state_dir,
-            options.snapshot_interval,
-            name=options.snapshot_name,
-            adopt=options.adopt_snapshots if options.worker else _snapshots_of_workers(options.state_dir),
-            consume_adopted=not options.worker,
-        )
-        self.control: ControlServer | None = None
-        self.started = time.time()
-        self.started_mono = clock()
-        self.last_reload: ReloadResult | None = None
+        self.state = self._state_dir()
         self.packet_log = PacketLog(copy_cap=COPY_RANGE)
-        self.metrics: Any = None  # a nfqfw.observe.metrics.MetricsServer with --metrics
+        self.timer: Any = None  # a nfqfw.observe.metrics.EngineTimer when metrics are counted
         self.collector: Any = None  # a worker's nfqfw.observe.metrics.NfqfwCollector (collect_metrics)
+        self._stats_due = 0.0
+
+    def _state_dir(self) -> StateDir:
+        """The flow snapshot; a single daemon also takes in (and then removes) the per-queue
+        files a run with --workers left: switching --workers off must not cut the sessions."""
+        opts = self.options
+        try:
+            adopt = queue_snapshots(os.listdir(opts.state_dir))
+        except OSError:
+            adopt = ()
+        return StateDir(
+            opts.state_dir, opts.snapshot_interval, name=opts.snapshot_name, adopt=adopt, consume_adopted=True
+        )
 
     # -- start --
 
-    def start(self) -> None:
-        """Everything up to READY=1; raises StartupError (after undoing what it did)."""
+    def _start(self, loaded: Loaded) -> None:
         opts = self.options
-        check_root_and_tools()
-        loaded = self._load(opts.config)
-        bypass, mark = loaded.fail_open, opts.mark
-        self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
+        assert self.spec is not None
         self.engine = self._make_engine(loaded)
-        self.fail_open = loaded.fail_open
         self.packet_log.configure(loaded.log_limit)
-        timer = self._start_metrics()
+        self._start_metrics()
         try:
             self.links = Links()
             self.sender = RawSender(opts.mark)
         except OSError as err:
-            self.close()
             raise StartupError(f"cannot open netlink or raw sockets: {err}") from err
         self.adapter = QueueAdapter(
             self.engine,
@@ -251,254 +124,118 @@ class Daemon:
             reject_rate=opts.reject_rate,
             clock=self.clock,
             log_packet=self.packet_log.log,
-            wrap_process=None if timer is None else timer.wrap,
+            wrap_process=None if self.timer is None else self.timer.wrap,
         )
         self.adapter.housekeeping = self._housekeeping
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
         try:
             self.adapter.bind(self.spec.queues, opts.max_len, opts.sock_len, opts.gso)
         except QueueError as err:
-            self.close()
             raise StartupError(str(err)) from err
-        try:
-            self.control = ControlServer.open(opts.runtime_dir, Requests(self), clock=self.clock)
-        except ControlError as err:
-            self.close()
-            raise StartupError(str(err)) from err
-        if not opts.worker:  # a worker's supervisor installs the rules once every queue is bound
-            self._install_rules()
+        self._open_control()
+        rules = self._install_rules()  # a worker's supervisor installs them once every queue is bound
         self.drops = DropWatch(self.spec.queues)
-        self._schedule.watchdog_every = watchdog_interval()
-        if self._schedule.watchdog_every is not None:
-            self._schedule.watchdog = self.clock()
-        self._install_signal_handlers()
         mode = "open" if loaded.fail_open else "closed"
-        queue = self._queue_text()
         gso = "on" if all(self.adapter.gso.values()) else "off"
         settings = f"failure mode {mode}, mark 0x{opts.mark:x}, GSO packets {gso}"
-        rules_text = "rules left to the supervisor" if opts.worker else "rules installed"
-        log.info("queue %s bound, %s (%s)", queue, rules_text, settings)
-        self.notifier.ready(f"filtering on queue {self._queue_text()}, failure mode {mode}")
+        log.info("queue %s bound, %s (%s)", self.spec.queue_text, rules, settings)
+        self._announce_ready(f"filtering on queue {self.spec.queue_text}, failure mode {mode}")
 
-    def _install_rules(self) -> None:
-        assert self.spec is not None
-        try:
-            self.spec = rules.install_keeping_panic(self.spec)
-        except rules.RulesError as err:
-            self.close()
-            raise StartupError(str(err)) from err
-
-    def _start_metrics(self) -> Any:
-        """The Prometheus endpoint with --metrics; returns its engine timer (None without). A
-        worker under --metrics only counts: its supervisor serves (control "metrics")."""
-        if self.options.collect_metrics:
-            from nfqfw.observe import metrics
-
-            timer = metrics.EngineTimer()
-            self.collector = metrics.NfqfwCollector(self, timer)
-            return timer
-        if self.options.metrics is None:
-            return None
+    def _serve_metrics(self, host: str, port: int, allow_remote: bool) -> tuple[Any, str]:
         from nfqfw.observe import metrics
 
-        host, port = self.options.metrics
-        try:
-            self.metrics, timer = metrics.serve(self, host, port, self.options.metrics_allow_remote)
-        except metrics.MetricsError as err:
-            raise StartupError(str(err)) from err
-        log.info("metrics on http://%s/metrics", self.metrics.address)
-        return timer
-
-    def _queue_text(self) -> str:
-        assert self.spec is not None
-        first, last = self.spec.first, self.spec.last
-        return str(first) if first == last else f"{first}:{last}"
+        server, self.timer = metrics.serve(self, host, port, allow_remote)
+        return server, ""
 
     # -- loop --
 
-    def loop(self) -> None:
-        """Serve packets until a stop is requested."""
-        assert self.adapter is not None and self.links is not None and self._wakeup is not None
-        handlers: dict[int, Callable[[], object]] = dict(self.adapter.fds())
-        handlers[self.links.fileno()] = self.links.on_events
-        handlers[self._wakeup[0].fileno()] = self._drain_wakeup
-        if self.control is not None:
-            handlers[self.control.fileno()] = self.control.service
-        poller = select.poll()
-        for fd in handlers:
-            poller.register(fd, select.POLLIN)
-        self.adapter.set_deadline(0.0)
-        while self._requests.stop is None:
-            wait = max(0.0, self.adapter.deadline - self.clock())
-            for fd, _ in poller.poll(math.ceil(wait * 1000)):
-                if self._requests.stop is not None:
-                    break
-                handlers[fd]()
-            now = self.clock()
-            if now >= self.adapter.deadline:
-                self.adapter.run_housekeeping(now)
+    def _readers(self) -> dict[int, Callable[[], object]]:
+        assert self.adapter is not None and self.links is not None
+        return {**self.adapter.fds(), self.links.fileno(): self.links.on_events}
 
-    def _housekeeping(self, now: float) -> float:
-        """Periodic work; returns when it wants to run next."""
-        requests, schedule = self._requests, self._schedule
-        if requests.stop is not None:
-            if "stop" not in requests.served:
-                requests.served.add("stop")
-                log.info("%s received: stopping", requests.stop)
-                self.notifier.stopping("stopping")
-                # Unbinding makes a busy run(block=False) return: the kernel stops feeding us.
-                assert self.adapter is not None
-                self.adapter.unbind()
-            return math.inf
-        if requests.reload:
-            requests.reload = False
-            self.reload()
-        if requests.dump:
-            requests.dump = False
-            self._log_counters()
-        control_due = math.inf
-        if self.control is not None:
-            self.control.service()
-            control_due = self.control.next_due(now)
+    def _housekeeping_due(self) -> float:
+        assert self.adapter is not None
+        return self.adapter.deadline
+
+    def _run_housekeeping(self, now: float) -> None:
+        assert self.adapter is not None
+        self.adapter.run_housekeeping(now)
+
+    def _wake(self) -> None:
+        if self.adapter is not None:
+            self.adapter.wake()
+
+    def _tend(self, now: float) -> float:
         assert self.links is not None and self.drops is not None
         self.links.on_events()
         self.packet_log.flush(now)
-        if now >= schedule.stats:
-            schedule.stats = now + self.options.stats_interval
+        if now >= self._stats_due:
+            self._stats_due = now + self.options.stats_interval
             self.drops.check()
-        snapshot_due = self.state.tick(self.engine, now)
-        if now >= schedule.watchdog and schedule.watchdog_every is not None:
-            schedule.watchdog = now + schedule.watchdog_every
-            self.notifier.watchdog()
-        if now >= schedule.status:
-            schedule.status = now + STATUS_PERIOD
-            self.notifier.status(self.status_text())
-        return min(now + HOUSEKEEPING_PERIOD, schedule.watchdog, control_due, snapshot_due)
+        return self.state.tick(self.engine, now)
 
-    def reload(self, trigger: str = "SIGHUP") -> bool:
-        """SIGHUP or a control request, run between two packets. True when the new policy is in force."""
-        why = "SIGHUP received" if trigger == "SIGHUP" else trigger
-        log.info("%s: reloading %s", why, self.options.config)
-        self.notifier.reloading("reloading the policy")
-        try:
-            loaded = self._load(self.options.config)
-        except StartupError as err:
-            self.last_reload = refused_reload(trigger, str(err).splitlines(), self.notifier)
-            return False
+    def _dump(self) -> None:
+        self._log_counters()
+
+    def _stop_serving(self) -> None:
+        # Unbinding makes a busy run(block=False) return: the kernel stops feeding us.
+        assert self.adapter is not None
+        self.adapter.unbind()
+
+    # -- reload --
+
+    def _apply_policy(self, loaded: Loaded) -> Applied:
         self.engine.replace_policy(loaded.engine_policy)
         self.packet_log.configure(loaded.log_limit)
-        removed: int | None = None
-        if loaded.recheck:
-            from nfqfw.core.recheck import recheck
-
-            removed = len(recheck(self.engine))
-            log.info("policy reloaded: %d flows no longer allowed were removed", removed)
-        else:
+        if not loaded.recheck:
             log.info("policy reloaded: existing flows kept (reload: keep)")
-        if loaded.fail_open != self.fail_open:
-            self._change_failure_mode(loaded.fail_open)
-        self.last_reload = ReloadResult(time.time(), trigger, True, removed=removed)
-        self.notifier.ready("policy reloaded")
-        return True
+            return Applied()
+        from nfqfw.core.recheck import recheck
 
-    def set_panic(self, on: bool) -> bool:
-        """Panic mode on/off in the kernel rules (nfqfw panic); False when they could not be installed."""
-        assert self.spec is not None
-        if self.options.worker:  # the rules are the supervisor's: it answers panic requests itself
-            log.error("panic mode is changed by the supervisor, not by a worker")
-            return False
-        was = self.spec.panic
-        if not self._reinstall(replace(self.spec, panic=on), "panic mode not changed"):
-            return False
-        if on != was:
-            log.warning("panic mode %s", "on: everything but loopback is dropped" if on else "off")
-        return True
+        removed = len(recheck(self.engine))
+        log.info("policy reloaded: %d flows no longer allowed were removed", removed)
+        return Applied(removed=removed)
 
-    def _change_failure_mode(self, fail_open: bool) -> None:
-        """The failure mode lives in the kernel rules (queue bypass): re-install them."""
-        assert self.spec is not None
-        failed = "reload: failure mode not changed, rules not re-installed"
-        if not self.options.worker and not self._reinstall(replace(self.spec, bypass=fail_open), failed):
-            return
-        self.fail_open = fail_open
+    def _failure_mode_changed(self, fail_open: bool) -> None:
         if self.adapter is not None:
             self.adapter.fail_open = fail_open
-        log.info("failure mode now %s", "open" if fail_open else "closed")
 
-    def _reinstall(self, spec: rules.QueueSpec, failed: str) -> bool:
-        """Install the kernel rules for `spec` and make it ours; on failure log `failed: why`."""
-        if not rules.reinstall(spec, failed):
-            return False
-        self.spec = spec
-        return True
+    # -- what it answers --
 
-    def metric_records(self) -> list[Any] | None:
-        """This worker's Prometheus families as records (None when it does not collect them)."""
+    def policy_sha256(self) -> str:
+        return str(self.engine.policy.config.sha256)
+
+    def counts(self) -> Counts:
+        assert self.adapter is not None
+        flows = len(getattr(self.engine, "conntrack", ()))
+        verdicts = sum(getattr(self.engine, "counters", {}).values())
+        return Counts(verdicts, flows, self.adapter.counters["reject sent"])
+
+    def _status_counts(self, now: float, talkers: int | None) -> dict[str, Any]:
+        return engine_status(self.engine, self.adapter, now, talkers)
+
+    def flows(self, request: dict[str, Any], selection: FlowFilter) -> Chunks:
+        return engine_flows(self.engine, selection, self.clock)
+
+    def flush(self, request: dict[str, Any], selection: FlowFilter) -> dict[str, Any]:
+        return engine_flush(self.engine, request, selection, self.clock())
+
+    def metric_records(self) -> list[Any]:
+        """A worker's Prometheus families as records, for its supervisor's endpoint (RequestError
+        where they are not collected: a single daemon serves its own endpoint)."""
         if self.collector is None:
-            return None
+            raise RequestError("metrics: not collected (a worker of nfqfw run --workers --metrics answers)")
         from nfqfw.observe import metrics
 
         return metrics.records(self.collector)
 
-    def status_text(self) -> str:
-        flows = len(getattr(self.engine, "conntrack", ()))
-        verdicts = sum(getattr(self.engine, "counters", {}).values())
-        rejects = self.counters()["reject sent"]
-        panic = "PANIC MODE, " if self.spec is not None and self.spec.panic else ""
-        counts = f"{verdicts} verdicts, {flows} flows, {rejects} rejects sent"
-        return f"{panic}queue {self._queue_text()}: {counts}"
-
-    def counters(self) -> dict[str, int]:
-        assert self.adapter is not None
-        return dict(self.adapter.counters)
-
-    # -- signals --
-
-    def _install_signal_handlers(self) -> None:
-        handlers = (self._on_stop_signal, self._on_reload_signal, self._on_dump_signal)
-        self._wakeup = install_signal_handlers(*handlers)
-
-    def _on_stop_signal(self, signum: int, _frame: object) -> None:
-        self._requests.stop = signal.Signals(signum).name
-        if self.adapter is not None:
-            self.adapter.wake()
-
-    def _on_reload_signal(self, _signum: int, _frame: object) -> None:
-        self._requests.reload = True
-        if self.adapter is not None:
-            self.adapter.wake()
-
-    def _on_dump_signal(self, _signum: int, _frame: object) -> None:
-        self._requests.dump = True
-        if self.adapter is not None:
-            self.adapter.wake()
-
-    def _drain_wakeup(self) -> None:
-        assert self._wakeup is not None
-        try:
-            while self._wakeup[0].recv(512):
-                pass
-        except BlockingIOError:
-            pass
-
-    def request_stop(self, why: str = "stop request") -> None:
-        """Stop from code (tests, benchmarks), like SIGTERM does."""
-        self._requests.stop = why
-        if self.adapter is not None:
-            self.adapter.wake()
-
     # -- stop --
 
-    def stop(self) -> None:
-        """Unbind and release everything; the kernel rules stay (fail-closed, see nfqfw.firewall.iptables)."""
-        if "stop" not in self._requests.served:
-            self._requests.served.add("stop")
-            self.notifier.stopping("stopping")
+    def _wind_down(self) -> None:
         if self.engine is not None:  # exact: the kernel drops what comes until the next start
             self.state.save(self.engine, self.clock(), exact=not self.fail_open)
         self.packet_log.flush(self.clock(), force=True)
         self._log_counters()
-        self.close()
 
     def _log_counters(self) -> None:
         engine_counters = getattr(self.engine, "counters", {}) or {}
@@ -509,13 +246,7 @@ class Daemon:
                 if value:
                     log.info("adapter %s: %d", name, value)
 
-    def close(self) -> None:
-        if self.control is not None:
-            self.control.close()
-            self.control = None
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
+    def _release(self) -> None:
         if self.adapter is not None:
             self.adapter.unbind()
         if self.sender is not None:
@@ -524,103 +255,38 @@ class Daemon:
         if self.links is not None:
             self.links.close()
             self.links = None
-        if self._wakeup is not None:
-            signal.set_wakeup_fd(-1)
-            for sock in self._wakeup:
-                sock.close()
-            self._wakeup = None
-        self.notifier.close()
 
 
-def refused_reload(trigger: str, errors: list[str], notifier: Notifier, detail: str = "") -> ReloadResult:
-    """Log a reload refused for `errors` (the running policy stays), tell systemd; its result."""
-    errors = errors or ["reload failed"]
-    for line in errors:
-        log.error("reload: %s", line)
-    log.error("reload failed: the running policy stays in force%s", detail)
-    notifier.ready("reload failed: running policy kept")
-    return ReloadResult(time.time(), trigger, False, tuple(errors))
+class WorkerDaemon(Daemon):
+    """A daemon on one queue of `nfqfw run --workers`, forked by the supervisor: no kernel rules
+    (its supervisor installs them once every worker is bound, and answers panic requests), its
+    counts sent with its STATUS= to the supervisor, the snapshot files the supervisor names
+    restored and left in place (the supervisor removes them), and under --metrics counting for
+    the supervisor's endpoint instead of serving one."""
 
+    OWNS_RULES = False
 
-def check_root_and_tools() -> None:
-    """Raises StartupError unless this runs as root and iptables-restore and co. are there."""
-    if os.geteuid() != 0:
-        raise StartupError("must run as root (to bind a netfilter queue and install iptables rules)")
-    try:
-        rules.check_tools()
-    except rules.RulesError as err:
-        raise StartupError(str(err)) from err
+    def _state_dir(self) -> StateDir:
+        opts = self.options
+        return StateDir(
+            opts.state_dir,
+            opts.snapshot_interval,
+            name=opts.snapshot_name,
+            adopt=opts.adopt_snapshots,
+            consume_adopted=False,
+        )
 
+    def _start_metrics(self) -> None:
+        if self.options.collect_metrics:
+            from nfqfw.observe import metrics
 
-SignalHandler = Callable[[int, Any], None]
+            self.timer = metrics.EngineTimer()
+            self.collector = metrics.NfqfwCollector(self, self.timer)
 
-
-def install_signal_handlers(
-    on_stop: SignalHandler, on_reload: SignalHandler, on_dump: SignalHandler
-) -> tuple[socket.socket, socket.socket]:
-    """SIGTERM/SIGINT stop, SIGHUP reload, SIGUSR1 dump; returns the wake-up socket pair whose
-    read end the poll loop watches (a signal writes a byte to it, so the poll returns)."""
-    read, write = socket.socketpair()
-    read.setblocking(False)
-    write.setblocking(False)
-    signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_reload)
-    signal.signal(signal.SIGUSR1, on_dump)
-    return read, write
-
-
-def _snapshots_of_workers(state_dir: str) -> tuple[str, ...]:
-    """Per-queue snapshots a run with --workers left: a single daemon started after it keeps their
-    flows (switching --workers off must not cut the sessions)."""
-    try:
-        return queue_snapshots(os.listdir(state_dir))
-    except OSError:
-        return ()
+    def _report_status(self) -> None:
+        self.notifier.status(self.status_text(), counts_assignment(self.counts()))
 
 
 def run_daemon(options: Options, **kwargs: Any) -> int:
-    """Start, serve, stop; returns the process exit code."""
-    daemon = Daemon(options, **kwargs)
-    try:
-        daemon.start()
-    except StartupError as err:
-        for line in str(err).splitlines() or ["start-up failed"]:
-            print(f"nfqfw: {line}", file=sys.stderr)
-        return 1
-    try:
-        daemon.loop()
-    except Exception:
-        log.exception("packet loop failed")
-        daemon.stop()
-        return 1
-    daemon.stop()
-    log.info("stopped; kernel rules left in place (nfqfw rules remove to take them away)")
-    return 0
-
-
-# --- logging ----------------------------------------------------------------------------------
-
-# syslog priorities for journald's "<N>" line prefixes (sd-daemon(3))
-_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-
-class _JournalFormatter(logging.Formatter):
-    """Under systemd (stderr connected to the journal): no timestamp, priority as '<N>' prefix."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
-
-
-def setup_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for chatty in ("pyroute2", "asyncio"):  # their debug output is per netlink message
-        logging.getLogger(chatty).setLevel(max(root.level, logging.WARNING))
+    """`nfqfw run` without --workers: start, serve, stop; returns the process exit code."""
+    return run_service(Daemon(options, **kwargs))

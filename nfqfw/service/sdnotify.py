@@ -9,6 +9,9 @@ $NOTIFY_SOCKET; the service sends newline-separated ``KEY=value`` assignments to
 - ``STATUS=...``  one line of free text shown by ``systemctl status``,
 - ``WATCHDOG=1``  keep-alive, expected every $WATCHDOG_USEC microseconds when set.
 
+The manager ignores names it does not know: a worker of `nfqfw run --workers` adds its counts
+for its supervisor, the manager of its notify socket (nfqfw.service.supervision.COUNTS_FIELD).
+
 A path starting with ``@`` names a socket in the abstract namespace (the ``@`` stands for a
 leading NUL byte). Without $NOTIFY_SOCKET every call is a no-op, so the daemon can call it
 unconditionally.
@@ -57,8 +60,9 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         return self.notify("STOPPING=1", *self._status(status))
 
-    def status(self, text: str) -> bool:
-        return self.notify(*self._status(text))
+    def status(self, text: str, *more: str) -> bool:
+        """STATUS=text, and `more` assignments in the same datagram."""
+        return self.notify(*self._status(text), *more)
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")

@@ -20,7 +20,7 @@ write it could hand nfqfw flows the policy never admitted).
 
 A worker of `nfqfw run --workers` (nfqfw.service.supervisor) keeps its own file, `flows.queue-N.snapshot`
 (`name`), and may be told to restore other snapshot files too (`adopt`: when the queue layout
-changed since they were written, see nfqfw.service.supervisor). An adopted file is only read: a bad one is
+changed since they were written, see nfqfw.service.supervision). An adopted file is only read: a bad one is
 logged and skipped, never moved aside (the other workers read it too, and the supervisor removes
 what no queue owns any more). A restore that adopts takes no file as exact, its own included:
 each may hold stale copies adopted at the last layout change (see `_restore`). The adopted

@@ -1,8 +1,10 @@
 """The pure part of `nfqfw run --workers` (nfqfw.service.supervisor): what the supervisor decides and merges.
 
-No sockets, no processes, no clocks: notification parsing, the restart back-off, the health
-rule behind the systemd watchdog, the snapshot layout decision, and the merging of the workers'
-control answers into one. nfqfw.service.supervisor does the I/O around it; the unit tests drive it directly.
+No sockets, no processes, no clocks: the workers' notifications and the counts they carry as
+data (COUNTS_FIELD), the STATUS= line (of every service), the restart back-off, the health rule
+behind the systemd watchdog, the snapshot layout decision, and the merging of the workers'
+control answers into one. nfqfw.service.supervisor does the I/O around it; the unit tests drive
+it directly.
 
 Snapshot layout. Each worker saves its queue's flows to `flows.queue-N.snapshot`. The kernel
 picks a flow's queue with a hash of its addresses and protocol (both directions alike), seeded
@@ -25,15 +27,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from nfqfw.service.statedir import SNAPSHOT_NAME
 
 SINGLE_SNAPSHOT = SNAPSHOT_NAME  # the single-process daemon's file
 _QUEUE_SNAPSHOT = re.compile(r"^flows\.queue-(\d+)\.snapshot$")
-_STATUS_COUNTS = re.compile(r"(\d+) verdicts, (\d+) flows, (\d+) rejects sent")
+COUNTS_FIELD = "X_NFQFW_COUNTS"  # a worker's counts (JSON) in its notifications
 
 QUICK_DEATH = 30.0  # seconds: a worker that dies sooner after its start is restarted more slowly
 FIRST_DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0)  # restart delay after 0, 1, 2... quick deaths in a row
@@ -55,28 +58,42 @@ def parse_notify(message: bytes) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Counts:
-    """What a worker's STATUS= line (nfqfw.service.daemon.Daemon.status_text) counts."""
+    """What a STATUS= line counts; a worker also sends its own to the supervisor as COUNTS_FIELD."""
 
     verdicts: int = 0
     flows: int = 0
     rejects: int = 0
 
+    @classmethod
+    def total(cls, counts: Iterable[Counts]) -> Counts:
+        counts = list(counts)
+        return cls(*(sum(getattr(c, name) for c in counts) for name in ("verdicts", "flows", "rejects")))
 
-def parse_status_counts(text: str) -> Counts | None:
-    match = _STATUS_COUNTS.search(text)
-    if match is None:
+
+def counts_assignment(counts: Counts) -> str:
+    """The notify assignment that carries a worker's counts to its supervisor (systemd ignores
+    names it does not know; a worker's notify socket is its supervisor's anyway)."""
+    return f"{COUNTS_FIELD}={json.dumps(asdict(counts), separators=(',', ':'))}"
+
+
+def counts_of(fields: dict[str, str]) -> Counts | None:
+    """The counts in a worker's notification, None when it carries none (or damaged ones)."""
+    text = fields.get(COUNTS_FIELD)
+    if text is None:
         return None
-    return Counts(*(int(group) for group in match.groups()))
+    try:
+        data = json.loads(text)
+        return Counts(int(data["verdicts"]), int(data["flows"]), int(data["rejects"]))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
-def status_line(queue_text: str, panic: bool, up: int, total: int, counts: Iterable[Counts]) -> str:
-    """The supervisor's STATUS= line: the workers' last counts summed."""
-    counts = list(counts)
-    verdicts, flows = sum(c.verdicts for c in counts), sum(c.flows for c in counts)
-    rejects = sum(c.rejects for c in counts)
+def status_line(queue_text: str, panic: bool, counts: Counts, workers: tuple[int, int] | None = None) -> str:
+    """The STATUS= line of a daemon, or with `workers` (up, of) of a supervisor."""
     head = "PANIC MODE, " if panic else ""
-    workers = f"{up} of {total} workers up"
-    return f"{head}queue {queue_text}, {workers}: {verdicts} verdicts, {flows} flows, {rejects} rejects sent"
+    scope = "" if workers is None else f", {workers[0]} of {workers[1]} workers up"
+    total = f"{counts.verdicts} verdicts, {counts.flows} flows, {counts.rejects} rejects sent"
+    return f"{head}queue {queue_text}{scope}: {total}"
 
 
 # --- supervision ------------------------------------------------------------------------------
@@ -239,19 +256,31 @@ def worker_entry(answer: Answer, state: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def merge_status(
-    base: dict[str, Any], answers: Sequence[Answer], states: dict[int, dict[str, Any]]
-) -> dict[str, Any]:
-    """The supervisor's status: `base` (its own fields: version, pid, policy, queue, panic...)
-    with the answering workers' counters summed and a per-worker breakdown under "workers"."""
+def merge_status(answers: Sequence[Answer], states: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The counts of the supervisor's status (its own fields come from the service core): the
+    answering workers' counters summed and a per-worker breakdown under "workers"."""
     statuses = [a.result for a in answers if a.result is not None]
-    merged = dict(base)
+    merged: dict[str, Any] = {}
     merged["gso"] = bool(statuses) and all(s.get("gso", False) for s in statuses)
     merged["flows"] = merge_flow_stats([s["flows"] for s in statuses])
     merged["verdicts"] = _sum_counts(s["verdicts"] for s in statuses)
     merged["adapter"] = _sum_counts(s["adapter"] for s in statuses)
     merged["workers"] = [worker_entry(a, states.get(a.queue, {})) for a in answers]
+    if any("talkers" in s for s in statuses):
+        merged["talkers"] = merge_talkers([s.get("talkers", []) for s in statuses])
     return merged
+
+
+def merge_talkers(lists: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The workers' top addresses (each worker's own top N) as one top N: flows summed per
+    address, the longest list's length kept. An address below every worker's top N but high
+    in the sum is missed: `nfqfw top` shows a close picture, not an exact one."""
+    flows: Counter[str] = Counter()
+    for talkers in lists:
+        for entry in talkers:
+            flows[entry["addr"]] += entry["flows"]
+    limit = max((len(talkers) for talkers in lists), default=0)
+    return [{"addr": addr, "flows": count} for addr, count in flows.most_common(limit)]
 
 
 def _flow_identity(record: dict[str, Any]) -> tuple[Any, ...]:

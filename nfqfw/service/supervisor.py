@@ -5,54 +5,37 @@ protocol, the same for both directions of a flow, and the engine has no state sh
 flows of different address pairs. So each queue can be served by a process of its own, with
 an Engine of its own, and a gateway with several cores uses them.
 
-Processes. The supervisor (this module, the service's main process) validates the policy,
-copies the validated bytes to RUNTIME_DIR/workers/policy.yaml (the policy in force: a worker
-started or restarted later reads that copy, never a file edited since) and forks one worker per
-queue. A worker is nfqfw.service.daemon.Daemon in worker mode on its queue: its own Engine, its own
-flow snapshot (STATE_DIR/flows.queue-N.snapshot), its own control socket
-RUNTIME_DIR/workers/qN/control.sock; it installs no kernel rules. Its sd_notify messages go to
-the supervisor (RUNTIME_DIR/workers/qN.notify, $NOTIFY_SOCKET in the worker): READY=1 once its
-queue is bound, WATCHDOG=1 every PING_EVERY seconds from its housekeeping (also under a flood),
-STATUS= with its counts. A worker gets SIGKILL when the supervisor dies (PR_SET_PDEATHSIG), so
-no orphan keeps a queue bound.
+The supervisor (`Supervisor`, the service's main process) is the service core
+(nfqfw.service.core) around forked workers (nfqfw.service.daemon.WorkerDaemon, one per queue,
+each with its own Engine, flow snapshot STATE_DIR/flows.queue-N.snapshot and control socket
+RUNTIME_DIR/workers/qN/control.sock). It owns what the single daemon owns besides packets: the
+kernel rules (one rule set, `--queue-balance A:B`), panic mode, the sd_notify conversation with
+systemd and the control socket RUNTIME_DIR/control.sock.
 
-The supervisor installs the kernel rules (one rule set, `--queue-balance A:B`; failure mode and
-panic as for the single daemon, nfqfw.firewall.iptables) once every worker is ready, and then sends READY=1
-to systemd. It keeps the sd_notify conversation: RELOADING=1/READY=1 around a reload,
-STOPPING=1, a STATUS= line summing the workers' counts, and WATCHDOG=1 only while every worker
-is alive, ready and pinging (a heartbeat within HEARTBEAT_STALE seconds; a manager with a
-short WatchdogSec= then restarts the whole service). A worker that has not pinged for
-PING_TIMEOUT seconds (or is not
-ready START_TIMEOUT seconds after its start) is wedged: the supervisor kills it (SIGKILL) and
-restarts it, like any worker that dies (after 0 s, then more slowly if it keeps dying soon
-after its start: nfqfw.service.supervision.restart_delay). While a worker is down its queue is unbound,
-and the kernel drops what the rules send there (fail-closed; with failure-mode open the rules'
---queue-bypass lets it pass). A restarted worker restores its periodic snapshot first, so the
-connections on its queue older than the last snapshot go on. A worker that dies before every
-worker was ready once is a start-up failure (exit code 1), as a failed bind is for one daemon.
-
-Signals: SIGTERM/SIGINT stop (SIGTERM to every worker, which saves its flows and exits; SIGKILL
-after STOP_TIMEOUT); SIGHUP reloads (below); SIGUSR1 is passed on (the workers log counters).
-
-Reload (SIGHUP or `nfqfw reload`): the supervisor reads and validates the file; invalid, the
-errors are logged and kept for `status`, and no worker is touched. Valid, the bytes become the
-policy in force and every ready worker is asked to reload it over its control socket (a worker
-starting meanwhile reloads once it is ready; one down starts with it). A changed failure mode
-re-installs the rules.
-
-Control socket (RUNTIME_DIR/control.sock, as for one daemon): `status`, `flows` and `flush` are
-fanned out to the workers and merged (nfqfw.service.supervision); `panic` is the supervisor's own (it
-lives in the rules); `reload` as above. A worker that does not answer within ANSWER_TIMEOUT is
-reported as such. Served in the supervisor's loop, which handles no packets: a slow worker
-delays the answer, never packets.
-
-Snapshots when the queue range or the boot changed: see nfqfw.service.supervision (every worker then
-restores every snapshot file; files of vanished queues are removed once all are up).
-
-With --metrics the supervisor serves the endpoint: at each scrape (in the exporter's thread)
-it asks every worker for its families (control "metrics"; a worker counts, its latency sample
-included, but serves nothing) and serves their sum (nfqfw.observe.metrics.merge_records), with
-nfqfw_worker_up{queue} telling which workers' counts are in it.
+Invariants:
+- The policy in force is RUNTIME_DIR/workers/policy.yaml, a copy of the bytes that were
+  validated: a worker started or restarted later reads that copy, never a file edited since.
+  A reload that is refused touches no worker; a valid one is sent to every ready worker over
+  its control socket, and a worker that was starting meanwhile takes it once ready.
+- The rules go in, and READY=1 goes to systemd, once every worker has bound its queue; a worker
+  that dies before that is a start-up failure (exit code 1).
+- A worker's sd_notify messages go to the supervisor (RUNTIME_DIR/workers/qN.notify): READY=1,
+  WATCHDOG=1 every PING_EVERY seconds from its housekeeping (also under a flood), and its counts
+  (nfqfw.service.supervision.COUNTS_FIELD) with its STATUS=. WATCHDOG=1 goes to systemd only
+  while every worker is alive, ready and pinging within HEARTBEAT_STALE seconds.
+- A worker silent for PING_TIMEOUT seconds (or not ready START_TIMEOUT seconds after its start)
+  is killed; a dead worker is restarted (nfqfw.service.supervision.restart_delay backs off).
+  Meanwhile its queue is unbound and the kernel drops its traffic (fail-closed; failure-mode
+  open lets it pass); the restarted worker restores its periodic snapshot first.
+- A worker gets SIGKILL when the supervisor dies (PR_SET_PDEATHSIG): no orphan keeps a queue.
+- Control requests are fanned out to the workers at once and their answers merged
+  (nfqfw.service.supervision); panic and reload are the supervisor's own. A worker that does
+  not answer within ANSWER_TIMEOUT is reported as such. The supervisor's loop handles no
+  packets: a slow worker delays an answer, never packets.
+- At a stop every worker gets SIGTERM (it saves its flows), SIGKILL after STOP_TIMEOUT.
+- Snapshots after a change of the queue range or a reboot: see nfqfw.service.supervision.
+- With --metrics the supervisor serves the sum of the workers' families, asked at each scrape
+  (nfqfw.observe.metrics.MergedCollector), nfqfw_worker_up{queue} telling whose are fresh.
 """
 
 from __future__ import annotations
@@ -63,7 +46,6 @@ import hashlib
 import logging
 import math
 import os
-import select
 import signal
 import socket
 import sys
@@ -71,36 +53,20 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
-from nfqfw import __version__
 from nfqfw.control.client import ClientError, call
-from nfqfw.control.protocol import SOCKET_NAME, UNIX_PATH_MAX, ControlError, RequestError, ok
-from nfqfw.control.requests import (
-    answer_panic,
-    answer_reload,
-    command_of,
-    file_sha256,
-    filter_of,
-    kernel_queues,
-)
-from nfqfw.control.server import ControlServer
-from nfqfw.firewall import iptables as rules
+from nfqfw.control.flowlist import FlowFilter
+from nfqfw.control.protocol import SOCKET_NAME, UNIX_PATH_MAX, Chunks, RequestError, ok
+from nfqfw.firewall import Firewall
 from nfqfw.service import supervision as sv
-from nfqfw.service.daemon import (
-    Loaded,
-    Options,
-    ReloadResult,
-    StartupError,
-    check_root_and_tools,
-    install_signal_handlers,
-    load_policy_file,
-    refused_reload,
-    run_daemon,
-)
-from nfqfw.service.sdnotify import Notifier, watchdog_interval
+from nfqfw.service.core import Applied, Loaded, ServiceCore, StartupError, run_service
+from nfqfw.service.daemon import WorkerDaemon
+from nfqfw.service.options import Options
+from nfqfw.service.sdnotify import Notifier
 from nfqfw.service.statedir import StateDir, read_trusted, write_atomically
 
 log = logging.getLogger("nfqfw")
@@ -116,7 +82,6 @@ START_TIMEOUT = 120.0  # a worker not ready this long after its start is wedged 
 ANSWER_TIMEOUT = 5.0  # seconds a worker gets to answer a fanned-out control request
 STOP_TIMEOUT = 10.0  # seconds the workers get to save their flows and exit (TimeoutStopSec=15s)
 TICK = 0.5  # seconds between housekeeping rounds
-STATUS_PERIOD = 10.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -137,7 +102,7 @@ class Worker:
     restart_at: float | None = None
     last_exit: str | None = None
     generation: int = 0  # the policy copy it started with (see Supervisor._policy_generation)
-    counts: sv.Counts = field(default_factory=sv.Counts)
+    counts: sv.Counts = field(default_factory=sv.Counts)  # as it last reported them
 
     def health(self) -> sv.Health:
         return sv.Health(self.pid is not None, self.ready, self.last_ping)
@@ -148,73 +113,60 @@ class Worker:
         return "running" if self.ready else "starting"
 
 
-class Supervisor:
+class Supervisor(ServiceCore):
+    """The main process of `nfqfw run --workers`: the service core around one forked
+    WorkerDaemon per queue. It owns the kernel rules, panic mode, systemd's notifications and
+    the control socket; it forks, watches (heartbeats, exits), restarts and stops the workers,
+    hands them the policy in force, and answers control requests by asking them and merging."""
+
+    PERIOD = TICK
+    LOOP = "supervisor loop"
+    REFUSED = " (no worker was changed)"
+
     def __init__(
         self,
         options: Options,
         *,
         notifier: Notifier | None = None,
+        firewall: Firewall | None = None,
         clock: Callable[[], float] = time.monotonic,
         ping_timeout: float = PING_TIMEOUT,
     ) -> None:
-        self.options = options
-        self.notifier = notifier or Notifier()
-        self.clock = clock
+        super().__init__(options, notifier=notifier, firewall=firewall, clock=clock)
         self.ping_timeout = ping_timeout
-        self.spec: rules.QueueSpec | None = None
-        self.fail_open = False
         self.sha256 = ""  # of the policy in force
         self.workers: dict[int, Worker] = {}
-        self.control: ControlServer | None = None
-        self.started = time.time()
-        self.started_mono = clock()
-        self.last_reload: ReloadResult | None = None
-        self.live = False  # every worker was ready once: rules in, READY=1 sent
         self.directory = os.path.join(options.runtime_dir, WORKERS_DIR)
         self.policy_copy = os.path.join(self.directory, POLICY_NAME)
         self._pid = os.getpid()
         self._policy_generation = 0
-        self._stop: str | None = None
-        self._reload = False
-        self._dump = False
-        self._wakeup: tuple[socket.socket, socket.socket] | None = None
-        self._watchdog_every: float | None = None
-        self._watchdog_due = math.inf
-        self._status_due = 0.0
         self._layout: sv.Layout | None = None
         self._adopt: tuple[str, ...] = ()
-        self.metrics: Any = None  # nfqfw.observe.metrics.MetricsServer with --metrics
         self._answered: dict[int, bool] = {}  # queue -> answered the last scrape's request
         self._worker_counts: Any = None  # nfqfw.observe.metrics.WorkerCounts with --metrics
 
     # -- start --
 
-    def start(self) -> None:
-        """Checks, the policy copy, the control socket and the workers' forks; READY=1 comes
-        from the loop once every worker is ready. Raises StartupError."""
-        opts = self.options
-        check_root_and_tools()
-        loaded = load_policy_file(opts.config)
-        data = self._read_policy(loaded)
-        self.fail_open = loaded.fail_open
-        bypass, mark = loaded.fail_open, opts.mark
-        self.spec = rules.QueueSpec(opts.queue_first, opts.queue_last, bypass=bypass, mark=mark)
+    def _start(self, loaded: Loaded) -> None:
+        """The policy copy, the control socket and the workers' forks; READY=1 comes from
+        housekeeping once every worker is ready (`_go_live`)."""
+        assert self.spec is not None
         # The control socket first: it refuses a start while another daemon serves this
         # runtime directory, before the policy copy its workers restart with is overwritten.
-        try:
-            self.control = ControlServer.open(opts.runtime_dir, self._handle, clock=self.clock)
-        except ControlError as err:
-            raise StartupError(str(err)) from err
+        self._open_control()
         self._prepare_directory()
-        self._put_in_force(data, loaded)
+        self._put_in_force(loaded)
         self._plan_snapshots()
-        self._install_signal_handlers()
-        self._watchdog_every = watchdog_interval()
+        signal.signal(signal.SIGCHLD, self._on_child_signal)
         for queue in self.spec.queues:
             self.workers[queue] = self._new_worker(queue)
         self._start_metrics()  # before the forks: a port that cannot be bound fails the start
         for worker in self.workers.values():
             self._spawn(worker)
+
+    def _load_policy(self) -> Loaded:
+        loaded = super()._load_policy()
+        return replace(loaded, source=self._read_policy(loaded))
 
     def _read_policy(self, loaded: Loaded) -> bytes:
         """The bytes that were validated: a file changed between the check and this read is
@@ -243,8 +195,8 @@ class Supervisor:
         except OSError as err:
             raise StartupError(f"cannot create {self.directory}: {err.strerror or err}") from err
 
-    def _put_in_force(self, data: bytes, loaded: Loaded) -> None:
-        write_atomically(self.policy_copy, data)
+    def _put_in_force(self, loaded: Loaded) -> None:
+        write_atomically(self.policy_copy, loaded.source)
         self.sha256 = loaded.engine_policy.config.sha256
         self._policy_generation += 1
 
@@ -257,20 +209,13 @@ class Supervisor:
         notify.setblocking(False)
         return Worker(queue, os.path.join(self.directory, f"q{queue}"), notify_path, notify)
 
-    def _start_metrics(self) -> None:
-        """--metrics: the endpoint serves the sum of the workers' counts, asked at each scrape."""
-        if self.options.metrics is None:
-            return
+    def _serve_metrics(self, host: str, port: int, allow_remote: bool) -> tuple[Any, str]:
+        """The endpoint serves the sum of the workers' counts, asked at each scrape."""
         from nfqfw.observe import metrics
 
-        host, port = self.options.metrics
         self._worker_counts = metrics.WorkerCounts()
         collector = metrics.MergedCollector(self._worker_metrics, self._worker_answering)
-        try:
-            self.metrics = metrics.serve_merged(collector, host, port, self.options.metrics_allow_remote)
-        except metrics.MetricsError as err:
-            raise StartupError(str(err)) from err
-        log.info("metrics on http://%s/metrics (the workers' counts summed)", self.metrics.address)
+        return metrics.serve_merged(collector, host, port, allow_remote), " (the workers' counts summed)"
 
     def _worker_metrics(self) -> list[list[Any]]:
         """Runs in the exporter's thread: each worker's records (control "metrics"), with the
@@ -340,7 +285,7 @@ class Supervisor:
         code = 1
         try:
             self._leave_supervisor(worker)
-            code = run_daemon(self._worker_options(worker, adopt))
+            code = run_service(WorkerDaemon(self._worker_options(worker, adopt)))
         except BaseException:
             with contextlib.suppress(Exception):
                 traceback.print_exc()
@@ -379,7 +324,6 @@ class Supervisor:
             queue_first=worker.queue,
             queue_last=worker.queue,
             runtime_dir=worker.directory,
-            worker=True,
             snapshot_name=sv.worker_snapshot(worker.queue),
             adopt_snapshots=adopt,
             metrics=None,
@@ -405,7 +349,7 @@ class Supervisor:
                 self._catch_up(worker)
         if fields.get("WATCHDOG") == "1":
             worker.last_ping = now
-        counts = sv.parse_status_counts(fields.get("STATUS", ""))
+        counts = sv.counts_of(fields)
         if counts is not None:
             worker.counts = counts
 
@@ -418,45 +362,30 @@ class Supervisor:
         else:
             log.error("worker for queue %d did not take the reloaded policy: %s", worker.queue, merged.errors)
 
-    # -- the loop --
+    # -- housekeeping --
 
-    def loop(self) -> int:
-        """Until a stop is asked: 0; 1 when start-up failed (a worker died before all were ready)."""
-        assert self._wakeup is not None and self.control is not None
-        handlers: dict[int, Callable[[], object]] = {
-            self._wakeup[0].fileno(): lambda: _drain(self._wakeup[0]) if self._wakeup else None,
-            self.control.fileno(): self.control.service,
-        }
-        for worker in self.workers.values():
-            handlers[worker.notify.fileno()] = lambda worker=worker: self._on_notify(worker)  # type: ignore[misc]
-        poller = select.poll()
-        for fd in handlers:
-            poller.register(fd, select.POLLIN)
-        while self._stop is None:
-            for fd, _ in poller.poll(int(TICK * 1000)):
-                handlers[fd]()
-            failure = self._housekeeping(self.clock())
-            if failure is not None:
-                for line in failure.splitlines():
-                    print(f"nfqfw: {line}", file=sys.stderr)
-                return 1
-        return 0
+    def _readers(self) -> dict[int, Callable[[], object]]:
+        return {worker.notify.fileno(): partial(self._notified, worker) for worker in self.workers.values()}
 
-    def _housekeeping(self, now: float) -> str | None:
-        """One round; returns why start-up failed, if it did."""
-        failure = self._reap(now)
-        if failure is not None:
-            return failure
-        if not self.live:
-            return self._go_live(now) if all(w.ready for w in self.workers.values()) else None
-        if self._reload:
-            self._reload = False
-            self.reload("SIGHUP")
-        if self._dump:
-            self._dump = False
-            self._signal_workers(signal.SIGUSR1)
-        if self.control is not None:
-            self.control.service()  # times out idle clients even when no socket event comes
+    def _on_child_signal(self, _signum: int, _frame: object) -> None:
+        """A worker exited: housekeeping at once, to reap it (the signal's byte on the wake-up
+        fd ends the poll)."""
+        self._wake()
+
+    def _notified(self, worker: Worker) -> None:
+        """Its notify socket is readable: take the messages, and housekeeping at once (a READY=1
+        may complete the start)."""
+        self._on_notify(worker)
+        self._wake()
+
+    def _serving(self, now: float) -> bool:
+        """Reap the workers that died; go live once every worker is ready."""
+        self.failure = self._reap(now)
+        if self.failure is None and not self.live and all(w.ready for w in self.workers.values()):
+            self.failure = self._go_live()
+        return self.live and self.failure is None
+
+    def _tend(self, now: float) -> float:
         self._restart_due(now)
         # A fanned-out control request may have blocked the loop for longer than PING_TIMEOUT
         # (ANSWER_TIMEOUT per slow worker): the heartbeats sent meanwhile wait unread in the
@@ -464,8 +393,13 @@ class Supervisor:
         for worker in self.workers.values():
             self._on_notify(worker)
         self._kill_wedged(now)
-        self._notify_systemd(now)
-        return None
+        return math.inf
+
+    def _healthy(self, now: float) -> bool:
+        return sv.all_healthy((w.health() for w in self.workers.values()), now, HEARTBEAT_STALE)
+
+    def _dump(self) -> None:
+        self._signal_workers(signal.SIGUSR1)  # the workers log their counters
 
     def _reap(self, now: float) -> str | None:
         for worker in self.workers.values():
@@ -486,7 +420,7 @@ class Supervisor:
         how, pid = sv.describe_exit(status), worker.pid
         worker.pid, worker.ready, worker.last_exit = None, False, how
         _drain(worker.notify)
-        if self._stop is not None:
+        if self.stopping:
             return None
         if not self.live:
             return f"the worker for queue {worker.queue} (pid {pid}) {how} while starting (see above)"
@@ -524,47 +458,24 @@ class Supervisor:
                 os.kill(worker.pid, signal.SIGKILL)
             worker.last_ping = now  # one kill; its death is reaped in a later round
 
-    def _go_live(self, now: float) -> str | None:
-        """Every worker bound its queue: the rules go in, READY=1 to systemd."""
+    def _go_live(self) -> str | None:
+        """Every worker bound its queue: the rules go in, READY=1 to systemd; why not, if not."""
         assert self.spec is not None
         try:
-            self.spec = rules.install_keeping_panic(self.spec)
-        except rules.RulesError as err:
+            self._install_rules()
+        except StartupError as err:
             return str(err)
-        self.live = True
         self._settle_snapshots()
-        if self._watchdog_every is not None:
-            self._watchdog_due = now
         mode = "open" if self.fail_open else "closed"
         log.info(
             "queues %s bound by %d workers, rules installed (failure mode %s, mark 0x%x)",
-            self._queue_text(),
+            self.spec.queue_text,
             len(self.workers),
             mode,
             self.spec.mark,
         )
-        self.notifier.ready(f"filtering on queues {self._queue_text()} with {len(self.workers)} workers")
+        self._announce_ready(f"filtering on queues {self.spec.queue_text} with {len(self.workers)} workers")
         return None
-
-    def _notify_systemd(self, now: float) -> None:
-        workers = self.workers.values()
-        due = self._watchdog_every is not None and now >= self._watchdog_due
-        if due and sv.all_healthy((w.health() for w in workers), now, HEARTBEAT_STALE):
-            self.notifier.watchdog()
-            self._watchdog_due = now + (self._watchdog_every or 0.0)
-        if now >= self._status_due:
-            self._status_due = now + STATUS_PERIOD
-            self.notifier.status(self.status_text())
-
-    def status_text(self) -> str:
-        workers = self.workers.values()
-        up = sum(1 for w in workers if w.ready)
-        panic = self.spec is not None and self.spec.panic
-        return sv.status_line(self._queue_text(), panic, up, len(self.workers), (w.counts for w in workers))
-
-    def _queue_text(self) -> str:
-        assert self.spec is not None
-        return f"{self.spec.first}:{self.spec.last}"
 
     def _signal_workers(self, number: int) -> None:
         for worker in self.workers.values():
@@ -572,66 +483,60 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, number)
 
-    # -- reload, panic --
+    # -- reload --
 
-    def reload(self, trigger: str = "SIGHUP") -> bool:
-        """Validate the file; if valid, make it the policy in force and have every worker load it."""
-        why = "SIGHUP received" if trigger == "SIGHUP" else trigger
-        log.info("%s: reloading %s", why, self.options.config)
-        self.notifier.reloading("reloading the policy")
-        try:
-            loaded = load_policy_file(self.options.config)
-            data = self._read_policy(loaded)
-        except StartupError as err:
-            return self._reload_refused(trigger, str(err).splitlines() or ["reload failed"])
-        self._put_in_force(data, loaded)
+    def _apply_policy(self, loaded: Loaded) -> Applied:
+        """The validated bytes become the policy in force; every ready worker loads it."""
+        self._put_in_force(loaded)
         ready = [w for w in self.workers.values() if w.ready]
         answers = self._ask_all({"cmd": "reload"}, ready)
         merged = sv.merge_reloads(answers)
         for worker, answer in zip(ready, answers, strict=True):
             if answer.result is not None and answer.result["ok"]:
                 worker.generation = self._policy_generation
-        if loaded.fail_open != self.fail_open:
-            self._change_failure_mode(loaded.fail_open)
-        self.last_reload = ReloadResult(time.time(), trigger, merged.ok, merged.errors, merged.removed)
         if merged.ok:
             log.info("policy reloaded by %d workers (%s flows removed)", len(answers), merged.removed)
         else:
             for line in merged.errors:
                 log.error("reload: %s", line)
-        self.notifier.ready("policy reloaded" if merged.ok else "reload incomplete: see the log")
-        return merged.ok
+        return Applied(merged.ok, merged.errors, merged.removed)
 
-    def _reload_refused(self, trigger: str, errors: list[str]) -> bool:
-        self.last_reload = refused_reload(trigger, errors, self.notifier, " (no worker was changed)")
-        return False
+    # -- what it answers: the workers' answers merged --
 
-    def _change_failure_mode(self, fail_open: bool) -> None:
-        assert self.spec is not None
-        spec = replace(self.spec, bypass=fail_open)
-        if not rules.reinstall(spec, "reload: failure mode not changed, rules not re-installed"):
-            return
-        self.spec, self.fail_open = spec, fail_open
-        log.info("failure mode now %s", "open" if fail_open else "closed")
+    def request_refusal(self) -> str | None:
+        return None if self.live else "starting: not every worker has bound its queue yet, try again"
 
-    def set_panic(self, on: bool) -> bool:
-        assert self.spec is not None
-        spec = replace(self.spec, panic=on)
-        if not rules.reinstall(spec, "panic mode not changed"):
-            return False
-        if on != self.spec.panic:
-            log.warning("panic mode %s", "on: everything but loopback is dropped" if on else "off")
-        self.spec = spec
-        return True
+    def policy_sha256(self) -> str:
+        return self.sha256
 
-    # -- the control socket --
+    def counts(self) -> sv.Counts:
+        return sv.Counts.total(w.counts for w in self.workers.values())
 
-    def _handle(self, request: dict[str, Any]) -> Any:
-        command = command_of(request)
-        if not self.live:
-            raise RequestError("starting: not every worker has bound its queue yet, try again")
-        answer = getattr(self, f"_answer_{command}")(request)
-        return iter([ok(answer)])
+    def _workers_up(self) -> tuple[int, int] | None:
+        return sum(1 for w in self.workers.values() if w.ready), len(self.workers)
+
+    def _status_counts(self, now: float, talkers: int | None) -> dict[str, Any]:
+        states = {
+            w.queue: {"state": w.state(), "restarts": w.restarts, "last_exit": w.last_exit}
+            for w in self.workers.values()
+        }
+        request: dict[str, Any] = (
+            {"cmd": "status"} if talkers is None else {"cmd": "status", "talkers": talkers}
+        )
+        return sv.merge_status(self._ask_all(request), states)
+
+    def flows(self, request: dict[str, Any], selection: FlowFilter) -> Chunks:
+        return iter([ok(sv.merge_flows(self._ask_all(request)))])
+
+    def flush(self, request: dict[str, Any], selection: FlowFilter) -> dict[str, Any]:
+        return sv.merge_flush(self._ask_all(request))
+
+    def metric_records(self) -> list[Any]:
+        if self.metrics is None:
+            raise RequestError("metrics: not collected (nfqfw run --metrics)")
+        from nfqfw.observe import metrics
+
+        return metrics.merge_records(self._worker_metrics())
 
     def _ask(self, worker: Worker, request: dict[str, Any]) -> sv.Answer:
         if worker.pid is None or not worker.ready:
@@ -651,71 +556,11 @@ class Supervisor:
         with ThreadPoolExecutor(max_workers=max(1, len(workers)), thread_name_prefix="nfqfw-ask") as pool:
             return list(pool.map(lambda worker: self._ask(worker, request), workers))
 
-    def _answer_status(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.spec is not None
-        config = self.options.config
-        base = {
-            "version": __version__,
-            "pid": os.getpid(),
-            "started": self.started,
-            "uptime": self.clock() - self.started_mono,
-            "policy": {"file": config, "sha256": self.sha256, "file_sha256": file_sha256(config)},
-            "last_reload": None if self.last_reload is None else asdict(self.last_reload),
-            "queue": self._queue_text(),
-            "failure_mode": "open" if self.fail_open else "closed",
-            "panic": bool(self.spec.panic),
-            "kernel_queues": kernel_queues(self.spec.queues),
-        }
-        states = {
-            w.queue: {"state": w.state(), "restarts": w.restarts, "last_exit": w.last_exit}
-            for w in self.workers.values()
-        }
-        return sv.merge_status(base, self._ask_all({"cmd": "status"}), states)
-
-    def _answer_flows(self, request: dict[str, Any]) -> dict[str, Any]:
-        return sv.merge_flows(self._ask_all(_checked_filter(request)))
-
-    def _answer_flush(self, request: dict[str, Any]) -> dict[str, Any]:
-        return sv.merge_flush(self._ask_all(_checked_filter(request)))
-
-    def _answer_panic(self, request: dict[str, Any]) -> dict[str, Any]:
-        return answer_panic(request, self)  # done in the rules, by the supervisor itself
-
-    def _answer_metrics(self, request: dict[str, Any]) -> dict[str, Any]:
-        if self.metrics is None:
-            raise RequestError("metrics: not collected (nfqfw run --metrics)")
-        from nfqfw.observe import metrics
-
-        return {"families": metrics.merge_records(self._worker_metrics())}
-
-    def _answer_reload(self, request: dict[str, Any]) -> dict[str, Any]:
-        return answer_reload(self)
-
-    # -- signals --
-
-    def _install_signal_handlers(self) -> None:
-        handlers = (self._on_stop_signal, self._on_reload_signal, self._on_dump_signal)
-        self._wakeup = install_signal_handlers(*handlers)
-        signal.signal(signal.SIGCHLD, _wake_only)  # its byte on the wake-up fd ends the poll: reap
-
-    def _on_stop_signal(self, signum: int, _frame: object) -> None:
-        self._stop = signal.Signals(signum).name
-
-    def _on_reload_signal(self, _signum: int, _frame: object) -> None:
-        self._reload = True
-
-    def _on_dump_signal(self, _signum: int, _frame: object) -> None:
-        self._dump = True
-
-    def request_stop(self, why: str = "stop request") -> None:
-        self._stop = why
-
     # -- stop --
 
-    def stop(self) -> None:
-        """SIGTERM to the workers (each saves its flows), wait, SIGKILL what is left; the rules stay."""
-        log.info("%s: stopping the workers", self._stop or "stop")
-        self.notifier.stopping("stopping")
+    def _wind_down(self) -> None:
+        """SIGTERM to the workers (each saves its flows), wait, SIGKILL what is left."""
+        log.info("stopping the workers")
         self._signal_workers(signal.SIGTERM)
         deadline = self.clock() + STOP_TIMEOUT
         while any(w.pid is not None for w in self.workers.values()) and self.clock() < deadline:
@@ -729,66 +574,27 @@ class Supervisor:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(worker.pid, 0)
                 worker.pid = None
-        self.close()
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._signal_workers(signal.SIGKILL)  # only left alive when start-up failed half-way
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-        if self.control is not None:
-            self.control.close()
-            self.control = None
         for worker in self.workers.values():
             worker.notify.close()
             with contextlib.suppress(OSError):
                 os.unlink(worker.notify_path)
-        if self._wakeup is not None:
-            signal.set_wakeup_fd(-1)
-            for sock in self._wakeup:
-                sock.close()
-            self._wakeup = None
-        self.notifier.close()
 
 
 def run_supervisor(options: Options) -> int:
     """`nfqfw run --workers`: start, supervise, stop; returns the process exit code."""
-    supervisor = Supervisor(options)
-    try:
-        supervisor.start()
-    except StartupError as err:
-        for line in str(err).splitlines() or ["start-up failed"]:
-            print(f"nfqfw: {line}", file=sys.stderr)
-        supervisor.close()
-        return 1
-    try:
-        code = supervisor.loop()
-    except Exception:
-        log.exception("supervisor loop failed")
-        code = 1
-    supervisor.stop()
-    if code == 0:
-        log.info("stopped; kernel rules left in place (nfqfw rules remove to take them away)")
-    return code
+    return run_service(Supervisor(options))
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _checked_filter(request: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a bad filter once, here, rather than once per worker."""
-    filter_of(request)
-    return request
 
 
 def _drain(sock: socket.socket) -> None:
     with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
         while sock.recv(4096):
             pass
-
-
-def _wake_only(_signum: int, _frame: object) -> None:
-    """A Python handler, so that the signal reaches the wake-up fd; the loop does the work."""
 
 
 def _boot_id() -> str:

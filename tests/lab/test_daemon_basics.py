@@ -26,7 +26,8 @@ import pytest
 
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import LabState
-from nfqfw.lab.topology import WAN_V4, WAN_V6, Topology, build, in_ns, teardown
+from nfqfw.lab.plan import WAN_V4, WAN_V6, Topology
+from nfqfw.lab.topology import build, in_ns, teardown
 
 pytestmark = pytest.mark.lab
 

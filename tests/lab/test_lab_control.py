@@ -24,7 +24,8 @@ import pytest
 from nfqfw.control.client import ClientError, call
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, running_daemon, start_daemon, stop_daemon
-from nfqfw.lab.topology import GW_LAN_V4, LAN_V4, WAN_V4, in_ns
+from nfqfw.lab.plan import GW_LAN_V4, LAN_V4, WAN_V4
+from nfqfw.lab.topology import in_ns
 
 pytestmark = pytest.mark.lab
 
@@ -106,7 +107,7 @@ def test_no_daemon_is_one_clear_line(lab: Lab) -> None:
     argv = [sys.executable, "-m", "nfqfw", "status", "--runtime-dir", "/run/nfqfw-lab/nfqc-none"]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (
-        1,
+        3,  # EXIT_NO_DAEMON: not running
         "",
         "nfqfw status: no nfqfw daemon at /run/nfqfw-lab/nfqc-none/control.sock (is it running?)\n",
     )
@@ -232,7 +233,7 @@ def test_panic_without_a_daemon_closes_a_failed_open_gateway(lab: Lab, lab_polic
         stop_daemon(lab.state.prefix, sig=signal.SIGKILL)
         assert traffic.tcp_probe(t.lan, WAN_V4, WAN_ECHO).outcome == "connected"  # open: unfiltered
         asked = nfqfw(the_lab, "panic", "on")
-        assert asked.returncode == 1
+        assert asked.returncode == 3  # EXIT_NO_DAEMON
         assert asked.stderr.endswith("; 'nfqfw panic on --no-daemon' drops everything without it\n")
         on = panic_in_gateway("on", "--no-daemon")
         assert (on.returncode, on.stdout) == (

@@ -18,7 +18,7 @@ from scapy.layers.inet6 import IPv6
 from nfqfw.core.packet import ACK, RST, SYN
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab
-from nfqfw.lab.topology import LAN_V4, LAN_V6, WAN_V4, WAN_V6
+from nfqfw.lab.plan import LAN_V4, LAN_V6, WAN_V4, WAN_V6
 
 pytestmark = pytest.mark.lab
 

@@ -18,7 +18,8 @@ from lab_policies import MAIL_IN_NO_SMB_OUT
 
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Daemon, Lab
-from nfqfw.lab.topology import LAN_V4, LAN_V6, WAN_V4, WAN_V6, in_ns, process_alive, run_in
+from nfqfw.lab.plan import LAN_V4, LAN_V6, WAN_V4, WAN_V6
+from nfqfw.lab.topology import in_ns, process_alive, run_in
 
 pytestmark = pytest.mark.lab
 

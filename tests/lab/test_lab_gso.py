@@ -31,7 +31,8 @@ from nfqfw.core.packet import RST
 from nfqfw.kernel.queue_info import LONGER_THAN_COPY_RANGE, parse_queue_stats
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, start_daemon, stop_daemon
-from nfqfw.lab.topology import GW_WAN_V4, WAN_V4, WAN_V6, in_ns, run_in
+from nfqfw.lab.plan import GW_WAN_V4, WAN_V4, WAN_V6
+from nfqfw.lab.topology import in_ns, run_in
 
 pytestmark = pytest.mark.lab
 

@@ -24,10 +24,11 @@ import pytest
 from lab_metrics import Samples
 
 from nfqfw.core import build
-from nfqfw.core.packet import SYN
+from nfqfw.core.packet import PROTO_UDP, SYN
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, down, stop_daemon, up
-from nfqfw.lab.topology import GW_WAN_V4, GW_WAN_V6, LAN_V4, WAN_V4, in_ns
+from nfqfw.lab.plan import GW_WAN_V4, GW_WAN_V6, LAN_V4, WAN_V4
+from nfqfw.lab.topology import in_ns
 
 pytestmark = pytest.mark.lab
 
@@ -204,8 +205,7 @@ def test_non_loopback_metrics_address_is_refused_at_start(lab: Lab, tmp_path: Pa
 def test_a_flood_is_logged_burst_lines_and_a_suppression_count(lab: Lab) -> None:
     src, dst = build.addr(WAN_V4), build.addr(LAN_V4)
     packets = [
-        build.ipv4(src, dst, build.PROTO_UDP, build.udp(src, dst, 30000 + n, 9999, b"flood"))
-        for n in range(FLOOD)
+        build.ipv4(src, dst, PROTO_UDP, build.udp(src, dst, 30000 + n, 9999, b"flood")) for n in range(FLOOD)
     ]
     for packet in packets:
         traffic.send_raw(lab.topology.wan, packet)

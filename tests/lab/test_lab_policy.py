@@ -15,7 +15,8 @@ import pytest
 
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab
-from nfqfw.lab.topology import GW_WAN_V4, GW_WAN_V6, LAN_V4, LAN_V6, WAN_V4, WAN_V6, set_mtu
+from nfqfw.lab.plan import GW_WAN_V4, GW_WAN_V6, LAN_V4, LAN_V6, WAN_V4, WAN_V6
+from nfqfw.lab.topology import set_mtu
 
 pytestmark = pytest.mark.lab
 

@@ -19,7 +19,7 @@ import pytest
 
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, down, up
-from nfqfw.lab.topology import LAN_V4, WAN_V4
+from nfqfw.lab.plan import LAN_V4, WAN_V4
 
 pytestmark = pytest.mark.lab
 

@@ -29,7 +29,8 @@ from nfqfw.core import snapshot
 from nfqfw.core.conntrack import first_packet
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab, LabState
-from nfqfw.lab.topology import GW_LAN_V4, LAN_V4, WAN_V4, WAN_V6, in_ns
+from nfqfw.lab.plan import GW_LAN_V4, LAN_V4, WAN_V4, WAN_V6
+from nfqfw.lab.topology import in_ns
 
 pytestmark = pytest.mark.lab
 

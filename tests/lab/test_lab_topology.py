@@ -15,18 +15,8 @@ import pytest
 
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab
-from nfqfw.lab.topology import (
-    GW_WAN_V4,
-    LAN_V4,
-    LAN_V6,
-    WAN_V4,
-    WAN_V6,
-    LabError,
-    Topology,
-    existing_namespaces,
-    in_ns,
-    run_in,
-)
+from nfqfw.lab.plan import GW_WAN_V4, LAN_V4, LAN_V6, WAN_V4, WAN_V6, LabError, Topology
+from nfqfw.lab.topology import existing_namespaces, in_ns, run_in
 
 pytestmark = pytest.mark.lab
 

@@ -30,7 +30,8 @@ from lab_policies import MAIL_IN_NO_SMB_OUT
 from nfqfw.control.client import call
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab, LabState
-from nfqfw.lab.topology import LAN_V4, WAN_V4, in_ns
+from nfqfw.lab.plan import LAN_V4, WAN_V4
+from nfqfw.lab.topology import in_ns
 
 pytestmark = pytest.mark.lab
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from nfqfw.lab import sdbox, traffic
-from nfqfw.lab.topology import WAN_V4, WAN_V6, Topology, build, teardown
+from nfqfw.lab.plan import WAN_V4, WAN_V6, Topology
+from nfqfw.lab.topology import build, teardown
 
 pytestmark = pytest.mark.lab
 

@@ -24,7 +24,7 @@ from lab_policies import MAIL_IN_NO_SMB_OUT
 from nfqfw.control.client import call
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab
-from nfqfw.lab.topology import GW_WAN_V4, LAN_V4, WAN_V4, WAN_V6
+from nfqfw.lab.plan import GW_WAN_V4, LAN_V4, WAN_V4, WAN_V6
 
 pytestmark = pytest.mark.lab
 

@@ -48,6 +48,10 @@ class FakePacket:
 
 
 class StandInEngine:
+    """An engine without a fast path that answers every packet with `verdict` (or raises it)."""
+
+    fast_path = None
+
     def __init__(self, verdict: Verdict | Exception) -> None:
         self.verdict = verdict
         self.seen: list[tuple[bytes, Meta, float]] = []
@@ -57,6 +61,9 @@ class StandInEngine:
         if isinstance(self.verdict, Exception):
             raise self.verdict
         return self.verdict
+
+    def full_process(self, data: bytes, meta: Meta, now: float) -> Verdict:
+        return self.process(data, meta, now)
 
 
 class FakeLinks:

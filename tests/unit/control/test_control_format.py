@@ -16,6 +16,7 @@ from nfqfw.control.format import (
     format_panic,
     format_reload,
     format_status,
+    format_top,
 )
 
 T0 = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC
@@ -197,3 +198,66 @@ def test_status_panic_changed_file_and_failed_reload() -> None:
     gone = {"file": "p.yaml", "sha256": "ab" * 32, "file_sha256": None}
     unreadable = format_status(status(policy=gone), utc)
     assert unreadable[3] == "  the file cannot be read now: a reload would fail"
+
+
+# --- top --------------------------------------------------------------------------------------
+
+
+def top_status(
+    verdicts: dict[str, int], queue_dropped: int, talkers: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "pid": 42,
+        "uptime": 3725.0,
+        "queue": "0",
+        "failure_mode": "closed",
+        "panic": False,
+        "flows": {
+            "total": 3,
+            "max": 100,
+            "by_proto": {"tcp": {"ESTABLISHED": 2}, "udp": {"UNREPLIED": 1}},
+            "expired": 0,
+            "early_drops": 0,
+        },
+        "verdicts": verdicts,
+        "kernel_queues": [{"queue": 0, "waiting": 7, "queue_dropped": queue_dropped, "user_dropped": 0}],
+    }
+    if talkers is not None:
+        status["talkers"] = talkers
+    return status
+
+
+def test_top_screen_with_rates_from_two_samples() -> None:
+    before = top_status({"accept established": 100, "drop default ingress": 4}, 10, None)
+    now = top_status(
+        {"accept established": 300, "drop default ingress": 8, "accept rule mail": 2},
+        30,
+        [{"addr": "10.0.0.25", "flows": 3}, {"addr": "203.0.113.10", "flows": 2}],
+    )
+    assert format_top(before, now, 2.0) == [
+        "nfqfw top: pid 42, up 01:02:05, queue 0, failure mode closed, panic off   (q quits)",
+        "flows 3 of 100 (3.0%)   packets/s: accept 101.0, drop 2.0, reject 0.0",
+        "queue 0: 7 waiting, dropped/s 10.0 (queue full), 0.0 (socket buffer full)",
+        "",
+        "VERDICTS/s by reason and rule",
+        "  accept established    100.0",
+        "  drop default ingress    2.0",
+        "  accept rule mail        1.0",
+        "",
+        "FLOWS by state",
+        "  tcp ESTABLISHED  2",
+        "  udp UNREPLIED    1",
+        "",
+        "TOP TALKERS by flows (either end)",
+        "  10.0.0.25     3",
+        "  203.0.113.10  2",
+    ]
+
+
+def test_top_first_screen_has_no_rates_yet_and_tables_shrink_to_the_terminal() -> None:
+    verdicts = {f"accept rule r{i}": i for i in range(20)}
+    lines = format_top(None, top_status(verdicts, 0, None), 0.0, height=20)
+    assert lines[1] == "flows 3 of 100 (3.0%)   packets/s: accept -, drop -, reject -"
+    section = lines[lines.index("VERDICTS/s by reason and rule") + 1 : lines.index("FLOWS by state") - 1]
+    assert len(section) == 3 and all(line.endswith(" -") for line in section)
+    assert lines[-1] == "  (not reported by this daemon)"

@@ -1,34 +1,41 @@
-"""nfqfw.control.server.Requests on a real Daemon object (engine, adapter; the kernel side faked):
+"""nfqfw.control.requests.Requests on a real Daemon object (engine, adapter; the kernel side faked):
 status, flows, flush, panic and reload, and a request served from the packet callback."""
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import shutil
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from queue_fakes import MARK, UDP_PACKET, FakeLinks, FakePacket, FakeSender
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 
-from nfqfw.control.flowlist import flow_record
+from nfqfw.control.flowlist import flow_record, talkers
 from nfqfw.control.protocol import RequestError, socket_path
 from nfqfw.control.requests import Requests
 from nfqfw.control.server import ControlServer
 from nfqfw.core.build import addr, ipv4, tcp, udp
 from nfqfw.core.config import load_policy
+from nfqfw.core.conntrack import first_packet
 from nfqfw.core.engine import Engine
 from nfqfw.core.packet import ACK, PSH, SYN
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta
-from nfqfw.firewall import iptables as rules
+from nfqfw.firewall import QueueSpec, RulesError
 from nfqfw.kernel.queue import QueueAdapter
 from nfqfw.kernel.queue_info import DropWatch
-from nfqfw.service.daemon import Daemon, Options, ReloadResult
+from nfqfw.service.core import ReloadResult
+from nfqfw.service.daemon import Daemon
+from nfqfw.service.options import Options
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
 POLICY = POLICY_FILE.read_text()
@@ -97,7 +104,7 @@ def daemon(rundir: Path) -> Iterator[Daemon]:
     clock = Clock()
     d = Daemon(Options(config=str(policy), runtime_dir=str(rundir)), notifier=Notes(), clock=clock)  # type: ignore[arg-type]
     d.engine = Engine(CompiledPolicy(load_policy(policy)))
-    d.spec = rules.QueueSpec(0, 0)
+    d.spec = QueueSpec(0, 0)
     d.links = QuietLinks({3: "lan0", 4: "wan0"})  # type: ignore[assignment]
     d.drops = DropWatch(range(0, 1), read=lambda: {})
     d.adapter = QueueAdapter(d.engine, d.links, FakeSender(), mark=MARK, clock=clock)
@@ -234,24 +241,24 @@ def test_bad_requests(daemon: Daemon, request_: dict[str, Any], message: str) ->
 
 
 def test_panic_on_and_off_reinstall_the_rules(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    installed: list[rules.QueueSpec] = []
-    monkeypatch.setattr(rules, "install", installed.append)
+    installed: list[QueueSpec] = []
+    monkeypatch.setattr(daemon.firewall, "install", installed.append)
     requests = Requests(daemon)
     assert answer(requests({"cmd": "panic", "on": True})) == {"panic": True, "changed": True}
     assert answer(requests({"cmd": "panic", "on": True})) == {"panic": True, "changed": False}
     assert answer(requests({"cmd": "status"}))["panic"] is True
     assert answer(requests({"cmd": "panic", "on": False})) == {"panic": False, "changed": True}
     assert [spec.panic for spec in installed] == [True, True, False]
-    assert daemon.spec == rules.QueueSpec(0, 0)
+    assert daemon.spec == QueueSpec(0, 0)
 
 
 def test_panic_that_cannot_be_installed_changes_nothing(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing(spec: rules.QueueSpec) -> None:
-        raise rules.RulesError("iptables-restore failed (exit 4): busy")
+    def failing(spec: QueueSpec) -> None:
+        raise RulesError("iptables-restore failed (exit 4): busy")
 
-    monkeypatch.setattr(rules, "install", failing)
+    monkeypatch.setattr(daemon.firewall, "install", failing)
     with pytest.raises(RequestError) as err:
         Requests(daemon)({"cmd": "panic", "on": True})
     assert str(err.value) == "panic mode not changed: installing the kernel rules failed (see the log)"
@@ -259,12 +266,12 @@ def test_panic_that_cannot_be_installed_changes_nothing(
 
 
 def test_a_failure_mode_change_at_reload_keeps_panic(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    installed: list[rules.QueueSpec] = []
-    monkeypatch.setattr(rules, "install", installed.append)
+    installed: list[QueueSpec] = []
+    monkeypatch.setattr(daemon.firewall, "install", installed.append)
     assert daemon.set_panic(True)
     Path(daemon.options.config).write_text("options:\n  failure-mode: open\n" + POLICY)
     assert answer(Requests(daemon)({"cmd": "reload"}))["ok"] is True
-    assert installed[-1] == rules.QueueSpec(0, 0, bypass=True, panic=True)
+    assert installed[-1] == QueueSpec(0, 0, bypass=True, panic=True)
 
 
 def test_reload_reports_located_errors_then_success(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,3 +315,39 @@ def test_a_request_is_served_from_the_packet_callback(daemon: Daemon, rundir: Pa
     flows = json.loads(raw)["result"]["flows"]
     assert [(f["proto"], f["dport"], f["state"]) for f in flows] == [("tcp", 80, "ESTABLISHED")]
     assert adapter.deadline == pytest.approx(daemon.clock() + 1.0)  # nothing pending: back to 1 s
+
+
+def test_status_with_talkers_counts_each_end_of_each_flow(daemon: Daemon) -> None:
+    status = answer(Requests(daemon)({"cmd": "status", "talkers": 5}))
+    assert "talkers" not in answer(Requests(daemon)({"cmd": "status"}))
+    lan, wan = (str(ipaddress.ip_address(addr)) for addr in (LAN, WAN))
+    assert status["talkers"] == [{"addr": lan, "flows": 2}, {"addr": wan, "flows": 2}]
+
+
+def test_talkers_read_the_same_addresses_as_first_packet() -> None:
+    """The key layout talkers() reads is the one first_packet() reads, for every protocol kind."""
+    engine = Engine(CompiledPolicy(load_policy(POLICY_FILE)))
+    packets = [
+        IP(src="10.0.0.5", dst="198.51.100.1") / UDP(sport=5353, dport=53),
+        IP(src="10.0.0.5", dst="198.51.100.2") / TCP(sport=40000, dport=443, flags="S"),
+        IP(src="10.0.0.6", dst="198.51.100.1") / ICMP(type=8, id=7),
+        IP(src="10.0.0.6", dst="198.51.100.3", proto=47) / (b"\x00" * 8),
+        IPv6(src="fd00::5", dst="2001:db8::1") / TCP(sport=40001, dport=80, flags="S"),
+        IPv6(src="fd00::5", dst="2001:db8::1") / ICMPv6EchoRequest(id=3),
+    ]
+    for packet in packets:
+        assert engine.process(bytes(packet), OUT, T0).action is Action.ACCEPT
+    expected: Counter[str] = Counter()
+    for flow in engine.conntrack:
+        pkt = first_packet(flow)
+        assert pkt is not None
+        expected.update({str(ipaddress.ip_address(pkt.src)), str(ipaddress.ip_address(pkt.dst))})
+    found = talkers(engine.conntrack, T0, 100)
+    assert {t["addr"]: t["flows"] for t in found} == dict(expected)
+    assert found[0] == {"addr": "10.0.0.5", "flows": 2} and len(talkers(engine.conntrack, T0, 2)) == 2
+
+
+@pytest.mark.parametrize("wanted", [0, 101, "5", True])
+def test_talkers_must_be_a_small_number(daemon: Daemon, wanted: object) -> None:
+    with pytest.raises(RequestError, match='"talkers" must be a number 1-100'):
+        Requests(daemon)({"cmd": "status", "talkers": wanted})

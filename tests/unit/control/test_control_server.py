@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from nfqfw import cli
+from nfqfw.commands import EXIT_NO_DAEMON
 from nfqfw.control.client import ClientError, call
 from nfqfw.control.protocol import ControlError, RequestError, encode, socket_path
 from nfqfw.control.server import ControlServer
@@ -415,7 +416,7 @@ def test_call_times_out_on_a_daemon_that_never_answers(rundir: Path) -> None:
 def test_commands_without_a_daemon_print_one_line(
     rundir: Path, command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main([*command, "--runtime-dir", str(rundir)]) == 1
+    assert cli.main([*command, "--runtime-dir", str(rundir)]) == EXIT_NO_DAEMON
     out, err = capsys.readouterr()
     no_daemon = f"no nfqfw daemon at {rundir}/control.sock (is it running?)"
     assert (out, err) == ("", f"nfqfw {command[0]}: {no_daemon}\n")
@@ -424,7 +425,7 @@ def test_commands_without_a_daemon_print_one_line(
 def test_panic_on_without_a_daemon_names_the_way_without_it(
     rundir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["panic", "on", "--runtime-dir", str(rundir)]) == 1
+    assert cli.main(["panic", "on", "--runtime-dir", str(rundir)]) == EXIT_NO_DAEMON
     no_daemon = f"no nfqfw daemon at {rundir}/control.sock (is it running?)"
     hint = "'nfqfw panic on --no-daemon' drops everything without it"
     assert capsys.readouterr() == ("", f"nfqfw panic: {no_daemon}; {hint}\n")

@@ -119,3 +119,56 @@ def test_each_item_is_visited_once_per_bucket() -> None:
     assert visits == sum(1 for i in range(100) if i % 7 + 1 <= 3)
     wheel.sweep(8.0, expire)
     assert visits == 100
+
+
+class Gone(Item):
+    """An item its owner may remove: then its deadline reads None."""
+
+    deadline: float | None  # type: ignore[assignment]
+
+
+def test_filed_counts_entries_live_and_dead() -> None:
+    wheel = ExpiryWheel()
+    items = [Gone(float(i)) for i in range(10)]
+    for item in items:
+        wheel.file(item)
+    assert wheel.filed == 10
+    items[3].deadline = None  # removed early: its entry stays until compacted or due
+    assert wheel.filed == 10
+    collect(wheel, 2.5)  # buckets 1 and 2: items 0 and 1
+    assert wheel.filed == 8
+
+
+def test_compact_drops_the_dead_entries_and_their_empty_buckets() -> None:
+    wheel = ExpiryWheel()
+    items = [Gone(float(i)) for i in range(10)]
+    for item in items:
+        wheel.file(item)
+    for item in items[:5]:
+        item.deadline = None
+    due = wheel.due
+    wheel.compact({id(item) for item in items[5:]})
+    assert wheel.filed == 5
+    assert wheel.due is due  # a fast path binds the list once
+    assert list(due) == [6, 7, 8, 9, 10]
+    assert wheel.next_due() == 6
+    assert collect(wheel, 100.0) == items[5:]  # the live ones still expire, in order
+    assert wheel.filed == 0
+
+
+def test_compact_keeps_the_heap_order_for_refiled_items() -> None:
+    wheel = ExpiryWheel()
+    late, early, dead = Gone(50.0), Gone(2.0), Gone(30.0)
+    for item in (late, early, dead):
+        wheel.file(item)
+    dead.deadline = None
+    wheel.compact({id(late), id(early)})
+    assert collect(wheel, 10.0) == [early]
+    assert collect(wheel, 60.0) == [late]
+
+
+def test_clear_resets_the_count() -> None:
+    wheel = ExpiryWheel()
+    wheel.file(Item(1.0))
+    wheel.clear()
+    assert wheel.filed == 0

@@ -35,9 +35,9 @@ from nfqfw.core.config import load_policy
 from nfqfw.core.engine import Engine
 from nfqfw.core.fastpath import FAST_FLAGS
 from nfqfw.core.flowtable import SMALL
+from nfqfw.core.l4.tcp_window import WORDS
 from nfqfw.core.packet import ACK, CWR, ECE, FIN, PSH, RST, SYN, URG
 from nfqfw.core.policy import CompiledPolicy
-from nfqfw.core.tcp_window import WORDS
 from nfqfw.core.verdict import Hook, Meta, Verdict
 
 POLICY = CompiledPolicy(load_policy(Path(__file__).resolve().parents[3] / "config" / "policy.yaml"))

@@ -22,10 +22,10 @@ from nfqfw.core.build import addr, icmp, icmpv6, ipv4, ipv6, sack_perm_option, t
 from nfqfw.core.config import load_policy
 from nfqfw.core.conntrack import Conntrack, Flow, first_packet
 from nfqfw.core.engine import Engine
+from nfqfw.core.l4.tcp_states import STATE_NAMES
 from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.snapshot import SnapshotError, decode, encode, install
-from nfqfw.core.tcp_states import STATE_NAMES
 from nfqfw.core.verdict import Action, Hook, Meta, Verdict
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"

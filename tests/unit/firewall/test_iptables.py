@@ -7,18 +7,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from nfqfw.firewall import QueueSpec, RulesError, backend_named
 from nfqfw.firewall.iptables import (
     FAMILIES,
     Installed,
-    QueueSpec,
-    RulesError,
-    install,
-    panic_installed,
+    Iptables,
     parse_save,
-    remove,
+    queue_target,
     render_install,
     render_remove,
-    show,
 )
 
 NOTHING = Installed(frozenset(), (), ())
@@ -147,13 +144,17 @@ def test_panic_is_read_back_from_the_installed_rules() -> None:
     assert not parse_save(SAVE_PANIC.replace("-A NFQFW-FORWARD -j DROP", "")
                           .replace("-A NFQFW-INPUT -j DROP", "-A NFQFW-INPUT -p tcp -j DROP")
                           .replace("-A NFQFW-OUTPUT -j DROP", "")).panic  # fmt: skip
-    assert panic_installed(run=FakeTools({"iptables-save": SAVE_FRESH, "ip6tables-save": SAVE_PANIC}))
-    assert not panic_installed(run=FakeTools({"iptables-save": SAVE_INSTALLED, "ip6tables-save": SAVE_FRESH}))
+    assert Iptables(
+        run=FakeTools({"iptables-save": SAVE_FRESH, "ip6tables-save": SAVE_PANIC})
+    ).panic_installed()
+    assert not Iptables(
+        run=FakeTools({"iptables-save": SAVE_INSTALLED, "ip6tables-save": SAVE_FRESH})
+    ).panic_installed()
 
 
 def test_single_queue_open_mode_target() -> None:
-    assert QueueSpec(7, 7, bypass=True).target() == "NFQUEUE --queue-num 7 --queue-bypass"
-    assert QueueSpec(0, 3).target() == "NFQUEUE --queue-balance 0:3"
+    assert queue_target(QueueSpec(7, 7, bypass=True)) == "NFQUEUE --queue-num 7 --queue-bypass"
+    assert queue_target(QueueSpec(0, 3)) == "NFQUEUE --queue-balance 0:3"
     assert list(QueueSpec(0, 3).queues) == [0, 1, 2, 3]
 
 
@@ -230,7 +231,7 @@ class FakeTools:
 
 def test_install_runs_one_restore_per_family() -> None:
     tools = FakeTools({"iptables-save": SAVE_INSTALLED, "ip6tables-save": SAVE_FRESH})
-    install(QueueSpec(0, 0), run=tools)
+    Iptables(run=tools).install(QueueSpec(0, 0))
     assert [argv for argv, _ in tools.calls] == [
         ["iptables-save", "-t", "filter"],
         ["iptables-restore", "-w", "--noflush"],
@@ -243,13 +244,13 @@ def test_install_runs_one_restore_per_family() -> None:
 
 def test_remove_skips_families_without_our_rules() -> None:
     tools = FakeTools({"iptables-save": SAVE_FRESH, "ip6tables-save": SAVE_INSTALLED})
-    assert remove(run=tools) == [6]
+    assert Iptables(run=tools).remove() == [6]
     assert [argv[0] for argv, _ in tools.calls] == ["iptables-save", "ip6tables-save", "ip6tables-restore"]
 
 
 def test_show_prints_our_lines_per_family() -> None:
     tools = FakeTools({"iptables-save": SAVE_INSTALLED, "ip6tables-save": SAVE_FRESH})
-    text = show(run=tools)
+    text = Iptables(run=tools).show()
     assert text.splitlines()[:5] == [
         "# IPv4 (iptables-save -t filter)",
         ":NFQFW-FORWARD - [0:0]",
@@ -272,7 +273,7 @@ def test_restore_failure_is_one_line() -> None:
         },
     )
     with pytest.raises(RulesError) as err:
-        install(QueueSpec(0, 0), families=FAMILIES[:1], run=tools)
+        Iptables(FAMILIES[:1], tools).install(QueueSpec(0, 0))
     assert str(err.value) == (
         "iptables-restore failed (exit 2): the kernel lacks the NFQUEUE target (module xt_NFQUEUE): "
         "iptables-restore v1.8.9 (nf_tables): Couldn't load target `NFQUEUE':No such file or directory"
@@ -285,5 +286,12 @@ def test_missing_tool() -> None:
         raise FileNotFoundError(argv[0])
 
     with pytest.raises(RulesError) as err:
-        show(run=missing)
+        Iptables(run=missing).show()
     assert str(err.value) == "iptables-save not found: install iptables"
+
+
+def test_the_iptables_backend_is_the_default_and_unknown_names_are_refused() -> None:
+    assert isinstance(backend_named(), Iptables)
+    with pytest.raises(RulesError) as err:
+        backend_named("pf")
+    assert str(err.value) == "unknown firewall backend 'pf': expected one of iptables"

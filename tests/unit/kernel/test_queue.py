@@ -315,11 +315,12 @@ def test_gso_refused_by_the_kernel_is_a_warning(
 
 def test_run_no_gso_reaches_the_daemon_options(monkeypatch: pytest.MonkeyPatch) -> None:
     from nfqfw.cli import build_parser
-    from nfqfw.commands import run
+    from nfqfw.observe import logsetup
+    from nfqfw.service import daemon
 
     seen: list[bool] = []
-    monkeypatch.setattr(run, "setup_logging", lambda level: None)
-    monkeypatch.setattr(run, "run_daemon", lambda options: seen.append(options.gso) or 0)
+    monkeypatch.setattr(logsetup, "setup_logging", lambda level: None)  # run imports them when it runs
+    monkeypatch.setattr(daemon, "run_daemon", lambda options: seen.append(options.gso) or 0)
     for argv in (["run", "-c", "p.yaml"], ["run", "-c", "p.yaml", "--no-gso"]):
         args = build_parser().parse_args(argv)
         assert args.func(args) == 0

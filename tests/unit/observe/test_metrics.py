@@ -25,15 +25,13 @@ from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 from nfqfw.firewall.iptables import QueueSpec
 from nfqfw.kernel.queue import QueueAdapter
 from nfqfw.kernel.queue_info import QueueStat
+from nfqfw.observe.endpoint import MetricsError, is_loopback, parse_address
 from nfqfw.observe.metrics import (
     EngineTimer,
     MergedCollector,
-    MetricsError,
     NfqfwCollector,
     WorkerCounts,
-    is_loopback,
     merge_records,
-    parse_address,
     records,
     serve,
     verdict_labels,

@@ -17,7 +17,7 @@ from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 from nfqfw.kernel.queue import QueueAdapter
 from nfqfw.observe.packetlog import PacketLog, format_packet
-from nfqfw.service.daemon import load_policy_file
+from nfqfw.service.core import load_policy_file
 
 IN = Meta(Hook.FORWARD, "wan0", "lan0")
 TO_GW = Meta(Hook.INPUT, "wan0", None)
@@ -168,9 +168,11 @@ class Lines:
 
     def __init__(self) -> None:
         self.seen: list[tuple[int, str]] = []
+        self.events: list[dict[str, object] | None] = []
 
-    def __call__(self, level: int, text: str) -> None:
+    def __call__(self, level: int, text: str, event: dict[str, object] | None) -> None:
         self.seen.append((level, text))
+        self.events.append(event)
 
     def packets(self) -> list[str]:
         return [text for level, text in self.seen if level == logging.INFO]

@@ -16,7 +16,9 @@ from nfqfw.core.packet import PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.recheck import recheck, stale_flows
 from nfqfw.core.verdict import Action, Hook, Meta
-from nfqfw.service.daemon import Daemon, Options, StartupError, check_file_mode, load_policy_file
+from nfqfw.service.core import StartupError, check_file_mode, load_policy_file
+from nfqfw.service.daemon import Daemon
+from nfqfw.service.options import Options
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
 OUT = Meta(Hook.FORWARD, "lan0", "wan0")

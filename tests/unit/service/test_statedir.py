@@ -24,7 +24,8 @@ from nfqfw.core.packet import ACK, SYN
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Hook, Meta
 from nfqfw.service import statedir as statefile
-from nfqfw.service.daemon import Daemon, Options
+from nfqfw.service.daemon import Daemon, WorkerDaemon
+from nfqfw.service.options import Options
 from nfqfw.service.statedir import StateDir, StateFileError, read_trusted, write_atomically
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
@@ -519,7 +520,7 @@ def test_the_daemon_adopts_per_queue_snapshots_only_when_it_is_not_a_worker(stat
     (state / "workers.layout").write_text("{}")
     single = Daemon(Options(config=str(POLICY_FILE), state_dir=str(state)))
     assert single.state.adopt == (f"{state}/flows.queue-3.snapshot",) and single.state.consume_adopted
-    worker = Daemon(Options(config=str(POLICY_FILE), state_dir=str(state), worker=True))
+    worker = WorkerDaemon(Options(config=str(POLICY_FILE), state_dir=str(state)))
     assert worker.state.adopt == () and not worker.state.consume_adopted
 
 

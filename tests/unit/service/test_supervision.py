@@ -22,12 +22,18 @@ def test_parse_notify() -> None:
 
 
 def test_worker_status_counts_and_the_summed_line() -> None:
-    counts = sv.parse_status_counts("PANIC MODE, queue 1: 5 verdicts, 2 flows, 1 rejects sent")
+    """A worker's counts travel as data beside its STATUS= line, not parsed out of the prose."""
+    status = "STATUS=PANIC MODE, queue 1: 5 verdicts, 2 flows, 1 rejects sent"
+    datagram = f"{status}\n{sv.counts_assignment(sv.Counts(5, 2, 1))}".encode()
+    assert datagram.endswith(b'\nX_NFQFW_COUNTS={"verdicts":5,"flows":2,"rejects":1}')
+    counts = sv.counts_of(sv.parse_notify(datagram))
     assert counts == sv.Counts(5, 2, 1)
-    assert sv.parse_status_counts("reloading the policy") is None
-    line = sv.status_line("0:1", False, 1, 2, [sv.Counts(5, 2, 1), sv.Counts(10, 3, 0)])
+    assert sv.counts_of(sv.parse_notify(b"STATUS=reloading the policy")) is None
+    assert sv.counts_of({sv.COUNTS_FIELD: '{"verdicts": 5}'}) is None  # damaged: ignored
+    line = sv.status_line("0:1", False, sv.Counts.total([sv.Counts(5, 2, 1), sv.Counts(10, 3, 0)]), (1, 2))
     assert line == "queue 0:1, 1 of 2 workers up: 15 verdicts, 5 flows, 1 rejects sent"
-    assert sv.status_line("0:1", True, 2, 2, []).startswith("PANIC MODE, ")
+    assert sv.status_line("0:1", True, sv.Counts.total([]), (2, 2)).startswith("PANIC MODE, ")
+    assert sv.status_line("0", False, sv.Counts(5, 2, 1)) == "queue 0: 5 verdicts, 2 flows, 1 rejects sent"
 
 
 def test_restart_delay_grows_with_quick_deaths_and_is_capped() -> None:
@@ -130,7 +136,7 @@ def test_merge_status_sums_and_breaks_down() -> None:
         sv.Answer(2, None, error="worker restarting"),
     ]
     states = {0: {"state": "running", "restarts": 0}, 1: {"state": "running", "restarts": 2}}
-    merged = sv.merge_status(base(), answers, states)
+    merged = {**base(), **sv.merge_status(answers, states)}
     assert merged["flows"]["total"] == 5 and merged["flows"]["max"] == 200
     assert merged["flows"]["by_proto"] == {"tcp": {"ESTABLISHED": 3}}
     assert merged["verdicts"] == {"accept established": 6, "drop": 2}
@@ -156,7 +162,7 @@ def test_merge_status_sums_and_breaks_down() -> None:
 def test_a_worker_on_another_policy_is_flagged() -> None:
     other = worker_status(0, {}, {})
     other["policy"]["sha256"] = "b" * 64
-    merged = sv.merge_status(base(), [sv.Answer(0, 10, other)], {0: {"state": "running"}})
+    merged = {**base(), **sv.merge_status([sv.Answer(0, 10, other)], {0: {"state": "running"}})}
     assert "POLICY DIFFERS" in "\n".join(format_status(merged, when=lambda t: "T"))
 
 
@@ -215,3 +221,13 @@ def test_workers_need_queue_balance(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["run", "--config", "/nonexistent", "--workers"]) == 2
     assert "--workers needs --queue-balance" in capsys.readouterr().err
+
+
+def test_merge_talkers_sums_each_address_over_the_workers_top_lists() -> None:
+    first = [{"addr": "10.0.0.25", "flows": 5}, {"addr": "203.0.113.10", "flows": 3}]
+    second = [{"addr": "203.0.113.10", "flows": 4}, {"addr": "10.0.0.7", "flows": 1}]
+    assert sv.merge_talkers([first, second]) == [
+        {"addr": "203.0.113.10", "flows": 7},
+        {"addr": "10.0.0.25", "flows": 5},
+    ]
+    assert sv.merge_talkers([]) == []

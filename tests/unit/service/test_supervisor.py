@@ -9,14 +9,26 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from nfqfw.control.protocol import SOCKET_NAME
-from nfqfw.firewall import iptables as rules
-from nfqfw.service.daemon import Options, StartupError
+from nfqfw.control.protocol import SOCKET_NAME, RequestError
+from nfqfw.control.requests import Requests
+from nfqfw.core.build import addr, ipv4, udp
+from nfqfw.core.config import load_policy
+from nfqfw.core.engine import Engine
+from nfqfw.core.policy import CompiledPolicy
+from nfqfw.core.verdict import Hook, Meta
+from nfqfw.firewall import QueueSpec
+from nfqfw.service.core import StartupError
+from nfqfw.service.daemon import WorkerDaemon
+from nfqfw.service.options import Options
 from nfqfw.service.sdnotify import Notifier
+from nfqfw.service.supervision import Counts
 from nfqfw.service.supervisor import PING_TIMEOUT, Supervisor, Worker
+
+POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
 
 
 class Clock:
@@ -40,7 +52,7 @@ def live_supervisor(tmp_path: Path, clock: Clock, pid: int) -> tuple[Supervisor,
     options = Options(config=str(tmp_path / "policy.yaml"), runtime_dir=str(tmp_path / "run"))
     supervisor = Supervisor(options, notifier=Notifier(""), clock=clock)
     supervisor._prepare_directory()
-    supervisor.spec = rules.QueueSpec(0, 0)
+    supervisor.spec = QueueSpec(0, 0)
     worker = supervisor._new_worker(0)
     worker.pid, worker.ready, worker.last_ping = pid, True, clock()
     supervisor.workers[0] = worker
@@ -60,7 +72,8 @@ def test_heartbeats_sent_while_the_supervisor_was_busy_keep_a_worker_alive(
         clock.now = PING_TIMEOUT + 5.0  # the loop was blocked this long
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
             sender.sendto(b"WATCHDOG=1", worker.notify_path)  # sent while it was blocked
-        assert supervisor._housekeeping(clock()) is None
+        supervisor._housekeeping(clock())
+        assert supervisor.failure is None
         with pytest.raises(subprocess.TimeoutExpired):  # not killed: it kept sending heartbeats
             stand_in.wait(timeout=0.5)
     finally:
@@ -111,3 +124,40 @@ def test_a_runtime_dir_too_long_for_the_workers_sockets_is_a_start_up_error(tmp_
         "choose a shorter --runtime-dir"
     )
     assert not (runtime / "workers").exists()
+
+
+def test_a_workers_counts_reach_the_supervisor_as_data(
+    tmp_path: Path, stand_in: subprocess.Popen[bytes]
+) -> None:
+    """A worker's periodic STATUS= carries its counts as data (X_NFQFW_COUNTS) to its notify
+    socket, the supervisor's: the supervisor's STATUS= line sums them, reading no prose."""
+    clock = Clock()
+    supervisor, worker = live_supervisor(tmp_path, clock, stand_in.pid)
+    options = Options(config=str(tmp_path / "policy.yaml"), state_dir=str(tmp_path / "state"))
+    daemon = WorkerDaemon(options, notifier=Notifier(worker.notify_path), clock=clock)
+    try:
+        daemon.spec = QueueSpec(0, 0)
+        daemon.engine = Engine(CompiledPolicy(load_policy(POLICY_FILE)))
+        lan, wan = addr("10.0.0.5"), addr("203.0.113.7")
+        for sport in (40000, 40001):
+            outbound = ipv4(lan, wan, 17, udp(lan, wan, sport, 53))
+            daemon.engine.process(outbound, Meta(Hook.FORWARD, "lan0", "wan0"), clock())
+        daemon.adapter = SimpleNamespace(counters={"reject sent": 1})  # type: ignore[assignment]
+        daemon._notify_systemd(clock())  # a STATUS= is due at once
+        supervisor._on_notify(worker)
+        assert worker.counts == Counts(2, 2, 1)
+        assert supervisor.status_text() == "queue 0, 1 of 1 workers up: 2 verdicts, 2 flows, 1 rejects sent"
+    finally:
+        daemon.notifier.close()
+        supervisor.close()
+
+
+def test_control_requests_wait_until_every_worker_has_bound_its_queue(tmp_path: Path) -> None:
+    supervisor = Supervisor(Options(config="/unused", runtime_dir=str(tmp_path)), notifier=Notifier(""))
+    requests = Requests(supervisor)
+    with pytest.raises(RequestError) as err:
+        requests({"cmd": "status"})
+    assert str(err.value) == "starting: not every worker has bound its queue yet, try again"
+    with pytest.raises(RequestError) as err:  # the command is checked first
+        requests({"cmd": "bogus"})
+    assert str(err.value).startswith("unknown command 'bogus': expected one of status, flows")

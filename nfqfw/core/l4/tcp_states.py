@@ -3,8 +3,8 @@
 It mirrors Linux `net/netfilter/nf_conntrack_proto_tcp.c`: the states in kernel order, the
 flag classes in the order `get_conntrack_index()` checks them, the transition table
 `tcp_conntracks[direction][flag class][state]` written out as the kernel writes it, the
-valid flag combinations of `tcp_error()`, and the default timeouts. `nfqfw.core.tcp` walks
-this table; `nfqfw.core.tcp_window` does the sequence-number checks.
+valid flag combinations of `tcp_error()`, and the default timeouts. `l4.tcp_conn` walks
+this table; `l4.tcp_window` does the sequence-number checks.
 
 The results a TCP packet can have (`TcpResult` and its kinds) are defined here too, so that
 the window tracker and the connection tracker can share the prebuilt, immutable results.

@@ -1,13 +1,12 @@
-"""nfqfw.core.tcp_window: sequence arithmetic and the van Rooij window checks (kernel tcp_in_window)."""
+"""nfqfw.core.l4.tcp_window: sequence arithmetic and the van Rooij window checks (kernel tcp_in_window)."""
 
 from __future__ import annotations
 
 import pytest
 from tcp_segments import seg
 
-from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN, Packet
-from nfqfw.core.tcp_states import FLAG_CLASS_BY_FLAGS, IGNORE, INVALID, FlagClass, TcpResult, TcpState
-from nfqfw.core.tcp_window import (
+from nfqfw.core.l4.tcp_states import FLAG_CLASS_BY_FLAGS, IGNORE, INVALID, FlagClass, TcpResult, TcpState
+from nfqfw.core.l4.tcp_window import (
     ACK_OVER_UPPER_BOUND,
     ACK_UNDER_LOWER_BOUND,
     F_BE_LIBERAL,
@@ -26,6 +25,7 @@ from nfqfw.core.tcp_window import (
     segment_end,
     tcp_in_window,
 )
+from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN, Packet
 
 ORIG, REPLY = 0, 1
 C_ISN = 1000  # client initial sequence number

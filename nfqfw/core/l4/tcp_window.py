@@ -18,17 +18,19 @@ and a packet from `sender` to `receiver` must satisfy
 with sack the highest SACK right edge (or the ACK) and MAXACKWINDOW = max(td_maxwin, 66000).
 All sequence arithmetic is modulo 2**32 (`before` / `after`).
 
-Storage: both directions plus the last-packet record live in one `array('I')` of unsigned
-32-bit words, indexed by the offsets below (ORIGINAL at 0, REPLY at SIDE). One small object
-instead of two per-direction objects and a dozen boxed ints keeps a flow compact.
+Storage: both directions plus the last-packet record are WORDS unsigned 32-bit words (an
+`array('I')`; in the flow table, the flow's protocol words), indexed by the offsets below
+(ORIGINAL at 0, REPLY at SIDE). The fast path (core.fastpath) uses the same offsets and
+asserts them.
 """
 
 from __future__ import annotations
 
 from array import array
 
+from nfqfw.core.l4.base import WORDS
+from nfqfw.core.l4.tcp_states import IGNORE, INVALID, FlagClass, TcpResult, TcpState
 from nfqfw.core.packet import ACK, FIN, RST, SYN, Packet
-from nfqfw.core.tcp_states import IGNORE, INVALID, FlagClass, TcpResult, TcpState
 
 MASK = 0xFFFFFFFF
 HALF = 0x80000000
@@ -40,7 +42,7 @@ END, MAXEND, MAXWIN, MAXACK, SCALE, FLAGS = range(6)
 SIDE = 6  # words per direction; REPLY's block starts here
 # Last packet seen (retransmission detection and the conntrack special cases).
 LAST_SEQ, LAST_ACK, LAST_END, LAST_WIN = 12, 13, 14, 15
-WORDS = 16
+assert LAST_WIN == WORDS - 1  # the layout fills the flow's protocol words (l4.base.WORDS)
 
 # Per-direction flags (kernel IP_CT_TCP_FLAG_*), kept in the FLAGS word.
 F_WINDOW_SCALE = 0x01
@@ -163,7 +165,8 @@ def _failed(td: array[int], s: int, result: TcpResult) -> TcpResult | None:
 def tcp_in_window(w: TcpWindow, pkt: Packet, direction: int, index: int, state: int) -> TcpResult | None:
     """Check a packet against the windows and update them. None: in window (accept);
     otherwise the IGNORE or INVALID result. `index` is the packet's flag class, `state` the
-    flow's state before this packet."""
+    flow's state before this packet. (core.fastpath mirrors this for ACK-class segments
+    without SACK: keep the two in step.)"""
     td = w.td
     s = direction * SIDE  # sender's block
     r = SIDE - s  # receiver's block
@@ -267,7 +270,8 @@ def tcp_in_window(w: TcpWindow, pkt: Packet, direction: int, index: int, state: 
 def _count_retransmission(
     w: TcpWindow, td: array[int], direction: int, seq: int, ack: int, end: int, win_raw: int
 ) -> None:
-    """Identical ACK-class packets in a row (same direction, seq, ack, end, raw window)."""
+    """Identical ACK-class packets in a row (same direction, seq, ack, end, raw window).
+    (Mirrored by core.fastpath.)"""
     if (
         w.last_dir == direction
         and td[LAST_SEQ] == seq

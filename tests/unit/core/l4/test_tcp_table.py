@@ -1,4 +1,4 @@
-"""nfqfw.core.tcp_states: the transition table, flag classes, flag validity and timeouts.
+"""nfqfw.core.l4.tcp_states: the transition table, flag classes, flag validity and timeouts.
 
 The expected table is an independent literal copy of the kernel's `tcp_conntracks`
 (net/netfilter/nf_conntrack_proto_tcp.c), written as text so a typo in either copy shows.
@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from nfqfw.core.packet import ACK, CWR, ECE, FIN, PSH, RST, SYN, URG, Packet
-from nfqfw.core.tcp import TcpConn, tcp_packet
-from nfqfw.core.tcp_states import (
+from nfqfw.core.l4.tcp_conn import TcpConn, tcp_packet
+from nfqfw.core.l4.tcp_states import (
     ACCEPT,
     DEFAULT_TIMEOUTS,
     FLAG_CLASS_BY_FLAGS,
@@ -30,7 +29,8 @@ from nfqfw.core.tcp_states import (
     sIG,
     sIV,
 )
-from nfqfw.core.tcp_window import F_BE_LIBERAL
+from nfqfw.core.l4.tcp_window import F_BE_LIBERAL
+from nfqfw.core.packet import ACK, CWR, ECE, FIN, PSH, RST, SYN, URG, Packet
 
 KERNEL_TABLE = """
 ORIGINAL syn     sSS sSS sIG sIG sIG sIG sIG sSS sSS sS2

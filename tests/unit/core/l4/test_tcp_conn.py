@@ -1,4 +1,4 @@
-"""nfqfw.core.tcp: the per-flow tracker (kernel tcp_new / nf_conntrack_tcp_packet).
+"""nfqfw.core.l4.tcp_conn: the per-flow tracker (kernel tcp_new / nf_conntrack_tcp_packet).
 
 Packets are built directly; `Flow` drives one TcpConn the way the conntrack table does
 (tcp_new, then tcp_packet for every packet including the first, SEEN_REPLY set after an
@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tcp_segments import seg
 
-from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN, Packet
-from nfqfw.core.tcp import (
+from nfqfw.core.l4.tcp_conn import (
     ACCEPT,
     IGNORE,
     INVALID,
@@ -29,7 +28,8 @@ from nfqfw.core.tcp import (
     tcp_packet,
     tcp_timeouts,
 )
-from nfqfw.core.tcp_window import ACK_OVER_UPPER_BOUND, SEQ_OVER_UPPER_BOUND, SEQ_UNDER_LOWER_BOUND
+from nfqfw.core.l4.tcp_window import ACK_OVER_UPPER_BOUND, SEQ_OVER_UPPER_BOUND, SEQ_UNDER_LOWER_BOUND
+from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN, Packet
 
 ORIG, REPLY = 0, 1
 C = 1000  # client ISN

@@ -5,10 +5,11 @@ class][state]`). A few target states carry kernel special cases; they are hooks 
 target state in `_HOOKS` below, each mirroring one `case` of the kernel's switch. Then the
 window check (`tcp_window.tcp_in_window`), then the state update and the timeout choice.
 
-The conntrack table calls `tcp_new()` for the first packet of a flow and `tcp_packet()` for
-every packet including that first one, as the kernel does. It owns expiry, ASSURED and
+The TCP tracker (`l4.tcp`) calls `tcp_new()` for the first packet of a flow and `tcp_packet()`
+for every packet including that first one, as the kernel does. It owns expiry, ASSURED and
 SEEN_REPLY; `seen_reply` must say whether a REPLY-direction packet was accepted *before* this
-one (the kernel sets IPS_SEEN_REPLY after the TCP tracker has run).
+one (the kernel sets IPS_SEEN_REPLY after the TCP tracker has run). The fast path
+(core.fastpath) mirrors `tcp_packet` for an ACK-class segment in a steady state.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable
 
-from nfqfw.core.packet import RST, Packet
-from nfqfw.core.tcp_states import (
+from nfqfw.core.l4.tcp_states import (
     ACCEPT,
     DEFAULT_TIMEOUTS,
     FLAG_CLASS_BY_FLAGS,
@@ -55,7 +55,7 @@ from nfqfw.core.tcp_states import (
     sSS,
     sTW,
 )
-from nfqfw.core.tcp_window import (
+from nfqfw.core.l4.tcp_window import (
     END,
     F_BE_LIBERAL,
     F_CLOSE_INIT,
@@ -81,6 +81,7 @@ from nfqfw.core.tcp_window import (
     segment_end,
     tcp_in_window,
 )
+from nfqfw.core.packet import RST, Packet
 from nfqfw.core.verdict import Direction
 
 __all__ = [
@@ -401,7 +402,8 @@ def tcp_packet(
 
 
 def _timeout_choice(conn: TcpConn, td: array[int], index: int, new: int, timeouts: TcpTimeouts) -> int:
-    """Kernel order: many retransmissions, RST, unacknowledged data, zero window, the state's."""
+    """Kernel order: many retransmissions, RST, unacknowledged data, zero window, the state's.
+    (Mirrored by core.fastpath for the steady states.)"""
     own = timeouts.by_state[new]
     if conn.retrans >= MAX_RETRANS and own > timeouts.retrans:
         return T_RETRANS

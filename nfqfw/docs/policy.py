@@ -1,0 +1,240 @@
+"""nfqfw-policy(5): the whole policy grammar, one entry per key of nfqfw.core.config.
+
+KEYS maps each section (top, zones, defaults, rule, options) to its keys' documentation; the
+unit tests require the keys documented to be exactly config's TOP_KEYS, ZONES, DEFAULT_KEYS,
+RULE_KEYS and OPTION_KEYS, and each choice the validator accepts to be named, so a key added to
+the validator without a line here fails the tests.
+"""
+
+from __future__ import annotations
+
+from nfqfw import __version__
+from nfqfw.core.config import (
+    DEFAULT_LIMIT_BURST,
+    DEFAULT_LOG_LIMIT,
+    DEFAULT_MAX_FLOWS,
+    ICMP_TYPES,
+    LOG_FORMATS,
+    PROTOCOLS,
+)
+from nfqfw.docs import roff
+
+Entry = tuple[str, str]  # (value syntax, what it means)
+
+_LOG_COUNT, _LOG_PERIOD, _LOG_BURST = DEFAULT_LOG_LIMIT
+_PERIOD_NAMES = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}
+
+KEYS: dict[str, dict[str, Entry]] = {
+    "top": {
+        "zones": ("mapping (required)", "Which interfaces face the outside and which the inside."),
+        "defaults": ("mapping", "What happens to a new flow no rule matched, and to INVALID packets."),
+        "ingress": (
+            "list of rules",
+            "Rules for flows started from the outside: arriving on an external interface, or on an "
+            "interface in no zone, to the gateway itself or to a host behind it. Replies to flows "
+            "started inside are not ingress: they are ESTABLISHED.",
+        ),
+        "egress": (
+            "list of rules",
+            "Rules for flows started inside: from an internal interface, or by the gateway itself.",
+        ),
+        "options": ("mapping", "Everything else; every option has a default."),
+    },
+    "zones": {
+        "external": (
+            "list of interface names (required)",
+            "Interfaces that face the outside (wan0, ppp0, ...). An interface name ending in + "
+            "matches every name with that prefix (ppp+).",
+        ),
+        "internal": ("list of interface names", "Interfaces of the private side."),
+    },
+    "defaults": {
+        "ingress": ("accept | drop | reject", "For an ingress flow no rule matched (default drop)."),
+        "egress": ("accept | drop | reject", "For an egress flow no rule matched (default accept)."),
+        "invalid": (
+            "accept | drop",
+            "For packets conntrack calls INVALID: out of window, bad flags, a TCP segment of no known "
+            "connection, malformed (default drop; accept only for debugging).",
+        ),
+    },
+    "rule": {
+        "name": ("text (required)", "Unique over both sides; shown in logs, counters, status and metrics."),
+        "action": (
+            "accept | drop | reject (required)",
+            "reject answers TCP with a reset, UDP with ICMP port unreachable, other protocols with "
+            "ICMP administratively prohibited, and never answers an ICMP error.",
+        ),
+        "proto": (
+            "name, number 0-255, a list, or any",
+            "The IP protocol. icmp means ICMP for IPv4 and ICMPv6 for IPv6, so one rule covers ping "
+            "on both; icmpv6 (or ipv6-icmp) is ICMPv6 only. Names: " + ", ".join(PROTOCOLS) + ".",
+        ),
+        "family": ("ipv4 | ipv6", "Only packets of this IP version."),
+        "from": (
+            "address, network, a list, gateway, or any",
+            "Source addresses; IPv4 and IPv6 may be mixed. gateway is the gateway itself, allowed in "
+            "from of egress rules.",
+        ),
+        "to": (
+            "address, network, a list, gateway, or any",
+            "Destination addresses. gateway (in to of ingress rules) is the gateway itself rather "
+            "than a host behind it.",
+        ),
+        "ports": (
+            'port, "first-last", or a list',
+            "Destination ports; needs proto tcp or udp (the only protocols with ports).",
+        ),
+        "sports": ('port, "first-last", or a list', "Source ports, as ports."),
+        "icmp-types": (
+            "name, number, or a list",
+            "ICMP or ICMPv6 types. A name that exists in both families matches both (echo-request is "
+            "ICMPv4 type 8 and ICMPv6 type 128); numbers differ between the families, so they need "
+            "proto icmpv6 or a family. Names: " + ", ".join(ICMP_TYPES) + ".",
+        ),
+        "in": (
+            "interface name or a list",
+            "The interface the packet arrives on (ppp+ matches ppp0, ppp1, ...).",
+        ),
+        "out": ("interface name or a list", "The interface the packet leaves by."),
+        "log": (
+            "true | false",
+            "Log the packets this rule decides about: the first packet of each flow it accepts, "
+            "every packet it drops or rejects, within options log-limit.",
+        ),
+        "limit": (
+            "N/second | N/minute | N/hour | N/day",
+            "A token bucket, as iptables -m limit: once it is used up the rule does not match and "
+            "the next rules are tried.",
+        ),
+        "limit-burst": (
+            "positive number",
+            f"Tokens the bucket holds (default {DEFAULT_LIMIT_BURST}); only with limit.",
+        ),
+        "limit-per": (
+            "rule | source",
+            "One bucket for the rule (the default) or one per source address; only with limit.",
+        ),
+    },
+    "options": {
+        "max-flows": (
+            "positive number",
+            f"Flows tracked at most (default {DEFAULT_MAX_FLOWS}, as nf_conntrack_max). When the "
+            "table is full, flows not yet ASSURED are evicted first, as the kernel's early drop.",
+        ),
+        "tcp-pickup": (
+            "strict | loose",
+            "strict (the default): a TCP flow starts with a SYN; loose: also take over connections "
+            "seen mid-stream.",
+        ),
+        "failure-mode": (
+            "closed | open",
+            "While nfqfw is not running: closed (the default) the kernel drops what nfqfw's rules "
+            "queue; open lets it pass unfiltered (--queue-bypass).",
+        ),
+        "reload": (
+            "recheck | keep",
+            "On reload, recheck (the default) checks every tracked flow against the new rules and "
+            "cuts those it would not admit; keep keeps established flows.",
+        ),
+        "log-denied": (
+            "true | false",
+            "Log every packet nfqfw drops or rejects (by a rule, a default, as INVALID, table full), "
+            "as ufw does (default true); false: only rules with log: true.",
+        ),
+        "log-limit": (
+            "N/second | N/minute | N/hour | N/day",
+            f"Packet log lines per bucket (default {_LOG_COUNT}/{_PERIOD_NAMES[_LOG_PERIOD]}): one "
+            "bucket per rule, per default and one for INVALID. Lines over it are counted and "
+            "summarised as 'N packet log lines suppressed' at most once a minute.",
+        ),
+        "log-limit-burst": ("positive number", f"Lines a bucket holds (default {_LOG_BURST})."),
+        "log-format": (
+            " | ".join(LOG_FORMATS),
+            "text (the default): the ufw-like packet line and plain messages; json: one JSON object "
+            "per line, with Suricata eve.json's names (event_type flow_verdict for a packet, with "
+            "timestamp, src_ip, src_port, dest_ip, dest_port, proto, in_iface, out_iface, hook, "
+            "ct_state, action, reason, rule, flow_id; event_type daemon for nfqfw's own messages). "
+            "Under systemd the journal gets the NFQFW_* fields either way. Applies from the moment "
+            "a valid policy is loaded (start, reload).",
+        ),
+        "gateway-addresses": (
+            "list of addresses",
+            "The gateway's own addresses, for the offline tools explain and replay (which then tell "
+            "INPUT and OUTPUT from FORWARD); the running daemon learns them from the kernel.",
+        ),
+    },
+}
+
+HEADINGS = {
+    "top": "THE FILE",
+    "zones": "ZONES",
+    "defaults": "DEFAULTS",
+    "rule": "RULES",
+    "options": "OPTIONS",
+}
+
+DESCRIPTION = (
+    "The policy of nfqfw(8) is a YAML file, usually /etc/nfqfw/policy.yaml, owned by root and not "
+    "writable by group or others (nfqfw refuses it otherwise). nfqfw is stateful: once the first "
+    "packet of a flow is accepted, the packets of both directions, and the ICMP errors about the "
+    "flow, pass as ESTABLISHED or RELATED without looking at the rules again. The rules decide "
+    "about the first packet of a flow only. Every problem in the file is reported at once, as "
+    "FILE:LINE:COL: message; check a file with nfqfw check FILE before (re)loading it."
+)
+
+RULES_INTRO = (
+    "Each rule is a mapping; only name and action are required, and a key left out matches "
+    "anything. Rules are tried in order and the first one that matches decides; if none does, "
+    "the side's default decides. A fragment after the first gets the verdict of its datagram's "
+    "first fragment; one arriving before its first fragment carries no ports and never matches a "
+    "rule with ports, sports or icmp-types."
+)
+
+EXAMPLE = """\
+zones:
+  external: [wan0]
+  internal: [lan0]
+defaults: {ingress: drop, egress: accept, invalid: drop}
+ingress:
+  - name: mail
+    proto: tcp
+    to: [10.0.0.25, fd00::25]
+    ports: [25, 587]
+    action: accept
+  - name: ping-gateway
+    proto: icmp
+    icmp-types: [echo-request]
+    to: gateway
+    limit: 5/second
+    action: accept
+egress:
+  - {name: no-smb-out, proto: tcp, ports: [445], action: reject, log: true}
+options:
+  log-format: json"""
+
+
+def render() -> str:
+    out = [
+        f'.\\" Generated by nfqfw.docs.policy for nfqfw {__version__}.',
+        roff.title("nfqfw-policy", 5, __version__, "File Formats"),
+        roff.section("name"),
+        "nfqfw\\-policy \\- the policy file of nfqfw, a stateful NFQUEUE firewall",
+        roff.section("description"),
+        roff.paragraph(DESCRIPTION),
+    ]
+    for part, entries in KEYS.items():
+        out.append(roff.section(HEADINGS[part]))
+        if part == "rule":
+            out.append(roff.paragraph(RULES_INTRO))
+        for key, (syntax, meaning) in entries.items():
+            out.append(roff.item(f"{roff.bold(key + ':')} {roff.italic(syntax)}", meaning))
+    out += [
+        roff.section("example"),
+        roff.example(EXAMPLE),
+        roff.section("files"),
+        roff.item(roff.italic("/etc/nfqfw/policy.yaml"), "the policy of the nfqfw service"),
+        roff.item(roff.italic("/usr/share/doc/nfqfw/examples/"), "example policies"),
+        roff.section("see also"),
+        roff.text("nfqfw(8), iptables-extensions(8)"),
+    ]
+    return "\n".join(out) + "\n"
