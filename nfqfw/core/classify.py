@@ -34,8 +34,6 @@ from typing import Generic, TypeVar
 from nfqfw.core.config import AddressSet, RuleConfig
 from nfqfw.core.packet import FRAG_LATER, Packet
 
-PORT_VALUES = 1 << 16
-ADDRESS_VALUES = {4: 1 << 32, 6: 1 << 128}
 IFACE_CACHE_SIZE = 1024  # interface names remembered per dimension (wildcards make a miss costly)
 
 Ranges = dict[int, list[tuple[int, int]]]  # bit -> inclusive (first, last) value ranges
@@ -93,11 +91,13 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class IntervalMap:
-    """Values 0..values-1 -> bitset: sorted interval starts and the bitset of each interval.
+    """Non-negative values (ports, addresses as ints) -> bitset: sorted interval starts and the
+    bitset of each interval; values no range covers get `open_bits`.
 
     Built by a sweep over the ranges' boundaries, toggling each rule's bit in a bytearray at
     the start of its range and after its end (a rule's ranges are merged first, so its bit is
-    never toggled twice at one point). Neighbouring intervals with equal bitsets are joined."""
+    never toggled twice at one point). Neighbouring intervals with equal bitsets (the same
+    object, being interned) are joined."""
 
     __slots__ = ("masks", "starts")
 
