@@ -9,6 +9,7 @@
 #   make bench      the benchmark table (bench/run.py)
 #   make bench-workers  one process for two queues against a worker per queue (bench/workers.py)
 #   make bench-flood    floods against the kernel ruleset and nfqfw, side by side (bench/flood.py)
+#   make bench-rules    new-flow decisions/s, policy load and reload recheck for 10..10,000 rules
 #   make deb        dist/nfqfw_VERSION_ARCH.deb (dpkg-buildpackage; DEB_VERSION=, DIST= to choose)
 #   make install    nfqfw on this machine from the checkout: /opt/nfqfw, /usr/local/bin/nfqfw,
 #                   /etc/nfqfw/policy.yaml (kept if present), the systemd units, man pages, completion
@@ -39,11 +40,11 @@ DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack ip
 # What `make deb` needs (the package is built on Debian's own python3, whatever PYTHON is).
 DEB_BUILD_PACKAGES := dpkg-dev debhelper build-essential python3-dev python3-venv
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood deb docs install \
-	uninstall clean
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-rules deb docs \
+	install uninstall clean
 
 help:
-	@sed -n '1,15s/^# \{0,1\}//p' Makefile
+	@sed -n '1,/^#   make uninstall/s/^# \{0,1\}//p' Makefile
 
 bootstrap: debs $(VENV_STAMP)
 
@@ -100,6 +101,9 @@ bench-workers: bootstrap
 
 bench-flood: bootstrap
 	$(BIN)/python bench/flood.py
+
+bench-rules: bootstrap
+	$(BIN)/python bench/rule_scaling.py
 
 # --- the Debian package ------------------------------------------------------------------------
 # dpkg-buildpackage runs in a copy of the sources under build/deb (it writes next to the tree it

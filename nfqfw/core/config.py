@@ -163,6 +163,7 @@ _TAG_INT = "tag:yaml.org,2002:int"
 _TAG_STR = "tag:yaml.org,2002:str"
 _CONSTRUCTOR = SafeConstructor()
 _FAILED = object()  # a value that had errors (reported), where None means "off"
+_FAST_LOADER = getattr(yaml, "CSafeLoader", None)  # absent when PyYAML was built without libyaml
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -325,6 +326,18 @@ def _parse(text: str, filename: str, digest: str) -> PolicyConfig:
     return config
 
 
+def _compose(text: str) -> Node | None:
+    """The node tree, by libyaml when PyYAML was built with it (4x faster: a policy of 10,000
+    rules is 130,000 nodes). A text libyaml refuses is composed again by the pure-Python
+    composer, which raises the error the messages here are written for."""
+    if _FAST_LOADER is not None:
+        try:
+            return yaml.compose(text, Loader=_FAST_LOADER)
+        except yaml.YAMLError:
+            pass
+    return yaml.compose(text, Loader=yaml.SafeLoader)
+
+
 def _yaml_problem(err: yaml.MarkedYAMLError) -> str:
     problem, context = err.problem or "", err.context or ""
     if problem.startswith("but "):  # the composer puts what it expected in the context
@@ -400,7 +413,7 @@ class _Checker:
 
     def compose(self, text: str) -> Node | None:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = _compose(text)
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark or err.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
