@@ -238,7 +238,7 @@ def churn_in_subprocess(
 def main_churn(checkpoints: list[int], max_flows: int) -> int:
     results = []
     print(f"max-flows {max_flows:,}; first packets to an accepted port, {RATE:,}/s of packet clock")
-    columns = (("first packets", -30), ("flows", 8), ("early drops", 13), ("wheel", 9))
+    columns = (("first packets", -30), ("flows", 8), ("early drops", 13), ("wheel", 11))
     columns += (("traced MB", 11), ("RSS MB", 9))
     print(
         " " * 5 + "".join(name.ljust(-width) if width < 0 else name.rjust(width) for name, width in columns)
@@ -251,7 +251,7 @@ def main_churn(checkpoints: list[int], max_flows: int) -> int:
             results.append(r)
             print(
                 f"{kind.upper():<5}{r['first_packets']:<30}{r['flows']:>8,}{r['early_drops']:>13,}"
-                f"{r['wheel_entries']:>9,}{r['traced_mb']:>11}{r['rss_mb']:>9}"
+                f"{r['wheel_entries']:>11,}{r['traced_mb']:>11}{r['rss_mb']:>9}"
             )
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
