@@ -107,6 +107,7 @@ class Protection:
     log_limit: Rate = Rate(3, 60)  # samples of kernel drops sent to nfqfw for its packet log
     log_burst: int = 10
     reject_rate: int = 100  # kernel rejects per second (bursts of as many), as nfqfw's --reject-rate
+    gateway_errors: bool = False
 
     def prefilter_rules(self, family: int, hook: str) -> tuple[PrefilterRuleLike, ...]:
         for rules_family, rules_hook, rules in self.prefilter:

@@ -41,6 +41,7 @@ rules are exactly the three above). The chains then read, per family::
       [offload] -m connmark --mark O/O -j RETURN        (a handed-over flow: the kernel tracks it)
       -p tcp --tcp-flags ... -j DROP                    (flags nfqfw always calls INVALID)
       [synproxy] ... --ctstate INVALID,UNTRACKED -j SYNPROXY; ... --ctstate INVALID -j DROP
+      [gateway errors] -p icmp --ctstate RELATED -j RETURN (OUTPUT: the gateway's own errors)
       first packets (SYN, echo request[, UDP]) --ctstate NEW -j NFQFW-PRE-INPUT|-FORWARD
       --ctstate NEW -j NFQFW-NEW                        (INPUT, FORWARD)
       -m mark ! --mark M/M -j NFQUEUE ...               (the main queue, as without protections)
@@ -266,6 +267,8 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
             rules += _synproxy_answers(protection.synproxy_for(family), family)
             if any(rule.action == "reject" for _, _, rules_ in protection.prefilter for rule in rules_):
                 rules += _REJECT_ANSWERS[family]
+            if protection.gateway_errors:
+                rules += _GATEWAY_ERRORS[family]
         else:
             rules += _synproxy_rules(protection.synproxy_for(family), base, family)
             if protection.prefilter_rules(family, base):
@@ -323,6 +326,18 @@ _REJECT_ANSWERS = {
         "-p ipv6-icmp -m icmp6 --icmpv6-type 1/4 -m conntrack --ctstate RELATED -j RETURN",
         "-p ipv6-icmp -m icmp6 --icmpv6-type 1/1 -m conntrack --ctstate RELATED -j RETURN",
     ],
+}
+
+
+# The gateway's own ICMP errors (TTL exceeded, fragmentation needed / packet too big, ...) carry
+# the conntrack of the packet they answer (nf_ct_attach): RELATED. When that packet was the first
+# of its flow (answered before FORWARD), its conntrack is unconfirmed and shared with the error,
+# and nfnetlink_queue drops such a packet instead of queueing it (nf_ct_drop_unconfirmed, Linux
+# 6.11+): they must pass here. The engine models the same decision for explain and replay
+# (core.l4.icmp own_error) and judges the errors the kernel does not call RELATED.
+_GATEWAY_ERRORS = {
+    4: ["-p icmp -m conntrack --ctstate RELATED -j RETURN"],
+    6: ["-p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN"],
 }
 
 

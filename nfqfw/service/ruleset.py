@@ -65,6 +65,7 @@ def protection(options: Options, config: PolicyConfig) -> Protection:
         log_limit=Rate(log_limit.count, log_limit.period),
         log_burst=log_limit.burst,
         reject_rate=max(1, int(options.reject_rate)),
+        gateway_errors=True,
     )
 
 

@@ -127,6 +127,19 @@ def test_offload_bypass_and_synproxy() -> None:
     assert render_install(QueueSpec(0, 0, protection=protection), NOTHING, 6).startswith("*filter\n")
 
 
+def test_the_gateways_own_icmp_errors_pass_output_unqueued() -> None:
+    protection = Protection(gateway_errors=True)
+    for family, proto in ((4, "icmp"), (6, "ipv6-icmp")):
+        lines = render_install(QueueSpec(0, 0, protection=protection), NOTHING, family).splitlines()
+        assert [line for line in lines if line.startswith("-A NFQFW-OUTPUT")] == [
+            "-A NFQFW-OUTPUT -o lo -j RETURN",
+            "-A NFQFW-OUTPUT -m mark --mark 0x10000000/0x10000000 -j RETURN",
+            f"-A NFQFW-OUTPUT -p {proto} -m conntrack --ctstate RELATED -j RETURN",
+            "-A NFQFW-OUTPUT -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
+        ]
+        assert not any("RELATED" in line for line in lines if not line.startswith("-A NFQFW-OUTPUT"))
+
+
 SAVE_PROTECTED = """\
 *raw
 :PREROUTING ACCEPT [0:0]

@@ -37,6 +37,7 @@ def test_defaults_prefilter_and_caps_no_separate_queue() -> None:
     ]
     assert protection.offload_mark is None and protection.synproxy == ()
     assert protection.reject_rate == int(Options(config="p").reject_rate)
+    assert protection.gateway_errors  # the gateway's own ICMP errors pass OUTPUT in the kernel
 
 
 def test_new_queue_offload_and_switched_off_caps() -> None:
