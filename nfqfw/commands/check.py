@@ -15,8 +15,9 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "check",
         help="validate policy files",
-        description="Load and compile each policy file. Prints a one-line summary per valid file; "
-        "otherwise prints every problem as FILE:LINE:COL: message on stderr and exits with 1.",
+        description="Load and compile each policy file. Prints a one-line summary per valid file "
+        "(and its warnings, FILE:LINE:COL: warning: message, on stderr); otherwise prints every "
+        "problem as FILE:LINE:COL: message on stderr and exits with 1.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
     add_json_option(parser, "one object per file (file, ok, counts or errors) in a list")
@@ -34,14 +35,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_file(path: str) -> dict[str, Any]:
-    """{"file", "ok": true, "zones", "ingress_rules", "egress_rules"} or {"file", "ok": false,
-    "errors": [{"file", "line", "col", "message"}]}."""
+    """{"file", "ok": true, "zones", "ingress_rules", "egress_rules", "warnings": [{"file", "line",
+    "col", "message"}]} or {"file", "ok": false, "errors": [...the same...]}."""
     try:
         config = load_policy(path)
         CompiledPolicy(config)  # compiling must work too, as the daemon will do it
     except ConfigError as err:
         return {"file": path, "ok": False, "errors": [issue._asdict() for issue in err.issues]}
-    return {"file": path, "ok": True, **counts(config)}
+    warnings = [issue._asdict() for issue in config.warnings]
+    return {"file": path, "ok": True, **counts(config), "warnings": warnings}
 
 
 def counts(config: PolicyConfig) -> dict[str, int]:
@@ -56,6 +58,8 @@ def print_result(result: dict[str, Any]) -> None:
     path = result["file"]
     if result["ok"]:
         print(summary(path, result))
+        for warning in result["warnings"]:
+            print(ConfigIssue(**warning), file=sys.stderr)
         return
     for issue in result["errors"]:
         print(ConfigIssue(**issue), file=sys.stderr)

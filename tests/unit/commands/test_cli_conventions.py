@@ -142,7 +142,7 @@ def test_check_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["check", "--json", str(good), str(bad)], capsys)
     assert (code, err) == (EXIT_FAILURE, "")
     assert json.loads(out) == [
-        {"file": str(good), "ok": True, "zones": 2, "ingress_rules": 1, "egress_rules": 0},
+        {"file": str(good), "ok": True, "zones": 2, "ingress_rules": 1, "egress_rules": 0, "warnings": []},
         {
             "file": str(bad),
             "ok": False,
