@@ -29,6 +29,9 @@ from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
 RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, "related")
 OWN_RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, OWN_ERROR)
+# The kernel's antispoof (reverse-path filter, raw PREROUTING) drops these; the packets queued
+# from PREROUTING are its log samples (see nfqfw.firewall.iptables). Also its counters' key.
+SPOOFED_SOURCE = "invalid: spoofed source"
 UNTRACKED_ND = Verdict(Action.ACCEPT, Ct.UNTRACKED, None, "untracked: icmpv6 neighbour discovery / MLD")
 VERDICT_CACHE_SIZE = 4096
 
@@ -125,6 +128,8 @@ class Engine:
 
     def full_process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
         """Decode, conntrack, policy: the verdict for any packet."""
+        if meta.hook is Hook.PREROUTING:  # a sample of a spoofed packet the kernel drops anyway
+            return self._count(self._make(Action.DROP, Ct.INVALID, None, SPOOFED_SOURCE))
         try:
             pkt = decode(data, self.copy_cap)
             if pkt.truncated:

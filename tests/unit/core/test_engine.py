@@ -211,6 +211,24 @@ def test_the_gateways_error_is_invalid_where_the_kernel_attaches_no_conntrack() 
     expect(loose.process(error, FROM_GATEWAY, 1.0), Action.ACCEPT, Ct.RELATED, OWN)
 
 
+def test_a_sample_of_the_kernels_antispoof_drops_is_invalid_spoofed_source() -> None:
+    """Only the kernel's antispoof queues from PREROUTING: whatever the packet, it is dropped as
+    INVALID, logged (log-denied), and tracked nowhere."""
+    e = engine()
+    spoofed = Meta(Hook.PREROUTING, "wan0", None)
+    syn = tcp4(LAN, MAIL, 40000, 25, SYN, seq=1)  # an inside source arriving from outside
+    verdict = e.process(syn, spoofed, 1.0)
+    expect(verdict, Action.DROP, Ct.INVALID, "invalid: spoofed source")
+    assert verdict.log
+    e.process(udp4(LAN, WAN, 40000, 53), OUT, 2.0)  # a real flow with that tuple
+    expect(
+        e.process(udp4(WAN, LAN, 53, 40000), spoofed, 3.0), Action.DROP, Ct.INVALID, "invalid: spoofed source"
+    )
+    # the flow saw no reply: the inside host's next datagram is still NEW
+    assert e.process(udp4(LAN, WAN, 40000, 53), OUT, 4.0).ct is Ct.NEW
+    assert e.counts() == {"drop invalid: spoofed source": 2, "accept default egress": 2}
+
+
 def test_icmpv6_neighbour_solicitation_input_accept_forward_drop() -> None:
     e = engine()
     src, dst = addr("fe80::2"), addr("ff02::1:ff00:1")
