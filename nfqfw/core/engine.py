@@ -32,6 +32,7 @@ OWN_RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, OWN_ERROR)
 # The kernel's antispoof (reverse-path filter, raw PREROUTING) drops these; the packets queued
 # from PREROUTING are its log samples (see nfqfw.firewall.iptables). Also its counters' key.
 SPOOFED_SOURCE = "invalid: spoofed source"
+_PREROUTING, _OUTPUT = Hook.PREROUTING, Hook.OUTPUT  # module globals: an Enum attribute costs ~100 ns
 UNTRACKED_ND = Verdict(Action.ACCEPT, Ct.UNTRACKED, None, "untracked: icmpv6 neighbour discovery / MLD")
 VERDICT_CACHE_SIZE = 4096
 
@@ -128,7 +129,7 @@ class Engine:
 
     def full_process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
         """Decode, conntrack, policy: the verdict for any packet."""
-        if meta.hook is Hook.PREROUTING:  # a sample of a spoofed packet the kernel drops anyway
+        if meta.hook is _PREROUTING:  # a sample of a spoofed packet the kernel drops anyway
             return self._count(self._make(Action.DROP, Ct.INVALID, None, SPOOFED_SOURCE))
         try:
             pkt = decode(data, self.copy_cap)
@@ -152,7 +153,7 @@ class Engine:
             if ct is Ct.RELATED:
                 return self._count(RELATED)
             if ct is Ct.INVALID:
-                if pkt.inner is not None and meta.hook is Hook.OUTPUT:
+                if pkt.inner is not None and meta.hook is _OUTPUT:
                     return self._count(self._own_error(pkt))
                 return self._count(self._invalid(tracked.reason))
             if ct is Ct.UNTRACKED and pkt.proto == PROTO_ICMPV6 and pkt.frag == 0:
