@@ -20,7 +20,7 @@ Gateway modes:
     kernel          iptables ctstate rules equivalent to config/policy.yaml (bench/run.py's);
                     the synproxy attack runs with the kernel's SYNPROXY on port 25
     nfqfw-plain     nfqfw with every protection switched off (prefilter: off, new-rate: off,
-                    new-rate-per-source: off): what nfqfw did before them
+                    new-rate-per-source: off, antispoof: off): what nfqfw did before them
     nfqfw           nfqfw as configured by default (kernel pre-filter, NEW caps, one queue)
     nfqfw-newq      the default plus --new-queue 1 (first packets to a queue of their own)
     nfqfw-offload   `offload: established`: not yet (the daemon does not hand flows over), "not yet"
@@ -77,7 +77,7 @@ ATTACKS: dict[str, list[str] | None] = {
     "udp-closed": ["--udp", "-p", "53"],
     "malformed": ["-S", "-F", "-p", str(SERVER_PORT)],
 }
-PLAIN_OPTIONS = "options: {prefilter: off, new-rate: off, new-rate-per-source: off}\n"
+PLAIN_OPTIONS = "options: {prefilter: off, new-rate: off, new-rate-per-source: off, antispoof: off}\n"
 MODES = ("kernel", "nfqfw-plain", "nfqfw", "nfqfw-newq", "nfqfw-offload")
 NOT_YET = {"nfqfw-offload": "offload: not yet (phase 2)"}
 SYNPROXY_NOT_YET = "synproxy: not in force in nfqfw yet"
