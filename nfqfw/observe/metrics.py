@@ -57,7 +57,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from nfqfw.core.config import PROTOCOL_NAMES
-from nfqfw.kernel.queue_info import LONGER_THAN_COPY_RANGE, ProcessFn, QueueStat, read_queue_stats
+from nfqfw.kernel.queue_info import (
+    LONGER_THAN_COPY_RANGE,
+    ProcessFn,
+    QueueStat,
+    read_queue_stats,
+    verdict_counts,
+)
 from nfqfw.observe.endpoint import MetricsError, check_address, show_address
 from nfqfw.observe.packetlog import PacketLog
 
@@ -165,7 +171,7 @@ class NfqfwCollector(Collector):
         source = self.source
         engine = source.engine
         if engine is not None:
-            yield from self._verdicts(engine)
+            yield from self._verdicts(engine, source.adapter)
             yield from self._flows(engine.conntrack)
         yield from self._queues()
         yield from self._adapter(source.adapter)
@@ -187,12 +193,12 @@ class NfqfwCollector(Collector):
                 sum_value=total,
             )
 
-    def _verdicts(self, engine: Any) -> Iterator[Metric]:
+    def _verdicts(self, engine: Any, adapter: Any) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "nfqfw_verdicts", "Packets by verdict", labels=("action", "reason", "rule")
         )
         totals: Counter[tuple[str, str, str]] = Counter()
-        for key, value in copied(lambda: dict(engine.counters)).items():
+        for key, value in copied(lambda: verdict_counts(engine, adapter)).items():
             action, _, reason = key.partition(" ")
             totals[(action, *verdict_labels(reason))] += value
         for labels, value in sorted(totals.items()):

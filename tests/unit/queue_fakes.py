@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from scapy.layers.inet import IP, TCP, UDP
 
@@ -20,14 +24,20 @@ RESET = Verdict(Action.REJECT, Ct.NEW, "no-ident", "rule no-ident", reject_with=
 class FakePacket:
     """What the callback uses of netfilterqueue.Packet, recording the verdict."""
 
-    def __init__(self, data: bytes, hook: int = 2, indev: int = 3, outdev: int = 4, mark: int = 0) -> None:
+    def __init__(
+        self, data: bytes, hook: int = 2, indev: int = 3, outdev: int = 4, mark: int = 0, stamp: float = 0.0
+    ) -> None:
         self._data = data
         self.hook, self.indev, self.outdev, self.mark = hook, indev, outdev, mark
+        self.stamp = stamp  # the kernel's receive timestamp (wall clock); 0.0: none
         self.verdict: str | None = None
         self.new_mark: int | None = None
 
     def get_payload(self) -> bytes:
         return self._data
+
+    def get_timestamp(self) -> float:
+        return self.stamp
 
     def set_mark(self, mark: int) -> None:
         self.new_mark = mark
@@ -94,3 +104,57 @@ class FakeSender:
         if self.error:
             raise self.error
         self.sent.append((packet, ifindex))
+
+
+class FakeQueue:
+    """A bound queue as the adapter's serving loop uses it: a datagram socket pair whose one end
+    is the queue's descriptor (readable while packets wait: one datagram for the next packet),
+    and run(block=False) and run_socket(s) as NetfilterQueue's: one datagram read per packet, the
+    callback for it, until a read says EAGAIN."""
+
+    def __init__(self, callback: Callable[[Any], None]) -> None:
+        self.callback = callback
+        self._end, self._feed = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.waiting: deque[FakePacket] = deque()
+        self.unbound = False
+
+    def get_fd(self) -> int:
+        return self._end.fileno()
+
+    def put(self, *packets: FakePacket) -> None:
+        if packets and not self.waiting:
+            self._feed.send(b".")
+        self.waiting.extend(packets)
+
+    def run(self, block: bool = True) -> None:
+        assert not block
+        while True:
+            try:
+                self._end.recv(16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            self._deliver()
+
+    def run_socket(self, sock: Any) -> None:
+        while True:
+            try:
+                sock.recv(4096)
+            except OSError as err:
+                if err.errno == errno.EAGAIN:
+                    return
+                raise
+            self._deliver()
+
+    def _deliver(self) -> None:
+        packet = self.waiting.popleft()
+        if self.waiting:
+            self._feed.send(b".")  # the next one
+        if not self.unbound:  # NetfilterQueue ignores what comes after unbind
+            self.callback(packet)
+
+    def unbind(self) -> None:
+        self.unbound = True
+
+    def close(self) -> None:
+        self._end.close()
+        self._feed.close()

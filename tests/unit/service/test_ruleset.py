@@ -19,10 +19,11 @@ ingress:
 """
 
 
-def test_defaults_prefilter_and_caps_no_separate_queue() -> None:
+def test_defaults_prefilter_caps_and_four_queues_each_with_its_queue_for_first_packets() -> None:
     spec = ruleset.queue_spec(Options(config="p"), parse_policy(POLICY), bypass=False)
     protection = spec.protection
-    assert protection is not None and spec.bound_queues == (0,)
+    assert protection is not None and spec.queues == range(0, 4) and spec.new_queues == range(4, 8)
+    assert spec.bound_queues == (0, 1, 2, 3, 4, 5, 6, 7) and spec.queue_text == "0:3"
     assert protection.new_rate == Rate(20000, 1) and protection.new_rate_per_source == Rate(10000, 1)
     assert protection.invalid_tcp_flags == INVALID_TCP_FLAGS
     assert protection.internal_ifaces == ("lan0",)
@@ -48,6 +49,18 @@ def test_new_queue_offload_and_switched_off_caps() -> None:
     assert spec.protection is not None
     assert spec.protection.offload_mark == ruleset.OFFLOAD_MARK
     assert spec.protection.new_rate is None and spec.protection.prefilter == ()
+
+
+def test_first_packets_follow_the_main_queues_unless_told() -> None:
+    config = parse_policy(POLICY)
+
+    def bound(**options: object) -> tuple[int, ...]:
+        return ruleset.queue_spec(Options(config="p", **options), config, bypass=False).bound_queues  # type: ignore[arg-type]
+
+    assert bound(queue_first=5, queue_last=5) == (5, 6)
+    assert bound(queue_first=5, queue_last=5, new_queue=9) == (5, 9)
+    assert bound(queue_first=5, queue_last=6, new_queue="off") == (5, 6)
+    assert bound(queue_first=0, queue_last=1) == (0, 1, 2, 3)
 
 
 def test_synproxy_waits_for_the_engine(

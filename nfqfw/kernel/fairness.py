@@ -1,0 +1,167 @@
+"""Fair service of several kernel queues by one thread, and early drops when it falls behind.
+
+The kernel holds the packets of each NFQUEUE queue in one FIFO in front of one consumer. One
+busy flow fills it, and every other packet behind it waits (tens of milliseconds) or is dropped
+when it is full. Two remedies, decided here and applied by the adapter (nfqfw.kernel.queue):
+
+- **Several queues, served in turn.** The kernel spreads flows over the queues of a range by a
+  hash of their addresses and protocol, so a busy flow fills only its own queue. The adapter
+  serves a queue for at most its quantum (`Quantum`) while others have packets waiting, then
+  serves each of them for theirs: queues of established flows first (QUANTUM each), queues of
+  first packets after them and for less (FIRST_PACKET_SHARE of a quantum), so a flood of
+  first packets takes at most that share of the time while established flows have packets.
+- **Early drops from the fattest flows.** A queue whose head packet has waited longer than
+  TARGET for INTERVAL (measured with the kernel's receive timestamp of the packet at the head)
+  is behind (`DelayControl`, CoDel's rule). While it is, the packets of its fat flows
+  (`FatFlows`: at least half a fair share of the packets seen meanwhile) are dropped as soon as
+  they are read, without asking the engine -- a drop costs a fraction of a verdict, so the
+  queue drains -- and counted ("drop queue delay"); everything else is decided as usual. It
+  stops as soon as the head waits less than TARGET again (or the queue is empty), and starts
+  again at once if the queue falls behind within MEMORY. TCP senders back off on these drops;
+  a flood that does not is held to what the consumer can take besides the other flows.
+
+Pure: clock values and packet bytes in, decisions out; every rule is unit-tested with an
+injected clock (tests/unit/kernel/test_fairness.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+QUANTUM = 0.0005  # seconds a queue is served at a time while others have packets waiting
+FIRST_PACKET_SHARE = 0.25  # a first-packet queue's quantum, as a share of QUANTUM
+TARGET = 0.002  # seconds a packet may wait in the kernel before its queue counts as behind
+INTERVAL = 0.1  # seconds above TARGET before the first early drops (bursts pass)
+MEMORY = 1.0  # seconds after behind during which falling behind again drops at once
+FAT_WINDOW = 1024  # packets seen while behind between two halvings of the flow counts
+FAT_MINIMUM = 8  # packets a flow must have in the counts to be fat (sparse flows never are)
+
+
+def quantum(first_packets: bool) -> float:
+    """How long a queue is served at a time while others have packets waiting."""
+    return QUANTUM * FIRST_PACKET_SHARE if first_packets else QUANTUM
+
+
+@dataclass(slots=True)
+class DelayControl:
+    """Whether one queue is behind: CoDel's rule on the waiting time of the packet at its head.
+
+    `observe(now, waited)` takes one measurement; `emptied(now)` says the queue was read to the
+    end (nothing waits: not behind). `behind` turns True when every measurement for INTERVAL
+    was above TARGET (or at the first one above it within MEMORY of the last time behind), and
+    False at the first measurement within TARGET.
+    """
+
+    target: float = TARGET
+    interval: float = INTERVAL
+    memory: float = MEMORY
+    behind: bool = False
+    above_since: float | None = None  # first measurement above target of the current run
+    again_until: float = -math.inf  # behind again before this: at once
+    episodes: int = 0  # times it fell behind (a fresh episode resets the flow counts)
+
+    def observe(self, now: float, waited: float) -> bool:
+        """A packet read at `now` waited `waited` seconds in the kernel; returns `behind`."""
+        if waited <= self.target:
+            self.emptied(now)
+            return False
+        if not self.behind:
+            if self.above_since is None:
+                self.above_since = now
+            if now < self.again_until or now - self.above_since >= self.interval:
+                self.behind = True
+                self.episodes += 1
+        return self.behind
+
+    def emptied(self, now: float) -> None:
+        self.above_since = None
+        if self.behind:
+            self.behind = False
+            self.again_until = now + self.memory
+
+
+class FatFlows:
+    """Which flows of one queue are fat: packets counted per flow while it is behind, halved
+    every FAT_WINDOW packets (so the counts follow the traffic and stay few); a flow is fat
+    when it has at least FAT_MINIMUM packets and half its fair share (total / flows) of them.
+    One flood among sparse flows is fat, the sparse ones never; flows of equal weight are all
+    fat (then the drops fall on all of them, as an AQM's)."""
+
+    __slots__ = ("counts", "seen", "total")
+
+    def __init__(self) -> None:
+        self.counts: dict[bytes, int] = {}
+        self.total = 0
+        self.seen = 0
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.total = self.seen = 0
+
+    def fat(self, key: bytes) -> bool:
+        """Count one packet of flow `key`; is that flow fat?"""
+        counts = self.counts
+        count = counts.get(key, 0) + 1
+        counts[key] = count
+        self.total += 1
+        self.seen += 1
+        if self.seen >= FAT_WINDOW:
+            self._halve()
+            count = counts.get(key, 0)
+        return count >= FAT_MINIMUM and 2 * count * len(counts) >= self.total
+
+    def _halve(self) -> None:
+        self.counts = {key: count >> 1 for key, count in self.counts.items() if count > 1}
+        self.total = sum(self.counts.values())
+        self.seen = 0
+
+
+class Backlog:
+    """The fairness state of one queue: whether it is behind (`delay`) and, while it is, which
+    of its flows are fat (`flows`, counted afresh each time it falls behind after MEMORY)."""
+
+    __slots__ = ("delay", "flows")
+
+    def __init__(self) -> None:
+        self.delay = DelayControl()
+        self.flows = FatFlows()
+
+    @property
+    def behind(self) -> bool:
+        return self.delay.behind
+
+    def measured(self, now: float, waited: float) -> bool:
+        """The packet at the head waited `waited` seconds at `now`; returns `behind`."""
+        delay = self.delay
+        fresh = not delay.behind and now >= delay.again_until
+        if delay.observe(now, waited) and fresh:
+            self.flows.reset()
+        return delay.behind
+
+    def emptied(self, now: float) -> None:
+        self.delay.emptied(now)
+
+    def drop_early(self, data: bytes) -> bool:
+        """While behind: count the packet's flow; True when it is fat (drop the packet now)."""
+        return self.flows.fat(flow_key(data))
+
+
+_ICMP = (1, 58)
+
+
+def flow_key(data: bytes) -> bytes:
+    """A flow's identity from its packet's first bytes: protocol, addresses and ports (ICMP:
+    type, code and identifier), as bytes. Cheap and total: a short or odd packet gets a key
+    too (its own, mostly)."""
+    if not data:
+        return b""
+    if data[0] >> 4 == 4:
+        start, proto = (data[0] & 0x0F) * 4, data[9:10]
+        addresses = data[12:20]
+    else:  # IPv6 (extension headers are not followed: such a flow keys on their first bytes)
+        start, proto = 40, data[6:7]
+        addresses = data[8:40]
+    if proto and proto[0] in _ICMP:
+        return proto + addresses + data[start : start + 2] + data[start + 4 : start + 6]
+    return proto + addresses + data[start : start + 4]
