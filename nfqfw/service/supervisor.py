@@ -214,7 +214,7 @@ class Supervisor(ServiceCore):
         from nfqfw.observe import metrics
 
         self._worker_counts = metrics.WorkerCounts()
-        collector = metrics.MergedCollector(self._worker_metrics, self._worker_answering)
+        collector = metrics.MergedCollector(self._worker_metrics, self._worker_answering, self.kernel_drops)
         return metrics.serve_merged(collector, host, port, allow_remote), " (the workers' counts summed)"
 
     def _worker_metrics(self) -> list[list[Any]]:

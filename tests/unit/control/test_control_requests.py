@@ -106,6 +106,7 @@ def daemon(rundir: Path) -> Iterator[Daemon]:
     clock = Clock()
     d = Daemon(Options(config=str(policy), runtime_dir=str(rundir)), notifier=Notes(), clock=clock)  # type: ignore[arg-type]
     d.engine = Engine(CompiledPolicy(load_policy(policy)))
+    d.firewall.counters = lambda: dict(KERNEL_DROPS)  # type: ignore[method-assign,union-attr]
     d.spec = QueueSpec(0, 0)
     d.links = QuietLinks({3: "lan0", 4: "wan0"})  # type: ignore[assignment]
     d.drops = DropWatch(range(0, 1), read=lambda: {})
@@ -131,6 +132,9 @@ def answer(chunks: Iterator[bytes]) -> Any:
     return reply["result"]
 
 
+KERNEL_DROPS = {"drop default ingress": 1200, "drop new-rate per source": 30}
+
+
 def test_status(daemon: Daemon) -> None:
     status = answer(Requests(daemon)({"cmd": "status"}))
     digest = hashlib.sha256(POLICY.encode()).hexdigest()
@@ -149,6 +153,21 @@ def test_status(daemon: Daemon) -> None:
     }
     assert status["verdicts"] == {"accept default egress": 2, "accept established": 2}
     assert status["adapter"] == dict.fromkeys(daemon.adapter.counters, 0)  # type: ignore[union-attr]
+    assert status["kernel_drops"] == KERNEL_DROPS  # read from the rules at the request
+
+
+def test_status_counts_early_drops_as_verdicts_and_survives_unreadable_rules(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unreadable() -> dict[str, int]:
+        raise RulesError("iptables-save failed (exit 1): no")
+
+    daemon.adapter.early_drops = 7  # type: ignore[union-attr]
+    daemon.firewall.counters = unreadable  # type: ignore[method-assign,union-attr]
+    status = answer(Requests(daemon)({"cmd": "status"}))
+    assert status["verdicts"] == {"accept default egress": 2, "accept established": 2, "drop queue delay": 7}
+    assert status["kernel_drops"] is None
+    assert "cannot read the kernel rules' counters: iptables-save failed (exit 1): no" in caplog.text
 
 
 def test_status_sees_a_changed_policy_file(daemon: Daemon) -> None:
