@@ -31,11 +31,13 @@ Gateway modes:
     nfqfw-offload   `offload: established`: not yet (the daemon hands no flow over)
 
 Only ratios within one run compare (the machine is shared). Run as root: `make bench-latency`
-(about 2 minutes). The lab is always torn down; results go to bench/results/latency-latest.json.
+(about 2 minutes; `--modes`, `--loads` choose a part). The lab is always torn down; results go
+to bench/results/latency-latest.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -43,7 +45,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -191,9 +193,9 @@ def kernel_rules(gw: str, install: bool) -> None:
     run_in(gw, "conntrack", "-F")
 
 
-def run_mode(t: Topology, mode: str) -> dict[str, dict[str, object]]:
+def run_mode(t: Topology, mode: str, loads: Sequence[str] = LOADS) -> dict[str, dict[str, object]]:
     if mode in NOT_YET:
-        return {load: {"not_yet": NOT_YET[mode]} for load in LOADS}
+        return {load: {"not_yet": NOT_YET[mode]} for load in loads}
     results: dict[str, dict[str, object]] = {}
     consumer = None
     if mode == "kernel":
@@ -202,7 +204,7 @@ def run_mode(t: Topology, mode: str) -> dict[str, dict[str, object]]:
         consumer = daemon_ctl.start_daemon(PREFIX, POLICY, None, args=MODE_ARGS[mode]).pid
     try:
         reference = other_alone(t)
-        for load in LOADS:
+        for load in loads:
             print(f"[{mode}] {load} ...", flush=True)
             results[load] = retried(partial(one_load, t, load, consumer))
             if "other_gbps" in results[load]:
@@ -250,6 +252,10 @@ def table(results: dict[str, dict[str, dict[str, object]]]) -> str:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES, help="default: all")
+    parser.add_argument("--loads", nargs="+", choices=LOADS, default=LOADS, help="default: all")
+    chosen = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/latency.py: run as root (it builds network namespaces)", file=sys.stderr)
         return 1
@@ -267,8 +273,8 @@ def main() -> int:
             argv = in_ns(t.wan, "iperf3", "-s", "-p", str(port), *bound)
             servers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)  # iperf3 -s has no readiness signal; it listens within milliseconds
-        for mode in MODES:
-            results[mode] = run_mode(t, mode)
+        for mode in chosen.modes:
+            results[mode] = run_mode(t, mode, chosen.loads)
     finally:
         for server in servers:
             server.terminate()

@@ -86,7 +86,7 @@ from netfilterqueue import COPY_PACKET, NetfilterQueue
 
 from nfqfw.core.reject import build_reject
 from nfqfw.core.verdict import Action, Hook, Meta, Verdict
-from nfqfw.kernel.fairness import Backlog, quantum
+from nfqfw.kernel.fairness import DROP_BATCH, MEASURE_EVERY, Backlog, flow_key, quantum
 from nfqfw.kernel.queue_info import (
     ADAPTER_COUNTERS,
     COPY_RANGE,
@@ -98,7 +98,13 @@ from nfqfw.kernel.queue_info import (
     ProcessFn,
     read_queue_stats,
 )
-from nfqfw.kernel.queueflags import NFQA_CFG_F_GSO, QueueFlagsError, set_queue_flags
+from nfqfw.kernel.queueflags import (
+    NF_DROP,
+    NFQA_CFG_F_GSO,
+    QueueFlagsError,
+    set_queue_flags,
+    verdict_batch_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +195,7 @@ class QueueAdapter:
         self._served: list[_Served] = []  # in the order of a round: established queues first
         self._poller = select.poll()
         self._serving: _Served | None = None  # the queue whose packets the callback gets now
+        self._event = 0.0  # the next of: housekeeping, the end of the serving queue's quantum
         self._first: _Served | None = None  # the queue `_serve` reads until empty
         self._stamps: _TimestampRequest | None = None
         self._tokens = reject_rate
@@ -308,6 +315,7 @@ class QueueAdapter:
             first.queue.run(block=False)
         finally:
             self._first = self._serving = None
+            first.flush_drops()
             first.backlog.emptied(self.clock())
             self._arm()
 
@@ -326,50 +334,90 @@ class QueueAdapter:
                 served.queue.run_socket(served.turn)
             finally:
                 served.turn.recv = served.sock.recv
+                served.flush_drops()
             if not served.cut:
                 served.backlog.emptied(self.clock())
         self._serving = first
 
     def _arm(self) -> None:
-        """Set the callback's deadline: housekeeping, the end of the serving queue's quantum,
-        or at once while that queue is behind."""
+        """Set the callback's deadline: the next event (housekeeping, the end of the serving
+        queue's quantum), or every packet while that queue is behind."""
         serving = self._serving
         if serving is None:
-            self._deadline[0] = self._housekeeping_at
-        elif serving.backlog.behind:
-            self._deadline[0] = 0.0
-        else:
-            self._deadline[0] = min(self._housekeeping_at, serving.turn_ends)
+            self._deadline[0] = self._event = self._housekeeping_at
+            return
+        self._event = min(self._housekeeping_at, serving.turn_ends)
+        self._deadline[0] = 0.0 if serving.backlog.behind else self._event
 
-    def _due(self, pkt: Any, now: float) -> bool:
-        """The callback's slow branch, once `now` passed the deadline: housekeeping when due;
-        for the serving queue, at the end of its quantum and on every packet while it is behind,
-        how long this packet waited, the packet dropped early when the queue is behind and the
-        packet's flow fat, and at the end of the quantum the other queues' turn (or, in a turn,
-        its end). True: the packet needs no verdict from the engine (dropped, or unbound)."""
+    def _make_due(self) -> Callable[[Any, float], bool]:
+        """The callback's slow branch, taken once `now` passed the deadline. Between two events
+        a queue that is behind sends every packet here, so that part is one function: the
+        packet's wait measured (1 in MEASURE_EVERY; one within target ends it), and when its
+        flow is fat no verdict now: it is dropped with the next batch (`_Served.flush_drops`).
+        Events (housekeeping, the end of a quantum) go to `_at_event`. True: the packet needs no
+        verdict from the engine (dropped early, or the queues are unbound)."""
+        at_event = self._at_event
+        wall_clock = self.wall_clock
+        failed = self._failed_slow_branch
+
+        def due(pkt: Any, now: float) -> bool:
+            serving = self._serving
+            if serving is None or not serving.backlog.behind or now >= self._event:
+                return at_event(serving, pkt, now)
+            try:
+                backlog = serving.backlog
+                serving.seen += 1
+                if not serving.seen % MEASURE_EVERY:
+                    stamp = pkt.get_timestamp()  # 0.0: none (the gateway's own packets)
+                    if stamp and not backlog.measured(now, wall_clock() - stamp):
+                        serving.flush_drops()
+                        self._arm()
+                        return False
+                data = pkt.get_payload()
+                # flow_key's common case inline: IPv4 without options, not ICMP
+                fast = data[:1] == b"\x45" and data[9:10] != b"\x01"
+                if not backlog.flows.fat(data[12:24] if fast else flow_key(data)):
+                    return False
+                serving.drop_to = pkt.id
+                serving.dropping += 1
+                if serving.dropping >= DROP_BATCH:
+                    serving.flush_drops()
+                self.early_drops += 1
+                return True
+            except Exception:
+                failed()
+                return False
+
+        return due
+
+    def _drop_early(self, serving: _Served, pkt: Any) -> bool:
+        """The packet of a queue that is behind, at an event: dropped with the next batch when
+        its flow is fat (as in `_make_due`'s lean part)."""
+        if not serving.backlog.drop_early(pkt.get_payload()):
+            return False
+        serving.drop_later(pkt.id)
+        self.early_drops += 1
+        return True
+
+    def _at_event(self, serving: _Served | None, pkt: Any, now: float) -> bool:
+        """Housekeeping when due; at the end of the serving queue's quantum, how long this packet
+        waited (is the queue behind?), and the other queues' turn (or, in a turn, its end)."""
         try:
             if now >= self._housekeeping_at:
                 bound = bool(self.queues)
                 self.run_housekeeping(now)
                 if bound and not self.queues:
                     return True  # unbound by a stop: no verdict can be given
-            serving = self._serving
             if serving is None:  # a packet read while binding
                 return False
-            dropped = False
             ended = now >= serving.turn_ends
-            backlog = serving.backlog
-            if ended or backlog.behind:
-                stamp = pkt.get_timestamp()  # 0.0: none (the gateway's own packets)
-                if (
-                    stamp
-                    and backlog.measured(now, self.wall_clock() - stamp)
-                    and (backlog.drop_early(pkt.get_payload()))
-                ):
-                    pkt.drop()
-                    self.early_drops += 1
-                    dropped = True
             if ended:
+                stamp = pkt.get_timestamp()
+                if stamp:
+                    serving.backlog.measured(now, self.wall_clock() - stamp)
+            dropped = serving.backlog.behind and self._drop_early(serving, pkt)
+            if ended:
+                serving.flush_drops()
                 if serving is self._first:
                     self._round(serving)
                     serving.turn_ends = self.clock() + serving.quantum
@@ -410,7 +458,7 @@ class QueueAdapter:
         reject = self._reject
         failed = self._failed
         deadline = self._deadline
-        due = self._due
+        due = self._make_due()
         accept = Action.ACCEPT
         drop = Action.DROP
 
@@ -520,11 +568,15 @@ class _Served:
     __slots__ = (
         "backlog",
         "cut",
+        "drop_failures",
+        "drop_to",
+        "dropping",
         "fd",
         "first_packets",
         "number",
         "quantum",
         "queue",
+        "seen",
         "sock",
         "turn",
         "turn_ends",
@@ -542,6 +594,31 @@ class _Served:
         self.turn = _Turn(self.sock.recv)
         self.turn_ends = math.inf
         self.cut = False  # the last turn ended at its quantum (the queue was not emptied)
+        self.seen = 0  # packets looked at while behind (1 in MEASURE_EVERY is measured)
+        self.dropping = 0  # packets of fat flows left without a verdict, to be dropped together
+        self.drop_to = 0  # the id of the last of them
+        self.drop_failures = 0
+
+    def drop_later(self, packet_id: int) -> None:
+        """Leave this packet (of a fat flow) for the next batch drop: every DROP_BATCH packets
+        (and at the end of a turn or of the reading) one message drops all the waiting ones
+        up to it: the packets read after them have their verdict already."""
+        self.drop_to = packet_id
+        self.dropping += 1
+        if self.dropping >= DROP_BATCH:
+            self.flush_drops()
+
+    def flush_drops(self) -> None:
+        if not self.dropping:
+            return
+        try:
+            self.sock.send(verdict_batch_message(self.number, NF_DROP, self.drop_to))
+        except OSError as err:  # the next batch covers these too (ids up to a later one)
+            self.drop_failures += 1
+            if self.drop_failures <= 3:
+                log.warning("queue %d: batch drop not sent (%s), retried with the next", self.number, err)
+            return
+        self.dropping = 0
 
     def close(self) -> None:
         self.turn.recv = _would_block

@@ -13,7 +13,7 @@ from scapy.layers.inet import ICMP, IP, UDP
 
 from nfqfw.core.verdict import Meta, Verdict
 from nfqfw.kernel import queue
-from nfqfw.kernel.fairness import FIRST_PACKET_SHARE, INTERVAL, QUANTUM, TARGET
+from nfqfw.kernel.fairness import DROP_BATCH, FIRST_PACKET_SHARE, INTERVAL, QUANTUM, TARGET
 from nfqfw.kernel.queue import QueueAdapter
 
 COST = 0.00002  # seconds the engine takes per packet (the injected clock moves on by it)
@@ -78,8 +78,11 @@ def served(
 
 
 def serve(adapter: QueueAdapter, number: int, queues: dict[int, FakeQueue]) -> None:
-    """What the poll loop does when queue `number`'s descriptor is readable."""
+    """What the poll loop does when queue `number`'s descriptor is readable (and the kernel's
+    taking the batch verdicts sent meanwhile)."""
     adapter.fds()[queues[number].get_fd()]()
+    for fake in queues.values():
+        fake.settle()
 
 
 def test_a_flood_in_one_queue_waits_its_turn(served: tuple) -> None:  # type: ignore[type-arg]
@@ -143,6 +146,7 @@ def test_a_queue_behind_drops_its_fat_flow_early_and_serves_the_sparse_ones(serv
     queues[0].put(*packets)
     serve(adapter, 0, queues)
     pings = [p for p in packets if p.get_payload() == PING]
+    assert queues[0].batches >= adapter.early_drops / DROP_BATCH  # dropped together, by id
     assert all(p.verdict == "repeat" for p in pings)  # the sparse flow: every packet to the engine
     dropped = [p for p in packets if p.verdict == "drop"]
     assert dropped and all(p.get_payload() == FLOOD for p in dropped)
