@@ -12,13 +12,15 @@ when it is full. Two remedies, decided here and applied by the adapter (nfqfw.ke
   first packets takes at most that share of the time while established flows have packets.
 - **Early drops from the fattest flows.** A queue whose head packet has waited longer than
   TARGET for INTERVAL (measured with the kernel's receive timestamp of the packet at the head)
-  is behind (`DelayControl`, CoDel's rule). While it is, the packets of its fat flows
-  (`FatFlows`: at least half a fair share of the packets seen meanwhile) are dropped as soon as
-  they are read, without asking the engine -- a drop costs a fraction of a verdict, so the
-  queue drains -- and counted ("drop queue delay"); everything else is decided as usual. It
-  stops as soon as the head waits less than TARGET again (or the queue is empty), and starts
-  again at once if the queue falls behind within MEMORY. TCP senders back off on these drops;
-  a flood that does not is held to what the consumer can take besides the other flows.
+  is behind (`DelayControl`, CoDel's rule). While it is, packets of its fat flows (`FatFlows`:
+  at least half a fair share of the packets seen meanwhile) are dropped as soon as they are
+  read, without asking the engine, and counted ("drop queue delay"); every other packet is
+  decided as usual. How many: at CoDel's pace (one, then one every INTERVAL / sqrt(drops so
+  far)), which is what a TCP sender needs to slow down; and every one of them while the head
+  waits longer than OVERLOAD (a flood that does not slow down: a drop costs a fraction of a
+  verdict, so the queue drains). It stops as soon as the head waits less than TARGET again (or
+  the queue is empty), and starts again at once, the pace kept, if the queue falls behind
+  within MEMORY.
 
 Pure: clock values and packet bytes in, decisions out; every rule is unit-tested with an
 injected clock (tests/unit/kernel/test_fairness.py).
@@ -31,8 +33,9 @@ from dataclasses import dataclass
 
 QUANTUM = 0.0005  # seconds a queue is served at a time while others have packets waiting
 FIRST_PACKET_SHARE = 0.25  # a first-packet queue's quantum, as a share of QUANTUM
-TARGET = 0.002  # seconds a packet may wait in the kernel before its queue counts as behind
-INTERVAL = 0.1  # seconds above TARGET before the first early drops (bursts pass)
+TARGET = 0.005  # seconds a packet may wait in the kernel before its queue counts as behind (CoDel's)
+INTERVAL = 0.1  # seconds above TARGET before the first early drops (bursts pass); CoDel's pace
+OVERLOAD = 0.02  # seconds of wait above which every packet of a fat flow is dropped
 MEMORY = 1.0  # seconds after behind during which falling behind again drops at once
 FAT_WINDOW = 1024  # packets seen while behind between two halvings of the flow counts
 FAT_MINIMUM = 8  # packets a flow must have in the counts to be fat (sparse flows never are)
@@ -47,21 +50,28 @@ def quantum(first_packets: bool) -> float:
 
 @dataclass(slots=True)
 class DelayControl:
-    """Whether one queue is behind: CoDel's rule on the waiting time of the packet at its head.
+    """Whether one queue is behind, and when its next early drop is due: CoDel's rules on the
+    waiting time of the packet at its head.
 
     `observe(now, waited)` takes one measurement; `emptied(now)` says the queue was read to the
     end (nothing waits: not behind). `behind` turns True when every measurement for INTERVAL
     was above TARGET (or at the first one above it within MEMORY of the last time behind), and
-    False at the first measurement within TARGET.
+    False at the first measurement within TARGET. While behind, a drop is due at `drop_next`:
+    at once, then every INTERVAL / sqrt(count) (`dropped`); while `overloaded` (a measurement
+    above OVERLOAD while behind) at once, always.
     """
 
     target: float = TARGET
     interval: float = INTERVAL
+    overload: float = OVERLOAD
     memory: float = MEMORY
     behind: bool = False
+    overloaded: bool = False
     above_since: float | None = None  # first measurement above target of the current run
-    again_until: float = -math.inf  # behind again before this: at once
+    again_until: float = -math.inf  # behind again before this: at once, the pace kept
     episodes: int = 0  # times it fell behind (a fresh episode resets the flow counts)
+    count: int = 0  # drops of this episode (CoDel's count: the pace)
+    drop_next: float = math.inf  # when the next drop is due
 
     def observe(self, now: float, waited: float) -> bool:
         """A packet read at `now` waited `waited` seconds in the kernel; returns `behind`."""
@@ -71,16 +81,30 @@ class DelayControl:
         if not self.behind:
             if self.above_since is None:
                 self.above_since = now
-            if now < self.again_until or now - self.above_since >= self.interval:
+            again = now < self.again_until
+            if again or now - self.above_since >= self.interval:
                 self.behind = True
                 self.episodes += 1
+                self.count = max(1, self.count - 2) if again else 1  # CoDel: resume near the pace
+                self.drop_next = now
+        if waited > self.overload:
+            self.overloaded = self.behind
+            if self.behind:
+                self.drop_next = -math.inf
         return self.behind
+
+    def dropped(self, now: float) -> None:
+        """A drop was made at `now`: the next is due at CoDel's pace (at once while overloaded)."""
+        if not self.overloaded:
+            self.count += 1
+            self.drop_next = now + self.interval / math.sqrt(self.count)
 
     def emptied(self, now: float) -> None:
         self.above_since = None
         if self.behind:
-            self.behind = False
+            self.behind = self.overloaded = False
             self.again_until = now + self.memory
+            self.drop_next = math.inf
 
 
 class FatFlows:
@@ -149,9 +173,16 @@ class Backlog:
         self.delay.emptied(now)
         self.behind = False
 
-    def drop_early(self, data: bytes) -> bool:
-        """While behind: count the packet's flow; True when it is fat (drop the packet now)."""
-        return self.flows.fat(flow_key(data))
+    def drop_early(self, key: bytes, now: float) -> bool:
+        """While behind: count the packet's flow (`key`, see flow_key); True when the packet is
+        to be dropped now: its flow is fat and a drop is due."""
+        if not self.flows.fat(key):
+            return False
+        delay = self.delay
+        if now < delay.drop_next:
+            return False
+        delay.dropped(now)
+        return True
 
 
 _ICMP = (1, 58)

@@ -41,11 +41,12 @@ NetfilterQueue.run_socket over a stand-in socket (`_Turn`) whose recv is the que
 until `_due` ends the turn by making it say "would block". Then the first queue goes on. So
 no queue waits more than one round of the others' quanta, a flood in one queue included.
 
-At the end of each quantum, and on every packet while its queue is behind, the slow branch
+At the end of each quantum, and on 1 packet in 16 while its queue is behind, the slow branch
 measures how long the packet waited in the kernel (its receive timestamp, which the kernel sets
 while a socket asks for timestamps: the adapter holds one, `_TimestampRequest`); a queue whose
 head waits too long is behind, and while it is, packets of its fat flows are dropped right away
-("drop queue delay"), without the engine (nfqfw.kernel.fairness.Backlog).
+("drop queue delay"), without the engine: at CoDel's pace, or all of them while the queue is
+overloaded (nfqfw.kernel.fairness). Their verdict is given 64 at a time (one batch verdict).
 
 GSO: `bind(..., gso=True)` (the default; `nfqfw run --no-gso` turns it off) asks the kernel,
 right after binding each queue, to queue GSO packets whole (nfqfw.kernel.queueflags): a bulk TCP
@@ -353,7 +354,8 @@ class QueueAdapter:
         """The callback's slow branch, taken once `now` passed the deadline. Between two events
         a queue that is behind sends every packet here, so that part is one function: the
         packet's wait measured (1 in MEASURE_EVERY; one within target ends it), and when its
-        flow is fat no verdict now: it is dropped with the next batch (`_Served.flush_drops`).
+        flow is fat and a drop is due (nfqfw.kernel.fairness.DelayControl) no verdict now: it is
+        dropped with the next batch (`_Served.flush_drops`).
         Events (housekeeping, the end of a quantum) go to `_at_event`. True: the packet needs no
         verdict from the engine (dropped early, or the queues are unbound)."""
         at_event = self._at_event
@@ -376,7 +378,7 @@ class QueueAdapter:
                 data = pkt.get_payload()
                 # flow_key's common case inline: IPv4 without options, not ICMP
                 fast = data[:1] == b"\x45" and data[9:10] != b"\x01"
-                if not backlog.flows.fat(data[12:24] if fast else flow_key(data)):
+                if not backlog.drop_early(data[12:24] if fast else flow_key(data), now):
                     return False
                 serving.drop_to = pkt.id
                 serving.dropping += 1
@@ -390,10 +392,10 @@ class QueueAdapter:
 
         return due
 
-    def _drop_early(self, serving: _Served, pkt: Any) -> bool:
+    def _drop_early(self, serving: _Served, pkt: Any, now: float) -> bool:
         """The packet of a queue that is behind, at an event: dropped with the next batch when
-        its flow is fat (as in `_make_due`'s lean part)."""
-        if not serving.backlog.drop_early(pkt.get_payload()):
+        its flow is fat and a drop is due (as in `_make_due`'s lean part)."""
+        if not serving.backlog.drop_early(flow_key(pkt.get_payload()), now):
             return False
         serving.drop_later(pkt.id)
         self.early_drops += 1
@@ -415,7 +417,7 @@ class QueueAdapter:
                 stamp = pkt.get_timestamp()
                 if stamp:
                     serving.backlog.measured(now, self.wall_clock() - stamp)
-            dropped = serving.backlog.behind and self._drop_early(serving, pkt)
+            dropped = serving.backlog.behind and self._drop_early(serving, pkt, now)
             if ended:
                 serving.flush_drops()
                 if serving is self._first:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import IPv6
 
@@ -12,6 +16,7 @@ from nfqfw.kernel.fairness import (
     FIRST_PACKET_SHARE,
     INTERVAL,
     MEMORY,
+    OVERLOAD,
     QUANTUM,
     TARGET,
     Backlog,
@@ -63,6 +68,51 @@ def test_behind_again_at_once_within_memory_after_an_interval_later() -> None:
     assert delay.episodes == 3
 
 
+def test_drops_come_at_codels_pace_while_behind() -> None:
+    delay = DelayControl()
+    delay.observe(0.0, LATE)
+    assert delay.drop_next == math.inf  # not behind yet: no drop is due
+    assert delay.observe(INTERVAL + JUST, LATE)
+    assert delay.drop_next == INTERVAL + JUST  # the first at once
+    times = []
+    while delay.drop_next < INTERVAL + 1.0:  # a fat packet at hand whenever one is due
+        times.append(delay.drop_next)
+        delay.dropped(delay.drop_next)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps == pytest.approx([INTERVAL / math.sqrt(n) for n in range(2, len(times) + 1)])
+    assert len(times) == 38 and delay.count == 39  # ever faster: 38 in the first second
+
+
+def test_overloaded_every_fat_packet_is_due_until_the_wait_is_within_target() -> None:
+    delay = DelayControl()
+    delay.observe(0.0, OVERLOAD * 2)
+    assert not delay.overloaded  # a burst: not behind yet, nothing dropped
+    delay.observe(INTERVAL + JUST, OVERLOAD * 2)
+    assert delay.behind and delay.overloaded and delay.drop_next == -math.inf
+    delay.dropped(0.2)
+    assert delay.drop_next == -math.inf
+    delay.observe(0.3, (TARGET + OVERLOAD) / 2)  # still behind: overloaded stays until within target
+    assert delay.overloaded
+    delay.observe(0.31, TARGET)
+    assert not delay.behind and not delay.overloaded and delay.drop_next == math.inf
+
+
+def test_behind_again_within_memory_resumes_near_the_pace() -> None:
+    delay = DelayControl()
+    delay.observe(0.0, LATE)
+    delay.observe(INTERVAL + JUST, LATE)
+    for n in range(6):
+        delay.dropped(1.0 + n)
+    assert delay.count == 7
+    delay.emptied(10.0)
+    delay.observe(10.0 + MEMORY / 2, LATE)
+    assert delay.behind and delay.count == 5  # CoDel: count - 2
+    delay.emptied(20.0)
+    delay.observe(20.0 + MEMORY * 2, LATE)
+    delay.observe(20.0 + MEMORY * 2 + INTERVAL + JUST, LATE)
+    assert delay.count == 1  # a fresh episode
+
+
 def test_one_flood_is_fat_the_sparse_flows_never() -> None:
     flows = FatFlows()
     verdicts: dict[bytes, list[bool]] = {b"flood": [], b"ping": [], b"dns": []}
@@ -109,7 +159,7 @@ def test_a_fresh_episode_counts_flows_afresh_a_quick_return_keeps_them() -> None
     backlog.measured(0.0, LATE)
     assert backlog.measured(INTERVAL, LATE)
     for _ in range(FAT_MINIMUM):
-        backlog.drop_early(b"x" * 40)
+        backlog.drop_early(b"x" * 12, INTERVAL)
     assert backlog.flows.total == FAT_MINIMUM
     backlog.emptied(1.0)
     assert backlog.measured(1.0 + MEMORY / 2, LATE)  # behind again within memory: same counts

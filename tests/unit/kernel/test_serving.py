@@ -13,7 +13,7 @@ from scapy.layers.inet import ICMP, IP, UDP
 
 from nfqfw.core.verdict import Meta, Verdict
 from nfqfw.kernel import queue
-from nfqfw.kernel.fairness import DROP_BATCH, FIRST_PACKET_SHARE, INTERVAL, QUANTUM, TARGET
+from nfqfw.kernel.fairness import DROP_BATCH, FIRST_PACKET_SHARE, INTERVAL, OVERLOAD, QUANTUM, TARGET
 from nfqfw.kernel.queue import QueueAdapter
 
 COST = 0.00002  # seconds the engine takes per packet (the injected clock moves on by it)
@@ -139,9 +139,9 @@ class Stamped(FakePacket):
         return self.clock.wall() - self.waited[0]
 
 
-def test_a_queue_behind_drops_its_fat_flow_early_and_serves_the_sparse_ones(served: tuple) -> None:  # type: ignore[type-arg]
+def test_an_overloaded_queue_drops_its_fat_flow_early_and_serves_the_sparse_ones(served: tuple) -> None:  # type: ignore[type-arg]
     adapter, _, clock, queues = served
-    waited = [TARGET * 5]
+    waited = [OVERLOAD * 2]
     packets = [Stamped(PING if n % 100 == 0 else FLOOD, clock, waited) for n in range(20_000)]
     queues[0].put(*packets)
     serve(adapter, 0, queues)
@@ -157,9 +157,22 @@ def test_a_queue_behind_drops_its_fat_flow_early_and_serves_the_sparse_ones(serv
     assert first_drop * COST >= INTERVAL * 0.99
 
 
+def test_a_queue_behind_but_not_overloaded_drops_at_codels_pace(served: tuple) -> None:  # type: ignore[type-arg]
+    adapter, _, clock, queues = served
+    waited = [(TARGET + OVERLOAD) / 2]
+    packets = [Stamped(PING if n % 100 == 0 else FLOOD, clock, waited) for n in range(20_000)]
+    queues[0].put(*packets)  # 0.4 s of the engine's time: behind after 0.1 s
+    serve(adapter, 0, queues)
+    dropped = [p for p in packets if p.verdict == "drop"]
+    # at 0.1 s, then every 0.1 / sqrt(n) s: about 7 in the remaining 0.3 s, all of the flood
+    assert 5 <= len(dropped) <= 9, len(dropped)
+    assert all(p.get_payload() == FLOOD for p in dropped)
+    assert all(p.verdict == "repeat" for p in packets if p.verdict != "drop")
+
+
 def test_a_queue_that_catches_up_is_no_longer_behind(served: tuple) -> None:  # type: ignore[type-arg]
     adapter, _, clock, queues = served
-    waited = [TARGET * 5]
+    waited = [OVERLOAD * 2]
     queues[0].put(*[Stamped(FLOOD, clock, waited) for _ in range(8_000)])
     serve(adapter, 0, queues)
     dropped = adapter.early_drops
