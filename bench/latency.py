@@ -31,7 +31,8 @@ Gateway modes:
     nfqfw-offload   `offload: established`: not yet (the daemon hands no flow over)
 
 Only ratios within one run compare (the machine is shared). Run as root: `make bench-latency`
-(about 2 minutes; `--modes`, `--loads` choose a part). The lab is always torn down; results go
+(about 2 minutes; `--modes`, `--loads` choose a part; `--pin` puts the traffic tools on CPU 0
+and nfqfw on CPU 1). The lab is always torn down; results go
 to bench/results/latency-latest.json.
 """
 
@@ -75,8 +76,14 @@ MODE_ARGS: dict[str, tuple[str, ...]] = {"nfqfw": (), "nfqfw-1q": ("--queue", "0
 NOT_YET = {"nfqfw-offload": "offload: not yet (the daemon hands no flow over)"}
 
 
+# --pin: the traffic tools on CPU 0, nfqfw on CPU 1 (as on a gateway where nfqfw has a core
+# of its own; without it the load generators and nfqfw share both cores as the scheduler likes).
+PINNING: dict[str, tuple[str, ...]] = {"tools": (), "nfqfw": ()}
+
+
 def iperf(ns: str, *argv: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(in_ns(ns, "iperf3", *argv, "-J", "-i", "0.5"), stdout=subprocess.PIPE, text=True)
+    command = (*PINNING["tools"], "iperf3", *argv, "-J", "-i", "0.5")
+    return subprocess.Popen(in_ns(ns, *command), stdout=subprocess.PIPE, text=True)
 
 
 def report_of(proc: subprocess.Popen[str]) -> dict:  # type: ignore[type-arg]
@@ -99,7 +106,9 @@ def gbps_between(report: dict, start: float, end: float) -> float:  # type: igno
 
 def ping(lan: str) -> dict[str, float]:
     argv = ["ping", "-n", "-i", str(PING_INTERVAL), "-c", str(PINGS), "-W", "1", PING_TARGET]
-    done = subprocess.run(in_ns(lan, *argv), capture_output=True, text=True, timeout=PINGS * 0.05 + 30)
+    done = subprocess.run(
+        in_ns(lan, *PINNING["tools"], *argv), capture_output=True, text=True, timeout=PINGS * 0.05 + 30
+    )
     rtts = sorted(float(ms) for ms in re.findall(r"time=([\d.]+) ms", done.stdout))
     if not rtts:
         return {"median_ms": math.nan, "p99_ms": math.nan, "lost_pct": 100.0}
@@ -201,7 +210,8 @@ def run_mode(t: Topology, mode: str, loads: Sequence[str] = LOADS) -> dict[str, 
     if mode == "kernel":
         kernel_rules(t.gw, True)
     else:
-        consumer = daemon_ctl.start_daemon(PREFIX, POLICY, None, args=MODE_ARGS[mode]).pid
+        daemon = daemon_ctl.start_daemon(PREFIX, POLICY, None, wrapper=PINNING["nfqfw"], args=MODE_ARGS[mode])
+        consumer = daemon.pid
     try:
         reference = other_alone(t)
         for load in loads:
@@ -255,7 +265,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES, help="default: all")
     parser.add_argument("--loads", nargs="+", choices=LOADS, default=LOADS, help="default: all")
+    parser.add_argument("--pin", action="store_true", help="traffic tools on CPU 0, nfqfw on CPU 1")
     chosen = parser.parse_args()
+    if chosen.pin:
+        PINNING.update(tools=("taskset", "-c", "0"), nfqfw=("taskset", "-c", "1"))
     if os.geteuid() != 0:
         print("bench/latency.py: run as root (it builds network namespaces)", file=sys.stderr)
         return 1
@@ -270,7 +283,7 @@ def main() -> int:
         run_in(t.lan, "ip", "addr", "add", f"{OTHER_HOST}/24", "dev", "eth0")
         # A server on the second address answers from it (a UDP test's first datagram must).
         for port, bound in ((LOAD_PORT, ()), (OTHER_PORT, ()), (SAME_PORT, ("-B", PING_TARGET))):
-            argv = in_ns(t.wan, "iperf3", "-s", "-p", str(port), *bound)
+            argv = in_ns(t.wan, *PINNING["tools"], "iperf3", "-s", "-p", str(port), *bound)
             servers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)  # iperf3 -s has no readiness signal; it listens within milliseconds
         for mode in chosen.modes:

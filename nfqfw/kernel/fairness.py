@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 QUANTUM = 0.0005  # seconds a queue is served at a time while others have packets waiting
 FIRST_PACKET_SHARE = 0.25  # a first-packet queue's quantum, as a share of QUANTUM
-TARGET = 0.005  # seconds a packet may wait in the kernel before its queue counts as behind (CoDel's)
+TARGET = 0.002  # seconds a packet may wait in the kernel before its queue counts as behind
 INTERVAL = 0.1  # seconds above TARGET before the first early drops (bursts pass); CoDel's pace
 OVERLOAD = 0.02  # seconds of wait above which every packet of a fat flow is dropped
 MEMORY = 1.0  # seconds after behind during which falling behind again drops at once
