@@ -141,10 +141,9 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(new, int) and new <= last and new + last - first >= first:
         print(f"nfqfw: --new-queue {new} overlaps the queues {first}:{last}", file=sys.stderr)
         return 2
-    new_last = (last + 1 if new is None else new) + last - first
-    if new != NEW_QUEUE_OFF and new_last > 0xFFFF:
+    if new != NEW_QUEUE_OFF and (last + 1 if new is None else int(new)) + last - first > 0xFFFF:
         print(
-            f"nfqfw: no room for the queues of first packets after {first}:{last} "
+            f"nfqfw: no room for the queues of first packets after {first if first == last else f'{first}:{last}'} "
             "(--new-queue N chooses them, --new-queue off shares the main queues)",
             file=sys.stderr,
         )

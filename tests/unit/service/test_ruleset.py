@@ -75,3 +75,48 @@ def test_synproxy_waits_for_the_engine(
     match4 = KernelMatch(6, dst="10.0.0.80/32", dports=((443, 443),), in_iface="wan0")
     match6 = KernelMatch(6, dst="fd00::80/128", dports=((443, 443),), in_iface="wan0")
     assert synproxy == (Synproxy(4, "FORWARD", (match4,), "web"), Synproxy(6, "FORWARD", (match6,), "web"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "queues"),
+    [
+        ([], (0, 3, None)),
+        (["--queue", "5"], (5, 5, None)),
+        (["--queue-balance", "2:3", "--new-queue", "10"], (2, 3, 10)),
+        (["--queue", "0", "--new-queue", "off"], (0, 0, "off")),
+    ],
+)
+def test_run_queue_options_reach_the_daemon(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], queues: tuple[int, int, object]
+) -> None:
+    from nfqfw.cli import build_parser
+    from nfqfw.observe import logsetup
+    from nfqfw.service import daemon
+
+    seen: list[Options] = []
+    monkeypatch.setattr(logsetup, "setup_logging", lambda level: None)
+    monkeypatch.setattr(daemon, "run_daemon", lambda options: seen.append(options) or 0)
+    args = build_parser().parse_args(["run", "-c", "p.yaml", *argv])
+    assert args.func(args) == 0
+    assert (seen[0].queue_first, seen[0].queue_last, seen[0].new_queue) == queues
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--queue-balance", "0:3", "--new-queue", "2"], "nfqfw: --new-queue 2 overlaps the queues 0:3\n"),
+        (
+            ["--queue", "65535"],
+            "nfqfw: no room for the queues of first packets after 65535 "
+            "(--new-queue N chooses them, --new-queue off shares the main queues)\n",
+        ),
+    ],
+)
+def test_run_refuses_queues_for_first_packets_that_do_not_fit(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    from nfqfw.cli import build_parser
+
+    args = build_parser().parse_args(["run", "-c", "p.yaml", *argv])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err == message
