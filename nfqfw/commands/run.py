@@ -142,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"nfqfw: --new-queue {new} overlaps the queues {first}:{last}", file=sys.stderr)
         return 2
     if new != NEW_QUEUE_OFF and (last + 1 if new is None else int(new)) + last - first > 0xFFFF:
+        where = str(first) if first == last else f"{first}:{last}"
         print(
-            f"nfqfw: no room for the queues of first packets after {first if first == last else f'{first}:{last}'} "
+            f"nfqfw: no room for the queues of first packets after {where} "
             "(--new-queue N chooses them, --new-queue off shares the main queues)",
             file=sys.stderr,
         )
