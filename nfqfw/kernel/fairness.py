@@ -16,9 +16,14 @@ when it is full. Two remedies, decided here and applied by the adapter (nfqfw.ke
   at least half a fair share of the packets seen meanwhile) are dropped as soon as they are
   read, without asking the engine, and counted ("drop queue delay"); every other packet is
   decided as usual. How many: at CoDel's pace (one, then one every INTERVAL / sqrt(drops so
-  far)), which is what a TCP sender needs to slow down; and every one of them while the head
-  waits longer than OVERLOAD (a flood that does not slow down: a drop costs a fraction of a
-  verdict, so the queue drains). It stops as soon as the head waits less than TARGET again (or
+  far)), which is what a TCP sender needs to slow down; and, while the head waits longer than
+  OVERLOAD (a flood that does not slow down), a share of the fat flows' packets that grows by
+  SHED_STEP at each such measurement and shrinks by a quarter of that otherwise: a drop costs
+  a fraction of a decided packet, so the share settles where the queue stops growing and the
+  flood keeps what the consumer can take besides. When even dropping all of them does not
+  shorten the wait within an INTERVAL (by a tenth at least), nfqfw cannot read the flood as
+  fast as it comes and the drops help nobody: none but CoDel's for MEMORY (the kernel drops at
+  the tail, as without early drops). It all stops as soon as the head waits less than TARGET again (or
   the queue is empty), and starts again at once, the pace kept, if the queue falls behind
   within MEMORY.
 
@@ -35,7 +40,8 @@ QUANTUM = 0.0005  # seconds a queue is served at a time while others have packet
 FIRST_PACKET_SHARE = 0.25  # a first-packet queue's quantum, as a share of QUANTUM
 TARGET = 0.002  # seconds a packet may wait in the kernel before its queue counts as behind
 INTERVAL = 0.1  # seconds above TARGET before the first early drops (bursts pass); CoDel's pace
-OVERLOAD = 0.02  # seconds of wait above which every packet of a fat flow is dropped
+OVERLOAD = 0.01  # seconds of wait above which a growing share of the fat flows' packets is dropped
+SHED_STEP = 0.125  # how much that share grows at each measurement above OVERLOAD
 MEMORY = 1.0  # seconds after behind during which falling behind again drops at once
 FAT_WINDOW = 1024  # packets seen while behind between two halvings of the flow counts
 FAT_MINIMUM = 8  # packets a flow must have in the counts to be fat (sparse flows never are)
@@ -50,15 +56,16 @@ def quantum(first_packets: bool) -> float:
 
 @dataclass(slots=True)
 class DelayControl:
-    """Whether one queue is behind, and when its next early drop is due: CoDel's rules on the
-    waiting time of the packet at its head.
+    """Whether one queue is behind, and which of its fat flows' packets to drop: CoDel's rules
+    on the waiting time of the packet at its head, and a share shed under overload.
 
     `observe(now, waited)` takes one measurement; `emptied(now)` says the queue was read to the
     end (nothing waits: not behind). `behind` turns True when every measurement for INTERVAL
     was above TARGET (or at the first one above it within MEMORY of the last time behind), and
-    False at the first measurement within TARGET. While behind, a drop is due at `drop_next`:
-    at once, then every INTERVAL / sqrt(count) (`dropped`); while `overloaded` (a measurement
-    above OVERLOAD while behind) at once, always.
+    False at the first measurement within TARGET. While behind, `drop(now)` says whether the
+    packet of a fat flow at hand goes: one when CoDel's next drop is due (`drop_next`: at once,
+    then every INTERVAL / sqrt(count)), and `shed` of them besides (0..1, see the module
+    docstring), spread evenly.
     """
 
     target: float = TARGET
@@ -66,12 +73,16 @@ class DelayControl:
     overload: float = OVERLOAD
     memory: float = MEMORY
     behind: bool = False
-    overloaded: bool = False
     above_since: float | None = None  # first measurement above target of the current run
     again_until: float = -math.inf  # behind again before this: at once, the pace kept
     episodes: int = 0  # times it fell behind (a fresh episode resets the flow counts)
-    count: int = 0  # drops of this episode (CoDel's count: the pace)
-    drop_next: float = math.inf  # when the next drop is due
+    count: int = 0  # CoDel's drops of this episode (the pace)
+    drop_next: float = math.inf  # when CoDel's next drop is due
+    shed: float = 0.0  # the share of the fat flows' packets dropped besides, under overload
+    credit: float = 0.0  # `shed` accumulated over the packets: one goes at each whole
+    all_shed_since: float | None = None  # shedding all of them since (and still overloaded)
+    all_shed_waited: float = 0.0  # the wait then
+    futile_until: float = -math.inf  # no shedding before this: it did not drain the queue
 
     def observe(self, now: float, waited: float) -> bool:
         """A packet read at `now` waited `waited` seconds in the kernel; returns `behind`."""
@@ -82,29 +93,50 @@ class DelayControl:
             if self.above_since is None:
                 self.above_since = now
             again = now < self.again_until
-            if again or now - self.above_since >= self.interval:
-                self.behind = True
-                self.episodes += 1
-                self.count = max(1, self.count - 2) if again else 1  # CoDel: resume near the pace
-                self.drop_next = now
-        if waited > self.overload:
-            self.overloaded = self.behind
-            if self.behind:
-                self.drop_next = -math.inf
-        return self.behind
+            if not again and now - self.above_since < self.interval:
+                return False
+            self.behind = True
+            self.episodes += 1
+            self.count = max(1, self.count - 2) if again else 1  # CoDel: resume near the pace
+            self.drop_next = now
+        if waited > self.overload and now >= self.futile_until:
+            self.shed = min(1.0, self.shed + SHED_STEP)
+            if self.shed < 1.0:
+                self.all_shed_since = None
+            elif self.all_shed_since is None:
+                self.all_shed_since, self.all_shed_waited = now, waited
+            elif now - self.all_shed_since >= self.interval:
+                if waited > 0.9 * self.all_shed_waited:  # it comes as fast as nfqfw reads it
+                    self.shed, self.all_shed_since = 0.0, None
+                    self.futile_until = now + self.memory
+                else:  # draining: judge the next interval
+                    self.all_shed_since, self.all_shed_waited = now, waited
+        else:
+            self.shed = max(0.0, self.shed - SHED_STEP / 4)
+            self.all_shed_since = None
+        return True
 
-    def dropped(self, now: float) -> None:
-        """A drop was made at `now`: the next is due at CoDel's pace (at once while overloaded)."""
-        if not self.overloaded:
-            self.count += 1
-            self.drop_next = now + self.interval / math.sqrt(self.count)
+    def drop(self, now: float) -> bool:
+        """While behind, a packet of a fat flow is at hand: does it go?"""
+        credit = self.credit + self.shed
+        if credit >= 1.0:
+            self.credit = credit - 1.0
+            return True
+        self.credit = credit
+        if now < self.drop_next:
+            return False
+        self.count += 1
+        self.drop_next = now + self.interval / math.sqrt(self.count)
+        return True
 
     def emptied(self, now: float) -> None:
         self.above_since = None
         if self.behind:
-            self.behind = self.overloaded = False
+            self.behind = False
             self.again_until = now + self.memory
             self.drop_next = math.inf
+            self.shed = self.credit = 0.0
+            self.all_shed_since = None
 
 
 class FatFlows:
@@ -176,13 +208,7 @@ class Backlog:
     def drop_early(self, key: bytes, now: float) -> bool:
         """While behind: count the packet's flow (`key`, see flow_key); True when the packet is
         to be dropped now: its flow is fat and a drop is due."""
-        if not self.flows.fat(key):
-            return False
-        delay = self.delay
-        if now < delay.drop_next:
-            return False
-        delay.dropped(now)
-        return True
+        return self.flows.fat(key) and self.delay.drop(now)
 
 
 _ICMP = (1, 58)

@@ -45,8 +45,9 @@ At the end of each quantum, and on 1 packet in 16 while its queue is behind, the
 measures how long the packet waited in the kernel (its receive timestamp, which the kernel sets
 while a socket asks for timestamps: the adapter holds one, `_TimestampRequest`); a queue whose
 head waits too long is behind, and while it is, packets of its fat flows are dropped right away
-("drop queue delay"), without the engine: at CoDel's pace, or all of them while the queue is
-overloaded (nfqfw.kernel.fairness). Their verdict is given 64 at a time (one batch verdict).
+("drop queue delay"), without the engine: at CoDel's pace, and a growing share of them while
+the queue is overloaded (nfqfw.kernel.fairness). Their verdict is given 64 at a time (one batch
+verdict).
 
 GSO: `bind(..., gso=True)` (the default; `nfqfw run --no-gso` turns it off) asks the kernel,
 right after binding each queue, to queue GSO packets whole (nfqfw.kernel.queueflags): a bulk TCP

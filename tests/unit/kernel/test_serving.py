@@ -17,6 +17,7 @@ from nfqfw.kernel.fairness import DROP_BATCH, FIRST_PACKET_SHARE, INTERVAL, OVER
 from nfqfw.kernel.queue import QueueAdapter
 
 COST = 0.00002  # seconds the engine takes per packet (the injected clock moves on by it)
+READ_COST = 0.000002  # seconds reading a packet takes (Clock.ticking)
 WALL = 1_800_000_000.0  # the wall clock at monotonic 0 (the kernel's timestamps are wall-clock)
 
 
@@ -37,6 +38,11 @@ class Clock:
 
     def wall(self) -> float:
         return WALL + self.now
+
+    def ticking(self) -> float:
+        """The time, read at a cost: every packet read takes READ_COST, dropped or not."""
+        self.now += READ_COST
+        return self.now
 
 
 class CostlyEngine:
@@ -168,6 +174,27 @@ def test_a_queue_behind_but_not_overloaded_drops_at_codels_pace(served: tuple) -
     assert 5 <= len(dropped) <= 9, len(dropped)
     assert all(p.get_payload() == FLOOD for p in dropped)
     assert all(p.verdict == "repeat" for p in packets if p.verdict != "drop")
+
+
+def test_a_flood_faster_than_even_its_drops_is_left_to_the_kernel(served: tuple) -> None:  # type: ignore[type-arg]
+    """Every packet read costs time, dropped or not: when shedding all of the flood does not
+    bring the wait down (it comes faster than nfqfw reads), nfqfw stops shedding and decides
+    what it can, as without early drops: the flood is not starved for nothing."""
+    adapter, _, clock, queues = served
+    adapter.clock = clock.ticking  # each read moves the clock on, as a real read takes time
+    adapter.on_packet = adapter._make_callback()
+    queues[0].callback = adapter.on_packet
+    waited = [OVERLOAD * 2]  # and it never falls
+    # shedding all of it for INTERVAL takes ~50,000 reads; then 10,000 decided take 0.2 s (< MEMORY)
+    packets = [Stamped(FLOOD, clock, waited) for _ in range(60_000)]
+    queues[0].put(*packets)
+    serve(adapter, 0, queues)
+    delay = adapter._served[0].backlog.delay  # (the queue was read to its end since: emptied)
+    assert delay.futile_until > clock.now  # it found out, and stopped for MEMORY
+    tail = packets[-5_000:]
+    decided = sum(p.verdict == "repeat" for p in tail)
+    assert decided > 0.95 * len(tail), decided  # then nearly all decided again (CoDel's few aside)
+    assert all(p.verdict in ("repeat", "drop") for p in packets)
 
 
 def test_a_queue_that_catches_up_is_no_longer_behind(served: tuple) -> None:  # type: ignore[type-arg]
