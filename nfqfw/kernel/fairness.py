@@ -6,7 +6,7 @@ when it is full. Two remedies, decided here and applied by the adapter (nfqfw.ke
 
 - **Several queues, served in turn.** The kernel spreads flows over the queues of a range by a
   hash of their addresses and protocol, so a busy flow fills only its own queue. The adapter
-  serves a queue for at most its quantum (`Quantum`) while others have packets waiting, then
+  serves a queue for at most its quantum (`quantum`) while others have packets waiting, then
   serves each of them for theirs: queues of established flows first (QUANTUM each), queues of
   first packets after them and for less (FIRST_PACKET_SHARE of a quantum), so a flood of
   first packets takes at most that share of the time while established flows have packets.
@@ -17,15 +17,17 @@ when it is full. Two remedies, decided here and applied by the adapter (nfqfw.ke
   read, without asking the engine, and counted ("drop queue delay"); every other packet is
   decided as usual. How many: at CoDel's pace (one, then one every INTERVAL / sqrt(drops so
   far)), which is what a TCP sender needs to slow down; and, while the head waits longer than
-  OVERLOAD (a flood that does not slow down), a share of the fat flows' packets that grows by
-  SHED_STEP at each such measurement and shrinks by a quarter of that otherwise: a drop costs
-  a fraction of a decided packet, so the share settles where the queue stops growing and the
-  flood keeps what the consumer can take besides. When even dropping all of them does not
-  shorten the wait within an INTERVAL (by a tenth at least), nfqfw cannot read the flood as
-  fast as it comes and the drops help nobody: none but CoDel's for MEMORY (the kernel drops at
-  the tail, as without early drops). It all stops as soon as the head waits less than TARGET again (or
-  the queue is empty), and starts again at once, the pace kept, if the queue falls behind
-  within MEMORY.
+  OVERLOAD (a flood that does not slow down) and other flows share the queue, a share of the
+  fat flows' packets that grows by SHED_STEP at each such measurement and shrinks by a quarter
+  of that otherwise: a drop costs a fraction of a decided packet, so the share settles where
+  the queue stops growing and the flood keeps what the consumer can take besides. Alone in
+  its queue a flood is not shed: reading a packet to drop it costs nfqfw time, the kernel's
+  drop at the tail of a full queue costs it nothing, and nobody else waits there. When even
+  dropping all of them does not shorten the wait within an INTERVAL (by a tenth at least),
+  nfqfw cannot read the flood as fast as it comes and the drops help nobody: none but CoDel's
+  for MEMORY (the kernel drops at the tail, as without early drops). It all stops as soon as
+  the head waits less than TARGET again (or the queue is empty), and starts again at once,
+  the pace kept, if the queue falls behind within MEMORY.
 
 Pure: clock values and packet bytes in, decisions out; every rule is unit-tested with an
 injected clock (tests/unit/kernel/test_fairness.py).
@@ -116,13 +118,15 @@ class DelayControl:
             self.all_shed_since = None
         return True
 
-    def drop(self, now: float) -> bool:
-        """While behind, a packet of a fat flow is at hand: does it go?"""
-        credit = self.credit + self.shed
-        if credit >= 1.0:
-            self.credit = credit - 1.0
-            return True
-        self.credit = credit
+    def drop(self, now: float, shared: bool = True) -> bool:
+        """While behind, a packet of a fat flow is at hand: does it go? (`shared`: other flows
+        wait in the queue too; without them nothing is shed, CoDel's pace goes on.)"""
+        if shared:
+            credit = self.credit + self.shed
+            if credit >= 1.0:
+                self.credit = credit - 1.0
+                return True
+            self.credit = credit
         if now < self.drop_next:
             return False
         self.count += 1
@@ -146,16 +150,19 @@ class FatFlows:
     One flood among sparse flows is fat, the sparse ones never; flows of equal weight are all
     fat (then the drops fall on all of them, as an AQM's)."""
 
-    __slots__ = ("counts", "seen", "total")
+    __slots__ = ("counts", "seen", "top", "top_count", "total")
 
     def __init__(self) -> None:
         self.counts: dict[bytes, int] = {}
         self.total = 0
         self.seen = 0
+        self.top = b""  # the flow with the most packets counted (its packets are not "others")
+        self.top_count = 0
 
     def reset(self) -> None:
         self.counts.clear()
-        self.total = self.seen = 0
+        self.total = self.seen = self.top_count = 0
+        self.top = b""
 
     def fat(self, key: bytes) -> bool:
         """Count one packet of flow `key`; is that flow fat?"""
@@ -164,6 +171,8 @@ class FatFlows:
         counts[key] = count
         self.total += 1
         self.seen += 1
+        if count > self.top_count:
+            self.top, self.top_count = key, count
         if self.seen >= FAT_WINDOW:
             self._halve()
             count = counts.get(key, 0)
@@ -178,19 +187,22 @@ class FatFlows:
                 del counts[key]
         self.total = sum(counts.values())
         self.seen = 0
+        self.top_count >>= 1
 
 
 class Backlog:
     """The fairness state of one queue: whether it is behind (`delay`, mirrored in `behind`,
     read per packet) and, while it is, which of its flows are fat (`flows`, counted afresh
-    each time it falls behind after MEMORY)."""
+    each time it falls behind after MEMORY) and whether other flows share it (a packet of a
+    flow neither fat nor the fattest within INTERVAL: `others_seen`)."""
 
-    __slots__ = ("behind", "delay", "flows")
+    __slots__ = ("behind", "delay", "flows", "others_seen")
 
     def __init__(self) -> None:
         self.delay = DelayControl()
         self.flows = FatFlows()
         self.behind = False
+        self.others_seen = -math.inf  # when a packet of a flow not fat was last counted
 
     def measured(self, now: float, waited: float) -> bool:
         """The packet at the head waited `waited` seconds at `now`; returns `behind`."""
@@ -208,7 +220,12 @@ class Backlog:
     def drop_early(self, key: bytes, now: float) -> bool:
         """While behind: count the packet's flow (`key`, see flow_key); True when the packet is
         to be dropped now: its flow is fat and a drop is due."""
-        return self.flows.fat(key) and self.delay.drop(now)
+        flows = self.flows
+        if not flows.fat(key):
+            if key != flows.top:
+                self.others_seen = now
+            return False
+        return self.delay.drop(now, now - self.others_seen < self.delay.interval)
 
 
 _ICMP = (1, 58)

@@ -186,15 +186,27 @@ def test_a_flood_faster_than_even_its_drops_is_left_to_the_kernel(served: tuple)
     queues[0].callback = adapter.on_packet
     waited = [OVERLOAD * 2]  # and it never falls
     # shedding all of it for INTERVAL takes ~50,000 reads; then 10,000 decided take 0.2 s (< MEMORY)
-    packets = [Stamped(FLOOD, clock, waited) for _ in range(60_000)]
+    packets = [Stamped(PING if n % 100 == 0 else FLOOD, clock, waited) for n in range(60_000)]
     queues[0].put(*packets)
     serve(adapter, 0, queues)
     delay = adapter._served[0].backlog.delay  # (the queue was read to its end since: emptied)
     assert delay.futile_until > clock.now  # it found out, and stopped for MEMORY
+    assert sum(p.verdict == "drop" for p in packets[:40_000]) > 30_000  # it had shed the flood
     tail = packets[-5_000:]
     decided = sum(p.verdict == "repeat" for p in tail)
     assert decided > 0.95 * len(tail), decided  # then nearly all decided again (CoDel's few aside)
     assert all(p.verdict in ("repeat", "drop") for p in packets)
+
+
+def test_a_flood_alone_in_its_queue_is_not_shed(served: tuple) -> None:  # type: ignore[type-arg]
+    """Nobody else waits behind it: reading its packets only to drop them would cost nfqfw time
+    the kernel's drops at the tail do not. CoDel's few drops go on (a TCP flow needs them)."""
+    adapter, _, clock, queues = served
+    packets = [Stamped(FLOOD, clock, [OVERLOAD * 2]) for _ in range(20_000)]
+    queues[0].put(*packets)
+    serve(adapter, 0, queues)
+    dropped = sum(p.verdict == "drop" for p in packets)
+    assert 0 < dropped < 20, dropped  # 0.3 s behind: CoDel's pace only
 
 
 def test_a_queue_that_catches_up_is_no_longer_behind(served: tuple) -> None:  # type: ignore[type-arg]
