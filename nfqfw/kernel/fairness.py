@@ -16,18 +16,17 @@ when it is full. Two remedies, decided here and applied by the adapter (nfqfw.ke
   at least half a fair share of the packets seen meanwhile) are dropped as soon as they are
   read, without asking the engine, and counted ("drop queue delay"); every other packet is
   decided as usual. How many: at CoDel's pace (one, then one every INTERVAL / sqrt(drops so
-  far)), which is what a TCP sender needs to slow down; and, while the head waits longer than
-  OVERLOAD (a flood that does not slow down) and other flows share the queue, a share of the
-  fat flows' packets that grows by SHED_STEP at each such measurement and shrinks by a quarter
-  of that otherwise: a drop costs a fraction of a decided packet, so the share settles where
-  the queue stops growing and the flood keeps what the consumer can take besides. Alone in
-  its queue a flood is not shed: reading a packet to drop it costs nfqfw time, the kernel's
-  drop at the tail of a full queue costs it nothing, and nobody else waits there. When even
-  dropping all of them does not shorten the wait within an INTERVAL (by a tenth at least),
-  nfqfw cannot read the flood as fast as it comes and the drops help nobody: none but CoDel's
-  for MEMORY (the kernel drops at the tail, as without early drops). It all stops as soon as
-  the head waits less than TARGET again (or the queue is empty), and starts again at once,
-  the pace kept, if the queue falls behind within MEMORY.
+  far)), which is what a TCP sender needs to slow down; and all of them while the head waits
+  longer than OVERLOAD (a flood that does not slow down) and other flows share the queue,
+  until the wait is within TARGET again: a drop costs nfqfw a fraction of a decided packet,
+  so the queue drains, and the other flows' packets wait about TARGET instead of a full queue.
+  Alone in its queue a flood is not shed: reading a packet to drop it costs nfqfw time, the
+  kernel's drop at the tail of a full queue costs it nothing, and nobody waits behind it. When
+  shedding does not bring the wait under OVERLOAD once in MEMORY, nfqfw cannot read the flood
+  as fast as it comes and the drops help nobody: none but CoDel's for MEMORY (the kernel drops
+  at the tail, as without early drops). It all stops as soon as the head waits less than
+  TARGET again (or the queue is empty), and starts again at once, the pace kept, if the queue
+  falls behind within MEMORY.
 
 Pure: clock values and packet bytes in, decisions out; every rule is unit-tested with an
 injected clock (tests/unit/kernel/test_fairness.py).
@@ -42,8 +41,7 @@ QUANTUM = 0.0005  # seconds a queue is served at a time while others have packet
 FIRST_PACKET_SHARE = 0.25  # a first-packet queue's quantum, as a share of QUANTUM
 TARGET = 0.002  # seconds a packet may wait in the kernel before its queue counts as behind
 INTERVAL = 0.1  # seconds above TARGET before the first early drops (bursts pass); CoDel's pace
-OVERLOAD = 0.01  # seconds of wait above which a growing share of the fat flows' packets is dropped
-SHED_STEP = 0.125  # how much that share grows at each measurement above OVERLOAD
+OVERLOAD = 0.01  # seconds of wait above which every packet of a fat flow is dropped (shared queue)
 MEMORY = 1.0  # seconds after behind during which falling behind again drops at once
 FAT_WINDOW = 1024  # packets seen while behind between two halvings of the flow counts
 FAT_MINIMUM = 8  # packets a flow must have in the counts to be fat (sparse flows never are)
@@ -59,15 +57,16 @@ def quantum(first_packets: bool) -> float:
 @dataclass(slots=True)
 class DelayControl:
     """Whether one queue is behind, and which of its fat flows' packets to drop: CoDel's rules
-    on the waiting time of the packet at its head, and a share shed under overload.
+    on the waiting time of the packet at its head, and shedding under overload.
 
     `observe(now, waited)` takes one measurement; `emptied(now)` says the queue was read to the
     end (nothing waits: not behind). `behind` turns True when every measurement for INTERVAL
     was above TARGET (or at the first one above it within MEMORY of the last time behind), and
-    False at the first measurement within TARGET. While behind, `drop(now)` says whether the
-    packet of a fat flow at hand goes: one when CoDel's next drop is due (`drop_next`: at once,
-    then every INTERVAL / sqrt(count)), and `shed` of them besides (0..1, see the module
-    docstring), spread evenly.
+    False at the first measurement within TARGET; `overloaded` at a measurement above OVERLOAD
+    while behind, and False with `behind` (or when it lasted MEMORY without a measurement within
+    OVERLOAD: futile, not again for MEMORY). While behind, `drop(now, shared)` says whether the
+    packet of a fat flow at hand goes: every one while overloaded and `shared`, else one when
+    CoDel's next drop is due (`drop_next`: at once, then every INTERVAL / sqrt(count)).
     """
 
     target: float = TARGET
@@ -75,16 +74,14 @@ class DelayControl:
     overload: float = OVERLOAD
     memory: float = MEMORY
     behind: bool = False
+    overloaded: bool = False
     above_since: float | None = None  # first measurement above target of the current run
     again_until: float = -math.inf  # behind again before this: at once, the pace kept
     episodes: int = 0  # times it fell behind (a fresh episode resets the flow counts)
     count: int = 0  # CoDel's drops of this episode (the pace)
     drop_next: float = math.inf  # when CoDel's next drop is due
-    shed: float = 0.0  # the share of the fat flows' packets dropped besides, under overload
-    credit: float = 0.0  # `shed` accumulated over the packets: one goes at each whole
-    all_shed_since: float | None = None  # shedding all of them since (and still overloaded)
-    all_shed_waited: float = 0.0  # the wait then
-    futile_until: float = -math.inf  # no shedding before this: it did not drain the queue
+    overloaded_since: float = math.inf  # without a measurement within OVERLOAD since
+    futile_until: float = -math.inf  # not overloaded before this: shedding did not drain it
 
     def observe(self, now: float, waited: float) -> bool:
         """A packet read at `now` waited `waited` seconds in the kernel; returns `behind`."""
@@ -101,32 +98,22 @@ class DelayControl:
             self.episodes += 1
             self.count = max(1, self.count - 2) if again else 1  # CoDel: resume near the pace
             self.drop_next = now
-        if waited > self.overload and now >= self.futile_until:
-            self.shed = min(1.0, self.shed + SHED_STEP)
-            if self.shed < 1.0:
-                self.all_shed_since = None
-            elif self.all_shed_since is None:
-                self.all_shed_since, self.all_shed_waited = now, waited
-            elif now - self.all_shed_since >= self.interval:
-                if waited > 0.9 * self.all_shed_waited:  # it comes as fast as nfqfw reads it
-                    self.shed, self.all_shed_since = 0.0, None
-                    self.futile_until = now + self.memory
-                else:  # draining: judge the next interval
-                    self.all_shed_since, self.all_shed_waited = now, waited
-        else:
-            self.shed = max(0.0, self.shed - SHED_STEP / 4)
-            self.all_shed_since = None
+        if waited <= self.overload:
+            self.overloaded_since = math.inf  # shedding gets somewhere (or is not needed)
+        elif now >= self.futile_until:
+            self.overloaded = True
+            if self.overloaded_since == math.inf:
+                self.overloaded_since = now
+            elif now - self.overloaded_since >= self.memory:  # it comes as fast as nfqfw reads it
+                self.overloaded, self.overloaded_since = False, math.inf
+                self.futile_until = now + self.memory
         return True
 
     def drop(self, now: float, shared: bool = True) -> bool:
         """While behind, a packet of a fat flow is at hand: does it go? (`shared`: other flows
         wait in the queue too; without them nothing is shed, CoDel's pace goes on.)"""
-        if shared:
-            credit = self.credit + self.shed
-            if credit >= 1.0:
-                self.credit = credit - 1.0
-                return True
-            self.credit = credit
+        if self.overloaded and shared:
+            return True
         if now < self.drop_next:
             return False
         self.count += 1
@@ -136,11 +123,9 @@ class DelayControl:
     def emptied(self, now: float) -> None:
         self.above_since = None
         if self.behind:
-            self.behind = False
+            self.behind = self.overloaded = False
             self.again_until = now + self.memory
-            self.drop_next = math.inf
-            self.shed = self.credit = 0.0
-            self.all_shed_since = None
+            self.drop_next = self.overloaded_since = math.inf
 
 
 class FatFlows:

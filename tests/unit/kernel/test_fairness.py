@@ -18,7 +18,6 @@ from nfqfw.kernel.fairness import (
     MEMORY,
     OVERLOAD,
     QUANTUM,
-    SHED_STEP,
     TARGET,
     Backlog,
     DelayControl,
@@ -84,56 +83,40 @@ def test_drops_come_at_codels_pace_while_behind() -> None:
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps == pytest.approx([INTERVAL / math.sqrt(n) for n in range(2, len(times) + 1)])
     assert len(times) == 38 and delay.count == 39  # ever faster: 38 in the first second
-    assert delay.shed == 0.0  # never overloaded (LATE < OVERLOAD)
+    assert not delay.overloaded  # LATE < OVERLOAD
 
 
-def overloaded_run(delay: DelayControl, measurements: int, waited: float, start: float = 1.0) -> None:
-    for n in range(measurements):
-        delay.observe(start + n * 0.001, waited)
-
-
-def test_overloaded_a_growing_share_is_shed_and_shrinks_when_the_wait_falls() -> None:
+def test_overloaded_every_fat_packet_goes_until_the_wait_is_within_target() -> None:
     delay = DelayControl()
     delay.observe(0.0, OVERLOAD * 2)
-    assert delay.shed == 0.0  # a burst: not behind yet, nothing shed
+    assert not delay.overloaded  # a burst: not behind yet, nothing dropped
     delay.observe(INTERVAL + JUST, OVERLOAD * 2)
-    assert delay.behind and delay.shed == SHED_STEP
+    assert delay.behind and delay.overloaded
     delay.drop_next = math.inf  # (CoDel's drops aside)
-    dropped = sum(delay.drop(1.0) for _ in range(800))
-    assert dropped == 100  # an eighth, spread evenly
-    overloaded_run(delay, 3, OVERLOAD * 2)
-    assert delay.shed == 4 * SHED_STEP
-    overloaded_run(delay, 4, (TARGET + OVERLOAD) / 2, start=2.0)  # behind, not overloaded
-    assert delay.shed == 3 * SHED_STEP and delay.behind
-    delay.observe(3.0, TARGET)
-    assert not delay.behind and delay.shed == 0.0 and delay.credit == 0.0
+    assert all(delay.drop(1.0) for _ in range(100))  # every one, in a shared queue ...
+    assert not delay.drop(1.0, shared=False)  # ... none alone in it (but CoDel's)
+    delay.observe(0.3, (TARGET + OVERLOAD) / 2)  # still behind: it goes on until within target
+    assert delay.overloaded
+    delay.observe(0.31, TARGET)
+    assert not delay.behind and not delay.overloaded and delay.drop_next == math.inf
 
 
-def test_shedding_all_goes_on_while_it_drains_the_queue() -> None:
+def test_shedding_that_never_brings_the_wait_under_overload_stops_for_a_while() -> None:
     delay = DelayControl()
     delay.observe(0.0, OVERLOAD * 8)
-    overloaded_run(delay, 8, OVERLOAD * 8, start=INTERVAL + JUST)
-    since = delay.all_shed_since
-    assert since is not None and delay.shed == 1.0
-    for n in range(1, 5):  # a full queue: it takes a few intervals, the wait falling by a fifth each
-        delay.observe(since + n * INTERVAL, OVERLOAD * 8 * 0.8**n)
-        assert delay.shed == 1.0 and delay.futile_until == -math.inf
-
-
-def test_shedding_all_that_does_not_drain_the_queue_stops_for_a_while() -> None:
-    delay = DelayControl()
-    delay.observe(0.0, OVERLOAD * 2)
-    overloaded_run(delay, 8, OVERLOAD * 2, start=INTERVAL + JUST)
-    assert delay.shed == 1.0 and delay.all_shed_since is not None
-    since = delay.all_shed_since
-    delay.observe(since + INTERVAL - JUST, OVERLOAD * 2)
-    assert delay.shed == 1.0  # not yet
-    delay.observe(since + INTERVAL, OVERLOAD * 2)
-    assert delay.shed == 0.0 and delay.behind  # futile: the tail drops, not nfqfw; CoDel goes on
-    delay.observe(since + INTERVAL + MEMORY / 2, OVERLOAD * 2)
-    assert delay.shed == 0.0
-    delay.observe(since + INTERVAL + MEMORY, OVERLOAD * 2)
-    assert delay.shed == SHED_STEP  # tried again
+    delay.observe(INTERVAL, OVERLOAD * 8)
+    assert delay.overloaded and delay.overloaded_since == INTERVAL
+    delay.observe(INTERVAL + MEMORY / 2, OVERLOAD / 2)  # under it once: it gets somewhere
+    delay.observe(INTERVAL + MEMORY / 2 + 0.01, OVERLOAD * 8)
+    delay.observe(INTERVAL + MEMORY, OVERLOAD * 8)
+    assert delay.overloaded  # a memory since it started, but not without a measurement under it
+    start = INTERVAL + MEMORY / 2 + 0.01
+    delay.observe(start + MEMORY + JUST, OVERLOAD * 8)
+    assert not delay.overloaded and delay.behind  # futile: the tail drops, not nfqfw; CoDel goes on
+    delay.observe(start + MEMORY + MEMORY / 2, OVERLOAD * 8)
+    assert not delay.overloaded
+    delay.observe(start + 2 * MEMORY + 2 * JUST, OVERLOAD * 8)
+    assert delay.overloaded  # tried again
 
 
 def test_behind_again_within_memory_resumes_near_the_pace() -> None:
