@@ -20,8 +20,8 @@ Gateway modes:
     kernel          iptables ctstate rules equivalent to config/policy.yaml (bench/run.py's);
                     the synproxy attack runs with the kernel's SYNPROXY on port 25
     nfqfw-plain     nfqfw with every protection switched off (prefilter: off, new-rate: off,
-                    new-rate-per-source: off) on one queue (--queue 0 --new-queue off): what
-                    nfqfw did before them
+                    new-rate-per-source: off, antispoof: off) on one queue (--queue 0
+                    --new-queue off): what nfqfw did before them
     nfqfw-1q        the protections on, one queue shared by first packets and established flows
                     (--queue 0 --new-queue off), as the default was before queues in turn
     nfqfw           nfqfw as configured by default (kernel pre-filter, NEW caps, queues 0:3 for
@@ -56,7 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from run import KERNEL_RULES, cpu_seconds, start_ready, stop  # noqa: E402
+from run import KERNEL_RULES, accept_server, cpu_seconds, start_ready, stop  # noqa: E402
 
 from nfqfw.kernel.queue_info import parse_queue_stats  # noqa: E402
 from nfqfw.lab import daemon_ctl, traffic  # noqa: E402
@@ -81,7 +81,7 @@ ATTACKS: dict[str, list[str] | None] = {
     "udp-closed": ["--udp", "-p", "53"],
     "malformed": ["-S", "-F", "-p", str(SERVER_PORT)],
 }
-PLAIN_OPTIONS = "options: {prefilter: off, new-rate: off, new-rate-per-source: off}\n"
+PLAIN_OPTIONS = "options: {prefilter: off, new-rate: off, new-rate-per-source: off, antispoof: off}\n"
 MODES = ("kernel", "nfqfw-plain", "nfqfw-1q", "nfqfw", "nfqfw-offload")
 ONE_QUEUE = ("--queue", "0", "--new-queue", "off")
 MODE_ARGS: dict[str, tuple[str, ...]] = {"nfqfw-plain": ONE_QUEUE, "nfqfw-1q": ONE_QUEUE, "nfqfw": ()}
@@ -101,18 +101,6 @@ KERNEL_SYNPROXY = [
         f"-I FORWARD 2 -p tcp -d {SERVER} --dport {SERVER_PORT} -m conntrack --ctstate INVALID -j DROP",
     ),
 ]
-
-SERVER_CODE = f"""
-import socket, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {SERVER_PORT}))
-s.listen(4096)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    c.close()
-"""
 
 
 class Sampler(threading.Thread):
@@ -332,7 +320,7 @@ def main() -> int:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            server = start_ready(t.lan, SERVER_CODE)
+            server = start_ready(t.lan, accept_server(SERVER_PORT))
             time.sleep(0.3)
             try:
                 for mode in MODES:

@@ -74,17 +74,21 @@ except KeyboardInterrupt:
     pass
 """
 
-ACCEPT_SERVER = f"""
+
+def accept_server(port: int) -> str:
+    """Python code for a TCP server on `port` that accepts and closes at once (prints "ready")."""
+    return f"""
 import socket
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {CONN_PORT}))
+s.bind(("0.0.0.0", {port}))
 s.listen(4096)
 print("ready", flush=True)
 while True:
     c, _ = s.accept()
     c.close()
 """
+
 
 CONNECT_LOOP = f"""
 import socket, struct, time
@@ -255,12 +259,12 @@ def main() -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        accept_server = start_ready(t.wan, ACCEPT_SERVER)
+        acceptor = start_ready(t.wan, accept_server(CONN_PORT))
         time.sleep(0.3)  # iperf3 -s has no readiness signal; it listens within milliseconds
         try:
             results = run_modes(t)
         finally:
-            stop(accept_server)
+            stop(acceptor)
             iperf_server.terminate()
             iperf_server.wait(timeout=5)
     finally:

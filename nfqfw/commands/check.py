@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
@@ -15,8 +16,10 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "check",
         help="validate policy files",
-        description="Load and compile each policy file. Prints a one-line summary per valid file; "
-        "otherwise prints every problem as FILE:LINE:COL: message on stderr and exits with 1.",
+        description="Load and compile each policy file. Prints a one-line summary per valid file (zones, "
+        "rules, and how long compiling the rules took) and its warnings (FILE:LINE:COL: warning: "
+        "message, on stderr); otherwise prints every problem as FILE:LINE:COL: message on stderr and "
+        "exits with 1.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
     add_json_option(parser, "one object per file (file, ok, counts or errors) in a list")
@@ -34,14 +37,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_file(path: str) -> dict[str, Any]:
-    """{"file", "ok": true, "zones", "ingress_rules", "egress_rules"} or {"file", "ok": false,
-    "errors": [{"file", "line", "col", "message"}]}."""
+    """{"file", "ok": true, "zones", "ingress_rules", "egress_rules", "rules", "compile_seconds",
+    "warnings": [{"file", "line", "col", "message"}]} or {"file", "ok": false, "errors": [...the same...]}."""
     try:
         config = load_policy(path)
+        started = time.perf_counter()
         CompiledPolicy(config)  # compiling must work too, as the daemon will do it
+        seconds = time.perf_counter() - started
     except ConfigError as err:
         return {"file": path, "ok": False, "errors": [issue._asdict() for issue in err.issues]}
-    return {"file": path, "ok": True, **counts(config)}
+    warnings = [issue._asdict() for issue in config.warnings]
+    return {
+        "file": path,
+        "ok": True,
+        **counts(config),
+        "compile_seconds": round(seconds, 6),
+        "warnings": warnings,
+    }
 
 
 def counts(config: PolicyConfig) -> dict[str, int]:
@@ -49,6 +61,7 @@ def counts(config: PolicyConfig) -> dict[str, int]:
         "zones": sum(1 for names in config.zones.values() if names),
         "ingress_rules": len(config.ingress),
         "egress_rules": len(config.egress),
+        "rules": len(config.ingress) + len(config.egress),
     }
 
 
@@ -56,6 +69,8 @@ def print_result(result: dict[str, Any]) -> None:
     path = result["file"]
     if result["ok"]:
         print(summary(path, result))
+        for warning in result["warnings"]:
+            print(ConfigIssue(**warning), file=sys.stderr)
         return
     for issue in result["errors"]:
         print(ConfigIssue(**issue), file=sys.stderr)
@@ -68,4 +83,12 @@ def summary(path: str, counted: dict[str, Any]) -> str:
         f"zones: {counted['zones']}, ingress rules: {counted['ingress_rules']}, "
         f"egress rules: {counted['egress_rules']}"
     )
-    return f"{path}: OK ({numbers})"
+    rules = counted["rules"]
+    compiled = f"{rules} rule{'s' if rules != 1 else ''} compiled in {duration(counted['compile_seconds'])}"
+    return f"{path}: OK ({numbers}), {compiled}"
+
+
+def duration(seconds: float) -> str:
+    """`12.3 ms` below a second, `1.25 s` from there."""
+    milliseconds = round(seconds * 1000, 1)
+    return f"{milliseconds:.1f} ms" if milliseconds < 1000 else f"{seconds:.2f} s"

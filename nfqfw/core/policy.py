@@ -1,8 +1,13 @@
-"""The compiled policy: every rule turned into a matcher with precomputed fields.
+"""The compiled policy: every rule turned into a matcher with precomputed fields, and each rule
+list into a `RuleIndex` (nfqfw.core.classify) that finds the first matching rule without
+walking the list.
 
-Matching works on the raw packet record: protocol numbers in frozensets, addresses as
-integers compared under masks (int.from_bytes of the 4/16 raw bytes, no ipaddress objects
-per packet), ports in a frozenset or sorted ranges, ICMP types per family.
+`match`/`match_standing` use the index: their cost hardly grows with the number of rules.
+`scan`/`scan_standing` walk the rules one by one with `RuleMatcher.matches`: the reference the
+index is tested against (same decisions, rule names and rate-limit behaviour), not used per
+packet. Matching works on the raw packet record: protocol numbers, addresses as integers
+(int.from_bytes of the 4/16 raw bytes, no ipaddress objects per packet), ports, ICMP types
+per family.
 
 A non-first fragment (pkt.frag == FRAG_LATER) carries no L4 header, so its ports and ICMP
 type are unknown: it never matches a rule that names ports, sports or icmp-types.
@@ -13,7 +18,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import NamedTuple
 
-from nfqfw.core.config import AddressSet, PolicyConfig, RuleConfig
+from nfqfw.core.classify import RuleIndex
+from nfqfw.core.config import SIDES, AddressSet, PolicyConfig, RuleConfig
 from nfqfw.core.packet import FRAG_LATER, Packet
 from nfqfw.core.ratelimit import Limiter, RuleLimiter, SourceLimiter
 from nfqfw.core.verdict import Action
@@ -174,9 +180,12 @@ class CompiledPolicy:
         self.invalid_action: Action = config.defaults.invalid
         self.log_denied: bool = options.log_denied  # every drop/reject is logged, not only rules'
         self.gateway_addresses: frozenset[bytes] = options.gateway_address_bytes
+        rule_lists = {"ingress": config.ingress, "egress": config.egress}
         self._rules: dict[str, tuple[RuleMatcher, ...]] = {
-            "ingress": tuple(RuleMatcher(rule, options.log_denied) for rule in config.ingress),
-            "egress": tuple(RuleMatcher(rule, options.log_denied) for rule in config.egress),
+            side: tuple(RuleMatcher(rule, options.log_denied) for rule in rule_lists[side]) for side in SIDES
+        }
+        self._index: dict[str, RuleIndex[RuleMatcher]] = {
+            side: RuleIndex(rule_lists[side], self._rules[side]) for side in SIDES
         }
         self._defaults: dict[str, RuleDecision] = {
             side: RuleDecision(
@@ -227,11 +236,16 @@ class CompiledPolicy:
         A rule whose rate limit is exhausted does not match: evaluation goes on with the next
         rule (as iptables -m limit). Tokens are only taken from rules that otherwise match.
         """
-        for rule in self._rules[side]:
-            if rule.matches(pkt, to_gateway, from_gateway, in_iface, out_iface):
-                limiter = rule.limiter
-                if limiter is None or limiter.allow(pkt.src, now):
-                    return rule.decision
+        index = self._index[side]
+        candidates = index.candidates(pkt, to_gateway, from_gateway, in_iface, out_iface)
+        by_bit = index.by_bit
+        while candidates:
+            top = candidates.bit_length() - 1
+            rule = by_bit[top]
+            limiter = rule.limiter
+            if limiter is None or limiter.allow(pkt.src, now):
+                return rule.decision
+            candidates ^= 1 << top  # limit used up: the next matching rule
         return self._defaults[side]
 
     def match_standing(
@@ -245,6 +259,41 @@ class CompiledPolicy:
     ) -> RuleDecision:
         """As `match`, but rate limits are neither checked nor charged: a flow that is already
         up is re-judged on what the rules say (reload recheck), not on token buckets."""
+        index = self._index[side]
+        candidates = index.candidates(pkt, to_gateway, from_gateway, in_iface, out_iface)
+        if candidates:
+            return index.by_bit[candidates.bit_length() - 1].decision
+        return self._defaults[side]
+
+    # -- the reference: rule by rule ----------------------------------------------------------
+    def scan(
+        self,
+        side: str,
+        pkt: Packet,
+        to_gateway: bool,
+        from_gateway: bool,
+        in_iface: str | None,
+        out_iface: str | None,
+        now: float,
+    ) -> RuleDecision:
+        """`match` by walking the rules in order (the reference for the index)."""
+        for rule in self._rules[side]:
+            if rule.matches(pkt, to_gateway, from_gateway, in_iface, out_iface):
+                limiter = rule.limiter
+                if limiter is None or limiter.allow(pkt.src, now):
+                    return rule.decision
+        return self._defaults[side]
+
+    def scan_standing(
+        self,
+        side: str,
+        pkt: Packet,
+        to_gateway: bool,
+        from_gateway: bool,
+        in_iface: str | None,
+        out_iface: str | None,
+    ) -> RuleDecision:
+        """`match_standing` by walking the rules in order (the reference for the index)."""
         for rule in self._rules[side]:
             if rule.matches(pkt, to_gateway, from_gateway, in_iface, out_iface):
                 return rule.decision

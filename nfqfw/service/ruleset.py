@@ -20,9 +20,10 @@ import logging
 from typing import Any
 
 from nfqfw.core.config import PROTO_TCP, PolicyConfig, RuleConfig
+from nfqfw.core.engine import SPOOFED_SOURCE
 from nfqfw.core.prefilter import KernelMatch, derive
 from nfqfw.firewall import QueueSpec
-from nfqfw.firewall.backend import Protection, Rate, Synproxy
+from nfqfw.firewall.backend import Antispoof, Protection, Rate, Synproxy
 from nfqfw.service.options import Options
 
 log = logging.getLogger("nfqfw")
@@ -52,6 +53,9 @@ def protection(options: Options, config: PolicyConfig) -> Protection:
     synproxy = _synproxy(config) if ENGINE_FOLLOWS_SYNPROXY else ()
     _log_not_in_force(config)
     log_limit = opts.log_limit
+    antispoof = None
+    if opts.antispoof != "off":
+        antispoof = Antispoof(loose=opts.antispoof == "loose", reason=SPOOFED_SOURCE, log=opts.log_denied)
     return Protection(
         prefilter=tuple((family, hook.name, rules) for family, hook, rules in prefilter.chains if rules),
         first_protocols=tuple((family, prefilter.protocols(family)) for family in (4, 6)),
@@ -65,6 +69,8 @@ def protection(options: Options, config: PolicyConfig) -> Protection:
         log_limit=Rate(log_limit.count, log_limit.period),
         log_burst=log_limit.burst,
         reject_rate=max(1, int(options.reject_rate)),
+        gateway_errors=True,
+        antispoof=antispoof,
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from nfqfw.core.config import parse_policy
 from nfqfw.core.prefilter import INVALID_TCP_FLAGS, KernelMatch
-from nfqfw.firewall.backend import Rate, Synproxy
+from nfqfw.firewall.backend import Antispoof, Rate, Synproxy
 from nfqfw.service import ruleset
 from nfqfw.service.options import Options
 
@@ -38,6 +38,24 @@ def test_defaults_prefilter_caps_and_four_queues_each_with_its_queue_for_first_p
     ]
     assert protection.offload_mark is None and protection.synproxy == ()
     assert protection.reject_rate == int(Options(config="p").reject_rate)
+    assert protection.gateway_errors  # the gateway's own ICMP errors pass OUTPUT in the kernel
+    assert protection.antispoof == Antispoof(loose=False, reason="invalid: spoofed source", log=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ("{antispoof: loose}", Antispoof(loose=True, reason="invalid: spoofed source", log=True)),
+        (
+            "{antispoof: strict, log-denied: false}",
+            Antispoof(loose=False, reason="invalid: spoofed source", log=False),
+        ),
+        ("{antispoof: off}", None),
+    ],
+)
+def test_antispoof_modes(options: str, expected: Antispoof | None) -> None:
+    config = parse_policy(POLICY + f"options: {options}\n")
+    assert ruleset.protection(Options(config="p"), config).antispoof == expected
 
 
 def test_new_queue_offload_and_switched_off_caps() -> None:
