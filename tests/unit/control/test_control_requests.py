@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from firewall_fakes import RecordingFirewall
 from queue_fakes import MARK, UDP_PACKET, FakeLinks, FakePacket, FakeSender
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
@@ -104,9 +105,10 @@ def daemon(rundir: Path) -> Iterator[Daemon]:
     policy.write_text(POLICY)
     policy.chmod(0o600)
     clock = Clock()
-    d = Daemon(Options(config=str(policy), runtime_dir=str(rundir)), notifier=Notes(), clock=clock)  # type: ignore[arg-type]
+    options = Options(config=str(policy), runtime_dir=str(rundir))
+    firewall = RecordingFirewall(KERNEL_DROPS)
+    d = Daemon(options, notifier=Notes(), clock=clock, firewall=firewall)  # type: ignore[arg-type]
     d.engine = Engine(CompiledPolicy(load_policy(policy)))
-    d.firewall.counters = lambda: dict(KERNEL_DROPS)  # type: ignore[method-assign,union-attr]
     d.spec = QueueSpec(0, 0)
     d.links = QuietLinks({3: "lan0", 4: "wan0"})  # type: ignore[assignment]
     d.drops = DropWatch(range(0, 1), read=lambda: {})
@@ -313,8 +315,11 @@ def test_reload_reports_located_errors_then_success(daemon: Daemon, monkeypatch:
     }
     assert answer(requests({"cmd": "status"}))["last_reload"] == failed
     assert len(daemon.engine.conntrack) == 2  # the running policy stays, flows too
+    firewall = daemon.firewall
+    assert isinstance(firewall, RecordingFirewall) and firewall.installs == []  # the rules too
     Path(path).write_text(POLICY.replace("ports: [445]", "ports: [445, 80]"))
     done = answer(requests({"cmd": "reload"}))
+    assert firewall.installs == [daemon.spec]  # the pre-filter follows the new policy
     assert done == {**failed, "ok": True, "errors": [], "removed": 1}
     assert daemon.last_reload == ReloadResult(1_750_000_000.0, "control request", True, (), 1)
     assert [f.proto for f in daemon.engine.conntrack] == [17]  # the session to port 80 is rejected now
