@@ -61,7 +61,7 @@ def protection(options: Options, config: PolicyConfig) -> Protection:
         first_protocols=tuple((family, prefilter.protocols(family)) for family in (4, 6)),
         internal_ifaces=prefilter.internal_ifaces,
         invalid_tcp_flags=prefilter.invalid_tcp_flags,
-        new_first=options.new_queue,
+        new_first=options.first_packet_queue,
         new_rate=None if rate is None else Rate(rate.count, rate.period),
         new_rate_per_source=None if per_source is None else Rate(per_source.count, per_source.period),
         offload_mark=offload,

@@ -122,10 +122,11 @@ def connects(host: str = WAN_V4, timeout: float = 2.0) -> str:
 def test_start_runs_the_check_binds_and_reports_ready(service: Service, session: socket.socket) -> None:
     state = service.state()
     assert (state["ActiveState"], state["SubState"], state["NRestarts"]) == ("active", "running", "0")
-    assert re.fullmatch(r"queue 0: \d+ verdicts, \d+ flows, 0 rejects sent", state["StatusText"]), state
+    assert re.fullmatch(r"queue 0:3: \d+ verdicts, \d+ flows, 0 rejects sent", state["StatusText"]), state
     log = service.log.read_text()
     assert "/etc/nfqfw/policy.yaml: OK (zones: 2" in log  # ExecStartPre=nfqfw check
-    assert "queue 0 bound, rules installed (failure mode closed" in log
+    assert "queue 0:3 bound, rules installed (failure mode closed" in log
+    assert ", first packets to queue 4:7)" in log
     status = service.nfqfw("status")
     assert "policy:       /etc/nfqfw/policy.yaml\n" in status
     assert f"pid {state['MainPID']}," in status
