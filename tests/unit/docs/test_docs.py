@@ -29,6 +29,7 @@ def test_every_policy_key_is_documented_and_nothing_else() -> None:
     assert set(documented["defaults"]) == set(config.DEFAULT_KEYS)
     assert set(documented["rule"]) == set(config.RULE_KEYS)
     assert set(documented["options"]) == set(config.OPTION_KEYS)
+    assert set(documented["set"]) == set(config.SET_KEYS)
 
 
 RULE = "  - {{name: r, proto: tcp, limit: 1/second, {key}: zzz{action}}}\n"
