@@ -912,14 +912,16 @@ class _Checker:
             if not isinstance(root, MappingNode):
                 self.error(root, f"expected a mapping with sets or rule lists, got {_describe(root)}")
                 return
-            for key, _ in root.value:
+            kept = []
+            for key, value in root.value:
                 if _is_value(key) and key.value in TOP_KEYS and key.value not in INCLUDE_KEYS:
                     where = f"the main policy file ({self.main})"
                     self.error(key, f"'{key.value}' belongs in {where}, not in an included file")
-            allowed = (*INCLUDE_KEYS, *(k for k in TOP_KEYS if k not in INCLUDE_KEYS))
-            found = {
-                key: value for key, value in self.mapping(root, "", allowed).items() if key in INCLUDE_KEYS
-            }
+                else:
+                    kept.append((key, value))
+            found = self.mapping(
+                MappingNode(root.tag, kept, root.start_mark, root.end_mark), "", INCLUDE_KEYS
+            )
             self.included.append((path, found))
             self.include(found, seen)
 
