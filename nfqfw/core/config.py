@@ -50,7 +50,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -344,6 +344,7 @@ class SetConfig:
     path: str | None = None  # the set file, as resolved
     comment: str | None = None
     runtime_only: bool = False  # written `{}`: filled at run time only
+    inline: tuple[Network, ...] = ()  # the networks written in the policy (besides the file's)
 
 
 class SourceFile(NamedTuple):
@@ -571,6 +572,29 @@ def load_bundle(data: bytes) -> PolicyConfig:
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ConfigError([ConfigIssue("<bundle>", 1, 1, f"not a policy bundle: {err}")]) from err
     return load_policy(files.main, files)
+
+
+def refresh_set(config: PolicyConfig, name: str, files: PolicyFiles | None = None) -> PolicyConfig:
+    """`config` with set `name`'s file read again (options watch-sets): the rest as it was;
+    ConfigError with the set file's located issues when it is broken (the caller keeps `config`)."""
+    found = config.sets[name]
+    if found.path is None:
+        return config
+    checker = _Checker(config.filename, files or PolicyFiles())
+    checker.filename = found.defined_in
+    pairs: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    written = 0
+    for network in found.inline:
+        pairs[network.version].append(network_range(network))
+        written += 1
+    written += checker.set_file_issues(found.path, pairs)
+    if checker.issues:
+        raise ConfigError(checker.issues)
+    (source,) = checker.sources
+    content = SetContent.of(pairs[4], pairs[6], written)
+    sets = {**config.sets, name: replace(found, content=content)}
+    sources = tuple(source if old.path == source.path else old for old in config.sources)
+    return replace(config, sha256=combined_digest(sources), sets=sets, sources=sources)
 
 
 def _text_of(data: bytes, filename: str) -> str:
@@ -970,6 +994,7 @@ class _Checker:
         line = node.start_mark.line + 1
         errors_before = len(self.issues)
         pairs: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        inline: list[Network] = []
         written = 0
         path = comment = None
         runtime_only = False
@@ -977,9 +1002,7 @@ class _Checker:
             found = self.mapping(node, where, SET_KEYS) if isinstance(node, MappingNode) else {}
             runtime_only = not found
             if "networks" in found:
-                written += self.inline_networks(
-                    found["networks"][1], f"{where}: networks", pairs, allow_empty=True
-                )
+                written += self.inline_networks(found["networks"][1], f"{where}: networks", pairs, inline)
             if "comment" in found:
                 comment = self.text(found["comment"][1], f"{where}: comment")
             if "file" in found:
@@ -989,17 +1012,17 @@ class _Checker:
                     path = os.path.join(os.path.dirname(self.filename), word)
                     written += self.set_file(file_node, path, where, pairs)
         else:
-            written += self.inline_networks(node, where, pairs, allow_empty=True)
+            written += self.inline_networks(node, where, pairs, inline)
         if len(self.issues) > errors_before:
             return None
         content = SetContent.of(pairs[4], pairs[6], written)
-        return SetConfig(name, content, line, self.filename, path, comment, runtime_only)
+        return SetConfig(name, content, line, self.filename, path, comment, runtime_only, tuple(inline))
 
     def inline_networks(
-        self, node: Node, where: str, pairs: dict[int, list[tuple[int, int]]], allow_empty: bool = False
+        self, node: Node, where: str, pairs: dict[int, list[tuple[int, int]]], inline: list[Network]
     ) -> int:
         count = 0
-        for item in self.items(node, where, allow_empty=allow_empty):
+        for item in self.items(node, where, allow_empty=True):
             if str(item.value).startswith("@"):
                 self.error(
                     item, f"{where}: a set holds addresses and networks, not other sets ('{item.value}')"
@@ -1008,6 +1031,7 @@ class _Checker:
             network = self.network(item, where)
             if network is not None:
                 pairs[network.version].append(network_range(network))
+                inline.append(network)
                 count += 1
         return count
 
@@ -1018,6 +1042,19 @@ class _Checker:
         except OSError as err:
             self.error(node, f"{where}: file: cannot read {path}: {err.strerror or err}")
             return 0
+        return self.set_data(path, data, pairs)
+
+    def set_file_issues(self, path: str, pairs: dict[int, list[tuple[int, int]]]) -> int:
+        """`set_file` for a file read again (refresh_set): a file that cannot be read is an issue
+        of its own (there is no policy node to put it on)."""
+        try:
+            data = self.files.read(path)
+        except OSError as err:
+            self.issues.append(ConfigIssue(path, 1, 0, f"cannot read: {err.strerror or err}"))
+            return 0
+        return self.set_data(path, data, pairs)
+
+    def set_data(self, path: str, data: bytes, pairs: dict[int, list[tuple[int, int]]]) -> int:
         self.sources.append(SourceFile(path, hashlib.sha256(data).hexdigest(), "set"))
         try:
             text = _text_of(data, path)
