@@ -17,6 +17,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from nfqfw.core.config import (
+    ICMP_PROTOCOLS,
     PROTOCOL_NAMES,
     SERVICE_NAMES,
     AddressSet,
@@ -58,6 +59,8 @@ def describe_field(name: str, value: Any) -> str:
     if name in ("src", "dst"):
         return describe_addresses(value)
     if name == "protocols":
+        if value == ICMP_PROTOCOLS:
+            return "icmp"  # as written: ICMP on IPv4, ICMPv6 on IPv6
         return ", ".join(PROTOCOL_NAMES.get(number, str(number)) for number in sorted(value))
     if name in ("icmp_types_v4", "icmp_types_v6"):
         return ", ".join(str(number) for number in sorted(value))

@@ -248,7 +248,9 @@ class ServiceCore:
         self.fail_open = loaded.fail_open
         self.in_force = loaded
         self._stamp_set_files()
-        self.spec = queue_spec(opts, loaded.engine_policy.config, bypass=loaded.fail_open)
+        self.spec = queue_spec(
+            opts, loaded.engine_policy.config, bypass=loaded.fail_open, sets=self._kernel_sets()
+        )
         try:
             self._install_signal_handlers()
             self._schedule.watchdog_every = watchdog_interval()
@@ -298,6 +300,7 @@ class ServiceCore:
             self.spec = self.firewall.install_keeping_panic(self.spec)
         except RulesError as err:
             raise StartupError(str(err)) from err
+        self._runtime_entries_to_kernel()
         return "rules installed"
 
     def _announce_ready(self, status: str) -> None:
@@ -590,11 +593,31 @@ class ServiceCore:
         reload changed them (a process that owns the rules)."""
         if self.firewall is None or self.spec is None:
             return
-        spec = replace(self.spec, protection=protection(self.options, loaded.engine_policy.config))
+        config = loaded.engine_policy.config
+        spec = replace(self.spec, protection=protection(self.options, config, sets=self._kernel_sets()))
         if spec != self.spec and self.firewall.reinstall(
             spec, "reload: the kernel's pre-filter and caps not updated"
         ):
             self.spec = spec
+            self._runtime_entries_to_kernel()
+
+    def _kernel_sets(self) -> bool:
+        """Can the kernel rules match the policy's sets (a process that owns the rules)?"""
+        return self.firewall is not None and self.firewall.supports_sets()
+
+    def _runtime_entries_to_kernel(self) -> None:
+        """After the kernel's sets were (re)filled with the policy's networks: the runtime
+        entries of those sets too, with the time they have left."""
+        protection = None if self.spec is None else self.spec.protection
+        if protection is None or not protection.ipsets:
+            return
+        runtime, now = self.runtime_sets(), self.clock()
+        for name in sorted(protection.set_names()):
+            if name not in runtime:
+                continue
+            for entry in runtime.entries(name).entries():
+                left = None if entry.expires is None else max(1.0, entry.expires - now)
+                self._kernel_set_entry(name, entry.network, True, left)
 
     def set_panic(self, on: bool) -> bool:
         """Panic mode on/off in the kernel rules (nfqfw panic); False when they could not be installed."""

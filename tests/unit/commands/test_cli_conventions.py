@@ -190,6 +190,13 @@ def test_explain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
             "why": "rule mail",
             "reject_with": "tcp-reset",
             "hook": "FORWARD",
+            "rule": {
+                "name": "mail",
+                "at": f"{policy}:2",
+                "match": "reject tcp ports 25 (smtp)",
+                "comment": None,
+                "sets": [],
+            },
         },
     )
 

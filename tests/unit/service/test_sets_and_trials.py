@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from firewall_fakes import RecordingFirewall
 from queue_fakes import MARK, FakeLinks, FakeSender
 
 from nfqfw.control.protocol import RequestError
@@ -108,7 +109,7 @@ def make_daemon(rundir: Path, clock: Clock | None = None) -> Daemon:
     options = Options(
         config=str(rundir / "policy.yaml"), runtime_dir=str(rundir), state_dir=str(rundir / "state")
     )
-    d = Daemon(options, notifier=Notes(), clock=clock)  # type: ignore[arg-type]
+    d = Daemon(options, notifier=Notes(), firewall=RecordingFirewall(), clock=clock)  # type: ignore[arg-type]
     loaded = load_policy_file(options.config)
     d.in_force = loaded
     d.engine = __import__("nfqfw.core.engine", fromlist=["Engine"]).Engine(loaded.engine_policy)
