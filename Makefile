@@ -10,6 +10,7 @@
 #   make bench-workers  one process for two queues against a worker per queue (bench/workers.py)
 #   make bench-flood    floods against the kernel ruleset and nfqfw, side by side (bench/flood.py)
 #   make bench-rules    new-flow decisions/s, policy load and reload recheck for 10..10,000 rules
+#   make bench-sets     a named set of 1,000..100,000 networks: load, memory, decisions, set add
 #   make deb        dist/nfqfw_VERSION_ARCH.deb (dpkg-buildpackage; DEB_VERSION=, DIST= to choose)
 #   make install    nfqfw on this machine from the checkout: /opt/nfqfw, /usr/local/bin/nfqfw,
 #                   /etc/nfqfw/policy.yaml (kept if present), the systemd units, man pages, completion
@@ -40,7 +41,7 @@ DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack ip
 # What `make deb` needs (the package is built on Debian's own python3, whatever PYTHON is).
 DEB_BUILD_PACKAGES := dpkg-dev debhelper build-essential python3-dev python3-venv
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-rules deb docs \
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-rules bench-sets deb docs \
 	install uninstall clean
 
 help:
@@ -104,6 +105,9 @@ bench-flood: bootstrap
 
 bench-rules: bootstrap
 	$(BIN)/python bench/rule_scaling.py
+
+bench-sets: bootstrap
+	$(BIN)/python bench/set_scaling.py
 
 # --- the Debian package ------------------------------------------------------------------------
 # dpkg-buildpackage runs in a copy of the sources under build/deb (it writes next to the tree it
