@@ -41,7 +41,7 @@ DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack ip
 # What `make deb` needs (the package is built on Debian's own python3, whatever PYTHON is).
 DEB_BUILD_PACKAGES := dpkg-dev debhelper build-essential python3-dev python3-venv
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-rules bench-sets deb docs \
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-rules bench-sets deb wheelhouse docs \
 	install uninstall clean
 
 help:
@@ -135,6 +135,9 @@ deb: debs $(WHEELHOUSE)/.stamp
 	mv $(DEB_BUILD)/nfqfw_$(DEB_VERSION)_$(DEB_ARCH).deb $(DIST)/
 	@echo "deb: $(DIST)/nfqfw_$(DEB_VERSION)_$(DEB_ARCH).deb"
 
+# The wheels of nfqfw's dependencies, for installs that must not reach an index (the box).
+wheelhouse: $(WHEELHOUSE)/.stamp
+
 $(WHEELHOUSE)/.stamp: pyproject.toml | debs
 	rm -rf $(WHEELHOUSE) build/wheel-venv
 	/usr/bin/python3 -m venv build/wheel-venv
@@ -161,11 +164,13 @@ DESTDIR ?=
 # The service's Python is the system's: one under /root or /home (pyenv, a python.org build) is
 # hidden from the service by the unit's ProtectHome=yes, and the service would not start.
 INSTALL_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) $(PYTHON))
+# e.g. "--no-index --find-links=build/wheelhouse" to install from `make wheelhouse` alone.
+INSTALL_PIP_FLAGS ?=
 
 install:
 	$(MAKE) --no-print-directory debs PYTHON=$(INSTALL_PYTHON)
 	$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(INSTALL_VENV)
-	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q '.[daemon]'
+	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q $(INSTALL_PIP_FLAGS) '.[daemon]'
 	install -d -m 0755 $(DESTDIR)$(INSTALL_BIN) $(DESTDIR)$(INSTALL_DOC)
 	ln -sfn $(INSTALL_VENV)/bin/nfqfw $(DESTDIR)$(INSTALL_BIN)/nfqfw
 	install -d -m 0755 $(DESTDIR)$(INSTALL_ETC)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,11 +67,22 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service() -> Iterator[Service]:
+    # The box reaches no index (its /etc and /opt are overlays, without the host's mounts below
+    # them, such as a resolv.conf or a local mirror): it installs from wheels built out here.
+    subprocess.run(["make", "-C", str(REPO), "--no-print-directory", "wheelhouse"], check=True, timeout=900)
     teardown(TOPOLOGY)
     build(TOPOLOGY)
     try:
         with traffic.TcpServer(TOPOLOGY.wan, (80,)), sdbox.booted() as box:
-            installed = box.run("make", "-C", str(REPO), "--no-print-directory", "install", timeout=900)
+            installed = box.run(
+                "make",
+                "-C",
+                str(REPO),
+                "--no-print-directory",
+                "install",
+                f"INSTALL_PIP_FLAGS=--no-index --find-links={REPO / 'build' / 'wheelhouse'}",
+                timeout=900,
+            )
             assert "install: done." in installed.stdout
             log = box.directory / "daemon.log"
             box.write(
