@@ -236,6 +236,7 @@ def test_the_unit_runs_workers_and_takes_the_single_daemons_flows(
 # --- boot: the firewall before the network -----------------------------------------------------
 
 NETWORK_UNIT = "lab-network.service"  # stands for what brings the interfaces up at boot
+BOOT_TARGET = "lab-boot.target"  # the one transaction a boot is: pulls in and waits for both
 
 
 def boot_with(service: Service, failing_daemon: bool) -> str:
@@ -246,7 +247,14 @@ def boot_with(service: Service, failing_daemon: bool) -> str:
     seen = box.directory / "rules-at-network.txt"
     seen.unlink(missing_ok=True)
     box.run(
-        "systemctl", "stop", NETWORK_UNIT, UNIT, "nfqfw-closed.service", "network-pre.target", check=False
+        "systemctl",
+        "stop",
+        BOOT_TARGET,
+        NETWORK_UNIT,
+        UNIT,
+        "nfqfw-closed.service",
+        "network-pre.target",
+        check=False,
     )
     # A boot starts from nothing: a network-pre.target still active would order nothing below.
     deadline = time.monotonic() + 10
@@ -273,8 +281,14 @@ def boot_with(service: Service, failing_daemon: bool) -> str:
         box.write(failing, "[Service]\nExecStartPre=/bin/false\nRestart=no\n")
     else:
         box.run("rm", "-f", failing)
+    # One transaction, as at boot: `systemctl start A B` would queue one per unit, and
+    # network-pre.target, pulled in by the first alone, would be reached without waiting.
+    box.write(
+        f"/etc/systemd/system/{BOOT_TARGET}",
+        f"[Unit]\nDefaultDependencies=no\nWants={NETWORK_UNIT} {UNIT}\nAfter={NETWORK_UNIT} {UNIT}\n",
+    )
     box.run("systemctl", "daemon-reload")
-    box.run("systemctl", "start", NETWORK_UNIT, UNIT, check=False, timeout=90)
+    box.run("systemctl", "start", BOOT_TARGET, check=False, timeout=90)
     return seen.read_text()
 
 
