@@ -1,4 +1,8 @@
-"""`nfqfw check FILE...`: validate policy files without touching the system."""
+"""`nfqfw check FILE...`: validate policy files without touching the system.
+
+`nfqfw check --diff OLD NEW`: both validated, and what changed from OLD to NEW (rules by name:
+added, removed, changed field by field, reordered; sets, defaults, options, zones, NAT), for
+review in CI; exit code 1 only when either is invalid."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
+from nfqfw.commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_json_option, print_json
 from nfqfw.core.config import ConfigError, ConfigIssue, PolicyConfig, load_policy
 from nfqfw.core.policy import CompiledPolicy
 
@@ -22,11 +26,20 @@ def register(subparsers: Any) -> None:
         "exits with 1.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
-    add_json_option(parser, "one object per file (file, ok, counts or errors) in a list")
+    parser.add_argument(
+        "--diff",
+        action="store_true",
+        help="with two files OLD NEW: what changed from OLD to NEW (rules, sets, defaults, options, NAT)",
+    )
+    add_json_option(
+        parser, "one object per file (file, ok, counts or errors) in a list; with --diff the changes"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.diff:
+        return run_diff(args)
     results = [check_file(path) for path in args.files]
     if args.json:
         print_json(results)
@@ -56,12 +69,41 @@ def check_file(path: str) -> dict[str, Any]:
     }
 
 
+def run_diff(args: argparse.Namespace) -> int:
+    from nfqfw.core.diff import diff_lines, policy_diff
+
+    if len(args.files) != 2:
+        print("nfqfw check: --diff takes two files, OLD and NEW", file=sys.stderr)
+        return EXIT_USAGE
+    configs = []
+    for path in args.files:
+        try:
+            configs.append(load_policy(path))
+        except ConfigError as err:
+            for issue in err.issues:
+                print(issue, file=sys.stderr)
+            print(f"{path}: {len(err.issues)} error{'s' if len(err.issues) != 1 else ''}", file=sys.stderr)
+    if len(configs) != 2:
+        return EXIT_FAILURE
+    old, new = configs
+    changes = policy_diff(old, new)
+    if args.json:
+        print_json({"old": args.files[0], "new": args.files[1], "changes": changes})
+    else:
+        print(f"--- {args.files[0]}\n+++ {args.files[1]}")
+        print("\n".join(diff_lines(changes)))
+    return EXIT_OK
+
+
 def counts(config: PolicyConfig) -> dict[str, int]:
     return {
         "zones": sum(1 for names in config.zones.values() if names),
         "ingress_rules": len(config.ingress),
         "egress_rules": len(config.egress),
         "rules": len(config.ingress) + len(config.egress),
+        "sets": len(config.sets),
+        "set_networks": sum(found.content.written for found in config.sets.values()),
+        "files": len(config.sources),
     }
 
 
@@ -83,6 +125,10 @@ def summary(path: str, counted: dict[str, Any]) -> str:
         f"zones: {counted['zones']}, ingress rules: {counted['ingress_rules']}, "
         f"egress rules: {counted['egress_rules']}"
     )
+    if counted.get("sets"):
+        numbers += f", sets: {counted['sets']} ({counted['set_networks']} networks)"
+    if counted.get("files", 1) > 1:
+        numbers += f", files: {counted['files']}"
     rules = counted["rules"]
     compiled = f"{rules} rule{'s' if rules != 1 else ''} compiled in {duration(counted['compile_seconds'])}"
     return f"{path}: OK ({numbers}), {compiled}"

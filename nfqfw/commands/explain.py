@@ -2,7 +2,10 @@
 do with this one packet, and why?
 
 Builds the packet with `nfqfw.core.build`, runs it through a fresh engine (so conntrack has
-seen nothing before it) and prints the verdict, the conntrack state and what decided. An ICMP
+seen nothing before it) and prints the verdict, the conntrack state and what decided: a rule is
+shown as the policy means it (ports as numbers, with their service names), with where it is
+written, its comment, and which of its sets the packet's addresses are in. Runtime set entries
+(nfqfw set add) are the running daemon's: explain sees the policy's files only. An ICMP
 error quotes the packet `--quoting` describes, e.g. the gateway's own time exceeded about a
 traceroute probe: `--hook output icmp 10.0.0.1 10.0.0.25 --icmp-type time-exceeded --quoting udp
 10.0.0.25:40000 203.0.113.10:33434`.
@@ -11,6 +14,7 @@ traceroute probe: `--hook output icmp 10.0.0.1 10.0.0.25 --icmp-type time-exceed
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import struct
 import sys
 from typing import Any
@@ -22,6 +26,7 @@ from nfqfw.core.config import ICMP_TYPES
 from nfqfw.core.engine import Engine
 from nfqfw.core.l4.icmp import ICMP_ERRORS
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Hook, Meta, Verdict
 
 TCP_FLAG_LETTERS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
@@ -176,8 +181,40 @@ def explained(verdict: Verdict) -> dict[str, str | None]:
     }
 
 
-def report(verdict: Verdict) -> str:
+def rule_details(policy: CompiledPolicy, name: str, packet: bytes) -> dict[str, Any] | None:
+    """The rule that decided: where it is, what it matches (as numbers), its comment, and the sets
+    of its from/to that hold the packet's addresses."""
+    from nfqfw.core.decode import decode
+    from nfqfw.core.diff import describe_rule
+
+    config = policy.config
+    rule = next((r for side in ("ingress", "egress") for r in getattr(config, side) if r.name == name), None)
+    if rule is None:
+        return None
+    pkt = decode(packet)
+    matched = [
+        f"{word} {ipaddress.ip_address(raw)} in @{set_name}"
+        for word, addresses, raw in (("from", rule.src, pkt.src), ("to", rule.dst, pkt.dst))
+        if addresses is not None
+        for set_name in addresses.sets
+        if policy.sets[set_name].contains(raw)
+    ]
+    return {
+        "name": rule.name,
+        "at": f"{rule.file or config.filename}:{rule.line}",
+        "match": describe_rule(rule),
+        "comment": rule.comment,
+        "sets": matched,
+    }
+
+
+def report(verdict: Verdict, rule: dict[str, Any] | None = None) -> str:
     lines = [f"{key.replace('_', ' ')}: {value}" for key, value in explained(verdict).items() if value]
+    if rule is not None:
+        lines.append(f"rule: {rule['name']} ({rule['at']}): {rule['match']}")
+        lines += [f"  {found}" for found in rule["sets"]]
+        if rule["comment"]:
+            lines.append(f"comment: {rule['comment']}")
     return "\n".join(lines)
 
 
@@ -193,8 +230,9 @@ def run(args: argparse.Namespace) -> int:
     hook = HOOKS[args.hook] if args.hook else derive_hook(packet, policy.gateway_addresses)
     meta = Meta(hook, in_iface=args.in_iface if hook != Hook.OUTPUT else None)
     verdict = Engine(policy).process(packet, meta, now=0.0)
+    rule = None if verdict.rule is None else rule_details(policy, verdict.rule, packet)
     if args.json:
-        print_json({**explained(verdict), "hook": hook.name})
+        print_json({**explained(verdict), "hook": hook.name, "rule": rule})
     else:
-        print(report(verdict))
+        print(report(verdict, rule))
     return EXIT_OK

@@ -11,17 +11,23 @@ per family.
 
 A non-first fragment (pkt.frag == FRAG_LATER) carries no L4 header, so its ports and ICMP
 type are unknown: it never matches a rule that names ports, sports or icmp-types.
+
+Sets: `sets` holds a NamedSet per set of the policy (its networks from the file, and the
+runtime entries bound by `bind_runtime`: the engine's RuntimeSets, which outlive a reload).
+After a runtime entry changes, `refresh_runtime` lets the indexes see it.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from nfqfw.core.classify import RuleIndex
 from nfqfw.core.config import SIDES, AddressSet, PolicyConfig, RuleConfig
 from nfqfw.core.packet import FRAG_LATER, Packet
 from nfqfw.core.ratelimit import Limiter, RuleLimiter, SourceLimiter
+from nfqfw.core.sets import NamedSet, RuntimeSets
 from nfqfw.core.verdict import Action
 
 SMALL_PORT_SET = 4096  # up to this many ports a frozenset; beyond, sorted ranges
@@ -56,12 +62,14 @@ def compile_ports(ranges: tuple[tuple[int, int], ...]) -> frozenset[int] | PortR
 
 
 class AddressMatcher:
-    """`from`/`to` of a rule: the gateway flag, exact hosts, and (network, mask) pairs per family."""
+    """`from`/`to` of a rule: the gateway flag, exact hosts, (network, mask) pairs per family,
+    and the named sets."""
 
-    __slots__ = ("gateway", "hosts4", "hosts6", "nets4", "nets6")
+    __slots__ = ("gateway", "hosts4", "hosts6", "nets4", "nets6", "sets")
 
-    def __init__(self, addresses: AddressSet) -> None:
+    def __init__(self, addresses: AddressSet, sets: Mapping[str, NamedSet] | None = None) -> None:
         self.gateway = addresses.gateway
+        self.sets = tuple((sets or {})[name] for name in addresses.sets)
         hosts: dict[int, set[int]] = {4: set(), 6: set()}
         nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
         for network in addresses.networks:
@@ -81,7 +89,11 @@ class AddressMatcher:
             hosts, nets = self.hosts4, self.nets4
         else:
             hosts, nets = self.hosts6, self.nets6
-        return value in hosts or any(value & mask == network for network, mask in nets)
+        return (
+            value in hosts
+            or any(value & mask == network for network, mask in nets)
+            or any(named.contains(raw) for named in self.sets)
+        )
 
 
 class InterfaceMatcher:
@@ -118,13 +130,15 @@ class RuleMatcher:
         "src",
     )
 
-    def __init__(self, rule: RuleConfig, log_denied: bool) -> None:
+    def __init__(
+        self, rule: RuleConfig, log_denied: bool, sets: Mapping[str, NamedSet] | None = None
+    ) -> None:
         log = rule.log or (log_denied and rule.action is not Action.ACCEPT)
         self.decision = RuleDecision(rule.action, rule.name, log, f"rule {rule.name}")
         self.family = rule.family
         self.protocols = rule.protocols
-        self.src = None if rule.src is None else AddressMatcher(rule.src)
-        self.dst = None if rule.dst is None else AddressMatcher(rule.dst)
+        self.src = None if rule.src is None else AddressMatcher(rule.src, sets)
+        self.dst = None if rule.dst is None else AddressMatcher(rule.dst, sets)
         self.dports = None if rule.dports is None else compile_ports(rule.dports)
         self.sports = None if rule.sports is None else compile_ports(rule.sports)
         self.icmp4 = rule.icmp_types_v4
@@ -181,11 +195,14 @@ class CompiledPolicy:
         self.log_denied: bool = options.log_denied  # every drop/reject is logged, not only rules'
         self.gateway_addresses: frozenset[bytes] = options.gateway_address_bytes
         rule_lists = {"ingress": config.ingress, "egress": config.egress}
+        self.sets: dict[str, NamedSet] = {name: NamedSet(name, s.content) for name, s in config.sets.items()}
+        contents = {name: s.content for name, s in config.sets.items()}
         self._rules: dict[str, tuple[RuleMatcher, ...]] = {
-            side: tuple(RuleMatcher(rule, options.log_denied) for rule in rule_lists[side]) for side in SIDES
+            side: tuple(RuleMatcher(rule, options.log_denied, self.sets) for rule in rule_lists[side])
+            for side in SIDES
         }
         self._index: dict[str, RuleIndex[RuleMatcher]] = {
-            side: RuleIndex(rule_lists[side], self._rules[side]) for side in SIDES
+            side: RuleIndex(rule_lists[side], self._rules[side], contents) for side in SIDES
         }
         self._defaults: dict[str, RuleDecision] = {
             side: RuleDecision(
@@ -204,6 +221,18 @@ class CompiledPolicy:
         # The longest prefix wins when wildcards overlap; an exact name beats any wildcard.
         self._zone_wildcards = tuple(sorted(wildcards, key=lambda item: -len(item[0])))
         self._zone_cache: dict[str, str | None] = {}
+
+    def bind_runtime(self, runtime: RuntimeSets) -> None:
+        """Use `runtime`'s entries for the policy's sets (an engine's, kept across reloads)."""
+        for name, named in self.sets.items():
+            named.runtime = runtime.entries(name)
+        self.refresh_runtime()
+
+    def refresh_runtime(self) -> None:
+        """A set's runtime entries changed: the indexes consult the sets that have some."""
+        sets = self.sets
+        for index in self._index.values():
+            index.refresh_runtime(lambda name: sets[name].runtime)
 
     def zone_of(self, iface: str | None) -> str | None:
         """ "external", "internal" or None for an interface in no zone (or no interface)."""

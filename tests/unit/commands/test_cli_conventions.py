@@ -152,6 +152,9 @@ def test_check_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "ingress_rules": 1,
             "egress_rules": 0,
             "rules": 1,
+            "sets": 0,
+            "set_networks": 0,
+            "files": 1,
             "warnings": [],
         },
         {
@@ -187,6 +190,13 @@ def test_explain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
             "why": "rule mail",
             "reject_with": "tcp-reset",
             "hook": "FORWARD",
+            "rule": {
+                "name": "mail",
+                "at": f"{policy}:2",
+                "match": "reject tcp ports 25 (smtp)",
+                "comment": None,
+                "sets": [],
+            },
         },
     )
 

@@ -12,6 +12,9 @@ from nfqfw.commands.explain import ExplainError, parse_endpoint, tcp_flags
 from nfqfw.core.build import addr
 
 POLICY = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
+MAIL_RULE = (
+    f"rule: mail ({POLICY}:48): accept tcp to 10.0.0.25/32, fd00::25/128 ports 25 (smtp), 587 (submission)\n"
+)
 
 
 def run_explain(
@@ -28,7 +31,7 @@ def run_explain(
 def test_ingress_smtp_is_accepted_by_rule_mail(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run_explain(["--in", "wan0", "tcp", "198.51.100.7:50000", "10.0.0.25:25"], capsys)
     assert status == 0
-    assert out == "verdict: accept\nconntrack: new\ndecided by: rule mail\nwhy: rule mail\n"
+    assert out == "verdict: accept\nconntrack: new\ndecided by: rule mail\nwhy: rule mail\n" + MAIL_RULE
 
 
 def test_ingress_ssh_to_a_host_falls_to_the_default(capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,11 +42,12 @@ def test_ingress_ssh_to_a_host_falls_to_the_default(capsys: pytest.CaptureFixtur
 
 def test_ipv6_mail_and_smb_reject_with_tcp_reset(capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run_explain(["--in", "wan0", "tcp", "[2001:db8::7]:50000", "[fd00::25]:587"], capsys)
-    assert out == "verdict: accept\nconntrack: new\ndecided by: rule mail\nwhy: rule mail\n"
+    assert out == "verdict: accept\nconntrack: new\ndecided by: rule mail\nwhy: rule mail\n" + MAIL_RULE
     _, out, _ = run_explain(["--in", "lan0", "tcp", "10.0.0.25", "203.0.113.10:445"], capsys)
     assert out == (
         "verdict: reject\nconntrack: new\ndecided by: rule no-smb-out\nwhy: rule no-smb-out\n"
         "reject with: tcp-reset\n"
+        f"rule: no-smb-out ({POLICY}:67): reject tcp ports 445 (microsoft-ds)\n"
     )
 
 
@@ -60,10 +64,15 @@ def test_ack_without_syn_is_invalid(capsys: pytest.CaptureFixture[str]) -> None:
 def test_hook_from_gateway_addresses_or_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.read_text() + "\noptions:\n  gateway-addresses: [203.0.113.1, 2001:db8::1]\n")
+    ping = (
+        "verdict: accept\nconntrack: new\ndecided by: rule ping-gateway\nwhy: rule ping-gateway\n"
+        f"rule: ping-gateway ({policy}:53): accept icmp to gateway icmp-types 8, 128 "
+        "limit 5/1s burst 5\n"
+    )
     _, out, _ = run_explain(["--in", "wan0", "icmp", "198.51.100.7", "203.0.113.1"], capsys, policy)
-    assert out == "verdict: accept\nconntrack: new\ndecided by: rule ping-gateway\nwhy: rule ping-gateway\n"
+    assert out == ping
     _, out, _ = run_explain(["--in", "wan0", "icmpv6", "2001:db8:5::7", "2001:db8::1"], capsys, policy)
-    assert out == "verdict: accept\nconntrack: new\ndecided by: rule ping-gateway\nwhy: rule ping-gateway\n"
+    assert out == ping
     # the same ping said to pass through the gateway matches no `to: gateway` rule
     _, out, _ = run_explain(
         ["--in", "wan0", "--hook", "forward", "icmp", "198.51.100.7", "203.0.113.1"], capsys, policy

@@ -513,7 +513,10 @@ def test_gateway_in_egress_to_is_an_error() -> None:
         ),
         (
             ZONES + "rules: []\n",
-            ["p.yaml:4:1: unknown key 'rules' (expected one of: zones, defaults, ingress, egress, options)"],
+            [
+                "p.yaml:4:1: unknown key 'rules' "
+                "(expected one of: zones, defaults, ingress, egress, options, sets, include)"
+            ],
         ),
         (ZONES + "zones: {}\n", ["p.yaml:4:1: duplicate key 'zones'"]),
         (
