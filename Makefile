@@ -38,7 +38,7 @@ LINT_PATHS := $(wildcard nfqfw tests bench)
 # the python in use lacks them (a pyenv or python.org build has both).
 DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack iputils-ping \
 	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace hping3 groff-base man-db tmux \
-	$(DEB_BUILD_PACKAGES)
+	keepalived conntrackd $(DEB_BUILD_PACKAGES)
 # What `make deb` needs (the package is built on Debian's own python3, whatever PYTHON is).
 DEB_BUILD_PACKAGES := dpkg-dev debhelper build-essential python3-dev python3-venv
 
@@ -51,6 +51,9 @@ help:
 bootstrap: debs $(VENV_STAMP)
 
 # Install only what dpkg does not report as installed; `apt-get update` once, only then.
+# The HA lab runs its own conntrackd in each gateway namespace: the packaged service, which
+# would track the root namespace's table, is stopped and disabled when apt has just installed it
+# (keepalived's does not start without /etc/keepalived/keepalived.conf).
 debs:
 	@wanted="$(DEB_PACKAGES)"; \
 	if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then wanted="$$wanted python3-venv"; fi; \
@@ -67,7 +70,10 @@ debs:
 	echo "bootstrap: installing$$missing"; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get update -q; \
-	apt-get install -y -q --no-install-recommends $$missing
+	apt-get install -y -q --no-install-recommends $$missing; \
+	if [[ " $$missing " == *" conntrackd "* ]] && [ -d /run/systemd/system ]; then \
+		systemctl disable --now conntrackd.service || true; \
+	fi
 
 $(VENV)/pyvenv.cfg:
 	$(PYTHON) -m venv $(VENV)
