@@ -4,7 +4,8 @@ table (conntrackd), each running nfqfw, between an outside and an inside host.
 ::
 
     {P}wan  br0 203.0.113.10/24 2001:db8:1::10/64 (ports gw1, gw2)
-    {P}gw1  wan0 .2 ::2, lan0 10.0.0.2 fd00::2, sync0 172.31.255.1/30 -- sync0 172.31.255.2/30  {P}gw2 (.3 ::3)
+    {P}gw1  wan0 .2 ::2, lan0 10.0.0.2 fd00::2, sync0 172.31.255.1/30
+    {P}gw2  wan0 .3 ::3, lan0 10.0.0.3 fd00::3, sync0 172.31.255.2/30 (a veth to gw1's sync0)
     {P}lan  br0 10.0.0.25/24 fd00::25/64 (ports gw1, gw2)
     virtual addresses on the VRRP master: 203.0.113.1, 2001:db8:1::1 (wan0), 10.0.0.1, fd00::1 (lan0)
 

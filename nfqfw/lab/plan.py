@@ -115,11 +115,13 @@ def ha_picture(prefix: str = DEFAULT_PREFIX) -> str:
             f"outside host {t.wan}: br0 {WAN_V4}/24 {WAN_V6}/64",
             "        |                                  |",
             f"  {t.gw('gw1')}: wan0 .2 ::2             {t.gw('gw2')}: wan0 .3 ::3",
-            f"  keepalived, conntrackd, nfqfw   {HA_SYNC_IFACE} ---- {HA_SYNC_IFACE}   keepalived, conntrackd, nfqfw",
+            f"  keepalived conntrackd nfqfw   {HA_SYNC_IFACE} -- {HA_SYNC_IFACE}   "
+            "keepalived conntrackd nfqfw",
             "  lan0 10.0.0.2 fd00::2            lan0 10.0.0.3 fd00::3",
             "        |                                  |",
             f"inside host {t.lan}: br0 {LAN_V4}/24 {LAN_V6}/64",
-            f"virtual addresses (VRRP master): {GW_WAN_V4} {GW_WAN_V6} outside, {GW_LAN_V4} {GW_LAN_V6} inside",
+            f"virtual addresses (VRRP master): {GW_WAN_V4} {GW_WAN_V6} outside, "
+            f"{GW_LAN_V4} {GW_LAN_V6} inside",
             f"sync link {HA_SYNC['gw1']} -- {HA_SYNC['gw2']}/{HA_SYNC_PREFIXLEN}; "
             f"IPv4 SNAT of {LAN_NET_V4} to {GW_WAN_V4}",
         )
