@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -305,7 +306,9 @@ def _start_conntrackd(topology: HaTopology, files: GatewayFiles) -> None:
 
 def _start_keepalived(topology: HaTopology, files: GatewayFiles) -> None:
     gateway = files.gateway
-    notify = f"{CONFIG_DIR / NOTIFY_SCRIPT} --log {files.notify_log} {files.conntrackd_conf}"
+    runtime_dir = daemon_ctl.LabState(files.prefix, gateway).runtime_dir
+    notify = f"{CONFIG_DIR / NOTIFY_SCRIPT} --log {files.notify_log} --nfqfw {_nfqfw_command()} "
+    notify += f"--runtime-dir {runtime_dir} {files.conntrackd_conf}"
     fields = {"router_id": gateway, "priority": str(HA_PRIORITY[gateway]), "notify": notify}
     files.keepalived_conf.write_text(render(_template("keepalived.conf"), fields))
     argv = ["keepalived", "-n", "-l", "-D", "-G", "-P", "-f", str(files.keepalived_conf)]
@@ -314,6 +317,12 @@ def _start_keepalived(topology: HaTopology, files: GatewayFiles) -> None:
     _wait_for(
         files.vrrp_pid.exists, START_TIMEOUT, f"keepalived in {topology.gw(gateway)}", files.keepalived_log
     )
+
+
+def _nfqfw_command() -> str:
+    """This nfqfw's command (the venv's console script next to the running python)."""
+    beside = Path(sys.executable).with_name("nfqfw")
+    return str(beside) if beside.exists() else "nfqfw"
 
 
 def _spawn(ns: str, argv: list[str], log_file: Path) -> None:
