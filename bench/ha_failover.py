@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import select
 import socket
 import struct
@@ -55,10 +56,14 @@ class Arrivals:
         self.thread.start()
 
     def _run(self) -> None:
+        poller, by_fd = select.poll(), {sock.fileno(): sock for sock in self.socks}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)  # not select(): a session's sockets pass fd 1024
         while not self.stop.is_set():
-            ready, _, _ = select.select(list(self.socks), [], [], 0.1)
+            ready = poller.poll(100)
             now = time.monotonic()
-            for sock in ready:
+            for fd, _ in ready:
+                sock = by_fd[fd]
                 data, address = sock.recvfrom(65535)
                 if address[1] != 0x0800 or address[2] == 4:  # IPv4, received (not sent) frames
                     continue
@@ -172,6 +177,8 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=5.0, help="ms between datagrams (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="failovers, each on a new lab (default 3)")
     args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two sockets a session
     print(f"{'round':>5} {'gap s':>7} {'takeover s':>10} {'lost':>6} {'survived':>12}")
     for number in range(1, args.rounds + 1):
         r = one_round(args.sessions, args.interval / 1000)
