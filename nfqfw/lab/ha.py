@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,9 +336,9 @@ def _spawn(ns: str, argv: list[str], log_file: Path) -> None:
         )
 
 
-def _wait_for(ready: object, timeout: float, what: str, log_file: Path) -> None:
+def _wait_for(ready: Callable[[], bool], timeout: float, what: str, log_file: Path) -> None:
     deadline = time.monotonic() + timeout
-    while not ready():  # type: ignore[operator]
+    while not ready():
         if time.monotonic() >= deadline:
             raise LabError(f"{what} not ready within {timeout:g} s\n{daemon_ctl.log_tail(log_file)}")
         time.sleep(0.05)
