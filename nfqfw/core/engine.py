@@ -8,6 +8,15 @@ processes with one Engine each never need to share state.
 claims more was cut by it (a GSO packet, up to 64 KB, of which only the first `copy_cap` bytes
 are copied to us). Such packets are decided on their headers with the lengths of their IP
 header (see core.decode) and counted in `truncated_packets`.
+
+Offload (policy option `offload: established`): the full path answers a packet of an
+established, ASSURED TCP connection (handshake seen) or of a replied UDP flow with OFFLOADED,
+ESTABLISHED with the `offload` flag: the adapter marks it so the kernel's conntrack carries the
+connection from then on. The flow stays in the table (the authority: flows, recheck, flush) and
+its key goes to `handed_over` with the time, for the service to follow it in the kernel's table
+(nfqfw.service.offload). The fast path never offloads: the packet that makes a flow offloadable
+(the handshake's last ACK, the first reply) always takes the full path, and the packets after it
+that still reach the queue were queued before the kernel took the flow over.
 """
 
 from __future__ import annotations
@@ -20,11 +29,15 @@ from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
 from nfqfw.core.fastpath import FastPath, make_fast_path
 from nfqfw.core.fragments import Fragments, datagram_key
+from nfqfw.core.l4.base import ASSURED, PROTO_STATE, SEEN_REPLY, SMALL, STATE_BYTE, WORDS
+from nfqfw.core.l4.tcp_states import TcpState
+from nfqfw.core.l4.tcp_window import F_BE_LIBERAL, FLAGS
 from nfqfw.core.packet import FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 
 ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
+OFFLOADED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established", offload=True)
 RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, "related")
 UNTRACKED_ND = Verdict(Action.ACCEPT, Ct.UNTRACKED, None, "untracked: icmpv6 neighbour discovery / MLD")
 VERDICT_CACHE_SIZE = 4096
@@ -85,10 +98,15 @@ class Engine:
         self._fast_packets: Callable[[], tuple[int, int]] = _none  # (taken, of those cut)
         if fast_path:
             self.fast_path, self._fast_packets = make_fast_path(self.conntrack, copy_cap)
+        self.offload = options.offload == "established"
+        # Keys of the flows handed over to the kernel -> when (the last time): the service takes
+        # them (nfqfw.service.offload); bounded, for an engine whose keys nobody takes (replay).
+        self.handed_over: dict[bytes, float] = {}
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         """Swap the policy between two packets; conntrack state is kept."""
         self.policy = policy
+        self.offload = policy.config.options.offload == "established"
         self.conntrack.loose = policy.config.options.tcp_pickup_loose
         self.conntrack.max_flows = policy.config.options.max_flows
 
@@ -140,6 +158,8 @@ class Engine:
             ct = tracked.ct
             if ct is Ct.ESTABLISHED:
                 self.established += 1
+                if self.offload and self._offloadable(tracked.slot):
+                    return self._hand_over(tracked.slot, now)
                 return ESTABLISHED
             if ct is Ct.RELATED:
                 return self._count(RELATED)
@@ -153,6 +173,30 @@ class Engine:
             return self._count(verdict)
         except Exception as error:
             return self._internal_error(error)
+
+    def _offloadable(self, slot: int) -> bool:
+        """A TCP connection ESTABLISHED and ASSURED, its handshake seen (not picked up
+        mid-stream nor restored: those are tracked liberally), or a UDP flow that saw a reply."""
+        table = self.conntrack.table
+        key, bits = table.keys[slot], table.bits[slot]
+        if key is None:
+            return False
+        if key[0] == PROTO_TCP:
+            return (
+                bits & (ASSURED | PROTO_STATE) == ASSURED | PROTO_STATE
+                and table.small[slot * SMALL + STATE_BYTE] == TcpState.ESTABLISHED
+                and not table.td[slot * WORDS + FLAGS] & F_BE_LIBERAL
+            )
+        return key[0] == PROTO_UDP and bool(bits & SEEN_REPLY)
+
+    def _hand_over(self, slot: int, now: float) -> Verdict:
+        handed = self.handed_over
+        if len(handed) >= 2 * self.conntrack.max_flows:
+            handed.clear()  # nobody takes them (an engine outside a daemon)
+        key = self.conntrack.table.keys[slot]
+        assert key is not None
+        handed[key] = now
+        return OFFLOADED
 
     def _internal_error(self, error: Exception) -> Verdict:
         return self._count(self._make(Action.DROP, Ct.INVALID, None, f"internal error: {error!r}"[:200]))

@@ -54,3 +54,6 @@ class Verdict:
     reason: str  # e.g. "established", "rule mail", "default ingress", "invalid: tcp flags SYN+FIN"
     log: bool = False
     reject_with: str | None = None  # "tcp-reset" | "icmp-port-unreachable" | "icmp-admin-prohibited"
+    # options {offload: established}: hand the flow over to the kernel's conntrack (the adapter
+    # sets the offload mark bit); set on an accepted packet of an offloadable flow (Engine).
+    offload: bool = False

@@ -11,7 +11,10 @@ all served by one thread. For each packet the callback:
 2. asks the engine: engine.full_process(payload, meta, now) (engine.process without a fast path),
 3. answers the kernel:
    - accept: set our mark bit and NF_REPEAT; the kernel re-runs the filter hook, our rule lets
-     the marked packet by and the host's later rules see it (see nfqfw.firewall.iptables),
+     the marked packet by and the host's later rules see it (see nfqfw.firewall.iptables);
+     `mark` also holds a worker's owner field, and a full-path accept adds the connection-mark
+     fields `set_verdict_marks` gives: the rule that admitted a new flow and, on a verdict with
+     `offload`, the offload bit (nfqfw.firewall.marks),
    - drop: NF_DROP,
    - reject: NF_DROP, and a RST/ICMP answer built by nfqfw.core.reject goes out through the raw
      sender, at most `reject_rate` per second (like the kernel's icmp_msgs_per_sec),
@@ -259,6 +262,16 @@ class QueueAdapter:
         run_housekeeping = self.run_housekeeping
         accept = Action.ACCEPT
         drop = Action.DROP
+        # Mark bits a full-path accept adds (nfqfw.firewall.marks), set by `set_verdict_marks`:
+        # the rule field of what admitted the flow (by verdict reason) and the offload bit.
+        rule_mark: Callable[[str, int], int] = {}.get
+        offload_mark = 0
+
+        def set_verdict_marks(by_reason: dict[str, int], offload: int) -> None:
+            nonlocal rule_mark, offload_mark
+            rule_mark, offload_mark = by_reason.get, offload
+
+        self.set_verdict_marks = set_verdict_marks
 
         def on_packet(pkt: Any) -> None:
             now = clock()
@@ -275,7 +288,9 @@ class QueueAdapter:
                     verdict = process(data, meta, now)
                     action = verdict.action
                     if action is accept:
-                        pkt.set_mark(pkt.mark | mark)
+                        # offload: the rule field and the offload bit (nfqfw.firewall.marks)
+                        extra = rule_mark(verdict.reason, 0) | (offload_mark if verdict.offload else 0)
+                        pkt.set_mark(pkt.mark | mark | extra)
                         pkt.repeat()
                     elif action is drop:
                         pkt.drop()

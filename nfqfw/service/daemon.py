@@ -37,7 +37,7 @@ from typing import Any
 from nfqfw.control.flowlist import FlowFilter
 from nfqfw.control.protocol import Chunks, RequestError
 from nfqfw.control.requests import engine_flows, engine_flush, engine_status
-from nfqfw.firewall import Firewall
+from nfqfw.firewall import Firewall, Marks
 from nfqfw.kernel.links import Links
 from nfqfw.kernel.queue import QueueAdapter, QueueError
 from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch
@@ -45,6 +45,7 @@ from nfqfw.kernel.rawsend import RawSender
 from nfqfw.observe.packetlog import PacketLog
 from nfqfw.service.core import Applied, Loaded, ServiceCore, StartupError, load_policy_file, run_service
 from nfqfw.service.options import Options
+from nfqfw.service.ruleset import rule_reasons
 from nfqfw.service.sdnotify import Notifier
 from nfqfw.service.statedir import StateDir
 from nfqfw.service.supervision import Counts, counts_assignment, queue_snapshots
@@ -119,7 +120,7 @@ class Daemon(ServiceCore):
             self.engine,
             self.links,
             self.sender,
-            mark=opts.mark,
+            mark=self._accept_mark(),
             fail_open=loaded.fail_open,
             reject_rate=opts.reject_rate,
             clock=self.clock,
@@ -127,6 +128,7 @@ class Daemon(ServiceCore):
             wrap_process=None if self.timer is None else self.timer.wrap,
         )
         self.adapter.housekeeping = self._housekeeping
+        self._follow_offload(loaded)
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
         try:
             self.adapter.bind(self.spec.bound_queues, opts.max_len, opts.sock_len, opts.gso)
@@ -140,6 +142,23 @@ class Daemon(ServiceCore):
         settings = f"failure mode {mode}, mark 0x{opts.mark:x}, GSO packets {gso}"
         log.info("queue %s bound, %s (%s)", self.spec.queue_text, rules, settings)
         self._announce_ready(f"filtering on queue {self.spec.queue_text}, failure mode {mode}")
+
+    def _accept_mark(self) -> int:
+        """The mark of an accepted packet: --mark, and a worker's owner field (nfqfw.firewall.marks)."""
+        opts = self.options
+        marks = Marks(opts.mark, opts.conn_mark)
+        return opts.mark | (0 if opts.owner_index is None else marks.owner_mark(opts.owner_index))
+
+    def _follow_offload(self, loaded: Loaded) -> None:
+        """The connection-mark fields accept verdicts carry with `offload: established`: the rule
+        that admitted a flow, and the offload bit (none without offload)."""
+        assert self.adapter is not None
+        config = loaded.engine_policy.config
+        if config.options.offload != "established":
+            self.adapter.set_verdict_marks({}, 0)
+            return
+        marks = Marks(self.options.mark, self.options.conn_mark)
+        self.adapter.set_verdict_marks(marks.rule_marks(rule_reasons(config)), marks.offload)
 
     def _serve_metrics(self, host: str, port: int, allow_remote: bool) -> tuple[Any, str]:
         from nfqfw.observe import metrics
@@ -186,6 +205,7 @@ class Daemon(ServiceCore):
 
     def _apply_policy(self, loaded: Loaded) -> Applied:
         self.engine.replace_policy(loaded.engine_policy)
+        self._follow_offload(loaded)
         self.packet_log.configure(loaded.log_limit)
         if not loaded.recheck:
             log.info("policy reloaded: existing flows kept (reload: keep)")

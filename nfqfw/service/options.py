@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nfqfw.control.protocol import DEFAULT_RUNTIME_DIR
-from nfqfw.firewall import DEFAULT_MARK
+from nfqfw.firewall.marks import DEFAULT_CONN_MARK, DEFAULT_MARK
 from nfqfw.kernel.queue_info import DEFAULT_MAX_LEN, DEFAULT_REJECT_RATE, DEFAULT_SOCK_LEN
 from nfqfw.service.statedir import DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_STATE_DIR, SNAPSHOT_NAME
 
@@ -19,6 +19,8 @@ class Options:
     queue_first: int = 0
     queue_last: int = 0
     mark: int = DEFAULT_MARK
+    conn_mark: int = DEFAULT_CONN_MARK  # nfqfw's connection-mark bits (nfqfw.firewall.marks)
+    workers: bool = False  # --workers: one process per queue (the supervisor's options)
     max_len: int = DEFAULT_MAX_LEN
     sock_len: int = DEFAULT_SOCK_LEN
     reject_rate: float = DEFAULT_REJECT_RATE
@@ -33,6 +35,7 @@ class Options:
     # Set by the supervisor of `nfqfw run --workers` for each worker (nfqfw.service.daemon.WorkerDaemon):
     snapshot_name: str = SNAPSHOT_NAME  # the flow snapshot's file in state_dir
     adopt_snapshots: tuple[str, ...] = ()  # more snapshot files to restore flows from (workers)
+    owner_index: int | None = None  # the worker's queue's index in the range (its owner field)
     # --new-queue: first packets (conntrack NEW) go to this queue (N..N+last-first with several);
     # None: they share the main queue(s). See nfqfw.service.ruleset.
     new_queue: int | None = None

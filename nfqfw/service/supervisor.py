@@ -325,6 +325,7 @@ class Supervisor(ServiceCore):
             queue_last=worker.queue,
             runtime_dir=worker.directory,
             snapshot_name=sv.worker_snapshot(worker.queue),
+            owner_index=worker.queue - self.options.queue_first,  # its accept verdicts' owner field
             adopt_snapshots=adopt,
             new_queue=None  # each worker its own queue for first packets, in the same order
             if self.options.new_queue is None
