@@ -152,7 +152,8 @@ class Daemon(ServiceCore):
     def _follow_offload(self, loaded: Loaded) -> None:
         """The connection-mark fields accept verdicts carry with `offload: established`: the rule
         that admitted a flow, and the offload bit (none without offload)."""
-        assert self.adapter is not None
+        if self.adapter is None:
+            return
         config = loaded.engine_policy.config
         if config.options.offload != "established":
             self.adapter.set_verdict_marks({}, 0)
