@@ -36,6 +36,7 @@ from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
     ICMPv6ND_NS,
     ICMPv6PacketTooBig,
+    ICMPv6ParamProblem,
     ICMPv6TimeExceeded,
     ICMPv6Unknown,
     IPv6,
@@ -124,9 +125,10 @@ class Family:
     wan: str  # the outside host
     wan2: str  # another outside address, reached through the outside host
     router: str  # an outside router: only the source of ICMP errors
+    routers: tuple[str, ...] = ()  # more of them (icmp_error_types)
 
-    def ip(self, src: str, dst: str) -> Packet:
-        return IPv6(src=src, dst=dst) if self.name == "ipv6" else IP(src=src, dst=dst)
+    def ip(self, src: str, dst: str, **fields: Any) -> Packet:
+        return IPv6(src=src, dst=dst, **fields) if self.name == "ipv6" else IP(src=src, dst=dst, **fields)
 
     def echo(self, src: str, dst: str, ident: int, seq: int, reply: bool = False) -> Packet:
         if self.name == "ipv6":
@@ -154,8 +156,48 @@ class Family:
         return self.ip(src, dst) / layer / body
 
 
-V4 = Family("ipv4", "10.0.0.25", "10.0.0.26", "203.0.113.10", "203.0.113.11", "203.0.113.254")
-V6 = Family("ipv6", "fd00::25", "fd00::26", "2001:db8:1::10", "2001:db8:1::11", "2001:db8:1::fe")
+V4 = Family(
+    "ipv4", "10.0.0.25", "10.0.0.26", "203.0.113.10", "203.0.113.11", "203.0.113.254",
+    tuple(f"203.0.113.{200 + n}" for n in range(16)),
+)  # fmt: skip
+V6 = Family(
+    "ipv6", "fd00::25", "fd00::26", "2001:db8:1::10", "2001:db8:1::11", "2001:db8:1::fe",
+    tuple(f"2001:db8:1::{0xE0 + n:x}" for n in range(16)),
+)  # fmt: skip
+# Every ICMP error type (the kernel's icmp_is_err; ICMPv6 types below 128), with codes.
+ERROR_TYPES_V4 = (
+    (3, 0, "net unreachable"), (3, 1, "host unreachable"), (3, 2, "protocol unreachable"),
+    (3, 3, "port unreachable"), (3, 4, "fragmentation needed"), (3, 9, "net prohibited"),
+    (3, 13, "communication prohibited"), (4, 0, "source quench"), (5, 1, "redirect for the host"),
+    (11, 0, "time exceeded in transit"), (11, 1, "reassembly time exceeded"), (12, 0, "parameter problem"),
+)  # fmt: skip
+ERROR_TYPES_V6 = (
+    (1, 0, "no route"), (1, 1, "administratively prohibited"), (1, 3, "address unreachable"),
+    (1, 4, "port unreachable"), (1, 5, "source address failed policy"), (1, 6, "reject route"),
+    (2, 0, "packet too big"), (3, 0, "hop limit exceeded"), (3, 1, "reassembly time exceeded"),
+    (4, 0, "erroneous header field"), (4, 1, "unrecognised next header"), (4, 2, "unrecognised option"),
+)  # fmt: skip
+LAST_HOP = (
+    "the kernel answers a packet with no hop left before the filter hooks (time exceeded, sent "
+    "from OUTPUT, RELATED to its flow); `nfqfw replay` judges the packet as if it were forwarded "
+    "(a live nfqfw sees it as the kernel does: test_kernel_agreement_live)"
+)
+
+
+def icmp_error(f: Family, kind: int, code: int) -> Packet:
+    """The ICMP/ICMPv6 header of an error of this type and code."""
+    if f.name == "ipv6":
+        if kind == 1:
+            return ICMPv6DestUnreach(code=code)
+        if kind == 2:
+            return ICMPv6PacketTooBig(mtu=1280)
+        if kind == 3:
+            return ICMPv6TimeExceeded(code=code)
+        return ICMPv6ParamProblem(code=code, ptr=6)
+    fields = {"nexthopmtu": 1280} if (kind, code) == (3, 4) else {"gw": "203.0.113.1"} if kind == 5 else {}
+    return ICMP(type=kind, code=code, **fields)
+
+
 NEIGHBOURS = {"wan": [V4.wan, V4.wan2, V6.wan, V6.wan2], "lan": [V4.lan, V4.lan2, V6.lan, V6.lan2]}
 INSIDE = (V4.lan, V4.lan2, V6.lan, V6.lan2)
 
@@ -264,6 +306,7 @@ class Tcp:
     ) -> bytes:
         (src, sport), (dst, dport) = self.ends[who], self.ends[1 - who]
         differs = {key: fields.pop(key) for key in ("nfqfw", "why") if key in fields}
+        ip_fields = fields.pop("ip", {})
         # Only an accepted segment sent at the next sequence number moves it on: one with a
         # chosen `seq` is a retransmission, a forgery or ignored by conntrack.
         advance = expect == ACCEPT and "seq" not in fields
@@ -271,7 +314,8 @@ class Tcp:
         ack = fields.pop("ack", self.nxt[1 - who] if "A" in flags else 0)
         window = fields.pop("window", self.windows[who])
         segment = TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=window, **fields)
-        pkt = self.family.ip(src, dst) / segment / Raw(data) if data else self.family.ip(src, dst) / segment
+        ip = self.family.ip(src, dst, **ip_fields)
+        pkt = ip / segment / Raw(data) if data else ip / segment
         label = what or f"{'client' if who == CLIENT else 'server'} {flags}{f' +{len(data)}' if data else ''}"
         if advance:
             self.nxt[who] = (int(seq) + len(data) + ("S" in flags) + ("F" in flags)) & MASK
@@ -673,6 +717,42 @@ class Scenarios:
             "an inside router's error quoting an error: INVALID",
         )
 
+    def icmp_error_types(self, f: Family) -> None:
+        """Every ICMP/ICMPv6 error type, each sent by a router address of its own, quoting an
+        outgoing UDP flow and a TCP connection: RELATED. With --workers the kernel picks a queue
+        by the error's own addresses, so most of them reach another queue than their flow's
+        (test_kernel_agreement_live). Then the gateway's own error: a segment with the last hop
+        left makes it answer time exceeded (sent from OUTPUT, RELATED to the connection)."""
+        script = self.script(f"icmp-error-types-{f.name}")
+        udp = script.send(
+            f.ip(f.lan, f.wan) / UDP(sport=next(self.ports), dport=5003) / b"probe", ACCEPT, "UDP out"
+        )
+        t = self.egress(script, f, 8080)
+        t.handshake()
+        segment = t.c("PA", ACCEPT, data=b"x" * 40)
+        t.s("A", ACCEPT)
+        kinds = ERROR_TYPES_V6 if f is V6 else ERROR_TYPES_V4
+        for n, (kind, code, name) in enumerate(kinds):
+            for quoted, what in ((udp, "the UDP flow"), (segment, "the connection")):
+                router = f.routers[(2 * n + (quoted is segment)) % len(f.routers)]
+                script.send(
+                    f.ip(router, f.lan) / icmp_error(f, kind, code) / Raw(quoted[:128]),
+                    ACCEPT,
+                    f"{name} from {router} about {what}: RELATED",
+                )
+        last_hop = {"hlim": 1} if f is V6 else {"ttl": 1}
+        late = Tcp(script, f, *t.ends[0], *t.ends[1], cseq=t.nxt[CLIENT], sseq=t.nxt[SERVER])
+        late.c(
+            "PA",
+            REJECT,
+            "a segment with its last hop: the gateway's time exceeded, RELATED",
+            data=b"y" * 10,
+            ip=last_hop,
+            nfqfw=(ACCEPT, "established"),
+            why=LAST_HOP,
+        )
+        t.c("PA", ACCEPT, "the connection goes on", data=b"z" * 10, seq=t.nxt[CLIENT])
+
     def bad_checksums(self, f: Family) -> None:
         script = self.script(f"bad-checksums-{f.name}")
         port = self.udp_request(script, f)
@@ -776,6 +856,7 @@ class Scenarios:
             self.udp(f)
             self.icmp_echo(f)
             self.icmp_errors(f)
+            self.icmp_error_types(f)
             self.icmp_types(f)
             self.fragments(f)
             self.bad_checksums(f)
@@ -907,6 +988,12 @@ def test_the_documented_differences() -> None:
     ]
     expected = []
     for family in ("ipv4", "ipv6"):
+        expected.append(
+            (
+                f"icmp-error-types-{family}",
+                "a segment with its last hop: the gateway's time exceeded, RELATED",
+            )
+        )
         expected.append((f"fragments-{family}", "a reply in 3 fragments, the first one last"))
         expected += [(f"bad-checksums-{family}", what) for what in checksums]
     assert documented == expected

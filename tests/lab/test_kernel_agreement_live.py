@@ -1,0 +1,79 @@
+"""The kernel-agreement scenarios through a live `nfqfw run`, as a gateway runs it.
+
+test_kernel_agreement.py compares `nfqfw replay` with the kernel; here the same packets go,
+one at a time, through a gateway where nfqfw itself decides with its kernel rules in place
+(nfqfw.lab.live_oracle): with `--workers` over two and three queues, where the kernel's hash
+sends an ICMP error to the queue of its own addresses, not its flow's (the RELATED rules of the
+owner field must bring it to the worker that holds the flow), and with `offload: established`,
+where the kernel's conntrack carries the connections nfqfw handed over. Each packet must get
+the verdict the scenario expects of nfqfw: the kernel's, but where a documented difference of
+nfqfw holds live too (checksums). The differences of the replay alone do not hold: live, the
+kernel reassembles fragments before nfqfw sees them and answers a packet without hops left
+itself, as on the kernel's gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_kernel_agreement import LAST_HOP, NEIGHBOURS, OUT_OF_ORDER_FRAGMENTS, PHASES, V4, Step
+
+from nfqfw.lab.kernel_oracle import GATEWAY_SYSCTLS, Judgement
+from nfqfw.lab.live_oracle import nfqfw_gateway
+
+pytestmark = pytest.mark.lab
+
+REPLAY_ONLY = (OUT_OF_ORDER_FRAGMENTS, LAST_HOP)  # differences of `nfqfw replay`, not of a live nfqfw
+MODES = {
+    "workers-0:1": ((), ("--queue-balance", "0:1", "--workers")),
+    "workers-0:2": ((), ("--queue-balance", "0:2", "--workers")),
+    "offload": (("offload: established",), ()),
+}
+
+
+def live_expectation(step: Step) -> str:
+    if step.nfqfw is None or step.why in REPLAY_ONLY:
+        return step.expect
+    return step.nfqfw[0]
+
+
+def policy_text(base: str, options: tuple[str, ...]) -> str:
+    """The phase's policy with more `options:` entries (one options mapping, merged)."""
+    if not options:
+        return base
+    extra = ", ".join(options)
+    if "options: {" in base:
+        return base.replace("options: {", f"options: {{{extra}, ", 1)
+    return base + f"options: {{{extra}}}\n"
+
+
+def judge_all(tmp: Path, mode: str) -> Iterator[tuple[str, Step, Judgement]]:
+    """(scenario, step, judgement) for every step of every phase, in one gateway running nfqfw."""
+    options, args = MODES[mode]
+    policies = []
+    for phase in PHASES:
+        path = tmp / f"{phase.name}.yaml"
+        path.write_text(policy_text(phase.policy, options))
+        path.chmod(0o600)
+        policies.append(path)
+    with nfqfw_gateway(policies[0], NEIGHBOURS, V4.wan, V4.lan, args=args, sysctls=GATEWAY_SYSCTLS) as oracle:
+        for phase, policy in zip(PHASES, policies, strict=True):
+            oracle.sysctl(phase.sysctl)
+            oracle.reload(policy)
+            for script in phase.scripts:
+                for step in script.steps:
+                    yield script.name, step, oracle.judge(step.side, step.packets)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_live_nfqfw_agrees_with_the_kernel(tmp_path: Path, mode: str) -> None:
+    rows = list(judge_all(tmp_path, mode))
+    wrong = [
+        f"{name}: {step.what} ({step.side}): expected {live_expectation(step)}, got {got.outcome} ({got.rule})"
+        for name, step, got in rows
+        if got.outcome != live_expectation(step)
+    ]
+    assert not wrong, "\n".join(wrong)
+    assert len(rows) == sum(len(script.steps) for phase in PHASES for script in phase.scripts)
