@@ -12,32 +12,42 @@ header (see core.decode) and counted in `truncated_packets`.
 Offload (policy option `offload: established`): the full path answers a packet of an
 established, ASSURED TCP connection (handshake seen) or of a replied UDP flow with OFFLOADED,
 ESTABLISHED with the `offload` flag: the adapter marks it so the kernel's conntrack carries the
-connection from then on. The flow stays in the table (the authority: flows, recheck, flush) and
-its key goes to `handed_over` with the time, for the service to follow it in the kernel's table
-(nfqfw.service.offload). The fast path never offloads: the packet that makes a flow offloadable
-(the handshake's last ACK, the first reply) always takes the full path, and the packets after it
-that still reach the queue were queued before the kernel took the flow over.
+flow from then on. The packet that makes a flow offloadable (the handshake's last ACK, the first
+reply) always takes the full path, so the fast path never needs to offload. The flow leaves the
+table (its packets no longer come, and the kernel tracks them: nfqfw's TCP windows would go
+stale) for `offloaded` (key -> its Flow, with its rule and Meta: the record nfqfw keeps for
+`flows`, recheck and flush; nfqfw.service.offload follows them in the kernel's table and drops
+those the kernel no longer has). A packet of an offloaded flow that still reaches nfqfw is:
+- queued before the kernel took the flow over, or the kernel lost the flow: accepted, handed
+  over again;
+- a TCP segment the kernel's conntrack called INVALID (Meta.kernel_invalid: outside its window,
+  a checksum it refuses): invalid, as the kernel, which tracks the connection, says;
+- a SYN (the kernel ended the connection and let a new one start on its tuple): the record is
+  dropped and the packet judged as a first one.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
 from nfqfw.core.fastpath import FastPath, make_fast_path
+from nfqfw.core.flowtable import Flow
 from nfqfw.core.fragments import Fragments, datagram_key
-from nfqfw.core.l4.base import ASSURED, PROTO_STATE, SEEN_REPLY, SMALL, STATE_BYTE, WORDS
+from nfqfw.core.l4.base import ASSURED, PROTO_STATE, SEEN_REPLY, SMALL, STATE_BYTE, WORDS, ports_key
 from nfqfw.core.l4.tcp_states import TcpState
 from nfqfw.core.l4.tcp_window import F_BE_LIBERAL, FLAGS
-from nfqfw.core.packet import FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
+from nfqfw.core.packet import ACK, FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SYN, Packet
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 
 ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
 OFFLOADED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established", offload=True)
+OFFLOADED_PER_FLOW = 4  # offloaded flows remembered, per flow of max-flows (the kernel's table is bigger)
+_OFFLOADABLE = frozenset({PROTO_TCP, PROTO_UDP})
 RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, "related")
 UNTRACKED_ND = Verdict(Action.ACCEPT, Ct.UNTRACKED, None, "untracked: icmpv6 neighbour discovery / MLD")
 VERDICT_CACHE_SIZE = 4096
@@ -99,9 +109,9 @@ class Engine:
         if fast_path:
             self.fast_path, self._fast_packets = make_fast_path(self.conntrack, copy_cap)
         self.offload = options.offload == "established"
-        # Keys of the flows handed over to the kernel -> when (the last time): the service takes
-        # them (nfqfw.service.offload); bounded, for an engine whose keys nobody takes (replay).
-        self.handed_over: dict[bytes, float] = {}
+        # The flows handed over to the kernel, out of the table (see the module docstring); the
+        # service drops those the kernel ended. Bounded, for an engine nobody tends (replay).
+        self.offloaded: dict[bytes, Flow] = {}
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         """Swap the policy between two packets; conntrack state is kept."""
@@ -154,12 +164,16 @@ class Engine:
 
     def _judge(self, pkt: Packet, meta: Meta, now: float) -> Verdict:
         try:
+            if self.offloaded and pkt.proto in _OFFLOADABLE and pkt.frag != FRAG_LATER:
+                handed = self._offloaded_packet(pkt, meta)
+                if handed is not None:
+                    return handed
             tracked = self.conntrack.track(pkt, now)
             ct = tracked.ct
             if ct is Ct.ESTABLISHED:
                 self.established += 1
                 if self.offload and self._offloadable(tracked.slot):
-                    return self._hand_over(tracked.slot, now)
+                    return self._hand_over(tracked.slot)
                 return ESTABLISHED
             if ct is Ct.RELATED:
                 return self._count(RELATED)
@@ -189,14 +203,37 @@ class Engine:
             )
         return key[0] == PROTO_UDP and bool(bits & SEEN_REPLY)
 
-    def _hand_over(self, slot: int, now: float) -> Verdict:
-        handed = self.handed_over
-        if len(handed) >= 2 * self.conntrack.max_flows:
-            handed.clear()  # nobody takes them (an engine outside a daemon)
-        key = self.conntrack.table.keys[slot]
-        assert key is not None
-        handed[key] = now
+    def _hand_over(self, slot: int) -> Verdict:
+        """The flow leaves the table for `offloaded`: the kernel carries it from now on."""
+        flow = self.conntrack.table.handle(slot)
+        self.conntrack.remove(flow)
+        offloaded = self.offloaded
+        if len(offloaded) >= OFFLOADED_PER_FLOW * self.conntrack.max_flows:
+            del offloaded[next(iter(offloaded))]  # the oldest: nobody drops ended ones (replay)
+        offloaded[flow.key] = flow
         return OFFLOADED
+
+    def _offloaded_packet(self, pkt: Packet, meta: Meta) -> Verdict | None:
+        """The verdict for a packet of an offloaded flow (see the module docstring); None when
+        it is not one, or starts a new flow on an offloaded flow's tuple."""
+        key = ports_key(pkt)[0]
+        if key not in self.offloaded:
+            return None
+        if pkt.proto == PROTO_TCP:
+            if pkt.tcp_flags & (SYN | ACK) == SYN:
+                del self.offloaded[key]
+                return None
+            if meta.kernel_invalid:
+                return self._count(
+                    self._invalid("tcp: invalid to the kernel's conntrack, which carries the connection")
+                )
+        self.established += 1
+        return OFFLOADED
+
+    def drop_offloaded(self, keys: Iterable[bytes]) -> list[Flow]:
+        """Forget these offloaded flows (ended in the kernel, or revoked); returns those known."""
+        offloaded = self.offloaded
+        return [flow for key in keys if (flow := offloaded.pop(key, None)) is not None]
 
     def _internal_error(self, error: Exception) -> Verdict:
         return self._count(self._make(Action.DROP, Ct.INVALID, None, f"internal error: {error!r}"[:200]))

@@ -42,6 +42,9 @@ class Meta:
     hook: Hook
     in_iface: str | None = None
     out_iface: str | None = None
+    # options {offload: established}: the kernel's conntrack called the packet INVALID (the
+    # kernel rules mark such packets before the queue); consulted for offloaded flows only.
+    kernel_invalid: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ rules are exactly the three above). The chains then read, per family::
       [synproxy] ... --ctstate INVALID,UNTRACKED -j SYNPROXY; ... --ctstate INVALID -j DROP
       first packets (SYN, echo request[, UDP]) --ctstate NEW -j NFQFW-PRE-INPUT|-FORWARD
       --ctstate NEW -j NFQFW-NEW                        (INPUT, FORWARD)
+      [offload] --ctstate INVALID -j MARK --or-mark O   (tells nfqfw the kernel refused it)
       [workers] --ctstate RELATED -m connmark --mark OWNER(q) -j NFQUEUE --queue-num q  (per queue)
       -m mark ! --mark M/M -j NFQUEUE ...               (the main queue, as without protections)
     NFQFW-PRE-*: -i INTERNAL -j RETURN, then the ingress rules in order (RETURN: nfqfw decides;
@@ -284,6 +285,10 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
                 ]
             if spec.new_queues or protection.new_rate or protection.new_rate_per_source:
                 rules.append(f"-m conntrack --ctstate NEW -j {NEW_CHAIN}")
+        if offload is not None:
+            # The kernel's INVALID (no connection: not carried by the kernel) is nfqfw's to
+            # decide; the offload bit on a queued packet tells nfqfw the kernel's conntrack refused it.
+            rules.append(f"-m conntrack --ctstate INVALID -j MARK --or-mark 0x{offload:x}")
         rules += _to_owners(spec)
         rules.append(f"-m mark ! --mark {mark} -j {queue_target(spec)}")
     for base, pre in PRE_CHAINS.items():

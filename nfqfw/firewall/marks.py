@@ -9,7 +9,8 @@ can move nfqfw's out of the way:
   kernel's connection mark, copied from the packet mark by CONNMARK --save-mark rules. From the
   highest bit down:
   * offload (0x20000000): nfqfw handed the connection over to the kernel (`offload:
-    established`); its packets skip the queue;
+    established`); its packets skip the queue. On a packet queued to nfqfw the bit says that
+    the kernel's conntrack called it INVALID (a rule before the queue sets it, with offload);
   * owner (the next OWNER_BITS bits, 0x0f000000): 1 + the index, in the queue range, of the
     worker that accepted the connection (`--workers`); RELATED packets (ICMP errors about it)
     are sent to that worker's queue, whatever queue the kernel's hash would pick;

@@ -79,6 +79,7 @@ from nfqfw.kernel.queueflags import NFQA_CFG_F_GSO, QueueFlagsError, set_queue_f
 log = logging.getLogger(__name__)
 
 _HOOKS = {int(hook): hook for hook in Hook}
+KERNEL_INVALID = 1 << 67  # in the Meta cache's key (hook: 3 bits, then two 32-bit ifindexes)
 
 
 class EngineLike(Protocol):
@@ -264,6 +265,8 @@ class QueueAdapter:
         drop = Action.DROP
         # Mark bits a full-path accept adds (nfqfw.firewall.marks), set by `set_verdict_marks`:
         # the rule field of what admitted the flow (by verdict reason) and the offload bit.
+        # With offload the kernel rules mark the packets its conntrack calls INVALID with the
+        # offload bit too: the Meta says so (the engine asks for offloaded flows only).
         rule_mark: Callable[[str, int], int] = {}.get
         offload_mark = 0
 
@@ -282,6 +285,8 @@ class QueueAdapter:
                     pkt.repeat()
                 else:
                     key = pkt.hook | pkt.indev << 3 | pkt.outdev << 35
+                    if offload_mark and pkt.mark & offload_mark:  # offload: the kernel's INVALID
+                        key |= KERNEL_INVALID
                     meta = metas_get(key)
                     if meta is None:
                         meta = new_meta(key)
@@ -308,9 +313,9 @@ class QueueAdapter:
 
     def _new_meta(self, key: int) -> Meta:
         hook = _HOOKS[key & 7]
-        in_index, out_index = (key >> 3) & 0xFFFFFFFF, key >> 35
+        in_index, out_index = (key >> 3) & 0xFFFFFFFF, (key >> 35) & 0xFFFFFFFF
         in_iface, out_iface = self.links.name(in_index), self.links.name(out_index)
-        meta = Meta(hook, in_iface, out_iface)
+        meta = Meta(hook, in_iface, out_iface, kernel_invalid=bool(key & KERNEL_INVALID))
         if (in_iface or not in_index) and (out_iface or not out_index):
             self._metas[key] = meta  # only cache what resolved: a vanished link is retried
         return meta

@@ -25,13 +25,14 @@ import select
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from nfqfw.control.client import call
-from nfqfw.kernel.queue_info import parse_queue_stats
 from nfqfw.lab import daemon_ctl
 from nfqfw.lab.kernel_oracle import (
     SENTINEL_RULE,
+    SENTINEL_WAIT,
     Judgement,
     KernelOracle,
     _Port,
@@ -45,25 +46,26 @@ from nfqfw.lab.topology import run_in
 DEFAULT_PREFIX = "nfql-"
 SETTLE_WAIT = 3.0  # seconds for an accepted packet to come out, a rejected one's answer to come back
 QUEUE_WAIT = 10.0  # seconds for nfqfw to answer what it was queued
-IGNORED = ("untracked",)  # verdict reasons of the gateway's own neighbour discovery: not judged
+IGNORED = ("untracked",)
+Ask = Callable[[dict[str, Any]], Any]  # verdict reasons of the gateway's own neighbour discovery: not judged
 
 
 class LiveOracle(KernelOracle):
     """Judges packets on a gateway where `nfqfw run` decides (see the module docstring)."""
 
     def __init__(
-        self, topology: Topology, wan_v4: str, lan_v4: str, pid: int, runtime_dir: str, policy: Path
+        self, topology: Topology, wan_v4: str, lan_v4: str, pid: int, ask: Ask, policy: Path
     ) -> None:
         super().__init__(topology, ["-j ACCEPT"], ["-j ACCEPT"], wan_v4, lan_v4)
         self.pid = pid
-        self.runtime_dir = runtime_dir
+        self.ask = ask  # a control request to the daemon -> its result
         self.policy = policy
 
     def reload(self, source: Path) -> None:
         """Make `source`'s text nfqfw's policy (its --config file) and reload it."""
         if source != self.policy:
             self.policy.write_text(source.read_text())
-        answer = call(self.runtime_dir, {"cmd": "reload"}, timeout=30)
+        answer = self.ask({"cmd": "reload"})
         if not answer["ok"]:
             raise LabError(f"nfqfw refused the policy {source}: {answer['errors']}")
 
@@ -72,14 +74,15 @@ class LiveOracle(KernelOracle):
 
     def verdicts(self) -> Counter[str]:
         """nfqfw's verdict counters ("action reason" -> packets), summed over workers."""
-        counts = call(self.runtime_dir, {"cmd": "status"}, timeout=10)["verdicts"]
+        counts = self.ask({"cmd": "status"})["verdicts"]
         return Counter(
             {key: value for key, value in counts.items() if not key.split(" ", 1)[1].startswith(IGNORED)}
         )
 
     def queued(self) -> int:
+        """Packets waiting in the gateway's queues (the third field of each queue's line)."""
         with open(f"/proc/{self.pid}/net/netfilter/nfnetlink_queue") as proc:
-            return sum(stat.total for stat in parse_queue_stats(proc.read()).values())
+            return sum(int(line.split()[2]) for line in proc if line.strip())
 
     def judge(self, side: str, packets: Sequence[bytes]) -> Judgement:
         far_side = "lan" if side == "wan" else "wan"
@@ -111,6 +114,21 @@ class LiveOracle(KernelOracle):
             return Judgement("partial", said)
         return Judgement("reject" if refused else "drop", said)
 
+    def _came_out(self, far: _Port, wanted: set[bytes], sentinel: bytes) -> set[bytes]:
+        """As the kernel oracle's, but a packet read after the sentinel in the same batch counts
+        too: here a packet nfqfw accepted comes out after the sentinel."""
+        seen: set[bytes] = set()
+        deadline = time.monotonic() + SENTINEL_WAIT
+        while True:
+            got = {identity(ip) for ip in far.incoming()}
+            seen |= got & wanted
+            if sentinel in got:
+                return seen
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LabError(f"the sentinel did not come out on {far.host.ns} within {SENTINEL_WAIT:g} s")
+            select.select([far.sock], [], [], left)
+
     def _wait_for_queues(self) -> None:
         deadline = time.monotonic() + QUEUE_WAIT
         while self.queued():
@@ -139,12 +157,14 @@ def nfqfw_gateway(
     neighbours: dict[str, Sequence[str]],
     wan_v4: str,
     lan_v4: str,
+    ask: Callable[[str, dict[str, Any]], Any],
     args: Sequence[str] = (),
     prefix: str = DEFAULT_PREFIX,
     sysctls: Sequence[str] = (),
 ) -> Iterator[LiveOracle]:
     """The oracle's gateway with `nfqfw run --config POLICY ARGS` in it; yields its LiveOracle,
-    always stops nfqfw and tears everything down."""
+    always stops nfqfw and tears everything down. `ask(runtime_dir, request)` sends a control
+    request (nfqfw.control.client.call: the lab does not talk to the daemon itself)."""
     daemon_ctl.down(prefix)  # a lab left over from an interrupted run
     topology = build_kernel_gateway(prefix, ["-j ACCEPT"], ["-j ACCEPT"], neighbours)
     try:
@@ -154,7 +174,8 @@ def nfqfw_gateway(
         # The sentinel passes before nfqfw's jump: it is the kernel's, not a packet to judge.
         run_in(topology.gw, "iptables", "-w", "-I", "FORWARD", "1", *SENTINEL_RULE.split())
         state = daemon_ctl.LabState(prefix)
-        with LiveOracle(topology, wan_v4, lan_v4, daemon.pid, str(state.runtime_dir), Path(policy)) as oracle:
+        to_daemon = partial(ask, str(state.runtime_dir))
+        with LiveOracle(topology, wan_v4, lan_v4, daemon.pid, to_daemon, Path(policy)) as oracle:
             yield oracle
     finally:
         daemon_ctl.down(prefix)

@@ -1,6 +1,9 @@
-"""Engine with `options: {offload: established}`: which verdicts hand a flow over to the kernel."""
+"""Engine with `options: {offload: established}`: which verdicts hand a flow over to the kernel,
+and what becomes of the packets of a flow handed over that still reach nfqfw."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from test_engine import IN, LAN, OUT, WAN, expect, tcp4, udp4
 
@@ -15,29 +18,59 @@ zones: {external: [wan0], internal: [lan0]}
 defaults: {ingress: drop, egress: accept}
 options: {offload: established, tcp-pickup: loose}
 """
+KERNEL_INVALID_IN = replace(IN, kernel_invalid=True)
 
 
 def engine(text: str = POLICY) -> Engine:
     return Engine(CompiledPolicy(parse_policy(text)))
 
 
+def handshake(e: Engine, port: int = 50000) -> None:
+    e.process(tcp4(LAN, WAN, port, 80, SYN, seq=1000), OUT, 10.0)
+    e.process(tcp4(WAN, LAN, 80, port, SYN | ACK, seq=5000, ack=1001), IN, 10.1)
+
+
 def test_tcp_is_handed_over_once_its_handshake_is_complete() -> None:
     e = engine()
     syn = e.process(tcp4(LAN, WAN, 50000, 80, SYN, seq=1000), OUT, 10.0)
     synack = e.process(tcp4(WAN, LAN, 80, 50000, SYN | ACK, seq=5000, ack=1001), IN, 10.1)
-    assert not syn.offload and not synack.offload and e.handed_over == {}
+    assert not syn.offload and not synack.offload and e.offloaded == {}
     ack = e.process(tcp4(LAN, WAN, 50000, 80, ACK, seq=1001, ack=5001), OUT, 10.2)
     expect(ack, Action.ACCEPT, Ct.ESTABLISHED, "established")
     assert ack.offload
-    (key,) = e.handed_over
-    assert e.handed_over[key] == 10.2 and e.conntrack.get(key) is not None  # the flow stays nfqfw's too
-    # A packet queued behind it, taken by the fast path: accepted, not handed over again.
+    # The flow left the table: the kernel tracks it. nfqfw keeps its record.
+    assert len(e.conntrack) == 0
+    (flow,) = e.offloaded.values()
+    assert (flow.rule, flow.meta, flow.state_name) == ("default egress", OUT, "ESTABLISHED")
+    # A segment queued behind the handshake: accepted, handed over (again: the same bit).
     data = e.process(tcp4(LAN, WAN, 50000, 80, ACK | PSH, seq=1001, ack=5001), OUT, 10.3)
-    assert data.action is Action.ACCEPT and not data.offload
-    # Closing: FIN_WAIT is not ESTABLISHED, nothing more is handed over.
-    fin = e.full_process(tcp4(LAN, WAN, 50000, 80, FIN | ACK, seq=1001, ack=5001), OUT, 10.4)
-    assert fin.action is Action.ACCEPT and not fin.offload
-    assert e.counts() == {"accept default egress": 1, "accept established": 4}
+    assert data.action is Action.ACCEPT and data.offload and len(e.conntrack) == 0
+    assert e.counts() == {"accept default egress": 1, "accept established": 3}
+
+
+def test_a_segment_the_kernel_calls_invalid_is_invalid() -> None:
+    e = engine()
+    handshake(e)
+    e.process(tcp4(LAN, WAN, 50000, 80, ACK, seq=1001, ack=5001), OUT, 10.2)
+    late = e.process(tcp4(WAN, LAN, 80, 50000, ACK | PSH, seq=9_000_000, ack=1001), KERNEL_INVALID_IN, 11.0)
+    expect(
+        late,
+        Action.DROP,
+        Ct.INVALID,
+        "invalid: tcp: invalid to the kernel's conntrack, which carries the connection",
+    )
+    # A FIN the kernel took is not seen; one it refused is invalid, whatever nfqfw's own record says.
+    fin = e.process(tcp4(WAN, LAN, 80, 50000, FIN | ACK, seq=5001, ack=1001), KERNEL_INVALID_IN, 11.1)
+    assert fin.action is Action.DROP and len(e.offloaded) == 1
+
+
+def test_a_syn_on_the_tuple_of_an_offloaded_connection_starts_a_new_one() -> None:
+    e = engine()
+    handshake(e)
+    e.process(tcp4(LAN, WAN, 50000, 80, ACK, seq=1001, ack=5001), OUT, 10.2)
+    again = e.process(tcp4(LAN, WAN, 50000, 80, SYN, seq=777_000), OUT, 200.0)
+    expect(again, Action.ACCEPT, Ct.NEW, "default egress")
+    assert e.offloaded == {} and len(e.conntrack) == 1
 
 
 def test_a_tcp_flow_picked_up_mid_stream_stays_with_nfqfw() -> None:
@@ -46,7 +79,7 @@ def test_a_tcp_flow_picked_up_mid_stream_stays_with_nfqfw() -> None:
     e.process(tcp4(WAN, LAN, 80, 50001, ACK, seq=1, ack=1), IN, 1.1)
     verdicts = [e.full_process(tcp4(LAN, WAN, 50001, 80, ACK, seq=1, ack=1), OUT, 1.2 + n) for n in range(3)]
     assert all(v.action is Action.ACCEPT and v.ct is Ct.ESTABLISHED for v in verdicts)
-    assert not any(v.offload for v in verdicts) and e.handed_over == {}
+    assert not any(v.offload for v in verdicts) and e.offloaded == {}
 
 
 def test_udp_is_handed_over_at_its_first_reply() -> None:
@@ -56,7 +89,11 @@ def test_udp_is_handed_over_at_its_first_reply() -> None:
     assert (first.ct, again.ct) == (Ct.NEW, Ct.NEW) and not first.offload and not again.offload
     reply = e.process(udp4(WAN, LAN, 53, 40000), IN, 1.2)
     expect(reply, Action.ACCEPT, Ct.ESTABLISHED, "established")
-    assert reply.offload and len(e.handed_over) == 1
+    assert reply.offload and len(e.offloaded) == 1 and len(e.conntrack) == 0
+    # A datagram the kernel refused (its checksum: nfqfw checks none) is accepted.
+    late = e.process(udp4(WAN, LAN, 53, 40000), KERNEL_INVALID_IN, 2.0)
+    assert late.action is Action.ACCEPT and late.offload
+    assert [flow.key for flow in e.drop_offloaded(list(e.offloaded))] and e.offloaded == {}
 
 
 def test_off_by_default_and_follows_reloads() -> None:
@@ -65,13 +102,14 @@ def test_off_by_default_and_follows_reloads() -> None:
     assert not e.process(udp4(WAN, LAN, 53, 40000), IN, 1.1).offload
     e.replace_policy(CompiledPolicy(parse_policy(POLICY)))
     assert e.full_process(udp4(WAN, LAN, 53, 40000), IN, 1.2).offload
+    e.process(udp4(LAN, WAN, 40001, 53), OUT, 1.3)
     e.replace_policy(CompiledPolicy(parse_policy(POLICY.replace("established", "off"))))
-    assert not e.full_process(udp4(WAN, LAN, 53, 40000), IN, 1.3).offload
+    assert not e.full_process(udp4(WAN, LAN, 53, 40001), IN, 1.4).offload
 
 
-def test_handed_over_is_bounded_without_a_taker() -> None:
+def test_offloaded_flows_are_bounded_without_a_taker() -> None:
     e = engine(POLICY.replace("options: {", "options: {max-flows: 4, "))
-    for port in range(20):
+    for port in range(40):
         e.process(udp4(LAN, WAN, 30000 + port, 53), OUT, 1.0)
         e.process(udp4(WAN, LAN, 53, 30000 + port), IN, 1.0)
-    assert 0 < len(e.handed_over) <= 8
+    assert len(e.offloaded) == 16

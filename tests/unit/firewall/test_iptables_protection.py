@@ -120,6 +120,7 @@ def test_offload_bypass_and_synproxy() -> None:
         f"-A NFQFW-FORWARD {match} -m conntrack --ctstate INVALID,UNTRACKED -j SYNPROXY --sack-perm --timestamp "
         "--wscale 7 --mss 1460",
         f'-A NFQFW-FORWARD {match} -m conntrack --ctstate INVALID -m comment --comment "synproxy: invalid" -j DROP',
+        "-A NFQFW-FORWARD -m conntrack --ctstate INVALID -j MARK --or-mark 0x20000000",
         "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
     ]
     assert (
