@@ -15,9 +15,10 @@ ESTABLISHED with the `offload` flag: the adapter marks it so the kernel's conntr
 flow from then on. The packet that makes a flow offloadable (the handshake's last ACK, the first
 reply) always takes the full path, so the fast path never needs to offload. The flow leaves the
 table (its packets no longer come, and the kernel tracks them: nfqfw's TCP windows would go
-stale) for `offloaded` (key -> its Flow, with its rule and Meta: the record nfqfw keeps for
-`flows`, recheck and flush; nfqfw.service.offload follows them in the kernel's table and drops
-those the kernel no longer has). A packet of an offloaded flow that still reaches nfqfw is:
+stale) for `offloaded`, a table of its own (their records, with rule and Meta, for `flows`,
+recheck and flush; nfqfw.service.offload follows them in the kernel's table, keeps their
+deadlines and drops those the kernel no longer has). A packet of an offloaded flow that still
+reaches nfqfw is:
 - queued before the kernel took the flow over, or the kernel lost the flow: accepted, handed
   over again;
 - a TCP segment the kernel's conntrack called INVALID (Meta.kernel_invalid: outside its window,
@@ -29,13 +30,12 @@ those the kernel no longer has). A packet of an offloaded flow that still reache
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
 from nfqfw.core.fastpath import FastPath, make_fast_path
-from nfqfw.core.flowtable import Flow
 from nfqfw.core.fragments import Fragments, datagram_key
 from nfqfw.core.l4.base import ASSURED, PROTO_STATE, SEEN_REPLY, SMALL, STATE_BYTE, WORDS, ports_key
 from nfqfw.core.l4.tcp_states import TcpState
@@ -47,6 +47,7 @@ from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
 OFFLOADED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established", offload=True)
 OFFLOADED_PER_FLOW = 4  # offloaded flows remembered, per flow of max-flows (the kernel's table is bigger)
+HANDED_OVER_FOR = 300.0  # seconds an offloaded flow is remembered unless the service says longer
 _OFFLOADABLE = frozenset({PROTO_TCP, PROTO_UDP})
 RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, "related")
 UNTRACKED_ND = Verdict(Action.ACCEPT, Ct.UNTRACKED, None, "untracked: icmpv6 neighbour discovery / MLD")
@@ -109,9 +110,10 @@ class Engine:
         if fast_path:
             self.fast_path, self._fast_packets = make_fast_path(self.conntrack, copy_cap)
         self.offload = options.offload == "established"
-        # The flows handed over to the kernel, out of the table (see the module docstring); the
-        # service drops those the kernel ended. Bounded, for an engine nobody tends (replay).
-        self.offloaded: dict[bytes, Flow] = {}
+        # The flows handed over to the kernel, out of `conntrack` (see the module docstring): a
+        # table of their own, whose deadlines the service sets from the kernel's and from which
+        # it removes those the kernel ended (nfqfw.service.offload).
+        self.offloaded = Conntrack(max_flows=OFFLOADED_PER_FLOW * options.max_flows)
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         """Swap the policy between two packets; conntrack state is kept."""
@@ -119,6 +121,7 @@ class Engine:
         self.offload = policy.config.options.offload == "established"
         self.conntrack.loose = policy.config.options.tcp_pickup_loose
         self.conntrack.max_flows = policy.config.options.max_flows
+        self.offloaded.max_flows = OFFLOADED_PER_FLOW * policy.config.options.max_flows
 
     @property
     def counters(self) -> dict[str, int]:
@@ -173,7 +176,7 @@ class Engine:
             if ct is Ct.ESTABLISHED:
                 self.established += 1
                 if self.offload and self._offloadable(tracked.slot):
-                    return self._hand_over(tracked.slot)
+                    return self._hand_over(tracked.slot, now)
                 return ESTABLISHED
             if ct is Ct.RELATED:
                 return self._count(RELATED)
@@ -203,25 +206,25 @@ class Engine:
             )
         return key[0] == PROTO_UDP and bool(bits & SEEN_REPLY)
 
-    def _hand_over(self, slot: int) -> Verdict:
-        """The flow leaves the table for `offloaded`: the kernel carries it from now on."""
+    def _hand_over(self, slot: int, now: float) -> Verdict:
+        """The flow leaves the table for `offloaded`: the kernel carries it from now on. Its
+        deadline there is the service's to keep up (until then, HANDED_OVER_FOR seconds)."""
         flow = self.conntrack.table.handle(slot)
         self.conntrack.remove(flow)
-        offloaded = self.offloaded
-        if len(offloaded) >= OFFLOADED_PER_FLOW * self.conntrack.max_flows:
-            del offloaded[next(iter(offloaded))]  # the oldest: nobody drops ended ones (replay)
-        offloaded[flow.key] = flow
+        flow.deadline = now + HANDED_OVER_FOR
+        self.offloaded.expire(now)
+        self.offloaded.confirm(flow)  # full (of ASSURED flows): not remembered, still handed over
         return OFFLOADED
 
     def _offloaded_packet(self, pkt: Packet, meta: Meta) -> Verdict | None:
         """The verdict for a packet of an offloaded flow (see the module docstring); None when
         it is not one, or starts a new flow on an offloaded flow's tuple."""
-        key = ports_key(pkt)[0]
-        if key not in self.offloaded:
+        flow = self.offloaded.get(ports_key(pkt)[0])
+        if flow is None:
             return None
         if pkt.proto == PROTO_TCP:
             if pkt.tcp_flags & (SYN | ACK) == SYN:
-                del self.offloaded[key]
+                self.offloaded.remove(flow)
                 return None
             if meta.kernel_invalid:
                 return self._count(
@@ -229,11 +232,6 @@ class Engine:
                 )
         self.established += 1
         return OFFLOADED
-
-    def drop_offloaded(self, keys: Iterable[bytes]) -> list[Flow]:
-        """Forget these offloaded flows (ended in the kernel, or revoked); returns those known."""
-        offloaded = self.offloaded
-        return [flow for key in keys if (flow := offloaded.pop(key, None)) is not None]
 
     def _internal_error(self, error: Exception) -> Verdict:
         return self._count(self._make(Action.DROP, Ct.INVALID, None, f"internal error: {error!r}"[:200]))

@@ -70,6 +70,17 @@ class CtEntry:
     mark: int = 0
     tcp_state: int | None = None  # the kernel's enum tcp_conntrack (nfqfw's TcpState numbers)
     ident: int | None = None  # CTA_ID
+    # The reply tuple's source: where the original direction really goes after a DNAT (without
+    # NAT: dst, dport). The filter hooks see (src, sport) -> (reply_src, reply_sport).
+    reply_src: bytes = b""
+    reply_sport: int = 0
+
+    @property
+    def seen_as(self) -> tuple[bytes, int, bytes, int]:
+        """(src, sport, dst, dport) of the original direction as the filter hooks see it."""
+        if not self.reply_src:
+            return self.src, self.sport, self.dst, self.dport
+        return self.src, self.sport, self.reply_src, self.reply_sport if self.icmp is None else 0
 
     @property
     def replied(self) -> bool:
@@ -191,6 +202,13 @@ def parse_entry(body: memoryview) -> CtEntry | None:
         return None
     tup = attributes(orig)
     ip, l4 = attributes(tup.get(CTA_TUPLE_IP, b"")), attributes(tup.get(CTA_TUPLE_PROTO, b""))
+    reply_src, reply_sport = b"", 0
+    if CTA_TUPLE_REPLY in attrs:
+        back = attributes(attrs[CTA_TUPLE_REPLY])
+        back_ip, back_l4 = attributes(back.get(CTA_TUPLE_IP, b"")), attributes(back.get(CTA_TUPLE_PROTO, b""))
+        reply_src = bytes(back_ip.get(CTA_IP_V4_SRC, back_ip.get(CTA_IP_V6_SRC, b"")))
+        if CTA_PROTO_SRC_PORT in back_l4:
+            reply_sport = _U16.unpack(back_l4[CTA_PROTO_SRC_PORT])[0]
     if CTA_IP_V4_SRC in ip:
         family, src, dst = 4, bytes(ip[CTA_IP_V4_SRC]), bytes(ip.get(CTA_IP_V4_DST, b""))
     elif CTA_IP_V6_SRC in ip:
@@ -229,6 +247,8 @@ def parse_entry(body: memoryview) -> CtEntry | None:
         u32(CTA_MARK),
         tcp_state,
         ident,
+        reply_src,
+        reply_sport,
     )
 
 

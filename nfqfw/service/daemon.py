@@ -44,6 +44,7 @@ from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch
 from nfqfw.kernel.rawsend import RawSender
 from nfqfw.observe.packetlog import PacketLog
 from nfqfw.service.core import Applied, Loaded, ServiceCore, StartupError, load_policy_file, run_service
+from nfqfw.service.offload import Offload
 from nfqfw.service.options import Options
 from nfqfw.service.ruleset import rule_reasons
 from nfqfw.service.sdnotify import Notifier
@@ -86,6 +87,7 @@ class Daemon(ServiceCore):
         self.adapter: QueueAdapter | None = None
         self.drops: DropWatch | None = None
         self.state = self._state_dir()
+        self.offload = Offload(Marks(options.mark, options.conn_mark))  # the offloaded flows in the kernel
         self.packet_log = PacketLog(copy_cap=COPY_RANGE)
         self.timer: Any = None  # a nfqfw.observe.metrics.EngineTimer when metrics are counted
         self.collector: Any = None  # a worker's nfqfw.observe.metrics.NfqfwCollector (collect_metrics)
@@ -130,6 +132,7 @@ class Daemon(ServiceCore):
         self.adapter.housekeeping = self._housekeeping
         self._follow_offload(loaded)
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
+        self._adopt_offloaded(loaded.recheck)
         try:
             self.adapter.bind(self.spec.bound_queues, opts.max_len, opts.sock_len, opts.gso)
         except QueueError as err:
@@ -160,6 +163,29 @@ class Daemon(ServiceCore):
             return
         marks = Marks(self.options.mark, self.options.conn_mark)
         self.adapter.set_verdict_marks(marks.rule_marks(rule_reasons(config)), marks.offload)
+
+    def _adopt_offloaded(self, recheck: bool) -> None:
+        """The offloaded flows the last run saved: still the kernel's, or back to the engine."""
+        now = self.clock()
+        flows = self.state.restore_offloaded(now)
+        if not flows:
+            return
+        offloaded, back = self.offload.adopt(self.engine, flows, now)
+        revoked = self._recheck_offloaded() if recheck else 0
+        log.info(
+            "offloaded flows of the last run: %d still carried by the kernel (%d of them no longer "
+            "allowed, taken back), %d no longer in its table (back with nfqfw)",
+            offloaded,
+            revoked,
+            back,
+        )
+
+    def _recheck_offloaded(self) -> int:
+        """reload: recheck for the flows handed over to the kernel: those the policy no longer
+        admits are taken back (their kernel entries deleted)."""
+        from nfqfw.core.recheck import stale_flows
+
+        return self.offload.revoke(self.engine, stale_flows(self.engine, list(self.engine.offloaded)))
 
     def _serve_metrics(self, host: str, port: int, allow_remote: bool) -> tuple[Any, str]:
         from nfqfw.observe import metrics
@@ -192,7 +218,7 @@ class Daemon(ServiceCore):
         if now >= self._stats_due:
             self._stats_due = now + self.options.stats_interval
             self.drops.check()
-        return self.state.tick(self.engine, now)
+        return min(self.state.tick(self.engine, now), self.offload.tick(self.engine, now))
 
     def _dump(self) -> None:
         self._log_counters()
@@ -213,7 +239,7 @@ class Daemon(ServiceCore):
             return Applied()
         from nfqfw.core.recheck import recheck
 
-        removed = len(recheck(self.engine))
+        removed = len(recheck(self.engine)) + self._recheck_offloaded()
         log.info("policy reloaded: %d flows no longer allowed were removed", removed)
         return Applied(removed=removed)
 
@@ -236,10 +262,10 @@ class Daemon(ServiceCore):
         return engine_status(self.engine, self.adapter, now, talkers)
 
     def flows(self, request: dict[str, Any], selection: FlowFilter) -> Chunks:
-        return engine_flows(self.engine, selection, self.clock)
+        return engine_flows(self.engine, selection, self.clock, self.offload)
 
     def flush(self, request: dict[str, Any], selection: FlowFilter) -> dict[str, Any]:
-        return engine_flush(self.engine, request, selection, self.clock())
+        return engine_flush(self.engine, request, selection, self.clock(), self.offload)
 
     def metric_records(self) -> list[Any]:
         """A worker's Prometheus families as records, for its supervisor's endpoint (RequestError
@@ -268,6 +294,7 @@ class Daemon(ServiceCore):
                     log.info("adapter %s: %d", name, value)
 
     def _release(self) -> None:
+        self.offload.close()
         if self.adapter is not None:
             self.adapter.unbind()
         if self.sender is not None:

@@ -137,9 +137,3 @@ def _log_not_in_force(config: PolicyConfig) -> None:
                 "SYNPROXY's sequence adjustment; SYNs to it are capped by new-rate instead",
                 rule.name,
             )
-    if config.options.offload == "established":
-        once(
-            "offload",
-            "",
-            "offload: established: the kernel bypass is installed, but nfqfw hands no flow over yet",
-        )

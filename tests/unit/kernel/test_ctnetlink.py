@@ -69,3 +69,15 @@ def test_messages_in_a_datagram_and_errors() -> None:
     error = struct.pack("=IHHII", 36, ct.NLMSG_ERROR, 0, 6, 0) + struct.pack("=i", -2) + bytes(16)
     found = list(ct.parse_messages(ack + error))
     assert [(kind, seq, ct.error_code(payload)) for kind, seq, payload in found] == [(2, 5, 0), (2, 6, 2)]
+
+
+def test_the_reply_tuple_tells_where_the_flow_goes_after_nat() -> None:
+    """Without NAT the hooks see the original tuple; after a DNAT, its reply's source."""
+    plain = ct.parse_entry(body_of(ct.create_request(V4)))
+    assert plain is not None and plain.seen_as == (V4.src, 40000, V4.dst, 80)
+    forwarded = CtEntry(4, 6, V4.src, socket.inet_aton("192.0.2.1"), 40000, 8080)
+    reply = CtEntry(4, 6, socket.inet_aton("10.0.0.80"), V4.src, 80, 40000)  # DNAT to 10.0.0.80:80
+    # The reply tuple as the kernel reports it: the orig tuple's attributes under CTA_TUPLE_REPLY.
+    body = ct.tuple_attrs(forwarded) + ct.nested(ct.CTA_TUPLE_REPLY, ct.tuple_attrs(reply)[4:])
+    parsed = ct.parse_entry(memoryview(body))
+    assert parsed is not None and parsed.seen_as == (V4.src, 40000, socket.inet_aton("10.0.0.80"), 80)
