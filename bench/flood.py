@@ -23,7 +23,9 @@ Gateway modes:
                     new-rate-per-source: off): what nfqfw did before them
     nfqfw           nfqfw as configured by default (kernel pre-filter, NEW caps, one queue)
     nfqfw-newq      the default plus --new-queue 1 (first packets to a queue of their own)
-    nfqfw-offload   `offload: established`: not yet (the daemon does not hand flows over), "not yet"
+    nfqfw-offload   the default plus `offload: established`: connections are handed over to the
+                    kernel's conntrack once their handshake is done (the transfer's after its
+                    first ACK); flows counts nfqfw's table and the offloaded ones
 and `synproxy: true` is not in force in nfqfw yet (nfqfw.service.ruleset): its rows say so.
 
 Attacks: none; syn-closed (one source, SYNs to port 22, which the policy drops); syn-random
@@ -78,8 +80,9 @@ ATTACKS: dict[str, list[str] | None] = {
     "malformed": ["-S", "-F", "-p", str(SERVER_PORT)],
 }
 PLAIN_OPTIONS = "options: {prefilter: off, new-rate: off, new-rate-per-source: off}\n"
+OFFLOAD_OPTIONS = "options: {offload: established}\n"
 MODES = ("kernel", "nfqfw-plain", "nfqfw", "nfqfw-newq", "nfqfw-offload")
-NOT_YET = {"nfqfw-offload": "offload: not yet (phase 2)"}
+NOT_YET: dict[str, str] = {}
 SYNPROXY_NOT_YET = "synproxy: not in force in nfqfw yet"
 
 # The kernel's SYNPROXY for port 25 (the usual ruleset, see shared/reference/flood-protection.md).
@@ -171,7 +174,8 @@ def flows(t: Topology, mode: str) -> int | None:
         cwd=ROOT,
     )
     try:
-        return int(json.loads(out.stdout)["flows"]["total"])
+        counts = json.loads(out.stdout)["flows"]
+        return int(counts["total"]) + int(counts.get("offloaded", {}).get("total", 0))
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -316,9 +320,11 @@ def main() -> int:
     started = time.monotonic()
     results: dict[str, dict[str, dict[str, object]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / "plain.yaml"
-        plain.write_text(POLICY.read_text() + PLAIN_OPTIONS)
-        plain.chmod(0o600)
+        policies = {"nfqfw-plain": PLAIN_OPTIONS, "nfqfw-offload": OFFLOAD_OPTIONS}
+        for mode, options in policies.items():
+            path = Path(tmp) / f"{mode}.yaml"
+            path.write_text(POLICY.read_text() + options)
+            path.chmod(0o600)
         daemon_ctl.down(PREFIX)
         try:
             daemon_ctl.up(PREFIX)
@@ -331,7 +337,8 @@ def main() -> int:
             time.sleep(0.3)
             try:
                 for mode in MODES:
-                    results[mode] = run_mode(t, mode, plain if mode == "nfqfw-plain" else POLICY)
+                    policy = Path(tmp) / f"{mode}.yaml" if mode in policies else POLICY
+                    results[mode] = run_mode(t, mode, policy)
             finally:
                 stop(server)
                 iperf_server.terminate()
