@@ -167,10 +167,6 @@ class Engine:
 
     def _judge(self, pkt: Packet, meta: Meta, now: float) -> Verdict:
         try:
-            if self.offloaded and pkt.proto in _OFFLOADABLE and pkt.frag != FRAG_LATER:
-                handed = self._offloaded_packet(pkt, meta)
-                if handed is not None:
-                    return handed
             tracked = self.conntrack.track(pkt, now)
             ct = tracked.ct
             if ct is Ct.ESTABLISHED:
@@ -180,10 +176,17 @@ class Engine:
                 return ESTABLISHED
             if ct is Ct.RELATED:
                 return self._count(RELATED)
+            # A packet of no flow in the table (INVALID without a connection, or a first one) may
+            # be one of a flow handed over to the kernel: checked only on these two ways.
             if ct is Ct.INVALID:
-                return self._count(self._invalid(tracked.reason))
+                handed = self._offloaded_packet(pkt, meta) if len(self.offloaded) else None
+                return handed or self._count(self._invalid(tracked.reason))
             if ct is Ct.UNTRACKED and pkt.proto == PROTO_ICMPV6 and pkt.frag == 0:
                 return self._count(self._neighbour_discovery(meta))
+            if tracked.new and len(self.offloaded):
+                handed = self._offloaded_packet(pkt, meta)
+                if handed is not None:
+                    return handed
             verdict = self._decide(pkt, meta, ct, now)
             if tracked.new and verdict.action is Action.ACCEPT:
                 verdict = self._confirm(meta, verdict)
@@ -219,6 +222,8 @@ class Engine:
     def _offloaded_packet(self, pkt: Packet, meta: Meta) -> Verdict | None:
         """The verdict for a packet of an offloaded flow (see the module docstring); None when
         it is not one, or starts a new flow on an offloaded flow's tuple."""
+        if pkt.frag == FRAG_LATER or pkt.proto not in _OFFLOADABLE:
+            return None
         flow = self.offloaded.get(ports_key(pkt)[0])
         if flow is None:
             return None

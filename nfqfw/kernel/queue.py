@@ -293,9 +293,11 @@ class QueueAdapter:
                     verdict = process(data, meta, now)
                     action = verdict.action
                     if action is accept:
-                        # offload: the rule field and the offload bit (nfqfw.firewall.marks)
-                        extra = rule_mark(verdict.reason, 0) | (offload_mark if verdict.offload else 0)
-                        pkt.set_mark(pkt.mark | mark | extra)
+                        if offload_mark:  # offload: the rule field, the offload bit (firewall.marks)
+                            extra = rule_mark(verdict.reason, 0) | (offload_mark if verdict.offload else 0)
+                            pkt.set_mark(pkt.mark | mark | extra)
+                        else:
+                            pkt.set_mark(pkt.mark | mark)
                         pkt.repeat()
                     elif action is drop:
                         pkt.drop()
