@@ -9,6 +9,9 @@
 #   make bench      the benchmark table (bench/run.py)
 #   make bench-workers  one process for two queues against a worker per queue (bench/workers.py)
 #   make bench-flood    floods against the kernel ruleset and nfqfw, side by side (bench/flood.py)
+#   make bench-latency  other flows' ping RTT while one flow is busy, kernel against nfqfw (bench/latency.py)
+#   make bench-rules    new-flow decisions/s, policy load and reload recheck for 10..10,000 rules
+#   make bench-sets     a named set of 1,000..100,000 networks: load, memory, decisions, set add
 #   make deb        dist/nfqfw_VERSION_ARCH.deb (dpkg-buildpackage; DEB_VERSION=, DIST= to choose)
 #   make install    nfqfw on this machine from the checkout: /opt/nfqfw, /usr/local/bin/nfqfw,
 #                   /etc/nfqfw/policy.yaml (kept if present), the systemd units, man pages, completion
@@ -39,11 +42,11 @@ DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack ip
 # What `make deb` needs (the package is built on Debian's own python3, whatever PYTHON is).
 DEB_BUILD_PACKAGES := dpkg-dev debhelper build-essential python3-dev python3-venv
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood deb docs install \
-	uninstall clean
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-latency bench-rules bench-sets deb wheelhouse docs \
+	install uninstall clean
 
 help:
-	@sed -n '1,15s/^# \{0,1\}//p' Makefile
+	@sed -n '1,/^#   make uninstall/s/^# \{0,1\}//p' Makefile
 
 bootstrap: debs $(VENV_STAMP)
 
@@ -101,6 +104,15 @@ bench-workers: bootstrap
 bench-flood: bootstrap
 	$(BIN)/python bench/flood.py
 
+bench-latency: bootstrap
+	$(BIN)/python bench/latency.py
+
+bench-rules: bootstrap
+	$(BIN)/python bench/rule_scaling.py
+
+bench-sets: bootstrap
+	$(BIN)/python bench/set_scaling.py
+
 # --- the Debian package ------------------------------------------------------------------------
 # dpkg-buildpackage runs in a copy of the sources under build/deb (it writes next to the tree it
 # builds); debian/changelog is written there from DEB_VERSION (pyproject's version by default),
@@ -126,6 +138,9 @@ deb: debs $(WHEELHOUSE)/.stamp
 		|| { tail -40 ../build-$(DEB_VERSION).log >&2; exit 1; }
 	mv $(DEB_BUILD)/nfqfw_$(DEB_VERSION)_$(DEB_ARCH).deb $(DIST)/
 	@echo "deb: $(DIST)/nfqfw_$(DEB_VERSION)_$(DEB_ARCH).deb"
+
+# The wheels of nfqfw's dependencies, for installs that must not reach an index (the box).
+wheelhouse: $(WHEELHOUSE)/.stamp
 
 $(WHEELHOUSE)/.stamp: pyproject.toml | debs
 	rm -rf $(WHEELHOUSE) build/wheel-venv
@@ -153,11 +168,13 @@ DESTDIR ?=
 # The service's Python is the system's: one under /root or /home (pyenv, a python.org build) is
 # hidden from the service by the unit's ProtectHome=yes, and the service would not start.
 INSTALL_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) $(PYTHON))
+# e.g. "--no-index --find-links=build/wheelhouse" to install from `make wheelhouse` alone.
+INSTALL_PIP_FLAGS ?=
 
 install:
 	$(MAKE) --no-print-directory debs PYTHON=$(INSTALL_PYTHON)
 	$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(INSTALL_VENV)
-	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q '.[daemon]'
+	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q $(INSTALL_PIP_FLAGS) '.[daemon]'
 	install -d -m 0755 $(DESTDIR)$(INSTALL_BIN) $(DESTDIR)$(INSTALL_DOC)
 	ln -sfn $(INSTALL_VENV)/bin/nfqfw $(DESTDIR)$(INSTALL_BIN)/nfqfw
 	install -d -m 0755 $(DESTDIR)$(INSTALL_ETC)

@@ -17,7 +17,8 @@ Modes, all with the lab's masquerade (so kernel conntrack runs in every mode):
     bare-nfq-gso  the same loop with the queue's GSO flag (nfqfw.kernel.queueflags): GSO packets are
                   queued whole (their first COPY_RANGE bytes copied): the ceiling for any Python
                   NFQUEUE consumer that takes GSO packets
-    nfqfw         `nfqfw run --config config/policy.yaml --queue 0` (GSO packets on, the default)
+    nfqfw         `nfqfw run --config config/policy.yaml` (the defaults: GSO packets on, queues 0:3
+                  served in turn, first packets to queues 4:7)
     nfqfw-no-gso  the same with --no-gso
     nfqfw-offload nfqfw with `options: {offload: established}`: each connection and replied UDP
                   flow is handed over to the kernel's conntrack (compare with kernel: /kern)
@@ -76,17 +77,21 @@ except KeyboardInterrupt:
     pass
 """
 
-ACCEPT_SERVER = f"""
+
+def accept_server(port: int) -> str:
+    """Python code for a TCP server on `port` that accepts and closes at once (prints "ready")."""
+    return f"""
 import socket
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {CONN_PORT}))
+s.bind(("0.0.0.0", {port}))
 s.listen(4096)
 print("ready", flush=True)
 while True:
     c, _ = s.accept()
     c.close()
 """
+
 
 CONNECT_LOOP = f"""
 import socket, struct, time
@@ -220,7 +225,7 @@ def run_modes(t: Topology) -> dict[str, dict[str, float | None]]:
             ("nfqfw-no-gso", POLICY, ("--no-gso",)),
             ("nfqfw-offload", offload, ()),
         ):
-            daemon = daemon_ctl.start_daemon(PREFIX, policy, 0, args=args)
+            daemon = daemon_ctl.start_daemon(PREFIX, policy, None, args=args)
             try:
                 one(name, daemon.pid)
             finally:
@@ -265,12 +270,12 @@ def main() -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        accept_server = start_ready(t.wan, ACCEPT_SERVER)
+        acceptor = start_ready(t.wan, accept_server(CONN_PORT))
         time.sleep(0.3)  # iperf3 -s has no readiness signal; it listens within milliseconds
         try:
             results = run_modes(t)
         finally:
-            stop(accept_server)
+            stop(acceptor)
             iperf_server.terminate()
             iperf_server.wait(timeout=5)
     finally:

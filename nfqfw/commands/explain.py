@@ -2,12 +2,19 @@
 do with this one packet, and why?
 
 Builds the packet with `nfqfw.core.build`, runs it through a fresh engine (so conntrack has
-seen nothing before it) and prints the verdict, the conntrack state and what decided.
+seen nothing before it) and prints the verdict, the conntrack state and what decided: a rule is
+shown as the policy means it (ports as numbers, with their service names), with where it is
+written, its comment, and which of its sets the packet's addresses are in. Runtime set entries
+(nfqfw set add) are the running daemon's: explain sees the policy's files only. An ICMP
+error quotes the packet `--quoting` describes, e.g. the gateway's own time exceeded about a
+traceroute probe: `--hook output icmp 10.0.0.1 10.0.0.25 --icmp-type time-exceeded --quoting udp
+10.0.0.25:40000 203.0.113.10:33434`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import struct
 import sys
 from typing import Any
@@ -17,7 +24,9 @@ from nfqfw.commands.replay import derive_hook, load_compiled
 from nfqfw.core import build
 from nfqfw.core.config import ICMP_TYPES
 from nfqfw.core.engine import Engine
+from nfqfw.core.l4.icmp import ICMP_ERRORS
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Hook, Meta, Verdict
 
 TCP_FLAG_LETTERS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
@@ -47,6 +56,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("dst", metavar="DST[:PORT]")
     parser.add_argument("--flags", default="S", help="TCP flags from S A F R P U E C (default S)")
     parser.add_argument("--icmp-type", default="echo-request", metavar="NAME|N", help="default echo-request")
+    parser.add_argument("--icmp-code", type=int, default=0, metavar="N", help="default 0")
+    parser.add_argument(
+        "--quoting",
+        nargs=3,
+        metavar=("PROTO", "SRC[:PORT]", "DST[:PORT]"),
+        help="an ICMP error's quoted packet (needed for error types), built like the packet itself",
+    )
     parser.add_argument("--hook", choices=tuple(HOOKS), help="default: from the policy's gateway-addresses")
     add_json_option(parser, "the verdict (verdict, conntrack, decided_by, why, reject_with, hook)")
     parser.set_defaults(func=run)
@@ -94,26 +110,53 @@ def icmp_type(text: str, family: int) -> int:
 
 
 def build_packet(args: argparse.Namespace) -> bytes:
-    src, sport = parse_endpoint(args.src)
-    dst, dport = parse_endpoint(args.dst)
+    packet = _packet(args.proto, args.src, args.dst, args.flags, args.icmp_type, args.icmp_code, args.quoting)
+    if args.quoting is not None and not _is_error(packet):
+        raise ExplainError("--quoting is for ICMP errors (e.g. --icmp-type time-exceeded)")
+    return packet
+
+
+def _packet(
+    proto: str, src_text: str, dst_text: str, flags: str, type_text: str, code: int, quoting: list[str] | None
+) -> bytes:
+    src, sport = parse_endpoint(src_text)
+    dst, dport = parse_endpoint(dst_text)
     if len(src) != len(dst):
         raise ExplainError("source and destination are of different IP families")
     family = 4 if len(src) == 4 else 6
-    if args.proto in ("tcp", "udp"):
+    if proto in ("tcp", "udp"):
         if dport is None:
-            raise ExplainError(f"{args.proto} needs a destination port (DST:PORT)")
+            raise ExplainError(f"{proto} needs a destination port (DST:PORT)")
         sport = DEFAULT_SPORT if sport is None else sport
-        if args.proto == "tcp":
-            flags = tcp_flags(args.flags)
-            segment = build.tcp(src, dst, sport, dport, seq=1000, ack=1 if flags & 0x10 else 0, flags=flags)
+        if proto == "tcp":
+            bits = tcp_flags(flags)
+            segment = build.tcp(src, dst, sport, dport, seq=1000, ack=1 if bits & 0x10 else 0, flags=bits)
             return _ip(src, dst, PROTO_TCP, segment)
         return _ip(src, dst, PROTO_UDP, build.udp(src, dst, sport, dport))
-    if args.proto == "icmpv6" and family == 4:
+    if proto == "icmpv6" and family == 4:
         raise ExplainError("icmpv6 needs IPv6 addresses")
-    type_ = icmp_type(args.icmp_type, family)
+    if proto not in PROTOCOLS:
+        raise ExplainError(f"unknown protocol '{proto}' (use {', '.join(PROTOCOLS)})")
+    type_ = icmp_type(type_text, family)
+    if not 0 <= code <= 255:
+        raise ExplainError(f"bad ICMP code {code}")
+    rest = struct.pack("!HH", *ECHO_ID_SEQ)
+    if (type_ in ICMP_ERRORS) if family == 4 else (type_ < 128):
+        if quoting is None:
+            raise ExplainError("an ICMP error quotes a packet: give it with --quoting PROTO SRC DST")
+        quoted = _packet(*quoting, "S", "echo-request", 0, None)  # a SYN, an echo request
+        if quoted[0] >> 4 != family:
+            raise ExplainError("the quoted packet is of another IP family")
+        rest = bytes(4) + quoted
     if family == 4:
-        return _ip(src, dst, PROTO_ICMP, build.icmp(type_, 0, ECHO_ID_SEQ))
-    return _ip(src, dst, PROTO_ICMPV6, build.icmpv6(src, dst, type_, 0, struct.pack("!HH", *ECHO_ID_SEQ)))
+        return _ip(src, dst, PROTO_ICMP, build.icmp(type_, code, rest[:4], rest[4:]))
+    return _ip(src, dst, PROTO_ICMPV6, build.icmpv6(src, dst, type_, code, rest))
+
+
+def _is_error(packet: bytes) -> bool:
+    if packet[0] >> 4 == 4:
+        return packet[9] == PROTO_ICMP and packet[20] in ICMP_ERRORS
+    return packet[6] == PROTO_ICMPV6 and packet[40] < 128
 
 
 def _ip(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:
@@ -138,8 +181,40 @@ def explained(verdict: Verdict) -> dict[str, str | None]:
     }
 
 
-def report(verdict: Verdict) -> str:
+def rule_details(policy: CompiledPolicy, name: str, packet: bytes) -> dict[str, Any] | None:
+    """The rule that decided: where it is, what it matches (as numbers), its comment, and the sets
+    of its from/to that hold the packet's addresses."""
+    from nfqfw.core.decode import decode
+    from nfqfw.core.diff import describe_rule
+
+    config = policy.config
+    rule = next((r for side in ("ingress", "egress") for r in getattr(config, side) if r.name == name), None)
+    if rule is None:
+        return None
+    pkt = decode(packet)
+    matched = [
+        f"{word} {ipaddress.ip_address(raw)} in @{set_name}"
+        for word, addresses, raw in (("from", rule.src, pkt.src), ("to", rule.dst, pkt.dst))
+        if addresses is not None
+        for set_name in addresses.sets
+        if policy.sets[set_name].contains(raw)
+    ]
+    return {
+        "name": rule.name,
+        "at": f"{rule.file or config.filename}:{rule.line}",
+        "match": describe_rule(rule),
+        "comment": rule.comment,
+        "sets": matched,
+    }
+
+
+def report(verdict: Verdict, rule: dict[str, Any] | None = None) -> str:
     lines = [f"{key.replace('_', ' ')}: {value}" for key, value in explained(verdict).items() if value]
+    if rule is not None:
+        lines.append(f"rule: {rule['name']} ({rule['at']}): {rule['match']}")
+        lines += [f"  {found}" for found in rule["sets"]]
+        if rule["comment"]:
+            lines.append(f"comment: {rule['comment']}")
     return "\n".join(lines)
 
 
@@ -155,8 +230,9 @@ def run(args: argparse.Namespace) -> int:
     hook = HOOKS[args.hook] if args.hook else derive_hook(packet, policy.gateway_addresses)
     meta = Meta(hook, in_iface=args.in_iface if hook != Hook.OUTPUT else None)
     verdict = Engine(policy).process(packet, meta, now=0.0)
+    rule = None if verdict.rule is None else rule_details(policy, verdict.rule, packet)
     if args.json:
-        print_json({**explained(verdict), "hook": hook.name})
+        print_json({**explained(verdict), "hook": hook.name, "rule": rule})
     else:
-        print(report(verdict))
+        print(report(verdict, rule))
     return EXIT_OK

@@ -36,12 +36,15 @@ from typing import Any
 from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
 from nfqfw.core.fastpath import FastPath, make_fast_path
+from nfqfw.core.flowtable import NO_SLOT
 from nfqfw.core.fragments import Fragments, datagram_key
 from nfqfw.core.l4.base import ASSURED, PROTO_STATE, SEEN_REPLY, SMALL, STATE_BYTE, WORDS, ports_key
+from nfqfw.core.l4.icmp import OWN_ERROR
 from nfqfw.core.l4.tcp_states import TcpState
 from nfqfw.core.l4.tcp_window import F_BE_LIBERAL, FLAGS
 from nfqfw.core.packet import ACK, FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SYN, Packet
 from nfqfw.core.policy import CompiledPolicy
+from nfqfw.core.sets import RuntimeSets
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 
 ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
@@ -50,6 +53,11 @@ OFFLOADED_PER_FLOW = 4  # offloaded flows remembered, per flow of max-flows (the
 HANDED_OVER_FOR = 300.0  # seconds an offloaded flow is remembered unless the service says longer
 _OFFLOADABLE = frozenset({PROTO_TCP, PROTO_UDP})
 RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, "related")
+OWN_RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, OWN_ERROR)
+# The kernel's antispoof (reverse-path filter, raw PREROUTING) drops these; the packets queued
+# from PREROUTING are its log samples (see nfqfw.firewall.iptables). Also its counters' key.
+SPOOFED_SOURCE = "invalid: spoofed source"
+_PREROUTING, _OUTPUT = Hook.PREROUTING, Hook.OUTPUT  # module globals: an Enum attribute costs ~100 ns
 UNTRACKED_ND = Verdict(Action.ACCEPT, Ct.UNTRACKED, None, "untracked: icmpv6 neighbour discovery / MLD")
 VERDICT_CACHE_SIZE = 4096
 
@@ -93,6 +101,8 @@ class Engine:
     ) -> None:
         options = policy.config.options
         self.policy = policy
+        self.runtime_sets = RuntimeSets()  # `nfqfw set add` entries: kept across policy reloads
+        policy.bind_runtime(self.runtime_sets)
         self.conntrack = Conntrack(max_flows=options.max_flows, loose=options.tcp_pickup_loose)
         self.fragments = Fragments()
         self.local_addresses = local_addresses or policy.gateway_addresses
@@ -116,7 +126,8 @@ class Engine:
         self.offloaded = Conntrack(max_flows=OFFLOADED_PER_FLOW * options.max_flows)
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
-        """Swap the policy between two packets; conntrack state is kept."""
+        """Swap the policy between two packets; conntrack state and runtime set entries are kept."""
+        policy.bind_runtime(self.runtime_sets)
         self.policy = policy
         self.offload = policy.config.options.offload == "established"
         self.conntrack.loose = policy.config.options.tcp_pickup_loose
@@ -153,6 +164,8 @@ class Engine:
 
     def full_process(self, data: bytes | bytearray | memoryview, meta: Meta, now: float) -> Verdict:
         """Decode, conntrack, policy: the verdict for any packet."""
+        if meta.hook is _PREROUTING:  # a sample of a spoofed packet the kernel drops anyway
+            return self._count(self._make(Action.DROP, Ct.INVALID, None, SPOOFED_SOURCE))
         try:
             pkt = decode(data, self.copy_cap)
             if pkt.truncated:
@@ -179,6 +192,8 @@ class Engine:
             # A packet of no flow in the table (INVALID without a connection, or a first one) may
             # be one of a flow handed over to the kernel: checked only on these two ways.
             if ct is Ct.INVALID:
+                if pkt.inner is not None and meta.hook is _OUTPUT:
+                    return self._count(self._own_error(pkt))
                 handed = self._offloaded_packet(pkt, meta) if len(self.offloaded) else None
                 return handed or self._count(self._invalid(tracked.reason))
             if ct is Ct.UNTRACKED and pkt.proto == PROTO_ICMPV6 and pkt.frag == 0:
@@ -237,6 +252,14 @@ class Engine:
                 )
         self.established += 1
         return OFFLOADED
+
+    def _own_error(self, pkt: Packet) -> Verdict:
+        """An ICMP error from the gateway itself (only those are queued from OUTPUT): its stack
+        answers some packets before FORWARD, about flows the table never saw."""
+        tracked = self.conntrack.own_error(pkt)
+        if tracked.ct is Ct.RELATED:
+            return RELATED if tracked.slot != NO_SLOT else OWN_RELATED
+        return self._invalid(tracked.reason)
 
     def _internal_error(self, error: Exception) -> Verdict:
         return self._count(self._make(Action.DROP, Ct.INVALID, None, f"internal error: {error!r}"[:200]))

@@ -1,21 +1,33 @@
-"""The compiled policy: every rule turned into a matcher with precomputed fields.
+"""The compiled policy: every rule turned into a matcher with precomputed fields, and each rule
+list into a `RuleIndex` (nfqfw.core.classify) that finds the first matching rule without
+walking the list.
 
-Matching works on the raw packet record: protocol numbers in frozensets, addresses as
-integers compared under masks (int.from_bytes of the 4/16 raw bytes, no ipaddress objects
-per packet), ports in a frozenset or sorted ranges, ICMP types per family.
+`match`/`match_standing` use the index: their cost hardly grows with the number of rules.
+`scan`/`scan_standing` walk the rules one by one with `RuleMatcher.matches`: the reference the
+index is tested against (same decisions, rule names and rate-limit behaviour), not used per
+packet. Matching works on the raw packet record: protocol numbers, addresses as integers
+(int.from_bytes of the 4/16 raw bytes, no ipaddress objects per packet), ports, ICMP types
+per family.
 
 A non-first fragment (pkt.frag == FRAG_LATER) carries no L4 header, so its ports and ICMP
 type are unknown: it never matches a rule that names ports, sports or icmp-types.
+
+Sets: `sets` holds a NamedSet per set of the policy (its networks from the file, and the
+runtime entries bound by `bind_runtime`: the engine's RuntimeSets, which outlive a reload).
+After a runtime entry changes, `refresh_runtime` lets the indexes see it.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Mapping
 from typing import NamedTuple
 
-from nfqfw.core.config import AddressSet, PolicyConfig, RuleConfig
+from nfqfw.core.classify import RuleIndex
+from nfqfw.core.config import SIDES, AddressSet, PolicyConfig, RuleConfig
 from nfqfw.core.packet import FRAG_LATER, Packet
 from nfqfw.core.ratelimit import Limiter, RuleLimiter, SourceLimiter
+from nfqfw.core.sets import NamedSet, RuntimeSets
 from nfqfw.core.verdict import Action
 
 SMALL_PORT_SET = 4096  # up to this many ports a frozenset; beyond, sorted ranges
@@ -50,12 +62,14 @@ def compile_ports(ranges: tuple[tuple[int, int], ...]) -> frozenset[int] | PortR
 
 
 class AddressMatcher:
-    """`from`/`to` of a rule: the gateway flag, exact hosts, and (network, mask) pairs per family."""
+    """`from`/`to` of a rule: the gateway flag, exact hosts, (network, mask) pairs per family,
+    and the named sets."""
 
-    __slots__ = ("gateway", "hosts4", "hosts6", "nets4", "nets6")
+    __slots__ = ("gateway", "hosts4", "hosts6", "nets4", "nets6", "sets")
 
-    def __init__(self, addresses: AddressSet) -> None:
+    def __init__(self, addresses: AddressSet, sets: Mapping[str, NamedSet] | None = None) -> None:
         self.gateway = addresses.gateway
+        self.sets = tuple((sets or {})[name] for name in addresses.sets)
         hosts: dict[int, set[int]] = {4: set(), 6: set()}
         nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
         for network in addresses.networks:
@@ -75,7 +89,11 @@ class AddressMatcher:
             hosts, nets = self.hosts4, self.nets4
         else:
             hosts, nets = self.hosts6, self.nets6
-        return value in hosts or any(value & mask == network for network, mask in nets)
+        return (
+            value in hosts
+            or any(value & mask == network for network, mask in nets)
+            or any(named.contains(raw) for named in self.sets)
+        )
 
 
 class InterfaceMatcher:
@@ -112,13 +130,15 @@ class RuleMatcher:
         "src",
     )
 
-    def __init__(self, rule: RuleConfig, log_denied: bool) -> None:
+    def __init__(
+        self, rule: RuleConfig, log_denied: bool, sets: Mapping[str, NamedSet] | None = None
+    ) -> None:
         log = rule.log or (log_denied and rule.action is not Action.ACCEPT)
         self.decision = RuleDecision(rule.action, rule.name, log, f"rule {rule.name}")
         self.family = rule.family
         self.protocols = rule.protocols
-        self.src = None if rule.src is None else AddressMatcher(rule.src)
-        self.dst = None if rule.dst is None else AddressMatcher(rule.dst)
+        self.src = None if rule.src is None else AddressMatcher(rule.src, sets)
+        self.dst = None if rule.dst is None else AddressMatcher(rule.dst, sets)
         self.dports = None if rule.dports is None else compile_ports(rule.dports)
         self.sports = None if rule.sports is None else compile_ports(rule.sports)
         self.icmp4 = rule.icmp_types_v4
@@ -174,9 +194,15 @@ class CompiledPolicy:
         self.invalid_action: Action = config.defaults.invalid
         self.log_denied: bool = options.log_denied  # every drop/reject is logged, not only rules'
         self.gateway_addresses: frozenset[bytes] = options.gateway_address_bytes
+        rule_lists = {"ingress": config.ingress, "egress": config.egress}
+        self.sets: dict[str, NamedSet] = {name: NamedSet(name, s.content) for name, s in config.sets.items()}
+        contents = {name: s.content for name, s in config.sets.items()}
         self._rules: dict[str, tuple[RuleMatcher, ...]] = {
-            "ingress": tuple(RuleMatcher(rule, options.log_denied) for rule in config.ingress),
-            "egress": tuple(RuleMatcher(rule, options.log_denied) for rule in config.egress),
+            side: tuple(RuleMatcher(rule, options.log_denied, self.sets) for rule in rule_lists[side])
+            for side in SIDES
+        }
+        self._index: dict[str, RuleIndex[RuleMatcher]] = {
+            side: RuleIndex(rule_lists[side], self._rules[side], contents) for side in SIDES
         }
         self._defaults: dict[str, RuleDecision] = {
             side: RuleDecision(
@@ -195,6 +221,18 @@ class CompiledPolicy:
         # The longest prefix wins when wildcards overlap; an exact name beats any wildcard.
         self._zone_wildcards = tuple(sorted(wildcards, key=lambda item: -len(item[0])))
         self._zone_cache: dict[str, str | None] = {}
+
+    def bind_runtime(self, runtime: RuntimeSets) -> None:
+        """Use `runtime`'s entries for the policy's sets (an engine's, kept across reloads)."""
+        for name, named in self.sets.items():
+            named.runtime = runtime.entries(name)
+        self.refresh_runtime()
+
+    def refresh_runtime(self) -> None:
+        """A set's runtime entries changed: the indexes consult the sets that have some."""
+        sets = self.sets
+        for index in self._index.values():
+            index.refresh_runtime(lambda name: sets[name].runtime)
 
     def zone_of(self, iface: str | None) -> str | None:
         """ "external", "internal" or None for an interface in no zone (or no interface)."""
@@ -227,11 +265,16 @@ class CompiledPolicy:
         A rule whose rate limit is exhausted does not match: evaluation goes on with the next
         rule (as iptables -m limit). Tokens are only taken from rules that otherwise match.
         """
-        for rule in self._rules[side]:
-            if rule.matches(pkt, to_gateway, from_gateway, in_iface, out_iface):
-                limiter = rule.limiter
-                if limiter is None or limiter.allow(pkt.src, now):
-                    return rule.decision
+        index = self._index[side]
+        candidates = index.candidates(pkt, to_gateway, from_gateway, in_iface, out_iface)
+        by_bit = index.by_bit
+        while candidates:
+            top = candidates.bit_length() - 1
+            rule = by_bit[top]
+            limiter = rule.limiter
+            if limiter is None or limiter.allow(pkt.src, now):
+                return rule.decision
+            candidates ^= 1 << top  # limit used up: the next matching rule
         return self._defaults[side]
 
     def match_standing(
@@ -245,6 +288,41 @@ class CompiledPolicy:
     ) -> RuleDecision:
         """As `match`, but rate limits are neither checked nor charged: a flow that is already
         up is re-judged on what the rules say (reload recheck), not on token buckets."""
+        index = self._index[side]
+        candidates = index.candidates(pkt, to_gateway, from_gateway, in_iface, out_iface)
+        if candidates:
+            return index.by_bit[candidates.bit_length() - 1].decision
+        return self._defaults[side]
+
+    # -- the reference: rule by rule ----------------------------------------------------------
+    def scan(
+        self,
+        side: str,
+        pkt: Packet,
+        to_gateway: bool,
+        from_gateway: bool,
+        in_iface: str | None,
+        out_iface: str | None,
+        now: float,
+    ) -> RuleDecision:
+        """`match` by walking the rules in order (the reference for the index)."""
+        for rule in self._rules[side]:
+            if rule.matches(pkt, to_gateway, from_gateway, in_iface, out_iface):
+                limiter = rule.limiter
+                if limiter is None or limiter.allow(pkt.src, now):
+                    return rule.decision
+        return self._defaults[side]
+
+    def scan_standing(
+        self,
+        side: str,
+        pkt: Packet,
+        to_gateway: bool,
+        from_gateway: bool,
+        in_iface: str | None,
+        out_iface: str | None,
+    ) -> RuleDecision:
+        """`match_standing` by walking the rules in order (the reference for the index)."""
         for rule in self._rules[side]:
             if rule.matches(pkt, to_gateway, from_gateway, in_iface, out_iface):
                 return rule.decision

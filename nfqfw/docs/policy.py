@@ -1,9 +1,9 @@
 """nfqfw-policy(5): the whole policy grammar, one entry per key of nfqfw.core.config.
 
-KEYS maps each section (top, zones, defaults, rule, options) to its keys' documentation; the
-unit tests require the keys documented to be exactly config's TOP_KEYS, ZONES, DEFAULT_KEYS,
-RULE_KEYS and OPTION_KEYS, and each choice the validator accepts to be named, so a key added to
-the validator without a line here fails the tests.
+KEYS maps each section (top, zones, defaults, rule, set, options) to its keys' documentation;
+the unit tests require the keys documented to be exactly config's TOP_KEYS, ZONES, DEFAULT_KEYS,
+RULE_KEYS, SET_KEYS and OPTION_KEYS, and each choice the validator accepts to be named, so a key
+added to the validator without a line here fails the tests.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from nfqfw.core.config import (
     DEFAULT_MAX_FLOWS,
     ICMP_TYPES,
     LOG_FORMATS,
+    MAX_SET_FILE_ERRORS,
     PROTOCOLS,
+    SERVICES,
+    SET_NAME_RULE,
 )
 from nfqfw.docs import roff
 
@@ -39,6 +42,21 @@ KEYS: dict[str, dict[str, Entry]] = {
             "Rules for flows started inside: from an internal interface, or by the gateway itself.",
         ),
         "options": ("mapping", "Everything else; every option has a default."),
+        "sets": (
+            "mapping of set names",
+            "Named sets of addresses and networks, used in rules as @NAME wherever an address list "
+            "goes (from, to), mixed with literal addresses; a set may hold IPv4 and IPv6. A set is a "
+            "list (inline), a mapping with file, networks and comment (see SETS), or {} (filled at "
+            "run time only, by nfqfw set add). Set names: " + SET_NAME_RULE + ".",
+        ),
+        "include": (
+            "path or glob, or a list",
+            "More policy files, relative to the including file; a glob (conf.d/*.yaml) is read in "
+            "file-name order, and may match nothing. An included file holds sets, ingress, egress "
+            "and include: its rules are appended to the lists in that order, its sets merged; a "
+            "rule or set name defined twice is an error naming both places. Reload re-reads them "
+            "all, and the policy sha256 covers them all.",
+        ),
     },
     "zones": {
         "external": (
@@ -81,10 +99,14 @@ KEYS: dict[str, dict[str, Entry]] = {
             "than a host behind it.",
         ),
         "ports": (
-            'port, "first-last", or a list',
-            "Destination ports; needs proto tcp or udp (the only protocols with ports).",
+            'port, service name, "first-last", or a list',
+            "Destination ports; needs proto tcp or udp (the only protocols with ports). Service "
+            "names are IANA's, from a table built into nfqfw (not /etc/services, so a policy means "
+            "the same on every machine): "
+            + ", ".join(f"{name} ({port})" for name, port in SERVICES.items())
+            + ".",
         ),
-        "sports": ('port, "first-last", or a list', "Source ports, as ports."),
+        "sports": ('port, service name, "first-last", or a list', "Source ports, as ports."),
         "icmp-types": (
             "name, number, or a list",
             "ICMP or ICMPv6 types. A name that exists in both families matches both (echo-request is "
@@ -114,12 +136,28 @@ KEYS: dict[str, dict[str, Entry]] = {
             "rule | source",
             "One bucket for the rule (the default) or one per source address; only with limit.",
         ),
+        "comment": (
+            "text",
+            "What the rule is for; shown by explain and status (logs and counters keep the name).",
+        ),
         "synproxy": (
             "true | false",
             "On an ingress rule with proto tcp and action accept: let the kernel's SYNPROXY answer "
             "SYNs with cookies, so a spoofed SYN flood creates no state (pf's synproxy state). "
             "Accepted and checked; not in force yet: the rule's SYNs are capped by new-rate instead.",
         ),
+    },
+    "set": {
+        "file": (
+            "path",
+            "A file of one address or network per line; everything after # or ; is a comment (the "
+            "Spamhaus DROP and FireHOL formats). Relative to the policy file. Read with the policy "
+            "(check reports its bad lines as FILE:LINE: message, at most "
+            f"{MAX_SET_FILE_ERRORS}), again at each reload, and with options watch-sets when it "
+            "changes.",
+        ),
+        "networks": ("address, network or a list", "Networks written in the policy, besides the file's."),
+        "comment": ("text", "What the set is for; shown by status and nfqfw set list."),
     },
     "options": {
         "max-flows": (
@@ -187,6 +225,22 @@ KEYS: dict[str, dict[str, Entry]] = {
             "still lists them (flows, status), takes them back (flush, reload: recheck) and panic "
             "mode drops them; they go on while nfqfw is stopped or restarting.",
         ),
+        "antispoof": (
+            "strict | loose | off",
+            "Drop packets with a forged source address, in the kernel (its reverse-path lookup, "
+            "iptables' rpfilter) before anything else: strict (the default) drops a packet whose "
+            "source the gateway would not route back out of the interface it came in by, loose "
+            "one whose source it would not route at all; the gateway's own addresses arriving from "
+            "outside are dropped either way. Counted and logged as INVALID, reason 'spoofed source'. "
+            "loose for asymmetric routing (a multi-homed gateway whose replies may leave by another "
+            "uplink); off only where even that fails (check warns when an external zone has none).",
+        ),
+        "watch-sets": (
+            "true | false",
+            "true: a set file that changes on disk is read again at once (checked as at reload; a "
+            "broken file keeps the set's old contents and is reported by status); false (the "
+            "default): set files are read at start and reload only.",
+        ),
         "gateway-addresses": (
             "list of addresses",
             "The gateway's own addresses, for the offline tools explain and replay (which then tell "
@@ -200,6 +254,7 @@ HEADINGS = {
     "zones": "ZONES",
     "defaults": "DEFAULTS",
     "rule": "RULES",
+    "set": "SETS",
     "options": "OPTIONS",
 }
 
@@ -225,12 +280,24 @@ zones:
   external: [wan0]
   internal: [lan0]
 defaults: {ingress: drop, egress: accept, invalid: drop}
+sets:
+  office: [198.51.100.0/24, 2001:db8:100::/48]
+  blocklist: {file: /etc/nfqfw/sets/drop.txt, comment: Spamhaus DROP}
+  banned: {}
 ingress:
+  - {name: drop-listed, from: ["@blocklist", "@banned"], action: drop}
   - name: mail
     proto: tcp
     to: [10.0.0.25, fd00::25]
-    ports: [25, 587]
+    ports: [smtp, submission]
     action: accept
+  - name: ssh-office
+    proto: tcp
+    from: ["@office", 192.0.2.7]
+    to: gateway
+    ports: [ssh]
+    action: accept
+    comment: office and the on-call laptop
   - name: ping-gateway
     proto: icmp
     icmp-types: [echo-request]
@@ -263,6 +330,7 @@ def render() -> str:
         roff.example(EXAMPLE),
         roff.section("files"),
         roff.item(roff.italic("/etc/nfqfw/policy.yaml"), "the policy of the nfqfw service"),
+        roff.item(roff.italic("/var/lib/nfqfw/sets.json"), "the runtime entries of the sets (nfqfw set add)"),
         roff.item(roff.italic("/usr/share/doc/nfqfw/examples/"), "example policies"),
         roff.section("see also"),
         roff.text("nfqfw(8), iptables-extensions(8)"),

@@ -43,6 +43,7 @@ rules are exactly the three above). The chains then read, per family::
       [offload] -m connmark --mark O/O -j RETURN        (a handed-over flow: the kernel tracks it)
       -p tcp --tcp-flags ... -j DROP                    (flags nfqfw always calls INVALID)
       [synproxy] ... --ctstate INVALID,UNTRACKED -j SYNPROXY; ... --ctstate INVALID -j DROP
+      [gateway errors] -p icmp --ctstate RELATED -j RETURN (OUTPUT: the gateway's own errors)
       first packets (SYN, echo request[, UDP]) --ctstate NEW -j NFQFW-PRE-INPUT|-FORWARD
       --ctstate NEW -j NFQFW-NEW                        (INPUT, FORWARD)
       [offload] --ctstate INVALID -j MARK --or-mark O   (tells nfqfw the kernel refused it)
@@ -52,7 +53,15 @@ rules are exactly the three above). The chains then read, per family::
       DROP / REJECT, each after a sample sent to the queue for the packet log), the default last
     NFQFW-NEW: per-source (and protocol) hashlimit -j DROP, all-sources hashlimit -j DROP, -j NFQUEUE (the
       queue for first packets)
-    raw NFQFW-RAW (jump from PREROUTING): SYNs to synproxy rules -j CT --notrack
+    raw NFQFW-RAW (jump from PREROUTING):
+      [antispoof] -m rpfilter [--loose] --invert: a limited sample -j NFQUEUE (never with the
+        queue bypass, never a packet nfqfw already accepted), then -j DROP
+      SYNs to synproxy rules -j CT --notrack
+
+Sets (``Protection.ipsets``): a pre-filter rule on a set of the policy matches its ipset
+(``-m set --match-set nfqfw4-NAME src``, nfqfw.firewall.ipset). The ipsets are filled (each in
+one swap) before the iptables-restore that uses them, and those no rule uses any more are
+destroyed after it; `remove` destroys them all after the rules.
 
 The mark bits (M, O, the owner and rule fields) are nfqfw.firewall.marks'. With --workers a
 worker's accept verdicts carry its owner field, so ICMP errors about a connection reach the
@@ -60,7 +69,17 @@ worker that holds it (the kernel attaches an error to the connection it quotes: 
 `-m connmark` reads that connection's mark).
 
 The kernel's own drops carry comments ("default ingress", "rule NAME", "invalid: tcp flags",
-"new-rate", "new-rate per source") whose counters `counters()` reads back (iptables-save -c).
+"new-rate", "new-rate per source", "invalid: spoofed source") whose counters `counters()` reads
+back (iptables-save -c).
+
+Antispoof (``Protection.antispoof``) is the kernel's reverse-path lookup (``-m rpfilter``, only
+allowed in PREROUTING of the raw and mangle tables): in raw, spoofed packets are dropped before
+conntrack sees them (no state is made or changed) and before routing (a forged packet whose TTL
+runs out draws no ICMP error to the forged source). Its log sample reaches nfqfw from the
+PREROUTING hook, which queues nothing else: the engine calls it INVALID, "spoofed source". A
+sample that matches an established flow may be taken by the engine's fast path, which the
+adapter tries before it looks at the hook: it is counted as established and its flow's state
+moves, but it is dropped all the same (accepted, it comes back marked and meets the DROP rule).
 
 Panic mode (``nfqfw panic on``) replaces the queue rule of each chain by ``-j DROP``, after the
 loopback exclusion: everything but loopback is dropped in the kernel, without a packet reaching
@@ -78,9 +97,20 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
-from nfqfw.firewall.backend import Firewall, MatchLike, Protection, QueueSpec, Rate, RulesError, Synproxy
+from nfqfw.firewall.backend import (
+    Antispoof,
+    Firewall,
+    MatchLike,
+    Protection,
+    QueueSpec,
+    Rate,
+    RulesError,
+    Synproxy,
+)
+from nfqfw.firewall.ipset import Entry, is_ours, set_name
 
 log = logging.getLogger("nfqfw")
 
@@ -172,15 +202,16 @@ def parse_counters(text: str) -> dict[str, int]:
     """Packets dropped or rejected by our commented rules, in `iptables-save -c` output:
     "ACTION REASON" -> packets (a comment is the reason, see the module docstring)."""
     counts: dict[str, int] = {}
-    table = None
+    ours = {TABLE: OUR_CHAINS, RAW: OUR_RAW_CHAINS}
+    table = ""
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:]
         match = _COUNTED.match(line)
-        if table != TABLE or match is None:
+        if table not in ours or match is None:
             continue
         words = shlex.split(match.group(2))
-        if len(words) < 2 or words[1] not in OUR_CHAINS or "--comment" not in words:
+        if len(words) < 2 or words[1] not in ours[table] or "--comment" not in words:
             continue
         action = {"DROP": "drop", "REJECT": "reject"}.get(_target(words) or "")
         if action is None:
@@ -215,7 +246,7 @@ def render_install(spec: QueueSpec, installed: Installed, family: int = 4) -> st
     the same text for both families)."""
     protection = spec.protection
     raw = (
-        _render_raw(protection, installed, family)
+        _render_raw(spec, protection, installed, family)
         if protection is not None
         else _render_raw_removal(installed)
     )
@@ -276,6 +307,8 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
             rules += _synproxy_answers(protection.synproxy_for(family), family)
             if any(rule.action == "reject" for _, _, rules_ in protection.prefilter for rule in rules_):
                 rules += _REJECT_ANSWERS[family]
+            if protection.gateway_errors:
+                rules += _GATEWAY_ERRORS[family]
         else:
             rules += _synproxy_rules(protection.synproxy_for(family), base, family)
             if protection.prefilter_rules(family, base):
@@ -378,6 +411,18 @@ _REJECT_ANSWERS = {
 }
 
 
+# The gateway's own ICMP errors (TTL exceeded, fragmentation needed / packet too big, ...) carry
+# the conntrack of the packet they answer (nf_ct_attach): RELATED. When that packet was the first
+# of its flow (answered before FORWARD), its conntrack is unconfirmed and shared with the error,
+# and nfnetlink_queue drops such a packet instead of queueing it (nf_ct_drop_unconfirmed, Linux
+# 6.11+): they must pass here. The engine models the same decision for explain and replay
+# (core.l4.icmp own_error) and judges the errors the kernel does not call RELATED.
+_GATEWAY_ERRORS = {
+    4: ["-p icmp -m conntrack --ctstate RELATED -j RETURN"],
+    6: ["-p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN"],
+}
+
+
 def _flags(bits: int) -> str:
     """iptables --tcp-flags names, in iptables-save's order; NONE for 0."""
     return ",".join(name for bit, name in _FLAG_NAMES if bits & bit) or "NONE"
@@ -401,7 +446,7 @@ def _first_packet_guards(protocols: tuple[int, ...], family: int) -> list[str]:
     return guards
 
 
-def _match(match: MatchLike) -> str:
+def _match(match: MatchLike, family: int = 4) -> str:
     """A MatchLike as iptables options, in the order iptables-save prints them."""
     words = []
     for option, value in (
@@ -413,6 +458,12 @@ def _match(match: MatchLike) -> str:
         if value is not None:
             words.append(f"{option} {value}")
     words.append(f"-p {_PROTO_NAMES.get(match.proto, str(match.proto))}")
+    for direction, name in (
+        ("src", getattr(match, "src_set", None)),
+        ("dst", getattr(match, "dst_set", None)),
+    ):
+        if name is not None:
+            words.append(f"-m set --match-set {set_name(name, family)} {direction}")
     ports = [
         (option, ranges)
         for option, ranges in (("--sports", match.sports), ("--dports", match.dports))
@@ -427,7 +478,7 @@ def _match(match: MatchLike) -> str:
 
 
 def _prefilter_rule(rule: object, protection: Protection, family: int, sample_queue: str) -> list[str]:
-    match = _match(rule.match)  # type: ignore[attr-defined]
+    match = _match(rule.match, family)  # type: ignore[attr-defined]
     action, reason = rule.action, rule.reason  # type: ignore[attr-defined]
     if action == "return":
         return [f"{match} -j RETURN"]
@@ -527,13 +578,18 @@ class _Reverse:
 
     in_iface = None
     out_iface = None
+    src_set = None
+    dst_set = None
 
 
-def _render_raw(protection: Protection, installed: Installed, family: int) -> str:
+def _render_raw(spec: QueueSpec, protection: Protection, installed: Installed, family: int) -> str:
     synproxy = protection.synproxy_for(family)
-    if not synproxy:
+    antispoof = protection.antispoof
+    if not synproxy and antispoof is None:
         return _render_raw_removal(installed)
     lines = ["*" + RAW, f":{RAW_CHAIN} - [0:0]"]
+    if antispoof is not None:
+        lines += [f"-A {RAW_CHAIN} {rule}" for rule in _antispoof_rules(spec, protection, antispoof)]
     for rule in synproxy:
         for match in rule.matches:
             lines.append(
@@ -543,6 +599,19 @@ def _render_raw(protection: Protection, installed: Installed, family: int) -> st
     lines.append(f"-I PREROUTING 1 -j {RAW_CHAIN}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def _antispoof_rules(spec: QueueSpec, protection: Protection, antispoof: Antispoof) -> list[str]:
+    spoofed = "-m rpfilter --loose --invert" if antispoof.loose else "-m rpfilter --invert"
+    lines = []
+    if antispoof.log:
+        # Without the bypass: when nobody listens the sample is dropped like the rest. Not a
+        # packet nfqfw accepted (its mark): that one comes back here and meets the DROP.
+        sample = queue_target(replace(spec, bypass=False), new=bool(spec.new_queues))
+        limit = f"-m limit --limit {_rate(protection.log_limit)} --limit-burst {protection.log_burst}"
+        lines.append(f"-m mark ! --mark 0x{spec.mark:x}/0x{spec.mark:x} {spoofed} {limit} -j {sample}")
+    lines.append(f'{spoofed} -m comment --comment "{antispoof.reason}" -j DROP')
+    return lines
 
 
 def _render_raw_removal(installed: Installed) -> str:
@@ -586,9 +655,64 @@ class Iptables(Firewall):
 
     name = "iptables"
 
-    def __init__(self, families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> None:
+    def __init__(
+        self,
+        families: Iterable[Tools] = FAMILIES,
+        run: Runner = subprocess.run,
+        ipsets: Callable[[], Any] | None = None,
+    ) -> None:
         self.families = tuple(families)
         self._run = run
+        self._make_ipsets = ipsets or _netlink_ipsets
+        self._ipsets: Any = None
+        self._sets_supported: bool | None = None
+
+    def _sets(self) -> Any:
+        if self._ipsets is None:
+            try:
+                self._ipsets = self._make_ipsets()
+            except OSError as err:
+                raise RulesError(f"the kernel's ipsets cannot be used: {err}") from err
+        return self._ipsets
+
+    def supports_sets(self) -> bool:
+        if self._sets_supported is None:
+            try:
+                self._sets().revision(4)
+                self._sets_supported = True
+            except (RulesError, OSError) as err:
+                log.warning(
+                    "no kernel ipsets (%s): rules on sets are decided by nfqfw, not pre-filtered", err
+                )
+                self._sets_supported = False
+        return self._sets_supported
+
+    def set_entry(self, name: str, family: int, cidr: str, add: bool, timeout: float | None = None) -> None:
+        try:
+            self._sets().change(set_name(name, family), Entry.of(cidr, timeout), add)
+        except OSError as err:
+            raise RulesError(str(err)) from err
+
+    def _load_sets(self, protection: Protection | None) -> None:
+        """Every ipset the rules will match holds the policy's networks (each in one swap)."""
+        for found in () if protection is None else protection.ipsets:
+            entries = [entry for cidr in found.cidrs() for entry in Entry.of(cidr)]
+            try:
+                self._sets().load(set_name(found.name, found.family), found.family, entries)
+            except OSError as err:
+                raise RulesError(str(err)) from err
+
+    def _destroy_sets(self, keep: frozenset[str] = frozenset(), everything: bool = False) -> None:
+        """Our ipsets no rule uses any more (after an install: only if this backend made sets;
+        `everything`: whatever an earlier run left, at removal)."""
+        if self._ipsets is None and not everything:
+            return
+        try:
+            for name in self._sets().names():
+                if is_ours(name) and name not in keep:
+                    self._sets().destroy(name)
+        except (OSError, RulesError) as err:
+            log.error("ipsets of nfqfw left in the kernel: %s", err)
 
     def check(self) -> None:
         for tools in self.families:
@@ -603,9 +727,13 @@ class Iptables(Firewall):
         return parse_save(_run(self._run, [tools.save], None))
 
     def install(self, spec: QueueSpec) -> None:
+        self._load_sets(spec.protection)
         for tools in self.families:
             text = render_install(spec, self.read_installed(tools), tools.family)
             _run(self._run, [tools.restore, "-w", "--noflush"], text)
+        protection = spec.protection
+        used = () if protection is None else protection.ipsets
+        self._destroy_sets(frozenset(set_name(found.name, found.family) for found in used))
 
     def counters(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -627,6 +755,7 @@ class Iptables(Firewall):
             if text is not None:
                 _run(self._run, [tools.restore, "-w", "--noflush"], text)
                 removed.append(tools.family)
+        self._destroy_sets(everything=True)
         return removed
 
     def show(self) -> str:
@@ -636,6 +765,12 @@ class Iptables(Firewall):
             out.append(f"# IPv{tools.family} ({tools.save}: tables {TABLE} and {RAW})")
             out += list(installed.lines) if installed.lines else ["# (no nfqfw rules)"]
         return "\n".join(out) + "\n"
+
+
+def _netlink_ipsets() -> Any:
+    from nfqfw.firewall.ipset import NetlinkIpsets
+
+    return NetlinkIpsets()
 
 
 def _run(run: Runner, argv: list[str], text: str | None) -> str:

@@ -20,9 +20,10 @@ import logging
 from typing import Any
 
 from nfqfw.core.config import PROTO_TCP, PolicyConfig, RuleConfig
-from nfqfw.core.prefilter import KernelMatch, derive
+from nfqfw.core.engine import SPOOFED_SOURCE
+from nfqfw.core.prefilter import KernelMatch, derive, kernel_sets
 from nfqfw.firewall import QueueSpec
-from nfqfw.firewall.backend import Protection, Rate, Synproxy
+from nfqfw.firewall.backend import Antispoof, Protection, Rate, Synproxy
 from nfqfw.firewall.marks import Marks
 from nfqfw.service.options import Options
 
@@ -32,14 +33,15 @@ log = logging.getLogger("nfqfw")
 ENGINE_FOLLOWS_SYNPROXY = False
 
 
-def queue_spec(options: Options, config: PolicyConfig, *, bypass: bool) -> QueueSpec:
-    """The rules for `options`' queues and `config`'s protections."""
+def queue_spec(options: Options, config: PolicyConfig, *, bypass: bool, sets: bool = False) -> QueueSpec:
+    """The rules for `options`' queues and `config`'s protections (`sets`: the backend can
+    match the policy's sets in the kernel)."""
     return QueueSpec(
         options.queue_first,
         options.queue_last,
         bypass=bypass,
         mark=options.mark,
-        protection=protection(options, config),
+        protection=protection(options, config, sets=sets),
         conn_mark=options.conn_mark,
         owners=options.workers,
     )
@@ -51,9 +53,9 @@ def rule_reasons(config: PolicyConfig) -> list[str]:
     return [f"rule {rule.name}" for rule in (*config.ingress, *config.egress)]
 
 
-def protection(options: Options, config: PolicyConfig) -> Protection:
+def protection(options: Options, config: PolicyConfig, sets: bool = False) -> Protection:
     opts = config.options
-    prefilter = derive(config, udp=False)
+    prefilter = derive(config, udp=False, kernel_sets=sets)
     rate = opts.new_rate
     per_source = opts.new_rate_per_source
     offload_bit = Marks(options.mark, options.conn_mark).offload
@@ -61,12 +63,15 @@ def protection(options: Options, config: PolicyConfig) -> Protection:
     synproxy = _synproxy(config) if ENGINE_FOLLOWS_SYNPROXY else ()
     _log_not_in_force(config)
     log_limit = opts.log_limit
+    antispoof = None
+    if opts.antispoof != "off":
+        antispoof = Antispoof(loose=opts.antispoof == "loose", reason=SPOOFED_SOURCE, log=opts.log_denied)
     return Protection(
         prefilter=tuple((family, hook.name, rules) for family, hook, rules in prefilter.chains if rules),
         first_protocols=tuple((family, prefilter.protocols(family)) for family in (4, 6)),
         internal_ifaces=prefilter.internal_ifaces,
         invalid_tcp_flags=prefilter.invalid_tcp_flags,
-        new_first=options.new_queue,
+        new_first=options.first_packet_queue,
         new_rate=None if rate is None else Rate(rate.count, rate.period),
         new_rate_per_source=None if per_source is None else Rate(per_source.count, per_source.period),
         offload_mark=offload,
@@ -74,6 +79,9 @@ def protection(options: Options, config: PolicyConfig) -> Protection:
         log_limit=Rate(log_limit.count, log_limit.period),
         log_burst=log_limit.burst,
         reject_rate=max(1, int(options.reject_rate)),
+        gateway_errors=True,
+        antispoof=antispoof,
+        ipsets=kernel_sets(prefilter, config),
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_kernel_agreement import LAST_HOP, NEIGHBOURS, OUT_OF_ORDER_FRAGMENTS, PHASES, V4, Step
+from test_kernel_agreement import NARROW_MTU, NEIGHBOURS, OUT_OF_ORDER_FRAGMENTS, PHASES, V4, V6, Step
 
 from nfqfw.control.client import call
 from nfqfw.lab.kernel_oracle import Judgement
@@ -27,7 +27,7 @@ from nfqfw.lab.live_oracle import nfqfw_gateway
 
 pytestmark = pytest.mark.lab
 
-REPLAY_ONLY = (OUT_OF_ORDER_FRAGMENTS, LAST_HOP)  # differences of `nfqfw replay`, not of a live nfqfw
+REPLAY_ONLY = (OUT_OF_ORDER_FRAGMENTS,)  # differences of `nfqfw replay`, not of a live nfqfw
 MODES = {
     "workers-0:1": ((), ("--queue-balance", "0:1", "--workers")),
     "workers-0:2": ((), ("--queue-balance", "0:2", "--workers")),
@@ -74,6 +74,8 @@ def judge_all(tmp: Path, mode: str) -> Iterator[tuple[str, Step, Judgement]]:
         path.chmod(0o600)
         policies.append(path)
     with nfqfw_gateway(policies[0], NEIGHBOURS, V4.wan, V4.lan, ask, args=args) as oracle:
+        for f in (V4, V6):
+            oracle.limit_route_mtu(f.narrow, "wan0", NARROW_MTU)
         for phase, policy in zip(PHASES, policies, strict=True):
             oracle.sysctl(phase.sysctl)
             oracle.reload(policy)

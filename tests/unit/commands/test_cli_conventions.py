@@ -141,8 +141,22 @@ def test_check_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad.write_text("zones: {external: [wan0]}\ndefaults: {ingress: perhaps}\n")
     code, out, err = run(["check", "--json", str(good), str(bad)], capsys)
     assert (code, err) == (EXIT_FAILURE, "")
-    assert json.loads(out) == [
-        {"file": str(good), "ok": True, "zones": 2, "ingress_rules": 1, "egress_rules": 0},
+    results = json.loads(out)
+    seconds = results[0].pop("compile_seconds")
+    assert isinstance(seconds, float) and 0 <= seconds < 10
+    assert results == [
+        {
+            "file": str(good),
+            "ok": True,
+            "zones": 2,
+            "ingress_rules": 1,
+            "egress_rules": 0,
+            "rules": 1,
+            "sets": 0,
+            "set_networks": 0,
+            "files": 1,
+            "warnings": [],
+        },
         {
             "file": str(bad),
             "ok": False,
@@ -176,6 +190,13 @@ def test_explain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
             "why": "rule mail",
             "reject_with": "tcp-reset",
             "hook": "FORWARD",
+            "rule": {
+                "name": "mail",
+                "at": f"{policy}:2",
+                "match": "reject tcp ports 25 (smtp)",
+                "comment": None,
+                "sets": [],
+            },
         },
     )
 

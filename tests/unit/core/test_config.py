@@ -8,8 +8,10 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from nfqfw.core.config import (
     AddressSet,
@@ -511,7 +513,10 @@ def test_gateway_in_egress_to_is_an_error() -> None:
         ),
         (
             ZONES + "rules: []\n",
-            ["p.yaml:4:1: unknown key 'rules' (expected one of: zones, defaults, ingress, egress, options)"],
+            [
+                "p.yaml:4:1: unknown key 'rules' "
+                "(expected one of: zones, defaults, ingress, egress, options, sets, include)"
+            ],
         ),
         (ZONES + "zones: {}\n", ["p.yaml:4:1: duplicate key 'zones'"]),
         (
@@ -663,6 +668,39 @@ def test_duplicate_rule_names_across_sides() -> None:
 )
 def test_yaml_syntax_errors_are_located(text: str, expected: str) -> None:
     assert errors(text) == [expected]
+
+
+def node_tree(node: Node) -> list[tuple[object, ...]]:
+    """Every node of a composed tree, depth first: its kind, tag, scalar value and position."""
+    scalar = node.value if isinstance(node, ScalarNode) else None
+    found: list[tuple[object, ...]] = [
+        (type(node).__name__, node.tag, scalar, node.start_mark.line, node.start_mark.column)
+    ]
+    if isinstance(node, MappingNode):
+        for key, value in node.value:
+            found += node_tree(key) + node_tree(value)
+    elif isinstance(node, SequenceNode):
+        for item in node.value:
+            found += node_tree(item)
+    return found
+
+
+@pytest.mark.skipif(not getattr(yaml, "__with_libyaml__", False), reason="PyYAML built without libyaml")
+def test_libyaml_composes_the_same_tree_as_pure_python() -> None:
+    """config composes with libyaml when it can (fast on large policies): positions, tags and
+    values must be those of PyYAML's own composer, which the messages are checked against."""
+    repo = Path(__file__).resolve().parents[3]
+    texts = [path.read_text() for path in sorted((repo / "config").rglob("*.yaml"))]
+    texts.append(
+        "zones: {external: [wan0, 'ppp+'], internal: []}\n"
+        'egress:\n  - &web {name: \'web out\', proto: "tcp", ports: [80, "8000-8100"], action: accept}\n'
+        "  - name: >-\n      folded\n      name\n    in: no\n    log: yes\n    action: drop  # comment\n"
+        "options: {max-flows: 0x10, log-limit: 3/min, gateway-addresses: ['2001:db8::1']}\n"
+    )
+    for text in texts:
+        fast = yaml.compose(text, Loader=yaml.CSafeLoader)
+        assert node_tree(fast) == node_tree(yaml.compose(text, Loader=yaml.SafeLoader))
+    assert parse_policy(texts[-1]).egress[1].name == "folded name"
 
 
 def test_all_errors_are_reported_at_once_in_file_order() -> None:

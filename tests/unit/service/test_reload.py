@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from firewall_fakes import RecordingFirewall
 
 from nfqfw.core.build import addr, icmp, ipv4, ipv6, tcp, udp
 from nfqfw.core.config import load_policy, parse_policy
@@ -166,7 +167,7 @@ def daemon_for(path: Path, text: str) -> tuple[Daemon, Recorder]:
     path.write_text(text)
     path.chmod(0o600)
     notifier = Recorder()
-    d = Daemon(Options(config=str(path)), notifier=notifier)  # type: ignore[arg-type]
+    d = Daemon(Options(config=str(path)), notifier=notifier, firewall=RecordingFirewall())  # type: ignore[arg-type]
     d.engine = loaded_engine()
     return d, notifier
 
