@@ -20,6 +20,8 @@ Modes, all with the lab's masquerade (so kernel conntrack runs in every mode):
     nfqfw         `nfqfw run --config config/policy.yaml` (the defaults: GSO packets on, queues 0:3
                   served in turn, first packets to queues 4:7)
     nfqfw-no-gso  the same with --no-gso
+    nfqfw-offload nfqfw with `options: {offload: established}`: each connection and replied UDP
+                  flow is handed over to the kernel's conntrack (compare with kernel: /kern)
 
 Prints a table with ratios against bare-nfq and bare-nfq-gso and writes bench/results/latest.json.
 The honest comparisons: nfqfw against bare-nfq-gso (same kernel work per packet), nfqfw-no-gso
@@ -33,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -213,12 +216,20 @@ def run_modes(t: Topology) -> dict[str, dict[str, float | None]]:
         finally:
             run_in(t.gw, "iptables", "-w", "-F", "FORWARD")
             stop(bare)
-    for name, args in (("nfqfw", ()), ("nfqfw-no-gso", ("--no-gso",))):
-        daemon = daemon_ctl.start_daemon(PREFIX, POLICY, None, args=args)
-        try:
-            one(name, daemon.pid)
-        finally:
-            daemon_ctl.stop_daemon(PREFIX)
+    with tempfile.TemporaryDirectory() as tmp:
+        offload = Path(tmp) / "offload.yaml"
+        offload.write_text(POLICY.read_text() + "options: {offload: established}\n")
+        offload.chmod(0o600)
+        for name, policy, args in (
+            ("nfqfw", POLICY, ()),
+            ("nfqfw-no-gso", POLICY, ("--no-gso",)),
+            ("nfqfw-offload", offload, ()),
+        ):
+            daemon = daemon_ctl.start_daemon(PREFIX, policy, None, args=args)
+            try:
+                one(name, daemon.pid)
+            finally:
+                daemon_ctl.stop_daemon(PREFIX)
     return results
 
 
@@ -227,7 +238,7 @@ COLUMNS = (
     ("udp64_pps", "UDP64 pkt/s", "{:,.0f}"),
     ("conn_per_s", "TCP conn/s", "{:,.0f}"),
 )
-BASES = (("bare-nfq", "/bare"), ("bare-nfq-gso", "/gso"))  # ratio columns: against each bare loop
+BASES = (("bare-nfq", "/bare"), ("bare-nfq-gso", "/gso"), ("kernel", "/kern"))  # ratio columns
 
 
 def table(results: dict[str, dict[str, float | None]]) -> str:

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from nfqfw.control.protocol import DEFAULT_RUNTIME_DIR, SOCKET_NAME
-from nfqfw.firewall import DEFAULT_MARK
+from nfqfw.firewall import DEFAULT_CONN_MARK, DEFAULT_MARK, Marks
 from nfqfw.kernel import queue_info
 from nfqfw.observe import endpoint
 from nfqfw.service import statedir
@@ -56,6 +56,15 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_MARK,
         metavar="BITS",
         help=f"mark bit(s) set on accepted packets so they pass our rule (default 0x{DEFAULT_MARK:x})",
+    )
+    parser.add_argument(
+        "--conn-mark",
+        type=_mark_or_zero,
+        default=DEFAULT_CONN_MARK,
+        metavar="BITS",
+        help="packet and connection mark bits nfqfw keeps in the kernel's connection mark, besides --mark: "
+        "the highest is the offload bit, the next 4 the owner worker (--workers), the rest the rule "
+        f"that admitted the connection (default 0x{DEFAULT_CONN_MARK:x}; must not share a bit with --mark)",
     )
     parser.add_argument(
         "--max-len",
@@ -149,11 +158,25 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        marks = Marks(args.mark, args.conn_mark)
+    except ValueError as err:
+        print(f"nfqfw: --conn-mark: {err}", file=sys.stderr)
+        return 2
+    if args.workers and last - first + 1 > marks.max_owners:
+        print(
+            f"nfqfw: --workers: {last - first + 1} queues, but --conn-mark 0x{marks.conn:x} tells only "
+            f"{marks.max_owners} workers apart",
+            file=sys.stderr,
+        )
+        return 2
     options = Options(
         config=args.config,
         queue_first=first,
         queue_last=last,
         mark=args.mark,
+        conn_mark=args.conn_mark,
+        workers=args.workers,
         max_len=args.max_len,
         sock_len=args.sock_len,
         reject_rate=args.reject_rate,
@@ -207,6 +230,10 @@ def _mark(text: str) -> int:
     if not 0 < value <= 0xFFFFFFFF:
         raise argparse.ArgumentTypeError(f"mark must be 1..0xffffffff: {text!r}")
     return value
+
+
+def _mark_or_zero(text: str) -> int:
+    return 0 if text.strip() in ("0", "0x0") else _mark(text)
 
 
 def _positive(text: str) -> int:

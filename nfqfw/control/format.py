@@ -59,6 +59,8 @@ def format_flow(record: dict[str, Any]) -> str:
         words.append("[UNREPLIED]")
     if record.get("assured"):
         words.append("[ASSURED]")
+    if record.get("offloaded"):  # handed over to the kernel's conntrack (offload: established)
+        words.append("[OFFLOADED]")
     words.append(admitted_by(record.get("admitted_by")))
     for key in ("in", "out"):
         if record.get(key):
@@ -251,6 +253,12 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
     for proto, states in flows["by_proto"].items():
         detail = ", ".join(f"{state} {count}" for state, count in _by_count(states))
         lines.append(f"  {proto:<8}{sum(states.values()):>6}  {detail}")
+    if "offloaded" in flows:
+        offloaded = flows["offloaded"]
+        lines.append(f"offloaded:    {plural(offloaded['total'], 'flow')} carried by the kernel's conntrack")
+        for proto, states in offloaded["by_proto"].items():
+            detail = ", ".join(f"{state} {count}" for state, count in _by_count(states))
+            lines.append(f"  {proto:<8}{sum(states.values()):>6}  {detail}")
     lines.append("verdicts (packets, by reason and rule):")
     lines += _commented(
         _table(_by_count(status["verdicts"])), _by_count(status["verdicts"]), policy.get("comments") or {}

@@ -153,42 +153,90 @@ def filter_of(request: dict[str, Any]) -> FlowFilter:
 # --- a daemon's answers, from its engine ------------------------------------------------------
 
 
+class OffloadLike(Protocol):
+    """What the answers need of the kernel's side of offloaded flows (nfqfw.service.offload)."""
+
+    def overlay(self, flows: Iterable[Any], now: float) -> dict[bytes, Any]: ...
+    def revoke(self, engine: Any, flows: list[Any]) -> int: ...
+
+
 def engine_status(engine: Any, adapter: Any, now: float, top: int | None = None) -> dict[str, Any]:
     """The counts part of a daemon's status answer (timed-out flows swept first), with the `top`
-    addresses in the most flows when asked."""
+    addresses in the most flows when asked. Flows handed over to the kernel (offload) are
+    counted apart, under "offloaded" (as nfqfw last saw them in the kernel's table)."""
     conntrack = _swept(engine, now)
     extra = {} if top is None else {"talkers": talkers(conntrack, now, top)}
+    flows = {
+        "total": len(conntrack),
+        "max": conntrack.max_flows,
+        "by_proto": census(conntrack, now),
+        "expired": conntrack.expired,
+        "early_drops": conntrack.early_drops,
+    }
+    offloaded = _offloaded(engine, now)
+    if offloaded is not None:
+        flows["offloaded"] = {"total": len(offloaded), "by_proto": census(offloaded, now)}
     return extra | {
         "gso": bool(adapter.gso) and all(adapter.gso.values()),  # queued whole
-        "flows": {
-            "total": len(conntrack),
-            "max": conntrack.max_flows,
-            "by_proto": census(conntrack, now),
-            "expired": conntrack.expired,
-            "early_drops": conntrack.early_drops,
-        },
+        "flows": flows,
         "verdicts": verdict_counts(engine, adapter),
         "adapter": dict(adapter.counters),
     }
 
 
-def engine_flows(engine: Any, selection: FlowFilter, clock: Callable[[], float]) -> Chunks:
-    """The answer to `flows`: the selected flows, streamed."""
+def engine_flows(
+    engine: Any, selection: FlowFilter, clock: Callable[[], float], offload: OffloadLike | None = None
+) -> Chunks:
+    """The answer to `flows`: the selected flows, streamed; those handed over to the kernel as
+    the kernel's table has them now (`offload`), marked "offloaded"."""
     now = clock()
     conntrack = _swept(engine, now)
-    flows = select_flows(conntrack, selection, now)
-    return _stream_flows(flows, conntrack, len(conntrack), conntrack.max_flows, clock)
+    listed: list[Listed] = [
+        (flow, conntrack, False, None) for flow in select_flows(conntrack, selection, now)
+    ]
+    offloaded = _offloaded(engine, now)
+    tracked = len(conntrack)
+    if offloaded is not None:
+        kernel = offload.overlay(list(offloaded), now) if offload is not None and len(offloaded) else {}
+        listed += [
+            (flow, offloaded, True, kernel.get(flow.key)) for flow in select_flows(offloaded, selection, now)
+        ]
+        tracked += len(offloaded)
+    return _stream_flows(listed, tracked, conntrack.max_flows, clock)
 
 
-def engine_flush(engine: Any, request: dict[str, Any], selection: FlowFilter, now: float) -> dict[str, Any]:
-    """The answer to `flush`: the selected flows removed (logged with the request's words)."""
+def engine_flush(
+    engine: Any,
+    request: dict[str, Any],
+    selection: FlowFilter,
+    now: float,
+    offload: OffloadLike | None = None,
+) -> dict[str, Any]:
+    """The answer to `flush`: the selected flows removed (logged with the request's words); those
+    handed over to the kernel are taken back from it (`offload`: their kernel entries deleted)."""
     conntrack = _swept(engine, now)
     flows = select_flows(conntrack, selection, now)
     for flow in flows:
         conntrack.remove(flow)
-    if flows:
-        log.info("control: flushed %d flows (%s)", len(flows), _describe(request))
-    return {"removed": len(flows), "tracked": len(conntrack)}
+    removed, tracked = len(flows), len(conntrack)
+    offloaded = _offloaded(engine, now)
+    if offloaded is not None:
+        taken = select_flows(offloaded, selection, now)
+        if offload is not None:
+            removed += offload.revoke(engine, taken)
+        tracked += len(offloaded)
+    if removed:
+        log.info("control: flushed %d flows (%s)", removed, _describe(request))
+    return {"removed": removed, "tracked": tracked}
+
+
+def _offloaded(engine: Any, now: float) -> Any:
+    """The engine's table of flows handed over to the kernel (None: it has none), swept."""
+    offloaded = getattr(engine, "offloaded", None)
+    if offloaded is None or (not len(offloaded) and not getattr(engine, "offload", False)):
+        return None
+    offloaded.expire(now)
+    return offloaded
 
 
 def _swept(engine: Any, now: float) -> Any:
@@ -202,20 +250,27 @@ def _describe(request: dict[str, Any]) -> str:
     return ", ".join(chosen) or "all"
 
 
-def _stream_flows(
-    flows: list[Any], conntrack: Any, tracked: int, max_flows: int, clock: Callable[[], float]
-) -> Chunks:
+Listed = tuple[Any, Any, bool, Any]  # a flow, its table, offloaded, its kernel entry (or None)
+
+
+def _stream_flows(flows: list[Listed], tracked: int, max_flows: int, clock: Callable[[], float]) -> Chunks:
     """{"ok":true,"result":{"tracked":N,"max_flows":M,"flows":[...]}} a chunk of flows at a time;
-    a flow removed while the answer is written is left out."""
+    an offloaded flow is marked so, with the kernel's time left when its entry was found; a flow
+    removed while the answer is written is left out."""
     head = json.dumps({"tracked": tracked, "max_flows": max_flows}, separators=(",", ":"))
     yield b'{"ok":true,"result":' + head[:-1].encode() + b',"flows":['
     first = True
     for start in range(0, len(flows), FLOWS_PER_CHUNK):
         now = clock()
         records = []
-        for flow in flows[start : start + FLOWS_PER_CHUNK]:
-            if conntrack.get(flow.key) is flow:
-                records.append(json.dumps(flow_record(flow, now), separators=(",", ":")))
+        for flow, table, offloaded, kernel in flows[start : start + FLOWS_PER_CHUNK]:
+            if table.get(flow.key) is flow:
+                record = flow_record(flow, now)
+                if offloaded:
+                    record["offloaded"] = True
+                if kernel is not None:
+                    record["timeout"] = kernel.timeout  # the kernel's own
+                records.append(json.dumps(record, separators=(",", ":")))
         if records:
             yield (b"" if first else b",") + ",".join(records).encode()
             first = False

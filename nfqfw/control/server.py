@@ -181,23 +181,26 @@ class ControlServer:
     # -- connections --
 
     def _accept(self, now: float) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:  # EMFILE and the like: leave it in the backlog, try later
-                log.warning("control socket: accept failed: %s", err)
-                return
-            sock.setblocking(False)
-            client = _Client(sock, now + self.idle_timeout)
-            self._clients[sock.fileno()] = client
-            self._epoll.register(sock.fileno(), select.EPOLLIN)
-            refusal = self._refusal(sock)
-            if refusal is not None:
-                self._answer(client, iter([error(refusal)]), now, now + self.work_slice)
-            else:
-                self._read(client, now)  # a client sends at once: one round (under a flood, 1 s) serves it
+        # One connection per round: a client that asks again as soon as it has its answer (a
+        # script in a loop) would otherwise keep a loop here going on one `now`, every answer
+        # left unclosed past its work slice, until MAX_CLIENTS of them made it "busy". The
+        # listener stays readable, so the next round comes at once.
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:  # EMFILE and the like: leave it in the backlog, try later
+            log.warning("control socket: accept failed: %s", err)
+            return
+        sock.setblocking(False)
+        client = _Client(sock, now + self.idle_timeout)
+        self._clients[sock.fileno()] = client
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
+        refusal = self._refusal(sock)
+        if refusal is not None:
+            self._answer(client, iter([error(refusal)]), now, now + self.work_slice)
+        else:
+            self._read(client, now)  # a client sends at once: one round (under a flood, 1 s) serves it
 
     def _refusal(self, sock: socket.socket) -> str | None:
         try:

@@ -8,6 +8,23 @@ processes with one Engine each never need to share state.
 claims more was cut by it (a GSO packet, up to 64 KB, of which only the first `copy_cap` bytes
 are copied to us). Such packets are decided on their headers with the lengths of their IP
 header (see core.decode) and counted in `truncated_packets`.
+
+Offload (policy option `offload: established`): the full path answers a packet of an
+established, ASSURED TCP connection (handshake seen) or of a replied UDP flow with OFFLOADED,
+ESTABLISHED with the `offload` flag: the adapter marks it so the kernel's conntrack carries the
+flow from then on. The packet that makes a flow offloadable (the handshake's last ACK, the first
+reply) always takes the full path, so the fast path never needs to offload. The flow leaves the
+table (its packets no longer come, and the kernel tracks them: nfqfw's TCP windows would go
+stale) for `offloaded`, a table of its own (their records, with rule and Meta, for `flows`,
+recheck and flush; nfqfw.service.offload follows them in the kernel's table, keeps their
+deadlines and drops those the kernel no longer has). A packet of an offloaded flow that still
+reaches nfqfw is:
+- queued before the kernel took the flow over, or the kernel lost the flow: accepted, handed
+  over again;
+- a TCP segment the kernel's conntrack called INVALID (Meta.kernel_invalid: outside its window,
+  a checksum it refuses): invalid, as the kernel, which tracks the connection, says;
+- a SYN (the kernel ended the connection and let a new one start on its tuple): the record is
+  dropped and the packet judged as a first one.
 """
 
 from __future__ import annotations
@@ -21,13 +38,20 @@ from nfqfw.core.decode import decode
 from nfqfw.core.fastpath import FastPath, make_fast_path
 from nfqfw.core.flowtable import NO_SLOT
 from nfqfw.core.fragments import Fragments, datagram_key
+from nfqfw.core.l4.base import ASSURED, PROTO_STATE, SEEN_REPLY, SMALL, STATE_BYTE, WORDS, ports_key
 from nfqfw.core.l4.icmp import OWN_ERROR
-from nfqfw.core.packet import FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
+from nfqfw.core.l4.tcp_states import TcpState
+from nfqfw.core.l4.tcp_window import F_BE_LIBERAL, FLAGS
+from nfqfw.core.packet import ACK, FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SYN, Packet
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.sets import RuntimeSets
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
 
 ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
+OFFLOADED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established", offload=True)
+OFFLOADED_PER_FLOW = 4  # offloaded flows remembered, per flow of max-flows (the kernel's table is bigger)
+HANDED_OVER_FOR = 300.0  # seconds an offloaded flow is remembered unless the service says longer
+_OFFLOADABLE = frozenset({PROTO_TCP, PROTO_UDP})
 RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, "related")
 OWN_RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, OWN_ERROR)
 # The kernel's antispoof (reverse-path filter, raw PREROUTING) drops these; the packets queued
@@ -95,13 +119,20 @@ class Engine:
         self._fast_packets: Callable[[], tuple[int, int]] = _none  # (taken, of those cut)
         if fast_path:
             self.fast_path, self._fast_packets = make_fast_path(self.conntrack, copy_cap)
+        self.offload = options.offload == "established"
+        # The flows handed over to the kernel, out of `conntrack` (see the module docstring): a
+        # table of their own, whose deadlines the service sets from the kernel's and from which
+        # it removes those the kernel ended (nfqfw.service.offload).
+        self.offloaded = Conntrack(max_flows=OFFLOADED_PER_FLOW * options.max_flows)
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
         """Swap the policy between two packets; conntrack state and runtime set entries are kept."""
         policy.bind_runtime(self.runtime_sets)
         self.policy = policy
+        self.offload = policy.config.options.offload == "established"
         self.conntrack.loose = policy.config.options.tcp_pickup_loose
         self.conntrack.max_flows = policy.config.options.max_flows
+        self.offloaded.max_flows = OFFLOADED_PER_FLOW * policy.config.options.max_flows
 
     @property
     def counters(self) -> dict[str, int]:
@@ -153,21 +184,74 @@ class Engine:
             ct = tracked.ct
             if ct is Ct.ESTABLISHED:
                 self.established += 1
+                if self.offload and self._offloadable(tracked.slot):
+                    return self._hand_over(tracked.slot, now)
                 return ESTABLISHED
             if ct is Ct.RELATED:
                 return self._count(RELATED)
+            # A packet of no flow in the table (INVALID without a connection, or a first one) may
+            # be one of a flow handed over to the kernel: checked only on these two ways.
             if ct is Ct.INVALID:
                 if pkt.inner is not None and meta.hook is _OUTPUT:
                     return self._count(self._own_error(pkt))
-                return self._count(self._invalid(tracked.reason))
+                handed = self._offloaded_packet(pkt, meta) if len(self.offloaded) else None
+                return handed or self._count(self._invalid(tracked.reason))
             if ct is Ct.UNTRACKED and pkt.proto == PROTO_ICMPV6 and pkt.frag == 0:
                 return self._count(self._neighbour_discovery(meta))
+            if tracked.new and len(self.offloaded):
+                handed = self._offloaded_packet(pkt, meta)
+                if handed is not None:
+                    return handed
             verdict = self._decide(pkt, meta, ct, now)
             if tracked.new and verdict.action is Action.ACCEPT:
                 verdict = self._confirm(meta, verdict)
             return self._count(verdict)
         except Exception as error:
             return self._internal_error(error)
+
+    def _offloadable(self, slot: int) -> bool:
+        """A TCP connection ESTABLISHED and ASSURED, its handshake seen (not picked up
+        mid-stream nor restored: those are tracked liberally), or a UDP flow that saw a reply."""
+        table = self.conntrack.table
+        key, bits = table.keys[slot], table.bits[slot]
+        if key is None:
+            return False
+        if key[0] == PROTO_TCP:
+            return (
+                bits & (ASSURED | PROTO_STATE) == ASSURED | PROTO_STATE
+                and table.small[slot * SMALL + STATE_BYTE] == TcpState.ESTABLISHED
+                and not table.td[slot * WORDS + FLAGS] & F_BE_LIBERAL
+            )
+        return key[0] == PROTO_UDP and bool(bits & SEEN_REPLY)
+
+    def _hand_over(self, slot: int, now: float) -> Verdict:
+        """The flow leaves the table for `offloaded`: the kernel carries it from now on. Its
+        deadline there is the service's to keep up (until then, HANDED_OVER_FOR seconds)."""
+        flow = self.conntrack.table.handle(slot)
+        self.conntrack.remove(flow)
+        flow.deadline = now + HANDED_OVER_FOR
+        self.offloaded.expire(now)
+        self.offloaded.confirm(flow)  # full (of ASSURED flows): not remembered, still handed over
+        return OFFLOADED
+
+    def _offloaded_packet(self, pkt: Packet, meta: Meta) -> Verdict | None:
+        """The verdict for a packet of an offloaded flow (see the module docstring); None when
+        it is not one, or starts a new flow on an offloaded flow's tuple."""
+        if pkt.frag == FRAG_LATER or pkt.proto not in _OFFLOADABLE:
+            return None
+        flow = self.offloaded.get(ports_key(pkt)[0])
+        if flow is None:
+            return None
+        if pkt.proto == PROTO_TCP:
+            if pkt.tcp_flags & (SYN | ACK) == SYN:
+                self.offloaded.remove(flow)
+                return None
+            if meta.kernel_invalid:
+                return self._count(
+                    self._invalid("tcp: invalid to the kernel's conntrack, which carries the connection")
+                )
+        self.established += 1
+        return OFFLOADED
 
     def _own_error(self, pkt: Packet) -> Verdict:
         """An ICMP error from the gateway itself (only those are queued from OUTPUT): its stack

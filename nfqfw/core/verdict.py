@@ -43,6 +43,9 @@ class Meta:
     hook: Hook
     in_iface: str | None = None
     out_iface: str | None = None
+    # options {offload: established}: the kernel's conntrack called the packet INVALID (the
+    # kernel rules mark such packets before the queue); consulted for offloaded flows only.
+    kernel_invalid: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +58,6 @@ class Verdict:
     reason: str  # e.g. "established", "rule mail", "default ingress", "invalid: tcp flags SYN+FIN"
     log: bool = False
     reject_with: str | None = None  # "tcp-reset" | "icmp-port-unreachable" | "icmp-admin-prohibited"
+    # options {offload: established}: hand the flow over to the kernel's conntrack (the adapter
+    # sets the offload mark bit); set on an accepted packet of an offloadable flow (Engine).
+    offload: bool = False

@@ -221,8 +221,9 @@ KEYS: dict[str, dict[str, Entry]] = {
         "offload": (
             "off | established",
             "off (the default); established: flows nfqfw has validated (a TCP handshake, a UDP "
-            "reply) are handed to the kernel's conntrack. Accepted and checked; the kernel bypass is "
-            "installed, but no flow is handed over yet.",
+            "reply) are handed to the kernel's conntrack, and their packets skip the queue. nfqfw "
+            "still lists them (flows, status), takes them back (flush, reload: recheck) and panic "
+            "mode drops them; they go on while nfqfw is stopped or restarting.",
         ),
         "antispoof": (
             "strict | loose | off",

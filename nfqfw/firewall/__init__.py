@@ -6,7 +6,8 @@ Every caller that changes or reads nfqfw's kernel rules holds a `Firewall` from
 
 from __future__ import annotations
 
-from nfqfw.firewall.backend import DEFAULT_MARK, Firewall, QueueSpec, RulesError
+from nfqfw.firewall.backend import Firewall, QueueSpec, RulesError
+from nfqfw.firewall.marks import DEFAULT_CONN_MARK, DEFAULT_MARK, Marks
 
 BACKENDS = ("iptables",)
 DEFAULT_BACKEND = "iptables"
@@ -24,8 +25,10 @@ def backend_named(name: str = DEFAULT_BACKEND) -> Firewall:
 __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
+    "DEFAULT_CONN_MARK",
     "DEFAULT_MARK",
     "Firewall",
+    "Marks",
     "QueueSpec",
     "RulesError",
     "backend_named",

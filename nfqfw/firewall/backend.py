@@ -22,9 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-log = logging.getLogger("nfqfw")
+from nfqfw.firewall.marks import DEFAULT_CONN_MARK, DEFAULT_MARK, Marks
 
-DEFAULT_MARK = 0x10000000
+log = logging.getLogger("nfqfw")
 
 
 class RulesError(Exception):
@@ -165,18 +165,30 @@ class QueueSpec:
     mark: int = DEFAULT_MARK  # bit(s) set on packets nfqfw accepted, so they skip the queue
     panic: bool = False  # drop everything but loopback in the kernel, queue nothing
     protection: Protection | None = None  # flood protections before the queue (None: none)
+    conn_mark: int = DEFAULT_CONN_MARK  # nfqfw's connection-mark bits (nfqfw.firewall.marks)
+    # --workers: each queue's worker marks the connections it accepts as its own (the owner
+    # field), and RELATED packets (ICMP errors) go to their connection's owner's queue.
+    owners: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.first <= self.last <= 0xFFFF:
             raise ValueError(f"bad queue range {self.first}:{self.last}")
-        if not 0 < self.mark <= 0xFFFFFFFF:
-            raise ValueError(f"bad mark 0x{self.mark:x}")
+        marks = Marks(self.mark, self.conn_mark)  # ValueError for bad or overlapping bits
         new = self.new_queues
         if new and (new[-1] > 0xFFFF or set(new) & set(self.queues)):
             raise ValueError(f"bad queue range for first packets {new[0]}:{new[-1]}")
         offload = None if self.protection is None else self.protection.offload_mark
         if offload is not None and (not 0 < offload <= 0xFFFFFFFF or offload & self.mark):
             raise ValueError(f"bad offload mark 0x{offload:x} (must not share a bit with 0x{self.mark:x})")
+        if self.owners and len(self.queues) > marks.max_owners:
+            raise ValueError(
+                f"{len(self.queues)} queues, but the connection mark 0x{self.conn_mark:x} tells at most "
+                f"{marks.max_owners} owners apart"
+            )
+
+    @property
+    def marks(self) -> Marks:
+        return Marks(self.mark, self.conn_mark)
 
     @property
     def queues(self) -> range:

@@ -37,6 +37,8 @@ rules are exactly the three above). The chains then read, per family::
     NFQFW-INPUT / NFQFW-FORWARD / NFQFW-OUTPUT:
       -i lo -j RETURN                                   (INPUT; OUTPUT: -o lo)
       [offload] -m mark --mark O/O -j CONNMARK --save-mark ...  (nfqfw handed the flow over)
+      [offload, workers] -m mark --mark M/M --ctstate NEW -j CONNMARK --save-mark (rule, owner)
+      [workers] -m mark --mark M/M --ctstate ESTABLISHED -j CONNMARK --save-mark (owner)
       -m mark --mark M/M -j RETURN                      (accepted by nfqfw: the host's rules go on)
       [offload] -m connmark --mark O/O -j RETURN        (a handed-over flow: the kernel tracks it)
       -p tcp --tcp-flags ... -j DROP                    (flags nfqfw always calls INVALID)
@@ -44,6 +46,8 @@ rules are exactly the three above). The chains then read, per family::
       [gateway errors] -p icmp --ctstate RELATED -j RETURN (OUTPUT: the gateway's own errors)
       first packets (SYN, echo request[, UDP]) --ctstate NEW -j NFQFW-PRE-INPUT|-FORWARD
       --ctstate NEW -j NFQFW-NEW                        (INPUT, FORWARD)
+      [offload] --ctstate INVALID -j MARK --or-mark O   (tells nfqfw the kernel refused it)
+      [workers] --ctstate RELATED -m connmark --mark OWNER(q) -j NFQUEUE --queue-num q  (per queue)
       -m mark ! --mark M/M -j NFQUEUE ...               (the main queue, as without protections)
     NFQFW-PRE-*: -i INTERNAL -j RETURN, then the ingress rules in order (RETURN: nfqfw decides;
       DROP / REJECT, each after a sample sent to the queue for the packet log), the default last
@@ -58,6 +62,11 @@ Sets (``Protection.ipsets``): a pre-filter rule on a set of the policy matches i
 (``-m set --match-set nfqfw4-NAME src``, nfqfw.firewall.ipset). The ipsets are filled (each in
 one swap) before the iptables-restore that uses them, and those no rule uses any more are
 destroyed after it; `remove` destroys them all after the rules.
+
+The mark bits (M, O, the owner and rule fields) are nfqfw.firewall.marks'. With --workers a
+worker's accept verdicts carry its owner field, so ICMP errors about a connection reach the
+worker that holds it (the kernel attaches an error to the connection it quotes: RELATED, and
+`-m connmark` reads that connection's mark).
 
 The kernel's own drops carry comments ("default ingress", "rule NAME", "invalid: tcp flags",
 "new-rate", "new-rate per source", "invalid: spoofed source") whose counters `counters()` reads
@@ -285,6 +294,7 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
                 f"-m mark --mark 0x{offload:x}/0x{offload:x} -j CONNMARK --save-mark "
                 f"--nfmask 0x{offload:x} --ctmask 0x{offload:x}"
             )
+        rules += _save_connection_fields(spec, offload is not None, mark)
         rules.append(f"-m mark --mark {mark} -j RETURN")
         if offload is not None:
             rules.append(f"-m connmark --mark 0x{offload:x}/0x{offload:x} -j RETURN")
@@ -308,6 +318,11 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
                 ]
             if spec.new_queues or protection.new_rate or protection.new_rate_per_source:
                 rules.append(f"-m conntrack --ctstate NEW -j {NEW_CHAIN}")
+        if offload is not None:
+            # The kernel's INVALID (no connection: not carried by the kernel) is nfqfw's to
+            # decide; the offload bit on a queued packet tells nfqfw the kernel's conntrack refused it.
+            rules.append(f"-m conntrack --ctstate INVALID -j MARK --or-mark 0x{offload:x}")
+        rules += _to_owners(spec)
         rules.append(f"-m mark ! --mark {mark} -j {queue_target(spec)}")
     for base, pre in PRE_CHAINS.items():
         prefilter = protection.prefilter_rules(family, base)
@@ -326,6 +341,43 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
     lines += _drop_unused(installed.chains, frozenset(chains))
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def _save_connection_fields(spec: QueueSpec, offload: bool, accepted: str) -> list[str]:
+    """CONNMARK rules keeping, from the mark of a packet nfqfw accepted, what its connection
+    must remember (nfqfw.firewall.marks): at its first packet the rule that admitted it (with
+    offload) and its owner (--workers); the owner again on every later packet, so a connection
+    the kernel knew before (another queue layout, a single daemon before) gets its present one."""
+    marks = spec.marks
+    first = (marks.rule if offload else 0) | (marks.owner if spec.owners else 0)
+    lines = []
+    if first:
+        lines.append(
+            f"-m mark --mark {accepted} -m conntrack --ctstate NEW -j CONNMARK --save-mark "
+            f"--nfmask 0x{first:x} --ctmask 0x{first:x}"
+        )
+    if spec.owners:
+        lines.append(
+            f"-m mark --mark {accepted} -m conntrack --ctstate ESTABLISHED -j CONNMARK --save-mark "
+            f"--nfmask 0x{marks.owner:x} --ctmask 0x{marks.owner:x}"
+        )
+    return lines
+
+
+def _to_owners(spec: QueueSpec) -> list[str]:
+    """--workers: a RELATED packet (an ICMP error, also one the gateway sends itself: the kernel
+    attaches it to the connection it quotes) goes to the queue of the worker that owns the
+    connection, since the kernel's balancing hash looks at the error's own addresses. A
+    connection without an owner falls through to the balanced rule."""
+    if not spec.owners:
+        return []
+    marks = spec.marks
+    bypass = " --queue-bypass" if spec.bypass else ""
+    return [
+        f"-m conntrack --ctstate RELATED -m connmark --mark 0x{marks.owner_mark(index):x}/0x{marks.owner:x} "
+        f"-j NFQUEUE --queue-num {queue}{bypass}"
+        for index, queue in enumerate(spec.queues)
+    ]
 
 
 _FLAG_NAMES = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"))

@@ -13,7 +13,10 @@ send first packets elsewhere, theirs), all served by one thread. For each packet
 3. asks the engine: engine.full_process(payload, meta, now) (engine.process without a fast path),
    and answers the kernel:
    - accept: set our mark bit and NF_REPEAT; the kernel re-runs the filter hook, our rule lets
-     the marked packet by and the host's later rules see it (see nfqfw.firewall.iptables),
+     the marked packet by and the host's later rules see it (see nfqfw.firewall.iptables);
+     `mark` also holds a worker's owner field, and a full-path accept adds the connection-mark
+     fields `set_verdict_marks` gives: the rule that admitted a new flow and, on a verdict with
+     `offload`, the offload bit (nfqfw.firewall.marks),
    - drop: NF_DROP,
    - reject: NF_DROP, and a RST/ICMP answer built by nfqfw.core.reject goes out through the raw
      sender, at most `reject_rate` per second (like the kernel's icmp_msgs_per_sec),
@@ -111,6 +114,7 @@ from nfqfw.kernel.queueflags import (
 log = logging.getLogger(__name__)
 
 _HOOKS = {int(hook): hook for hook in Hook}
+KERNEL_INVALID = 1 << 67  # in the Meta cache's key (hook: 3 bits, then two 32-bit ifindexes)
 
 
 class EngineLike(Protocol):
@@ -464,6 +468,18 @@ class QueueAdapter:
         due = self._make_due()
         accept = Action.ACCEPT
         drop = Action.DROP
+        # Mark bits a full-path accept adds (nfqfw.firewall.marks), set by `set_verdict_marks`:
+        # the rule field of what admitted the flow (by verdict reason) and the offload bit.
+        # With offload the kernel rules mark the packets its conntrack calls INVALID with the
+        # offload bit too: the Meta says so (the engine asks for offloaded flows only).
+        rule_mark: Callable[[str, int], int] = {}.get
+        offload_mark = 0
+
+        def set_verdict_marks(by_reason: dict[str, int], offload: int) -> None:
+            nonlocal rule_mark, offload_mark
+            rule_mark, offload_mark = by_reason.get, offload
+
+        self.set_verdict_marks = set_verdict_marks
 
         def on_packet(pkt: Any) -> None:
             now = clock()
@@ -478,13 +494,19 @@ class QueueAdapter:
                     pkt.repeat()
                 else:
                     key = pkt.hook | pkt.indev << 3 | pkt.outdev << 35
+                    if offload_mark and pkt.mark & offload_mark:  # offload: the kernel's INVALID
+                        key |= KERNEL_INVALID
                     meta = metas_get(key)
                     if meta is None:
                         meta = new_meta(key)
                     verdict = process(data, meta, now)
                     action = verdict.action
                     if action is accept:
-                        pkt.set_mark(pkt.mark | mark)
+                        if offload_mark:  # offload: the rule field, the offload bit (firewall.marks)
+                            extra = rule_mark(verdict.reason, 0) | (offload_mark if verdict.offload else 0)
+                            pkt.set_mark(pkt.mark | mark | extra)
+                        else:
+                            pkt.set_mark(pkt.mark | mark)
                         pkt.repeat()
                     elif action is drop:
                         pkt.drop()
@@ -500,9 +522,9 @@ class QueueAdapter:
 
     def _new_meta(self, key: int) -> Meta:
         hook = _HOOKS[key & 7]
-        in_index, out_index = (key >> 3) & 0xFFFFFFFF, key >> 35
+        in_index, out_index = (key >> 3) & 0xFFFFFFFF, (key >> 35) & 0xFFFFFFFF
         in_iface, out_iface = self.links.name(in_index), self.links.name(out_index)
-        meta = Meta(hook, in_iface, out_iface)
+        meta = Meta(hook, in_iface, out_iface, kernel_invalid=bool(key & KERNEL_INVALID))
         if (in_iface or not in_index) and (out_iface or not out_index):
             self._metas[key] = meta  # only cache what resolved: a vanished link is retried
         return meta

@@ -25,6 +25,8 @@ Metrics (all prefixed nfqfw_):
                                          (nfqfw.kernel.fairness)
   flows{proto,state}                     flows in the table by protocol and state
   flows_max, flow_table_usage_ratio      the table bound (max-flows) and flows / max-flows
+  flows_offloaded{proto,state}           flows handed over to the kernel (offload: established;
+                                         the kernel's state at nfqfw's last look)
   conntrack_early_drops_total            flows evicted because the table was full
   queue_kernel_drops_total{queue,cause}  packets the kernel dropped because nfqfw fell behind
                                          (cause queue_full: max-len; socket_full: sock-len)
@@ -183,6 +185,9 @@ class NfqfwCollector(Collector):
         if engine is not None:
             yield from self._verdicts(engine, source.adapter)
             yield from self._flows(engine.conntrack)
+            offloaded = getattr(engine, "offloaded", None)
+            if offloaded is not None:
+                yield from self._offloaded(offloaded)
         yield from self._queues()
         yield from kernel_drop_family(source.kernel_drops())
         yield from self._adapter(source.adapter)
@@ -237,6 +242,17 @@ class NfqfwCollector(Collector):
             "Flows evicted because the table was full",
             value=getattr(conntrack, "early_drops", 0),
         )
+
+    def _offloaded(self, offloaded: Any) -> Iterator[Metric]:
+        by_kind = copied(lambda: offloaded.census(-math.inf))
+        family = GaugeMetricFamily(
+            "nfqfw_flows_offloaded",
+            "Flows handed over to the kernel's conntrack (offload: established), by protocol and state",
+            labels=("proto", "state"),
+        )
+        for (proto, state), count in sorted(by_kind.items()):
+            family.add_metric((PROTOCOL_NAMES.get(proto, str(proto)), state.lower()), count)
+        yield family
 
     def _queues(self) -> Iterator[Metric]:
         spec = self.source.spec

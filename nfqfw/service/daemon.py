@@ -42,7 +42,7 @@ from typing import Any
 from nfqfw.control.flowlist import FlowFilter
 from nfqfw.control.protocol import Chunks, RequestError
 from nfqfw.control.requests import engine_flows, engine_flush, engine_status
-from nfqfw.firewall import Firewall
+from nfqfw.firewall import Firewall, Marks
 from nfqfw.kernel.links import Links
 from nfqfw.kernel.queue import QueueAdapter, QueueError
 from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch, verdict_counts
@@ -58,7 +58,9 @@ from nfqfw.service.core import (
     load_policy_file,
     run_service,
 )
+from nfqfw.service.offload import Offload
 from nfqfw.service.options import Options
+from nfqfw.service.ruleset import rule_reasons
 from nfqfw.service.sdnotify import Notifier
 from nfqfw.service.setstate import load_sets, save_sets
 from nfqfw.service.statedir import StateDir
@@ -100,6 +102,7 @@ class Daemon(ServiceCore):
         self.adapter: QueueAdapter | None = None
         self.drops: DropWatch | None = None
         self.state = self._state_dir()
+        self.offload = Offload(Marks(options.mark, options.conn_mark))  # the offloaded flows in the kernel
         self.packet_log = PacketLog(copy_cap=COPY_RANGE)
         self.timer: Any = None  # a nfqfw.observe.metrics.EngineTimer when metrics are counted
         self.collector: Any = None  # a worker's nfqfw.observe.metrics.NfqfwCollector (collect_metrics)
@@ -134,7 +137,7 @@ class Daemon(ServiceCore):
             self.engine,
             self.links,
             self.sender,
-            mark=opts.mark,
+            mark=self._accept_mark(),
             fail_open=loaded.fail_open,
             reject_rate=opts.reject_rate,
             clock=self.clock,
@@ -142,8 +145,10 @@ class Daemon(ServiceCore):
             wrap_process=None if self.timer is None else self.timer.wrap,
         )
         self.adapter.housekeeping = self._housekeeping
+        self._follow_offload(loaded)
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
         self._load_runtime_sets()
+        self._adopt_offloaded(loaded.recheck)  # after the sets: a recheck sees their entries
         try:
             spec = self.spec
             self.adapter.bind(spec.bound_queues, opts.max_len, opts.sock_len, opts.gso, spec.new_queues)
@@ -160,6 +165,47 @@ class Daemon(ServiceCore):
             settings += f", first packets to queue {new[0] if len(new) == 1 else f'{new[0]}:{new[-1]}'}"
         log.info("queue %s bound, %s (%s)", self.spec.queue_text, rules, settings)
         self._announce_ready(f"filtering on queue {self.spec.queue_text}, failure mode {mode}")
+
+    def _accept_mark(self) -> int:
+        """The mark of an accepted packet: --mark, and a worker's owner field (nfqfw.firewall.marks)."""
+        opts = self.options
+        marks = Marks(opts.mark, opts.conn_mark)
+        return opts.mark | (0 if opts.owner_index is None else marks.owner_mark(opts.owner_index))
+
+    def _follow_offload(self, loaded: Loaded) -> None:
+        """The connection-mark fields accept verdicts carry with `offload: established`: the rule
+        that admitted a flow, and the offload bit (none without offload)."""
+        if self.adapter is None:
+            return
+        config = loaded.engine_policy.config
+        if config.options.offload != "established":
+            self.adapter.set_verdict_marks({}, 0)
+            return
+        marks = Marks(self.options.mark, self.options.conn_mark)
+        self.adapter.set_verdict_marks(marks.rule_marks(rule_reasons(config)), marks.offload)
+
+    def _adopt_offloaded(self, recheck: bool) -> None:
+        """The offloaded flows the last run saved: still the kernel's, or back to the engine."""
+        now = self.clock()
+        flows = self.state.restore_offloaded(now)
+        if not flows:
+            return
+        offloaded, back = self.offload.adopt(self.engine, flows, now)
+        revoked = self._recheck_offloaded() if recheck else 0
+        log.info(
+            "offloaded flows of the last run: %d still carried by the kernel (%d of them no longer "
+            "allowed, taken back), %d no longer in its table (back with nfqfw)",
+            offloaded,
+            revoked,
+            back,
+        )
+
+    def _recheck_offloaded(self) -> int:
+        """reload: recheck for the flows handed over to the kernel: those the policy no longer
+        admits are taken back (their kernel entries deleted)."""
+        from nfqfw.core.recheck import stale_flows
+
+        return self.offload.revoke(self.engine, stale_flows(self.engine, list(self.engine.offloaded)))
 
     def _serve_metrics(self, host: str, port: int, allow_remote: bool) -> tuple[Any, str]:
         from nfqfw.observe import metrics
@@ -193,7 +239,7 @@ class Daemon(ServiceCore):
             self._stats_due = now + self.options.stats_interval
             self.drops.check()
         self._expire_runtime_sets(now)
-        return self.state.tick(self.engine, now)
+        return min(self.state.tick(self.engine, now), self.offload.tick(self.engine, now))
 
     def _dump(self) -> None:
         self._log_counters()
@@ -207,6 +253,7 @@ class Daemon(ServiceCore):
 
     def _apply_policy(self, loaded: Loaded, confirm: float | None = None) -> Applied:
         self.engine.replace_policy(loaded.engine_policy)
+        self._follow_offload(loaded)
         self.packet_log.configure(loaded.log_limit)
         if not loaded.recheck:
             log.info("policy reloaded: existing flows kept (reload: keep)")
@@ -214,8 +261,9 @@ class Daemon(ServiceCore):
         from nfqfw.core.recheck import recheck
 
         cut = recheck(self.engine)
-        log.info("policy reloaded: %d flows no longer allowed were removed", len(cut))
-        return Applied(removed=len(cut), cut=tuple(cut) if confirm is not None else ())
+        removed = len(cut) + self._recheck_offloaded()
+        log.info("policy reloaded: %d flows no longer allowed were removed", removed)
+        return Applied(removed=removed, cut=tuple(cut) if confirm is not None else ())
 
     def _apply_rollback(self, pending: PendingReload) -> Applied:
         """The policy before the trial, and the flows the trial cut that it allows (unless the
@@ -266,6 +314,7 @@ class Daemon(ServiceCore):
         expires = None if timeout is None else now + timeout
         recheck = self.engine.policy.config.options.reload == "recheck"
         changed, cut = change_set(self.engine, name, network, add=add, expires=expires, cut=recheck)
+        revoked = self._recheck_offloaded() if recheck and changed else 0
         if self.OWNS_POLICY:
             save_sets(self.options.state_dir, self.engine.runtime_sets, now)
             self._kernel_set_entry(name, network, add, timeout)
@@ -274,7 +323,7 @@ class Daemon(ServiceCore):
             "addr": str(network),
             "op": "add" if add else "del",
             "changed": changed,
-            "removed": len(cut),
+            "removed": len(cut) + revoked,
         }
 
     def load_sets_again(self) -> int:
@@ -289,6 +338,7 @@ class Daemon(ServiceCore):
             from nfqfw.core.recheck import recheck
 
             recheck(self.engine)
+            self._recheck_offloaded()
         return count
 
     def _load_runtime_sets(self) -> None:
@@ -306,7 +356,10 @@ class Daemon(ServiceCore):
             return
         from nfqfw.core.recheck import expire_sets
 
-        gone = expire_sets(self.engine, now, cut=self.engine.policy.config.options.reload == "recheck")
+        recheck = self.engine.policy.config.options.reload == "recheck"
+        gone = expire_sets(self.engine, now, cut=recheck)
+        if gone and recheck:
+            self._recheck_offloaded()
         for name, network in gone:
             log.info("set %s: %s expired", name, network)
         if gone and self.OWNS_POLICY:
@@ -331,10 +384,10 @@ class Daemon(ServiceCore):
         return engine_status(self.engine, self.adapter, now, talkers)
 
     def flows(self, request: dict[str, Any], selection: FlowFilter) -> Chunks:
-        return engine_flows(self.engine, selection, self.clock)
+        return engine_flows(self.engine, selection, self.clock, self.offload)
 
     def flush(self, request: dict[str, Any], selection: FlowFilter) -> dict[str, Any]:
-        return engine_flush(self.engine, request, selection, self.clock())
+        return engine_flush(self.engine, request, selection, self.clock(), self.offload)
 
     def metric_records(self) -> list[Any]:
         """A worker's Prometheus families as records, for its supervisor's endpoint (RequestError
@@ -365,6 +418,7 @@ class Daemon(ServiceCore):
                     log.info("adapter %s: %d", name, value)
 
     def _release(self) -> None:
+        self.offload.close()
         if self.adapter is not None:
             self.adapter.unbind()
         if self.sender is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from nfqfw.control.protocol import DEFAULT_RUNTIME_DIR
-from nfqfw.firewall import DEFAULT_MARK
+from nfqfw.firewall.marks import DEFAULT_CONN_MARK, DEFAULT_MARK
 from nfqfw.kernel.queue_info import DEFAULT_MAX_LEN, DEFAULT_REJECT_RATE, DEFAULT_SOCK_LEN
 from nfqfw.service.statedir import DEFAULT_SNAPSHOT_INTERVAL, DEFAULT_STATE_DIR, SNAPSHOT_NAME
 
@@ -25,6 +25,8 @@ class Options:
     queue_first: int = DEFAULT_QUEUES[0]
     queue_last: int = DEFAULT_QUEUES[1]
     mark: int = DEFAULT_MARK
+    conn_mark: int = DEFAULT_CONN_MARK  # nfqfw's connection-mark bits (nfqfw.firewall.marks)
+    workers: bool = False  # --workers: one process per queue (the supervisor's options)
     max_len: int = DEFAULT_MAX_LEN
     sock_len: int = DEFAULT_SOCK_LEN
     reject_rate: float = DEFAULT_REJECT_RATE
@@ -39,6 +41,7 @@ class Options:
     # Set by the supervisor of `nfqfw run --workers` for each worker (nfqfw.service.daemon.WorkerDaemon):
     snapshot_name: str = SNAPSHOT_NAME  # the flow snapshot's file in state_dir
     adopt_snapshots: tuple[str, ...] = ()  # more snapshot files to restore flows from (workers)
+    owner_index: int | None = None  # the worker's queue's index in the range (its owner field)
     # --new-queue: first packets (conntrack NEW) go to queues of their own, N..N+last-first (one
     # per main queue: a worker binds its pair); None: right after the main queues, last+1..;
     # NEW_QUEUE_OFF: they share the main queues. See nfqfw.service.ruleset.

@@ -8,10 +8,10 @@ What is not in force yet, and why (logged once at start and reload):
 - `synproxy: true`: the kernel's SYNPROXY shifts the server's sequence numbers; the engine's
   TCP window tracking does not follow that shift yet (a client's ACKs would look invalid), so
   the SYNPROXY rules are rendered by the backend but not installed;
-- `offload: established`: the accept verdict does not set the offload bit yet, so the connmark
-  bypass is installed but no flow uses it;
 - UDP in the pre-filter: a reply to a UDP flow restored from a snapshot after a reboot is NEW to
   the kernel (see nfqfw.core.prefilter); UDP first packets are capped (new-rate), not dropped.
+
+The mark bits are nfqfw.firewall.marks': `--mark` and `--conn-mark` place them.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from nfqfw.core.engine import SPOOFED_SOURCE
 from nfqfw.core.prefilter import KernelMatch, derive, kernel_sets
 from nfqfw.firewall import QueueSpec
 from nfqfw.firewall.backend import Antispoof, Protection, Rate, Synproxy
+from nfqfw.firewall.marks import Marks
 from nfqfw.service.options import Options
 
 log = logging.getLogger("nfqfw")
 
-OFFLOAD_MARK = 0x20000000  # the connection-mark bit of flows handed to the kernel (offload)
 # Flip when the engine follows SYNPROXY's sequence adjustment (see the module docstring).
 ENGINE_FOLLOWS_SYNPROXY = False
 
@@ -42,7 +42,15 @@ def queue_spec(options: Options, config: PolicyConfig, *, bypass: bool, sets: bo
         bypass=bypass,
         mark=options.mark,
         protection=protection(options, config, sets=sets),
+        conn_mark=options.conn_mark,
+        owners=options.workers,
     )
+
+
+def rule_reasons(config: PolicyConfig) -> list[str]:
+    """The verdict reasons of the policy's rules in order, ingress first: what the connection
+    mark's rule field numbers (nfqfw.firewall.marks.Marks.rule_marks)."""
+    return [f"rule {rule.name}" for rule in (*config.ingress, *config.egress)]
 
 
 def protection(options: Options, config: PolicyConfig, sets: bool = False) -> Protection:
@@ -50,7 +58,8 @@ def protection(options: Options, config: PolicyConfig, sets: bool = False) -> Pr
     prefilter = derive(config, udp=False, kernel_sets=sets)
     rate = opts.new_rate
     per_source = opts.new_rate_per_source
-    offload = OFFLOAD_MARK if opts.offload == "established" and not OFFLOAD_MARK & options.mark else None
+    offload_bit = Marks(options.mark, options.conn_mark).offload
+    offload = offload_bit if opts.offload == "established" and offload_bit else None
     synproxy = _synproxy(config) if ENGINE_FOLLOWS_SYNPROXY else ()
     _log_not_in_force(config)
     log_limit = opts.log_limit
@@ -136,9 +145,3 @@ def _log_not_in_force(config: PolicyConfig) -> None:
                 "SYNPROXY's sequence adjustment; SYNs to it are capped by new-rate instead",
                 rule.name,
             )
-    if config.options.offload == "established":
-        once(
-            "offload",
-            "",
-            "offload: established: the kernel bypass is installed, but nfqfw hands no flow over yet",
-        )

@@ -27,6 +27,13 @@ each may hold stale copies adopted at the last layout change (see `_restore`). T
 flows are written to the worker's own file right away, before its queue is bound. The
 single-process daemon adopts the per-queue files a run with workers left (`consume_adopted`):
 it keeps their flows in `flows.snapshot` and removes them.
+
+With `offload: established`, the records of the flows nfqfw handed over to the kernel
+(Engine.offloaded) are saved beside it, in the same format, as `flows.snapshot.offloaded`
+(OFFLOADED_SUFFIX), with the kernel's time left as their lifetime (nfqfw.service.offload). At
+start `restore_offloaded` reads them back for the daemon, which asks the kernel which it still
+carries (nfqfw.service.offload.Offload.adopt). Another queue's file of them is not adopted after
+a change of the queue range: those flows go on in the kernel, unlisted until they end.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ log = logging.getLogger("nfqfw")
 DEFAULT_STATE_DIR = "/var/lib/nfqfw"
 DEFAULT_SNAPSHOT_INTERVAL = 10.0  # seconds; at most this much of new flows is lost in a crash
 SNAPSHOT_NAME = "flows.snapshot"
+OFFLOADED_SUFFIX = ".offloaded"  # the records of the offloaded flows, beside the snapshot
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 EMPTY = "starting with an empty flow table"
@@ -127,6 +135,7 @@ class StateDir:
     ) -> None:
         self.directory = directory
         self.path = os.path.join(directory, name)
+        self.offloaded_path = self.path + OFFLOADED_SUFFIX
         self.adopt = tuple(os.path.join(directory, other) for other in adopt if other != name)
         self.consume_adopted = consume_adopted  # the only reader: remove them once kept in our file
         self.interval = interval  # 0: only at stop
@@ -136,6 +145,7 @@ class StateDir:
         self._next = 0.0
         self._writer: threading.Thread | None = None
         self._encoder: snapshot.TableEncoder | None = None  # a periodic snapshot under way
+        self._encoded: list[tuple[bytes, int, str]] = []  # its finished files: data, flows, path
         self._failing = False
 
     # -- start --
@@ -257,14 +267,33 @@ class StateDir:
         )
         return kept
 
-    def _set_aside(self, why: str) -> None:
-        bad = self.path + ".bad"
+    def _set_aside(self, why: str, path: str | None = None, what: str = EMPTY) -> None:
+        path = path or self.path
+        bad = path + ".bad"
         try:
-            os.replace(self.path, bad)
+            os.replace(path, bad)
             kept = f" (moved to {bad})"
         except OSError:
             kept = ""
-        log.warning("flow snapshot %s ignored: %s%s; %s", self.path, why, kept, EMPTY)
+        log.warning("flow snapshot %s ignored: %s%s; %s", path, why, kept, what)
+
+    def restore_offloaded(self, now: float) -> list[Any]:
+        """The records of the offloaded flows the last run saved, not yet placed (see the module
+        docstring); never raises."""
+        if not self.usable:
+            return []
+        try:
+            data = read_trusted(self.offloaded_path)
+        except FileNotFoundError:
+            return []
+        except (StateFileError, OSError) as err:
+            self._set_aside(str(err), self.offloaded_path, "no offloaded flow records")
+            return []
+        try:
+            return list(snapshot.decode(data, now, self.wall_clock(), trust_exact=False).flows)
+        except snapshot.SnapshotError as err:
+            self._set_aside(str(err), self.offloaded_path, "no offloaded flow records")
+        return []
 
     # -- while running --
 
@@ -284,15 +313,29 @@ class StateDir:
                 )
                 return self._next
             self._encoder = snapshot.TableEncoder(engine.conntrack, now, self.wall_clock())
+            self._encoded = []
         if not self._encoder.step(SLICE_FLOWS):
             return now + SLICE_GAP
         data, count = self._encoder.result()
+        self._encoded.append((data, count, self.path if not self._encoded else self.offloaded_path))
+        offloaded = getattr(engine, "offloaded", None)
+        if len(self._encoded) == 1 and offloaded is not None and self._keeps_offloaded(offloaded):
+            self._encoder = snapshot.TableEncoder(offloaded, now, self.wall_clock())
+            return now + SLICE_GAP
         self._encoder = None
         self._writer = threading.Thread(
-            target=self._write, args=(data, count), name="nfqfw-snapshot", daemon=True
+            target=self._write_all, args=(self._encoded,), name="nfqfw-snapshot", daemon=True
         )
         self._writer.start()
         return self._next
+
+    def _keeps_offloaded(self, offloaded: Any) -> bool:
+        """Write the offloaded records: there are some, or a file of earlier ones to empty."""
+        return bool(len(offloaded)) or os.path.exists(self.offloaded_path)
+
+    def _write_all(self, files: list[tuple[bytes, int, str]]) -> None:
+        for data, count, path in files:
+            self._write(data, count, path)
 
     def save(self, engine: Any, now: float, exact: bool = False) -> bool:
         """Write the snapshot now and wait for it (at stop). `exact`: no packet will pass unseen
@@ -306,21 +349,28 @@ class StateDir:
         if not self._write(data, count):
             return False
         log.info("saved %d flows to %s", count, self.path)
+        offloaded = getattr(engine, "offloaded", None)
+        if offloaded is not None and self._keeps_offloaded(offloaded):
+            data, count = snapshot.encode_table(offloaded, now, self.wall_clock())
+            if self._write(data, count, self.offloaded_path):
+                log.info("saved the records of %d offloaded flows to %s", count, self.offloaded_path)
         return True
 
     def _encode(self, engine: Any, now: float, exact: bool) -> tuple[bytes, int]:
         return snapshot.encode_table(engine.conntrack, now, self.wall_clock(), exact)
 
-    def _write(self, data: bytes, count: int) -> bool:
+    def _write(self, data: bytes, count: int, path: str | None = None) -> bool:
+        path = path or self.path
         try:
-            write_atomically(self.path, data)
+            write_atomically(path, data)
         except OSError as err:
             if not self._failing:  # once per run of failures, not every interval
-                log.error("cannot save the flow snapshot to %s: %s", self.path, err)
+                log.error("cannot save the flow snapshot to %s: %s", path, err)
             self._failing = True
             return False
         if self._failing:
-            log.info("flow snapshot saved to %s again", self.path)
+            log.info("flow snapshot saved to %s again", path)
         self._failing = False
-        self.last_saved = count
+        if path == self.path:
+            self.last_saved = count
         return True

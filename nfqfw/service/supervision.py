@@ -234,13 +234,20 @@ def _merge_census(tables: Iterable[dict[str, dict[str, int]]]) -> dict[str, dict
 
 def merge_flow_stats(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The workers' `flows` parts of status summed (max: the sum of the per-worker bounds)."""
-    return {
+    merged = {
         "total": sum(s["total"] for s in stats),
         "max": sum(s["max"] for s in stats),
         "by_proto": _merge_census(s["by_proto"] for s in stats),
         "expired": sum(s["expired"] for s in stats),
         "early_drops": sum(s["early_drops"] for s in stats),
     }
+    offloaded = [s["offloaded"] for s in stats if "offloaded" in s]
+    if offloaded:
+        merged["offloaded"] = {
+            "total": sum(o["total"] for o in offloaded),
+            "by_proto": _merge_census(o["by_proto"] for o in offloaded),
+        }
+    return merged
 
 
 def worker_entry(answer: Answer, state: dict[str, Any]) -> dict[str, Any]:

@@ -329,6 +329,7 @@ class Supervisor(ServiceCore):
             queue_last=worker.queue,
             runtime_dir=worker.directory,
             snapshot_name=sv.worker_snapshot(worker.queue),
+            owner_index=worker.queue - self.options.queue_first,  # its accept verdicts' owner field
             adopt_snapshots=adopt,
             new_queue=self._worker_new_queue(worker),
             metrics=None,

@@ -111,6 +111,12 @@ def gateway() -> Iterator[Gateway]:
                 f"[Unit]\nDefaultDependencies=no\nAfter={sdbox.JOURNAL_UNIT}\n"
                 f"[Service]\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n",
             )
+            # nfqfw.service pulls in nfqfw-closed.service: into the lab namespace too, or its
+            # fail-closed rules would land in the box's network namespace, the host's own.
+            box.write(
+                "/etc/systemd/system/nfqfw-closed.service.d/lab.conf",
+                f"[Service]\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n",
+            )
             yield Gateway(box)
     finally:
         teardown(TOPOLOGY)

@@ -44,6 +44,7 @@ from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
     ICMPv6ND_NS,
     ICMPv6PacketTooBig,
+    ICMPv6ParamProblem,
     ICMPv6TimeExceeded,
     ICMPv6Unknown,
     IPv6,
@@ -137,6 +138,7 @@ class Family:
     wan2: str  # another outside address, reached through the outside host
     router: str  # an outside router: only the source of ICMP errors
     narrow: str  # an outside address the gateway routes with a path MTU of NARROW_MTU
+    routers: tuple[str, ...] = ()  # more routers (icmp_error_types)
 
     def ip(self, src: str, dst: str, ttl: int = 64, df: bool = False) -> Packet:
         if self.name == "ipv6":
@@ -169,10 +171,43 @@ class Family:
         return self.ip(src, dst) / layer / body
 
 
-V4 = Family("ipv4", "10.0.0.25", "10.0.0.26", "203.0.113.10", "203.0.113.11", "203.0.113.254", "203.0.113.12")
+V4 = Family(
+    "ipv4", "10.0.0.25", "10.0.0.26", "203.0.113.10", "203.0.113.11", "203.0.113.254", "203.0.113.12",
+    tuple(f"203.0.113.{200 + n}" for n in range(16)),
+)  # fmt: skip
 V6 = Family(
-    "ipv6", "fd00::25", "fd00::26", "2001:db8:1::10", "2001:db8:1::11", "2001:db8:1::fe", "2001:db8:1::12"
-)
+    "ipv6", "fd00::25", "fd00::26", "2001:db8:1::10", "2001:db8:1::11", "2001:db8:1::fe", "2001:db8:1::12",
+    tuple(f"2001:db8:1::{0xE0 + n:x}" for n in range(16)),
+)  # fmt: skip
+# Every ICMP error type (the kernel's icmp_is_err; ICMPv6 types below 128), with codes.
+ERROR_TYPES_V4 = (
+    (3, 0, "net unreachable"), (3, 1, "host unreachable"), (3, 2, "protocol unreachable"),
+    (3, 3, "port unreachable"), (3, 4, "fragmentation needed"), (3, 9, "net prohibited"),
+    (3, 13, "communication prohibited"), (4, 0, "source quench"), (5, 1, "redirect for the host"),
+    (11, 0, "time exceeded in transit"), (11, 1, "reassembly time exceeded"), (12, 0, "parameter problem"),
+)  # fmt: skip
+ERROR_TYPES_V6 = (
+    (1, 0, "no route"), (1, 1, "administratively prohibited"), (1, 3, "address unreachable"),
+    (1, 4, "port unreachable"), (1, 5, "source address failed policy"), (1, 6, "reject route"),
+    (2, 0, "packet too big"), (3, 0, "hop limit exceeded"), (3, 1, "reassembly time exceeded"),
+    (4, 0, "erroneous header field"), (4, 1, "unrecognised next header"), (4, 2, "unrecognised option"),
+)  # fmt: skip
+
+
+def icmp_error(f: Family, kind: int, code: int) -> Packet:
+    """The ICMP/ICMPv6 header of an error of this type and code."""
+    if f.name == "ipv6":
+        if kind == 1:
+            return ICMPv6DestUnreach(code=code)
+        if kind == 2:
+            return ICMPv6PacketTooBig(mtu=1280)
+        if kind == 3:
+            return ICMPv6TimeExceeded(code=code)
+        return ICMPv6ParamProblem(code=code, ptr=6)
+    fields = {"nexthopmtu": 1280} if (kind, code) == (3, 4) else {"gw": "203.0.113.1"} if kind == 5 else {}
+    return ICMP(type=kind, code=code, **fields)
+
+
 NEIGHBOURS = {
     "wan": [V4.wan, V4.wan2, V4.narrow, V6.wan, V6.wan2, V6.narrow],
     "lan": [V4.lan, V4.lan2, V6.lan, V6.lan2],
@@ -697,6 +732,40 @@ class Scenarios:
             "an inside router's error quoting an error: INVALID",
         )
 
+    def icmp_error_types(self, f: Family) -> None:
+        """Every ICMP/ICMPv6 error type, each sent by a router address of its own, quoting an
+        outgoing UDP flow and a TCP connection: RELATED. With --workers the kernel picks a queue
+        by the error's own addresses, so most of them reach another queue than their flow's
+        (test_kernel_agreement_live). Then the gateway's own error: a segment with the last hop
+        left makes it answer time exceeded (sent from OUTPUT, RELATED to the connection)."""
+        script = self.script(f"icmp-error-types-{f.name}")
+        udp = script.send(
+            f.ip(f.lan, f.wan) / UDP(sport=next(self.ports), dport=5003) / b"probe", ACCEPT, "UDP out"
+        )
+        t = self.egress(script, f, 8080)
+        t.handshake()
+        segment = t.c("PA", ACCEPT, data=b"x" * 40)
+        t.s("A", ACCEPT)
+        kinds = ERROR_TYPES_V6 if f is V6 else ERROR_TYPES_V4
+        for n, (kind, code, name) in enumerate(kinds):
+            for quoted, what in ((udp, "the UDP flow"), (segment, "the connection")):
+                router = f.routers[(2 * n + (quoted is segment)) % len(f.routers)]
+                script.send(
+                    f.ip(router, f.lan) / icmp_error(f, kind, code) / Raw(quoted[:128]),
+                    ACCEPT,
+                    f"{name} from {router} about {what}: RELATED",
+                )
+        last_hop = f.ip(f.lan, f.wan, ttl=1) / TCP(
+            sport=t.ends[0][1], dport=8080, flags="PA", seq=t.nxt[CLIENT], ack=t.nxt[SERVER], window=64240
+        )
+        script.send(
+            last_hop / Raw(b"y" * 10),
+            REJECT,
+            "a segment with its last hop: the gateway's time exceeded, RELATED",
+            answered="ttl",
+        )
+        t.c("PA", ACCEPT, "the connection goes on", data=b"z" * 10)
+
     def gateway_answers(self, f: Family) -> None:
         """Packets the gateway answers before FORWARD (ping -t1, traceroute, path MTU discovery):
         the kernel attaches the packet's conntrack to its error, so the error is RELATED though
@@ -865,6 +934,7 @@ class Scenarios:
             self.udp(f)
             self.icmp_echo(f)
             self.icmp_errors(f)
+            self.icmp_error_types(f)
             self.icmp_types(f)
             self.fragments(f)
             self.bad_checksums(f)

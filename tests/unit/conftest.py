@@ -2,7 +2,8 @@
 read or change the firewall of the machine it runs on (once, real nfqfw rules were left in the
 host's own namespace so). The real `subprocess.run` behind nfqfw.firewall.iptables fails the
 test here; tests drive the backend with fake tools (`Iptables(run=...)`) and daemons with
-`firewall_fakes.RecordingFirewall`.
+`firewall_fakes.RecordingFirewall`. Nor do they open a real ctnetlink socket (offload: it reads
+and deletes entries of the kernel's connection table): tests give Offload a stand-in.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from nfqfw.firewall import iptables
+from nfqfw.kernel import ctnetlink
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +28,11 @@ def no_real_rule_tools(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(run, argv, text)
 
     monkeypatch.setattr(iptables, "_run", guarded)
+
+
+@pytest.fixture(autouse=True)
+def no_real_ctnetlink(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(self: ctnetlink.Ctnetlink) -> None:
+        pytest.fail("a unit test opened a real ctnetlink socket: give Offload a stand-in")
+
+    monkeypatch.setattr(ctnetlink.Ctnetlink, "__init__", refused)

@@ -272,3 +272,20 @@ def test_top_first_screen_has_no_rates_yet_and_tables_shrink_to_the_terminal() -
     section = lines[lines.index("VERDICTS/s by reason and rule") + 1 : lines.index("FLOWS by state") - 1]
     assert len(section) == 3 and all(line.endswith(" -") for line in section)
     assert lines[-1] == "  (not reported by this daemon)"
+
+
+def test_offloaded_flows_in_status_and_flows() -> None:
+    assert format_flow({**TCP, "offloaded": True, "queue": 1}) == (
+        "tcp      6 431999 ESTABLISHED src=10.0.0.25 dst=203.0.113.10 sport=40000 dport=80 [ASSURED] "
+        "[OFFLOADED] rule=web in=lan0 out=wan0 queue=1"
+    )
+    flows = status()["flows"] | {
+        "offloaded": {"total": 3, "by_proto": {"tcp": {"ESTABLISHED": 2}, "udp": {"ASSURED": 1}}}
+    }
+    lines = format_status(status(flows=flows), utc)
+    at = lines.index("  udp          1  ASSURED 1")
+    assert lines[at + 1 : at + 4] == [
+        "offloaded:    3 flows carried by the kernel's conntrack",
+        "  tcp          2  ESTABLISHED 2",
+        "  udp          1  ASSURED 1",
+    ]

@@ -254,6 +254,35 @@ def test_more_clients_than_allowed_get_busy(rundir: Path) -> None:
     server.close()
 
 
+class Ticking(Clock):
+    """Each look at it is 10 ms later: every answer outlasts its work slice."""
+
+    def __call__(self) -> float:
+        self.now += 0.01
+        return self.now
+
+
+def test_a_client_asking_again_at_once_is_never_busy(rundir: Path) -> None:
+    """A script that asks again as soon as it has its answer: the server takes one connection per
+    round, so the answered ones are closed before the next is taken (they were left open, one
+    after the other on one round, until MAX_CLIENTS of them made the server "busy")."""
+    server = server_at(rundir, clock=Ticking())
+    answers: list[Any] = []
+
+    def asker() -> None:
+        for n in range(40):
+            answers.append(call(rundir, {"cmd": "ask", "n": n}, timeout=10))
+
+    thread = threading.Thread(target=asker)
+    thread.start()
+    while thread.is_alive():
+        server.service()
+    thread.join()
+    assert answers == [{"cmd": "ask", "n": n} for n in range(40)]
+    assert server.clients <= 1
+    server.close()
+
+
 # --- long answers ---------------------------------------------------------------------------
 
 CHUNK = b"y" * 65536

@@ -113,11 +113,14 @@ def test_offload_bypass_and_synproxy() -> None:
     assert forward == [
         "-A NFQFW-FORWARD -m mark --mark 0x20000000/0x20000000 -j CONNMARK --save-mark --nfmask 0x20000000 "
         "--ctmask 0x20000000",
+        "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -m conntrack --ctstate NEW -j CONNMARK "
+        "--save-mark --nfmask 0xff0000 --ctmask 0xff0000",
         "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -j RETURN",
         "-A NFQFW-FORWARD -m connmark --mark 0x20000000/0x20000000 -j RETURN",
         f"-A NFQFW-FORWARD {match} -m conntrack --ctstate INVALID,UNTRACKED -j SYNPROXY --sack-perm --timestamp "
         "--wscale 7 --mss 1460",
         f'-A NFQFW-FORWARD {match} -m conntrack --ctstate INVALID -m comment --comment "synproxy: invalid" -j DROP',
+        "-A NFQFW-FORWARD -m conntrack --ctstate INVALID -j MARK --or-mark 0x20000000",
         "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
     ]
     assert (
@@ -263,3 +266,58 @@ def test_installed_reads_both_families() -> None:
     assert Iptables(
         run=FakeTools({"iptables-save": SAVE_FRESH, "ip6tables-save": SAVE_PROTECTED})
     ).installed()
+
+
+def test_workers_mark_their_connections_and_related_packets_go_to_the_owner() -> None:
+    spec = QueueSpec(2, 4, bypass=True, protection=Protection(), owners=True)
+    lines = render_install(spec, NOTHING, 6).splitlines()
+    forward = [line for line in lines if line.startswith("-A NFQFW-FORWARD")]
+    related = "-A NFQFW-FORWARD -m conntrack --ctstate RELATED -m connmark --mark"
+    assert forward == [
+        "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -m conntrack --ctstate NEW -j CONNMARK "
+        "--save-mark --nfmask 0xf000000 --ctmask 0xf000000",
+        "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -m conntrack --ctstate ESTABLISHED -j CONNMARK "
+        "--save-mark --nfmask 0xf000000 --ctmask 0xf000000",
+        "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -j RETURN",
+        f"{related} 0x1000000/0xf000000 -j NFQUEUE --queue-num 2 --queue-bypass",
+        f"{related} 0x2000000/0xf000000 -j NFQUEUE --queue-num 3 --queue-bypass",
+        f"{related} 0x3000000/0xf000000 -j NFQUEUE --queue-num 4 --queue-bypass",
+        "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-balance 2:4 --queue-bypass",
+    ]
+    # The gateway's own ICMP errors (OUTPUT) are attached to the connection they quote too.
+    assert (
+        f"-A NFQFW-OUTPUT {related[len('-A NFQFW-FORWARD ') :]} 0x3000000/0xf000000 -j NFQUEUE --queue-num 4 --queue-bypass"
+        in lines
+    )
+    # Panic drops them all, owners or not.
+    panic = render_install(replace(spec, panic=True), NOTHING, 6)
+    assert "RELATED" not in panic and "-A NFQFW-FORWARD -j DROP" in panic
+
+
+def test_moved_mark_bits_move_every_rule() -> None:
+    spec = QueueSpec(0, 1, mark=0x1, conn_mark=0xF0, protection=Protection(offload_mark=0x80), owners=True)
+    forward = [
+        line for line in render_install(spec, NOTHING, 4).splitlines() if line.startswith("-A NFQFW-FORWARD")
+    ]
+    assert forward[:4] == [
+        "-A NFQFW-FORWARD -m mark --mark 0x80/0x80 -j CONNMARK --save-mark --nfmask 0x80 --ctmask 0x80",
+        "-A NFQFW-FORWARD -m mark --mark 0x1/0x1 -m conntrack --ctstate NEW -j CONNMARK --save-mark "
+        "--nfmask 0x70 --ctmask 0x70",
+        "-A NFQFW-FORWARD -m mark --mark 0x1/0x1 -m conntrack --ctstate ESTABLISHED -j CONNMARK --save-mark "
+        "--nfmask 0x70 --ctmask 0x70",
+        "-A NFQFW-FORWARD -m mark --mark 0x1/0x1 -j RETURN",
+    ]
+    assert (
+        "-A NFQFW-FORWARD -m conntrack --ctstate RELATED -m connmark --mark 0x20/0x70 -j NFQUEUE --queue-num 1"
+        in forward
+    )
+
+
+def test_more_workers_than_owner_values_are_refused() -> None:
+    with pytest.raises(
+        ValueError, match="16 queues, but the connection mark 0x2fff0000 tells at most 15 owners"
+    ):
+        QueueSpec(0, 15, owners=True)
+    assert QueueSpec(0, 15).queues == range(16)  # a single daemon needs no owners
+    with pytest.raises(ValueError, match="must not share a bit"):
+        QueueSpec(0, 0, mark=0x20000000)

@@ -332,3 +332,24 @@ def test_run_no_gso_reaches_the_daemon_options(monkeypatch: pytest.MonkeyPatch) 
         args = build_parser().parse_args(argv)
         assert args.func(args) == 0
     assert seen == [True, False]
+
+
+def test_accept_verdicts_carry_the_connection_fields_they_are_given() -> None:
+    """nfqfw.firewall.marks: the rule field for a new flow's accept, the offload bit for a
+    verdict that hands the flow over; a drop gets no mark."""
+    rule = Verdict(Action.ACCEPT, Ct.NEW, "mail", "rule mail")
+    adapter, engine, _, _, _ = _adapter(rule)
+    adapter.set_verdict_marks({"rule mail": 0x30000, "default egress": 0x20000}, 0x20000000)
+    pkt = FakePacket(SYN, mark=0x5)
+    adapter.on_packet(pkt)
+    assert (pkt.verdict, pkt.new_mark) == ("repeat", 0x10030005)
+    engine.verdict = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established", offload=True)
+    adapter.on_packet(pkt := FakePacket(SYN))
+    assert pkt.new_mark == 0x30000000
+    engine.verdict = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
+    adapter.on_packet(pkt := FakePacket(SYN))
+    assert pkt.new_mark == 0x10000000
+    adapter.set_verdict_marks({}, 0)  # offload switched off by a reload
+    engine.verdict = rule
+    adapter.on_packet(pkt := FakePacket(SYN))
+    assert pkt.new_mark == 0x10000000

@@ -502,3 +502,20 @@ def test_run_flag_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err.splitlines()[-1] == (
         "nfqfw run: error: argument --metrics: 'host' is not an IPv4 address or localhost"
     )
+
+
+def test_collector_counts_the_offloaded_flows() -> None:
+    engine = Engine(
+        CompiledPolicy(parse_policy(POLICY.replace("{max-flows: 8}", "{max-flows: 8, offload: established}")))
+    )
+    syn = IP(src="10.0.0.5", dst="198.51.100.1") / TCP(sport=40000, dport=80, flags="S", seq=1)
+    synack = IP(src="198.51.100.1", dst="10.0.0.5") / TCP(sport=80, dport=40000, flags="SA", seq=9, ack=2)
+    ack = IP(src="10.0.0.5", dst="198.51.100.1") / TCP(sport=40000, dport=80, flags="A", seq=2, ack=10)
+    for now, (packet, meta) in enumerate([(syn, OUT), (synack, IN), (ack, OUT)]):
+        engine.process(bytes(packet), meta, float(now))
+    daemon = SimpleNamespace(
+        engine=engine, adapter=None, packet_log=PacketLog(), spec=None, kernel_drops=lambda: None
+    )
+    lines = samples(exposition(NfqfwCollector(daemon, None, read_stats=lambda: None)))
+    assert 'nfqfw_flows_offloaded{proto="tcp",state="established"} 1.0' in lines
+    assert not any(line.startswith("nfqfw_flows{") for line in lines)  # no longer in nfqfw's table

@@ -65,7 +65,9 @@ def test_new_queue_offload_and_switched_off_caps() -> None:
     )
     assert spec.bound_queues == (0, 1, 4, 5)
     assert spec.protection is not None
-    assert spec.protection.offload_mark == ruleset.OFFLOAD_MARK
+    assert (
+        spec.protection.offload_mark == 0x20000000
+    )  # nfqfw.firewall.marks: the default --conn-mark's top bit
     assert spec.protection.new_rate is None and spec.protection.prefilter == ()
 
 

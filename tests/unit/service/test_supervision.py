@@ -231,3 +231,11 @@ def test_merge_talkers_sums_each_address_over_the_workers_top_lists() -> None:
         {"addr": "10.0.0.25", "flows": 5},
     ]
     assert sv.merge_talkers([]) == []
+
+
+def test_merge_flow_stats_sums_the_offloaded_flows() -> None:
+    base = {"total": 1, "max": 10, "by_proto": {}, "expired": 0, "early_drops": 0}
+    offloaded = {"total": 2, "by_proto": {"tcp": {"ESTABLISHED": 2}}}
+    merged = sv.merge_flow_stats([base | {"offloaded": offloaded}, base, base | {"offloaded": offloaded}])
+    assert merged["offloaded"] == {"total": 4, "by_proto": {"tcp": {"ESTABLISHED": 4}}}
+    assert "offloaded" not in sv.merge_flow_stats([base, base])
