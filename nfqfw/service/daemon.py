@@ -47,6 +47,7 @@ from nfqfw.kernel.links import Links
 from nfqfw.kernel.queue import QueueAdapter, QueueError
 from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch, verdict_counts
 from nfqfw.kernel.rawsend import RawSender
+from nfqfw.kernel.routes import RouteMeta
 from nfqfw.observe.packetlog import PacketLog
 from nfqfw.service.core import (
     Applied,
@@ -102,7 +103,10 @@ class Daemon(ServiceCore):
         self.adapter: QueueAdapter | None = None
         self.drops: DropWatch | None = None
         self.state = self._state_dir()
-        self.offload = Offload(Marks(options.mark, options.conn_mark))  # the offloaded flows in the kernel
+        # The offloaded flows in the kernel; those an HA peer admitted are placed by the routes.
+        self.offload = Offload(
+            Marks(options.mark, options.conn_mark), owner=options.owner_index, route_meta=self._route_meta
+        )
         self.packet_log = PacketLog(copy_cap=COPY_RANGE)
         self.timer: Any = None  # a nfqfw.observe.metrics.EngineTimer when metrics are counted
         self.collector: Any = None  # a worker's nfqfw.observe.metrics.NfqfwCollector (collect_metrics)
@@ -166,6 +170,9 @@ class Daemon(ServiceCore):
         log.info("queue %s bound, %s (%s)", self.spec.queue_text, rules, settings)
         self._announce_ready(f"filtering on queue {self.spec.queue_text}, failure mode {mode}")
 
+    def _route_meta(self) -> RouteMeta:
+        return RouteMeta(self.links.addresses if self.links is not None else ())
+
     def _accept_mark(self) -> int:
         """The mark of an accepted packet: --mark, and a worker's owner field (nfqfw.firewall.marks)."""
         opts = self.options
@@ -182,7 +189,8 @@ class Daemon(ServiceCore):
             self.adapter.set_verdict_marks({}, 0)
             return
         marks = Marks(self.options.mark, self.options.conn_mark)
-        self.adapter.set_verdict_marks(marks.rule_marks(rule_reasons(config)), marks.offload)
+        self.offload.reasons = rule_reasons(config)
+        self.adapter.set_verdict_marks(marks.rule_marks(self.offload.reasons), marks.offload)
 
     def _adopt_offloaded(self, recheck: bool) -> None:
         """The offloaded flows the last run saved: still the kernel's, or back to the engine."""
