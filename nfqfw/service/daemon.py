@@ -397,6 +397,19 @@ class Daemon(ServiceCore):
     def flush(self, request: dict[str, Any], selection: FlowFilter) -> dict[str, Any]:
         return engine_flush(self.engine, request, selection, self.clock(), self.offload)
 
+    def _ha_role_changed(self, role: str) -> dict[str, int]:
+        """master: take over the flows conntrackd committed (nfqfw.service.offload); backup,
+        fault: forget the records (the kernel's entries stay conntrackd's)."""
+        now = self.clock()
+        self.offload.taking_over = role == "master"
+        if role == "master":
+            taken = self.offload.take_over(self.engine, now) if self.engine.offload else 0
+            return {"taken_over": taken}
+        forgotten = len(self.engine.conntrack) + len(self.engine.offloaded)
+        self.engine.conntrack.clear()
+        self.engine.offloaded.clear()
+        return {"forgotten": forgotten}
+
     def metric_records(self) -> list[Any]:
         """A worker's Prometheus families as records, for its supervisor's endpoint (RequestError
         where they are not collected: a single daemon serves its own endpoint)."""

@@ -14,7 +14,8 @@ mark (nfqfw.firewall.marks):
   mark and all, from the peer that admitted them. The rule that admitted one is read from its
   mark's rule field, the Meta of its first packet from the routes (`meta_of`,
   nfqfw.kernel.routes), so that `flows`, `flush` and `reload: recheck` treat it as one of
-  nfqfw's own. One it cannot place (no route) is adopted without a Meta: kept by a recheck;
+  nfqfw's own. One it cannot place (no route) is adopted without a Meta: kept by a recheck.
+  Not in the syncs of an HA backup (`taking_over` False): it forgot those flows;
 - `overlay`: for `flows`, the kernel's state and time left of each offloaded flow (a fresh dump);
 - `revoke`: flows nfqfw takes back (flush, a reload with `reload: recheck` that no longer admits
   them): their kernel entries are deleted, so their next packet meets nfqfw, which has no flow
@@ -84,6 +85,7 @@ class Offload:
         self.owner = owner  # a worker's queue index: it takes over the entries of its owner field
         self.reasons: list[str] = []  # the policy's rule reasons, as the mark's rule field numbers them
         self._route_meta = route_meta  # a fresh MetaOf (closable) for one take-over
+        self.taking_over = True  # False on an HA backup: what its kernel has is the peer's now
         self._socket: Any = None
         self._due = 0.0
         self._complained: set[str] = set()
@@ -149,7 +151,8 @@ class Offload:
                 follow(flow, entry, now)
         for flow in ended:
             offloaded.remove(flow)
-        self._take_over(engine, kernel, now)
+        if self.taking_over:
+            self._take_over(engine, kernel, now)
         return len(ended)
 
     def take_over(self, engine: Any, now: float) -> int:
