@@ -66,6 +66,7 @@ from nfqfw.lab.topology import (
     configure_link,
     existing_namespaces,
     in_ns,
+    pids_in,
     prepare_namespace,
     run_in,
     sysctl,
@@ -413,6 +414,15 @@ def conntrackd_stats(prefix: str, gateway: str, *what: str) -> str:
     """`conntrackd -s` (statistics) of a gateway's conntrackd, e.g. what = ("cache",)."""
     files = GatewayFiles(prefix, gateway)
     return run_in(HaTopology(prefix).gw(gateway), "conntrackd", "-C", str(files.conntrackd_conf), "-s", *what)
+
+
+def conntrackd_pid(prefix: str, gateway: str) -> int:
+    """The pid of a gateway's conntrackd (LabError if none runs)."""
+    for pid in pids_in(HaTopology(prefix).gw(gateway)):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "conntrackd":
+                return pid
+    raise LabError(f"no conntrackd runs in {HaTopology(prefix).gw(gateway)}")
 
 
 def notify_log(prefix: str, gateway: str) -> list[str]:

@@ -1,31 +1,36 @@
 """The HA pair (nfqfw.lab.ha): keepalived moves the virtual addresses, conntrackd the kernel's
-connection table, nfqfw on the new master takes over the connections by loose TCP pick-up.
+connection table with nfqfw's connection mark (`offload: established`), and nfqfw on the new
+master takes the offloaded connections over (`nfqfw ha role master`, from the notify script).
 
 One lab for the module (prefix nfqt-ha-), with config/ha/policy.yaml and the configurations
 under config/ha/ as shipped. Sessions are socket pairs made here: a listening socket in the
 server's namespace, the client's connect, the accepted socket; so either side can speak first.
 
 What survives a failover (asserted below): an egress IPv4 session (SNAT to the virtual address,
-mapping replicated by conntrackd), an egress IPv6 session and an ingress session, each as soon
-as the next packet through the new master comes from the side whose first packet the policy
-accepts (the inside for egress, the outside for an ingress rule's flow). What is lost: an egress
-session's packets from the outside while the inside stays silent -- the new master's nfqfw has
-no record of the flow and judges such a packet as the first of an ingress flow, which the
-default drops. With `offload: established` the kernel's replicated entry would carry the
-admission; main has no offload yet.
+mapping replicated by conntrackd), an egress IPv6 session and an ingress session, whichever side
+speaks first: the kernel's replicated entry carries the offload bit, so their packets pass the
+new master's kernel as they passed the old one's, and its nfqfw lists them (their rule read from
+the mark) and revokes them at a reload that no longer admits them. What is lost: a connection
+younger than conntrackd's sync (made deterministic by stopping the master's conntrackd before it
+opens): the new master knows nothing of it, so the outside's packets are the first of an
+ingress flow to it, which the default drops, until the inside speaks (loose pick-up).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from nfqfw.lab import ha, traffic
+from nfqfw.control.client import call
+from nfqfw.lab import daemon_ctl, ha, traffic
 from nfqfw.lab.plan import GW_WAN_V4, HA_GATEWAYS, LAN_V4, LAN_V6, WAN_V4, WAN_V6, HaTopology
 from nfqfw.lab.topology import existing_namespaces, pids_in, run_in
 
@@ -39,14 +44,33 @@ SYNC_TIMEOUT = 15.0  # a recovered backup's conntrackd has the master's flows (r
 DATA_TIMEOUT = 15.0  # TCP retransmits after the takeover back off: 0.2, 0.4, 0.8 ... s
 
 
+OFFLOAD_BIT = 0x20000000  # nfqfw.firewall.marks' default offload bit
+NO_EGRESS_PORT = POLICY.read_text().replace("ports: [445]", f"ports: [445, {EGRESS_PORT}]")
+
+
 @pytest.fixture(scope="module")
-def ha_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaTopology]:
+def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     policy = tmp_path_factory.mktemp("ha") / "policy.yaml"
     policy.write_text(POLICY.read_text())
     policy.chmod(0o600)  # the daemon refuses a group/world-writable policy
+    return policy
+
+
+@pytest.fixture(scope="module")
+def ha_lab(policy_file: Path) -> Iterator[HaTopology]:
     with ExitStack() as stack:
         stack.callback(ha.down, PREFIX)  # also when up() fails
-        yield ha.up(PREFIX, policy).topology
+        yield ha.up(PREFIX, policy_file).topology
+
+
+def ask(gateway: str, request: dict[str, object]) -> Any:
+    return call(daemon_ctl.LabState(PREFIX, gateway).runtime_dir, request, timeout=30)
+
+
+def _offloaded_flow(gateway: str, port: int) -> dict[str, Any] | None:
+    """The gateway's nfqfw's record of the offloaded TCP flow from source port `port`."""
+    flows = ask(gateway, {"cmd": "flows", "proto": "tcp"})["flows"]
+    return next((f for f in flows if f.get("sport") == port and f.get("offloaded")), None)
 
 
 class Session:
@@ -146,7 +170,7 @@ def test_one_master_holds_every_virtual_address(ha_lab: HaTopology) -> None:
     assert gateways["gw1"].virtual == ("203.0.113.1", "2001:db8:1::1", "10.0.0.1", "fd00::1")
     assert gateways["gw2"].role == "backup"
     assert gateways["gw2"].virtual == ()
-    assert ha.notify_log(PREFIX, "gw1")[-1] == "master"
+    _wait(lambda: ha.notify_log(PREFIX, "gw1")[-1:] == ["master"], 10.0, "gw1's notify master")
     assert ha.notify_log(PREFIX, "gw2") == ["backup"]
 
 
@@ -185,18 +209,73 @@ def test_sessions_survive_failover_and_failback(ha_lab: HaTopology) -> None:
             s.close()
 
 
-def test_egress_session_silent_inside_is_lost_until_the_inside_speaks(ha_lab: HaTopology) -> None:
-    """The documented loss: after a failover, the outside's packets of an egress session are the
-    first the new master's nfqfw sees of that flow; as the first packet of an ingress flow the
-    default drops them. Once the inside sends, loose pick-up admits the flow as egress and the
-    outside's retransmission gets through."""
+def test_egress_session_silent_inside_survives_and_is_known_on_the_new_master(ha_lab: HaTopology) -> None:
+    """The outside speaks first after the failover on an egress session: the replicated kernel
+    entry carries nfqfw's offload bit, so the new master's kernel passes it; its nfqfw took the
+    flow over (`nfqfw ha role master`) with the rule that admitted it."""
     t = ha_lab
     backup = t.peer(_healthy(t))
     s = Session(t.lan, t.wan, WAN_V4, EGRESS_PORT)
     try:
         assert s.exchange(b"hello") == b"hello"
         _wait(lambda: _in_external_cache(t, backup, s.port), SYNC_TIMEOUT, "the flow replicated")
+        _, new, _ = _fail_master(t)
+        entry = _kernel_flow(t, new, s.port)
+        assert int(entry.split("mark=")[1].split()[0]) & OFFLOAD_BIT, entry
+        record = _offloaded_flow(new, s.port)
+        assert record is not None, "the new master's nfqfw took the flow over"
+        assert (record["admitted_by"], record["in"], record["out"]) == ("default egress", "lan0", "wan0")
+        status = ask(new, {"cmd": "status"})
+        assert status["ha"]["role"] == "master"
+        assert status["ha"]["conntrackd"]["stats"]["cache internal"]["current active connections"] >= 1
+        s.server.sendall(b"from outside")
+        s.client.settimeout(DATA_TIMEOUT)
+        assert _read(s.client, len(b"from outside")) == b"from outside"
+        assert s.exchange(b"and back") == b"and back"
+    finally:
+        s.close()
+
+
+def test_a_flow_revoked_by_a_reload_on_the_new_master_is_cut(ha_lab: HaTopology, policy_file: Path) -> None:
+    t = ha_lab
+    backup = t.peer(_healthy(t))
+    s = Session(t.lan, t.wan, WAN_V4, EGRESS_PORT)
+    original = policy_file.read_text()
+    try:
+        assert s.exchange(b"hello") == b"hello"
+        _wait(lambda: _in_external_cache(t, backup, s.port), SYNC_TIMEOUT, "the flow replicated")
+        _, new, _ = _fail_master(t)
+        assert s.exchange(b"carried on") == b"carried on"
+        policy_file.write_text(NO_EGRESS_PORT)
+        assert ask(new, {"cmd": "reload"})["removed"] >= 1
+        assert _kernel_flow(t, new, s.port) == ""  # revoked: its kernel entry deleted
+        s.client.sendall(b"cut")
+        s.server.settimeout(3.0)
+        with pytest.raises((TimeoutError, ConnectionResetError)):
+            assert _read(s.server, 3) != b"cut"
+    finally:
+        policy_file.write_text(original)
+        for gateway in HA_GATEWAYS:
+            ask(gateway, {"cmd": "reload"})
+        s.close()
+
+
+def test_a_flow_younger_than_the_sync_loses_the_outside_until_the_inside_speaks(ha_lab: HaTopology) -> None:
+    """The documented loss: a connection the peer never heard of (the master's conntrackd is
+    stopped while it opens). The outside's packets reach the new master as the first of an
+    ingress flow to the virtual address, which the default drops; once the inside sends, loose
+    pick-up admits the flow as egress and the outside's retransmission gets through."""
+    t = ha_lab
+    master = _healthy(t)
+    pid = ha.conntrackd_pid(PREFIX, master)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        s = Session(t.lan, t.wan, WAN_V4, EGRESS_PORT)
+        assert s.exchange(b"hello") == b"hello"
         _fail_master(t)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
         s.server.sendall(b"from outside")
         s.client.settimeout(3.0)
         with pytest.raises(TimeoutError):
