@@ -9,8 +9,11 @@ datagram every INTERVAL ms from the inside host to the outside host and takes gw
     gap        last datagram through the old master to the first through the new one (s)
     takeover   the links going down to the new master holding the virtual addresses (s)
     lost       datagrams sent that never arrived
-    survived   sessions that carry data again after the failover (the inside speaks first,
-               as an echo client does), of SESSIONS
+    survived   sessions that carry data again after the failover, of SESSIONS: half of them
+               with the inside speaking first (as an echo client does), half with the outside
+               first (offload: the replicated entry's mark lets it by on the new master)
+    known      offloaded flows the new master's nfqfw lists once they carried data (taken over
+               from the kernel's table, `nfqfw ha role master`)
 
 Usage: bench/ha_failover.py [--sessions N] [--interval MS] [--rounds R]   (root)
 """
@@ -29,9 +32,10 @@ import threading
 import time
 from pathlib import Path
 
+from nfqfw.control.client import call
 from nfqfw.core.decode import decode
 from nfqfw.core.packet import PROTO_UDP
-from nfqfw.lab import ha, traffic
+from nfqfw.lab import daemon_ctl, ha, traffic
 from nfqfw.lab.plan import HA_GATEWAYS, WAN_V4, HaTopology
 from nfqfw.lab.topology import run_in
 
@@ -121,6 +125,13 @@ def _exchange(pairs: list[tuple[socket.socket, socket.socket]], data: bytes, tim
     return ok
 
 
+def _exchange_outside_first(
+    pairs: list[tuple[socket.socket, socket.socket]], data: bytes, timeout: float
+) -> int:
+    """Send from every server, answer from every client; how many servers got their bytes back."""
+    return _exchange([(server, client) for client, server in pairs], data, timeout)
+
+
 def _replicated(t: HaTopology, count: int) -> bool:
     files = ha.GatewayFiles(PREFIX, "gw2")
     dump = run_in(t.gw("gw2"), "conntrackd", "-C", str(files.conntrackd_conf), "-e", "ct")
@@ -154,7 +165,11 @@ def one_round(sessions: int, interval: float) -> dict[str, float]:
         via = sorted(arrivals.seen.values())
         last_old = max(when for when, port in via if port == failed)
         first_new = min(when for when, port in via if port == new)
-        survived = _exchange(pairs, b"after!", 20.0)
+        half = len(pairs) // 2
+        survived = _exchange(pairs[:half], b"after!", 20.0)
+        survived += _exchange_outside_first(pairs[half:], b"after!", 20.0)
+        status = call(daemon_ctl.LabState(PREFIX, new).runtime_dir, {"cmd": "status"}, timeout=30)
+        known = status["flows"].get("offloaded", {}).get("total", 0)
         for client, server in pairs:
             client.close()
             server.close()
@@ -164,6 +179,7 @@ def one_round(sessions: int, interval: float) -> dict[str, float]:
             "takeover": takeover,
             "lost": len(sent) - len(arrivals.seen),
             "survived": survived,
+            "known": known,
         }
     finally:
         ha.down(PREFIX)
@@ -179,11 +195,12 @@ def main() -> int:
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two sockets a session
-    print(f"{'round':>5} {'gap s':>7} {'takeover s':>10} {'lost':>6} {'survived':>12}")
+    print(f"{'round':>5} {'gap s':>7} {'takeover s':>10} {'lost':>6} {'survived':>12} {'known':>6}")
     for number in range(1, args.rounds + 1):
         r = one_round(args.sessions, args.interval / 1000)
         survived = f"{r['survived']:.0f}/{args.sessions}"
-        print(f"{number:>5} {r['gap']:>7.2f} {r['takeover']:>10.2f} {r['lost']:>6.0f} {survived:>12}")
+        figures = f"{r['gap']:>7.2f} {r['takeover']:>10.2f} {r['lost']:>6.0f}"
+        print(f"{number:>5} {figures} {survived:>12} {r['known']:>6.0f}")
         sys.stdout.flush()
     return 0
 
