@@ -22,7 +22,7 @@ from nfqfw.core.fastpath import FastPath, make_fast_path
 from nfqfw.core.fragments import Fragments, datagram_key
 from nfqfw.core.packet import FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.policy import CompiledPolicy
-from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
+from nfqfw.core.verdict import Action, Ct, Hook, Meta, RuleDecision, Verdict
 
 ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
 RELATED = Verdict(Action.ACCEPT, Ct.RELATED, None, "related")
@@ -73,6 +73,8 @@ class Engine:
         self.fragments = Fragments()
         self.local_addresses = local_addresses or policy.gateway_addresses
         self._counters: Counter[str] = Counter()
+        # First packets decided by the policy, by (hook, in, out, action): read as zone pairs.
+        self._decided: dict[tuple[object, ...], int] = {}
         # Per-packet counting by verdict object (no string per packet): id -> [verdict, count].
         # The list keeps the verdict alive, so its id cannot be reused while counted here.
         self._tally: dict[int, list[Any]] = {}
@@ -177,22 +179,51 @@ class Engine:
         return self._make(Action.DROP, Ct.NEW, None, "conntrack table full")
 
     def _decide(self, pkt: Packet, meta: Meta, ct: Ct, now: float) -> Verdict:
-        side, to_gateway, from_gateway = self.classify(pkt, meta)
-        decision = self.policy.match(side, pkt, to_gateway, from_gateway, meta.in_iface, meta.out_iface, now)
+        policy = self.policy
+        decision = None
+        if meta.forwarded:  # translated by a forward: it admits what it translates (pass)
+            forward = policy.forwards.translated(pkt, meta.in_iface)
+            if forward is not None and forward.passes:
+                decision = forward.decision
+        if decision is None:
+            side, to_gateway, from_gateway = self.classify(pkt, meta)
+            decision = policy.match(side, pkt, to_gateway, from_gateway, meta.in_iface, meta.out_iface, now)
         action = decision.action
+        key = (meta.hook, meta.in_iface, meta.out_iface, action)
+        decided = self._decided
+        decided[key] = decided.get(key, 0) + 1
         # ICMP errors never get here (conntrack makes them RELATED or INVALID): no reply to an error.
         reject_with = reject_kind(pkt) if action is Action.REJECT else None
         return self._make(action, ct, decision.rule, decision.reason, decision.log, reject_with)
 
+    def standing_decision(self, pkt: Packet, meta: Meta) -> RuleDecision:
+        """What the policy says of a flow's first packet, rate limits aside (reload recheck)."""
+        policy = self.policy
+        if meta.forwarded:
+            forward = policy.forwards.translated(pkt, meta.in_iface)
+            if forward is not None and forward.passes:
+                return forward.decision
+        side, to_gateway, from_gateway = self.classify(pkt, meta)
+        return policy.match_standing(side, pkt, to_gateway, from_gateway, meta.in_iface, meta.out_iface)
+
     def classify(self, pkt: Packet, meta: Meta) -> tuple[str, bool, bool]:
-        """(side, to_gateway, from_gateway).  Traffic from the gateway itself and from an internal
-        interface is egress; from an external interface -- or one in no zone -- is ingress."""
+        """(side, to_gateway, from_gateway). The side is the zones' (core.zones.ZoneMap.side):
+        from the gateway itself or an inside zone egress, between two inside zones between, from
+        a zone facing the outside -- or one in no zone -- ingress."""
         hook = meta.hook
         if hook == Hook.OUTPUT:
             return "egress", False, True
-        zone = self.policy.zone_of(meta.in_iface)
-        side = "egress" if zone == "internal" else "ingress"
-        return side, hook == Hook.INPUT, False
+        return self.policy.zones.side(hook, meta.in_iface, meta.out_iface), hook == Hook.INPUT, False
+
+    def zone_counts(self) -> dict[str, int]:
+        """First packets decided by the policy, by "FROM->TO ACTION" (zone names; `gateway` for
+        the gateway itself, `-` for an interface in no zone)."""
+        counts: Counter[str] = Counter()
+        pair = self.policy.zones.pair
+        for (hook, in_iface, out_iface, action), count in list(self._decided.items()):
+            source, target = pair(hook, in_iface, out_iface)  # type: ignore[arg-type]
+            counts[f"{source}->{target} {action.value}"] += count  # type: ignore[attr-defined]
+        return dict(counts)
 
     def _neighbour_discovery(self, meta: Meta) -> Verdict:
         # ND and MLD are link-local: allowed to and from the gateway, never forwarded.

@@ -114,7 +114,8 @@ def test_invalid_policy_lists_every_error(tmp_path: Path, capsys: pytest.Capture
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
-        f"{bad}:3:3: zones: unknown zone 'dmz' (expected one of: external, internal)\n"
+        f"{bad}:3:3: zones: dmz: a zone other than external and internal is a mapping that says which "
+        "side it faces, e.g. {faces: inside, interfaces: [...]}\n"
         f"{bad}:7:12: ingress rule 'web': ports: range '80-70' starts after it ends\n"
         f"{bad}:8:13: ingress rule 'web': action: expected accept, drop or reject, got 'allow'\n"
         f"{bad}: 3 errors\n"

@@ -26,8 +26,13 @@ def test_every_policy_key_is_documented_and_nothing_else() -> None:
     documented = {part: tuple(keys) for part, keys in policy.KEYS.items()}
     assert set(documented["top"]) == set(config.TOP_KEYS)
     assert set(documented["zones"]) == set(config.ZONES)
+    assert set(documented["zone"]) == set(config.ZONE_KEYS)
     assert set(documented["defaults"]) == set(config.DEFAULT_KEYS)
     assert set(documented["rule"]) == set(config.RULE_KEYS)
+    assert set(documented["nat"]) == set(config.NAT_KEYS)
+    assert set(documented["masquerade"]) == set(config.MASQUERADE_KEYS)
+    assert set(documented["snat"]) == set(config.SNAT_KEYS)
+    assert set(documented["forward"]) == set(config.FORWARD_KEYS)
     assert set(documented["options"]) == set(config.OPTION_KEYS)
 
 
@@ -38,6 +43,13 @@ CHOICE_POLICIES = {
     "rule": lambda key: (
         "zones: {external: [wan0]}\ningress:\n"
         + RULE.format(key=key, action="" if key == "action" else ", action: accept")
+    ),
+    "masquerade": lambda key: (
+        f"zones: {{external: [wan0]}}\nnat:\n  masquerade:\n    - {{out: wan0, {key}: zzz}}\n"
+    ),
+    "forward": lambda key: (
+        "zones: {external: [wan0], internal: {interfaces: [lan0], networks: [10.0.0.0/24]}}\nnat:\n"
+        f"  forward:\n    - {{name: f, proto: tcp, ports: 25, to: 10.0.0.25, {key}: zzz}}\n"
     ),
 }
 
@@ -52,7 +64,16 @@ CHOICE_KEYS = [
 
 
 def test_the_choice_keys_are_found() -> None:
-    expected = {("options", "failure-mode"), ("rule", "action"), ("rule", "family"), ("defaults", "invalid")}
+    expected = {
+        ("options", "failure-mode"),
+        ("rule", "action"),
+        ("rule", "family"),
+        ("defaults", "invalid"),
+        ("defaults", "between"),
+        ("masquerade", "family"),
+        ("forward", "pass"),
+        ("forward", "hairpin"),
+    }
     assert expected <= set(CHOICE_KEYS)
 
 
