@@ -24,6 +24,12 @@ from typing import Protocol
 log = logging.getLogger("nfqfw")
 
 DEFAULT_MARK = 0x10000000
+# The bits nfqfw's nat rules set on the first packet of a connection one of its forwards
+# translated (the adapter reads it: Meta.forwarded), and of one translated from the inside
+# (hairpin), whose source is then translated too. They live on the packet only (not the
+# connection), from nat PREROUTING to nat POSTROUTING of that one packet.
+FORWARDED_MARK = 0x08000000
+HAIRPIN_MARK = 0x04000000
 
 
 class RulesError(Exception):
@@ -121,6 +127,55 @@ class Protection:
         return tuple(rule for rule in self.synproxy if rule.family == family)
 
 
+# --- NAT: the policy's masquerade, snat and forwards, in the kernel's nat table -----------------
+
+
+@dataclass(frozen=True)
+class SourceNat:
+    """One masquerade (`to` None) or snat entry for one family and one outgoing interface."""
+
+    family: int
+    out_iface: str  # a name, or a prefix ending in '+'
+    src: str | None = None  # a network, None: any
+    to: str | None = None  # the address to translate to; None: MASQUERADE
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """One kernel DNAT rule of a forward: `match` (proto, src, dst: the public address or None for
+    the gateway's own addresses on in_iface, dports, in_iface) to `to`:`to_port`. `hairpin`: the
+    match is on an inside interface (inside hosts to the public address), whose connections get
+    their source translated too."""
+
+    family: int
+    name: str
+    match: MatchLike
+    to: str
+    to_port: int | None = None
+    hairpin: bool = False
+
+
+@dataclass(frozen=True)
+class Nat:
+    """What nfqfw puts in the nat table (see nfqfw.firewall.iptables): its forwards first,
+    then hairpin and source NAT."""
+
+    source: tuple[SourceNat, ...] = ()
+    forwards: tuple[PortForward, ...] = ()
+    forwarded_mark: int = FORWARDED_MARK
+    hairpin_mark: int = HAIRPIN_MARK
+
+    def for_family(self, family: int) -> tuple[tuple[SourceNat, ...], tuple[PortForward, ...]]:
+        return (
+            tuple(entry for entry in self.source if entry.family == family),
+            tuple(forward for forward in self.forwards if forward.family == family),
+        )
+
+    @property
+    def marks(self) -> int:
+        return self.forwarded_mark | self.hairpin_mark
+
+
 @dataclass(frozen=True)
 class QueueSpec:
     """Where the rules send packets, and how they behave while nobody listens."""
@@ -131,6 +186,7 @@ class QueueSpec:
     mark: int = DEFAULT_MARK  # bit(s) set on packets nfqfw accepted, so they skip the queue
     panic: bool = False  # drop everything but loopback in the kernel, queue nothing
     protection: Protection | None = None  # flood protections before the queue (None: none)
+    nat: Nat | None = None  # the policy's nat section (None: nfqfw has nothing in the nat table)
 
     def __post_init__(self) -> None:
         if not 0 <= self.first <= self.last <= 0xFFFF:
@@ -143,6 +199,11 @@ class QueueSpec:
         offload = None if self.protection is None else self.protection.offload_mark
         if offload is not None and (not 0 < offload <= 0xFFFFFFFF or offload & self.mark):
             raise ValueError(f"bad offload mark 0x{offload:x} (must not share a bit with 0x{self.mark:x})")
+        if self.nat is not None and self.nat.marks & (self.mark | (offload or 0)):
+            raise ValueError(
+                f"the nat marks 0x{self.nat.marks:x} share a bit with the accept mark 0x{self.mark:x}"
+                + (f" or the offload mark 0x{offload:x}" if offload else "")
+            )
 
     @property
     def queues(self) -> range:
@@ -198,6 +259,11 @@ class Firewall(ABC):
     @abstractmethod
     def show(self) -> str:
         """Our rules as the kernel holds them, per family, for `nfqfw rules show`."""
+
+    def ipv6_nat_missing(self) -> str | None:
+        """What the kernel lacks for IPv6 NAT, or None when it has it (or this cannot be told:
+        the installation then reports it)."""
+        return None
 
     @abstractmethod
     def counters(self) -> dict[str, int]:

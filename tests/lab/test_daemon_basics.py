@@ -196,9 +196,9 @@ def test_rules_are_installed_for_both_families_without_duplicates_after_restart(
         ]
     shown = nfqfw("rules", "show")
     assert shown.returncode == 0
-    assert shown.stdout.splitlines()[0] == "# IPv4 (iptables-save: tables filter and raw)"
+    assert shown.stdout.splitlines()[0] == "# IPv4 (iptables-save: tables filter, raw and nat)"
     assert "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0" in shown.stdout
-    assert "# IPv6 (ip6tables-save: tables filter and raw)" in shown.stdout
+    assert "# IPv6 (ip6tables-save: tables filter, raw and nat)" in shown.stdout
 
 
 def test_queue_balance_binds_every_queue(fresh_lab: Lab) -> None:
