@@ -6,8 +6,9 @@ all served by one thread. For each packet the callback:
 0. tries the engine's fast path, engine.fast_path(payload, now): a segment of an established TCP
    flow or a datagram of a replied UDP flow is tracked and accepted (as in 3.) right there, with
    no Meta and no Verdict (most packets of a busy gateway end here);
-1. looks up the Meta(hook, in_iface, out_iface) for (hook, indev, outdev) in a dict (built once
-   per combination from the ifindex->name map, dropped when links change),
+1. looks up the Meta(hook, in_iface, out_iface, forwarded) for (hook, indev, outdev, the packet
+   carries the `forwarded_mark` bit: one of the policy's forwards translated it) in a dict (built
+   once per combination from the ifindex->name map, dropped when links change),
 2. asks the engine: engine.full_process(payload, meta, now) (engine.process without a fast path),
 3. answers the kernel:
    - accept: set our mark bit and NF_REPEAT; the kernel re-runs the filter hook, our rule lets
@@ -132,6 +133,7 @@ class QueueAdapter:
         sender: SenderLike,
         *,
         mark: int,
+        forwarded_mark: int = 0,
         fail_open: bool = False,
         reject_rate: float = DEFAULT_REJECT_RATE,
         clock: Callable[[], float] = time.monotonic,
@@ -142,6 +144,7 @@ class QueueAdapter:
         self.links = links
         self.sender = sender
         self.mark = mark
+        self.forwarded_mark = forwarded_mark  # 0: no forwards (no packet is marked)
         self.fail_open = fail_open
         self.reject_rate = reject_rate
         self.clock = clock
@@ -253,6 +256,7 @@ class QueueAdapter:
         metas_get = self._metas.get
         new_meta = self._new_meta
         mark = self.mark
+        forwarded = self.forwarded_mark
         reject = self._reject
         failed = self._failed
         deadline = self._deadline
@@ -268,7 +272,8 @@ class QueueAdapter:
                     pkt.set_mark(pkt.mark | mark)
                     pkt.repeat()
                 else:
-                    key = pkt.hook | pkt.indev << 3 | pkt.outdev << 35
+                    # hook 1-3 in bits 0-1, bit 2: translated by a forward (a nat mark)
+                    key = pkt.hook | (pkt.mark & forwarded != 0) << 2 | pkt.indev << 3 | pkt.outdev << 35
                     meta = metas_get(key)
                     if meta is None:
                         meta = new_meta(key)
@@ -292,10 +297,10 @@ class QueueAdapter:
         return on_packet
 
     def _new_meta(self, key: int) -> Meta:
-        hook = _HOOKS[key & 7]
+        hook = _HOOKS[key & 3]
         in_index, out_index = (key >> 3) & 0xFFFFFFFF, key >> 35
         in_iface, out_iface = self.links.name(in_index), self.links.name(out_index)
-        meta = Meta(hook, in_iface, out_iface)
+        meta = Meta(hook, in_iface, out_iface, bool(key & 4))
         if (in_iface or not in_index) and (out_iface or not out_index):
             self._metas[key] = meta  # only cache what resolved: a vanished link is retried
         return meta
