@@ -258,7 +258,10 @@ def test_show_prints_our_lines_per_family() -> None:
         ":NFQFW-OUTPUT - [0:0]",
         "-A INPUT -j NFQFW-INPUT",
     ]
-    assert text.splitlines()[-2:] == ["# IPv6 (ip6tables-save: tables filter, raw and nat)", "# (no nfqfw rules)"]
+    assert text.splitlines()[-2:] == [
+        "# IPv6 (ip6tables-save: tables filter, raw and nat)",
+        "# (no nfqfw rules)",
+    ]
 
 
 def test_restore_failure_is_one_line() -> None:
