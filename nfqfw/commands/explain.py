@@ -1,24 +1,31 @@
 """`nfqfw explain --config FILE --in IFACE PROTO SRC[:PORT] DST[:PORT]`: what would the policy
 do with this one packet, and why?
 
-Builds the packet with `nfqfw.core.build`, runs it through a fresh engine (so conntrack has
-seen nothing before it) and prints the verdict, the conntrack state and what decided.
+Builds the packet with `nfqfw.core.build`, gives it what the kernel would tell the live daemon
+(nfqfw.core.offline: a forward's translation, the hook, the output interface from the zones'
+networks unless --out names it), runs it through a fresh engine (so conntrack has seen nothing
+before it) and prints the translation, the zones, the verdict, the conntrack state and what
+decided, and the source NAT the kernel would then apply.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import struct
 import sys
 from typing import Any
 
 from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
-from nfqfw.commands.replay import derive_hook, load_compiled
+from nfqfw.commands.replay import load_compiled
 from nfqfw.core import build
 from nfqfw.core.config import ICMP_TYPES
 from nfqfw.core.engine import Engine
+from nfqfw.core.forwards import FORWARD_REASON
+from nfqfw.core.offline import Arrival, OfflineGateway, source_nat
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
-from nfqfw.core.verdict import Hook, Meta, Verdict
+from nfqfw.core.policy import CompiledPolicy
+from nfqfw.core.verdict import Action, Hook, Verdict
 
 TCP_FLAG_LETTERS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
@@ -42,13 +49,22 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--in", dest="in_iface", required=True, metavar="IFACE", help="interface it arrives on"
     )
+    parser.add_argument(
+        "--out",
+        dest="out_iface",
+        metavar="IFACE",
+        help="interface it leaves by (default: routed by the zones' networks)",
+    )
     parser.add_argument("proto", choices=PROTOCOLS, metavar="PROTO", help="tcp, udp, icmp or icmpv6")
     parser.add_argument("src", metavar="SRC[:PORT]")
     parser.add_argument("dst", metavar="DST[:PORT]")
     parser.add_argument("--flags", default="S", help="TCP flags from S A F R P U E C (default S)")
     parser.add_argument("--icmp-type", default="echo-request", metavar="NAME|N", help="default echo-request")
     parser.add_argument("--hook", choices=tuple(HOOKS), help="default: from the policy's gateway-addresses")
-    add_json_option(parser, "the verdict (verdict, conntrack, decided_by, why, reject_with, hook)")
+    add_json_option(
+        parser,
+        "the verdict (verdict, conntrack, decided_by, why, reject_with, hook, forwarded, zones, source_nat)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -121,6 +137,8 @@ def _ip(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:
 
 
 def decided_by(verdict: Verdict) -> str:
+    if verdict.reason.startswith(FORWARD_REASON):
+        return verdict.reason
     if verdict.rule is not None:
         return f"rule {verdict.rule}"
     if verdict.reason.startswith("default "):
@@ -138,8 +156,57 @@ def explained(verdict: Verdict) -> dict[str, str | None]:
     }
 
 
-def report(verdict: Verdict) -> str:
-    lines = [f"{key.replace('_', ' ')}: {value}" for key, value in explained(verdict).items() if value]
+def endpoint(raw: bytes, port: int) -> str:
+    host = str(ipaddress.ip_address(raw))
+    return f"{host}:{port}" if len(raw) == 4 else f"[{host}]:{port}"
+
+
+def translation(arrival: Arrival) -> dict[str, str] | None:
+    """The forward that translated the packet and where to ("10.0.0.25:25"), None when none did."""
+    if arrival.forward is None or arrival.public is None:
+        return None
+    port = arrival.forward.translated_port(arrival.public[1])
+    return {
+        "by": arrival.forward.name,
+        "from": endpoint(*arrival.public),
+        "to": endpoint(arrival.forward.to, port),
+    }
+
+
+def zones(policy: CompiledPolicy, arrival: Arrival) -> dict[str, str]:
+    meta = arrival.meta
+    source, target = policy.zones.pair(meta.hook, meta.in_iface, meta.out_iface)
+    return {"from": source, "to": target, "side": policy.zones.side(meta.hook, meta.in_iface, meta.out_iface)}
+
+
+def then_source_nat(policy: CompiledPolicy, arrival: Arrival, verdict: Verdict) -> str | None:
+    """What the kernel's source NAT would do with an accepted connection, in words."""
+    if verdict.action is not Action.ACCEPT or arrival.meta.hook is Hook.INPUT:
+        return None
+    forward = arrival.forward
+    if forward is not None and forward.config.hairpin and arrival.meta.in_iface not in forward.config.in_ifaces:
+        return f"masquerade to the address of {arrival.meta.out_iface} (hairpin of forward {forward.name})"
+    src = arrival.data[12:16] if arrival.data[0] >> 4 == 4 else arrival.data[8:24]
+    entry = source_nat(policy, src, arrival.meta.out_iface)
+    if entry is None:
+        return None
+    if entry.to is None:
+        return f"masquerade to the address of {arrival.meta.out_iface} (line {entry.line})"
+    return f"snat to {entry.to} (line {entry.line})"
+
+
+def report(verdict: Verdict, extra: dict[str, object] | None = None) -> str:
+    extra = extra or {}
+    lines = []
+    forwarded = extra.get("forwarded")
+    if isinstance(forwarded, dict):
+        lines.append(f"forwarded to {forwarded['to']} by forward {forwarded['by']}")
+    where = extra.get("zones")
+    if isinstance(where, dict):
+        lines.append(f"zones: {where['from']} -> {where['to']} ({where['side']})")
+    lines += [f"{key.replace('_', ' ')}: {value}" for key, value in explained(verdict).items() if value]
+    if extra.get("source_nat"):
+        lines.append(f"then source NAT: {extra['source_nat']}")
     return "\n".join(lines)
 
 
@@ -152,11 +219,16 @@ def run(args: argparse.Namespace) -> int:
     except (ExplainError, ValueError) as err:
         print(f"nfqfw explain: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    hook = HOOKS[args.hook] if args.hook else derive_hook(packet, policy.gateway_addresses)
-    meta = Meta(hook, in_iface=args.in_iface if hook != Hook.OUTPUT else None)
-    verdict = Engine(policy).process(packet, meta, now=0.0)
+    hook = HOOKS[args.hook] if args.hook else None
+    arrival = OfflineGateway(policy).arrive(packet, args.in_iface, hook, args.out_iface)
+    verdict = Engine(policy).process(arrival.data, arrival.meta, now=0.0)
+    extra = {
+        "forwarded": translation(arrival),
+        "zones": zones(policy, arrival),
+        "source_nat": then_source_nat(policy, arrival, verdict),
+    }
     if args.json:
-        print_json({**explained(verdict), "hook": hook.name})
+        print_json({**explained(verdict), "hook": arrival.meta.hook.name, **extra})
     else:
-        print(report(verdict))
+        print(report(verdict, extra))
     return EXIT_OK

@@ -1,8 +1,11 @@
 """`nfqfw replay --config FILE CAPTURE`: run a policy offline over a pcap/pcapng capture.
 
-Each packet is taken as arriving at the gateway on the interface it was captured on. The
-hook follows from the policy's `gateway-addresses`: to the gateway is INPUT, from it OUTPUT,
-anything else FORWARD. One JSON line per packet goes to stdout, a summary table to stderr.
+Each packet is taken as arriving at the gateway on the interface it was captured on, and given
+what the kernel would tell the live daemon (nfqfw.core.offline): the policy's forwards translate
+it (a capture on the external interface shows the public address), the hook follows from the
+policy's `gateway-addresses` (to the gateway is INPUT, from it OUTPUT, anything else FORWARD),
+the output interface from the zones' networks. One JSON line per packet goes to stdout, a
+summary table to stderr.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from collections import Counter
 from typing import Any, TextIO
 
 from nfqfw.core.config import ConfigError, load_policy
-from nfqfw.core.decode import decode
 from nfqfw.core.engine import Engine
+from nfqfw.core.offline import OfflineGateway
 from nfqfw.core.policy import CompiledPolicy
-from nfqfw.core.verdict import Hook, Meta, Verdict
+from nfqfw.core.verdict import Verdict
 from nfqfw.observe.capture import CaptureError, CaptureReader
 
 
@@ -48,18 +51,6 @@ def load_compiled(path: str) -> CompiledPolicy | None:
     except OSError as err:
         print(f"nfqfw: cannot read {path}: {err.strerror}", file=sys.stderr)
         return None
-
-
-def derive_hook(ip: bytes, gateway_addresses: frozenset[bytes]) -> Hook:
-    """INPUT if the packet is to the gateway, OUTPUT if from it, FORWARD otherwise."""
-    if not gateway_addresses:
-        return Hook.FORWARD
-    pkt = decode(ip)
-    if pkt.dst in gateway_addresses:
-        return Hook.INPUT
-    if pkt.src in gateway_addresses:
-        return Hook.OUTPUT
-    return Hook.FORWARD
 
 
 def verdict_record(n: int, verdict: Verdict) -> str:
@@ -122,9 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if policy is None:
         return 1
     engine = Engine(policy)
-    gateway = policy.gateway_addresses
+    gateway = OfflineGateway(policy)
     by_verdict: Counter[Verdict] = Counter()
-    metas: dict[tuple[Hook, str | None], Meta] = {}
     writer = RecordWriter(sys.stdout)
     packets = 0
     try:
@@ -132,12 +122,8 @@ def run(args: argparse.Namespace) -> int:
             reader = CaptureReader(stream)
             for record in reader:
                 packets += 1
-                hook = derive_hook(record.ip, gateway)
-                iface = args.iface or record.iface
-                meta = metas.get((hook, iface))
-                if meta is None:
-                    meta = metas[(hook, iface)] = Meta(hook, in_iface=iface if hook != Hook.OUTPUT else None)
-                verdict = engine.process(record.ip, meta, record.timestamp)
+                arrival = gateway.arrive(record.ip, args.iface or record.iface)
+                verdict = engine.process(arrival.data, arrival.meta, record.timestamp)
                 by_verdict[verdict] += 1
                 writer.write(packets, verdict)
     except (OSError, CaptureError) as err:

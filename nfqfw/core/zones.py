@@ -25,7 +25,7 @@ NO_ZONE = "-"  # the zone-pair name of an interface in no zone
 class ZoneMap:
     """The zones of one policy (see the module docstring)."""
 
-    __slots__ = ("_cache", "_exact", "_routes", "_wildcards", "faces", "inside", "interfaces")
+    __slots__ = ("_cache", "_default", "_exact", "_routes", "_wildcards", "faces", "inside", "interfaces")
 
     def __init__(self, config: PolicyConfig) -> None:
         self.faces: dict[str, str] = {zone: config.faces(zone) for zone in config.zones}
@@ -49,6 +49,9 @@ class ZoneMap:
                 last = first + (1 << (network.max_prefixlen - network.prefixlen)) - 1
                 routes[network.version].append((first, last, network.prefixlen, zone))
         self._routes = {family: sorted(entries) for family, entries in routes.items()}
+        # The default route: the one zone facing the outside that has interfaces, if only one does.
+        outside = [zone for zone, names in config.zones.items() if names and self.faces[zone] == OUTSIDE]
+        self._default = outside[0] if len(outside) == 1 else None
 
     def zone_of(self, iface: str | None) -> str | None:
         """The zone of an interface, None for one in no zone (or no interface)."""
@@ -94,14 +97,15 @@ class ZoneMap:
 
     def route(self, address: bytes) -> str | None:
         """The zone whose networks hold `address` (raw 4 or 16 bytes), the longest prefix first;
-        None when no zone names a network holding it."""
+        else the default route: the zone facing the outside, when only one has interfaces (None
+        when there are several)."""
         value = int.from_bytes(address, "big")
         best: tuple[int, str] | None = None
         entries = self._routes[4 if len(address) == 4 else 6]
         for first, last, prefix, zone in entries[: bisect_right(entries, (value, 1 << 129))]:
             if first <= value <= last and (best is None or prefix > best[0]):
                 best = (prefix, zone)
-        return None if best is None else best[1]
+        return self._default if best is None else best[1]
 
     def interface_of(self, zone: str) -> str | None:
         """A name for an interface of `zone` (its first; a wildcard's prefix with 0 appended)."""

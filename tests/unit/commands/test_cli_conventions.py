@@ -179,6 +179,9 @@ def test_explain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
             "why": "rule mail",
             "reject_with": "tcp-reset",
             "hook": "FORWARD",
+            "forwarded": None,
+            "zones": {"from": "external", "to": "-", "side": "ingress"},  # no networks: no route
+            "source_nat": None,
         },
     )
 

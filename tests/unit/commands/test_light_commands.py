@@ -68,6 +68,7 @@ def test_explain_without_the_daemon_libraries() -> None:
         "explain", "--config", str(POLICY), "--in", "wan0", "tcp", "198.51.100.7:50000", "10.0.0.25:25"
     )
     assert done.stdout.splitlines() == [
+        "zones: external -> internal (ingress)",
         "verdict: accept",
         "conntrack: new",
         "decided by: rule mail",
