@@ -170,7 +170,7 @@ def test_the_sides_of_the_zones() -> None:
     assert zones.pair(Hook.OUTPUT, None, "wan0") == ("gateway", "external")
     assert zones.route(addr("10.0.2.9")) == "dmz"
     assert zones.route(addr("10.8.0.1")) == "vpn"
-    assert zones.route(addr("192.0.2.1")) is None
+    assert zones.route(addr("192.0.2.1")) == "external"  # the default route: the one outside zone
     assert zones.interface_of("vpn") == "wg0"
     assert zones.interface_of("dmz") == "dmz0"
 
