@@ -8,8 +8,9 @@ import time
 from typing import Any
 
 from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
-from nfqfw.core.config import ConfigError, ConfigIssue, PolicyConfig, load_policy
+from nfqfw.core.config import ConfigError, ConfigIssue, PolicyConfig, ipv6_nat_issues, load_policy
 from nfqfw.core.policy import CompiledPolicy
+from nfqfw.firewall import backend_named
 
 
 def register(subparsers: Any) -> None:
@@ -17,8 +18,9 @@ def register(subparsers: Any) -> None:
         "check",
         help="validate policy files",
         description="Load and compile each policy file. Prints a one-line summary per valid file (zones, "
-        "rules, and how long compiling the rules took); otherwise prints every problem as "
-        "FILE:LINE:COL: message on stderr and exits with 1.",
+        "rules, NAT, and how long compiling the rules took); otherwise prints every problem as "
+        "FILE:LINE:COL: message on stderr and exits with 1. A policy that translates IPv6 is "
+        "checked against this kernel's IPv6 NAT (as root: tried in a throwaway network namespace).",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
     add_json_option(parser, "one object per file (file, ok, counts or errors) in a list")
@@ -40,6 +42,7 @@ def check_file(path: str) -> dict[str, Any]:
     or {"file", "ok": false, "errors": [{"file", "line", "col", "message"}]}."""
     try:
         config = load_policy(path)
+        _check_ipv6_nat(config)
         started = time.perf_counter()
         CompiledPolicy(config)  # compiling must work too, as the daemon will do it
         seconds = time.perf_counter() - started
@@ -48,12 +51,26 @@ def check_file(path: str) -> dict[str, Any]:
     return {"file": path, "ok": True, **counts(config), "compile_seconds": round(seconds, 6)}
 
 
+def _check_ipv6_nat(config: PolicyConfig) -> None:
+    """Raise the located errors of IPv6 NAT entries when this kernel has no IPv6 NAT."""
+    if config.nat is None or not config.nat.ipv6_entries():
+        return
+    missing = backend_named().ipv6_nat_missing()
+    if missing is not None:
+        raise ConfigError(ipv6_nat_issues(config, missing))
+
+
 def counts(config: PolicyConfig) -> dict[str, int]:
+    nat = config.nat
     return {
         "zones": sum(1 for names in config.zones.values() if names),
         "ingress_rules": len(config.ingress),
         "egress_rules": len(config.egress),
-        "rules": len(config.ingress) + len(config.egress),
+        "between_rules": len(config.between),
+        "rules": len(config.ingress) + len(config.egress) + len(config.between),
+        "masquerade": 0 if nat is None else len({(e.line, e.col) for e in nat.masquerade}),
+        "snat": 0 if nat is None else len({(e.line, e.col) for e in nat.snat}),
+        "forwards": 0 if nat is None else len(nat.forward),
     }
 
 
@@ -73,6 +90,15 @@ def summary(path: str, counted: dict[str, Any]) -> str:
         f"zones: {counted['zones']}, ingress rules: {counted['ingress_rules']}, "
         f"egress rules: {counted['egress_rules']}"
     )
+    if counted.get("between_rules"):
+        numbers += f", between rules: {counted['between_rules']}"
+    nat = [
+        f"{counted[key]} {word}{'s' if counted[key] != 1 and word == 'forward' else ''}"
+        for key, word in (("masquerade", "masquerade"), ("snat", "snat"), ("forwards", "forward"))
+        if counted.get(key)
+    ]
+    if nat:
+        numbers += f", nat: {', '.join(nat)}"
     rules = counted["rules"]
     compiled = f"{rules} rule{'s' if rules != 1 else ''} compiled in {duration(counted['compile_seconds'])}"
     return f"{path}: OK ({numbers}), {compiled}"

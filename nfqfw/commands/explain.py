@@ -184,7 +184,11 @@ def then_source_nat(policy: CompiledPolicy, arrival: Arrival, verdict: Verdict) 
     if verdict.action is not Action.ACCEPT or arrival.meta.hook is Hook.INPUT:
         return None
     forward = arrival.forward
-    if forward is not None and forward.config.hairpin and arrival.meta.in_iface not in forward.config.in_ifaces:
+    if (
+        forward is not None
+        and forward.config.hairpin
+        and arrival.meta.in_iface not in forward.config.in_ifaces
+    ):
         return f"masquerade to the address of {arrival.meta.out_iface} (hairpin of forward {forward.name})"
     src = arrival.data[12:16] if arrival.data[0] >> 4 == 4 else arrival.data[8:24]
     entry = source_nat(policy, src, arrival.meta.out_iface)

@@ -38,7 +38,7 @@ def admitted_by(text: str | None) -> str:
     if not text:
         return "rule=?"
     kind, _, name = text.partition(" ")
-    return f"{kind}={name}" if kind in ("rule", "default") and name else f"by={text}"
+    return f"{kind}={name}" if kind in ("rule", "default", "forward") and name else f"by={text}"
 
 
 def format_flow(record: dict[str, Any]) -> str:
@@ -161,6 +161,9 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
         lines.append(f"  {proto:<8}{sum(states.values()):>6}  {detail}")
     lines.append("verdicts (packets, by reason and rule):")
     lines += _table(_by_count(status["verdicts"]))
+    if status.get("zones"):
+        lines.append("new flows by zone pair (first packets the policy decided):")
+        lines += _table(_by_count(status["zones"]))
     lines.append("adapter:")
     lines += _table(status["adapter"].items())
     lines += format_workers(status)

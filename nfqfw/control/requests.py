@@ -125,6 +125,7 @@ def engine_status(engine: Any, adapter: Any, now: float, top: int | None = None)
             "early_drops": conntrack.early_drops,
         },
         "verdicts": dict(engine.counters),
+        "zones": engine.zone_counts() if hasattr(engine, "zone_counts") else {},
         "adapter": dict(adapter.counters),
     }
 

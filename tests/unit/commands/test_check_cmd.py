@@ -10,6 +10,7 @@ import pytest
 
 from nfqfw.commands import check
 from nfqfw.core.config import parse_policy
+from nfqfw.firewall.iptables import Iptables
 
 REPO = Path(__file__).resolve().parents[3]
 SHIPPED = sorted(path.relative_to(REPO) for path in (REPO / "config").rglob("*.yaml"))
@@ -35,7 +36,8 @@ def test_shipped_policy(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     assert run_check("config/policy.yaml") == 0
     captured = capsys.readouterr()
     assert timeless(captured.out) == (
-        "config/policy.yaml: OK (zones: 2, ingress rules: 3, egress rules: 1), 4 rules compiled in T\n"
+        "config/policy.yaml: OK (zones: 2, ingress rules: 3, egress rules: 1, nat: 1 masquerade, 1 forward), "
+        "4 rules compiled in T\n"
     )
     assert captured.err == ""
 
@@ -153,3 +155,27 @@ def test_a_file_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         run_check()
     assert caught.value.code == 2
     assert "the following arguments are required: FILE" in capsys.readouterr().err
+
+
+def test_ipv6_nat_is_checked_against_the_kernel(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = tmp_path / "six.yaml"
+    policy.write_text(
+        "zones:\n  external: [wan0]\n  internal: {interfaces: [lan0], networks: ['fd00::/64']}\n"
+        "nat:\n  masquerade:\n    - {out: wan0, family: ipv6}\n"
+        "  forward:\n    - {name: web6, proto: tcp, ports: 443, to: 'fd00::80'}\n"
+    )
+    monkeypatch.setattr(Iptables, "ipv6_nat_missing", lambda self: "no IPv6 nat table in this kernel")
+    assert run_check(policy) == 1
+    assert capsys.readouterr().err == (
+        f"{policy}:6:7: nat: masquerade: IPv6 NAT is not available: no IPv6 nat table in this kernel\n"
+        f"{policy}:8:7: nat: forward 'web6': IPv6 NAT is not available: no IPv6 nat table in this kernel\n"
+        f"{policy}: 2 errors\n"
+    )
+    monkeypatch.setattr(Iptables, "ipv6_nat_missing", lambda self: None)
+    assert run_check(policy) == 0
+    assert timeless(capsys.readouterr().out) == (
+        f"{policy}: OK (zones: 2, ingress rules: 0, egress rules: 0, nat: 1 masquerade, 1 forward), "
+        "0 rules compiled in T\n"
+    )

@@ -145,7 +145,18 @@ def test_check_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     seconds = results[0].pop("compile_seconds")
     assert isinstance(seconds, float) and 0 <= seconds < 10
     assert results == [
-        {"file": str(good), "ok": True, "zones": 2, "ingress_rules": 1, "egress_rules": 0, "rules": 1},
+        {
+            "file": str(good),
+            "ok": True,
+            "zones": 2,
+            "ingress_rules": 1,
+            "egress_rules": 0,
+            "between_rules": 0,
+            "rules": 1,
+            "masquerade": 0,
+            "snat": 0,
+            "forwards": 0,
+        },
         {
             "file": str(bad),
             "ok": False,

@@ -261,3 +261,19 @@ def test_top_first_screen_has_no_rates_yet_and_tables_shrink_to_the_terminal() -
     section = lines[lines.index("VERDICTS/s by reason and rule") + 1 : lines.index("FLOWS by state") - 1]
     assert len(section) == 3 and all(line.endswith(" -") for line in section)
     assert lines[-1] == "  (not reported by this daemon)"
+
+
+def test_status_shows_new_flows_by_zone_pair_and_forward_admissions() -> None:
+    zones = {"internal->external accept": 40, "external->internal drop": 7, "internal->dmz accept": 3}
+    lines = format_status(status(zones=zones), utc)
+    at = lines.index("new flows by zone pair (first packets the policy decided):")
+    assert lines[at - 1] == "  drop default ingress     5"
+    assert lines[at + 1 : at + 4] == [
+        "  internal->external accept  40",
+        "  external->internal drop     7",
+        "  internal->dmz accept        3",
+    ]
+    assert "new flows by zone pair (first packets the policy decided):" not in format_status(
+        status(zones={}), utc
+    )
+    assert admitted_by("forward smtp") == "forward=smtp"
