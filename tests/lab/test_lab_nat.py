@@ -18,10 +18,14 @@ from typing import Any
 
 import pytest
 
+from nfqfw.core.build import addr
+from nfqfw.core.decode import decode
+from nfqfw.core.packet import ACK, SYN
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab
 from nfqfw.lab.plan import GW_LAN_V4, GW_WAN_V4, GW_WAN_V6, LAN_V4, WAN_V4, WAN_V6
 from nfqfw.lab.topology import run_in
+from nfqfw.observe.capture import CaptureReader
 
 pytestmark = pytest.mark.lab
 
@@ -35,6 +39,8 @@ zones:
   external: [wan0]
   internal: {interfaces: [lan0], networks: [10.0.0.0/24, 'fd00::/64']}
 defaults: {ingress: drop, egress: accept, invalid: drop}
+options:  # the gateway's own addresses, for replay (forwards without an address are to them)
+  gateway-addresses: [203.0.113.1, '2001:db8:1::1']
 nat:
   masquerade:
     - {out: wan0, from: [10.0.0.0/24, 'fd00::/64']}
@@ -130,6 +136,82 @@ def test_the_forwards_are_counted_and_shown(lab: Lab) -> None:
         '--comment "forward smtp" -j DNAT --to-destination 10.0.0.25'
     ) in shown.stdout
     assert "-A PREROUTING -j NFQFW-PREROUTING" in shown.stdout
+
+
+def test_replay_of_the_external_capture_agrees_with_the_live_gateway(
+    lab: Lab, lab_policy: Path, tmp_path: Path
+) -> None:
+    """The gateway's wan0 captured while the outside uses the forwards (and tries closed ports),
+    then `nfqfw replay` of that capture: every connection the live gateway let through is
+    accepted by its forward, every packet of it after the first is ESTABLISHED (the replies,
+    captured from the public address, included), every attempt that timed out is dropped."""
+    capture = tmp_path / "wan0.pcap"
+    tcpdump = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.topology.gw,
+            "tcpdump",
+            "-i",
+            "wan0",
+            "-n",
+            "-U",
+            "-w",
+            str(capture),
+            "tcp",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert tcpdump.stderr is not None
+        assert b"listening on" in tcpdump.stderr.readline()
+        live = {}
+        sock, _ = traffic.open_connection(lab.topology.wan, GW_WAN_V4, SMTP)
+        with sock:
+            assert traffic.echo_roundtrip(sock, b"hello mail\n") == b"hello mail\n"
+        live[SMTP] = "connected"
+        for port in (2222, WEB, 8081):
+            live[port] = traffic.tcp_probe(lab.topology.wan, GW_WAN_V4, port, timeout=DROP_WAIT).outcome
+        assert live == {SMTP: "connected", 2222: "connected", WEB: "timeout", 8081: "timeout"}
+        time.sleep(0.5)
+    finally:
+        tcpdump.terminate()
+        tcpdump.wait(timeout=10)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nfqfw",
+            "replay",
+            "--config",
+            str(lab_policy),
+            "--iface",
+            "wan0",
+            str(capture),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    verdicts = [json.loads(line) for line in done.stdout.splitlines()]
+    with capture.open("rb") as stream:
+        packets = [decode(record.ip) for record in CaptureReader(stream)]
+    assert len(packets) == len(verdicts) > 10
+    by_port: dict[int, set[tuple[str, str]]] = {}
+    for pkt, verdict in zip(packets, verdicts, strict=True):
+        port = pkt.dport if pkt.dst == addr(GW_WAN_V4) else pkt.sport
+        first = pkt.tcp_flags & (SYN | ACK) == SYN
+        by_port.setdefault(port, set()).add(
+            (("first " if first else "later ") + verdict["verdict"], verdict["reason"])
+        )
+    assert by_port[SMTP] == {("first accept", "forward smtp"), ("later accept", "established")}
+    assert by_port[2222] == {("first accept", "forward ssh-alt"), ("later accept", "established")}
+    assert by_port[WEB] == {("first drop", "default ingress")}  # each retransmitted SYN
+    assert by_port[8081] == {("first drop", "default ingress")}
 
 
 def reload(lab: Lab, lab_policy: Path, text: str) -> str:
