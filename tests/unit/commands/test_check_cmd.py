@@ -50,6 +50,7 @@ def test_every_shipped_config_is_valid(
         "config/examples/home-gateway.yaml",
         "config/examples/cloud-edge.yaml",
         "config/examples/strict-egress.yaml",
+        "config/examples/dmz-nat.yaml",
     }
     monkeypatch.chdir(REPO)
     assert run_check(*SHIPPED) == 0
@@ -60,11 +61,13 @@ def test_every_shipped_config_is_valid(
 
 def test_examples_summaries(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(REPO / "config" / "examples")
-    assert run_check("home-gateway.yaml", "cloud-edge.yaml", "strict-egress.yaml") == 0
+    assert run_check("home-gateway.yaml", "cloud-edge.yaml", "strict-egress.yaml", "dmz-nat.yaml") == 0
     assert timeless(capsys.readouterr().out) == (
         "home-gateway.yaml: OK (zones: 2, ingress rules: 3, egress rules: 1), 4 rules compiled in T\n"
         "cloud-edge.yaml: OK (zones: 2, ingress rules: 6, egress rules: 0), 6 rules compiled in T\n"
         "strict-egress.yaml: OK (zones: 2, ingress rules: 0, egress rules: 7), 7 rules compiled in T\n"
+        "dmz-nat.yaml: OK (zones: 4, ingress rules: 2, egress rules: 1, between rules: 2, "
+        "nat: 1 masquerade, 1 forward), 5 rules compiled in T\n"
     )
 
 
