@@ -176,6 +176,13 @@ def test_completion_of_interfaces_from_the_policy(script: Path, tmp_path: Path) 
     found = complete(script, "nfqfw", "explain", "--config", str(policy_file), "--in", "")
     assert {"wanx9", "lanx9", "dmzx9", "lo"} <= set(found)
     assert complete(script, "nfqfw", "explain", "--config", str(policy_file), "--in", "lan") == ["lanx9"]
+    policy_file.write_text(
+        "zones:\n  external: [wanx9]  # outside\n  internal:\n    interfaces: [lanx9]\n"
+        "  dmz: {faces: inside, interfaces: ['dmzx9', wgx9], networks: [10.0.2.0/24]}\n"
+    )
+    found = complete(script, "nfqfw", "explain", "--config", str(policy_file), "--in", "")
+    assert {"wanx9", "lanx9", "dmzx9", "wgx9"} <= set(found)
+    assert not {"outside", "networks:", "10.0.2.0/24", "#"} & set(found)
 
 
 def test_python_m_nfqfw_docs_writes_the_three_files(tmp_path: Path) -> None:
