@@ -669,6 +669,7 @@ class Iptables(Firewall):
     def __init__(self, families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> None:
         self.families = tuple(families)
         self._run = run
+        self._ipv6_nat: tuple[str | None] | None = None  # the probe's answer, once it could tell
 
     def check(self) -> None:
         for tools in self.families:
@@ -691,6 +692,8 @@ class Iptables(Firewall):
         """Try IPv6 MASQUERADE and DNAT in a throwaway network namespace (unshare --net: nothing of
         the host's is touched). None when that works, or when it cannot be tried (not root, no
         unshare): the installation reports a missing table then."""
+        if self._ipv6_nat is not None:
+            return self._ipv6_nat[0]  # the kernel does not change: probed once
         tools = next((tools for tools in self.families if tools.family == 6), None)
         if tools is None or os.geteuid() != 0 or shutil.which("unshare") is None:
             return None
@@ -704,14 +707,15 @@ class Iptables(Firewall):
             )
         except OSError:
             return None
-        if done.returncode == 0:
-            return None
         detail = " / ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
-        if detail.startswith("unshare"):
+        if done.returncode != 0 and detail.startswith("unshare"):
             return None  # no namespace for the probe: cannot tell
-        return (
-            f"{tools.restore} cannot load an IPv6 nat table here ({detail or 'no message'}); {IPV6_NAT_NEEDS}"
-        )
+        missing = None
+        if done.returncode != 0:
+            missing = f"{tools.restore} cannot load an IPv6 nat table here ({detail or 'no message'}); "
+            missing += IPV6_NAT_NEEDS
+        self._ipv6_nat = (missing,)
+        return missing
 
     def counters(self) -> dict[str, int]:
         counts: dict[str, int] = {}

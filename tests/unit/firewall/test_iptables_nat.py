@@ -221,9 +221,11 @@ def test_ipv6_nat_is_probed_in_a_throwaway_namespace(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr("shutil.which", lambda tool: f"/usr/bin/{tool}")
     tools = FakeTools({})
-    assert Iptables(FAMILIES, tools).ipv6_nat_missing() is None
+    firewall = Iptables(FAMILIES, tools)
+    assert firewall.ipv6_nat_missing() is None
     assert tools.calls[-1][0] == ["unshare", "--net", "--", "ip6tables-restore", "-w"]
     assert "-A POSTROUTING -o lo -j MASQUERADE" in tools.calls[-1][1]
+    assert firewall.ipv6_nat_missing() is None and len(tools.calls) == 1  # asked once
 
     def failing(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         message = "ip6tables-restore v1.8.9 (legacy): can't initialize ip6tables table `nat': Table does not exist\n"
