@@ -51,8 +51,7 @@ _nfqfw_ifaces() {
     ls /sys/class/net 2>/dev/null
     if [ -r "$policy" ]; then
         {
-            sed -n 's/^[[:space:]]*\\(external\\|internal\\)[[:space:]]*:[[:space:]]*\\(\\[[^]]*\\]\\).*$/\\2/p' \\
-                "$policy"
+            sed -nE 's/^ *(external|internal) *: *(\\[[^]]*\\]).*$/\\2/p' "$policy"
             grep -o 'interfaces:[[:space:]]*\\[[^]]*\\]' "$policy" | sed 's/^interfaces://'
         } | tr -d "[],'\\"" | tr ' ' '\\n'
     fi
