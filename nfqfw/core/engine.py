@@ -73,8 +73,11 @@ class Engine:
         self.fragments = Fragments()
         self.local_addresses = local_addresses or policy.gateway_addresses
         self._counters: Counter[str] = Counter()
-        # First packets decided by the policy, by (hook, in, out, action): read as zone pairs.
-        self._decided: dict[tuple[object, ...], int] = {}
+        # Per Meta (by id; Metas are interned by the adapter, a handful): the side its first
+        # packets are decided by, and how many the policy decided, by action (read as zone
+        # pairs by zone_counts). Entries: [meta, side, to_gateway, from_gateway, {action: n}].
+        self._metas: dict[int, list[Any]] = {}
+        self._decided: Counter[tuple[object, ...]] = Counter()  # (hook, in, out, action): folded
         # Per-packet counting by verdict object (no string per packet): id -> [verdict, count].
         # The list keeps the verdict alive, so its id cannot be reused while counted here.
         self._tally: dict[int, list[Any]] = {}
@@ -91,6 +94,8 @@ class Engine:
     def replace_policy(self, policy: CompiledPolicy) -> None:
         """Swap the policy between two packets; conntrack state is kept."""
         self.policy = policy
+        for entry in self._metas.values():  # the zones may have changed
+            entry[1:4] = self._sides(policy, entry[0])
         self.conntrack.loose = policy.config.options.tcp_pickup_loose
         self.conntrack.max_flows = policy.config.options.max_flows
 
@@ -180,21 +185,40 @@ class Engine:
 
     def _decide(self, pkt: Packet, meta: Meta, ct: Ct, now: float) -> Verdict:
         policy = self.policy
+        entry = self._metas.get(id(meta))
+        if entry is None or entry[0] is not meta:
+            entry = self._new_meta(meta)
         decision = None
         if meta.forwarded:  # translated by a forward: it admits what it translates (pass)
             forward = policy.forwards.translated(pkt, meta.in_iface)
             if forward is not None and forward.passes:
                 decision = forward.decision
         if decision is None:
-            side, to_gateway, from_gateway = self.classify(pkt, meta)
-            decision = policy.match(side, pkt, to_gateway, from_gateway, meta.in_iface, meta.out_iface, now)
+            decision = policy.match(entry[1], pkt, entry[2], entry[3], meta.in_iface, meta.out_iface, now)
         action = decision.action
-        key = (meta.hook, meta.in_iface, meta.out_iface, action)
-        decided = self._decided
-        decided[key] = decided.get(key, 0) + 1
+        counts = entry[4]
+        counts[action] = counts.get(action, 0) + 1
         # ICMP errors never get here (conntrack makes them RELATED or INVALID): no reply to an error.
         reject_with = reject_kind(pkt) if action is Action.REJECT else None
         return self._make(action, ct, decision.rule, decision.reason, decision.log, reject_with)
+
+    def _new_meta(self, meta: Meta) -> list[Any]:
+        if len(self._metas) >= VERDICT_CACHE_SIZE:  # not interned (tools, tests): fold the counts
+            for known, *_, counts in self._metas.values():
+                for action, count in counts.items():
+                    self._decided[(known.hook, known.in_iface, known.out_iface, action)] += count
+            self._metas.clear()
+        entry = [meta, *self._sides(self.policy, meta), {}]
+        self._metas[id(meta)] = entry
+        return entry
+
+    @staticmethod
+    def _sides(policy: CompiledPolicy, meta: Meta) -> tuple[str, bool, bool]:
+        """(side, to_gateway, from_gateway): see classify."""
+        hook = meta.hook
+        if hook == Hook.OUTPUT:
+            return "egress", False, True
+        return policy.zones.side(hook, meta.in_iface, meta.out_iface), hook == Hook.INPUT, False
 
     def standing_decision(self, pkt: Packet, meta: Meta) -> RuleDecision:
         """What the policy says of a flow's first packet, rate limits aside (reload recheck)."""
@@ -210,17 +234,18 @@ class Engine:
         """(side, to_gateway, from_gateway). The side is the zones' (core.zones.ZoneMap.side):
         from the gateway itself or an inside zone egress, between two inside zones between, from
         a zone facing the outside -- or one in no zone -- ingress."""
-        hook = meta.hook
-        if hook == Hook.OUTPUT:
-            return "egress", False, True
-        return self.policy.zones.side(hook, meta.in_iface, meta.out_iface), hook == Hook.INPUT, False
+        return self._sides(self.policy, meta)
 
     def zone_counts(self) -> dict[str, int]:
         """First packets decided by the policy, by "FROM->TO ACTION" (zone names; `gateway` for
         the gateway itself, `-` for an interface in no zone)."""
+        decided = Counter(self._decided)
+        for meta, *_, by_action in list(self._metas.values()):  # list(): read from other threads
+            for action, count in list(by_action.items()):
+                decided[(meta.hook, meta.in_iface, meta.out_iface, action)] += count
         counts: Counter[str] = Counter()
         pair = self.policy.zones.pair
-        for (hook, in_iface, out_iface, action), count in list(self._decided.items()):
+        for (hook, in_iface, out_iface, action), count in decided.items():
             source, target = pair(hook, in_iface, out_iface)  # type: ignore[arg-type]
             counts[f"{source}->{target} {action.value}"] += count  # type: ignore[attr-defined]
         return dict(counts)

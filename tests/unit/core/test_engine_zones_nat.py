@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from nfqfw.core.build import addr, ipv4, tcp
 from nfqfw.core.config import parse_policy
-from nfqfw.core.engine import Engine
+from nfqfw.core.engine import VERDICT_CACHE_SIZE, Engine
 from nfqfw.core.packet import ACK, SYN
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.recheck import recheck
@@ -191,6 +191,39 @@ def test_zone_counts_count_first_packets_per_zone_pair() -> None:
         "external->internal accept": 1,
         "gateway->external accept": 1,
     }
+
+
+def test_a_reload_that_moves_an_interface_to_another_zone_re_sides_its_meta() -> None:
+    e = engine()
+    to_dmz = Meta(Hook.FORWARD, "lan1", "dmz0")  # one object, as the adapter interns it
+    assert decided(e.process(syn(LAN_HOST, DMZ_WEB, 22), to_dmz, 1.0)) == (Action.DROP, "default between")
+    # lan1 now in no zone: its first packets are ingress ones (the ingress default drops them).
+    e.replace_policy(CompiledPolicy(parse_policy(POLICY.replace("[lan0, lan1]", "[lan0]"))))
+    assert decided(e.process(syn(LAN_HOST, DMZ_WEB, 22, 40001), to_dmz, 2.0)) == (
+        Action.DROP,
+        "default ingress",
+    )
+    # lan1 in the vpn zone: between again, and vpn->dmz has no rule.
+    vpn = POLICY.replace("[lan0, lan1]", "[lan0]").replace("['wg+']", "['wg+', lan1]")
+    e.replace_policy(CompiledPolicy(parse_policy(vpn)))
+    assert decided(e.process(syn(LAN_HOST, DMZ_WEB, 80, 40002), to_dmz, 3.0)) == (
+        Action.DROP,
+        "default between",
+    )
+    e.replace_policy(CompiledPolicy(parse_policy(POLICY)))
+    assert decided(e.process(syn(LAN_HOST, DMZ_WEB, 80, 40003), to_dmz, 4.0)) == (
+        Action.ACCEPT,
+        "rule lan-to-dmz-web",
+    )
+    # Counted by the Meta's interfaces, named with the current zones.
+    assert e.zone_counts() == {"internal->dmz drop": 3, "internal->dmz accept": 1}
+
+
+def test_zone_counts_survive_more_distinct_metas_than_are_kept() -> None:
+    e = engine()
+    for port in range(VERDICT_CACHE_SIZE + 10):  # a new Meta object each: not interned
+        e.process(syn(LAN_HOST, DMZ_WEB, 80, 10000 + port), Meta(Hook.FORWARD, "lan0", "dmz0"), 1.0)
+    assert e.zone_counts() == {"internal->dmz accept": VERDICT_CACHE_SIZE + 10}
 
 
 def test_recheck_keeps_forwarded_flows_while_their_forward_stays() -> None:
