@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from firewall_fakes import RecordingFirewall
 from queue_fakes import MARK, UDP_PACKET, FakeLinks, FakePacket, FakeSender
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
@@ -104,7 +105,12 @@ def daemon(rundir: Path) -> Iterator[Daemon]:
     policy.write_text(POLICY)
     policy.chmod(0o600)
     clock = Clock()
-    d = Daemon(Options(config=str(policy), runtime_dir=str(rundir)), notifier=Notes(), clock=clock)  # type: ignore[arg-type]
+    d = Daemon(
+        Options(config=str(policy), runtime_dir=str(rundir)),
+        notifier=Notes(),  # type: ignore[arg-type]
+        firewall=RecordingFirewall(),
+        clock=clock,
+    )
     d.engine = Engine(CompiledPolicy(load_policy(policy)))
     d.spec = QueueSpec(0, 0)
     d.links = QuietLinks({3: "lan0", 4: "wan0"})  # type: ignore[assignment]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from firewall_fakes import RecordingFirewall
 
 from nfqfw.core.build import addr, icmp, ipv4, ipv6, tcp, udp
 from nfqfw.core.config import load_policy, parse_policy
@@ -16,7 +17,6 @@ from nfqfw.core.packet import PROTO_ICMP, PROTO_TCP, PROTO_UDP, SYN
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.recheck import recheck, stale_flows
 from nfqfw.core.verdict import Action, Hook, Meta
-from nfqfw.firewall import Firewall, QueueSpec
 from nfqfw.service.core import StartupError, check_file_mode, load_policy_file
 from nfqfw.service.daemon import Daemon
 from nfqfw.service.options import Options
@@ -168,7 +168,7 @@ def daemon_for(path: Path, text: str) -> tuple[Daemon, Recorder]:
     path.write_text(text)
     path.chmod(0o600)
     notifier = Recorder()
-    d = Daemon(Options(config=str(path)), notifier=notifier)  # type: ignore[arg-type]
+    d = Daemon(Options(config=str(path)), notifier=notifier, firewall=RecordingFirewall())  # type: ignore[arg-type]
     d.engine = loaded_engine()
     return d, notifier
 
@@ -243,40 +243,6 @@ def test_load_policy_file_refuses_other_writable_file(tmp_path: Path) -> None:
     assert str(err.value) == f"{path}: refusing a policy file writable by group or others (mode 0646)"
 
 
-class NatFirewall(Firewall):
-    """A firewall that records what it installs and says what the kernel lacks for IPv6 NAT."""
-
-    name = "fake"
-
-    def __init__(self, missing: str | None = None) -> None:
-        self.missing = missing
-        self.specs: list[QueueSpec] = []
-
-    def check(self) -> None:
-        pass
-
-    def install(self, spec: QueueSpec) -> None:
-        self.specs.append(spec)
-
-    def panic_installed(self) -> bool:
-        return False
-
-    def installed(self) -> bool:
-        return bool(self.specs)
-
-    def remove(self) -> list[int]:
-        return []
-
-    def show(self) -> str:
-        return ""
-
-    def counters(self) -> dict[str, int]:
-        return {}
-
-    def ipv6_nat_missing(self) -> str | None:
-        return self.missing
-
-
 WITH_NAT6 = BASE.replace(
     "    - name: smtp\n",
     "    - {name: web6, proto: tcp, in: wan0, ports: 80, to: 'fd00::25'}\n    - name: smtp\n",
@@ -288,7 +254,7 @@ def test_a_reload_follows_the_nat_section_in_the_kernel_rules(tmp_path: Path) ->
     path = tmp_path / "p.yaml"
     path.write_text(BASE)
     path.chmod(0o600)
-    firewall = NatFirewall()
+    firewall = RecordingFirewall()
     d = Daemon(Options(config=str(path)), notifier=Recorder(), firewall=firewall)  # type: ignore[arg-type]
     d.engine = loaded_engine()
     d.spec = queue_spec(d.options, load_policy(path), bypass=False)
@@ -311,7 +277,7 @@ def test_ipv6_nat_on_a_kernel_without_it_is_refused_located(
     d = Daemon(
         Options(config=str(path)),  # type: ignore[arg-type]
         notifier=Recorder(),  # type: ignore[arg-type]
-        firewall=NatFirewall("no ip6tables nat table"),
+        firewall=RecordingFirewall("no ip6tables nat table"),
     )
     d.engine = loaded_engine()
     line = WITH_NAT6[: WITH_NAT6.index("{name: web6")].count("\n") + 1
