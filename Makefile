@@ -9,6 +9,7 @@
 #   make bench      the benchmark table (bench/run.py)
 #   make bench-workers  one process for two queues against a worker per queue (bench/workers.py)
 #   make bench-flood    floods against the kernel ruleset and nfqfw, side by side (bench/flood.py)
+#   make bench-latency  other flows' ping RTT while one flow is busy, kernel against nfqfw (bench/latency.py)
 #   make bench-rules    new-flow decisions/s, policy load and reload recheck for 10..10,000 rules
 #   make deb        dist/nfqfw_VERSION_ARCH.deb (dpkg-buildpackage; DEB_VERSION=, DIST= to choose)
 #   make install    nfqfw on this machine from the checkout: /opt/nfqfw, /usr/local/bin/nfqfw,
@@ -40,8 +41,8 @@ DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack ip
 # What `make deb` needs (the package is built on Debian's own python3, whatever PYTHON is).
 DEB_BUILD_PACKAGES := dpkg-dev debhelper build-essential python3-dev python3-venv
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-rules deb docs \
-	install uninstall clean
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-latency bench-rules deb \
+	wheelhouse docs install uninstall clean
 
 help:
 	@sed -n '1,/^#   make uninstall/s/^# \{0,1\}//p' Makefile
@@ -102,6 +103,9 @@ bench-workers: bootstrap
 bench-flood: bootstrap
 	$(BIN)/python bench/flood.py
 
+bench-latency: bootstrap
+	$(BIN)/python bench/latency.py
+
 bench-rules: bootstrap
 	$(BIN)/python bench/rule_scaling.py
 
@@ -131,6 +135,9 @@ deb: debs $(WHEELHOUSE)/.stamp
 	mv $(DEB_BUILD)/nfqfw_$(DEB_VERSION)_$(DEB_ARCH).deb $(DIST)/
 	@echo "deb: $(DIST)/nfqfw_$(DEB_VERSION)_$(DEB_ARCH).deb"
 
+# The wheels of nfqfw's dependencies, for installs that must not reach an index (the box).
+wheelhouse: $(WHEELHOUSE)/.stamp
+
 $(WHEELHOUSE)/.stamp: pyproject.toml | debs
 	rm -rf $(WHEELHOUSE) build/wheel-venv
 	/usr/bin/python3 -m venv build/wheel-venv
@@ -157,11 +164,13 @@ DESTDIR ?=
 # The service's Python is the system's: one under /root or /home (pyenv, a python.org build) is
 # hidden from the service by the unit's ProtectHome=yes, and the service would not start.
 INSTALL_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) $(PYTHON))
+# e.g. "--no-index --find-links=build/wheelhouse" to install from `make wheelhouse` alone.
+INSTALL_PIP_FLAGS ?=
 
 install:
 	$(MAKE) --no-print-directory debs PYTHON=$(INSTALL_PYTHON)
 	$(INSTALL_PYTHON) -m venv --clear $(DESTDIR)$(INSTALL_VENV)
-	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q '.[daemon]'
+	$(DESTDIR)$(INSTALL_VENV)/bin/pip install --disable-pip-version-check -q $(INSTALL_PIP_FLAGS) '.[daemon]'
 	install -d -m 0755 $(DESTDIR)$(INSTALL_BIN) $(DESTDIR)$(INSTALL_DOC)
 	ln -sfn $(INSTALL_VENV)/bin/nfqfw $(DESTDIR)$(INSTALL_BIN)/nfqfw
 	install -d -m 0755 $(DESTDIR)$(INSTALL_ETC)

@@ -11,7 +11,7 @@ Measured during the attack:
     connects  ingress connects completed within 1 s, in % of those tried
     CPU       nfqfw's CPU time (user + system), in % of one core
     RSS       nfqfw's peak resident memory (MiB; sampled every 0.25 s)
-    qdrops    the kernel's queue drops (queue full + socket buffer full), per queue
+    qdrops    the kernel's queue drops (queue full + socket buffer full), per queue that had any
     flows     the flows nfqfw tracks at the end of the attack (kernel mode: conntrack's count)
 and every figure's ratio to the kernel ruleset's in the same run (the machine is shared, so
 only ratios within one run compare).
@@ -20,9 +20,13 @@ Gateway modes:
     kernel          iptables ctstate rules equivalent to config/policy.yaml (bench/run.py's);
                     the synproxy attack runs with the kernel's SYNPROXY on port 25
     nfqfw-plain     nfqfw with every protection switched off (prefilter: off, new-rate: off,
-                    new-rate-per-source: off): what nfqfw did before them
-    nfqfw           nfqfw as configured by default (kernel pre-filter, NEW caps, one queue)
-    nfqfw-newq      the default plus --new-queue 1 (first packets to a queue of their own)
+                    new-rate-per-source: off, antispoof: off) on one queue (--queue 0
+                    --new-queue off): what nfqfw did before them
+    nfqfw-1q        the protections on, one queue shared by first packets and established flows
+                    (--queue 0 --new-queue off), as the default was before queues in turn
+    nfqfw           nfqfw as configured by default (kernel pre-filter, NEW caps, queues 0:3 for
+                    established flows served in turn, first packets to queues 4:7, served after
+                    them, early drops from fat flows of a queue that is behind)
     nfqfw-offload   `offload: established`: not yet (the daemon does not hand flows over), "not yet"
 and `synproxy: true` is not in force in nfqfw yet (nfqfw.service.ruleset): its rows say so.
 
@@ -77,8 +81,10 @@ ATTACKS: dict[str, list[str] | None] = {
     "udp-closed": ["--udp", "-p", "53"],
     "malformed": ["-S", "-F", "-p", str(SERVER_PORT)],
 }
-PLAIN_OPTIONS = "options: {prefilter: off, new-rate: off, new-rate-per-source: off}\n"
-MODES = ("kernel", "nfqfw-plain", "nfqfw", "nfqfw-newq", "nfqfw-offload")
+PLAIN_OPTIONS = "options: {prefilter: off, new-rate: off, new-rate-per-source: off, antispoof: off}\n"
+MODES = ("kernel", "nfqfw-plain", "nfqfw-1q", "nfqfw", "nfqfw-offload")
+ONE_QUEUE = ("--queue", "0", "--new-queue", "off")
+MODE_ARGS: dict[str, tuple[str, ...]] = {"nfqfw-plain": ONE_QUEUE, "nfqfw-1q": ONE_QUEUE, "nfqfw": ()}
 NOT_YET = {"nfqfw-offload": "offload: not yet (phase 2)"}
 SYNPROXY_NOT_YET = "synproxy: not in force in nfqfw yet"
 
@@ -249,9 +255,8 @@ def run_mode(t: Topology, mode: str, policy: Path) -> dict[str, dict[str, object
             finally:
                 kernel_mode(t, False, install=False)
         else:
-            args = ("--new-queue", "1") if mode == "nfqfw-newq" else ()
             forget_flows()
-            daemon = daemon_ctl.start_daemon(PREFIX, policy, 0, args=args)
+            daemon = daemon_ctl.start_daemon(PREFIX, policy, None, args=MODE_ARGS[mode])
             try:
                 results[attack] = one_run(t, mode, attack, daemon.pid)
             finally:
@@ -290,8 +295,8 @@ def table(results: dict[str, dict[str, dict[str, object]]]) -> str:
             row += f"{cpu:>6.0%}" if cpu is not None else f"{'-':>6}"
             row += f"{rss:>8.0f}" if rss is not None else f"{'-':>8}"
             row += f"{tracked:>7}" if tracked is not None else f"{'-':>7}"
-            drops = r["queue_drops"]
-            row += "  " + (", ".join(f"q{q}: {n}" for q, n in sorted(drops.items())) or "-")  # type: ignore[union-attr]
+            drops = {q: n for q, n in r["queue_drops"].items() if n}  # type: ignore[union-attr]
+            row += "  " + (", ".join(f"q{q}: {n}" for q, n in sorted(drops.items())) or "0")
             lines.append(row)
     return "\n".join(lines)
 

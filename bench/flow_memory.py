@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import struct
+import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
@@ -148,13 +149,15 @@ def rss_bytes() -> int:
     return 0
 
 
-def churn(kind: str, max_flows: int, checkpoints: list[int]) -> list[dict[str, object]]:
-    """Traced bytes and RSS of a full table, then after each checkpoint's number of first packets."""
+def churn(kind: str, max_flows: int, checkpoints: list[int], traced: bool) -> list[dict[str, object]]:
+    """A full table, then each checkpoint's number of first packets: traced bytes (`traced`) or
+    the process's RSS (not traced: tracemalloc's own bookkeeping would count in the RSS)."""
     engine = Engine(policy_with(max_flows, UDP_DNS_RULE))
     template, at = first_packet_template(kind)
     gc.collect()
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
+    if traced:
+        tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0] if traced else 0
     rows: list[dict[str, object]] = []
     sent = 0
 
@@ -175,8 +178,8 @@ def churn(kind: str, max_flows: int, checkpoints: list[int]) -> list[dict[str, o
                 "first_packets": label,
                 "flows": len(conntrack),
                 "early_drops": conntrack.early_drops,
-                "traced_mb": round((tracemalloc.get_traced_memory()[0] - base) / 1e6, 1),
-                "rss_mb": round(rss_bytes() / 1e6, 1),
+                "traced_mb": round((tracemalloc.get_traced_memory()[0] - base) / 1e6, 1) if traced else None,
+                "rss_mb": None if traced else round(rss_bytes() / 1e6, 1),
                 "wheel_entries": conntrack.expiry_entries,
             }
         )
@@ -186,7 +189,8 @@ def churn(kind: str, max_flows: int, checkpoints: list[int]) -> list[dict[str, o
     for checkpoint in checkpoints:
         flood(checkpoint)
         row(f"{checkpoint:,}")
-    tracemalloc.stop()
+    if traced:
+        tracemalloc.stop()
     return rows
 
 
@@ -198,7 +202,13 @@ def main() -> int:
     parser.add_argument("--breakdown", action="store_true", help="bytes per flow by allocation site")
     parser.add_argument("--churn", metavar="N,N,...", help="churn mode: first packets at each checkpoint")
     parser.add_argument("--churn-max-flows", type=int, default=20_000, metavar="N")
+    parser.add_argument("--churn-pass", choices=("tcp", "udp"), help=argparse.SUPPRESS)  # one subprocess
+    parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.churn_pass:
+        checkpoints = [int(n) for n in args.churn.split(",")]
+        print(json.dumps(churn(args.churn_pass, args.churn_max_flows, checkpoints, args.traced)))
+        return 0
     if args.churn:
         return main_churn([int(n) for n in args.churn.split(",")], args.churn_max_flows)
     results = [measure("udp", args.flows, args.breakdown), measure("tcp", args.flows, args.breakdown)]
@@ -216,20 +226,32 @@ def main() -> int:
     return 0
 
 
+def churn_in_subprocess(
+    kind: str, max_flows: int, checkpoints: list[int], traced: bool
+) -> list[dict[str, object]]:
+    argv = [sys.executable, __file__, "--churn-pass", kind, "--churn", ",".join(map(str, checkpoints))]
+    argv += ["--churn-max-flows", str(max_flows)] + (["--traced"] if traced else [])
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
 def main_churn(checkpoints: list[int], max_flows: int) -> int:
     results = []
     print(f"max-flows {max_flows:,}; first packets to an accepted port, {RATE:,}/s of packet clock")
-    columns = (("first packets", -30), ("flows", 8), ("early drops", 13), ("wheel", 9))
+    columns = (("first packets", -30), ("flows", 8), ("early drops", 13), ("wheel", 11))
     columns += (("traced MB", 11), ("RSS MB", 9))
     print(
         " " * 5 + "".join(name.ljust(-width) if width < 0 else name.rjust(width) for name, width in columns)
     )
     for kind in ("tcp", "udp"):
-        for r in churn(kind, max_flows, checkpoints):
+        # each figure from a fresh process of its own: the RSS one untraced, the traced one apart
+        rss_rows, traced_rows = (churn_in_subprocess(kind, max_flows, checkpoints, t) for t in (False, True))
+        for rss_row, traced_row in zip(rss_rows, traced_rows, strict=True):
+            r = {**traced_row, "rss_mb": rss_row["rss_mb"]}
             results.append(r)
             print(
                 f"{kind.upper():<5}{r['first_packets']:<30}{r['flows']:>8,}{r['early_drops']:>13,}"
-                f"{r['wheel_entries']:>9,}{r['traced_mb']:>11}{r['rss_mb']:>9}"
+                f"{r['wheel_entries']:>11,}{r['traced_mb']:>11}{r['rss_mb']:>9}"
             )
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ Modes, all with the lab's masquerade (so kernel conntrack runs in every mode):
     bare-nfq-gso  the same loop with the queue's GSO flag (nfqfw.kernel.queueflags): GSO packets are
                   queued whole (their first COPY_RANGE bytes copied): the ceiling for any Python
                   NFQUEUE consumer that takes GSO packets
-    nfqfw         `nfqfw run --config config/policy.yaml --queue 0` (GSO packets on, the default)
+    nfqfw         `nfqfw run --config config/policy.yaml` (the defaults: GSO packets on, queues 0:3
+                  served in turn, first packets to queues 4:7)
     nfqfw-no-gso  the same with --no-gso
 
 Prints a table with ratios against bare-nfq and bare-nfq-gso and writes bench/results/latest.json.
@@ -213,7 +214,7 @@ def run_modes(t: Topology) -> dict[str, dict[str, float | None]]:
             run_in(t.gw, "iptables", "-w", "-F", "FORWARD")
             stop(bare)
     for name, args in (("nfqfw", ()), ("nfqfw-no-gso", ("--no-gso",))):
-        daemon = daemon_ctl.start_daemon(PREFIX, POLICY, 0, args=args)
+        daemon = daemon_ctl.start_daemon(PREFIX, POLICY, None, args=args)
         try:
             one(name, daemon.pid)
         finally:

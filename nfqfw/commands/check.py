@@ -18,9 +18,10 @@ def register(subparsers: Any) -> None:
         "check",
         help="validate policy files",
         description="Load and compile each policy file. Prints a one-line summary per valid file (zones, "
-        "rules, NAT, and how long compiling the rules took); otherwise prints every problem as "
-        "FILE:LINE:COL: message on stderr and exits with 1. A policy that translates IPv6 is "
-        "checked against this kernel's IPv6 NAT (as root: tried in a throwaway network namespace).",
+        "rules, NAT, and how long compiling the rules took) and its warnings (FILE:LINE:COL: warning: "
+        "message, on stderr); otherwise prints every problem as FILE:LINE:COL: message on stderr and "
+        "exits with 1. A policy that translates IPv6 is checked against this kernel's IPv6 NAT (as "
+        "root: tried in a throwaway network namespace).",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
     add_json_option(parser, "one object per file (file, ok, counts or errors) in a list")
@@ -38,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_file(path: str) -> dict[str, Any]:
-    """{"file", "ok": true, "zones", "ingress_rules", "egress_rules", "rules", "compile_seconds"}
-    or {"file", "ok": false, "errors": [{"file", "line", "col", "message"}]}."""
+    """{"file", "ok": true, "zones", "ingress_rules", "egress_rules", "rules", "compile_seconds",
+    "warnings": [{"file", "line", "col", "message"}]} or {"file", "ok": false, "errors": [...the same...]}."""
     try:
         config = load_policy(path)
         _check_ipv6_nat(config)
@@ -48,7 +49,14 @@ def check_file(path: str) -> dict[str, Any]:
         seconds = time.perf_counter() - started
     except ConfigError as err:
         return {"file": path, "ok": False, "errors": [issue._asdict() for issue in err.issues]}
-    return {"file": path, "ok": True, **counts(config), "compile_seconds": round(seconds, 6)}
+    warnings = [issue._asdict() for issue in config.warnings]
+    return {
+        "file": path,
+        "ok": True,
+        **counts(config),
+        "compile_seconds": round(seconds, 6),
+        "warnings": warnings,
+    }
 
 
 def _check_ipv6_nat(config: PolicyConfig) -> None:
@@ -78,6 +86,8 @@ def print_result(result: dict[str, Any]) -> None:
     path = result["file"]
     if result["ok"]:
         print(summary(path, result))
+        for warning in result["warnings"]:
+            print(ConfigIssue(**warning), file=sys.stderr)
         return
     for issue in result["errors"]:
         print(ConfigIssue(**issue), file=sys.stderr)

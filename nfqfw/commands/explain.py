@@ -5,7 +5,10 @@ Builds the packet with `nfqfw.core.build`, gives it what the kernel would tell t
 (nfqfw.core.offline: a forward's translation, the hook, the output interface from the zones'
 networks unless --out names it), runs it through a fresh engine (so conntrack has seen nothing
 before it) and prints the translation, the zones, the verdict, the conntrack state and what
-decided, and the source NAT the kernel would then apply.
+decided, and the source NAT the kernel would then apply. An ICMP error quotes the packet
+`--quoting` describes, e.g. the gateway's own time exceeded about a traceroute probe: `--hook
+output icmp 10.0.0.1 10.0.0.25 --icmp-type time-exceeded --quoting udp 10.0.0.25:40000
+203.0.113.10:33434`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from nfqfw.core import build
 from nfqfw.core.config import ICMP_TYPES
 from nfqfw.core.engine import Engine
 from nfqfw.core.forwards import FORWARD_REASON
+from nfqfw.core.l4.icmp import ICMP_ERRORS
 from nfqfw.core.offline import Arrival, OfflineGateway, source_nat
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from nfqfw.core.policy import CompiledPolicy
@@ -60,6 +64,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("dst", metavar="DST[:PORT]")
     parser.add_argument("--flags", default="S", help="TCP flags from S A F R P U E C (default S)")
     parser.add_argument("--icmp-type", default="echo-request", metavar="NAME|N", help="default echo-request")
+    parser.add_argument("--icmp-code", type=int, default=0, metavar="N", help="default 0")
+    parser.add_argument(
+        "--quoting",
+        nargs=3,
+        metavar=("PROTO", "SRC[:PORT]", "DST[:PORT]"),
+        help="an ICMP error's quoted packet (needed for error types), built like the packet itself",
+    )
     parser.add_argument("--hook", choices=tuple(HOOKS), help="default: from the policy's gateway-addresses")
     add_json_option(
         parser,
@@ -110,26 +121,53 @@ def icmp_type(text: str, family: int) -> int:
 
 
 def build_packet(args: argparse.Namespace) -> bytes:
-    src, sport = parse_endpoint(args.src)
-    dst, dport = parse_endpoint(args.dst)
+    packet = _packet(args.proto, args.src, args.dst, args.flags, args.icmp_type, args.icmp_code, args.quoting)
+    if args.quoting is not None and not _is_error(packet):
+        raise ExplainError("--quoting is for ICMP errors (e.g. --icmp-type time-exceeded)")
+    return packet
+
+
+def _packet(
+    proto: str, src_text: str, dst_text: str, flags: str, type_text: str, code: int, quoting: list[str] | None
+) -> bytes:
+    src, sport = parse_endpoint(src_text)
+    dst, dport = parse_endpoint(dst_text)
     if len(src) != len(dst):
         raise ExplainError("source and destination are of different IP families")
     family = 4 if len(src) == 4 else 6
-    if args.proto in ("tcp", "udp"):
+    if proto in ("tcp", "udp"):
         if dport is None:
-            raise ExplainError(f"{args.proto} needs a destination port (DST:PORT)")
+            raise ExplainError(f"{proto} needs a destination port (DST:PORT)")
         sport = DEFAULT_SPORT if sport is None else sport
-        if args.proto == "tcp":
-            flags = tcp_flags(args.flags)
-            segment = build.tcp(src, dst, sport, dport, seq=1000, ack=1 if flags & 0x10 else 0, flags=flags)
+        if proto == "tcp":
+            bits = tcp_flags(flags)
+            segment = build.tcp(src, dst, sport, dport, seq=1000, ack=1 if bits & 0x10 else 0, flags=bits)
             return _ip(src, dst, PROTO_TCP, segment)
         return _ip(src, dst, PROTO_UDP, build.udp(src, dst, sport, dport))
-    if args.proto == "icmpv6" and family == 4:
+    if proto == "icmpv6" and family == 4:
         raise ExplainError("icmpv6 needs IPv6 addresses")
-    type_ = icmp_type(args.icmp_type, family)
+    if proto not in PROTOCOLS:
+        raise ExplainError(f"unknown protocol '{proto}' (use {', '.join(PROTOCOLS)})")
+    type_ = icmp_type(type_text, family)
+    if not 0 <= code <= 255:
+        raise ExplainError(f"bad ICMP code {code}")
+    rest = struct.pack("!HH", *ECHO_ID_SEQ)
+    if (type_ in ICMP_ERRORS) if family == 4 else (type_ < 128):
+        if quoting is None:
+            raise ExplainError("an ICMP error quotes a packet: give it with --quoting PROTO SRC DST")
+        quoted = _packet(*quoting, "S", "echo-request", 0, None)  # a SYN, an echo request
+        if quoted[0] >> 4 != family:
+            raise ExplainError("the quoted packet is of another IP family")
+        rest = bytes(4) + quoted
     if family == 4:
-        return _ip(src, dst, PROTO_ICMP, build.icmp(type_, 0, ECHO_ID_SEQ))
-    return _ip(src, dst, PROTO_ICMPV6, build.icmpv6(src, dst, type_, 0, struct.pack("!HH", *ECHO_ID_SEQ)))
+        return _ip(src, dst, PROTO_ICMP, build.icmp(type_, code, rest[:4], rest[4:]))
+    return _ip(src, dst, PROTO_ICMPV6, build.icmpv6(src, dst, type_, code, rest))
+
+
+def _is_error(packet: bytes) -> bool:
+    if packet[0] >> 4 == 4:
+        return packet[9] == PROTO_ICMP and packet[20] in ICMP_ERRORS
+    return packet[6] == PROTO_ICMPV6 and packet[40] < 128
 
 
 def _ip(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:

@@ -6,6 +6,12 @@ it (a capture on the external interface shows the public address), the hook foll
 policy's `gateway-addresses` (to the gateway is INPUT, from it OUTPUT, anything else FORWARD),
 the output interface from the zones' networks. One JSON line per packet goes to stdout, a
 summary table to stderr.
+
+A packet to be forwarded whose TTL / hop limit is 1 or 0 never reaches FORWARD: the gateway's
+stack answers it with time exceeded first, and nfqfw never sees it. Its line says so, with
+the verdict "not-queued" (ct and rule null), and it changes no state. (A packet too big for
+the outgoing link, also answered before FORWARD, cannot be told from the capture: it is judged
+as if forwarded.)
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from nfqfw.core.config import ConfigError, load_policy
 from nfqfw.core.engine import Engine
 from nfqfw.core.offline import OfflineGateway
 from nfqfw.core.policy import CompiledPolicy
-from nfqfw.core.verdict import Verdict
+from nfqfw.core.verdict import Hook, Verdict
 from nfqfw.observe.capture import CaptureError, CaptureReader
 
 
@@ -51,6 +57,23 @@ def load_compiled(path: str) -> CompiledPolicy | None:
     except OSError as err:
         print(f"nfqfw: cannot read {path}: {err.strerror}", file=sys.stderr)
         return None
+
+
+NOT_QUEUED = "not-queued"
+TTL_EXPIRED = "ttl expired: the gateway answers it before FORWARD"
+
+
+def expires_at_gateway(ip: bytes) -> bool:
+    """A unicast packet with TTL / hop limit 0 or 1: if it is to be forwarded, the gateway's
+    stack answers it (time exceeded) before the FORWARD hook. Read off the bytes: no decode."""
+    if len(ip) < 20:
+        return False
+    if ip[0] >> 4 == 4:
+        return ip[8] <= 1 and ip[16] < 224  # not multicast, reserved or broadcast
+    if ip[0] >> 4 == 6 and len(ip) >= 40:
+        link_local = ip[24] == 0xFE and ip[25] & 0xC0 == 0x80
+        return ip[7] <= 1 and ip[24] != 0xFF and not link_local
+    return False
 
 
 def verdict_record(n: int, verdict: Verdict) -> str:
@@ -87,6 +110,12 @@ class RecordWriter:
         if len(self._lines) >= self.BATCH:
             self.flush()
 
+    def write_not_queued(self, n: int) -> None:
+        record = {"n": n, "verdict": NOT_QUEUED, "ct": None, "rule": None, "reason": TTL_EXPIRED}
+        self._lines.append(json.dumps(record) + "\n")
+        if len(self._lines) >= self.BATCH:
+            self.flush()
+
     def flush(self) -> None:
         self._out.write("".join(self._lines))
         self._lines.clear()
@@ -115,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(policy)
     gateway = OfflineGateway(policy)
     by_verdict: Counter[Verdict] = Counter()
+    not_queued = 0
     writer = RecordWriter(sys.stdout)
     packets = 0
     try:
@@ -123,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
             for record in reader:
                 packets += 1
                 arrival = gateway.arrive(record.ip, args.iface or record.iface)
+                if arrival.meta.hook is Hook.FORWARD and expires_at_gateway(arrival.data):
+                    not_queued += 1
+                    writer.write_not_queued(packets)
+                    continue
                 verdict = engine.process(arrival.data, arrival.meta, record.timestamp)
                 by_verdict[verdict] += 1
                 writer.write(packets, verdict)
@@ -135,5 +169,7 @@ def run(args: argparse.Namespace) -> int:
     counts: Counter[tuple[str, str, str]] = Counter()
     for verdict, count in by_verdict.items():
         counts[(verdict.action.value, verdict.ct.value, verdict.reason)] += count
+    if not_queued:
+        counts[(NOT_QUEUED, "-", TTL_EXPIRED)] = not_queued
     print(summary_table(counts, packets, reader.skipped), file=sys.stderr)
     return 0

@@ -11,7 +11,7 @@ from nfqfw.firewall import DEFAULT_MARK
 from nfqfw.kernel import queue_info
 from nfqfw.observe import endpoint
 from nfqfw.service import statedir
-from nfqfw.service.options import Options
+from nfqfw.service.options import DEFAULT_QUEUES, NEW_QUEUE_OFF, Options
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -26,12 +26,13 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--config", "-c", required=True, metavar="FILE", help="policy file (YAML)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--queue", type=_queue_number, metavar="N", help="queue number (default 0)")
+    where.add_argument("--queue", type=_queue_number, metavar="N", help="one queue for all flows: number N")
     where.add_argument(
         "--queue-balance",
         type=_queue_range,
         metavar="A:B",
-        help="bind queues A..B, rules spread flows over them",
+        help="bind queues A..B, rules spread flows over them by addresses and protocol, served in turn "
+        f"so that a busy flow delays only its own queue (default {DEFAULT_QUEUES[0]}:{DEFAULT_QUEUES[1]})",
     )
     parser.add_argument(
         "--workers",
@@ -42,11 +43,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--new-queue",
-        type=_queue_number,
-        metavar="N",
-        help="send first packets (those the kernel's conntrack calls NEW) to queue N (N.. with "
-        "--queue-balance, one per queue), bound by the same process, so that a flood of them cannot "
-        "fill the queue of established flows (default: they share the main queue)",
+        type=_new_queue,
+        metavar="N|off",
+        help="first packets (those the kernel's conntrack calls NEW) go to queue N (N.. with "
+        "--queue-balance, one per queue), bound by the same process and served after the queues of "
+        "established flows, so that a flood of them cannot fill those queues (default: the queues "
+        "right after the main ones; off: they share the main queues)",
     )
     parser.add_argument(
         "--mark",
@@ -132,9 +134,20 @@ def run(args: argparse.Namespace) -> int:
     from nfqfw.observe.logsetup import setup_logging
 
     setup_logging(args.log_level)
-    first, last = args.queue_balance or ((args.queue, args.queue) if args.queue is not None else (0, 0))
-    if args.new_queue is not None and args.new_queue <= last and args.new_queue + last - first >= first:
-        print(f"nfqfw: --new-queue {args.new_queue} overlaps the queues {first}:{last}", file=sys.stderr)
+    first, last = args.queue_balance or (
+        (args.queue, args.queue) if args.queue is not None else DEFAULT_QUEUES
+    )
+    new = args.new_queue
+    if isinstance(new, int) and new <= last and new + last - first >= first:
+        print(f"nfqfw: --new-queue {new} overlaps the queues {first}:{last}", file=sys.stderr)
+        return 2
+    if new != NEW_QUEUE_OFF and (last + 1 if new is None else int(new)) + last - first > 0xFFFF:
+        where = str(first) if first == last else f"{first}:{last}"
+        print(
+            f"nfqfw: no room for the queues of first packets after {where} "
+            "(--new-queue N chooses them, --new-queue off shares the main queues)",
+            file=sys.stderr,
+        )
         return 2
     options = Options(
         config=args.config,
@@ -170,6 +183,10 @@ def _queue_number(text: str) -> int:
     if not text.isdigit() or int(text) > 0xFFFF:
         raise argparse.ArgumentTypeError(f"not a queue number (0-65535): {text!r}")
     return int(text)
+
+
+def _new_queue(text: str) -> int | str:
+    return NEW_QUEUE_OFF if text == NEW_QUEUE_OFF else _queue_number(text)
 
 
 def _queue_range(text: str) -> tuple[int, int]:

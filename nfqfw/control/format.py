@@ -172,6 +172,10 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
             f"kernel queue {queue['queue']}: {queue['waiting']} waiting, dropped {queue['queue_dropped']} "
             f"(queue full) and {queue['user_dropped']} (socket buffer full)"
         )
+    kernel_drops = status.get("kernel_drops")
+    if kernel_drops:
+        lines.append("dropped by the kernel rules, before the queues (packets, by reason):")
+        lines += _table(_by_count(kernel_drops))
     return lines
 
 

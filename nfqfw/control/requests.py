@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from nfqfw.control.flowlist import FilterError, FlowFilter, census, flow_record, select_flows, talkers
 from nfqfw.control.protocol import COMMANDS, FLOWS_PER_CHUNK, Chunks, RequestError, ok
-from nfqfw.kernel.queue_info import read_queue_stats
+from nfqfw.kernel.queue_info import read_queue_stats, verdict_counts
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def engine_status(engine: Any, adapter: Any, now: float, top: int | None = None)
             "expired": conntrack.expired,
             "early_drops": conntrack.early_drops,
         },
-        "verdicts": dict(engine.counters),
+        "verdicts": verdict_counts(engine, adapter),
         "zones": engine.zone_counts() if hasattr(engine, "zone_counts") else {},
         "adapter": dict(adapter.counters),
     }

@@ -16,7 +16,10 @@ Shape (see config/policy.yaml for the commented version)::
     nat:      {masquerade: [..], snat: [..], forward: [..]}
     options:  {max-flows, tcp-pickup, failure-mode, reload, log-denied, log-limit,
                log-limit-burst, log-format, gateway-addresses, prefilter, new-rate,
-               new-rate-per-source, offload}
+               new-rate-per-source, offload, antispoof}
+
+A valid policy may still carry warnings (`PolicyConfig.warnings`, located like errors), which
+`nfqfw check` prints: a choice that is allowed but weakens the firewall (antispoof off).
 
 Zones: `external` and `internal` may be plain interface lists (they face the outside and the
 inside); any other zone is a mapping that says which side it faces, so that a misspelt
@@ -89,8 +92,12 @@ OPTION_KEYS = (
     "new-rate",
     "new-rate-per-source",
     "offload",
+    "antispoof",
 )
 LOG_FORMATS = ("text", "json")  # options: log-format (nfqfw.observe.logsetup)
+# options: antispoof: drop packets whose source the gateway would not route back out of the
+# interface they came in by (strict), would not route at all (loose), or nothing (off)
+ANTISPOOF_MODES = ("strict", "loose", "off")
 RULE_KEYS = (
     "name",
     "action",
@@ -384,6 +391,7 @@ class OptionsConfig:
     new_rate: Rate | None = DEFAULT_NEW_RATE  # None: `off`, no global cap
     new_rate_per_source: Rate | None = DEFAULT_NEW_RATE_PER_SOURCE  # None: `off`
     offload: str = "off"  # OFFLOAD_MODES
+    antispoof: str = "strict"  # ANTISPOOF_MODES
 
     @property
     def gateway_address_bytes(self) -> frozenset[bytes]:
@@ -403,6 +411,7 @@ class PolicyConfig:
     between: tuple[RuleConfig, ...] = ()
     zone_details: dict[str, ZoneDetail] = field(default_factory=dict)  # zones written as mappings
     nat: NatConfig | None = None  # None: the policy has no `nat:` section
+    warnings: tuple[ConfigIssue, ...] = ()  # allowed, but weakens the firewall; in file order
 
     def faces(self, zone: str) -> str:
         """OUTSIDE or INSIDE."""
@@ -532,10 +541,18 @@ class _Checker:
         self.filename = filename
         self.issues: list[ConfigIssue] = []
         self.zone_faces: dict[str, str] = dict(ZONE_FACES)  # zone -> OUTSIDE | INSIDE, once read
+        self.warnings: list[ConfigIssue] = []
+        self.antispoof_node: Node | None = None  # where options: antispoof was set
 
     def error(self, node: Node, message: str) -> None:
         mark = node.start_mark
         self.issues.append(ConfigIssue(self.filename, mark.line + 1, mark.column + 1, message))
+
+    def warn(self, node: Node, message: str) -> None:
+        mark = node.start_mark
+        self.warnings.append(
+            ConfigIssue(self.filename, mark.line + 1, mark.column + 1, f"warning: {message}")
+        )
 
     # -- YAML ---------------------------------------------------------------------------
 
@@ -674,6 +691,13 @@ class _Checker:
         nat = None
         if "nat" in top:
             nat = _NatChecker(self, zones, details).nat(top["nat"][1], names)
+        outside = any(ifaces for zone, ifaces in zones.items() if self.zone_faces[zone] == OUTSIDE)
+        if options.antispoof == "off" and outside and self.antispoof_node is not None:
+            self.warn(
+                self.antispoof_node,
+                "options: antispoof is off: packets with a forged source address (an inside "
+                "host's, the gateway's own) from the external zone are not dropped",
+            )
         return PolicyConfig(
             self.filename,
             digest,
@@ -685,6 +709,7 @@ class _Checker:
             between=sides["between"],
             zone_details=details,
             nat=nat,
+            warnings=tuple(sorted(self.warnings, key=lambda issue: (issue.line, issue.col))),
         )
 
     def zones(self, node: Node) -> tuple[dict[str, tuple[str, ...]], dict[str, ZoneDetail]]:
@@ -810,6 +835,9 @@ class _Checker:
                 values[key.replace("-", "_")] = self.rate_or_off(found[key][1], f"options: {key}")
         if "offload" in found:
             values["offload"] = self.choice(found["offload"][1], "options: offload", OFFLOAD_MODES)
+        if "antispoof" in found:
+            self.antispoof_node = found["antispoof"][1]
+            values["antispoof"] = self.choice(self.antispoof_node, "options: antispoof", ANTISPOOF_MODES)
         chosen = {key: value for key, value in values.items() if value is not None and value is not _FAILED}
         for key in ("new_rate", "new_rate_per_source"):
             if key in values and values[key] is None:

@@ -235,6 +235,20 @@ class Conntrack:
         keyed = self._trackers[pkt.proto].key(pkt)
         return self._slots.get(keyed[0]) if keyed is not None else None
 
+    def starts_flow(self, pkt: Packet) -> bool:
+        """Could `pkt`, with no flow in the table, start one? (Its tracker's say; no state is
+        touched. A later fragment never does: the kernel tracks whole datagrams.)"""
+        return pkt.frag != FRAG_LATER and self._trackers[pkt.proto].starts_flow(pkt)
+
+    def own_error(self, pkt: Packet) -> Tracked:
+        """The answer for an ICMP error the gateway itself sent (l4.icmp IcmpTracker.own_error);
+        the engine asks for it instead of track()'s INVALID on the OUTPUT hook."""
+        out = self._out
+        out.slot = NO_SLOT
+        out.new = False
+        out.direction = ORIGINAL
+        return self._trackers[pkt.proto].own_error(pkt)
+
     def related(self, slot: int) -> Tracked:
         """RELATED to the flow in `slot` (an ICMP error about it)."""
         self._out.slot = slot

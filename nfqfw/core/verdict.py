@@ -10,6 +10,7 @@ from typing import NamedTuple
 class Hook(IntEnum):
     """Netfilter hook a packet was queued from (numbers as the kernel's NF_INET_*)."""
 
+    PREROUTING = 0  # only samples of the kernel's antispoof drops are queued from there (raw table)
     INPUT = 1  # to the gateway itself
     FORWARD = 2  # through the gateway
     OUTPUT = 3  # from the gateway itself

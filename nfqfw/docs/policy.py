@@ -291,6 +291,16 @@ KEYS: dict[str, dict[str, Entry]] = {
             "reply) are handed to the kernel's conntrack. Accepted and checked; the kernel bypass is "
             "installed, but no flow is handed over yet.",
         ),
+        "antispoof": (
+            "strict | loose | off",
+            "Drop packets with a forged source address, in the kernel (its reverse-path lookup, "
+            "iptables' rpfilter) before anything else: strict (the default) drops a packet whose "
+            "source the gateway would not route back out of the interface it came in by, loose "
+            "one whose source it would not route at all; the gateway's own addresses arriving from "
+            "outside are dropped either way. Counted and logged as INVALID, reason 'spoofed source'. "
+            "loose for asymmetric routing (a multi-homed gateway whose replies may leave by another "
+            "uplink); off only where even that fails (check warns when an external zone has none).",
+        ),
         "gateway-addresses": (
             "list of addresses",
             "The gateway's own addresses, for the offline tools explain and replay (which then tell "

@@ -84,6 +84,17 @@ class Synproxy:
 
 
 @dataclass(frozen=True)
+class Antispoof:
+    """Reverse-path filtering before conntrack (raw PREROUTING): a packet whose source the
+    kernel would not route back out of the interface it came in by (strict; `loose`: would not
+    route at all, or is one of the gateway's own addresses) is dropped."""
+
+    loose: bool
+    reason: str  # the drop rule's comment, the counters' key: "invalid: spoofed source"
+    log: bool  # a sample goes to nfqfw's queue (hook PREROUTING), for its packet log
+
+
+@dataclass(frozen=True)
 class Rate:
     count: int
     period: int  # seconds: 1, 60, 3600 or 86400
@@ -113,6 +124,8 @@ class Protection:
     log_limit: Rate = Rate(3, 60)  # samples of kernel drops sent to nfqfw for its packet log
     log_burst: int = 10
     reject_rate: int = 100  # kernel rejects per second (bursts of as many), as nfqfw's --reject-rate
+    gateway_errors: bool = False
+    antispoof: Antispoof | None = None
 
     def prefilter_rules(self, family: int, hook: str) -> tuple[PrefilterRuleLike, ...]:
         for rules_family, rules_hook, rules in self.prefilter:

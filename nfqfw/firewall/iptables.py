@@ -41,6 +41,7 @@ rules are exactly the three above). The chains then read, per family::
       [offload] -m connmark --mark O/O -j RETURN        (a handed-over flow: the kernel tracks it)
       -p tcp --tcp-flags ... -j DROP                    (flags nfqfw always calls INVALID)
       [synproxy] ... --ctstate INVALID,UNTRACKED -j SYNPROXY; ... --ctstate INVALID -j DROP
+      [gateway errors] -p icmp --ctstate RELATED -j RETURN (OUTPUT: the gateway's own errors)
       first packets (SYN, echo request[, UDP]) --ctstate NEW -j NFQFW-PRE-INPUT|-FORWARD
       --ctstate NEW -j NFQFW-NEW                        (INPUT, FORWARD)
       -m mark ! --mark M/M -j NFQUEUE ...               (the main queue, as without protections)
@@ -48,7 +49,10 @@ rules are exactly the three above). The chains then read, per family::
       DROP / REJECT, each after a sample sent to the queue for the packet log), the default last
     NFQFW-NEW: per-source (and protocol) hashlimit -j DROP, all-sources hashlimit -j DROP, -j NFQUEUE (the
       queue for first packets)
-    raw NFQFW-RAW (jump from PREROUTING): SYNs to synproxy rules -j CT --notrack
+    raw NFQFW-RAW (jump from PREROUTING):
+      [antispoof] -m rpfilter [--loose] --invert: a limited sample -j NFQUEUE (never with the
+        queue bypass, never a packet nfqfw already accepted), then -j DROP
+      SYNs to synproxy rules -j CT --notrack
 
 NAT (``QueueSpec.nat``, nfqfw.firewall.backend.Nat: the policy's ``nat:`` section), in the nat
 table, per family::
@@ -70,7 +74,17 @@ translation to the rest. nfqfw decides at FORWARD, between the two: on the trans
 and the original source. The mark F reaches the queue on that first packet (Meta.forwarded).
 
 The kernel's own drops carry comments ("default ingress", "rule NAME", "invalid: tcp flags",
-"new-rate", "new-rate per source") whose counters `counters()` reads back (iptables-save -c).
+"new-rate", "new-rate per source", "invalid: spoofed source") whose counters `counters()` reads
+back (iptables-save -c).
+
+Antispoof (``Protection.antispoof``) is the kernel's reverse-path lookup (``-m rpfilter``, only
+allowed in PREROUTING of the raw and mangle tables): in raw, spoofed packets are dropped before
+conntrack sees them (no state is made or changed) and before routing (a forged packet whose TTL
+runs out draws no ICMP error to the forged source). Its log sample reaches nfqfw from the
+PREROUTING hook, which queues nothing else: the engine calls it INVALID, "spoofed source". A
+sample that matches an established flow may be taken by the engine's fast path, which the
+adapter tries before it looks at the hook: it is counted as established and its flow's state
+moves, but it is dropped all the same (accepted, it comes back marked and meets the DROP rule).
 
 Panic mode (``nfqfw panic on``) replaces the queue rule of each chain by ``-j DROP``, after the
 loopback exclusion: everything but loopback is dropped in the kernel, without a packet reaching
@@ -89,9 +103,10 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nfqfw.firewall.backend import (
+    Antispoof,
     Firewall,
     MatchLike,
     Nat,
@@ -214,15 +229,16 @@ def parse_counters(text: str) -> dict[str, int]:
     """Packets dropped or rejected by our commented rules, in `iptables-save -c` output:
     "ACTION REASON" -> packets (a comment is the reason, see the module docstring)."""
     counts: dict[str, int] = {}
-    table = None
+    ours = {TABLE: OUR_CHAINS, RAW: OUR_RAW_CHAINS}
+    table = ""
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:]
         match = _COUNTED.match(line)
-        if table != TABLE or match is None:
+        if table not in ours or match is None:
             continue
         words = shlex.split(match.group(2))
-        if len(words) < 2 or words[1] not in OUR_CHAINS or "--comment" not in words:
+        if len(words) < 2 or words[1] not in ours[table] or "--comment" not in words:
             continue
         action = {"DROP": "drop", "REJECT": "reject"}.get(_target(words) or "")
         if action is None:
@@ -257,7 +273,7 @@ def render_install(spec: QueueSpec, installed: Installed, family: int = 4) -> st
     the same text for both families)."""
     protection = spec.protection
     raw = (
-        _render_raw(protection, installed, family)
+        _render_raw(spec, protection, installed, family)
         if protection is not None
         else _render_raw_removal(installed)
     )
@@ -318,6 +334,8 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
             rules += _synproxy_answers(protection.synproxy_for(family), family)
             if any(rule.action == "reject" for _, _, rules_ in protection.prefilter for rule in rules_):
                 rules += _REJECT_ANSWERS[family]
+            if protection.gateway_errors:
+                rules += _GATEWAY_ERRORS[family]
         else:
             rules += _synproxy_rules(protection.synproxy_for(family), base, family)
             if protection.prefilter_rules(family, base):
@@ -375,6 +393,18 @@ _REJECT_ANSWERS = {
         "-p ipv6-icmp -m icmp6 --icmpv6-type 1/4 -m conntrack --ctstate RELATED -j RETURN",
         "-p ipv6-icmp -m icmp6 --icmpv6-type 1/1 -m conntrack --ctstate RELATED -j RETURN",
     ],
+}
+
+
+# The gateway's own ICMP errors (TTL exceeded, fragmentation needed / packet too big, ...) carry
+# the conntrack of the packet they answer (nf_ct_attach): RELATED. When that packet was the first
+# of its flow (answered before FORWARD), its conntrack is unconfirmed and shared with the error,
+# and nfnetlink_queue drops such a packet instead of queueing it (nf_ct_drop_unconfirmed, Linux
+# 6.11+): they must pass here. The engine models the same decision for explain and replay
+# (core.l4.icmp own_error) and judges the errors the kernel does not call RELATED.
+_GATEWAY_ERRORS = {
+    4: ["-p icmp -m conntrack --ctstate RELATED -j RETURN"],
+    6: ["-p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN"],
 }
 
 
@@ -529,11 +559,14 @@ class _Reverse:
     out_iface = None
 
 
-def _render_raw(protection: Protection, installed: Installed, family: int) -> str:
+def _render_raw(spec: QueueSpec, protection: Protection, installed: Installed, family: int) -> str:
     synproxy = protection.synproxy_for(family)
-    if not synproxy:
+    antispoof = protection.antispoof
+    if not synproxy and antispoof is None:
         return _render_raw_removal(installed)
     lines = ["*" + RAW, f":{RAW_CHAIN} - [0:0]"]
+    if antispoof is not None:
+        lines += [f"-A {RAW_CHAIN} {rule}" for rule in _antispoof_rules(spec, protection, antispoof)]
     for rule in synproxy:
         for match in rule.matches:
             lines.append(
@@ -543,6 +576,19 @@ def _render_raw(protection: Protection, installed: Installed, family: int) -> st
     lines.append(f"-I PREROUTING 1 -j {RAW_CHAIN}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def _antispoof_rules(spec: QueueSpec, protection: Protection, antispoof: Antispoof) -> list[str]:
+    spoofed = "-m rpfilter --loose --invert" if antispoof.loose else "-m rpfilter --invert"
+    lines = []
+    if antispoof.log:
+        # Without the bypass: when nobody listens the sample is dropped like the rest. Not a
+        # packet nfqfw accepted (its mark): that one comes back here and meets the DROP.
+        sample = queue_target(replace(spec, bypass=False), new=bool(spec.new_queues))
+        limit = f"-m limit --limit {_rate(protection.log_limit)} --limit-burst {protection.log_burst}"
+        lines.append(f"-m mark ! --mark 0x{spec.mark:x}/0x{spec.mark:x} {spoofed} {limit} -j {sample}")
+    lines.append(f'{spoofed} -m comment --comment "{antispoof.reason}" -j DROP')
+    return lines
 
 
 def _render_raw_removal(installed: Installed) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nfqfw.core.verdict import Meta, Verdict
 
@@ -30,6 +31,10 @@ DEFAULT_REJECT_RATE = 1000.0  # answers per second, burst as much
 DEFAULT_REJECT_WITH = "icmp-port-unreachable"  # what iptables' REJECT sends when not told
 
 
+# The verdict counters' key of packets dropped early, before the engine (a fat flow of a queue
+# that is behind: nfqfw.kernel.fairness); counted by the adapter, shown with the verdicts.
+EARLY_DROP = "drop queue delay"
+
 ADAPTER_COUNTERS = (
     "reject sent",
     "reject not answered",  # build_reject said no answer may be sent (ICMP error, broadcast...)
@@ -40,6 +45,16 @@ ADAPTER_COUNTERS = (
 LONGER_THAN_COPY_RANGE = "packets longer than copy range"  # GSO packets mostly (the engine counts)
 
 ProcessFn = Callable[[bytes, Meta, float], Verdict]
+
+
+def verdict_counts(engine: Any, adapter: Any) -> dict[str, int]:
+    """The engine's verdict counters with the adapter's early drops (EARLY_DROP): verdicts
+    given before the engine was asked. A copy (status, metrics, the log at stop)."""
+    counts = dict(engine.counters)
+    early = getattr(adapter, "early_drops", 0)
+    if early:
+        counts[EARLY_DROP] = counts.get(EARLY_DROP, 0) + early
+    return counts
 
 
 # --- /proc/net/netfilter/nfnetlink_queue ------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Queue flags NetfilterQueue does not set (GSO), sent on the queue's own netlink socket.
+"""Queue messages NetfilterQueue does not send (the GSO flag, batch verdicts), sent on the
+queue's own netlink socket.
 
 NetfilterQueue 1.1 binds a queue (NFQNL_CFG_CMD_BIND, copy mode and range, max length) but has
 no call for the queue's flags. Without NFQA_CFG_F_GSO the kernel cuts every GSO packet (a TCP
@@ -23,6 +24,15 @@ nfqnl_recv_config answers EOPNOTSUPP for a flag it does not know, EPERM for anot
 Packets may already be queued when the message goes out (a restart with the rules in place):
 the answer is read right after, and every packet message before it is handed to the queue's
 callback as NetfilterQueue.run would (run_socket over that one datagram), so none is lost.
+
+A batch verdict (NFQNL_MSG_VERDICT_BATCH, `verdict_batch_message`) gives one verdict to every
+packet of the queue still waiting for one whose id is up to a given id: the early drops of
+nfqfw.kernel.queue leave the packets of fat flows without a verdict and drop them 64 at a time
+with one message (packets read after them have their verdict already, the kernel's ids only grow):
+
+    nlmsghdr   type NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_VERDICT_BATCH, flags REQUEST (no answer)
+    nfgenmsg   family AF_UNSPEC, version NFNETLINK_V0, res_id = queue number (big-endian)
+    NFQA_VERDICT_HDR   big-endian u32 verdict (NF_DROP), big-endian u32 id
 """
 
 from __future__ import annotations
@@ -38,7 +48,11 @@ from typing import Any
 
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_CONFIG = 2
+NFQNL_MSG_VERDICT_BATCH = 3
 CONFIG_MESSAGE_TYPE = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_CONFIG  # 0x0302
+VERDICT_BATCH_TYPE = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_VERDICT_BATCH  # 0x0303
+NFQA_VERDICT_HDR = 2
+NF_DROP = 0
 NFQA_CFG_MASK = 4
 NFQA_CFG_FLAGS = 5
 NFQA_CFG_F_GSO = 1 << 2
@@ -74,6 +88,14 @@ def config_message(queue: int, flags: int, mask: int, seq: int) -> bytes:
         _NLMSGHDR.size + len(body), CONFIG_MESSAGE_TYPE, NLM_F_REQUEST | NLM_F_ACK, seq, 0
     )
     return header + body
+
+
+def verdict_batch_message(queue: int, verdict: int, last_id: int) -> bytes:
+    """The NFQNL_MSG_VERDICT_BATCH giving `verdict` to every packet of `queue` still waiting
+    for one whose id is `last_id` or lower (no answer asked: it is a verdict, as the binding's)."""
+    body = _NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, queue)
+    body += _U32_ATTR.pack(12, NFQA_VERDICT_HDR) + struct.pack("!II", verdict, last_id)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), VERDICT_BATCH_TYPE, NLM_F_REQUEST, 0, 0) + body
 
 
 def messages(datagram: bytes) -> Iterator[tuple[int, int, bytes]]:

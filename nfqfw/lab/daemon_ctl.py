@@ -164,7 +164,7 @@ def down(prefix: str = DEFAULT_PREFIX) -> list[str]:
 def start_daemon(
     prefix: str,
     policy: str | os.PathLike[str],
-    queue: int = 0,
+    queue: int | None = 0,
     timeout: float = READY_TIMEOUT,
     wrapper: Sequence[str] = (),
     args: Sequence[str] = (),
@@ -173,14 +173,15 @@ def start_daemon(
 
     `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
     then the wrapper's. `args` are more `nfqfw run` options (e.g. --metrics, --snapshot-interval;
-    with --queue-balance A:B, `queue` is not passed).
+    with --queue or --queue-balance there, `queue` is not passed; None: nfqfw's default queues).
     """
     topology, state = Topology(prefix), LabState(prefix)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
     # --queue-balance in `args` (several queues, e.g. with --workers) replaces --queue.
-    where = () if "--queue-balance" in args else ("--queue", str(queue))
+    chosen = queue is None or "--queue-balance" in args or "--queue" in args
+    where = () if chosen else ("--queue", str(queue))
     run = ("run", "--config", config, *where, "--runtime-dir", str(state.runtime_dir))
     run += ("--state-dir", str(state.state_dir), *args)
     argv = in_ns(topology.gw, *wrapper, sys.executable, "-m", "nfqfw", *run)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from nfqfw.core.packet import RST
+from nfqfw.core.packet import RST, SYN
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import down, up
-from nfqfw.lab.plan import GW_WAN_V4, LAN_V4, LAN_V6, WAN_V4, WAN_V6, LabError, Topology
+from nfqfw.lab.plan import GW_LAN_V4, GW_WAN_V4, LAN_V4, LAN_V6, WAN_V4, WAN_V6, LabError, Topology
 
 DEMO_PREFIX = "nfqdemo-"
 REPO_POLICY = Path(__file__).resolve().parents[2] / "config" / "policy.yaml"
@@ -27,6 +27,8 @@ SSH, SMTP = 22, 25  # on the inside host
 DROP_TIMEOUT = 2.0  # seconds a client waits before calling a connection attempt dropped
 REJECT_FAST = 1.0  # a reject must be answered within this many seconds
 RST_SEQ_DISTANCE = 1 << 30  # far outside any window: the window is at most 1 GiB (scale 14)
+SPOOFED_SOURCE = "10.0.0.99"  # an inside address no inside host has
+SETTLE = 0.5  # seconds for a crafted packet to arrive, if it is let through
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,27 @@ def forged_rst(t: Topology) -> Line:
     return Line(tried, expected, "echo after RST works" if alive else "no echo after RST", alive)
 
 
+def traceroute_hop(t: Topology) -> Line:
+    hops = traffic.traceroute(t.lan, WAN_V4, max_hops=2, wait=1.0)
+    seen = ", ".join("no answer" if hop is None else hop.address for hop in hops)
+    expected = f"{GW_LAN_V4}, then {WAN_V4}"
+    ok = [hop.address if hop else None for hop in hops] == [GW_LAN_V4, WAN_V4]
+    return Line(f"traceroute  inside -> {WAN_V4}", expected, seen, ok)
+
+
+def spoofed_source(t: Topology) -> Line:
+    """A SYN to the port rule mail accepts, but from outside with an inside source address."""
+    sport = 40000
+    syn = traffic.tcp_packet(SPOOFED_SOURCE, LAN_V4, sport, SMTP, SYN, 1000)
+    with traffic.Capture(t.lan, "eth0") as inside:
+        traffic.send_raw(t.wan, syn)
+        arrived = [s for s in inside.tcp(SETTLE, port=sport) if not s.outgoing]
+    return Line(
+        f"SYN from outside -> {LAN_V4}:{SMTP}, src {SPOOFED_SOURCE}", "dropped: spoofed source",
+        "arrived inside" if arrived else "never arrived", not arrived,
+    )  # fmt: skip
+
+
 CHECKS: tuple[Check, ...] = (
     egress_tcp_v4,
     egress_tcp_v6,
@@ -223,6 +246,8 @@ CHECKS: tuple[Check, ...] = (
     ingress_no_forward_v4,
     egress_rejected,
     forged_rst,
+    traceroute_hop,
+    spoofed_source,
 )
 
 

@@ -22,8 +22,13 @@ into the gateway from one side and says what the kernel did with it::
   judged together (the kernel reassembles them before conntrack and forwards all or none).
   With it, the FORWARD rule that decided (whose packet counter moved), which tells the
   conntrack state the kernel gave the packet when the rules match on --ctstate.
-- A packet socket in the gateway (all interfaces, incoming only, kernel timestamps) records
-  the packets as they arrived there: `arrivals` is the capture to replay through nfqfw.
+- A packet socket in the gateway (all interfaces, kernel timestamps) records the packets as
+  they arrived there: `arrivals` is the capture to replay through nfqfw.
+- The gateway's own packets: a packet it answers itself before FORWARD (TTL expired, too big
+  for the next link) draws an ICMP error that leaves through OUTPUT. Its OUTPUT chain only
+  counts, by conntrack state, so that every such error leaves (and its state is known from the
+  counter that moved); `judge(..., own=True)` adds the error, as it left, to the Judgement and
+  to `arrivals` (the OUTPUT hook's packets for nfqfw).
 
 UDP port 9 over IPv4 is the sentinel's: packets judged must not use it.
 """
@@ -47,7 +52,7 @@ from nfqfw.core import build
 from nfqfw.core.decode import decode
 from nfqfw.core.packet import PROTO_TCP, PROTO_UDP, RST
 from nfqfw.lab import traffic
-from nfqfw.lab.plan import LabError, Topology
+from nfqfw.lab.plan import GW_LAN_V4, GW_LAN_V6, GW_WAN_V4, GW_WAN_V6, LabError, Topology
 from nfqfw.lab.topology import build as build_topology
 from nfqfw.lab.topology import run_in, sysctl, teardown
 
@@ -63,9 +68,18 @@ SENTINEL_WAIT = 10.0  # seconds; generous, the machine may be loaded
 SOCKET_BUFFER = 4 << 20
 
 # The kernel's conntrack as nfqfw models it: strict TCP pick-up (only a SYN starts a flow) and
-# full window tracking.
-GATEWAY_SYSCTLS = ("net.netfilter.nf_conntrack_tcp_loose=0", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
+# full window tracking; and every ICMP error the gateway owes sent (no rate limit per host).
+GATEWAY_SYSCTLS = (
+    "net.netfilter.nf_conntrack_tcp_loose=0",
+    "net.netfilter.nf_conntrack_tcp_be_liberal=0",
+    "net.ipv4.icmp_ratelimit=0",
+    "net.ipv6.icmp.ratelimit=0",
+)
 HOST_LOCKDOWN = "*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT DROP [0:0]\nCOMMIT\n"
+# The gateway's OUTPUT chain: counters by conntrack state, no verdict (see the module docstring).
+OUTPUT_STATES = ("established", "related", "invalid", "new", "untracked")
+OUTPUT_RULES = tuple(f"-m conntrack --ctstate {state.upper()}" for state in OUTPUT_STATES)
+GATEWAY_ADDRESSES = frozenset(build.addr(a) for a in (GW_WAN_V4, GW_WAN_V6, GW_LAN_V4, GW_LAN_V6))
 
 
 @dataclass(frozen=True)
@@ -78,13 +92,23 @@ class Host:
 
 
 @dataclass(frozen=True)
+class OwnPacket:
+    """A packet the gateway sent itself (an ICMP error), as it left, and the conntrack state the
+    kernel gave it on OUTPUT (one of OUTPUT_STATES)."""
+
+    ip: bytes
+    ct: str
+
+
+@dataclass(frozen=True)
 class Judgement:
     """What the kernel did with a packet, and which FORWARD rule decided: one of the rules given
     to build_kernel_gateway (as given), "policy" (the chain's policy) or "none" (the packet
-    never reached the FORWARD chain)."""
+    never reached the FORWARD chain); with judge(own=True), the gateway's own answer to it."""
 
     outcome: str  # accept, drop, reject or partial (fragments: some came out, not all)
     rule: str
+    own: OwnPacket | None = None
 
 
 @dataclass(frozen=True)
@@ -102,24 +126,34 @@ def forward_chain(forward: Sequence[str], family: int) -> list[str]:
 
 
 def ruleset(forward: Sequence[str], family: int) -> str:
-    """iptables-restore input: the sentinel untracked (IPv4), FORWARD policy DROP, its rules."""
+    """iptables-restore input: the sentinel untracked (IPv4), FORWARD policy DROP, its rules;
+    OUTPUT's counters by conntrack state."""
     lines = []
     if family == 4:
         lines += ["*raw", f"-A PREROUTING -p udp --dport {SENTINEL_PORT} -j CT --notrack", "COMMIT"]
     lines += ["*filter", ":FORWARD DROP [0:0]"]
     lines += [f"-A FORWARD {rule}" for rule in forward_chain(forward, family)]
+    lines += [f"-A OUTPUT {rule}" for rule in OUTPUT_RULES]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
-def forward_counters(ns: str, family: int) -> list[int]:
-    """Packets counted by the FORWARD chain's policy, then by each of its rules in order."""
+def chain_counters(ns: str, family: int) -> dict[str, list[int]]:
+    """Per chain of the filter table: packets counted by its policy, then by each rule in order."""
     tool = "iptables" if family == 4 else "ip6tables"
-    lines = run_in(ns, tool, "-w", "-L", "FORWARD", "-v", "-x", "-n").splitlines()
-    policy = re.search(r"policy \w+ (\d+) packets", lines[0])
-    if policy is None:
-        raise LabError(f"unexpected {tool} -L output: {lines[0]!r}")
-    return [int(policy.group(1)), *(int(line.split()[0]) for line in lines[2:] if line.strip())]
+    chains: dict[str, list[int]] = {}
+    counts: list[int] = []
+    for line in run_in(ns, tool, "-w", "-L", "-v", "-x", "-n").splitlines():
+        head = re.match(r"Chain (\S+) \(policy \w+ (\d+) packets", line)
+        if head is not None:
+            counts = chains[head.group(1)] = [int(head.group(2))]
+        elif line.startswith("Chain "):
+            counts = []  # a chain of our own (none here): not counted
+        elif line.strip() and line.split()[0].isdigit():
+            counts.append(int(line.split()[0]))
+    if "FORWARD" not in chains or "OUTPUT" not in chains:
+        raise LabError(f"unexpected {tool} -L output: chains {sorted(chains)}")
+    return chains
 
 
 def mac_of(ns: str, ifname: str) -> str:
@@ -273,7 +307,7 @@ class KernelOracle:
     ) -> None:
         self.topology = topology
         self.rules = {4: forward_chain(forward_v4, 4), 6: forward_chain(forward_v6, 6)}
-        self._counters: dict[int, list[int]] = {}
+        self._counters: dict[int, dict[str, list[int]]] = {}
         self.hosts = {
             "wan": Host(topology.wan, "wan0", wan_v4),
             "lan": Host(topology.lan, "lan0", lan_v4),
@@ -298,7 +332,7 @@ class KernelOracle:
             tap.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             tap.setblocking(False)
             for family in (4, 6):
-                self._counters[family] = forward_counters(self.topology.gw, family)
+                self._counters[family] = chain_counters(self.topology.gw, family)
         except BaseException:
             self.close()
             raise
@@ -322,16 +356,22 @@ class KernelOracle:
         """Change the gateway's settings between packets, e.g. net.netfilter.nf_conntrack_tcp_loose=1."""
         sysctl(self.topology.gw, *assignments)
 
+    def limit_route_mtu(self, address: str, iface: str, mtu: int) -> None:
+        """Route `address` out of `iface` with a path MTU of `mtu` (locked: forwarding honours
+        it for IPv6 too), so bigger packets to it get frag-needed / packet-too-big."""
+        run_in(self.topology.gw, "ip", "route", "replace", address, "dev", iface, "mtu", "lock", str(mtu))
+
     def take_arrivals(self) -> list[Arrival]:
         """The packets judged since the last call, as the gateway received them."""
         taken, self.arrivals = self.arrivals, []
         return taken
 
-    def judge(self, side: str, packets: Sequence[bytes]) -> Judgement:
+    def judge(self, side: str, packets: Sequence[bytes], own: bool = False) -> Judgement:
         """Send `packets` (one, or the fragments of one datagram) into the gateway from `side`
         ("wan" or "lan"), then ask what the kernel did: "accept" if all came out on the far side,
         "partial" if only some did, "reject" if the sender got an RST / ICMP error about one
-        of them, else "drop"; and which FORWARD rule decided."""
+        of them, else "drop"; and which FORWARD rule decided. `own`: the gateway answers the
+        packet itself, with exactly one ICMP error (which the Judgement and `arrivals` get)."""
         far_side = "lan" if side == "wan" else "wan"
         sender, far = self._ports[side], self._ports[far_side]
         sender.incoming()  # forget whatever came before
@@ -342,29 +382,47 @@ class KernelOracle:
         sender.send(sentinel)
         wanted = {identity(ip) for ip in packets}
         came_out = self._came_out(far, wanted, identity(sentinel))
-        self._record_arrivals(packets)
-        rule = self._rule_hit(packets[0][0] >> 4)
+        sent_by_gateway = self._record_arrivals(packets, own)
+        rule, output = self._rule_hit(packets[0][0] >> 4)
+        answer = None
+        if own:
+            if len(sent_by_gateway) != 1 or len(output) != 1:
+                raise LabError(
+                    f"the gateway sent {len(sent_by_gateway)} packets of its own, OUTPUT counted {output}"
+                )
+            answer = OwnPacket(sent_by_gateway[0], output[0])
         if came_out == wanted:
-            return Judgement("accept", rule)
+            return Judgement("accept", rule, answer)
         if came_out:
-            return Judgement("partial", rule)
+            return Judgement("partial", rule, answer)
         if any(answers(reply, ip) for reply in sender.incoming() for ip in packets):
-            return Judgement("reject", rule)
-        return Judgement("drop", rule)
+            return Judgement("reject", rule, answer)
+        return Judgement("drop", rule, answer)
 
-    def _rule_hit(self, family: int) -> str:
+    def _rule_hit(self, family: int) -> tuple[str, list[str]]:
         """The FORWARD rule (or "policy") whose packet counter moved since the last look, "none"
-        if none did. The sentinel's own rule, always hit, is left out."""
+        if none did (the sentinel's own rule, always hit, is left out); and the conntrack states
+        whose OUTPUT counters moved."""
         before = self._counters.get(family)
-        after = self._counters[family] = forward_counters(self.topology.gw, family)
+        after = self._counters[family] = chain_counters(self.topology.gw, family)
         if before is None:
             raise LabError("rule counters were not read before the first packet")
         names = ["policy", *self.rules[family]]
-        moved = [name for name, old, new in zip(names, before, after, strict=True) if new != old]
+        moved = [
+            name
+            for name, old, new in zip(names, before["FORWARD"], after["FORWARD"], strict=True)
+            if new != old
+        ]
         moved = [name for name in moved if name != SENTINEL_RULE]
         if len(moved) > 1:
             raise LabError(f"one packet moved the counters of several FORWARD rules: {moved}")
-        return moved[0] if moved else "none"
+        states = ["policy", *OUTPUT_STATES]
+        output = [
+            state
+            for state, old, new in zip(states, before["OUTPUT"], after["OUTPUT"], strict=True)
+            if new != old
+        ]
+        return (moved[0] if moved else "none"), [state for state in output if state != "policy"]
 
     def _sentinel(self, side: str, far_side: str) -> bytes:
         self._sentinels += 1
@@ -388,9 +446,10 @@ class KernelOracle:
                 raise LabError(f"the sentinel did not come out on {far.host.ns} within {SENTINEL_WAIT:g} s")
             select.select([far.sock], [], [], left)
 
-    def _record_arrivals(self, packets: Sequence[bytes]) -> None:
+    def _record_arrivals(self, packets: Sequence[bytes], own: bool = False) -> list[bytes]:
         """Move the gateway's copies of `packets` from the tap to `arrivals`: each exactly once,
-        in the order sent, or LabError.
+        in the order sent, or LabError. With `own`, the packets the gateway sent from its own
+        addresses follow them there (as they left, on their way out); returned in order.
 
         Matched by identity, and the packet recorded as sent: a packet socket's copy shares its
         buffer with the packet, and the kernel rewrites held fragments in place when it forwards
@@ -399,21 +458,26 @@ class KernelOracle:
         """
         assert self._tap is not None
         wanted = [identity(ip) for ip in packets]
-        found = []
+        found, sent_by_gateway = [], []
         while True:
             try:
                 frame, ancillary, _flags, address = self._tap.recvmsg(65535, socket.CMSG_SPACE(16))
             except BlockingIOError:
                 break
             ip = ip_of(frame)
-            if address[2] != PACKET_OUTGOING and ip is not None and identity(ip) in wanted:
+            if ip is None:
+                continue
+            if address[2] != PACKET_OUTGOING and identity(ip) in wanted:
                 sent = packets[wanted.index(identity(ip))]
                 found.append(Arrival(_timestamp(ancillary), address[0], frame[:14] + sent))
+            elif address[2] == PACKET_OUTGOING and own and decode(ip).src in GATEWAY_ADDRESSES:
+                sent_by_gateway.append(Arrival(_timestamp(ancillary), address[0], frame[:14] + ip))
         if [arrival.frame[14:] for arrival in found] != list(packets):
             raise LabError(
                 f"the gateway received {len(found)} of the {len(packets)} packets sent, or not in order"
             )
-        self.arrivals += found
+        self.arrivals += found + sent_by_gateway
+        return [arrival.frame[14:] for arrival in sent_by_gateway]
 
 
 def _timestamp(ancillary: list[tuple[int, int, bytes]]) -> float:

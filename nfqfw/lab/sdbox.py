@@ -42,6 +42,7 @@ JOURNAL_UNIT = "nfqfw-box-journald.service"  # Box.start_journal()
 BOX_UNITS = "/etc/systemd/system"  # a tmpfs in the box: only the units written there
 PACKAGE_UNITS = "/lib/systemd/system"  # where a package's units go (the host's are there too)
 BOOT_TIMEOUT = 30.0
+CHECKOUT = Path(__file__).resolve().parents[2]  # the source tree, seen at the same path in the box
 
 
 class BoxError(Exception):
@@ -49,12 +50,13 @@ class BoxError(Exception):
 
 
 # Runs as PID 1 of the new namespaces until it execs the manager; $1 is the box's directory,
-# $2 the name of its cgroups, $3 the manager's unit path. `set -e`: any failure ends the boot
-# (the caller sees it). The manager logs nowhere (it would write to the host's console or
-# kernel log); a unit's output goes where its drop-in says.
+# $2 the name of its cgroups, $3 the manager's unit path, $4 the checkout the tests install
+# from (carried over like /run/netns when it lies under /run, which the box replaces).
+# `set -e`: any failure ends the boot (the caller sees it). The manager logs nowhere (it would
+# write to the host's console or kernel log); a unit's output goes where its drop-in says.
 BOOT_SCRIPT = r"""
 set -euo pipefail
-box=$1 group=$2 unit_path=$3
+box=$1 group=$2 unit_path=$3 checkout=$4
 mount -t proc proc /proc
 for dir in {overlaid}; do
     mkdir -p "$box/upper/$dir" "$box/work/$dir"
@@ -62,9 +64,11 @@ for dir in {overlaid}; do
 done
 mkdir -p "$box/netns"
 mount --rbind /run/netns "$box/netns"
+case $checkout in /run/*) mkdir -p "$box/checkout"; mount --rbind "$checkout" "$box/checkout" ;; esac
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/netns
 mount --move "$box/netns" /run/netns
+case $checkout in /run/*) mkdir -p "$checkout"; mount --move "$box/checkout" "$checkout" ;; esac
 mount -t tmpfs -o mode=0755 tmpfs /etc/systemd/system
 printf '[Unit]\nDescription=nfqfw test box\nDefaultDependencies=no\n' > /etc/systemd/system/{target}
 for hierarchy in /sys/fs/cgroup/*/; do
@@ -175,6 +179,7 @@ def booted(work: str = WORK_DIR, unit_path: Sequence[str] = (BOX_UNITS,)) -> Ite
             str(directory),
             group,
             ":".join(unit_path),
+            str(CHECKOUT),
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,

@@ -118,6 +118,11 @@ def _build(topology: Topology, nat: bool) -> None:
     with NetNS(topology.lan) as ipr:
         ipr.route("add", dst="0.0.0.0/0", gateway=GW_LAN_V4)
         ipr.route("add", dst="::/0", gateway=GW_LAN_V6, family=10)
+    # The gateway's default routes point at the outside host, its uplink: the rest of the
+    # Internet is out there (a packet from any outside source passes antispoof on wan0).
+    with NetNS(topology.gw) as ipr:
+        ipr.route("add", dst="0.0.0.0/0", gateway=WAN_V4)
+        ipr.route("add", dst="::/0", gateway=WAN_V6, family=10)
     if topology.with_dmz:
         _build_dmz(topology)
     sysctl(topology.gw, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")

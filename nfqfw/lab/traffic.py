@@ -22,6 +22,7 @@ import random
 import re
 import select
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -244,9 +245,12 @@ IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
 IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU = 23, 2, 24
 
 
-def udp_path_mtu(ns: str, host: str, port: int, size: int = 1400, timeout: float = 2.0) -> int:
+def udp_path_mtu(
+    ns: str, host: str, port: int, size: int = 1400, timeout: float = 2.0, big_first: bool = False
+) -> int:
     """The path MTU a UDP echo flow from `ns` learns after one datagram of `size` bytes sent with
-    "don't fragment": a small exchange first, so the error comes back about an established flow.
+    "don't fragment": after a small exchange, so the error comes back about an established flow,
+    or (`big_first`) as the flow's very first packet, which never gets past the gateway.
     """
     family = family_of(host)
     level, discover, do, mtu = (
@@ -258,14 +262,63 @@ def udp_path_mtu(ns: str, host: str, port: int, size: int = 1400, timeout: float
         sock.settimeout(timeout)
         sock.setsockopt(level, discover, do)
         sock.connect((host, port))
-        sock.send(b"small")
-        sock.recv(65535)
+        if not big_first:
+            sock.send(b"small")
+            sock.recv(65535)
         with contextlib.suppress(OSError):  # EMSGSIZE if the MTU is known already
             sock.send(b"x" * size)
         deadline = time.monotonic() + timeout
         while sock.getsockopt(level, mtu) > size and time.monotonic() < deadline:
             time.sleep(0.02)
         return sock.getsockopt(level, mtu)
+
+
+# Error queue (linux/errqueue.h, linux/in.h, linux/in6.h): not all exported by the socket module.
+IP_RECVERR, IPV6_RECVERR, IPV6_UNICAST_HOPS = 11, 25, 16
+_EXTENDED_ERR = struct.Struct("=IBBBBII")  # errno, origin, ICMP type, code, pad, info, data
+TRACEROUTE_PORT = 33434
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Who answered a traceroute probe: the address and the ICMP/ICMPv6 type of its error."""
+
+    address: str
+    icmp_type: int
+
+
+def traceroute(
+    ns: str, host: str, max_hops: int = 3, wait: float = 1.0, port: int = TRACEROUTE_PORT
+) -> list[Hop | None]:
+    """traceroute's default method from `ns`: a UDP probe with TTL (hop limit) 1, 2, ... each on
+    a socket with IP_RECVERR, and the error it draws (time exceeded from a router on the way,
+    port unreachable from `host`, which ends the trace); None for a hop that stayed silent."""
+    family = family_of(host)
+    v6 = family == socket.AF_INET6
+    level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
+    hops: list[Hop | None] = []
+    for ttl in range(1, max_hops + 1):
+        with socket_in(ns, family, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(level, IPV6_RECVERR if v6 else IP_RECVERR, 1)
+            sock.setsockopt(level, IPV6_UNICAST_HOPS if v6 else socket.IP_TTL, ttl)
+            sock.sendto(b"traceroute probe", (host, port + ttl))
+            hop = _probe_answer(sock, v6, wait)
+        hops.append(hop)
+        if hop is not None and hop.address == host:
+            break
+    return hops
+
+
+def _probe_answer(sock: socket.socket, v6: bool, wait: float) -> Hop | None:
+    if not select.select([sock], [], [], wait)[0]:
+        return None
+    _, ancillary, _, _ = sock.recvmsg(512, 512, socket.MSG_ERRQUEUE)
+    for _level, _kind, data in ancillary:
+        _errno, _origin, icmp_type, _code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(data)
+        offender = data[_EXTENDED_ERR.size :]  # a sockaddr_in / sockaddr_in6
+        raw = offender[8:24] if v6 else offender[4:8]
+        return Hop(socket.inet_ntop(socket.AF_INET6 if v6 else socket.AF_INET, raw), icmp_type)
+    return None
 
 
 def open_connection(ns: str, host: str, port: int, timeout: float = 5.0) -> tuple[socket.socket, str]:
@@ -368,12 +421,15 @@ def ping(
     wait: float = 2.0,
     size: int | None = None,
     dont_fragment: bool = False,
+    ttl: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     argv = ["ping", "-n", "-c", str(count), "-W", f"{wait:g}", "-i", "0.2"]
     if size is not None:
         argv += ["-s", str(size)]
     if dont_fragment:
         argv += ["-M", "do"]
+    if ttl is not None:
+        argv += ["-t", str(ttl)]
     return run(ns, *argv, host, timeout=count * wait + 10)
 
 

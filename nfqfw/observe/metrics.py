@@ -20,13 +20,19 @@ Metrics (all prefixed nfqfw_):
   verdicts_total{action,reason,rule}     packets by verdict; reason "rule" with the rule's name
                                          in `rule`, else the verdict reason ("established",
                                          "default ingress", "invalid: ...", numbers as N) and
-                                         rule=""
+                                         rule=""; reason "queue delay": dropped early, before
+                                         the engine, from a fat flow of a queue that was behind
+                                         (nfqfw.kernel.fairness)
   flows{proto,state}                     flows in the table by protocol and state
   flows_max, flow_table_usage_ratio      the table bound (max-flows) and flows / max-flows
   conntrack_early_drops_total            flows evicted because the table was full
   queue_kernel_drops_total{queue,cause}  packets the kernel dropped because nfqfw fell behind
                                          (cause queue_full: max-len; socket_full: sock-len)
   queue_waiting{queue}                   packets waiting in the kernel for a verdict
+  kernel_drops_total{action,reason,rule} packets nfqfw's kernel rules dropped or rejected before
+                                         the queues (pre-filter, caps on first packets, TCP
+                                         flags; `nfqfw rules counters`), read at scrape time
+                                         from the kernel, labelled as the verdicts
   rejects_sent_total                     TCP resets / ICMP unreachables sent
   rejects_unsent_total{cause}            rejects not answered (not_answered, rate_limited,
                                          send_error)
@@ -57,7 +63,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from nfqfw.core.config import PROTOCOL_NAMES
-from nfqfw.kernel.queue_info import LONGER_THAN_COPY_RANGE, ProcessFn, QueueStat, read_queue_stats
+from nfqfw.kernel.queue_info import (
+    LONGER_THAN_COPY_RANGE,
+    ProcessFn,
+    QueueStat,
+    read_queue_stats,
+    verdict_counts,
+)
 from nfqfw.observe.endpoint import MetricsError, check_address, show_address
 from nfqfw.observe.packetlog import PacketLog
 
@@ -142,9 +154,13 @@ class Source(Protocol):
     """What the collector reads (the Daemon has these attributes)."""
 
     engine: Any  # .counters, .conntrack (census(), max_flows, early_drops)
-    adapter: Any  # .counters (dict), or None before start
+    adapter: Any  # .counters (dict), .early_drops, or None before start
     packet_log: PacketLog
     spec: Any  # .queues (range), or None before start
+
+    def kernel_drops(self) -> dict[str, int] | None:
+        """The kernel rules' drops before the queue ("ACTION REASON" -> packets); None: not ours."""
+        ...
 
 
 class NfqfwCollector(Collector):
@@ -165,10 +181,11 @@ class NfqfwCollector(Collector):
         source = self.source
         engine = source.engine
         if engine is not None:
-            yield from self._verdicts(engine)
+            yield from self._verdicts(engine, source.adapter)
             yield from self._zones(engine)
             yield from self._flows(engine.conntrack)
         yield from self._queues()
+        yield from kernel_drop_family(source.kernel_drops())
         yield from self._adapter(source.adapter)
         packet_log = source.packet_log
         yield CounterMetricFamily(
@@ -188,12 +205,12 @@ class NfqfwCollector(Collector):
                 sum_value=total,
             )
 
-    def _verdicts(self, engine: Any) -> Iterator[Metric]:
+    def _verdicts(self, engine: Any, adapter: Any) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "nfqfw_verdicts", "Packets by verdict", labels=("action", "reason", "rule")
         )
         totals: Counter[tuple[str, str, str]] = Counter()
-        for key, value in copied(lambda: dict(engine.counters)).items():
+        for key, value in copied(lambda: verdict_counts(engine, adapter)).items():
             action, _, reason = key.partition(" ")
             totals[(action, *verdict_labels(reason))] += value
         for labels, value in sorted(totals.items()):
@@ -280,6 +297,25 @@ class NfqfwCollector(Collector):
             "Packets longer than the queue's copy range, decided on their headers (GSO packets)",
             value=counters.get(LONGER_THAN_COPY_RANGE, 0),
         )
+
+
+def kernel_drop_family(counts: dict[str, int] | None) -> Iterator[Metric]:
+    """nfqfw_kernel_drops_total{action,reason,rule} from the kernel rules' counters (none when
+    the process does not own the rules)."""
+    if counts is None:
+        return
+    family = CounterMetricFamily(
+        "nfqfw_kernel_drops",
+        "Packets nfqfw's kernel rules dropped or rejected before the queue",
+        labels=("action", "reason", "rule"),
+    )
+    totals: Counter[tuple[str, str, str]] = Counter()
+    for key, value in counts.items():
+        action, _, reason = key.partition(" ")
+        totals[(action, *verdict_labels(reason))] += value
+    for labels, value in sorted(totals.items()):
+        family.add_metric(labels, value)
+    yield family
 
 
 def verdict_labels(reason: str) -> tuple[str, str]:
@@ -387,15 +423,18 @@ class WorkerCounts:
 class MergedCollector(Collector):
     """The supervisor's collector: `fetch()` asks every worker for its records (a list per
     worker that answered) and the merged families are served; `workers()` gives (queue, up)
-    for the nfqfw_worker_up gauge, so a worker whose counts are stale shows."""
+    for the nfqfw_worker_up gauge, so a worker whose counts are stale shows; `kernel_drops()`
+    the rules' counters (the supervisor's own)."""
 
     def __init__(
         self,
         fetch: Callable[[], list[list[Record]]],
         workers: Callable[[], list[tuple[int, bool]]],
+        kernel_drops: Callable[[], dict[str, int] | None] = lambda: None,
     ) -> None:
         self.fetch = fetch
         self.workers = workers
+        self.kernel_drops = kernel_drops  # the supervisor's: it owns the rules
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -406,6 +445,7 @@ class MergedCollector(Collector):
             for sample, labels, value in samples:
                 family.add_sample(sample, labels, value)
             yield family
+        yield from kernel_drop_family(self.kernel_drops())
         up = GaugeMetricFamily(
             "nfqfw_worker_up",
             "1 when the queue's worker answered this scrape (0: its last counts are served)",

@@ -412,7 +412,21 @@ class ServiceCore:
             "panic": bool(self.spec.panic),
             **self._status_counts(now, talkers),
             "kernel_queues": kernel_queues(self.spec.bound_queues),
+            "kernel_drops": self.kernel_drops(),
         }
+
+    def kernel_drops(self) -> dict[str, int] | None:
+        """What nfqfw's kernel rules dropped or rejected before the queues, "ACTION REASON" ->
+        packets (both families; `nfqfw rules counters`), read from the kernel now: at a status
+        request or a scrape, never per packet. None in a process without the rules (a worker:
+        its supervisor answers) or when they cannot be read (logged)."""
+        if self.firewall is None:
+            return None
+        try:
+            return self.firewall.counters()
+        except RulesError as err:
+            log.warning("cannot read the kernel rules' counters: %s", err)
+            return None
 
     # -- signals --
 

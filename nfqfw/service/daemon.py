@@ -41,7 +41,7 @@ from nfqfw.firewall import Firewall
 from nfqfw.firewall.backend import FORWARDED_MARK
 from nfqfw.kernel.links import Links
 from nfqfw.kernel.queue import QueueAdapter, QueueError
-from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch
+from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch, verdict_counts
 from nfqfw.kernel.rawsend import RawSender
 from nfqfw.observe.packetlog import PacketLog
 from nfqfw.service.core import Applied, Loaded, ServiceCore, StartupError, load_policy_file, run_service
@@ -131,7 +131,8 @@ class Daemon(ServiceCore):
         self.adapter.housekeeping = self._housekeeping
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
         try:
-            self.adapter.bind(self.spec.bound_queues, opts.max_len, opts.sock_len, opts.gso)
+            spec = self.spec
+            self.adapter.bind(spec.bound_queues, opts.max_len, opts.sock_len, opts.gso, spec.new_queues)
         except QueueError as err:
             raise StartupError(str(err)) from err
         self._open_control()
@@ -140,6 +141,9 @@ class Daemon(ServiceCore):
         mode = "open" if loaded.fail_open else "closed"
         gso = "on" if all(self.adapter.gso.values()) else "off"
         settings = f"failure mode {mode}, mark 0x{opts.mark:x}, GSO packets {gso}"
+        new = self.spec.new_queues
+        if new:
+            settings += f", first packets to queue {new[0] if len(new) == 1 else f'{new[0]}:{new[-1]}'}"
         log.info("queue %s bound, %s (%s)", self.spec.queue_text, rules, settings)
         self._announce_ready(f"filtering on queue {self.spec.queue_text}, failure mode {mode}")
 
@@ -210,7 +214,7 @@ class Daemon(ServiceCore):
     def counts(self) -> Counts:
         assert self.adapter is not None
         flows = len(getattr(self.engine, "conntrack", ()))
-        verdicts = sum(getattr(self.engine, "counters", {}).values())
+        verdicts = sum(getattr(self.engine, "counters", {}).values()) + self.adapter.early_drops
         return Counts(verdicts, flows, self.adapter.counters["reject sent"])
 
     def _status_counts(self, now: float, talkers: int | None) -> dict[str, Any]:
@@ -241,6 +245,8 @@ class Daemon(ServiceCore):
 
     def _log_counters(self) -> None:
         engine_counters = getattr(self.engine, "counters", {}) or {}
+        if self.adapter is not None:
+            engine_counters = verdict_counts(self.engine, self.adapter)
         for name, value in sorted(engine_counters.items()):
             log.info("verdicts %s: %d", name, value)
         if self.adapter is not None:

@@ -20,9 +20,10 @@ import logging
 from typing import Any
 
 from nfqfw.core.config import INSIDE, OUTSIDE, PROTO_TCP, PolicyConfig, RuleConfig
+from nfqfw.core.engine import SPOOFED_SOURCE
 from nfqfw.core.prefilter import KernelMatch, derive, port_chunks
 from nfqfw.firewall import QueueSpec
-from nfqfw.firewall.backend import Nat, PortForward, Protection, Rate, SourceNat, Synproxy
+from nfqfw.firewall.backend import Antispoof, Nat, PortForward, Protection, Rate, SourceNat, Synproxy
 from nfqfw.service.options import Options
 
 log = logging.getLogger("nfqfw")
@@ -99,12 +100,15 @@ def protection(options: Options, config: PolicyConfig) -> Protection:
     synproxy = _synproxy(config) if ENGINE_FOLLOWS_SYNPROXY else ()
     _log_not_in_force(config)
     log_limit = opts.log_limit
+    antispoof = None
+    if opts.antispoof != "off":
+        antispoof = Antispoof(loose=opts.antispoof == "loose", reason=SPOOFED_SOURCE, log=opts.log_denied)
     return Protection(
         prefilter=tuple((family, hook.name, rules) for family, hook, rules in prefilter.chains if rules),
         first_protocols=tuple((family, prefilter.protocols(family)) for family in (4, 6)),
         internal_ifaces=prefilter.internal_ifaces,
         invalid_tcp_flags=prefilter.invalid_tcp_flags,
-        new_first=options.new_queue,
+        new_first=options.first_packet_queue,
         new_rate=None if rate is None else Rate(rate.count, rate.period),
         new_rate_per_source=None if per_source is None else Rate(per_source.count, per_source.period),
         offload_mark=offload,
@@ -112,6 +116,8 @@ def protection(options: Options, config: PolicyConfig) -> Protection:
         log_limit=Rate(log_limit.count, log_limit.period),
         log_burst=log_limit.burst,
         reject_rate=max(1, int(options.reject_rate)),
+        gateway_errors=True,
+        antispoof=antispoof,
     )
 
 

@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from nfqfw.control.client import ClientError, call
 from nfqfw.control.flowlist import FlowFilter
@@ -65,7 +65,7 @@ from nfqfw.firewall import Firewall
 from nfqfw.service import supervision as sv
 from nfqfw.service.core import Applied, Loaded, ServiceCore, StartupError, run_service
 from nfqfw.service.daemon import WorkerDaemon
-from nfqfw.service.options import Options
+from nfqfw.service.options import NEW_QUEUE_OFF, Options
 from nfqfw.service.sdnotify import Notifier
 from nfqfw.service.statedir import StateDir, read_trusted, write_atomically
 
@@ -214,7 +214,7 @@ class Supervisor(ServiceCore):
         from nfqfw.observe import metrics
 
         self._worker_counts = metrics.WorkerCounts()
-        collector = metrics.MergedCollector(self._worker_metrics, self._worker_answering)
+        collector = metrics.MergedCollector(self._worker_metrics, self._worker_answering, self.kernel_drops)
         return metrics.serve_merged(collector, host, port, allow_remote), " (the workers' counts summed)"
 
     def _worker_metrics(self) -> list[list[Any]]:
@@ -326,12 +326,16 @@ class Supervisor(ServiceCore):
             runtime_dir=worker.directory,
             snapshot_name=sv.worker_snapshot(worker.queue),
             adopt_snapshots=adopt,
-            new_queue=None  # each worker its own queue for first packets, in the same order
-            if self.options.new_queue is None
-            else self.options.new_queue + worker.queue - self.options.queue_first,
+            new_queue=self._worker_new_queue(worker),
             metrics=None,
             collect_metrics=self.options.metrics is not None,
         )
+
+    def _worker_new_queue(self, worker: Worker) -> int | Literal["off"]:
+        """Each worker its own queue for first packets, in the same order as the main queues
+        (the kernel's hash picks the same index in both ranges)."""
+        first = self.options.first_packet_queue
+        return NEW_QUEUE_OFF if first is None else first + worker.queue - self.options.queue_first
 
     def _on_notify(self, worker: Worker) -> None:
         while True:

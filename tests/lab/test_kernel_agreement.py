@@ -12,6 +12,14 @@ in the same order:
 - nfqfw: the packets as the gateway received them (its capture: interface names, kernel
   timestamps) are written to a pcapng and run through `nfqfw replay --config POLICY`.
 
+Some packets the gateway answers itself before FORWARD (`Step.answered`): its TTL runs out, or
+it is too big for the route out with "don't fragment". The kernel's error leaves through OUTPUT,
+where the oracle's chain only counts it by conntrack state; its verdict is the one nfqfw's
+OUTPUT rules give that state (ESTABLISHED / RELATED pass, INVALID is dropped): "reject" when the
+sender gets it, else "drop". nfqfw gets what its daemon would: the TTL-expired packet (replay
+says "not-queued" itself) or nothing (replay cannot know a route's MTU: left out of its
+capture), then the gateway's error on the OUTPUT hook (POLICY's gateway-addresses).
+
 Every packet carries the verdict we expect, so the comparison cannot pass by both sides dropping
 everything. Where nfqfw deliberately differs from the kernel the step says so (`Step.nfqfw` and
 `Step.why`), and test_the_documented_differences lists them.
@@ -68,6 +76,7 @@ NO_CHECKSUMS = (
     "no state -- in nfqfw it passes and is tracked like an intact one"
 )
 
+GATEWAY = "gateway-addresses: [203.0.113.1, 10.0.0.1, 2001:db8:1::1, fd00::1]"
 POLICY = """\
 zones:
   external: [wan0]
@@ -107,6 +116,9 @@ def forward_rules(family: int) -> list[tuple[str, str]]:
     ]
 
 
+# The gateway's own errors: nfqfw's OUTPUT passes these conntrack states, drops INVALID.
+OUTPUT_PASSES = ("established", "related")
+
 # The conntrack state the kernel gave a packet, told by the rule that decided it.
 CT_OF_RULE = {rule: ct for family in (4, 6) for ct, rule in forward_rules(family)} | {
     "policy": "untracked",
@@ -124,15 +136,18 @@ class Family:
     wan: str  # the outside host
     wan2: str  # another outside address, reached through the outside host
     router: str  # an outside router: only the source of ICMP errors
+    narrow: str  # an outside address the gateway routes with a path MTU of NARROW_MTU
 
-    def ip(self, src: str, dst: str) -> Packet:
-        return IPv6(src=src, dst=dst) if self.name == "ipv6" else IP(src=src, dst=dst)
+    def ip(self, src: str, dst: str, ttl: int = 64, df: bool = False) -> Packet:
+        if self.name == "ipv6":
+            return IPv6(src=src, dst=dst, hlim=ttl)
+        return IP(src=src, dst=dst, ttl=ttl, flags="DF" if df else 0)
 
-    def echo(self, src: str, dst: str, ident: int, seq: int, reply: bool = False) -> Packet:
+    def echo(self, src: str, dst: str, ident: int, seq: int, reply: bool = False, ttl: int = 64) -> Packet:
         if self.name == "ipv6":
             kind = ICMPv6EchoReply if reply else ICMPv6EchoRequest
-            return self.ip(src, dst) / kind(id=ident, seq=seq)
-        return self.ip(src, dst) / ICMP(type=0 if reply else 8, id=ident, seq=seq)
+            return self.ip(src, dst, ttl) / kind(id=ident, seq=seq)
+        return self.ip(src, dst, ttl) / ICMP(type=0 if reply else 8, id=ident, seq=seq)
 
     def error(self, src: str, dst: str, kind: str, quoted: bytes) -> Packet:
         """An ICMP/ICMPv6 error from `src` to `dst` quoting the packet `quoted` (its start)."""
@@ -154,9 +169,15 @@ class Family:
         return self.ip(src, dst) / layer / body
 
 
-V4 = Family("ipv4", "10.0.0.25", "10.0.0.26", "203.0.113.10", "203.0.113.11", "203.0.113.254")
-V6 = Family("ipv6", "fd00::25", "fd00::26", "2001:db8:1::10", "2001:db8:1::11", "2001:db8:1::fe")
-NEIGHBOURS = {"wan": [V4.wan, V4.wan2, V6.wan, V6.wan2], "lan": [V4.lan, V4.lan2, V6.lan, V6.lan2]}
+V4 = Family("ipv4", "10.0.0.25", "10.0.0.26", "203.0.113.10", "203.0.113.11", "203.0.113.254", "203.0.113.12")
+V6 = Family(
+    "ipv6", "fd00::25", "fd00::26", "2001:db8:1::10", "2001:db8:1::11", "2001:db8:1::fe", "2001:db8:1::12"
+)
+NEIGHBOURS = {
+    "wan": [V4.wan, V4.wan2, V4.narrow, V6.wan, V6.wan2, V6.narrow],
+    "lan": [V4.lan, V4.lan2, V6.lan, V6.lan2],
+}
+NARROW_MTU = 1280
 INSIDE = (V4.lan, V4.lan2, V6.lan, V6.lan2)
 
 
@@ -171,6 +192,9 @@ class Step:
     expect: str  # the kernel's verdict, and nfqfw's unless `nfqfw` says otherwise
     nfqfw: tuple[str, str] | None = None  # a documented, deliberate difference: nfqfw's verdict
     why: str = ""  # and conntrack state, and the reason
+    # The gateway answers the packet itself, before FORWARD: "ttl" (time exceeded) or "mtu"
+    # (fragmentation needed / packet too big). `expect` is then the fate of its error.
+    answered: str = ""
 
 
 @dataclass
@@ -183,7 +207,7 @@ class Script:
 
     def send(self, pkt: Packet, expect: str, what: str, **differs: Any) -> bytes:
         """Send one packet; `differs`: nfqfw=(VERDICT, CT), why=REASON for a documented
-        difference from the kernel. Returns the packet's bytes."""
+        difference from the kernel, or answered="ttl"/"mtu" (see Step). Returns its bytes."""
         self._mark(pkt)
         data = bytes(pkt)
         self.steps.append(Step(what, side_of(pkt), (data,), expect, **differs))
@@ -673,6 +697,71 @@ class Scenarios:
             "an inside router's error quoting an error: INVALID",
         )
 
+    def gateway_answers(self, f: Family) -> None:
+        """Packets the gateway answers before FORWARD (ping -t1, traceroute, path MTU discovery):
+        the kernel attaches the packet's conntrack to its error, so the error is RELATED though
+        the flow was never confirmed; no conntrack to attach (an invalid packet): INVALID."""
+        script = self.script(f"gateway-answers-{f.name}")
+        ident = next(self.idents)
+        ttl = {"answered": "ttl"}
+        script.send(
+            f.echo(f.lan, f.wan, ident, 1, ttl=1), REJECT, "ping -t1 from inside: time exceeded", **ttl
+        )
+        script.send(f.echo(f.lan, f.wan, ident, 2), ACCEPT, "the next ping, full TTL: a new flow")
+        script.send(f.echo(f.wan, f.lan, ident, 2, reply=True), ACCEPT, "its reply")
+        script.send(f.echo(f.wan, f.lan, next(self.idents), 1, ttl=1), REJECT, "ping -t1 from outside", **ttl)
+        probe = next(self.ports)
+        script.send(
+            f.ip(f.wan, f.lan, ttl=1) / UDP(sport=probe, dport=33434) / b"probe",
+            REJECT,
+            "traceroute from outside, hop 1: time exceeded (FORWARD would drop the probe)",
+            **ttl,
+        )
+        script.send(
+            f.ip(f.wan, f.lan, ttl=2) / UDP(sport=probe, dport=33435) / b"probe",
+            DROP,
+            "hop 2: reaches FORWARD, ingress default drop",
+        )
+        sport = next(self.ports)
+        script.send(
+            f.ip(f.lan, f.wan, ttl=1) / TCP(sport=sport, dport=80, flags="S", seq=500),
+            REJECT,
+            "a SYN with TTL 1 from inside (tcptraceroute): time exceeded",
+            **ttl,
+        )
+        t = Tcp(script, f, f.lan, sport, f.wan, 80)
+        t.handshake("the SYN again, full TTL: ")
+        t.c("PA", ACCEPT, data=b"a" * 20)
+        t.s("A", ACCEPT)
+        data = f.ip(f.lan, f.wan, ttl=1) / TCP(
+            sport=sport, dport=80, flags="PA", seq=t.nxt[CLIENT], ack=t.nxt[SERVER], window=64240
+        )
+        script.send(
+            data / Raw(b"b" * 20), REJECT, "data with TTL 1 on the connection: error RELATED to it", **ttl
+        )
+        t.c("PA", ACCEPT, "the data again, full TTL", data=b"b" * 20)
+        t.s("A", ACCEPT)
+        script.send(
+            f.ip(f.lan, f.wan, ttl=1) / TCP(sport=next(self.ports), dport=80, flags="A", seq=9, ack=9),
+            DROP,
+            "an ACK without a connection, TTL 1: the error has no conntrack, INVALID",
+            **ttl,
+        )
+        script.send(
+            f.echo(f.wan, f.lan, next(self.idents), 1, reply=True, ttl=1),
+            DROP,
+            "an unsolicited echo reply, TTL 1: INVALID error",
+            **ttl,
+        )
+        port = next(self.ports)
+        big = f.ip(f.lan, f.narrow, df=True) / UDP(sport=port, dport=443) / (b"Q" * 1300)
+        script.send(
+            big, REJECT, "a first UDP datagram too big for the route, DF: frag needed", answered="mtu"
+        )
+        small = f.ip(f.lan, f.narrow, df=True) / UDP(sport=port, dport=443) / (b"q" * 1000)
+        script.send(small, ACCEPT, "the same flow's datagram made to fit: new")
+        script.send(f.ip(f.narrow, f.lan) / UDP(sport=443, dport=port) / b"answer", ACCEPT, "its reply")
+
     def bad_checksums(self, f: Family) -> None:
         script = self.script(f"bad-checksums-{f.name}")
         port = self.udp_request(script, f)
@@ -779,6 +868,7 @@ class Scenarios:
             self.icmp_types(f)
             self.fragments(f)
             self.bad_checksums(f)
+            self.gateway_answers(f)
         return self.scripts[first:]
 
 
@@ -794,10 +884,15 @@ class Phase:
 
 _scenarios = Scenarios()
 PHASES = (
-    Phase("strict", POLICY, "net.netfilter.nf_conntrack_tcp_loose=0", _scenarios.strict()),
+    Phase(
+        "strict",
+        POLICY + f"options: {{{GATEWAY}}}\n",
+        "net.netfilter.nf_conntrack_tcp_loose=0",
+        _scenarios.strict(),
+    ),
     Phase(
         "loose",
-        POLICY + "options: {tcp-pickup: loose}\n",
+        POLICY + f"options: {{{GATEWAY}, tcp-pickup: loose}}\n",
         "net.netfilter.nf_conntrack_tcp_loose=1",
         _scenarios.loose(),
     ),
@@ -846,37 +941,74 @@ def combined(verdicts: list[str]) -> str:
     return PARTIAL if ACCEPT in verdicts else verdicts[0]
 
 
+def gateway_answer(judgement: Judgement) -> str:
+    """The fate of the gateway's own error under nfqfw's OUTPUT rules: it reaches the sender
+    ("reject") or is dropped."""
+    assert judgement.own is not None
+    return REJECT if judgement.own.ct in OUTPUT_PASSES else DROP
+
+
+def capture_of(steps: list[Step], judgements: list[Judgement]) -> list[tuple[str, bytes]]:
+    """(interface, packet) as the gateway had them: each step's packets, then its own answer."""
+    had = []
+    for step, judgement in zip(steps, judgements, strict=True):
+        had += [(f"{step.side}0", packet) for packet in step.packets]
+        if judgement.own is not None:
+            had.append((f"{step.side}0", judgement.own.ip))
+    return had
+
+
+def judge_step(step: Step, kernel: Judgement, lines: Iterator[dict[str, object]]) -> Judged:
+    """The kernel's and nfqfw's verdicts on one step, from the judgement and nfqfw's lines."""
+    if not step.answered:
+        mine = [next(lines) for _ in step.packets]
+        reason = "; ".join(str(line["reason"]) for line in mine)
+        verdict = combined([str(line["verdict"]) for line in mine])
+        return Judged(step, kernel.outcome, CT_OF_RULE[kernel.rule], verdict, str(mine[0]["ct"]), reason)
+    assert kernel.own is not None and (kernel.rule, kernel.outcome) == ("none", REJECT), kernel
+    mine = [next(lines) for _ in step.packets] if step.answered == "ttl" else []  # "mtu": not in the capture
+    error = next(lines)
+    reason = "; ".join(str(line["reason"]) for line in [*mine, error])
+    verdict = REJECT if error["verdict"] == ACCEPT else str(error["verdict"])
+    if any(line["verdict"] != "not-queued" for line in mine):
+        verdict = str(mine[0]["verdict"])  # nfqfw judged a packet it would never see
+    return Judged(step, gateway_answer(kernel), kernel.own.ct, verdict, str(error["ct"]), reason)
+
+
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Judged]]:
     kernel: dict[str, list[Judgement]] = {}
     arrivals: dict[str, list[Arrival]] = {}
     rules = {family: [rule for _, rule in forward_rules(family)] for family in (4, 6)}
     with kernel_gateway(rules[4], rules[6], NEIGHBOURS, V4.wan, V4.lan) as oracle:
+        for f in (V4, V6):
+            oracle.limit_route_mtu(f.narrow, "wan0", NARROW_MTU)
         for phase in PHASES:
             oracle.sysctl(phase.sysctl)
             steps = [step for script in phase.scripts for step in script.steps]
-            kernel[phase.name] = [oracle.judge(step.side, step.packets) for step in steps]
+            kernel[phase.name] = [
+                oracle.judge(step.side, step.packets, own=bool(step.answered)) for step in steps
+            ]
             arrivals[phase.name] = oracle.take_arrivals()
     directory = tmp_path_factory.mktemp("kernel-agreement")
     results: dict[str, list[Judged]] = {}
     for phase in PHASES:
         steps = [step for script in phase.scripts for step in script.steps]
-        # The capture holds exactly the judged packets, in order, each on the interface it came in by.
-        sent = [(f"{step.side}0", packet) for step in steps for packet in step.packets]
-        assert [(a.iface, a.frame[14:]) for a in arrivals[phase.name]] == sent
+        # The capture holds exactly the judged packets and the gateway's answers, in order, each
+        # on its interface; but not what nfqfw's daemon never sees and replay cannot tell.
+        assert [(a.iface, a.frame[14:]) for a in arrivals[phase.name]] == capture_of(
+            steps, kernel[phase.name]
+        )
+        unseen = {step.packets[0] for step in steps if step.answered == "mtu"}
+        capture_arrivals = [a for a in arrivals[phase.name] if a.frame[14:] not in unseen]
         policy, capture = directory / f"{phase.name}.yaml", directory / f"{phase.name}.pcapng"
         policy.write_text(phase.policy)
-        write_capture(capture, arrivals[phase.name])
+        write_capture(capture, capture_arrivals)
         lines = iter(replay(policy, capture))
         judgements = iter(kernel[phase.name])
         for script in phase.scripts:
             for step in script.steps:
-                mine = [next(lines) for _ in step.packets]
-                reason = "; ".join(str(line["reason"]) for line in mine)
-                verdict = combined([str(line["verdict"]) for line in mine])
-                k = next(judgements)
-                row = Judged(step, k.outcome, CT_OF_RULE[k.rule], verdict, str(mine[0]["ct"]), reason)
-                results.setdefault(script.name, []).append(row)
+                results.setdefault(script.name, []).append(judge_step(step, next(judgements), lines))
         assert next(lines, None) is None
     return results
 

@@ -199,6 +199,33 @@ def test_non_loopback_metrics_address_is_refused_at_start(lab: Lab, tmp_path: Pa
     ]
 
 
+# --- spoofed sources --------------------------------------------------------------------------
+
+
+def test_spoofed_packets_are_logged_and_counted_as_invalid(lab: Lab) -> None:
+    """The kernel drops them (antispoof, strict by default); samples (log-limit, burst 5) reach
+    nfqfw, which logs and counts each as INVALID, "spoofed source"."""
+    before = scrape(lab)
+    ports = []
+    for source in ("10.0.0.99", GW_WAN_V4):  # an inside address, the gateway's own, from outside
+        ports.append(next(_sports))
+        traffic.send_raw(
+            lab.topology.wan, traffic.tcp_packet(source, LAN_V4, ports[-1], LAN_MAIL, SYN, seq=1)
+        )
+    spoofed = "invalid: spoofed source"
+    wait_for(
+        "the samples in the metrics",
+        lambda: verdicts(scrape(lab), "drop", spoofed) >= verdicts(before, "drop", spoofed) + 2,
+    )
+    assert verdicts(scrape(lab), "drop", spoofed) - verdicts(before, "drop", spoofed) == 2
+    lines = [line for line in packet_lines(lab) if any(f"SPT={port} " in line for port in ports)]
+    assert lines == [
+        f'[NFQFW DROP] REASON="{spoofed}" CT=INVALID HOOK=PREROUTING IN=wan0 OUT= SRC={source} '
+        f"DST={LAN_V4} LEN=40 TTL=64 PROTO=TCP SPT={port} DPT={LAN_MAIL} FLAGS=SYN"
+        for source, port in zip(("10.0.0.99", GW_WAN_V4), ports, strict=True)
+    ]
+
+
 # --- a flood (last: it stops the daemon) -------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab
-from nfqfw.lab.plan import GW_WAN_V4, GW_WAN_V6, LAN_V4, LAN_V6, WAN_V4, WAN_V6
+from nfqfw.lab.plan import GW_LAN_V4, GW_LAN_V6, GW_WAN_V4, GW_WAN_V6, LAN_V4, LAN_V6, WAN_V4, WAN_V6
 from nfqfw.lab.topology import set_mtu
 
 pytestmark = pytest.mark.lab
@@ -150,20 +150,59 @@ def flush_path_mtu_cache(ns: str) -> None:
 
 
 @pytest.mark.parametrize("server", [WAN_V4, WAN_V6])
-def test_path_mtu_errors_reach_the_inside_host(lab: Lab, small_wan_mtu: None, server: str) -> None:
+@pytest.mark.parametrize("big_first", [False, True], ids=["after-a-small-exchange", "first-packet"])
+def test_path_mtu_errors_reach_the_inside_host(
+    lab: Lab, small_wan_mtu: None, server: str, big_first: bool
+) -> None:
     lan = lab.topology.lan
-    # UDP with "don't fragment", after a first small exchange: the gateway's frag-needed /
-    # packet-too-big about the 1400-byte datagram teaches the inside host the path MTU.
-    # (The first packet of the flow must be small: the gateway's ICMPv4 error about the very
-    # first packet of a flow never reaches an NFQUEUE listener on Linux 6.18, the queue's packet
-    # id does not even advance, presumably because that flow's kernel conntrack entry is not yet
-    # confirmed. Errors about established flows are queued and must pass as RELATED.)
-    assert traffic.udp_path_mtu(lan, server, 53, size=1400) == 1280
+    # UDP with "don't fragment": the gateway's frag-needed / packet-too-big about the 1400-byte
+    # datagram teaches the inside host the path MTU. About an established flow the error is
+    # queued and RELATED to it; about a flow's very first packet (which never reaches FORWARD)
+    # it carries that packet's unconfirmed conntrack, which the kernel will not queue: nfqfw's
+    # OUTPUT rules let the gateway's own RELATED errors pass in the kernel.
+    assert traffic.udp_path_mtu(lan, server, 53, size=1400, big_first=big_first) == 1280
     # TCP on a fresh path MTU cache: 1500-byte segments go out with DF, and the gateway's error
     # must come back or the transfer stalls.
     flush_path_mtu_cache(lan)
     sent, answer = traffic.upload(lan, server, 9000, 4 << 20, timeout=20)
     assert answer == sent
+
+
+# --- the gateway as a hop: its own ICMP errors ---------------------------------------------------
+
+TIME_EXCEEDED = {4: 11, 6: 3}
+UNREACHABLE = {4: 3, 6: 1}
+HOP = [
+    pytest.param("lan", WAN_V4, GW_LAN_V4, "Time to live exceeded", id="ipv4-from-inside"),
+    pytest.param("lan", WAN_V6, GW_LAN_V6, "Time exceeded: Hop limit", id="ipv6-from-inside"),
+    pytest.param("wan", LAN_V4, GW_WAN_V4, "Time to live exceeded", id="ipv4-from-outside"),
+    pytest.param("wan", LAN_V6, GW_WAN_V6, "Time exceeded: Hop limit", id="ipv6-from-outside"),
+]
+
+
+@pytest.mark.parametrize(("side", "target", "gateway", "message"), HOP)
+def test_ping_t1_is_answered_by_the_gateway(
+    lab: Lab, side: str, target: str, gateway: str, message: str
+) -> None:
+    ns = lab.topology.lan if side == "lan" else lab.topology.wan
+    done = traffic.ping(ns, target, ttl=1, wait=1.0)
+    assert f"From {gateway} icmp_seq=1 {message}" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize(("side", "target", "gateway", "message"), HOP)
+def test_traceroute_shows_the_gateway_as_the_first_hop(
+    lab: Lab, side: str, target: str, gateway: str, message: str
+) -> None:
+    family = 6 if ":" in target else 4
+    ns = lab.topology.lan if side == "lan" else lab.topology.wan
+    hops = traffic.traceroute(ns, target, max_hops=3, wait=0.7)
+    if side == "lan":
+        # hop 2 is the outside host itself: its port unreachable comes back RELATED (and
+        # through NAT for IPv4)
+        assert hops == [traffic.Hop(gateway, TIME_EXCEEDED[family]), traffic.Hop(target, UNREACHABLE[family])]
+    else:
+        # beyond the gateway the probes meet the ingress default: nothing answers
+        assert hops == [traffic.Hop(gateway, TIME_EXCEEDED[family]), None, None]
 
 
 # --- volume -------------------------------------------------------------------------------------

@@ -84,8 +84,16 @@ def test_routes(lab: Lab) -> None:
         ("fd00::/64", "2001:db8:1::1", "eth0"),
         ("2001:db8:1::/64", None, "eth0"),
     }
-    assert routes(t.gw, "-4") == {("10.0.0.0/24", None, "lan0"), ("203.0.113.0/24", None, "wan0")}
-    assert routes(t.gw, "-6") == {("fd00::/64", None, "lan0"), ("2001:db8:1::/64", None, "wan0")}
+    assert routes(t.gw, "-4") == {
+        ("default", "203.0.113.10", "wan0"),
+        ("10.0.0.0/24", None, "lan0"),
+        ("203.0.113.0/24", None, "wan0"),
+    }
+    assert routes(t.gw, "-6") == {
+        ("default", "2001:db8:1::10", "wan0"),
+        ("fd00::/64", None, "lan0"),
+        ("2001:db8:1::/64", None, "wan0"),
+    }
     assert routes(t.lan, "-4") == {("default", "10.0.0.1", "eth0"), ("10.0.0.0/24", None, "eth0")}
     assert routes(t.lan, "-6") == {("default", "fd00::1", "eth0"), ("fd00::/64", None, "eth0")}
 

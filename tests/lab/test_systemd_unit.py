@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,11 +67,22 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service() -> Iterator[Service]:
+    # The box reaches no index (its /etc and /opt are overlays, without the host's mounts below
+    # them, such as a resolv.conf or a local mirror): it installs from wheels built out here.
+    subprocess.run(["make", "-C", str(REPO), "--no-print-directory", "wheelhouse"], check=True, timeout=900)
     teardown(TOPOLOGY)
     build(TOPOLOGY)
     try:
         with traffic.TcpServer(TOPOLOGY.wan, (80,)), sdbox.booted() as box:
-            installed = box.run("make", "-C", str(REPO), "--no-print-directory", "install", timeout=900)
+            installed = box.run(
+                "make",
+                "-C",
+                str(REPO),
+                "--no-print-directory",
+                "install",
+                f"INSTALL_PIP_FLAGS=--no-index --find-links={REPO / 'build' / 'wheelhouse'}",
+                timeout=900,
+            )
             assert "install: done." in installed.stdout
             log = box.directory / "daemon.log"
             box.write(
@@ -110,10 +122,11 @@ def connects(host: str = WAN_V4, timeout: float = 2.0) -> str:
 def test_start_runs_the_check_binds_and_reports_ready(service: Service, session: socket.socket) -> None:
     state = service.state()
     assert (state["ActiveState"], state["SubState"], state["NRestarts"]) == ("active", "running", "0")
-    assert re.fullmatch(r"queue 0: \d+ verdicts, \d+ flows, 0 rejects sent", state["StatusText"]), state
+    assert re.fullmatch(r"queue 0:3: \d+ verdicts, \d+ flows, 0 rejects sent", state["StatusText"]), state
     log = service.log.read_text()
     assert "/etc/nfqfw/policy.yaml: OK (zones: 2" in log  # ExecStartPre=nfqfw check
-    assert "queue 0 bound, rules installed (failure mode closed" in log
+    assert "queue 0:3 bound, rules installed (failure mode closed" in log
+    assert ", first packets to queue 4:7)" in log
     status = service.nfqfw("status")
     assert "policy:       /etc/nfqfw/policy.yaml\n" in status
     assert f"pid {state['MainPID']}," in status
@@ -224,6 +237,7 @@ def test_the_unit_runs_workers_and_takes_the_single_daemons_flows(
 # --- boot: the firewall before the network -----------------------------------------------------
 
 NETWORK_UNIT = "lab-network.service"  # stands for what brings the interfaces up at boot
+BOOT_TARGET = "lab-boot.target"  # the one transaction a boot is: pulls in and waits for both
 
 
 def boot_with(service: Service, failing_daemon: bool) -> str:
@@ -234,7 +248,14 @@ def boot_with(service: Service, failing_daemon: bool) -> str:
     seen = box.directory / "rules-at-network.txt"
     seen.unlink(missing_ok=True)
     box.run(
-        "systemctl", "stop", NETWORK_UNIT, UNIT, "nfqfw-closed.service", "network-pre.target", check=False
+        "systemctl",
+        "stop",
+        BOOT_TARGET,
+        NETWORK_UNIT,
+        UNIT,
+        "nfqfw-closed.service",
+        "network-pre.target",
+        check=False,
     )
     # A boot starts from nothing: a network-pre.target still active would order nothing below.
     deadline = time.monotonic() + 10
@@ -261,8 +282,14 @@ def boot_with(service: Service, failing_daemon: bool) -> str:
         box.write(failing, "[Service]\nExecStartPre=/bin/false\nRestart=no\n")
     else:
         box.run("rm", "-f", failing)
+    # One transaction, as at boot: `systemctl start A B` would queue one per unit, and
+    # network-pre.target, pulled in by the first alone, would be reached without waiting.
+    box.write(
+        f"/etc/systemd/system/{BOOT_TARGET}",
+        f"[Unit]\nDefaultDependencies=no\nWants={NETWORK_UNIT} {UNIT}\nAfter={NETWORK_UNIT} {UNIT}\n",
+    )
     box.run("systemctl", "daemon-reload")
-    box.run("systemctl", "start", NETWORK_UNIT, UNIT, check=False, timeout=90)
+    box.run("systemctl", "start", BOOT_TARGET, check=False, timeout=90)
     return seen.read_text()
 
 

@@ -1,6 +1,10 @@
-"""Unit tests never touch the machine's kernel rules: an Iptables built with the real tools
-(the default runner) fails the test instead of running iptables-restore in whatever network
-namespace the tests run in. Unit tests pass fake tools, or hold a firewall_fakes.RecordingFirewall."""
+"""Unit tests never run the real rule tools: a test that reached iptables-save/-restore would
+read or change the firewall of the machine it runs on (once, real nfqfw rules were left in the
+host's own namespace so). An Iptables built with the real `subprocess.run` (its default runner)
+fails the test when it runs a tool -- through iptables._run or directly, as the IPv6 NAT probe
+does; tests drive the backend with fake tools (`Iptables(run=...)`) and daemons with
+`firewall_fakes.RecordingFirewall`.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,7 @@ from nfqfw.firewall.iptables import FAMILIES, Iptables, Runner, Tools
 
 
 def _refuse_real_tools(argv: list[str], *args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    pytest.fail(
-        f"a unit test ran the real {argv[0]}: give the daemon a firewall_fakes.RecordingFirewall"
-        " (or Iptables fake tools)",
-        pytrace=True,
-    )
+    pytest.fail(f"a unit test ran the real {argv[0]}: give the daemon a RecordingFirewall")
 
 
 @pytest.fixture(autouse=True)

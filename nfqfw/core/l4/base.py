@@ -63,6 +63,9 @@ class Tracker(ABC):
                                   recheck, flow lists, snapshot checks); None when malformed
       state_name(bits, state)     the flow's state as `nfqfw flows` shows it
       timeouts                    the default timeouts by name, in seconds
+    For an ICMP error the gateway itself sent (l4.icmp, IcmpTracker.own_error):
+      starts_flow(pkt)            would this packet, with no flow of its own, start one (not
+                                  be INVALID as a first packet)? No state is touched.
     The services a tracker uses on its Conntrack (`self.ct`) are documented there.
     """
 
@@ -94,6 +97,14 @@ class Tracker(ABC):
 
     def error(self, pkt: Packet) -> Tracked:
         return self.ct.answer(Ct.INVALID, f"{self.name}: no flow for this packet")
+
+    def starts_flow(self, pkt: Packet) -> bool:
+        """Every packet may start a flow (UDP, the generic protocols)."""
+        return True
+
+    def own_error(self, pkt: Packet) -> Tracked:
+        """Only ICMP errors are the gateway's own errors (IcmpTracker overrides this)."""
+        return self.ct.answer(Ct.INVALID, f"{self.name}: not an icmp error")
 
     @abstractmethod
     def new(self, pkt: Packet, key: bytes, is_a: bool, now: float) -> Tracked: ...

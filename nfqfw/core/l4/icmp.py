@@ -5,6 +5,13 @@ information), keyed requester-first by (query type, requester, responder, identi
 packet's direction follows from its type: a reply without its request is INVALID. Errors are
 RELATED to the flow whose header they quote, or INVALID; ICMPv6 neighbour discovery and MLD are
 untracked; every other type is INVALID. 30 s, refreshed by every packet.
+
+The gateway's own errors (`own_error`, for errors queued from the OUTPUT hook, which forwarded
+packets never traverse) follow the kernel, which attaches the quoted packet's conntrack to the
+error it sends (nf_ct_attach in icmp_send / icmp6_send): RELATED whenever that packet had a
+conntrack, i.e. its flow is in the table or it could start one. A packet whose TTL runs out at
+the gateway, or that is too big for the next link, is answered before FORWARD, so its flow
+never reaches the table: the error is RELATED all the same.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ ICMPV6_REPLIES = {reply: request for request, reply in ICMPV6_QUERIES.items()}
 ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})
 ICMPV6_UNTRACKED = frozenset({130, 131, 132, 133, 134, 135, 136, 137, 143})  # MLD, RS, RA, NS, NA, redirect
 ICMP_MAX_TYPE = 18
+OWN_ERROR = "related: the gateway's own icmp error"  # no flow: its packet never reached the table
 
 _IDENT = struct.Struct("!HH").pack  # the identifier and two bytes of zero
 
@@ -97,6 +105,27 @@ class IcmpTracker(Tracker):
         if pkt.dst != inner.src:
             return ct.answer(Ct.INVALID, "icmp error: outer destination is not the flow's endpoint")
         return ct.related(slot)
+
+    def own_error(self, pkt: Packet) -> Tracked:
+        """An error the gateway itself sent, back to the source of the packet it quotes: RELATED
+        to that packet's flow, or RELATED with no flow (OWN_ERROR) when the packet could start
+        one; INVALID when it could not (the kernel gave it no conntrack to attach)."""
+        ct = self.ct
+        inner = pkt.inner
+        if inner is None:
+            return ct.answer(Ct.INVALID, "icmp error: no embedded header")
+        if pkt.dst != inner.src:
+            return ct.answer(Ct.INVALID, "icmp error: outer destination is not the flow's endpoint")
+        slot = ct.lookup(inner)
+        if slot is not None:
+            return ct.related(slot)
+        if ct.starts_flow(inner):
+            return ct.answer(Ct.RELATED, OWN_ERROR)
+        return ct.answer(Ct.INVALID, "icmp error from the gateway: the packet it quotes starts no flow")
+
+    def starts_flow(self, pkt: Packet) -> bool:
+        """Only a query (echo, timestamp, ... request) starts a flow."""
+        return pkt.icmp_type in (ICMP_QUERIES if pkt.proto == PROTO_ICMP else ICMPV6_QUERIES)
 
     def new(self, pkt: Packet, key: bytes, is_a: bool, now: float) -> Tracked:
         if not is_a:

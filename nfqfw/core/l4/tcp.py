@@ -116,6 +116,14 @@ class TcpTracker(Tracker):
         self.table.bits[tracked.slot] |= PROTO_STATE
         return tracked
 
+    def starts_flow(self, pkt: Packet) -> bool:
+        """What new() would say, without a slot: not INVALID as the first packet of a flow."""
+        ct = self.ct
+        conn = tcp_new(pkt, ct.loose)
+        if isinstance(conn, str):
+            return False
+        return tcp_packet(conn, pkt, ORIGINAL, False, ct.tcp_timeouts).kind != INVALID
+
     # core.fastpath mirrors this for an ACK-class segment of an ASSURED flow in a steady state.
     def packet(self, slot: int, bits: int, pkt: Packet, direction: int, now: float) -> Tracked:
         ct, table = self.ct, self.table

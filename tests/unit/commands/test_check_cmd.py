@@ -182,3 +182,25 @@ def test_ipv6_nat_is_checked_against_the_kernel(
         f"{policy}: OK (zones: 2, ingress rules: 0, egress rules: 0, nat: 1 masquerade, 1 forward), "
         "0 rules compiled in T\n"
     )
+
+
+def test_antispoof_off_on_an_external_zone_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("zones: {external: [wan0], internal: [lan0]}\noptions:\n  antispoof: off\n")
+    assert run_check(policy) == 0  # valid: a warning, not an error
+    captured = capsys.readouterr()
+    head = f"{policy}: OK (zones: 2, ingress rules: 0, egress rules: 0), 0 rules compiled in "
+    assert captured.out.startswith(head) and re.fullmatch(r"\d+\.\d ms\n", captured.out[len(head) :])
+    assert captured.err == (
+        f"{policy}:3:14: warning: options: antispoof is off: packets with a forged source address "
+        "(an inside host's, the gateway's own) from the external zone are not dropped\n"
+    )
+    for quiet in (
+        "zones: {external: [], internal: [lan0]}\noptions: {antispoof: off}\n",
+        "zones: {external: [wan0]}\noptions: {antispoof: loose}\n",
+    ):
+        policy.write_text(quiet)
+        assert run_check(policy) == 0
+        assert capsys.readouterr().err == ""

@@ -156,6 +156,7 @@ def test_check_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "masquerade": 0,
             "snat": 0,
             "forwards": 0,
+            "warnings": [],
         },
         {
             "file": str(bad),

@@ -237,3 +237,91 @@ def test_zones_beyond_two_and_out(nat_policy: Path, capsys: pytest.CaptureFixtur
         "verdict: accept\nconntrack: new\ndecided by: default egress\nwhy: default egress\n"
         "then source NAT: masquerade to the address of wan0 (line 12)\n"
     )
+
+
+def test_the_gateways_own_icmp_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    probe = ["--quoting", "udp", "10.0.0.25:40000", "203.0.113.10:33434"]
+    _, out, _ = run_explain(
+        [
+            "--in",
+            "lan0",
+            "--hook",
+            "output",
+            "--icmp-type",
+            "time-exceeded",
+            *probe,
+            "icmp",
+            "10.0.0.1",
+            "10.0.0.25",
+        ],
+        capsys,
+    )
+    assert out == (
+        "zones: gateway -> internal (egress)\n"
+        "verdict: accept\nconntrack: related\ndecided by: conntrack (related)\n"
+        "why: related: the gateway's own icmp error\n"
+    )
+    # forwarded, the same error quotes a flow nobody tracked
+    _, out, _ = run_explain(
+        ["--in", "wan0", "--icmp-type", "time-exceeded", *probe, "icmp", "198.51.100.7", "10.0.0.25"], capsys
+    )
+    assert out.splitlines()[:3] == [
+        "zones: external -> internal (ingress)",
+        "verdict: drop",
+        "conntrack: invalid",
+    ]
+    too_big = ["--icmp-type", "packet-too-big", "--quoting", "udp", "[fd00::25]:40000", "[2001:db8::7]:443"]
+    _, out, _ = run_explain(
+        ["--in", "lan0", "--hook", "output", *too_big, "icmpv6", "fd00::1", "fd00::25"], capsys
+    )
+    assert out.splitlines()[:3] == [
+        "zones: gateway -> internal (egress)",
+        "verdict: accept",
+        "conntrack: related",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--icmp-type", "time-exceeded", "icmp", "10.0.0.1", "10.0.0.25"],
+            "an ICMP error quotes a packet: give it with --quoting PROTO SRC DST",
+        ),
+        (
+            ["--quoting", "udp", "10.0.0.25:1", "203.0.113.10:2", "icmp", "10.0.0.1", "10.0.0.25"],
+            "--quoting is for ICMP errors (e.g. --icmp-type time-exceeded)",
+        ),
+        (
+            [
+                "--icmp-type",
+                "11",
+                "--quoting",
+                "udp",
+                "[fd00::25]:1",
+                "[fd00::9]:2",
+                "icmp",
+                "10.0.0.1",
+                "10.0.0.25",
+            ],
+            "the quoted packet is of another IP family",
+        ),
+        (
+            [
+                "--icmp-type",
+                "11",
+                "--quoting",
+                "sctp",
+                "10.0.0.25",
+                "10.0.0.9",
+                "icmp",
+                "10.0.0.1",
+                "10.0.0.25",
+            ],
+            "unknown protocol 'sctp' (use tcp, udp, icmp, icmpv6)",
+        ),
+    ],
+)
+def test_bad_quoting_is_refused(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_explain(["--in", "lan0", *argv], capsys)
+    assert (status, out, err) == (1, "", f"nfqfw explain: {message}\n")

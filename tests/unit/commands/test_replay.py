@@ -130,6 +130,44 @@ def test_gateway_addresses_pick_input_and_output_hooks(
     ]
 
 
+def test_traceroute_through_the_gateway(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A probe whose TTL runs out at the gateway never reaches FORWARD (nothing is tracked for
+    it); the gateway's time exceeded (OUTPUT) is RELATED all the same, the kernel's way."""
+    probe = IP(src=HOST, dst=WEB, ttl=1) / UDP(sport=40000, dport=33434) / b"probe"
+    capture = tmp_path / "traceroute.pcapng"
+    wrpcapng(
+        str(capture),
+        [
+            on("lan0", 1.0, probe),
+            on("lan0", 1.001, IP(src="10.0.0.1", dst=HOST) / ICMP(type=11, code=0) / bytes(probe)),
+            # the same error forwarded from elsewhere quotes a flow nobody tracked: INVALID
+            on("wan0", 1.002, IP(src=OUTSIDER, dst=HOST) / ICMP(type=11, code=0) / bytes(probe)),
+            on("lan0", 2.0, IP(src=HOST, dst="224.0.0.251", ttl=1) / UDP(sport=5353, dport=5353)),
+            on("lan0", 3.0, IP(src=HOST, dst=WEB, ttl=2) / UDP(sport=40000, dport=33435) / b"probe"),
+        ],
+    )
+    status, lines, summary = run_replay(
+        ["--config", str(policy_with_gateway(tmp_path)), str(capture)], capsys
+    )
+    assert status == 0
+    expired = "ttl expired: the gateway answers it before FORWARD"
+    assert lines == [
+        {"n": 1, "verdict": "not-queued", "ct": None, "rule": None, "reason": expired},
+        line(2, "accept", "related", None, "related: the gateway's own icmp error"),
+        line(3, "drop", "invalid", None, "invalid: icmp error: embedded header matches no flow"),
+        line(4, "accept", "new", None, "default egress"),  # multicast: not forwarded that way
+        line(5, "accept", "new", None, "default egress"),  # the second hop's probe is forwarded
+    ]
+    assert summary.splitlines() == [
+        "packets: 5, non-IP frames skipped: 0",
+        "count  verdict     ct       reason",
+        "    2  accept      new      default egress",
+        "    1  accept      related  related: the gateway's own icmp error",
+        "    1  drop        invalid  invalid: icmp error: embedded header matches no flow",
+        f"    1  not-queued  -        {expired}",
+    ]
+
+
 def test_iface_option_names_the_interface_of_a_classic_pcap(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

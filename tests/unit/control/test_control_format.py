@@ -170,6 +170,17 @@ def test_status_text() -> None:
     ]
 
 
+def test_status_text_with_the_kernel_rules_drops() -> None:
+    kernel = {"drop new-rate per source": 70, "drop default ingress": 5000, "reject rule no-ident": 2}
+    assert format_status(status(kernel_drops=kernel), utc)[-4:] == [
+        "dropped by the kernel rules, before the queues (packets, by reason):",
+        "  drop default ingress      5000",
+        "  drop new-rate per source    70",
+        "  reject rule no-ident         2",
+    ]
+    assert format_status(status(kernel_drops=None), utc) == format_status(status(), utc)
+
+
 def test_status_panic_changed_file_and_failed_reload() -> None:
     reload = {"time": T0 + 60, "trigger": "SIGHUP", "ok": False, "removed": None}
     reload["errors"] = ["p.yaml:1:1: bad"]

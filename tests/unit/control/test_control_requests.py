@@ -105,12 +105,9 @@ def daemon(rundir: Path) -> Iterator[Daemon]:
     policy.write_text(POLICY)
     policy.chmod(0o600)
     clock = Clock()
-    d = Daemon(
-        Options(config=str(policy), runtime_dir=str(rundir)),
-        notifier=Notes(),  # type: ignore[arg-type]
-        firewall=RecordingFirewall(),
-        clock=clock,
-    )
+    options = Options(config=str(policy), runtime_dir=str(rundir))
+    firewall = RecordingFirewall(KERNEL_DROPS)
+    d = Daemon(options, notifier=Notes(), clock=clock, firewall=firewall)  # type: ignore[arg-type]
     d.engine = Engine(CompiledPolicy(load_policy(policy)))
     d.spec = QueueSpec(0, 0)
     d.links = QuietLinks({3: "lan0", 4: "wan0"})  # type: ignore[assignment]
@@ -137,6 +134,9 @@ def answer(chunks: Iterator[bytes]) -> Any:
     return reply["result"]
 
 
+KERNEL_DROPS = {"drop default ingress": 1200, "drop new-rate per source": 30}
+
+
 def test_status(daemon: Daemon) -> None:
     status = answer(Requests(daemon)({"cmd": "status"}))
     digest = hashlib.sha256(POLICY.encode()).hexdigest()
@@ -155,6 +155,21 @@ def test_status(daemon: Daemon) -> None:
     }
     assert status["verdicts"] == {"accept default egress": 2, "accept established": 2}
     assert status["adapter"] == dict.fromkeys(daemon.adapter.counters, 0)  # type: ignore[union-attr]
+    assert status["kernel_drops"] == KERNEL_DROPS  # read from the rules at the request
+
+
+def test_status_counts_early_drops_as_verdicts_and_survives_unreadable_rules(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unreadable() -> dict[str, int]:
+        raise RulesError("iptables-save failed (exit 1): no")
+
+    daemon.adapter.early_drops = 7  # type: ignore[union-attr]
+    daemon.firewall.counters = unreadable  # type: ignore[method-assign,union-attr]
+    status = answer(Requests(daemon)({"cmd": "status"}))
+    assert status["verdicts"] == {"accept default egress": 2, "accept established": 2, "drop queue delay": 7}
+    assert status["kernel_drops"] is None
+    assert "cannot read the kernel rules' counters: iptables-save failed (exit 1): no" in caplog.text
 
 
 def test_status_sees_a_changed_policy_file(daemon: Daemon) -> None:
@@ -301,8 +316,11 @@ def test_reload_reports_located_errors_then_success(daemon: Daemon, monkeypatch:
     }
     assert answer(requests({"cmd": "status"}))["last_reload"] == failed
     assert len(daemon.engine.conntrack) == 2  # the running policy stays, flows too
+    firewall = daemon.firewall
+    assert isinstance(firewall, RecordingFirewall) and firewall.installs == []  # the rules too
     Path(path).write_text(POLICY.replace("ports: [445]", "ports: [445, 80]"))
     done = answer(requests({"cmd": "reload"}))
+    assert firewall.installs == [daemon.spec]  # the pre-filter follows the new policy
     assert done == {**failed, "ok": True, "errors": [], "removed": 1}
     assert daemon.last_reload == ReloadResult(1_750_000_000.0, "control request", True, (), 1)
     assert [f.proto for f in daemon.engine.conntrack] == [17]  # the session to port 80 is rejected now

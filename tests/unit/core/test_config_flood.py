@@ -16,7 +16,7 @@ from nfqfw.core.config import (
 
 def test_protections_default_on_offload_off() -> None:
     options = parse_policy(ZONES).options
-    assert (options.prefilter, options.offload) == (True, "off")
+    assert (options.prefilter, options.offload, options.antispoof) == (True, "off", "strict")
     assert options.new_rate == DEFAULT_NEW_RATE == Rate(20000, 1)
     assert options.new_rate_per_source == DEFAULT_NEW_RATE_PER_SOURCE == Rate(10000, 1)
 
@@ -29,6 +29,20 @@ def test_every_protection_option_set() -> None:
     options = parse_policy(text).options
     assert options == OptionsConfig(
         prefilter=False, new_rate=Rate(600, 60), new_rate_per_source=Rate(5, 1), offload="established"
+    )
+
+
+@pytest.mark.parametrize("mode", ["strict", "loose", "off"])
+def test_antispoof_modes(mode: str) -> None:
+    config = parse_policy(ZONES + f"options: {{antispoof: {mode}}}\n", "p.yaml")
+    assert config.options.antispoof == mode
+    assert [str(issue) for issue in config.warnings] == (
+        [
+            "p.yaml:4:22: warning: options: antispoof is off: packets with a forged source address "
+            "(an inside host's, the gateway's own) from the external zone are not dropped"
+        ]
+        if mode == "off"
+        else []
     )
 
 
@@ -60,6 +74,10 @@ def test_caps_can_be_switched_off() -> None:
             "offload: establish",
             "p.yaml:5:12: options: offload: expected off or established, got 'establish' (did you mean "
             "'established'?)",
+        ),
+        (
+            "antispoof: on",
+            "p.yaml:5:14: options: antispoof: expected strict, loose or off, got 'on'",
         ),
         (
             "offlaod: established",

@@ -142,6 +142,93 @@ def test_icmp_echo_and_related_error() -> None:
     expect(e.process(unsolicited, IN, 2.0), Action.DROP, Ct.INVALID, "invalid: icmp: reply without a request")
 
 
+# -- the gateway's own ICMP errors (queued from OUTPUT) ----------------------------------------
+
+GW_LAN, GW_LAN6 = addr("10.0.0.1"), addr("fd00::1")
+FROM_GATEWAY = Meta(Hook.OUTPUT, None, "lan0")
+OWN = "related: the gateway's own icmp error"
+
+
+def icmp4_error(
+    src: bytes, dst: bytes, type_: int, code: int, quoted: bytes, rest: bytes = bytes(4)
+) -> bytes:
+    return ipv4(src, dst, 1, icmp(type_, code, rest, quoted))
+
+
+def icmp6_error(
+    src: bytes, dst: bytes, type_: int, code: int, quoted: bytes, rest: bytes = bytes(4)
+) -> bytes:
+    return ipv6(src, dst, 58, icmpv6(src, dst, type_, code, rest + quoted))
+
+
+def test_the_gateways_time_exceeded_about_a_packet_it_never_forwarded_is_related() -> None:
+    e = engine()
+    echo = ipv4(LAN, WAN, 1, icmp(8, 0, (9, 1)), ttl=1)  # ping -t1: answered before FORWARD
+    error = icmp4_error(GW_LAN, LAN, 11, 0, echo)
+    expect(e.process(error, FROM_GATEWAY, 1.0), Action.ACCEPT, Ct.RELATED, OWN)
+    # forwarded errors keep the strict rule: the same error through the gateway is INVALID
+    reason = "invalid: icmp error: embedded header matches no flow"
+    expect(e.process(error, IN, 1.0), Action.DROP, Ct.INVALID, reason)
+    assert len(e.conntrack) == 0  # the quoted packet's flow was never confirmed, nor is it now
+    assert e.counts() == {f"accept {OWN}": 1, f"drop {reason}": 1}
+
+
+def test_the_gateways_errors_about_a_first_udp_packet_ipv6() -> None:
+    e = engine()
+    first = ipv6(LAN6, WAN6, 17, udp(LAN6, WAN6, 40000, 443, b"q" * 1300))
+    for kind, rest in ((2, struct.pack("!I", 1280)), (3, bytes(4))):  # packet too big, time exceeded
+        error = icmp6_error(GW_LAN6, LAN6, kind, 0, first[:1232], rest)
+        expect(e.process(error, FROM_GATEWAY, 1.0), Action.ACCEPT, Ct.RELATED, OWN)
+    assert len(e.conntrack) == 0
+
+
+def test_the_gateways_error_about_a_tracked_flow_is_related_to_it() -> None:
+    e = engine()
+    e.process(udp4(LAN, WAN, 40000, 53), OUT, 0.0)
+    error = icmp4_error(GW_LAN, LAN, 3, 4, udp4(LAN, WAN, 40000, 53), struct.pack("!HH", 0, 1280))
+    expect(e.process(error, FROM_GATEWAY, 1.0), Action.ACCEPT, Ct.RELATED, "related")
+
+
+def test_the_gateways_error_is_invalid_where_the_kernel_attaches_no_conntrack() -> None:
+    """The kernel attaches the quoted packet's conntrack; a packet that could not start a flow
+    had none, so the error about it is INVALID, as are errors not sent back to its source."""
+    e = engine()
+    ack = tcp4(LAN, WAN, 50000, 80, ACK, seq=1, ack=1)  # strict pick-up: no flow for it
+    reply = ipv4(LAN, WAN, 1, icmp(0, 0, (9, 1)))  # an echo reply without a request
+    why = "invalid: icmp error from the gateway: the packet it quotes starts no flow"
+    for quoted in (ack, reply):
+        expect(
+            e.process(icmp4_error(GW_LAN, LAN, 11, 0, quoted), FROM_GATEWAY, 1.0),
+            Action.DROP,
+            Ct.INVALID,
+            why,
+        )
+    elsewhere = icmp4_error(GW_LAN, MAIL, 11, 0, udp4(LAN, WAN, 40000, 53))
+    reason = "invalid: icmp error: outer destination is not the flow's endpoint"
+    expect(e.process(elsewhere, FROM_GATEWAY, 1.0), Action.DROP, Ct.INVALID, reason)
+    loose = engine(POLICY_FILE.read_text() + "\noptions: {tcp-pickup: loose}\n")
+    error = icmp4_error(GW_LAN, LAN, 11, 0, ack)
+    expect(loose.process(error, FROM_GATEWAY, 1.0), Action.ACCEPT, Ct.RELATED, OWN)
+
+
+def test_a_sample_of_the_kernels_antispoof_drops_is_invalid_spoofed_source() -> None:
+    """Only the kernel's antispoof queues from PREROUTING: whatever the packet, it is dropped as
+    INVALID, logged (log-denied), and tracked nowhere."""
+    e = engine()
+    spoofed = Meta(Hook.PREROUTING, "wan0", None)
+    syn = tcp4(LAN, MAIL, 40000, 25, SYN, seq=1)  # an inside source arriving from outside
+    verdict = e.process(syn, spoofed, 1.0)
+    expect(verdict, Action.DROP, Ct.INVALID, "invalid: spoofed source")
+    assert verdict.log
+    e.process(udp4(LAN, WAN, 40000, 53), OUT, 2.0)  # a real flow with that tuple
+    expect(
+        e.process(udp4(WAN, LAN, 53, 40000), spoofed, 3.0), Action.DROP, Ct.INVALID, "invalid: spoofed source"
+    )
+    # the flow saw no reply: the inside host's next datagram is still NEW
+    assert e.process(udp4(LAN, WAN, 40000, 53), OUT, 4.0).ct is Ct.NEW
+    assert e.counts() == {"drop invalid: spoofed source": 2, "accept default egress": 2}
+
+
 def test_icmpv6_neighbour_solicitation_input_accept_forward_drop() -> None:
     e = engine()
     src, dst = addr("fe80::2"), addr("ff02::1:ff00:1")

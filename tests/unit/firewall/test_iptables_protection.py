@@ -10,7 +10,7 @@ from test_iptables import NOTHING, SAVE_INSTALLED, FakeTools
 
 from nfqfw.core.prefilter import KernelMatch, KernelRule
 from nfqfw.firewall import QueueSpec
-from nfqfw.firewall.backend import Protection, Rate, Synproxy
+from nfqfw.firewall.backend import Antispoof, Protection, Rate, Synproxy
 from nfqfw.firewall.iptables import Iptables, parse_counters, parse_save, render_install, render_remove
 
 PREFILTER = (
@@ -125,6 +125,65 @@ def test_offload_bypass_and_synproxy() -> None:
         "-m conntrack --ctstate UNTRACKED -j RETURN"
     ) in lines
     assert render_install(QueueSpec(0, 0, protection=protection), NOTHING, 6).startswith("*filter\n")
+
+
+def test_the_gateways_own_icmp_errors_pass_output_unqueued() -> None:
+    protection = Protection(gateway_errors=True)
+    for family, proto in ((4, "icmp"), (6, "ipv6-icmp")):
+        lines = render_install(QueueSpec(0, 0, protection=protection), NOTHING, family).splitlines()
+        assert [line for line in lines if line.startswith("-A NFQFW-OUTPUT")] == [
+            "-A NFQFW-OUTPUT -o lo -j RETURN",
+            "-A NFQFW-OUTPUT -m mark --mark 0x10000000/0x10000000 -j RETURN",
+            f"-A NFQFW-OUTPUT -p {proto} -m conntrack --ctstate RELATED -j RETURN",
+            "-A NFQFW-OUTPUT -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
+        ]
+        assert not any("RELATED" in line for line in lines if not line.startswith("-A NFQFW-OUTPUT"))
+
+
+SPOOFED = Antispoof(loose=False, reason="invalid: spoofed source", log=True)
+
+
+def test_antispoof_in_the_raw_table_with_a_sample_for_the_log() -> None:
+    protection = Protection(antispoof=SPOOFED, log_limit=Rate(3, 60), log_burst=10)
+    for family in (4, 6):
+        text = render_install(QueueSpec(2, 3, bypass=True, protection=protection), NOTHING, family)
+        assert text.startswith(
+            "*raw\n:NFQFW-RAW - [0:0]\n"
+            "-A NFQFW-RAW -m mark ! --mark 0x10000000/0x10000000 -m rpfilter --invert "
+            "-m limit --limit 3/min --limit-burst 10 -j NFQUEUE --queue-balance 2:3\n"  # no bypass
+            '-A NFQFW-RAW -m rpfilter --invert -m comment --comment "invalid: spoofed source" -j DROP\n'
+            "-I PREROUTING 1 -j NFQFW-RAW\nCOMMIT\n*filter\n"
+        ), text
+
+
+def test_antispoof_loose_without_log_next_to_synproxy() -> None:
+    synproxy = Synproxy(4, "FORWARD", (KernelMatch(6, dst="10.0.0.80/32"),), "web")
+    loose = Antispoof(loose=True, reason="invalid: spoofed source", log=False)
+    protection = Protection(antispoof=loose, synproxy=(synproxy,), new_first=4)
+    raw = render_install(QueueSpec(0, 0, protection=protection), NOTHING, 4).split("*filter")[0]
+    assert raw.splitlines() == [
+        "*raw",
+        ":NFQFW-RAW - [0:0]",
+        '-A NFQFW-RAW -m rpfilter --loose --invert -m comment --comment "invalid: spoofed source" -j DROP',
+        "-A NFQFW-RAW -d 10.0.0.80/32 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CT --notrack",
+        "-I PREROUTING 1 -j NFQFW-RAW",
+        "COMMIT",
+    ]
+    # the sample of a strict antispoof with a queue for first packets goes there, as the pre-filter's
+    strict = render_install(QueueSpec(0, 0, protection=replace(protection, antispoof=SPOOFED)), NOTHING, 4)
+    assert "-m limit --limit 3/min --limit-burst 10 -j NFQUEUE --queue-num 4\n" in strict
+
+
+def test_antispoof_drops_are_counted_from_the_raw_table() -> None:
+    save = SAVE_PROTECTED.replace(
+        "[0:0] -A NFQFW-RAW -p tcp -j CT --notrack\n",
+        "[2:120] -A NFQFW-RAW -m mark ! --mark 0x10000000/0x10000000 -m rpfilter --invert -m limit "
+        "--limit 3/min --limit-burst 10 -j NFQUEUE --queue-num 0\n"
+        '[40:2400] -A NFQFW-RAW -m rpfilter --invert -m comment --comment "invalid: spoofed source" -j DROP\n'
+        "[0:0] -A NFQFW-RAW -p tcp -j CT --notrack\n"
+        '[5:300] -A PREROUTING -m comment --comment "invalid: spoofed source" -j DROP\n',  # not ours
+    )
+    assert parse_counters(save)["drop invalid: spoofed source"] == 40
 
 
 SAVE_PROTECTED = """\

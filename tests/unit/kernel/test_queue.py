@@ -152,9 +152,16 @@ def test_engine_error_gets_the_failure_mode_verdict(
 
 def test_unexpected_hook_is_an_error_and_dropped() -> None:
     adapter, engine, _, _, _ = _adapter(ACCEPT)
-    pkt = FakePacket(SYN, hook=0)  # PREROUTING: not one of ours
+    pkt = FakePacket(SYN, hook=4)  # POSTROUTING: not one of ours
     adapter.on_packet(pkt)
     assert (pkt.verdict, engine.seen, adapter.counters["verdict error"]) == ("drop", [], 1)
+
+
+def test_prerouting_samples_reach_the_engine_with_their_hook() -> None:
+    """The kernel's antispoof sends its log samples from PREROUTING (raw table)."""
+    adapter, engine, _, _, _ = _adapter(ACCEPT)
+    adapter.on_packet(FakePacket(SYN, hook=0, indev=3, outdev=0))
+    assert engine.seen[0][1] == Meta(Hook.PREROUTING, "lan0", None)
 
 
 class FastEngine(StandInEngine):

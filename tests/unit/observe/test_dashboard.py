@@ -1,6 +1,7 @@
 """config/grafana/nfqfw.json: a well-formed Grafana dashboard whose queries name only metrics
 the daemon really exports (the collector's output for a fake daemon, and the supervisor's
-nfqfw_worker_up), and that covers verdicts, flows, table usage, queue drops and latency."""
+nfqfw_worker_up), and that covers verdicts, flows, table usage, queue drops, the kernel rules'
+drops, early drops and latency."""
 
 from __future__ import annotations
 
@@ -50,11 +51,13 @@ def test_the_dashboard_shows_what_operators_look_for() -> None:
         "nfqfw_flow_table_usage_ratio",
         "nfqfw_queue_kernel_drops_total",
         "nfqfw_queue_waiting",
+        "nfqfw_kernel_drops_total",  # what the kernel rules dropped before the queues
         "nfqfw_engine_latency_seconds_bucket",
     }
     assert wanted <= used
     by = " ".join(expressions())
     assert "sum by (action)" in by and "sum by (rule, action)" in by and "sum by (proto, state)" in by
+    assert 'reason="queue delay"' in by  # the early drops of queues that are behind
 
 
 def test_panels_are_well_formed() -> None:

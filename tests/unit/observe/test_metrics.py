@@ -203,11 +203,13 @@ def fake_daemon() -> SimpleNamespace:
     }
     packet_log = PacketLog()
     packet_log.lines, packet_log.suppressed = 10, 123
+    kernel = {"drop default ingress": 500, "drop new-rate per source": 70, "reject rule no-ident": 2}
     return SimpleNamespace(
         engine=SimpleNamespace(counters=counters, conntrack=FakeConntrack(flows)),
-        adapter=SimpleNamespace(counters=adapter),
+        adapter=SimpleNamespace(counters=adapter, early_drops=9),
         packet_log=packet_log,
         spec=QueueSpec(0, 1),
+        kernel_drops=lambda: kernel,
     )
 
 
@@ -241,6 +243,7 @@ def test_collector_output_from_a_fake_daemon() -> None:
         nfqfw_verdicts_total{action="drop",reason="default ingress",rule=""} 3.0
         nfqfw_verdicts_total{action="drop",reason="internal error",rule=""} 1.0
         nfqfw_verdicts_total{action="drop",reason="invalid: ipv4: truncated header (N bytes)",rule=""} 2.0
+        nfqfw_verdicts_total{action="drop",reason="queue delay",rule=""} 9.0
         nfqfw_verdicts_total{action="reject",reason="rule",rule="no-smb-out"} 4.0
         nfqfw_flows{proto="tcp",state="established"} 2.0
         nfqfw_flows{proto="tcp",state="syn_sent"} 1.0
@@ -257,6 +260,9 @@ def test_collector_output_from_a_fake_daemon() -> None:
         nfqfw_queue_kernel_drops_total{cause="socket_full",queue="1"} 0.0
         nfqfw_queue_waiting{queue="0"} 5.0
         nfqfw_queue_waiting{queue="1"} 0.0
+        nfqfw_kernel_drops_total{action="drop",reason="default ingress",rule=""} 500.0
+        nfqfw_kernel_drops_total{action="drop",reason="new-rate per source",rule=""} 70.0
+        nfqfw_kernel_drops_total{action="reject",reason="rule",rule="no-ident"} 2.0
         nfqfw_rejects_sent_total 3.0
         nfqfw_rejects_unsent_total{cause="not_answered"} 0.0
         nfqfw_rejects_unsent_total{cause="rate_limited"} 1.0
@@ -292,6 +298,7 @@ def worker_records(queue: int, timer: EngineTimer) -> list:  # type: ignore[type
     """A worker's records as its supervisor gets them: through JSON (tuples become lists)."""
     daemon = fake_daemon()
     daemon.spec = QueueSpec(queue, queue)
+    daemon.kernel_drops = lambda: None  # a worker: the rules are its supervisor's
     return json.loads(json.dumps(records(NfqfwCollector(daemon, timer, read_stats=lambda: QUEUE_STATS))))
 
 
@@ -302,7 +309,10 @@ def test_the_supervisor_serves_the_sum_of_its_workers() -> None:
     first.counts[2], first.sum_ns = 5, 40_000_000
     second.counts[2], second.counts[11], second.sum_ns = 1, 1, 20_000_000
     answers = [worker_records(0, first), worker_records(1, second)]
-    text = exposition(MergedCollector(lambda: answers, lambda: [(0, True), (1, True), (2, False)]))
+    kernel = {"drop default ingress": 500}
+    text = exposition(
+        MergedCollector(lambda: answers, lambda: [(0, True), (1, True), (2, False)], lambda: kernel)
+    )
     lines = samples(text)
     for line in (
         'nfqfw_verdicts_total{action="accept",reason="established",rule=""} 140.0',
@@ -320,6 +330,8 @@ def test_the_supervisor_serves_the_sum_of_its_workers() -> None:
         "nfqfw_engine_latency_seconds_count 7.0",
         "nfqfw_engine_latency_seconds_sum 0.06",
         'nfqfw_worker_up{queue="0"} 1.0',
+        'nfqfw_kernel_drops_total{action="drop",reason="default ingress",rule=""} 500.0',  # its own
+        'nfqfw_verdicts_total{action="drop",reason="queue delay",rule=""} 18.0',
         'nfqfw_worker_up{queue="2"} 0.0',
     ):
         assert line in lines, line
@@ -377,7 +389,9 @@ def test_merge_of_no_answers_and_of_one() -> None:
 
 def test_collector_before_start_and_without_metrics_timer() -> None:
     """No engine, adapter or queue yet (the endpoint starts before the queue is bound)."""
-    source = SimpleNamespace(engine=None, adapter=None, packet_log=PacketLog(), spec=None)
+    source = SimpleNamespace(
+        engine=None, adapter=None, packet_log=PacketLog(), spec=None, kernel_drops=lambda: None
+    )
     assert samples(exposition(NfqfwCollector(source, None, read_stats=lambda: None))) == [
         "nfqfw_rejects_sent_total 0.0",
         'nfqfw_rejects_unsent_total{cause="not_answered"} 0.0',
@@ -430,7 +444,9 @@ def test_collector_reads_a_real_engine() -> None:
     ]
     for now, (packet, meta) in enumerate(packets):
         engine.process(bytes(packet), meta, float(now))
-    daemon = SimpleNamespace(engine=engine, adapter=None, packet_log=PacketLog(), spec=None)
+    daemon = SimpleNamespace(
+        engine=engine, adapter=None, packet_log=PacketLog(), spec=None, kernel_drops=lambda: None
+    )
     lines = samples(exposition(NfqfwCollector(daemon, None, read_stats=lambda: None)))
     assert lines[:12] == [
         'nfqfw_verdicts_total{action="accept",reason="default egress",rule=""} 1.0',

@@ -261,11 +261,11 @@ def test_a_reload_follows_the_nat_section_in_the_kernel_rules(tmp_path: Path) ->
     assert d.spec.nat is not None and d.spec.nat.forwards  # the shipped policy publishes the mail server
     path.write_text(WITH_NAT6)
     assert d.reload() is True
-    names = [forward.name for forward in firewall.specs[-1].nat.forwards]  # type: ignore[union-attr]
+    names = [forward.name for forward in firewall.installs[-1].nat.forwards]  # type: ignore[union-attr]
     assert names == ["web6", "web6", "smtp", "smtp"]  # each on wan0, and on lan0 (hairpin)
-    installed = len(firewall.specs)
+    installed = len(firewall.installs)
     assert d.reload() is True
-    assert len(firewall.specs) == installed  # unchanged: not installed again
+    assert len(firewall.installs) == installed  # unchanged: not installed again
 
 
 def test_ipv6_nat_on_a_kernel_without_it_is_refused_located(
@@ -277,7 +277,7 @@ def test_ipv6_nat_on_a_kernel_without_it_is_refused_located(
     d = Daemon(
         Options(config=str(path)),  # type: ignore[arg-type]
         notifier=Recorder(),  # type: ignore[arg-type]
-        firewall=RecordingFirewall("no ip6tables nat table"),
+        firewall=RecordingFirewall(missing="no ip6tables nat table"),
     )
     d.engine = loaded_engine()
     line = WITH_NAT6[: WITH_NAT6.index("{name: web6")].count("\n") + 1

@@ -8,7 +8,7 @@ import pytest
 
 from nfqfw.core.config import parse_policy
 from nfqfw.core.prefilter import INVALID_TCP_FLAGS, KernelMatch
-from nfqfw.firewall.backend import Rate, Synproxy
+from nfqfw.firewall.backend import Antispoof, Rate, Synproxy
 from nfqfw.service import ruleset
 from nfqfw.service.options import Options
 
@@ -19,10 +19,11 @@ ingress:
 """
 
 
-def test_defaults_prefilter_and_caps_no_separate_queue() -> None:
+def test_defaults_prefilter_caps_and_four_queues_each_with_its_queue_for_first_packets() -> None:
     spec = ruleset.queue_spec(Options(config="p"), parse_policy(POLICY), bypass=False)
     protection = spec.protection
-    assert protection is not None and spec.bound_queues == (0,)
+    assert protection is not None and spec.queues == range(0, 4) and spec.new_queues == range(4, 8)
+    assert spec.bound_queues == (0, 1, 2, 3, 4, 5, 6, 7) and spec.queue_text == "0:3"
     assert protection.new_rate == Rate(20000, 1) and protection.new_rate_per_source == Rate(10000, 1)
     assert protection.invalid_tcp_flags == INVALID_TCP_FLAGS
     assert protection.internal_ifaces == ("lan0",)
@@ -37,6 +38,24 @@ def test_defaults_prefilter_and_caps_no_separate_queue() -> None:
     ]
     assert protection.offload_mark is None and protection.synproxy == ()
     assert protection.reject_rate == int(Options(config="p").reject_rate)
+    assert protection.gateway_errors  # the gateway's own ICMP errors pass OUTPUT in the kernel
+    assert protection.antispoof == Antispoof(loose=False, reason="invalid: spoofed source", log=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ("{antispoof: loose}", Antispoof(loose=True, reason="invalid: spoofed source", log=True)),
+        (
+            "{antispoof: strict, log-denied: false}",
+            Antispoof(loose=False, reason="invalid: spoofed source", log=False),
+        ),
+        ("{antispoof: off}", None),
+    ],
+)
+def test_antispoof_modes(options: str, expected: Antispoof | None) -> None:
+    config = parse_policy(POLICY + f"options: {options}\n")
+    assert ruleset.protection(Options(config="p"), config).antispoof == expected
 
 
 def test_new_queue_offload_and_switched_off_caps() -> None:
@@ -48,6 +67,18 @@ def test_new_queue_offload_and_switched_off_caps() -> None:
     assert spec.protection is not None
     assert spec.protection.offload_mark == ruleset.OFFLOAD_MARK
     assert spec.protection.new_rate is None and spec.protection.prefilter == ()
+
+
+def test_first_packets_follow_the_main_queues_unless_told() -> None:
+    config = parse_policy(POLICY)
+
+    def bound(**options: object) -> tuple[int, ...]:
+        return ruleset.queue_spec(Options(config="p", **options), config, bypass=False).bound_queues  # type: ignore[arg-type]
+
+    assert bound(queue_first=5, queue_last=5) == (5, 6)
+    assert bound(queue_first=5, queue_last=5, new_queue=9) == (5, 9)
+    assert bound(queue_first=5, queue_last=6, new_queue="off") == (5, 6)
+    assert bound(queue_first=0, queue_last=1) == (0, 1, 2, 3)
 
 
 def test_synproxy_waits_for_the_engine(
@@ -62,3 +93,48 @@ def test_synproxy_waits_for_the_engine(
     match4 = KernelMatch(6, dst="10.0.0.80/32", dports=((443, 443),), in_iface="wan0")
     match6 = KernelMatch(6, dst="fd00::80/128", dports=((443, 443),), in_iface="wan0")
     assert synproxy == (Synproxy(4, "FORWARD", (match4,), "web"), Synproxy(6, "FORWARD", (match6,), "web"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "queues"),
+    [
+        ([], (0, 3, None)),
+        (["--queue", "5"], (5, 5, None)),
+        (["--queue-balance", "2:3", "--new-queue", "10"], (2, 3, 10)),
+        (["--queue", "0", "--new-queue", "off"], (0, 0, "off")),
+    ],
+)
+def test_run_queue_options_reach_the_daemon(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], queues: tuple[int, int, object]
+) -> None:
+    from nfqfw.cli import build_parser
+    from nfqfw.observe import logsetup
+    from nfqfw.service import daemon
+
+    seen: list[Options] = []
+    monkeypatch.setattr(logsetup, "setup_logging", lambda level: None)
+    monkeypatch.setattr(daemon, "run_daemon", lambda options: seen.append(options) or 0)
+    args = build_parser().parse_args(["run", "-c", "p.yaml", *argv])
+    assert args.func(args) == 0
+    assert (seen[0].queue_first, seen[0].queue_last, seen[0].new_queue) == queues
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--queue-balance", "0:3", "--new-queue", "2"], "nfqfw: --new-queue 2 overlaps the queues 0:3\n"),
+        (
+            ["--queue", "65535"],
+            "nfqfw: no room for the queues of first packets after 65535 "
+            "(--new-queue N chooses them, --new-queue off shares the main queues)\n",
+        ),
+    ],
+)
+def test_run_refuses_queues_for_first_packets_that_do_not_fit(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    from nfqfw.cli import build_parser
+
+    args = build_parser().parse_args(["run", "-c", "p.yaml", *argv])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err == message

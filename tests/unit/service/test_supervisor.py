@@ -143,7 +143,7 @@ def test_a_workers_counts_reach_the_supervisor_as_data(
         for sport in (40000, 40001):
             outbound = ipv4(lan, wan, 17, udp(lan, wan, sport, 53))
             daemon.engine.process(outbound, Meta(Hook.FORWARD, "lan0", "wan0"), clock())
-        daemon.adapter = SimpleNamespace(counters={"reject sent": 1})  # type: ignore[assignment]
+        daemon.adapter = SimpleNamespace(counters={"reject sent": 1}, early_drops=0)  # type: ignore[assignment]
         daemon._notify_systemd(clock())  # a STATUS= is due at once
         supervisor._on_notify(worker)
         assert worker.counts == Counts(2, 2, 1)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conntrack_packets import LAN, WAN, admit, pkt, udp4
+from conntrack_packets import LAN, WAN, WAN6, admit, echo4, echo6, pkt, tcp4, udp4
 
 from nfqfw.core import l4
-from nfqfw.core.build import ipv4
+from nfqfw.core.build import icmp, ipv4
 from nfqfw.core.conntrack import Conntrack, Tracked, first_packet
 from nfqfw.core.l4.base import PROTO_STATE, SMALL, Tracker
 from nfqfw.core.l4.generic import GenericTracker
@@ -14,7 +14,7 @@ from nfqfw.core.l4.icmp import IcmpTracker
 from nfqfw.core.l4.tcp import TcpTracker
 from nfqfw.core.l4.tcp_states import DEFAULT_TIMEOUTS
 from nfqfw.core.l4.udp import UdpTracker
-from nfqfw.core.packet import Packet
+from nfqfw.core.packet import ACK, FIN, PSH, SYN, URG, Packet
 from nfqfw.core.verdict import Ct
 
 EXPERIMENT = 253  # RFC 3692: for experimentation
@@ -94,3 +94,39 @@ def test_a_new_protocol_is_one_tracker_and_one_registry_entry(monkeypatch: pytes
     assert flow.state_name == "SEEN 2"  # the removed flow's handle keeps its values
     udp = admit(ct, udp4(LAN, WAN, 40000, 53), 13.0)
     assert udp.slot == slot and ct.table.small[slot * SMALL] == 0  # the area was cleared for reuse
+
+
+def test_which_packets_could_start_a_flow() -> None:
+    """Conntrack.starts_flow (for the gateway's own ICMP errors): each tracker's first-packet
+    rule, with no state touched."""
+    ct = Conntrack()
+    starts = {
+        "syn": tcp4(LAN, WAN, 1000, 80, SYN, 1),
+        "ack": tcp4(LAN, WAN, 1000, 80, ACK, 1, 1),
+        "xmas": tcp4(LAN, WAN, 1000, 80, FIN | PSH | URG, 1),
+        "udp": udp4(LAN, WAN, 1000, 53),
+        "echo request": echo4(LAN, WAN, 8, 7),
+        "echo reply": echo4(LAN, WAN, 0, 7),
+        "echo request v6": echo6(WAN6, WAN6, 128, 7),
+        "echo reply v6": echo6(WAN6, WAN6, 129, 7),
+        "error": ipv4(LAN, WAN, 1, icmp(11, 0, bytes(4), udp4(WAN, LAN, 1, 2))),
+        "gre": ipv4(LAN, WAN, 47, bytes(8)),
+        "later fragment": ipv4(LAN, WAN, 17, bytes(16), ident=7, frag_offset=8),
+    }
+    answers = {name: ct.starts_flow(pkt(data)) for name, data in starts.items()}
+    assert answers == {
+        "syn": True,
+        "ack": False,  # strict pick-up
+        "xmas": False,
+        "udp": True,
+        "echo request": True,
+        "echo reply": False,
+        "echo request v6": True,
+        "echo reply v6": False,
+        "error": False,
+        "gre": True,
+        "later fragment": False,
+    }
+    ct.loose = True
+    assert ct.starts_flow(pkt(starts["ack"]))
+    assert len(ct) == 0 and ct.track(pkt(starts["syn"]), 1.0).new  # nothing was left pending
