@@ -37,6 +37,7 @@ pytestmark = pytest.mark.lab
 TOPOLOGY = Topology("nfqsd-")
 REPO = Path(__file__).resolve().parents[2]
 UNIT = "nfqfw.service"
+CLOSED_DROP_IN = "/etc/systemd/system/nfqfw-closed.service.d/lab.conf"  # into the lab namespace
 
 
 @dataclass
@@ -92,6 +93,9 @@ def service() -> Iterator[Service]:
                 "WatchdogSec=3s\nTimeoutAbortSec=2s\n"
                 f"StandardOutput=append:{log}\nStandardError=inherit\n",
             )
+            # nfqfw.service wants nfqfw-closed.service: without this drop-in, starting the daemon
+            # ran `rules install-closed` in the box's network namespace, the host's own.
+            box.write(CLOSED_DROP_IN, f"[Service]\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n")
             box.run("systemctl", "daemon-reload")
             box.run("systemctl", "start", UNIT, timeout=60)  # returns once READY=1 came (Type=notify)
             yield Service(box, log)
@@ -272,10 +276,6 @@ def boot_with(service: Service, failing_daemon: bool) -> str:
     # The box knows only the units written into it: the system's network-pre.target, as shipped.
     box.write(
         "/etc/systemd/system/network-pre.target", Path("/lib/systemd/system/network-pre.target").read_text()
-    )
-    box.write(
-        "/etc/systemd/system/nfqfw-closed.service.d/lab.conf",
-        f"[Service]\nNetworkNamespacePath=/run/netns/{TOPOLOGY.gw}\n",
     )
     failing = f"/etc/systemd/system/{UNIT}.d/failing.conf"
     if failing_daemon:  # a daemon that never comes up (say, a policy that no longer loads)
