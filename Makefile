@@ -11,6 +11,7 @@
 #   make bench-flood    floods against the kernel ruleset and nfqfw, side by side (bench/flood.py)
 #   make bench-latency  other flows' ping RTT while one flow is busy, kernel against nfqfw (bench/latency.py)
 #   make bench-rules    new-flow decisions/s, policy load and reload recheck for 10..10,000 rules
+#   make bench-sets     a named set of 1,000..100,000 networks: load, memory, decisions, set add
 #   make deb        dist/nfqfw_VERSION_ARCH.deb (dpkg-buildpackage; DEB_VERSION=, DIST= to choose)
 #   make install    nfqfw on this machine from the checkout: /opt/nfqfw, /usr/local/bin/nfqfw,
 #                   /etc/nfqfw/policy.yaml (kept if present), the systemd units, man pages, completion
@@ -41,8 +42,8 @@ DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack ip
 # What `make deb` needs (the package is built on Debian's own python3, whatever PYTHON is).
 DEB_BUILD_PACKAGES := dpkg-dev debhelper build-essential python3-dev python3-venv
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-latency bench-rules deb \
-	wheelhouse docs install uninstall clean
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-latency bench-rules bench-sets deb wheelhouse docs \
+	install uninstall clean
 
 help:
 	@sed -n '1,/^#   make uninstall/s/^# \{0,1\}//p' Makefile
@@ -108,6 +109,9 @@ bench-latency: bootstrap
 
 bench-rules: bootstrap
 	$(BIN)/python bench/rule_scaling.py
+
+bench-sets: bootstrap
+	$(BIN)/python bench/set_scaling.py
 
 # --- the Debian package ------------------------------------------------------------------------
 # dpkg-buildpackage runs in a copy of the sources under build/deb (it writes next to the tree it

@@ -1,4 +1,8 @@
-"""`nfqfw check FILE...`: validate policy files without touching the system."""
+"""`nfqfw check FILE...`: validate policy files without touching the system.
+
+`nfqfw check --diff OLD NEW`: both validated, and what changed from OLD to NEW (rules by name:
+added, removed, changed field by field, reordered; sets, defaults, options, zones, NAT), for
+review in CI; exit code 1 only when either is invalid."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
+from nfqfw.commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_json_option, print_json
 from nfqfw.core.config import ConfigError, ConfigIssue, PolicyConfig, ipv6_nat_issues, load_policy
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.firewall import backend_named
@@ -24,11 +28,20 @@ def register(subparsers: Any) -> None:
         "root: tried in a throwaway network namespace).",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
-    add_json_option(parser, "one object per file (file, ok, counts or errors) in a list")
+    parser.add_argument(
+        "--diff",
+        action="store_true",
+        help="with two files OLD NEW: what changed from OLD to NEW (rules, sets, defaults, options, NAT)",
+    )
+    add_json_option(
+        parser, "one object per file (file, ok, counts or errors) in a list; with --diff the changes"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.diff:
+        return run_diff(args)
     results = [check_file(path) for path in args.files]
     if args.json:
         print_json(results)
@@ -68,6 +81,32 @@ def _check_ipv6_nat(config: PolicyConfig) -> None:
         raise ConfigError(ipv6_nat_issues(config, missing))
 
 
+def run_diff(args: argparse.Namespace) -> int:
+    from nfqfw.core.diff import diff_lines, policy_diff
+
+    if len(args.files) != 2:
+        print("nfqfw check: --diff takes two files, OLD and NEW", file=sys.stderr)
+        return EXIT_USAGE
+    configs = []
+    for path in args.files:
+        try:
+            configs.append(load_policy(path))
+        except ConfigError as err:
+            for issue in err.issues:
+                print(issue, file=sys.stderr)
+            print(f"{path}: {len(err.issues)} error{'s' if len(err.issues) != 1 else ''}", file=sys.stderr)
+    if len(configs) != 2:
+        return EXIT_FAILURE
+    old, new = configs
+    changes = policy_diff(old, new)
+    if args.json:
+        print_json({"old": args.files[0], "new": args.files[1], "changes": changes})
+    else:
+        print(f"--- {args.files[0]}\n+++ {args.files[1]}")
+        print("\n".join(diff_lines(changes)))
+    return EXIT_OK
+
+
 def counts(config: PolicyConfig) -> dict[str, int]:
     nat = config.nat
     return {
@@ -79,6 +118,9 @@ def counts(config: PolicyConfig) -> dict[str, int]:
         "masquerade": 0 if nat is None else len({(e.line, e.col) for e in nat.masquerade}),
         "snat": 0 if nat is None else len({(e.line, e.col) for e in nat.snat}),
         "forwards": 0 if nat is None else len(nat.forward),
+        "sets": len(config.sets),
+        "set_networks": sum(found.content.written for found in config.sets.values()),
+        "files": len(config.sources),
     }
 
 
@@ -109,6 +151,10 @@ def summary(path: str, counted: dict[str, Any]) -> str:
     ]
     if nat:
         numbers += f", nat: {', '.join(nat)}"
+    if counted.get("sets"):
+        numbers += f", sets: {counted['sets']} ({counted['set_networks']} networks)"
+    if counted.get("files", 1) > 1:
+        numbers += f", files: {counted['files']}"
     rules = counted["rules"]
     compiled = f"{rules} rule{'s' if rules != 1 else ''} compiled in {duration(counted['compile_seconds'])}"
     return f"{path}: OK ({numbers}), {compiled}"

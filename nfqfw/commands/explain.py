@@ -5,10 +5,12 @@ Builds the packet with `nfqfw.core.build`, gives it what the kernel would tell t
 (nfqfw.core.offline: a forward's translation, the hook, the output interface from the zones'
 networks unless --out names it), runs it through a fresh engine (so conntrack has seen nothing
 before it) and prints the translation, the zones, the verdict, the conntrack state and what
-decided, and the source NAT the kernel would then apply. An ICMP error quotes the packet
-`--quoting` describes, e.g. the gateway's own time exceeded about a traceroute probe: `--hook
-output icmp 10.0.0.1 10.0.0.25 --icmp-type time-exceeded --quoting udp 10.0.0.25:40000
-203.0.113.10:33434`.
+decided, and the source NAT the kernel would then apply. A rule is shown as the policy means it
+(ports as numbers, with their service names), with where it is written, its comment, and which
+of its sets the packet's addresses are in. Runtime set entries (nfqfw set add) are the running
+daemon's: explain sees the policy's files only. An ICMP error quotes the packet `--quoting`
+describes, e.g. the gateway's own time exceeded about a traceroute probe: `--hook output icmp
+10.0.0.1 10.0.0.25 --icmp-type time-exceeded --quoting udp 10.0.0.25:40000 203.0.113.10:33434`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
 from nfqfw.commands.replay import load_compiled
 from nfqfw.core import build
-from nfqfw.core.config import ICMP_TYPES
+from nfqfw.core.config import ICMP_TYPES, SIDES
 from nfqfw.core.engine import Engine
 from nfqfw.core.forwards import FORWARD_REASON
 from nfqfw.core.l4.icmp import ICMP_ERRORS
@@ -237,7 +239,36 @@ def then_source_nat(policy: CompiledPolicy, arrival: Arrival, verdict: Verdict) 
     return f"snat to {entry.to} (line {entry.line})"
 
 
-def report(verdict: Verdict, extra: dict[str, object] | None = None) -> str:
+def rule_details(policy: CompiledPolicy, name: str, packet: bytes) -> dict[str, Any] | None:
+    """The rule that decided: where it is, what it matches (as numbers), its comment, and the sets
+    of its from/to that hold the packet's addresses."""
+    from nfqfw.core.decode import decode
+    from nfqfw.core.diff import describe_rule
+
+    config = policy.config
+    rule = next((r for side in SIDES for r in config.rules(side) if r.name == name), None)
+    if rule is None:
+        return None
+    pkt = decode(packet)
+    matched = [
+        f"{word} {ipaddress.ip_address(raw)} in @{set_name}"
+        for word, addresses, raw in (("from", rule.src, pkt.src), ("to", rule.dst, pkt.dst))
+        if addresses is not None
+        for set_name in addresses.sets
+        if policy.sets[set_name].contains(raw)
+    ]
+    return {
+        "name": rule.name,
+        "at": f"{rule.file or config.filename}:{rule.line}",
+        "match": describe_rule(rule),
+        "comment": rule.comment,
+        "sets": matched,
+    }
+
+
+def report(
+    verdict: Verdict, extra: dict[str, object] | None = None, rule: dict[str, Any] | None = None
+) -> str:
     extra = extra or {}
     lines = []
     forwarded = extra.get("forwarded")
@@ -247,6 +278,11 @@ def report(verdict: Verdict, extra: dict[str, object] | None = None) -> str:
     if isinstance(where, dict):
         lines.append(f"zones: {where['from']} -> {where['to']} ({where['side']})")
     lines += [f"{key.replace('_', ' ')}: {value}" for key, value in explained(verdict).items() if value]
+    if rule is not None:
+        lines.append(f"rule: {rule['name']} ({rule['at']}): {rule['match']}")
+        lines += [f"  {found}" for found in rule["sets"]]
+        if rule["comment"]:
+            lines.append(f"comment: {rule['comment']}")
     if extra.get("source_nat"):
         lines.append(f"then source NAT: {extra['source_nat']}")
     return "\n".join(lines)
@@ -269,8 +305,9 @@ def run(args: argparse.Namespace) -> int:
         "zones": zones(policy, arrival),
         "source_nat": then_source_nat(policy, arrival, verdict),
     }
+    rule = None if verdict.rule is None else rule_details(policy, verdict.rule, arrival.data)
     if args.json:
-        print_json({**explained(verdict), "hook": arrival.meta.hook.name, **extra})
+        print_json({**explained(verdict), "hook": arrival.meta.hook.name, **extra, "rule": rule})
     else:
-        print(report(verdict, extra))
+        print(report(verdict, extra, rule))
     return EXIT_OK

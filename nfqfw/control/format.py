@@ -1,6 +1,7 @@
-"""What `nfqfw status`, `flows`, `flush`, `panic` and `reload` print: the daemon's JSON answers
-(see nfqfw.control.protocol) turned into text. Pure: dicts in, lines out; times are formatted by a
-function the caller passes (local time by default), so tests can pin them.
+"""What `nfqfw status`, `flows`, `flush`, `panic`, `reload`, `confirm` and `set` print: the
+daemon's JSON answers (see nfqfw.control.protocol) turned into text. Pure: dicts in, lines out;
+times are formatted by a function the caller passes (local time by default), so tests can pin
+them.
 """
 
 from __future__ import annotations
@@ -101,9 +102,89 @@ def format_reload(outcome: dict[str, Any], when: TimeText = local_time) -> list[
     if outcome["ok"]:
         removed = outcome.get("removed")
         kept = "flows kept (reload: keep)" if removed is None else f"{plural(removed, 'flow')} removed"
-        return [f"{at}: ok, policy reloaded, {kept}"]
+        done = "policy rolled back" if outcome["trigger"].startswith("rollback") else "policy reloaded"
+        lines = [f"{at}: ok, {done}, {kept}"]
+        within = outcome.get("confirm_within")
+        if within is not None:
+            lines.append(
+                f"  on trial: 'nfqfw confirm' within {within:g} s keeps it, else the previous policy "
+                "comes back"
+            )
+        return lines
     lines = [f"{at}: FAILED, the running policy stays in force:"]
     lines += [f"  {error}" for error in outcome["errors"]]
+    return lines
+
+
+def format_confirm(result: dict[str, Any]) -> str:
+    if result.get("rolled_back"):
+        return f"rolled back: the policy before the reload is in force again (sha256 {result['sha256'][:12]})"
+    return f"confirmed: the reloaded policy stays (sha256 {result['sha256'][:12]})"
+
+
+def format_preview(preview: dict[str, Any]) -> list[str]:
+    """`nfqfw reload --dry-run`: what the file on disk would change, the flows it would cut."""
+    from nfqfw.core.diff import diff_lines
+
+    if not preview["ok"]:
+        return ["the policy on disk would be refused (the running policy would stay):"] + [
+            f"  {error}" for error in preview["errors"]
+        ]
+    if preview["sha256"] == preview["in_force"]:
+        head = f"the policy on disk is the policy in force (sha256 {preview['in_force'][:12]})"
+    else:
+        head = (
+            f"the policy on disk (sha256 {preview['sha256'][:12]}) would replace {preview['in_force'][:12]}:"
+        )
+    lines = [head, *[f"  {line}" for line in diff_lines(preview["changes"])]]
+    total = preview["cut_total"]
+    if not preview["recheck"]:
+        lines.append("flows: none cut (reload: keep)")
+    elif not total:
+        lines.append("flows: none would be cut")
+    else:
+        lines.append(f"flows it would cut ({total}):")
+        for record in preview["cut"]:
+            now = f"now: {record['now']} ({record['now_action']})"
+            lines.append(f"  {format_flow(record)} -> {now}")
+        if total > len(preview["cut"]):
+            lines.append(f"  ... and {total - len(preview['cut'])} more")
+    for missing in preview.get("unanswered") or []:
+        lines.append(
+            f"  queue {missing['queue']} did not answer ({missing['error']}): its flows are not listed"
+        )
+    return lines
+
+
+# --- sets -------------------------------------------------------------------------------------
+
+
+def format_set_change(result: dict[str, Any]) -> str:
+    op = "added to" if result["op"] == "add" else "deleted from"
+    if result["changed"]:
+        text = f"{result['addr']} {op} set {result['set']}"
+    elif result["op"] == "add":
+        text = f"{result['addr']} was in set {result['set']} already (its timeout is renewed)"
+    else:
+        text = f"{result['addr']} was not a runtime entry of set {result['set']}"
+    if result.get("removed"):
+        text += f"; {plural(result['removed'], 'flow')} cut"
+    return text + unanswered(result)
+
+
+def format_set_list(result: dict[str, Any]) -> list[str]:
+    comment = f" ({result['comment']})" if result.get("comment") else ""
+    source = f", file {result['file']}" if result.get("file") else ""
+    ranges = result["policy_ranges"]
+    lines = [
+        f"set {result['name']}{comment}: defined at {result['defined_at']}{source}",
+        f"  from the policy: {plural(result['policy_networks'], 'network')} "
+        f"({ranges['ipv4']} IPv4 and {ranges['ipv6']} IPv6 ranges once merged)",
+        f"  runtime entries: {len(result['runtime'])}",
+    ]
+    for entry in result["runtime"]:
+        left = "" if entry["expires_in"] is None else f"  (expires in {duration(entry['expires_in'])})"
+        lines.append(f"    {entry['addr']}{left}")
     return lines
 
 
@@ -138,6 +219,17 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
         lines.append("  the file cannot be read now: a reload would fail")
     elif policy["file_sha256"] != policy["sha256"]:
         lines.append(f"  on disk:    {policy['file_sha256']} (changed since loaded: nfqfw reload)")
+    if policy.get("files", 1) > 1:
+        lines.append(
+            f"  files:      {policy['files']} (included files and set files; the sha256 covers them all)"
+        )
+    pending = policy.get("pending_confirm")
+    if pending is not None:
+        left = "" if pending["rollback_in"] is None else f" in {duration(pending['rollback_in'])}"
+        lines.append(
+            f"  ON TRIAL:   rolled back to {pending['previous_sha256'][:12]}{left} unless 'nfqfw confirm'"
+        )
+    lines += format_sets(policy.get("sets") or [])
     reload = status["last_reload"]
     if reload is None:
         lines.append("last reload:  none since start")
@@ -160,7 +252,9 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
         detail = ", ".join(f"{state} {count}" for state, count in _by_count(states))
         lines.append(f"  {proto:<8}{sum(states.values()):>6}  {detail}")
     lines.append("verdicts (packets, by reason and rule):")
-    lines += _table(_by_count(status["verdicts"]))
+    lines += _commented(
+        _table(_by_count(status["verdicts"])), _by_count(status["verdicts"]), policy.get("comments") or {}
+    )
     if status.get("zones"):
         lines.append("new flows by zone pair (first packets the policy decided):")
         lines += _table(_by_count(status["zones"]))
@@ -177,6 +271,34 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
         lines.append("dropped by the kernel rules, before the queues (packets, by reason):")
         lines += _table(_by_count(kernel_drops))
     return lines
+
+
+def format_sets(sets: list[dict[str, Any]]) -> list[str]:
+    """The policy's sets in the status: sizes, file, comment, and a watched file's error."""
+    lines = []
+    for entry in sets:
+        text = f"  set {entry['name']}: {plural(entry['policy_networks'], 'network')}"
+        if entry.get("runtime_entries"):
+            text += f" + {entry['runtime_entries']} runtime"
+        if entry.get("file"):
+            text += f" ({entry['file']})"
+        if entry.get("comment"):
+            text += f"  # {entry['comment']}"
+        lines.append(text)
+        if entry.get("error"):
+            lines.append(f"    FILE CHANGED BUT BROKEN, old contents kept: {entry['error']}")
+    return lines
+
+
+def _commented(lines: list[str], rows: list[tuple[str, int]], comments: dict[str, str]) -> list[str]:
+    """Verdict lines of rules that have a comment get it at the end (`# why`)."""
+    if not comments or len(lines) != len(rows):
+        return lines
+    out = []
+    for line, (key, _) in zip(lines, rows, strict=True):
+        rule = key.split(" rule ", 1)[1] if " rule " in key else None
+        out.append(f"{line}  # {comments[rule]}" if rule in comments else line)
+    return out
 
 
 def format_workers(status: dict[str, Any]) -> list[str]:

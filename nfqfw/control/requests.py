@@ -1,4 +1,5 @@
-"""What a service answers on its control socket: status, flows, flush, metrics, panic, reload.
+"""What a service answers on its control socket: status, flows, flush, metrics, panic, reload,
+confirm (a reload on trial) and set (runtime entries of the policy's sets).
 
 `Requests` is the one request handler of every service's ControlServer (the single daemon, a
 worker, the supervisor of workers: nfqfw.service.core.ServiceCore). It checks the command and
@@ -30,6 +31,8 @@ from nfqfw.kernel.queue_info import read_queue_stats, verdict_counts
 log = logging.getLogger(__name__)
 
 MAX_TALKERS = 100  # `status` with "talkers": N lists at most this many addresses
+MAX_CONFIRM = 86400  # seconds a reload on trial may wait for `nfqfw confirm`
+SET_OPS = ("add", "del", "list")
 
 
 class Service(Protocol):
@@ -44,7 +47,11 @@ class Service(Protocol):
     def flush(self, request: dict[str, Any], selection: FlowFilter) -> dict[str, Any]: ...
     def metric_records(self) -> list[Any]: ...
     def set_panic(self, on: bool) -> bool: ...
-    def reload(self, trigger: str = ...) -> bool: ...
+    def reload(self, trigger: str = ..., confirm: float | None = ...) -> bool: ...
+    def reload_preview(self, candidate: bool = ...) -> dict[str, Any]: ...
+    def confirm(self, rollback: bool = ...) -> dict[str, Any]: ...
+    def set_request(self, op: str, name: str, addr: str | None, timeout: float | None) -> dict[str, Any]: ...
+    def load_sets_again(self) -> int: ...
 
 
 class Requests:
@@ -87,8 +94,44 @@ class Requests:
         return iter([ok({"panic": on, "changed": was != on})])
 
     def _reload(self, request: dict[str, Any]) -> Chunks:
-        self.service.reload("control request")
+        dry_run, candidate = request.get("dry_run", False), request.get("candidate", False)
+        if not isinstance(dry_run, bool) or not isinstance(candidate, bool):
+            raise RequestError('reload: "dry_run" and "candidate" must be true or false')
+        confirm = request.get("confirm")
+        if confirm is not None and (
+            isinstance(confirm, bool)
+            or not isinstance(confirm, (int, float))
+            or not 0 < confirm <= MAX_CONFIRM
+        ):
+            raise RequestError(f'reload: "confirm" must be a number of seconds, 1-{MAX_CONFIRM:g}')
+        if dry_run:
+            return iter([ok(self.service.reload_preview(candidate=candidate))])
+        self.service.reload("control request", confirm=None if confirm is None else float(confirm))
         return iter([ok(asdict(self.service.last_reload))])
+
+    def _confirm(self, request: dict[str, Any]) -> Chunks:
+        rollback = request.get("rollback", False)
+        if not isinstance(rollback, bool):
+            raise RequestError('confirm: "rollback" must be true or false')
+        return iter([ok(self.service.confirm(rollback=rollback))])
+
+    def _set(self, request: dict[str, Any]) -> Chunks:
+        op, name, addr, timeout = (request.get(key) for key in ("op", "name", "addr", "timeout"))
+        if op == "load":  # a worker told by its supervisor: the saved entries again
+            return iter([ok({"entries": self.service.load_sets_again()})])
+        if op not in SET_OPS:
+            raise RequestError(f'set: "op" must be one of {", ".join(SET_OPS)}')
+        if not isinstance(name, str) or not name:
+            raise RequestError('set: "name" must be the name of one of the policy\'s sets')
+        if op != "list" and not isinstance(addr, str):
+            raise RequestError(f'set {op}: "addr" must be an address or network')
+        if timeout is not None and (
+            op != "add" or isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise RequestError('set: "timeout" is a positive number of seconds, for add only')
+        return iter(
+            [ok(self.service.set_request(op, name, addr, None if timeout is None else float(timeout)))]
+        )
 
 
 def command_of(request: dict[str, Any]) -> str:

@@ -16,7 +16,23 @@ Shape (see config/policy.yaml for the commented version)::
     nat:      {masquerade: [..], snat: [..], forward: [..]}
     options:  {max-flows, tcp-pickup, failure-mode, reload, log-denied, log-limit,
                log-limit-burst, log-format, gateway-addresses, prefilter, new-rate,
-               new-rate-per-source, offload, antispoof}
+               new-rate-per-source, offload, antispoof, watch-sets}
+    sets:     {NAME: [networks] | {file: PATH, networks: [...], comment: TEXT} | {}}
+    include:  [paths or globs]  # more files with sets and rules
+
+Sets and includes. A rule's `from`/`to` may name sets (`@NAME`) beside literal addresses; the
+set's networks (inline, from its file, and later the runtime entries) are nfqfw.core.sets's.
+A set file is read with the policy: its bad lines are issues located in it (`FILE:LINE:
+message`, no column), reported with the policy's. `include:` reads more files (paths relative
+to the including file, globs expanded in file-name order) that may hold `sets`, rule lists and
+includes: rule lists are appended in that order, sets merged, a name defined twice is an error
+naming both places. Every file read is a `SourceFile` of the PolicyConfig; its `sha256` covers
+them all. Where the files come from is a `PolicyFiles`: the disk (recording what it read, so the
+supervisor of --workers can hand its workers exactly the validated bytes as a bundle) or such a
+bundle.
+
+`ports`/`sports` take service names from SERVICES (IANA's names of common services, built in
+so that a policy means the same on every machine).
 
 A valid policy may still carry warnings (`PolicyConfig.warnings`, located like errors), which
 `nfqfw check` prints: a choice that is allowed but weakens the firewall (antispoof off).
@@ -36,13 +52,16 @@ the firewall backend's.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import glob
 import hashlib
 import ipaddress
+import json
 import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,6 +71,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from nfqfw.core.conntrack import DEFAULT_MAX_FLOWS
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from nfqfw.core.sets import SetContent, network_range, parse_set_text
 from nfqfw.core.verdict import Action
 
 ZONES = ("external", "internal")  # the zones that may be plain interface lists
@@ -60,7 +80,13 @@ FACES = (OUTSIDE, INSIDE)
 ZONE_FACES = {"external": OUTSIDE, "internal": INSIDE}  # what the two named zones face
 ZONE_KEYS = ("faces", "interfaces", "networks")
 SIDES = ("ingress", "egress", "between")
-TOP_KEYS = ("zones", "defaults", "ingress", "egress", "between", "nat", "options")
+TOP_KEYS = ("zones", "defaults", "ingress", "egress", "between", "nat", "options", "sets", "include")
+INCLUDE_KEYS = ("sets", "ingress", "egress", "between", "include")  # what an included file may hold
+SET_KEYS = ("file", "networks", "comment")
+# A set's name: also part of its kernel ipsets' names (nfqfw4-NAME, at most 31 characters).
+_SET_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,23}")
+SET_NAME_RULE = "a letter, then letters, digits, '-' or '_', at most 24 characters"
+MAX_SET_FILE_ERRORS = 20  # bad lines reported per set file (then how many more there are)
 DEFAULT_KEYS = ("ingress", "egress", "between", "invalid")
 NAT_KEYS = ("masquerade", "snat", "forward")
 MASQUERADE_KEYS = ("out", "from", "family")
@@ -93,6 +119,7 @@ OPTION_KEYS = (
     "new-rate-per-source",
     "offload",
     "antispoof",
+    "watch-sets",
 )
 LOG_FORMATS = ("text", "json")  # options: log-format (nfqfw.observe.logsetup)
 # options: antispoof: drop packets whose source the gateway would not route back out of the
@@ -117,6 +144,7 @@ RULE_KEYS = (
     "synproxy",
     "from-zone",
     "to-zone",
+    "comment",
 )
 
 DEFAULT_LIMIT_BURST = 5  # as iptables -m limit
@@ -178,6 +206,103 @@ ICMP_TYPES: dict[str, tuple[int | None, int | None]] = {
     "mld2-report": (None, 143),
 }
 
+# Service names for ports/sports: IANA's service name registry, the common ones (a built-in
+# table, not the machine's /etc/services, so a policy means the same everywhere).
+SERVICES: dict[str, int] = {
+    "ftp-data": 20,
+    "ftp": 21,
+    "ssh": 22,
+    "telnet": 23,
+    "smtp": 25,
+    "time": 37,
+    "whois": 43,
+    "tacacs": 49,
+    "domain": 53,
+    "bootps": 67,
+    "bootpc": 68,
+    "tftp": 69,
+    "gopher": 70,
+    "finger": 79,
+    "http": 80,
+    "kerberos": 88,
+    "pop3": 110,
+    "sunrpc": 111,
+    "auth": 113,
+    "nntp": 119,
+    "ntp": 123,
+    "epmap": 135,
+    "netbios-ns": 137,
+    "netbios-dgm": 138,
+    "netbios-ssn": 139,
+    "imap": 143,
+    "snmp": 161,
+    "snmptrap": 162,
+    "xdmcp": 177,
+    "bgp": 179,
+    "irc": 194,
+    "ldap": 389,
+    "https": 443,
+    "microsoft-ds": 445,
+    "kpasswd": 464,
+    "submissions": 465,
+    "isakmp": 500,
+    "syslog": 514,
+    "printer": 515,
+    "dhcpv6-client": 546,
+    "dhcpv6-server": 547,
+    "rtsp": 554,
+    "submission": 587,
+    "ipp": 631,
+    "ldaps": 636,
+    "kerberos-adm": 749,
+    "domain-s": 853,
+    "rsync": 873,
+    "ftps-data": 989,
+    "ftps": 990,
+    "telnets": 992,
+    "imaps": 993,
+    "pop3s": 995,
+    "socks": 1080,
+    "openvpn": 1194,
+    "ms-sql-s": 1433,
+    "l2tp": 1701,
+    "pptp": 1723,
+    "radius": 1812,
+    "radius-acct": 1813,
+    "mqtt": 1883,
+    "ssdp": 1900,
+    "nfs": 2049,
+    "iscsi-target": 3260,
+    "mysql": 3306,
+    "ms-wbt-server": 3389,
+    "stun": 3478,
+    "nut": 3493,
+    "sieve": 4190,
+    "ipsec-nat-t": 4500,
+    "sip": 5060,
+    "sips": 5061,
+    "xmpp-client": 5222,
+    "xmpp-server": 5269,
+    "mdns": 5353,
+    "llmnr": 5355,
+    "postgresql": 5432,
+    "amqp": 5672,
+    "x11": 6000,
+    "redis": 6379,
+    "syslog-tls": 6514,
+    "http-alt": 8080,
+    "secure-mqtt": 8883,
+    "git": 9418,
+    "zabbix-agent": 10050,
+    "zabbix-trapper": 10051,
+    "memcache": 11211,
+    "mongodb": 27017,
+}
+SERVICE_NAMES: dict[int, str] = {}  # port -> its name (the first, for ports with several)
+for _name, _port in SERVICES.items():
+    SERVICE_NAMES.setdefault(_port, _name)
+_SERVICE_RE = re.compile(r"[a-z][a-z0-9-]*")
+
 _LIMIT_UNITS = {
     "s": 1,
     "sec": 1,
@@ -210,7 +335,8 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class ConfigIssue(NamedTuple):
-    """One problem in a policy file; line and column are 1-based."""
+    """One problem in a policy file; line and column are 1-based (column 0: a whole line, as in
+    a set file)."""
 
     file: str
     line: int
@@ -218,6 +344,8 @@ class ConfigIssue(NamedTuple):
     message: str
 
     def __str__(self) -> str:
+        if not self.col:
+            return f"{self.file}:{self.line}: {self.message}"
         return f"{self.file}:{self.line}:{self.col}: {self.message}"
 
 
@@ -231,10 +359,34 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class AddressSet:
-    """The `from`/`to` of a rule: the gateway itself and/or networks."""
+    """The `from`/`to` of a rule: the gateway itself and/or networks and/or named sets."""
 
     gateway: bool
     networks: tuple[Network, ...]
+    sets: tuple[str, ...] = ()  # `@NAME`: names of the policy's sets, in the order written
+
+
+@dataclass(frozen=True)
+class SetConfig:
+    """One set of `sets:`: its networks from the policy (inline and file), where it was
+    defined, and its file (None: none). Runtime entries (nfqfw set add) are the engine's."""
+
+    name: str
+    content: SetContent
+    line: int  # where it is defined
+    defined_in: str  # the policy file (main or included) that defines it
+    path: str | None = None  # the set file, as resolved
+    comment: str | None = None
+    runtime_only: bool = False  # written `{}`: filled at run time only
+    inline: tuple[Network, ...] = ()  # the networks written in the policy (besides the file's)
+
+
+class SourceFile(NamedTuple):
+    """A file the policy was read from: the main file, an included file or a set file."""
+
+    path: str
+    sha256: str
+    kind: str  # "policy" | "include" | "set"
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +450,8 @@ class RuleConfig:
     synproxy: bool = False
     from_zones: tuple[str, ...] | None = None  # zone names (`from-zone`, `to-zone`)
     to_zones: tuple[str, ...] | None = None
+    comment: str | None = None
+    file: str | None = None  # the included file it comes from (None: the main policy file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +546,7 @@ class OptionsConfig:
     new_rate_per_source: Rate | None = DEFAULT_NEW_RATE_PER_SOURCE  # None: `off`
     offload: str = "off"  # OFFLOAD_MODES
     antispoof: str = "strict"  # ANTISPOOF_MODES
+    watch_sets: bool = False  # re-read a set file when it changes on disk, not only at reload
 
     @property
     def gateway_address_bytes(self) -> frozenset[bytes]:
@@ -412,6 +567,14 @@ class PolicyConfig:
     zone_details: dict[str, ZoneDetail] = field(default_factory=dict)  # zones written as mappings
     nat: NatConfig | None = None  # None: the policy has no `nat:` section
     warnings: tuple[ConfigIssue, ...] = ()  # allowed, but weakens the firewall; in file order
+    sets: dict[str, SetConfig] = field(default_factory=dict)
+    # Where it was read from (not compared: the same policy read from elsewhere is equal).
+    sources: tuple[SourceFile, ...] = field(default=(), compare=False)  # every file, in the order read
+    globs: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)  # include -> files
+
+    def set_files(self) -> dict[str, str]:
+        """Set file path -> the set reading it."""
+        return {s.path: name for name, s in self.sets.items() if s.path is not None}
 
     def faces(self, zone: str) -> str:
         """OUTSIDE or INSIDE."""
@@ -432,33 +595,151 @@ class PolicyConfig:
         return {"ingress": self.ingress, "egress": self.egress, "between": self.between}[side]
 
 
-def parse_policy(text: str, filename: str = "<policy>") -> PolicyConfig:
-    """Validate policy text; raises ConfigError listing every problem."""
-    return _parse(text, filename, hashlib.sha256(text.encode("utf-8")).hexdigest())
+class PolicyFiles:
+    """Where the loader reads the files of a policy: the disk. What it read is recorded
+    (`read_files`, `globs`), so that `bundle()` can hand exactly those bytes on."""
+
+    def __init__(self) -> None:
+        self.read_files: dict[str, bytes] = {}
+        self.globs: dict[str, list[str]] = {}
+
+    def read(self, path: str) -> bytes:
+        data = Path(path).read_bytes()
+        self.read_files[path] = data
+        return data
+
+    def glob(self, pattern: str) -> list[str]:
+        found = sorted(glob.glob(pattern))
+        self.globs[pattern] = found
+        return found
+
+    def bundle(self, main: str) -> bytes:
+        """Every file read (UTF-8 text: nothing else validates) and every glob's expansion, as
+        one JSON document that `BundleFiles` reads back."""
+        files = {path: data.decode("utf-8") for path, data in self.read_files.items()}
+        return json.dumps({"version": 1, "main": main, "files": files, "globs": self.globs}).encode()
 
 
-def load_policy(path: str | os.PathLike[str]) -> PolicyConfig:
-    """Read and validate a policy file; raises ConfigError (also when it cannot be read)."""
+class BundleFiles(PolicyFiles):
+    """The files of a policy as `PolicyFiles.bundle` recorded them (a worker of --workers reads
+    the policy in force from its supervisor's bundle, never from files edited since)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        document = json.loads(data)
+        if not isinstance(document, dict) or document.get("version") != 1:
+            raise ValueError("not a policy bundle")
+        self.main: str = document["main"]
+        self._files: dict[str, bytes] = {path: text.encode() for path, text in document["files"].items()}
+        self._globs: dict[str, list[str]] = document["globs"]
+
+    def read(self, path: str) -> bytes:
+        if path not in self._files:
+            raise FileNotFoundError(2, "No such file or directory (not in the policy bundle)", path)
+        data = self._files[path]
+        self.read_files[path] = data
+        return data
+
+    def glob(self, pattern: str) -> list[str]:
+        found = list(self._globs.get(pattern, []))
+        self.globs[pattern] = found
+        return found
+
+
+def combined_digest(sources: Iterable[SourceFile]) -> str:
+    """The policy's sha256: the main file's own when it is the only file, else the sha256 of
+    the `sha256sum`-style listing of every file read (so any of them changing changes it)."""
+    sources = list(sources)
+    if len(sources) == 1:
+        return sources[0].sha256
+    listing = "".join(f"{source.sha256}  {source.path}\n" for source in sources)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def digest_on_disk(config: PolicyConfig) -> str | None:
+    """The policy's sha256 as its files on disk are now (None: one cannot be read), comparable
+    with `config.sha256`: the same files re-read, the include globs expanded again."""
+    files = PolicyFiles()
+    sources = []
+    for source in config.sources:
+        try:
+            data = files.read(source.path)
+        except OSError:
+            return None
+        sources.append(SourceFile(source.path, hashlib.sha256(data).hexdigest(), source.kind))
+    for pattern, before in config.globs.items():
+        if tuple(files.glob(pattern)) != before:  # a file added to or taken from conf.d
+            sources.append(SourceFile(pattern, "changed", "include"))
+    return combined_digest(sources) if sources else None
+
+
+def parse_policy(text: str, filename: str = "<policy>", files: PolicyFiles | None = None) -> PolicyConfig:
+    """Validate policy text (its includes and set files read from `files`, the disk by default);
+    raises ConfigError listing every problem."""
+    data = text.encode("utf-8")
+    return _parse(text, filename, hashlib.sha256(data).hexdigest(), files or PolicyFiles())
+
+
+def load_policy(path: str | os.PathLike[str], files: PolicyFiles | None = None) -> PolicyConfig:
+    """Read and validate a policy file, its includes and set files (from `files`: the disk by
+    default); raises ConfigError (also when a file cannot be read)."""
     filename = os.fspath(path)
+    files = files or PolicyFiles()
     try:
-        data = Path(filename).read_bytes()
+        data = files.read(filename)
     except OSError as err:
         raise ConfigError([ConfigIssue(filename, 1, 1, f"cannot read: {err.strerror or err}")]) from err
+    return _parse(_text_of(data, filename), filename, hashlib.sha256(data).hexdigest(), files)
+
+
+def load_bundle(data: bytes) -> PolicyConfig:
+    """The policy recorded by `PolicyFiles.bundle` (ConfigError when it is not one)."""
     try:
-        text = data.decode("utf-8")
+        files = BundleFiles(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError([ConfigIssue("<bundle>", 1, 1, f"not a policy bundle: {err}")]) from err
+    return load_policy(files.main, files)
+
+
+def refresh_set(config: PolicyConfig, name: str, files: PolicyFiles | None = None) -> PolicyConfig:
+    """`config` with set `name`'s file read again (options watch-sets): the rest as it was;
+    ConfigError with the set file's located issues when it is broken (the caller keeps `config`)."""
+    found = config.sets[name]
+    if found.path is None:
+        return config
+    checker = _Checker(config.filename, files or PolicyFiles())
+    checker.filename = found.defined_in
+    pairs: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    written = 0
+    for network in found.inline:
+        pairs[network.version].append(network_range(network))
+        written += 1
+    written += checker.set_file_issues(found.path, pairs)
+    if checker.issues:
+        raise ConfigError(checker.issues)
+    (source,) = checker.sources
+    content = SetContent.of(pairs[4], pairs[6], written)
+    sets = {**config.sets, name: replace(found, content=content)}
+    sources = tuple(source if old.path == source.path else old for old in config.sources)
+    return replace(config, sha256=combined_digest(sources), sets=sets, sources=sources)
+
+
+def _text_of(data: bytes, filename: str) -> str:
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise ConfigError([ConfigIssue(filename, line, col, "cannot read: not UTF-8 text")]) from err
-    return _parse(text, filename, hashlib.sha256(data).hexdigest())
 
 
-def _parse(text: str, filename: str, digest: str) -> PolicyConfig:
-    checker = _Checker(filename)
+def _parse(text: str, filename: str, digest: str, files: PolicyFiles) -> PolicyConfig:
+    checker = _Checker(filename, files)
+    checker.sources.append(SourceFile(filename, digest, "policy"))
     root = checker.compose(text)
-    config = None if root is None else checker.policy(root, digest)
+    config = None if root is None else checker.policy(root)
     if checker.issues or config is None:
-        raise ConfigError(sorted(checker.issues, key=lambda issue: (issue.line, issue.col)))
+        raise ConfigError(sorted(checker.issues, key=checker.issue_order))
     return config
 
 
@@ -537,12 +818,38 @@ class _Rule:
 class _Checker:
     """Walks the composed YAML, collecting every issue instead of stopping at the first."""
 
-    def __init__(self, filename: str) -> None:
-        self.filename = filename
+    def __init__(self, filename: str, files: PolicyFiles | None = None) -> None:
+        self.filename = filename  # the file whose nodes are being checked (an include's, for a while)
+        self.main = filename
+        self.files = files or PolicyFiles()
         self.issues: list[ConfigIssue] = []
         self.zone_faces: dict[str, str] = dict(ZONE_FACES)  # zone -> OUTSIDE | INSIDE, once read
         self.warnings: list[ConfigIssue] = []
         self.antispoof_node: Node | None = None  # where options: antispoof was set
+        self.sources: list[SourceFile] = []
+        self.sets: dict[str, SetConfig] = {}
+        self.broken_sets: set[str] = set()  # defined with errors: `@NAME` is not reported again
+        self.name_files: dict[str, str] = {}  # rule name -> the file defining it (names: its line)
+        self.included: list[tuple[str, dict[str, tuple[ScalarNode, Node]]]] = []  # (file, its keys)
+
+    def issue_order(self, issue: ConfigIssue) -> tuple[int, int, int]:
+        """Issues sorted by file (in the order read), line, column."""
+        order = [source.path for source in self.sources]
+        rank = order.index(issue.file) if issue.file in order else len(order)
+        return rank, issue.line, issue.col
+
+    @contextlib.contextmanager
+    def reading(self, filename: str) -> Iterator[None]:
+        """Nodes checked meanwhile are `filename`'s (an included file's)."""
+        outer, self.filename = self.filename, filename
+        try:
+            yield
+        finally:
+            self.filename = outer
+
+    def located(self, node: Node) -> str:
+        """FILE:LINE of a node of the file being checked."""
+        return f"{self.filename}:{node.start_mark.line + 1}"
 
     def error(self, node: Node, message: str) -> None:
         mark = node.start_mark
@@ -556,7 +863,7 @@ class _Checker:
 
     # -- YAML ---------------------------------------------------------------------------
 
-    def compose(self, text: str) -> Node | None:
+    def compose(self, text: str, empty_ok: bool = False) -> Node | None:
         try:
             root = _compose(text)
         except yaml.MarkedYAMLError as err:
@@ -572,7 +879,7 @@ class _Checker:
             message = f"invalid YAML: unacceptable character #x{code:04x}: {err.reason}"
             self.issues.append(ConfigIssue(self.filename, line, col, message))
             return None
-        if root is None:
+        if root is None and not empty_ok:
             self.issues.append(ConfigIssue(self.filename, 1, 1, "the policy is empty"))
         return root
 
@@ -669,12 +976,14 @@ class _Checker:
 
     # -- the policy -------------------------------------------------------------------------
 
-    def policy(self, root: Node, digest: str) -> PolicyConfig | None:
+    def policy(self, root: Node) -> PolicyConfig | None:
         if not isinstance(root, MappingNode):
             message = f"expected a mapping with zones, defaults, ingress and egress, got {_describe(root)}"
             self.error(root, message)
             return None
         top = self.mapping(root, "", TOP_KEYS, required=("zones",))
+        self.include(top, {os.path.realpath(self.filename)})
+        self.all_sets(top)
         zones: dict[str, tuple[str, ...]] = {zone: () for zone in ZONES}
         details: dict[str, ZoneDetail] = {}
         if "zones" in top:
@@ -684,9 +993,7 @@ class _Checker:
         }
         defaults = self.defaults(top["defaults"][1]) if "defaults" in top else DefaultsConfig()
         names: dict[str, int] = {}
-        sides: dict[str, tuple[RuleConfig, ...]] = {}
-        for side in SIDES:
-            sides[side] = self.rules(top[side][1], side, names) if side in top else ()
+        sides = {side: self.side_rules(top, side, names) for side in SIDES}
         options = self.options(top["options"][1]) if "options" in top else OptionsConfig()
         nat = None
         if "nat" in top:
@@ -698,9 +1005,11 @@ class _Checker:
                 "options: antispoof is off: packets with a forged source address (an inside "
                 "host's, the gateway's own) from the external zone are not dropped",
             )
+        warnings = tuple(sorted(self.warnings, key=self.issue_order))
+        sources = tuple(self.sources)
         return PolicyConfig(
             self.filename,
-            digest,
+            combined_digest(sources),
             zones,
             defaults,
             sides["ingress"],
@@ -709,8 +1018,210 @@ class _Checker:
             between=sides["between"],
             zone_details=details,
             nat=nat,
-            warnings=tuple(sorted(self.warnings, key=lambda issue: (issue.line, issue.col))),
+            warnings=warnings,
+            sets=dict(self.sets),
+            sources=sources,
+            globs={pattern: tuple(found) for pattern, found in self.files.globs.items()},
         )
+
+    # -- includes -------------------------------------------------------------------------
+
+    def side_rules(
+        self, top: dict[str, tuple[ScalarNode, Node]], side: str, names: dict[str, int]
+    ) -> tuple[RuleConfig, ...]:
+        """The side's rules: the main file's, then each included file's, in the order read."""
+        rules = list(self.rules(top[side][1], side, names)) if side in top else []
+        for filename, found in self.included:
+            if side in found:
+                with self.reading(filename):
+                    rules += self.rules(found[side][1], side, names)
+        return tuple(rules)
+
+    def include(self, found: dict[str, tuple[ScalarNode, Node]], seen: set[str]) -> None:
+        """`include:` of the file being checked: each file read, checked for its keys, and its
+        own includes followed (`seen`: the real paths read so far, a file is read once)."""
+        if "include" not in found:
+            return
+        where = "include"
+        if isinstance(found["include"][1], ScalarNode) and found["include"][1].tag == _TAG_NULL:
+            return
+        base = os.path.dirname(self.filename)
+        for item in self.items(found["include"][1], where):
+            pattern = os.path.join(base, str(item.value))
+            paths = self.files.glob(pattern) if glob.has_magic(pattern) else [pattern]
+            for path in paths:
+                real = os.path.realpath(path)
+                if real in seen:
+                    self.error(item, f"{where}: {path} is included already (a file is read once)")
+                    continue
+                seen.add(real)
+                self.include_file(item, path, seen)
+
+    def include_file(self, item: Node, path: str, seen: set[str]) -> None:
+        try:
+            data = self.files.read(path)
+        except OSError as err:
+            self.error(item, f"include: cannot read {path}: {err.strerror or err}")
+            return
+        self.sources.append(SourceFile(path, hashlib.sha256(data).hexdigest(), "include"))
+        with self.reading(path):
+            try:
+                text = _text_of(data, path)
+            except ConfigError as err:
+                self.issues += err.issues
+                return
+            root = self.compose(text, empty_ok=True)
+            if root is None or (isinstance(root, ScalarNode) and root.tag == _TAG_NULL):
+                return
+            if not isinstance(root, MappingNode):
+                self.error(root, f"expected a mapping with sets or rule lists, got {_describe(root)}")
+                return
+            kept = []
+            for key, value in root.value:
+                if _is_value(key) and key.value in TOP_KEYS and key.value not in INCLUDE_KEYS:
+                    where = f"the main policy file ({self.main})"
+                    self.error(key, f"'{key.value}' belongs in {where}, not in an included file")
+                else:
+                    kept.append((key, value))
+            found = self.mapping(
+                MappingNode(root.tag, kept, root.start_mark, root.end_mark), "", INCLUDE_KEYS
+            )
+            self.included.append((path, found))
+            self.include(found, seen)
+
+    # -- sets -----------------------------------------------------------------------------
+
+    def all_sets(self, top: dict[str, tuple[ScalarNode, Node]]) -> None:
+        """The sets of the main file and of every included file (read before the rules that
+        name them, wherever they stand)."""
+        if "sets" in top:
+            self.set_section(top["sets"][1])
+        for filename, found in self.included:
+            if "sets" in found:
+                with self.reading(filename):
+                    self.set_section(found["sets"][1])
+
+    def set_section(self, node: Node) -> None:
+        if isinstance(node, ScalarNode) and node.tag == _TAG_NULL:
+            return
+        if not isinstance(node, MappingNode):
+            self.error(node, f"sets: expected a mapping of set names, got {_describe(node)}")
+            return
+        for key, value in node.value:
+            if not _is_value(key):
+                self.error(key, f"sets: expected a set name, got {_describe(key)}")
+                continue
+            name = str(key.value)
+            if not _SET_NAME_RE.fullmatch(name):
+                self.error(key, f"sets: '{name}' is not a valid set name ({SET_NAME_RULE})")
+                self.broken_sets.add(name)
+                continue
+            known = self.sets.get(name)
+            if known is not None:
+                self.error(
+                    key, f"sets: duplicate set '{name}' (first defined at {known.defined_in}:{known.line})"
+                )
+                continue
+            found = self.one_set(name, value)
+            if found is None:
+                self.broken_sets.add(name)
+            else:
+                self.sets[name] = found
+
+    def one_set(self, name: str, node: Node) -> SetConfig | None:
+        """`NAME: [networks]`, `NAME: {file: PATH, networks: [...], comment: TEXT}` or `NAME: {}`."""
+        where = f"sets: {name}"
+        line = node.start_mark.line + 1
+        errors_before = len(self.issues)
+        pairs: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        inline: list[Network] = []
+        written = 0
+        path = comment = None
+        runtime_only = False
+        if isinstance(node, MappingNode) or (isinstance(node, ScalarNode) and node.tag == _TAG_NULL):
+            found = self.mapping(node, where, SET_KEYS) if isinstance(node, MappingNode) else {}
+            runtime_only = not found
+            if "networks" in found:
+                written += self.inline_networks(found["networks"][1], f"{where}: networks", pairs, inline)
+            if "comment" in found:
+                comment = self.text(found["comment"][1], f"{where}: comment")
+            if "file" in found:
+                file_node = found["file"][1]
+                word = self.text(file_node, f"{where}: file")
+                if word is not None:
+                    path = os.path.join(os.path.dirname(self.filename), word)
+                    written += self.set_file(file_node, path, where, pairs)
+        else:
+            written += self.inline_networks(node, where, pairs, inline)
+        if len(self.issues) > errors_before:
+            return None
+        content = SetContent.of(pairs[4], pairs[6], written)
+        return SetConfig(name, content, line, self.filename, path, comment, runtime_only, tuple(inline))
+
+    def inline_networks(
+        self, node: Node, where: str, pairs: dict[int, list[tuple[int, int]]], inline: list[Network]
+    ) -> int:
+        count = 0
+        for item in self.items(node, where, allow_empty=True):
+            if str(item.value).startswith("@"):
+                self.error(
+                    item, f"{where}: a set holds addresses and networks, not other sets ('{item.value}')"
+                )
+                continue
+            network = self.network(item, where)
+            if network is not None:
+                pairs[network.version].append(network_range(network))
+                inline.append(network)
+                count += 1
+        return count
+
+    def set_file(self, node: Node, path: str, where: str, pairs: dict[int, list[tuple[int, int]]]) -> int:
+        """A set file's networks into `pairs`; its bad lines are issues located in it."""
+        try:
+            data = self.files.read(path)
+        except OSError as err:
+            self.error(node, f"{where}: file: cannot read {path}: {err.strerror or err}")
+            return 0
+        return self.set_data(path, data, pairs)
+
+    def set_file_issues(self, path: str, pairs: dict[int, list[tuple[int, int]]]) -> int:
+        """`set_file` for a file read again (refresh_set): a file that cannot be read is an issue
+        of its own (there is no policy node to put it on)."""
+        try:
+            data = self.files.read(path)
+        except OSError as err:
+            self.issues.append(ConfigIssue(path, 1, 0, f"cannot read: {err.strerror or err}"))
+            return 0
+        return self.set_data(path, data, pairs)
+
+    def set_data(self, path: str, data: bytes, pairs: dict[int, list[tuple[int, int]]]) -> int:
+        self.sources.append(SourceFile(path, hashlib.sha256(data).hexdigest(), "set"))
+        try:
+            text = _text_of(data, path)
+        except ConfigError as err:
+            self.issues += err.issues
+            return 0
+        read = parse_set_text(text)
+        for line, message in read.errors[:MAX_SET_FILE_ERRORS]:
+            self.issues.append(ConfigIssue(path, line, 0, message))
+        if len(read.errors) > MAX_SET_FILE_ERRORS:
+            line = read.errors[MAX_SET_FILE_ERRORS][0]
+            more = len(read.errors) - MAX_SET_FILE_ERRORS
+            self.issues.append(ConfigIssue(path, line, 0, f"and {more} more bad lines from here on"))
+        pairs[4] += read.pairs4
+        pairs[6] += read.pairs6
+        return read.entries
+
+    def set_reference(self, node: ScalarNode, where: str) -> str | None:
+        """`@NAME` in an address list: the name of a set of the policy, else an error (the one
+        function every address list that takes sets calls)."""
+        name = str(node.value)[1:]
+        if name in self.sets:
+            return name
+        if name in self.broken_sets:
+            return None  # its definition had errors, reported there
+        self.error(node, f"{where}: unknown set '@{name}'{_hint(name, self.sets)}")
+        return None
 
     def zones(self, node: Node) -> tuple[dict[str, tuple[str, ...]], dict[str, ZoneDetail]]:
         """zone -> interfaces (external and internal always present), and the details of the
@@ -835,6 +1346,8 @@ class _Checker:
                 values[key.replace("-", "_")] = self.rate_or_off(found[key][1], f"options: {key}")
         if "offload" in found:
             values["offload"] = self.choice(found["offload"][1], "options: offload", OFFLOAD_MODES)
+        if "watch-sets" in found:
+            values["watch_sets"] = self.boolean(found["watch-sets"][1], "options: watch-sets")
         if "antispoof" in found:
             self.antispoof_node = found["antispoof"][1]
             values["antispoof"] = self.choice(self.antispoof_node, "options: antispoof", ANTISPOOF_MODES)
@@ -932,6 +1445,10 @@ class _Checker:
         fields["limit"] = self.limit(found, where)
         if "synproxy" in found:
             fields["synproxy"] = self.synproxy(*found["synproxy"], state, action)
+        if "comment" in found:
+            fields["comment"] = self.text(found["comment"][1], f"{where}: comment")
+        if self.filename != self.main:
+            fields["file"] = self.filename
         self.check_families(node, fields, state)
 
         if len(self.issues) > errors_before or name is None or action is None:
@@ -946,9 +1463,12 @@ class _Checker:
             self.error(node, f"{where}: name: must not be empty")
             return None
         if name in names:
-            self.error(node, f"duplicate rule name '{name}' (first used at line {names[name]})")
+            first = self.name_files.get(name, self.main)
+            at = f"line {names[name]}" if first == self.filename else f"{first}:{names[name]}"
+            self.error(node, f"duplicate rule name '{name}' (first used at {at})")
             return None
         names[name] = node.start_mark.line + 1
+        self.name_files[name] = self.filename
         return name
 
     def protocols(self, node: Node, state: _Rule) -> frozenset[int] | None:
@@ -995,7 +1515,13 @@ class _Checker:
             return None
         gateway = False
         networks: list[Network] = []
+        sets: list[str] = []
         for item, word in zip(items, words, strict=True):
+            if word.startswith("@"):
+                name = self.set_reference(item, where)
+                if name is not None and name not in sets:
+                    sets.append(name)
+                continue
             if word == "gateway":
                 if (state.side, key) in (("ingress", "from"), ("egress", "to")) or state.side == "between":
                     message = (
@@ -1013,7 +1539,7 @@ class _Checker:
                     f"{where}: '{word}' is IPv{network.version} but the rule is family ipv{state.family}",
                 )
             networks.append(network)
-        return AddressSet(gateway, tuple(networks))
+        return AddressSet(gateway, tuple(networks), tuple(sets))
 
     # Which zones a side's flows can come from (`from-zone`) and go to (`to-zone`): ingress comes
     # from the outside, egress and between from the inside; between goes to the inside.
@@ -1084,6 +1610,12 @@ class _Checker:
             first = last = int(single.group(1))
         elif double:
             first, last = int(double.group(1)), int(double.group(2))
+        elif node.tag == _TAG_STR and _SERVICE_RE.fullmatch(word.lower()):
+            service = word.lower()
+            if service not in SERVICES:
+                self.error(node, f"{where}: unknown service '{word}'{_hint(service, SERVICES)}")
+                return None
+            first = last = SERVICES[service]
         else:
             self.error(node, f"{where}: '{word}' is not a port or a range like 8000-8100")
             return None
@@ -1215,7 +1747,12 @@ class _Checker:
             possible &= {6} if PROTO_ICMPV6 in protocols else {4}
         for attr in ("src", "dst"):
             addresses = fields.get(attr)
-            if isinstance(addresses, AddressSet) and addresses.networks and not addresses.gateway:
+            if (
+                isinstance(addresses, AddressSet)
+                and addresses.networks
+                and not addresses.gateway
+                and not addresses.sets  # a set may hold either family (and gain entries at run time)
+            ):
                 possible &= {network.version for network in addresses.networks}
         if not possible:
             self.error(
@@ -1373,11 +1910,12 @@ class _NatChecker:
             self.c.error(node, f"{where}: name: must not be empty")
             return None
         if name in names:
-            self.c.error(
-                node, f"duplicate name '{name}': a rule or forward at line {names[name]} has it already"
-            )
+            first = self.c.name_files.get(name, self.c.main)
+            at = f"line {names[name]}" if first == self.c.filename else f"{first}:{names[name]}"
+            self.c.error(node, f"duplicate name '{name}': a rule or forward at {at} has it already")
             return None
         names[name] = node.start_mark.line + 1
+        self.c.name_files[name] = self.c.filename
         return name
 
     def to_port(self, found: dict[str, tuple[ScalarNode, Node]], ports: object, where: str) -> int | None:
@@ -1443,6 +1981,10 @@ class _NatChecker:
             return None
         networks = []
         for item in items:
+            if str(item.value).startswith("@"):
+                # the nat table's rules match addresses and networks, not the policy's sets
+                self.c.error(item, f"{where}: a set ('{item.value}') cannot be used in nat: list networks")
+                continue
             network = self.c.network(item, where)
             if network is None:
                 continue

@@ -24,6 +24,7 @@ from nfqfw.core.fragments import Fragments, datagram_key
 from nfqfw.core.l4.icmp import OWN_ERROR
 from nfqfw.core.packet import FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.core.policy import CompiledPolicy
+from nfqfw.core.sets import RuntimeSets
 from nfqfw.core.verdict import Action, Ct, Hook, Meta, RuleDecision, Verdict
 
 ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
@@ -76,6 +77,8 @@ class Engine:
     ) -> None:
         options = policy.config.options
         self.policy = policy
+        self.runtime_sets = RuntimeSets()  # `nfqfw set add` entries: kept across policy reloads
+        policy.bind_runtime(self.runtime_sets)
         self.conntrack = Conntrack(max_flows=options.max_flows, loose=options.tcp_pickup_loose)
         self.fragments = Fragments()
         self.local_addresses = local_addresses or policy.gateway_addresses
@@ -99,7 +102,8 @@ class Engine:
             self.fast_path, self._fast_packets = make_fast_path(self.conntrack, copy_cap)
 
     def replace_policy(self, policy: CompiledPolicy) -> None:
-        """Swap the policy between two packets; conntrack state is kept."""
+        """Swap the policy between two packets; conntrack state and runtime set entries are kept."""
+        policy.bind_runtime(self.runtime_sets)
         self.policy = policy
         for entry in self._metas.values():  # the zones may have changed
             entry[1:4] = self._sides(policy, entry[0])

@@ -11,18 +11,23 @@ per family.
 
 A non-first fragment (pkt.frag == FRAG_LATER) carries no L4 header, so its ports and ICMP
 type are unknown: it never matches a rule that names ports, sports or icmp-types.
+
+Sets: `sets` holds a NamedSet per set of the policy (its networks from the file, and the
+runtime entries bound by `bind_runtime`: the engine's RuntimeSets, which outlive a reload).
+After a runtime entry changes, `refresh_runtime` lets the indexes see it.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from nfqfw.core.classify import RuleIndex
 from nfqfw.core.config import INSIDE, SIDES, AddressSet, PolicyConfig, RuleConfig
 from nfqfw.core.forwards import ForwardTable
 from nfqfw.core.packet import FRAG_LATER, Packet
 from nfqfw.core.ratelimit import Limiter, RuleLimiter, SourceLimiter
+from nfqfw.core.sets import NamedSet, RuntimeSets
 from nfqfw.core.verdict import Action, RuleDecision
 from nfqfw.core.zones import ZoneMap
 
@@ -52,12 +57,14 @@ def compile_ports(ranges: tuple[tuple[int, int], ...]) -> frozenset[int] | PortR
 
 
 class AddressMatcher:
-    """`from`/`to` of a rule: the gateway flag, exact hosts, and (network, mask) pairs per family."""
+    """`from`/`to` of a rule: the gateway flag, exact hosts, (network, mask) pairs per family,
+    and the named sets."""
 
-    __slots__ = ("gateway", "hosts4", "hosts6", "nets4", "nets6")
+    __slots__ = ("gateway", "hosts4", "hosts6", "nets4", "nets6", "sets")
 
-    def __init__(self, addresses: AddressSet) -> None:
+    def __init__(self, addresses: AddressSet, sets: Mapping[str, NamedSet] | None = None) -> None:
         self.gateway = addresses.gateway
+        self.sets = tuple((sets or {})[name] for name in addresses.sets)
         hosts: dict[int, set[int]] = {4: set(), 6: set()}
         nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
         for network in addresses.networks:
@@ -77,7 +84,11 @@ class AddressMatcher:
             hosts, nets = self.hosts4, self.nets4
         else:
             hosts, nets = self.hosts6, self.nets6
-        return value in hosts or any(value & mask == network for network, mask in nets)
+        return (
+            value in hosts
+            or any(value & mask == network for network, mask in nets)
+            or any(named.contains(raw) for named in self.sets)
+        )
 
 
 class InterfaceMatcher:
@@ -118,14 +129,18 @@ class RuleMatcher:
     )
 
     def __init__(
-        self, rule: RuleConfig, log_denied: bool, zone_of: Callable[[str | None], str | None] | None = None
+        self,
+        rule: RuleConfig,
+        log_denied: bool,
+        sets: Mapping[str, NamedSet] | None = None,
+        zone_of: Callable[[str | None], str | None] | None = None,
     ) -> None:
         log = rule.log or (log_denied and rule.action is not Action.ACCEPT)
         self.decision = RuleDecision(rule.action, rule.name, log, f"rule {rule.name}")
         self.family = rule.family
         self.protocols = rule.protocols
-        self.src = None if rule.src is None else AddressMatcher(rule.src)
-        self.dst = None if rule.dst is None else AddressMatcher(rule.dst)
+        self.src = None if rule.src is None else AddressMatcher(rule.src, sets)
+        self.dst = None if rule.dst is None else AddressMatcher(rule.dst, sets)
         self.dports = None if rule.dports is None else compile_ports(rule.dports)
         self.sports = None if rule.sports is None else compile_ports(rule.sports)
         self.icmp4 = rule.icmp_types_v4
@@ -194,12 +209,16 @@ class CompiledPolicy:
         self.gateway_addresses: frozenset[bytes] = options.gateway_address_bytes
         self.zones = ZoneMap(config)
         zone_of = self.zones.zone_of
+        self.sets: dict[str, NamedSet] = {name: NamedSet(name, s.content) for name, s in config.sets.items()}
+        contents = {name: s.content for name, s in config.sets.items()}
         self._rules: dict[str, tuple[RuleMatcher, ...]] = {
-            side: tuple(RuleMatcher(rule, options.log_denied, zone_of) for rule in config.rules(side))
+            side: tuple(
+                RuleMatcher(rule, options.log_denied, self.sets, zone_of) for rule in config.rules(side)
+            )
             for side in SIDES
         }
         self._index: dict[str, RuleIndex[RuleMatcher]] = {
-            side: RuleIndex(config.rules(side), self._rules[side], zone_of) for side in SIDES
+            side: RuleIndex(config.rules(side), self._rules[side], contents, zone_of) for side in SIDES
         }
         defaults = config.defaults
         self._defaults: dict[str, RuleDecision] = {
@@ -214,6 +233,18 @@ class CompiledPolicy:
         }
         forwards = () if config.nat is None else config.nat.forward
         self.forwards = ForwardTable(forwards, config.interfaces_facing(INSIDE))
+
+    def bind_runtime(self, runtime: RuntimeSets) -> None:
+        """Use `runtime`'s entries for the policy's sets (an engine's, kept across reloads)."""
+        for name, named in self.sets.items():
+            named.runtime = runtime.entries(name)
+        self.refresh_runtime()
+
+    def refresh_runtime(self) -> None:
+        """A set's runtime entries changed: the indexes consult the sets that have some."""
+        sets = self.sets
+        for index in self._index.values():
+            index.refresh_runtime(lambda name: sets[name].runtime)
 
     def zone_of(self, iface: str | None) -> str | None:
         """The zone of an interface, None for one in no zone (or no interface)."""

@@ -15,6 +15,10 @@ side. For each hook and family the ingress rules become kernel rules in their or
   icmp-port-unreachable, icmp-admin-prohibited), rate-limited in the kernel;
 - a rule none of whose packets is a first packet of these protocols, or that never matches on
   this hook (`out:` on INPUT, `to:` only the gateway on FORWARD) -> nothing;
+- a set (`@NAME`) in a drop or reject rule -> a match on the set's kernel ipset (`src_set`,
+  `dst_set`; with `kernel_sets`, the backend's), which holds the set's networks and runtime
+  entries as nfqfw does; a set in a rule that RETURNs, or without kernel sets, widens that
+  address to any (RETURN over a superset is safe): a set in the kernel only ever drops;
 and the side's default last. A kernel rule that would take more than MAX_EXPANSION iptables
 rules (addresses x interfaces x port chunks) is widened to a RETURN without the dimension
 that made it large: RETURN over a superset is always safe.
@@ -48,7 +52,7 @@ table holds: a flood of fuzzed segments never reaches the queue.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -63,6 +67,7 @@ from nfqfw.core.config import (
     RuleConfig,
 )
 from nfqfw.core.reject import ICMP_ADMIN_PROHIBITED, ICMP_PORT_UNREACHABLE, TCP_RESET
+from nfqfw.core.sets import Ranges
 from nfqfw.core.verdict import Action, Hook
 
 RETURN, DROP, REJECT = "return", "drop", "reject"
@@ -104,6 +109,27 @@ class KernelMatch(NamedTuple):
     sports: tuple[tuple[int, int], ...] | None = None
     in_iface: str | None = None  # as iptables -i: a name, or a prefix ending in '+'
     out_iface: str | None = None
+    src_set: str | None = None  # a set of the policy (its kernel ipset): the source is in it
+    dst_set: str | None = None
+
+
+class SetRef(NamedTuple):
+    """A set in an address dimension of a kernel rule (while it is being expanded)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """One family's part of a set the pre-filter matches: its networks from the policy (the
+    runtime entries follow through the firewall backend's set_entry)."""
+
+    name: str
+    family: int
+    content: Ranges
+
+    def cidrs(self) -> Iterator[str]:
+        return self.content.cidrs()
 
 
 class KernelRule(NamedTuple):
@@ -133,6 +159,17 @@ class Prefilter:
         """The protocols of the first packets pre-filtered for `family`."""
         return (PROTO_TCP, *((PROTO_UDP,) if self.udp else ()), ICMP_OF[family])
 
+    def sets(self, family: int) -> list[str]:
+        """The names of the sets the kernel rules of `family` match, in order of first use."""
+        found: dict[str, None] = {}
+        for chain_family, _, rules in self.chains:
+            if chain_family == family:
+                for rule in rules:
+                    for name in (rule.match.src_set, rule.match.dst_set):
+                        if name is not None:
+                            found[name] = None
+        return list(found)
+
     @property
     def active(self) -> bool:
         return bool(self.invalid_tcp_flags) or any(
@@ -140,8 +177,9 @@ class Prefilter:
         )
 
 
-def derive(policy: PolicyConfig, udp: bool = False) -> Prefilter:
-    """The pre-filter for `policy` (see the module docstring); `udp` adds UDP datagrams."""
+def derive(policy: PolicyConfig, udp: bool = False, kernel_sets: bool = False) -> Prefilter:
+    """The pre-filter for `policy` (see the module docstring); `udp` adds UDP datagrams;
+    `kernel_sets`: the backend can match sets (else a rule's sets widen it to a RETURN)."""
     if not policy.options.prefilter or policy.defaults.invalid is not Action.DROP:
         return Prefilter()
     log_denied = policy.options.log_denied
@@ -152,7 +190,9 @@ def derive(policy: PolicyConfig, udp: bool = False) -> Prefilter:
         for hook in HOOKS:
             rules: list[KernelRule] = _forward_returns(policy, family, shell.protocols(family))
             for rule in policy.ingress:
-                rules += _rule(rule, family, hook, shell.protocols(family), log_denied, zone_ifaces)
+                rules += _rule(
+                    rule, family, hook, shell.protocols(family), log_denied, zone_ifaces, kernel_sets
+                )
             default = policy.defaults.ingress
             for proto in shell.protocols(family):
                 rules.append(_kernel_rule(KernelMatch(proto), default, "default ingress", log_denied))
@@ -248,6 +288,15 @@ def _zone_patterns(
     return patterns
 
 
+def kernel_sets(prefilter: Prefilter, policy: PolicyConfig) -> tuple[KernelSet, ...]:
+    """The sets the pre-filter's rules match, per family, with the policy's networks."""
+    return tuple(
+        KernelSet(name, family, policy.sets[name].content.family(family))
+        for family in (4, 6)
+        for name in prefilter.sets(family)
+    )
+
+
 def _rule(
     rule: RuleConfig,
     family: int,
@@ -255,6 +304,7 @@ def _rule(
     protocols: tuple[int, ...],
     log_denied: bool,
     zone_ifaces: dict[str, tuple[str, ...] | None] | None = None,
+    kernel_sets: bool = False,
 ) -> list[KernelRule]:
     """The kernel rules standing for one policy rule on one hook and family."""
     if rule.family not in (None, family):
@@ -277,44 +327,61 @@ def _rule(
                 continue
         if proto not in (PROTO_TCP, PROTO_UDP) and (rule.dports or rule.sports):
             continue  # ports only exist for TCP and UDP: never matches
-        sources = _networks(rule.src, family, hook, is_src=True)
-        destinations = _networks(rule.dst, family, hook, is_src=False)
-        if sources == [] or destinations == []:
-            continue  # no address of this family (or on this hook) can match
-        dimensions = {
-            "src": sources,
-            "dst": destinations,
-            "dports": port_chunks(rule.dports),
-            "sports": port_chunks(rule.sports),
+        action = Action.ACCEPT if rule.limit is not None else rule.action  # a bucket only nfqfw holds
+        ifaces: dict[str, list[str | None]] = {
             "in_iface": list(rule.in_ifaces) if rule.in_ifaces is not None else [None],
             "out_iface": list(rule.out_ifaces)
             if rule.out_ifaces is not None and hook is Hook.FORWARD
             else [None],
         }
-        action = Action.ACCEPT if rule.limit is not None else rule.action  # a bucket only nfqfw holds
         # A zone is one more interface condition: as -i/-o when the rule names no interface on that
         # side and the kernel can tell the zone; otherwise left out, and only a RETURN may stand.
         for key, patterns in (("in_iface", from_zone), ("out_iface", to_zone)):
             if patterns == [None]:
                 continue
-            if patterns is not None and dimensions[key] == [None]:
-                dimensions[key] = list(patterns)
+            if patterns is not None and ifaces[key] == [None]:
+                ifaces[key] = list(patterns)
             else:
                 action = Action.ACCEPT
+        # after the zones: a rule widened to a RETURN must not match a set in the kernel
+        in_kernel = kernel_sets and action is not Action.ACCEPT
+        sources = _networks(rule.src, family, hook, is_src=True, sets=in_kernel)
+        destinations = _networks(rule.dst, family, hook, is_src=False, sets=in_kernel)
+        if sources == [] or destinations == []:
+            continue  # no address of this family (or on this hook) can match
+        if not in_kernel and any(
+            addresses is not None and addresses.sets for addresses in (rule.src, rule.dst)
+        ):
+            action = Action.ACCEPT  # a set nfqfw alone holds: let nfqfw decide (RETURN over any)
+        dimensions: dict[str, list[object]] = {
+            "src": sources,
+            "dst": destinations,
+            "dports": port_chunks(rule.dports),
+            "sports": port_chunks(rule.sports),
+            "in_iface": ifaces["in_iface"],
+            "out_iface": ifaces["out_iface"],
+        }
         if _size(dimensions) > MAX_EXPANSION:
             action = Action.ACCEPT  # widened below: only a RETURN may match more than the rule
             while _size(dimensions) > MAX_EXPANSION:
                 widest = max(dimensions, key=lambda key: len(dimensions[key]))
                 dimensions[widest] = [None]
         for fields in _product(dimensions):
-            match = KernelMatch(proto, **fields)
+            for side in ("src", "dst"):
+                if isinstance(fields[side], SetRef):
+                    fields[f"{side}_set"] = fields[side].name  # type: ignore[attr-defined]
+                    fields[side] = None
+            match = KernelMatch(proto, **fields)  # type: ignore[arg-type]
             kernel_rule = _kernel_rule(match, action, reason, log)
             kernel_rules.append(kernel_rule)
     return kernel_rules
 
 
-def _networks(addresses: AddressSet | None, family: int, hook: Hook, is_src: bool) -> list[str | None]:
-    """The networks of `addresses` for `family` on `hook`; [None] for any, [] for none.
+def _networks(
+    addresses: AddressSet | None, family: int, hook: Hook, is_src: bool, sets: bool = False
+) -> list[str | SetRef | None]:
+    """The networks of `addresses` for `family` on `hook` (with `sets`, its sets as SetRefs;
+    without, a set makes it any); [None] for any, [] for none.
 
     `gateway` in `to` matches every packet on INPUT (nfqfw's to_gateway is hook INPUT) and
     none on FORWARD; ingress `from` never holds it (the config refuses it)."""
@@ -322,7 +389,12 @@ def _networks(addresses: AddressSet | None, family: int, hook: Hook, is_src: boo
         return [None]
     if addresses.gateway and not is_src and hook is Hook.INPUT:
         return [None]
-    return [str(network) for network in addresses.networks if network.version == family]
+    if addresses.sets and not sets:
+        return [None]  # any set may hold any address of either family (runtime entries too)
+    found: list[str | SetRef | None] = [
+        str(network) for network in addresses.networks if network.version == family
+    ]
+    return found + [SetRef(name) for name in addresses.sets]
 
 
 def port_chunks(ranges: tuple[tuple[int, int], ...] | None) -> list[tuple[tuple[int, int], ...] | None]:
@@ -382,10 +454,16 @@ class Probe(NamedTuple):
     out_iface: str | None = None
 
 
-def evaluate(prefilter: Prefilter, probe: Probe, hook: Hook, kernel_new: bool) -> KernelRule | None:
+Member = Callable[[str, bytes], bool]  # (set name, raw address) -> is it in the set's kernel ipset
+
+
+def evaluate(
+    prefilter: Prefilter, probe: Probe, hook: Hook, kernel_new: bool, member: Member | None = None
+) -> KernelRule | None:
     """The DROP/REJECT kernel rule that takes `probe`, None when it goes on to nfqfw.
 
-    `kernel_new`: the kernel's conntrack has no entry for the packet (ctstate NEW)."""
+    `kernel_new`: the kernel's conntrack has no entry for the packet (ctstate NEW); `member`:
+    what the kernel's ipsets hold (required when a rule matches a set)."""
     if probe.proto == PROTO_TCP and any(
         probe.tcp_flags & mask == comp for mask, comp in prefilter.invalid_tcp_flags
     ):
@@ -395,7 +473,7 @@ def evaluate(prefilter: Prefilter, probe: Probe, hook: Hook, kernel_new: bool) -
     if probe.in_iface is not None and _iface_in(probe.in_iface, prefilter.internal_ifaces):
         return None
     for rule in prefilter.rules(probe.family, hook):
-        if _matches(rule.match, probe):
+        if _matches(rule.match, probe, member):
             return None if rule.action == RETURN else rule
     return None
 
@@ -412,9 +490,12 @@ def _iface_in(name: str, patterns: Iterable[str]) -> bool:
     return any(name.startswith(p[:-1]) if p.endswith("+") else name == p for p in patterns)
 
 
-def _matches(match: KernelMatch, probe: Probe) -> bool:
+def _matches(match: KernelMatch, probe: Probe, member: Member | None = None) -> bool:
     if match.proto != probe.proto:
         return False
+    for name, raw in ((match.src_set, probe.src), (match.dst_set, probe.dst)):
+        if name is not None and (member is None or not member(name, raw)):
+            return False
     for network, raw in ((match.src, probe.src), (match.dst, probe.dst)):
         if network is not None and ipaddress.ip_address(raw) not in ipaddress.ip_network(network):
             return False

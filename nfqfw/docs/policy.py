@@ -1,10 +1,10 @@
 """nfqfw-policy(5): the whole policy grammar, one entry per key of nfqfw.core.config.
 
-KEYS maps each section (top, zones, zone, defaults, rule, nat, masquerade, snat, forward,
+KEYS maps each section (top, zones, zone, defaults, rule, set, nat, masquerade, snat, forward,
 options) to its keys' documentation; the unit tests require the keys documented to be exactly
-config's TOP_KEYS, ZONES, ZONE_KEYS, DEFAULT_KEYS, RULE_KEYS, NAT_KEYS, MASQUERADE_KEYS,
-SNAT_KEYS, FORWARD_KEYS and OPTION_KEYS, and each choice the validator accepts to be named, so a
-key added to the validator without a line here fails the tests.
+config's TOP_KEYS, ZONES, ZONE_KEYS, DEFAULT_KEYS, RULE_KEYS, SET_KEYS, NAT_KEYS,
+MASQUERADE_KEYS, SNAT_KEYS, FORWARD_KEYS and OPTION_KEYS, and each choice the validator accepts
+to be named, so a key added to the validator without a line here fails the tests.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from nfqfw.core.config import (
     DEFAULT_MAX_FLOWS,
     ICMP_TYPES,
     LOG_FORMATS,
+    MAX_SET_FILE_ERRORS,
     PROTOCOLS,
+    SERVICES,
+    SET_NAME_RULE,
 )
 from nfqfw.docs import roff
 
@@ -51,6 +54,21 @@ KEYS: dict[str, dict[str, Entry]] = {
             "the inside addresses.",
         ),
         "options": ("mapping", "Everything else; every option has a default."),
+        "sets": (
+            "mapping of set names",
+            "Named sets of addresses and networks, used in rules as @NAME wherever an address list "
+            "goes (from, to), mixed with literal addresses; a set may hold IPv4 and IPv6. A set is a "
+            "list (inline), a mapping with file, networks and comment (see SETS), or {} (filled at "
+            "run time only, by nfqfw set add). Set names: " + SET_NAME_RULE + ".",
+        ),
+        "include": (
+            "path or glob, or a list",
+            "More policy files, relative to the including file; a glob (conf.d/*.yaml) is read in "
+            "file-name order, and may match nothing. An included file holds sets, ingress, egress, "
+            "between and include: its rules are appended to the lists in that order, its sets merged; a "
+            "rule or set name defined twice is an error naming both places. Reload re-reads them "
+            "all, and the policy sha256 covers them all.",
+        ),
     },
     "zones": {
         "external": (
@@ -111,10 +129,14 @@ KEYS: dict[str, dict[str, Entry]] = {
             "than a host behind it.",
         ),
         "ports": (
-            'port, "first-last", or a list',
-            "Destination ports; needs proto tcp or udp (the only protocols with ports).",
+            'port, service name, "first-last", or a list',
+            "Destination ports; needs proto tcp or udp (the only protocols with ports). Service "
+            "names are IANA's, from a table built into nfqfw (not /etc/services, so a policy means "
+            "the same on every machine): "
+            + ", ".join(f"{name} ({port})" for name, port in SERVICES.items())
+            + ".",
         ),
-        "sports": ('port, "first-last", or a list', "Source ports, as ports."),
+        "sports": ('port, service name, "first-last", or a list', "Source ports, as ports."),
         "icmp-types": (
             "name, number, or a list",
             "ICMP or ICMPv6 types. A name that exists in both families matches both (echo-request is "
@@ -153,12 +175,28 @@ KEYS: dict[str, dict[str, Entry]] = {
             "rule | source",
             "One bucket for the rule (the default) or one per source address; only with limit.",
         ),
+        "comment": (
+            "text",
+            "What the rule is for; shown by explain and status (logs and counters keep the name).",
+        ),
         "synproxy": (
             "true | false",
             "On an ingress rule with proto tcp and action accept: let the kernel's SYNPROXY answer "
             "SYNs with cookies, so a spoofed SYN flood creates no state (pf's synproxy state). "
             "Accepted and checked; not in force yet: the rule's SYNs are capped by new-rate instead.",
         ),
+    },
+    "set": {
+        "file": (
+            "path",
+            "A file of one address or network per line; everything after # or ; is a comment (the "
+            "Spamhaus DROP and FireHOL formats). Relative to the policy file. Read with the policy "
+            "(check reports its bad lines as FILE:LINE: message, at most "
+            f"{MAX_SET_FILE_ERRORS}), again at each reload, and with options watch-sets when it "
+            "changes.",
+        ),
+        "networks": ("address, network or a list", "Networks written in the policy, besides the file's."),
+        "comment": ("text", "What the set is for; shown by status and nfqfw set list."),
     },
     "nat": {
         "masquerade": (
@@ -206,7 +244,10 @@ KEYS: dict[str, dict[str, Entry]] = {
             "port",
             "Another port on the inside host (then ports must be a single port); default the same.",
         ),
-        "from": ("network or a list, or any", "Only connections from these sources are forwarded."),
+        "from": (
+            "network or a list, or any",
+            "Only connections from these sources are forwarded (networks: sets are not taken in nat).",
+        ),
         "address": (
             "address",
             "Only connections to this public address (default: any of the gateway's addresses on "
@@ -215,8 +256,9 @@ KEYS: dict[str, dict[str, Entry]] = {
         "pass": (
             "true | false",
             "true (the default): the forward admits the connections it translates, counted and logged "
-            "under its name; false: it only translates, and the rules decide on the translated "
-            "packet (ingress rules naming the inside address).",
+            "under its name, before any rule (a drop rule on a set does not see them); false: it "
+            "only translates, and the rules decide on the translated packet (ingress rules naming "
+            "the inside address).",
         ),
         "log": ("true | false", "Log the first packet of each connection the forward admits."),
         "hairpin": (
@@ -301,6 +343,12 @@ KEYS: dict[str, dict[str, Entry]] = {
             "loose for asymmetric routing (a multi-homed gateway whose replies may leave by another "
             "uplink); off only where even that fails (check warns when an external zone has none).",
         ),
+        "watch-sets": (
+            "true | false",
+            "true: a set file that changes on disk is read again at once (checked as at reload; a "
+            "broken file keeps the set's old contents and is reported by status); false (the "
+            "default): set files are read at start and reload only.",
+        ),
         "gateway-addresses": (
             "list of addresses",
             "The gateway's own addresses, for the offline tools explain and replay (which then tell "
@@ -315,6 +363,7 @@ HEADINGS = {
     "zone": "A ZONE WRITTEN AS A MAPPING",
     "defaults": "DEFAULTS",
     "rule": "RULES",
+    "set": "SETS",
     "nat": "NAT",
     "masquerade": "NAT: MASQUERADE",
     "snat": "NAT: SNAT",
@@ -345,12 +394,24 @@ zones:
   internal: {interfaces: [lan0], networks: [10.0.0.0/24, fd00::/64]}
   dmz: {faces: inside, interfaces: [dmz0], networks: [10.0.2.0/24]}
 defaults: {ingress: drop, egress: accept, between: drop, invalid: drop}
+sets:
+  office: [198.51.100.0/24, 2001:db8:100::/48]
+  blocklist: {file: /etc/nfqfw/sets/drop.txt, comment: Spamhaus DROP}
+  banned: {}
 nat:
   masquerade:
     - {out: wan0, from: [10.0.0.0/24, 10.0.2.0/24]}
   forward:
-    - {name: smtp, proto: tcp, in: wan0, ports: [25, 587], to: 10.0.0.25, address: 203.0.113.1}
+    - {name: smtp, proto: tcp, in: wan0, ports: [smtp, submission], to: 10.0.0.25, address: 203.0.113.1}
 ingress:
+  - {name: drop-listed, from: ["@blocklist", "@banned"], action: drop}
+  - name: ssh-office
+    proto: tcp
+    from: ["@office", 192.0.2.7]
+    to: gateway
+    ports: [ssh]
+    action: accept
+    comment: office and the on-call laptop
   - name: ping-gateway
     proto: icmp
     icmp-types: [echo-request]
@@ -385,6 +446,7 @@ def render() -> str:
         roff.example(EXAMPLE),
         roff.section("files"),
         roff.item(roff.italic("/etc/nfqfw/policy.yaml"), "the policy of the nfqfw service"),
+        roff.item(roff.italic("/var/lib/nfqfw/sets.json"), "the runtime entries of the sets (nfqfw set add)"),
         roff.item(roff.italic("/usr/share/doc/nfqfw/examples/"), "example policies"),
         roff.section("see also"),
         roff.text("nfqfw(8), iptables-extensions(8)"),

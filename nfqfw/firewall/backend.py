@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -58,6 +59,20 @@ class MatchLike(Protocol):
     def in_iface(self) -> str | None: ...
     @property
     def out_iface(self) -> str | None: ...
+    @property
+    def src_set(self) -> str | None: ...  # a set of the policy (its ipset, nfqfw.firewall.ipset)
+    @property
+    def dst_set(self) -> str | None: ...
+
+
+class SetLike(Protocol):
+    """A set of the policy the pre-filter matches, for one family: its networks from the policy."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def family(self) -> int: ...
+    def cidrs(self) -> Iterable[str]: ...
 
 
 class PrefilterRuleLike(Protocol):
@@ -126,6 +141,12 @@ class Protection:
     reject_rate: int = 100  # kernel rejects per second (bursts of as many), as nfqfw's --reject-rate
     gateway_errors: bool = False
     antispoof: Antispoof | None = None
+    # The sets the pre-filter's rules match (one per set and family), made before the rules
+    # (their runtime entries follow through Firewall.set_entry).
+    ipsets: tuple[SetLike, ...] = ()
+
+    def set_names(self) -> frozenset[str]:
+        return frozenset(found.name for found in self.ipsets)
 
     def prefilter_rules(self, family: int, hook: str) -> tuple[PrefilterRuleLike, ...]:
         for rules_family, rules_hook, rules in self.prefilter:
@@ -283,6 +304,14 @@ class Firewall(ABC):
         """Packets our kernel rules dropped or rejected before the queue, both families summed,
         by "ACTION REASON" as nfqfw's verdict counters name them (e.g. "drop default ingress",
         "drop invalid: tcp flags", "drop new-rate per source")."""
+
+    def supports_sets(self) -> bool:
+        """Can this backend match the policy's sets in the kernel (Protection.ipsets)?"""
+        return False
+
+    def set_entry(self, name: str, family: int, cidr: str, add: bool, timeout: float | None = None) -> None:
+        """A runtime entry of set `name` added to (or deleted from) its kernel set; RulesError."""
+        raise RulesError(f"the {self.name} backend keeps no sets in the kernel")
 
     def install_keeping_panic(self, spec: QueueSpec) -> QueueSpec:
         """install(spec), but panic mode left on by an earlier run stays on (a restart must not

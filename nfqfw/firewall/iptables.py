@@ -73,6 +73,11 @@ The nat table sees the first packet of a connection only; the kernel's conntrack
 translation to the rest. nfqfw decides at FORWARD, between the two: on the translated destination
 and the original source. The mark F reaches the queue on that first packet (Meta.forwarded).
 
+Sets (``Protection.ipsets``): a pre-filter rule on a set of the policy matches its ipset
+(``-m set --match-set nfqfw4-NAME src``, nfqfw.firewall.ipset). The ipsets are filled (each in
+one swap) before the iptables-restore that uses them, and those no rule uses any more are
+destroyed after it; `remove` destroys them all after the rules.
+
 The kernel's own drops carry comments ("default ingress", "rule NAME", "invalid: tcp flags",
 "new-rate", "new-rate per source", "invalid: spoofed source") whose counters `counters()` reads
 back (iptables-save -c).
@@ -104,6 +109,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from nfqfw.firewall.backend import (
     Antispoof,
@@ -118,6 +124,7 @@ from nfqfw.firewall.backend import (
     SourceNat,
     Synproxy,
 )
+from nfqfw.firewall.ipset import Entry, is_ours, set_name
 
 log = logging.getLogger("nfqfw")
 
@@ -431,7 +438,7 @@ def _first_packet_guards(protocols: tuple[int, ...], family: int) -> list[str]:
     return guards
 
 
-def _match(match: MatchLike) -> str:
+def _match(match: MatchLike, family: int = 4) -> str:
     """A MatchLike as iptables options, in the order iptables-save prints them."""
     words = []
     for option, value in (
@@ -443,6 +450,12 @@ def _match(match: MatchLike) -> str:
         if value is not None:
             words.append(f"{option} {value}")
     words.append(f"-p {_PROTO_NAMES.get(match.proto, str(match.proto))}")
+    for direction, name in (
+        ("src", getattr(match, "src_set", None)),
+        ("dst", getattr(match, "dst_set", None)),
+    ):
+        if name is not None:
+            words.append(f"-m set --match-set {set_name(name, family)} {direction}")
     ports = [
         (option, ranges)
         for option, ranges in (("--sports", match.sports), ("--dports", match.dports))
@@ -457,7 +470,7 @@ def _match(match: MatchLike) -> str:
 
 
 def _prefilter_rule(rule: object, protection: Protection, family: int, sample_queue: str) -> list[str]:
-    match = _match(rule.match)  # type: ignore[attr-defined]
+    match = _match(rule.match, family)  # type: ignore[attr-defined]
     action, reason = rule.action, rule.reason  # type: ignore[attr-defined]
     if action == "return":
         return [f"{match} -j RETURN"]
@@ -557,6 +570,8 @@ class _Reverse:
 
     in_iface = None
     out_iface = None
+    src_set = None
+    dst_set = None
 
 
 def _render_raw(spec: QueueSpec, protection: Protection, installed: Installed, family: int) -> str:
@@ -712,10 +727,65 @@ class Iptables(Firewall):
 
     name = "iptables"
 
-    def __init__(self, families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> None:
+    def __init__(
+        self,
+        families: Iterable[Tools] = FAMILIES,
+        run: Runner = subprocess.run,
+        ipsets: Callable[[], Any] | None = None,
+    ) -> None:
         self.families = tuple(families)
         self._run = run
         self._ipv6_nat: tuple[str | None] | None = None  # the probe's answer, once it could tell
+        self._make_ipsets = ipsets or _netlink_ipsets
+        self._ipsets: Any = None
+        self._sets_supported: bool | None = None
+
+    def _sets(self) -> Any:
+        if self._ipsets is None:
+            try:
+                self._ipsets = self._make_ipsets()
+            except OSError as err:
+                raise RulesError(f"the kernel's ipsets cannot be used: {err}") from err
+        return self._ipsets
+
+    def supports_sets(self) -> bool:
+        if self._sets_supported is None:
+            try:
+                self._sets().revision(4)
+                self._sets_supported = True
+            except (RulesError, OSError) as err:
+                log.warning(
+                    "no kernel ipsets (%s): rules on sets are decided by nfqfw, not pre-filtered", err
+                )
+                self._sets_supported = False
+        return self._sets_supported
+
+    def set_entry(self, name: str, family: int, cidr: str, add: bool, timeout: float | None = None) -> None:
+        try:
+            self._sets().change(set_name(name, family), Entry.of(cidr, timeout), add)
+        except OSError as err:
+            raise RulesError(str(err)) from err
+
+    def _load_sets(self, protection: Protection | None) -> None:
+        """Every ipset the rules will match holds the policy's networks (each in one swap)."""
+        for found in () if protection is None else protection.ipsets:
+            entries = [entry for cidr in found.cidrs() for entry in Entry.of(cidr)]
+            try:
+                self._sets().load(set_name(found.name, found.family), found.family, entries)
+            except OSError as err:
+                raise RulesError(str(err)) from err
+
+    def _destroy_sets(self, keep: frozenset[str] = frozenset(), everything: bool = False) -> None:
+        """Our ipsets no rule uses any more (after an install: only if this backend made sets;
+        `everything`: whatever an earlier run left, at removal)."""
+        if self._ipsets is None and not everything:
+            return
+        try:
+            for name in self._sets().names():
+                if is_ours(name) and name not in keep:
+                    self._sets().destroy(name)
+        except (OSError, RulesError) as err:
+            log.error("ipsets of nfqfw left in the kernel: %s", err)
 
     def check(self) -> None:
         for tools in self.families:
@@ -730,9 +800,13 @@ class Iptables(Firewall):
         return parse_save(_run(self._run, [tools.save], None))
 
     def install(self, spec: QueueSpec) -> None:
+        self._load_sets(spec.protection)
         for tools in self.families:
             text = render_install(spec, self.read_installed(tools), tools.family)
             _run(self._run, [tools.restore, "-w", "--noflush"], text)
+        protection = spec.protection
+        used = () if protection is None else protection.ipsets
+        self._destroy_sets(frozenset(set_name(found.name, found.family) for found in used))
 
     def ipv6_nat_missing(self) -> str | None:
         """Try IPv6 MASQUERADE and DNAT in a throwaway network namespace (unshare --net: nothing of
@@ -783,6 +857,7 @@ class Iptables(Firewall):
             if text is not None:
                 _run(self._run, [tools.restore, "-w", "--noflush"], text)
                 removed.append(tools.family)
+        self._destroy_sets(everything=True)
         return removed
 
     def show(self) -> str:
@@ -792,6 +867,12 @@ class Iptables(Firewall):
             out.append(f"# IPv{tools.family} ({tools.save}: tables {TABLE}, {RAW} and {NAT})")
             out += list(installed.lines) if installed.lines else ["# (no nfqfw rules)"]
         return "\n".join(out) + "\n"
+
+
+def _netlink_ipsets() -> Any:
+    from nfqfw.firewall.ipset import NetlinkIpsets
+
+    return NetlinkIpsets()
 
 
 def _run(run: Runner, argv: list[str], text: str | None) -> str:

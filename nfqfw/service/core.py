@@ -9,6 +9,10 @@ and of nfqfw.service.supervisor.Supervisor (the parent of the workers). It owns 
   loop:   poll(2) on the wake-up pipe, the control socket and the specialisation's `_readers`;
           housekeeping when it is due: signal flags, control socket, `_tend`, WATCHDOG=1, STATUS=
   reload: RELOADING=1, load and validate the file, `_apply_policy`, the failure mode, READY=1
+          (with `confirm`: the policy it replaced is kept, and put back by the service's own timer
+          unless `confirm()` comes first; `reload_preview` compares without changing anything)
+  sets:   `set_request` (nfqfw set add/del/list) changes a set's runtime entries without a reload;
+          with options watch-sets a changed set file is read again (`_watch_sets`)
   panic:  re-install the kernel rules with panic mode on or off
   stop:   "<signal> received: stopping", STOPPING=1, `_stop_serving`, `_wind_down`, `close`
 
@@ -23,6 +27,8 @@ Invariants:
 - A policy file writable by group or others is refused, at start and at reload.
 - Control requests (nfqfw.control.requests) are served from the loop and from housekeeping
   only, so never before start() has returned.
+- A reload with confirm is rolled back by housekeeping once its time is up, whatever became of
+  the client that asked (the edit may have cut its session): the timer is the service's.
 """
 
 from __future__ import annotations
@@ -37,15 +43,15 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from nfqfw import __version__
 from nfqfw.control.flowlist import FlowFilter
-from nfqfw.control.protocol import Chunks, ControlError
-from nfqfw.control.requests import Requests, file_sha256, kernel_queues
+from nfqfw.control.protocol import Chunks, ControlError, RequestError
+from nfqfw.control.requests import Requests, kernel_queues
 from nfqfw.control.server import ControlServer
-from nfqfw.core.config import DEFAULT_LOG_LIMIT, LogLimit
+from nfqfw.core.config import DEFAULT_LOG_LIMIT, SIDES, LogLimit
 from nfqfw.firewall import Firewall, QueueSpec, RulesError, backend_named
 from nfqfw.observe.endpoint import MetricsError
 from nfqfw.observe.logsetup import use_format
@@ -57,6 +63,7 @@ from nfqfw.service.supervision import Counts, status_line
 log = logging.getLogger("nfqfw")
 
 STATUS_PERIOD = 10.0  # seconds between STATUS= updates
+MAX_CUT_SHOWN = 1000  # flows a dry run lists (all are counted)
 
 
 class StartupError(Exception):
@@ -72,6 +79,12 @@ class Loaded:
     recheck: bool = True  # policy option reload: recheck (False: keep)
     log_limit: LogLimit = DEFAULT_LOG_LIMIT  # policy options log-limit, log-limit-burst
     source: bytes = b""  # the validated bytes, when they are kept (the supervisor's policy copy)
+    files: Any = None  # the nfqfw.core.config.PolicyFiles it was read through (what it read)
+
+    @property
+    def config(self) -> Any:
+        """The PolicyConfig."""
+        return self.engine_policy.config
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class ReloadResult:
     ok: bool
     errors: tuple[str, ...] = ()  # the located errors of a refused policy
     removed: int | None = None  # flows removed by reload: recheck (None: reload: keep)
+    confirm_within: float | None = None  # seconds to `nfqfw confirm` before it is rolled back
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,19 @@ class Applied:
     ok: bool = True
     errors: tuple[str, ...] = ()
     removed: int | None = None  # flows removed by reload: recheck (None: reload: keep)
+    cut: tuple[Any, ...] = ()  # the flows removed (a daemon's), put back if the reload is rolled back
+
+
+@dataclass
+class PendingReload:
+    """A reload with confirm, in force but not confirmed yet: the policy it replaced (as it was
+    in force, its sets' contents included) comes back at `deadline` (monotonic; inf in a
+    worker, whose supervisor decides), with the flows the new policy cut."""
+
+    previous: Loaded
+    deadline: float
+    seconds: float  # as asked
+    cut: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -123,19 +150,43 @@ def check_file_mode(path: str) -> None:
 
 
 def load_policy_file(path: str) -> Loaded:
-    """Check the file mode, read and compile the policy; raises StartupError with the located errors."""
-    from nfqfw.core.config import ConfigError, load_policy
-    from nfqfw.core.policy import CompiledPolicy
+    """Check the file mode, read and compile the policy (its includes and set files too);
+    raises StartupError with the located errors."""
+    from nfqfw.core.config import ConfigError, PolicyFiles, load_policy
+
+    check_file_mode(path)
+    files = PolicyFiles()
+    try:
+        config = load_policy(path, files)  # an unreadable file is a located ConfigError too
+    except ConfigError as err:
+        raise StartupError(str(err)) from err
+    return loaded_from(config, files)
+
+
+def load_policy_bundle(path: str) -> Loaded:
+    """The policy in force as the supervisor of --workers bundled it (a worker's load)."""
+    from nfqfw.core.config import ConfigError, load_bundle
 
     check_file_mode(path)
     try:
-        config = load_policy(path)  # an unreadable file is a located ConfigError too
+        with open(path, "rb") as file:
+            data = file.read()
+        config = load_bundle(data)
+    except OSError as err:
+        raise StartupError(f"{path}: cannot read: {err.strerror or err}") from err
     except ConfigError as err:
         raise StartupError(str(err)) from err
+    return replace(loaded_from(config, None), source=data)
+
+
+def loaded_from(config: Any, files: Any) -> Loaded:
+    """A validated PolicyConfig compiled, with the options a service takes from it."""
+    from nfqfw.core.policy import CompiledPolicy
+
     options = config.options
     use_format(options.log_format)  # the policy's log-format, for every log line from now on
     fail_open, recheck = options.failure_mode == "open", options.reload == "recheck"
-    return Loaded(CompiledPolicy(config), fail_open, recheck, options.log_limit)
+    return Loaded(CompiledPolicy(config), fail_open, recheck, options.log_limit, files=files)
 
 
 class ServiceCore:
@@ -149,6 +200,7 @@ class ServiceCore:
     """
 
     OWNS_RULES = True  # False: the kernel rules are another process's (a worker's supervisor's)
+    OWNS_POLICY = True  # False: the policy (its confirm timer, its set files) is the supervisor's
     PERIOD = 1.0  # seconds between housekeeping rounds when nothing else is due
     LOOP = "packet loop"  # for the log line of a loop that failed
     REFUSED = ""  # appended to the log line of a refused reload
@@ -180,6 +232,10 @@ class ServiceCore:
         self._schedule = _Schedule()
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._due = 0.0  # housekeeping due (a daemon keeps it in its adapter instead)
+        self.in_force: Loaded | None = None  # the policy in force, as loaded
+        self.pending: PendingReload | None = None  # a reload with confirm, not confirmed yet
+        self.set_errors: dict[str, str] = {}  # set -> why its changed file was not taken (watch-sets)
+        self._set_stamps: dict[str, tuple[int, int, int] | None] = {}  # watched set file -> its stat
 
     # -- start --
 
@@ -190,7 +246,11 @@ class ServiceCore:
         self._check_privileges()
         loaded = self._load_policy()
         self.fail_open = loaded.fail_open
-        self.spec = queue_spec(opts, loaded.engine_policy.config, bypass=loaded.fail_open)
+        self.in_force = loaded
+        self._stamp_set_files()
+        self.spec = queue_spec(
+            opts, loaded.engine_policy.config, bypass=loaded.fail_open, sets=self._kernel_sets()
+        )
         try:
             self._install_signal_handlers()
             self._schedule.watchdog_every = watchdog_interval()
@@ -253,6 +313,7 @@ class ServiceCore:
             self.spec = self.firewall.install_keeping_panic(self.spec)
         except RulesError as err:
             raise StartupError(str(err)) from err
+        self._runtime_entries_to_kernel()
         return "rules installed"
 
     def _announce_ready(self, status: str) -> None:
@@ -305,7 +366,13 @@ class ServiceCore:
         if signals.dump:
             signals.dump = False
             self._dump()
+        pending = self.pending
+        if pending is not None and now >= pending.deadline:
+            self._roll_back(f"reload not confirmed within {pending.seconds:g} s")
+        self._watch_sets()
         due = now + self.PERIOD
+        if self.pending is not None:
+            due = min(due, self.pending.deadline)
         if self.control is not None:
             self.control.service()  # also times out idle clients when no socket event comes
             due = min(due, self.control.next_due(now))
@@ -332,8 +399,11 @@ class ServiceCore:
 
     # -- reload, panic, failure mode --
 
-    def reload(self, trigger: str = "SIGHUP") -> bool:
-        """SIGHUP or a control request, run from housekeeping. True when the new policy is in force."""
+    def reload(self, trigger: str = "SIGHUP", confirm: float | None = None) -> bool:
+        """SIGHUP or a control request, run from housekeeping. True when the new policy is in force.
+
+        With `confirm` (seconds) the policy it replaces is kept: unless `confirm()` comes within
+        that time, housekeeping puts it back (`_roll_back`)."""
         why = "SIGHUP received" if trigger == "SIGHUP" else trigger
         log.info("%s: reloading %s", why, self.options.config)
         self.notifier.reloading("reloading the policy")
@@ -347,13 +417,189 @@ class ServiceCore:
             self.notifier.ready("reload failed: running policy kept")
             self.last_reload = ReloadResult(time.time(), trigger, False, tuple(errors))
             return False
-        applied = self._apply_policy(loaded)
+        previous = self.in_force
+        applied = self._put_policy(loaded, confirm)
+        within = self._await_confirmation(previous, applied, confirm)
+        self.last_reload = ReloadResult(
+            time.time(), trigger, applied.ok, applied.errors, applied.removed, confirm_within=within
+        )
+        self.notifier.ready("policy reloaded" if applied.ok else "reload incomplete: see the log")
+        return applied.ok
+
+    def _put_policy(self, loaded: Loaded, confirm: float | None = None) -> Applied:
+        """A valid policy in force: the specialisation's part, the kernel rules, the failure mode."""
+        applied = self._apply_policy(loaded, confirm)
+        self.in_force = loaded
         self._follow_policy_in_the_rules(loaded)
         if loaded.fail_open != self.fail_open:
             self._change_failure_mode(loaded.fail_open)
-        self.last_reload = ReloadResult(time.time(), trigger, applied.ok, applied.errors, applied.removed)
-        self.notifier.ready("policy reloaded" if applied.ok else "reload incomplete: see the log")
-        return applied.ok
+        self._stamp_set_files()
+        return applied
+
+    def _await_confirmation(
+        self, previous: Loaded | None, applied: Applied, confirm: float | None
+    ) -> float | None:
+        """After a reload: with `confirm`, keep what to roll back to (the oldest unconfirmed
+        one's predecessor, if reloads follow each other); without, a waiting reload is confirmed
+        by this one. Returns the seconds given to confirm."""
+        pending = self.pending
+        if confirm is None or not applied.ok:
+            if pending is not None and applied.ok:
+                log.info("the reload waiting for confirmation is confirmed by a reload without --confirm")
+                self.pending = None
+            return None
+        deadline = self.clock() + confirm if self.OWNS_POLICY else math.inf
+        if pending is None:
+            if previous is None:
+                return None
+            pending = self.pending = PendingReload(previous, deadline, confirm)
+        pending.deadline, pending.seconds = deadline, confirm
+        pending.cut += applied.cut
+        log.warning(
+            "the new policy is on trial: 'nfqfw confirm' within %g s keeps it, else the policy before "
+            "(sha256 %s) comes back",
+            confirm,
+            pending.previous.config.sha256[:12],
+        )
+        return confirm
+
+    def confirm(self, rollback: bool = False) -> dict[str, Any]:
+        """`nfqfw confirm`: the reload on trial stays (or, with rollback, is undone now)."""
+        pending = self.pending
+        if rollback:
+            if pending is None:
+                return self._roll_back_without_trial()
+            self._roll_back("rollback asked")
+            return {"rolled_back": True, "sha256": self.policy_sha256()}
+        if pending is None:
+            raise RequestError("nothing to confirm: no reload with --confirm is waiting")
+        self.pending = None
+        left = pending.deadline - self.clock()
+        self._confirmed()
+        log.info(
+            "reload confirmed%s: the new policy stays",
+            f" ({left:.0f} s before its rollback)" if left < math.inf else "",
+        )
+        return {"confirmed": True, "sha256": self.policy_sha256()}
+
+    def _roll_back(self, why: str) -> None:
+        """The policy before the reload on trial comes back (and the flows that reload cut)."""
+        pending = self.pending
+        assert pending is not None
+        self.pending = None
+        log.warning(
+            "%s: back to the policy in force before it (sha256 %s)", why, pending.previous.config.sha256[:12]
+        )
+        self.notifier.reloading("rolling the policy back")
+        applied = self._apply_rollback(pending)
+        self.in_force = pending.previous
+        self._follow_policy_in_the_rules(pending.previous)
+        if pending.previous.fail_open != self.fail_open:
+            self._change_failure_mode(pending.previous.fail_open)
+        self._stamp_set_files()
+        self.last_reload = ReloadResult(
+            time.time(), f"rollback: {why}", applied.ok, applied.errors, applied.removed
+        )
+        self.notifier.ready("policy rolled back" if applied.ok else "rollback incomplete: see the log")
+
+    def reload_preview(self, candidate: bool = False) -> dict[str, Any]:
+        """`nfqfw reload --dry-run`: the file on disk checked and compared with the policy in force,
+        and the flows it would cut; nothing changes."""
+        from nfqfw.core.diff import policy_diff
+
+        try:
+            loaded = self._load_candidate() if candidate else self._load_policy()
+        except StartupError as err:
+            return {"ok": False, "errors": str(err).splitlines() or ["invalid"]}
+        current = self.policy_config()
+        cut, unanswered = self._cut_preview(loaded)
+        return {
+            "ok": True,
+            "sha256": loaded.config.sha256,
+            "in_force": current.sha256,
+            "changes": policy_diff(current, loaded.config),
+            "recheck": loaded.recheck,
+            "cut_total": len(cut),
+            "cut": cut[:MAX_CUT_SHOWN],
+            "unanswered": unanswered,
+            "errors": [],
+        }
+
+    # -- sets --
+
+    def set_request(self, op: str, name: str, addr: str | None, timeout: float | None) -> dict[str, Any]:
+        """`nfqfw set add|del|list NAME [ADDR]`: a runtime entry of one of the policy's sets."""
+        from nfqfw.core.sets import parse_entry
+
+        config = self.policy_config()
+        if name not in config.sets:
+            known = ", ".join(config.sets) or "none"
+            raise RequestError(f"set: the policy has no set '{name}' (its sets: {known})")
+        if op == "list":
+            return self._set_list(name)
+        try:
+            network = parse_entry(str(addr))
+        except ValueError as err:
+            raise RequestError(f"set {op}: {err}") from None
+        result = self._set_change(name, network, op == "add", timeout)
+        what = "added to" if op == "add" else "deleted from"
+        if result["changed"]:
+            until = f" for {timeout:g} s" if timeout is not None else ""
+            cut = f", {result['removed']} flows cut" if result.get("removed") else ""
+            log.info("set %s: %s %s%s%s", name, network, what, until, cut)
+        return result
+
+    def _watch_sets(self) -> None:
+        """options watch-sets: a set file that changed on disk is read again, checked as at
+        reload; a broken one keeps the set as it was (and `status` says why)."""
+        loaded = self.in_force
+        if not self.OWNS_POLICY or loaded is None or not loaded.config.options.watch_sets:
+            return
+        for path, name in loaded.config.set_files().items():
+            stamp = _stamp(path)
+            if stamp == self._set_stamps.get(path):
+                continue
+            self._set_stamps[path] = stamp
+            self._refresh_set(name, path)
+
+    def _refresh_set(self, name: str, path: str) -> None:
+        import copy
+
+        from nfqfw.core.config import ConfigError, PolicyFiles, refresh_set
+
+        loaded = self.in_force
+        assert loaded is not None
+        files = copy.copy(loaded.files) if loaded.files is not None else PolicyFiles()
+        if loaded.files is not None:
+            files.read_files, files.globs = dict(loaded.files.read_files), dict(loaded.files.globs)
+        try:
+            config = refresh_set(loaded.config, name, files)
+        except ConfigError as err:
+            self.set_errors[name] = "; ".join(str(issue) for issue in err.issues[:3])
+            for issue in err.issues:
+                log.error("set %s: %s", name, issue)
+            log.error("set %s: %s changed but is not valid: the set keeps its contents", name, path)
+            return
+        self.set_errors.pop(name, None)
+        if config.sha256 == loaded.config.sha256:
+            return
+        fresh = replace(loaded_from(config, files), source=b"")
+        fresh = self._with_source(fresh)
+        applied = self._put_policy(fresh)
+        removed = f", {applied.removed} flows cut" if applied.removed else ""
+        log.info(
+            "set %s: %s changed: read again (%d networks)%s",
+            name,
+            path,
+            config.sets[name].content.written,
+            removed,
+        )
+
+    def _stamp_set_files(self) -> None:
+        loaded = self.in_force
+        if loaded is None:
+            return
+        self._set_stamps = {path: _stamp(path) for path in loaded.config.set_files()}
 
     def _follow_policy_in_the_rules(self, loaded: Loaded) -> None:
         """The kernel's pre-filter and caps are derived from the policy: re-install them when a
@@ -361,11 +607,32 @@ class ServiceCore:
         if self.firewall is None or self.spec is None:
             return
         config = loaded.engine_policy.config
-        spec = replace(self.spec, protection=protection(self.options, config), nat=nat(config))
+        spec = replace(
+            self.spec, protection=protection(self.options, config, sets=self._kernel_sets()), nat=nat(config)
+        )
         if spec != self.spec and self.firewall.reinstall(
             spec, "reload: the kernel's pre-filter, caps and nat rules not updated"
         ):
             self.spec = spec
+            self._runtime_entries_to_kernel()
+
+    def _kernel_sets(self) -> bool:
+        """Can the kernel rules match the policy's sets (a process that owns the rules)?"""
+        return self.firewall is not None and self.firewall.supports_sets()
+
+    def _runtime_entries_to_kernel(self) -> None:
+        """After the kernel's sets were (re)filled with the policy's networks: the runtime
+        entries of those sets too, with the time they have left."""
+        protection = None if self.spec is None else self.spec.protection
+        if protection is None or not protection.ipsets:
+            return
+        runtime, now = self.runtime_sets(), self.clock()
+        for name in sorted(protection.set_names()):
+            if name not in runtime:
+                continue
+            for entry in runtime.entries(name).entries():
+                left = None if entry.expires is None else max(1.0, entry.expires - now)
+                self._kernel_set_entry(name, entry.network, True, left)
 
     def set_panic(self, on: bool) -> bool:
         """Panic mode on/off in the kernel rules (nfqfw panic); False when they could not be installed."""
@@ -397,15 +664,34 @@ class ServiceCore:
     def status(self, talkers: int | None = None) -> dict[str, Any]:
         """The answer to `nfqfw status`: what every service says of itself, and its counts
         (with the `talkers` addresses in the most flows, where the service can tell)."""
+        from nfqfw.core.config import digest_on_disk
+        from nfqfw.service.setstate import sets_status
+
         assert self.spec is not None
         now = self.clock()
-        config = self.options.config
+        policy = self.policy_config()
+        pending = self.pending
         return {
             "version": __version__,
             "pid": os.getpid(),
             "started": self.started,
             "uptime": now - self.started_mono,
-            "policy": {"file": config, "sha256": self.policy_sha256(), "file_sha256": file_sha256(config)},
+            "policy": {
+                "file": self.options.config,
+                "sha256": self.policy_sha256(),
+                "file_sha256": digest_on_disk(policy),
+                "files": len(policy.sources),
+                "sets": sets_status(policy, self.runtime_sets(), self.set_errors),
+                "comments": {
+                    rule.name: rule.comment for side in SIDES for rule in policy.rules(side) if rule.comment
+                },
+                "pending_confirm": None
+                if pending is None
+                else {
+                    "rollback_in": pending.deadline - now if pending.deadline < math.inf else None,
+                    "previous_sha256": pending.previous.config.sha256,
+                },
+            },
             "last_reload": None if self.last_reload is None else asdict(self.last_reload),
             "queue": self.spec.queue_text,
             "failure_mode": "open" if self.fail_open else "closed",
@@ -550,9 +836,63 @@ class ServiceCore:
     def _dump(self) -> None:
         """SIGUSR1."""
 
-    def _apply_policy(self, loaded: Loaded) -> Applied:
-        """Put a validated policy in force (reload); logs the outcome."""
+    def _apply_policy(self, loaded: Loaded, confirm: float | None = None) -> Applied:
+        """Put a validated policy in force (reload; `confirm`: on trial); logs the outcome."""
         raise NotImplementedError
+
+    def _apply_rollback(self, pending: PendingReload) -> Applied:
+        """Put `pending.previous` back in force (and what the reload on trial cut)."""
+        raise NotImplementedError
+
+    def _roll_back_without_trial(self) -> dict[str, Any]:
+        """A rollback asked where no reload is on trial (a worker that restarted meanwhile)."""
+        raise RequestError("nothing to roll back: no reload with --confirm is waiting")
+
+    def _confirmed(self) -> None:
+        """The reload on trial was confirmed (a supervisor tells its workers)."""
+
+    def _load_candidate(self) -> Loaded:
+        """The candidate a supervisor wrote for a dry run (a worker's)."""
+        raise StartupError("no candidate policy here")
+
+    def _with_source(self, loaded: Loaded) -> Loaded:
+        """A policy read again (a set file) with what the specialisation keeps of it (a
+        supervisor: the bundle its workers load)."""
+        return loaded
+
+    def _cut_preview(self, loaded: Loaded) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The flows `loaded` would cut, as flow records with what would now decide (and the
+        workers that did not answer)."""
+        raise NotImplementedError
+
+    def policy_config(self) -> Any:
+        """The PolicyConfig in force."""
+        assert self.in_force is not None
+        return self.in_force.config
+
+    def runtime_sets(self) -> Any:
+        """The sets' runtime entries (a nfqfw.core.sets.RuntimeSets)."""
+        raise NotImplementedError
+
+    def _set_change(self, name: str, network: Any, add: bool, timeout: float | None) -> dict[str, Any]:
+        """A runtime entry added or deleted: in force, saved, in the kernel's sets."""
+        raise NotImplementedError
+
+    def _kernel_set_entry(self, name: str, network: Any, add: bool, timeout: float | None) -> None:
+        """A set the kernel's pre-filter holds (an ipset) takes the runtime entry too; a failure
+        is logged (the kernel then only lets through what nfqfw decides about)."""
+        protection = None if self.spec is None else self.spec.protection
+        if self.firewall is None or protection is None or name not in protection.set_names():
+            return
+        try:
+            self.firewall.set_entry(name, network.version, str(network), add, timeout)
+        except RulesError as err:
+            log.error("set %s: %s not changed in the kernel's pre-filter: %s", name, network, err)
+
+    def _set_list(self, name: str) -> dict[str, Any]:
+        from nfqfw.service.setstate import set_listing
+
+        return set_listing(self.policy_config(), name, self.runtime_sets(), self.clock())
 
     def _failure_mode_changed(self, fail_open: bool) -> None:
         """After a failure mode change (the kernel rules are done)."""
@@ -594,6 +934,15 @@ class ServiceCore:
 
     def _release(self) -> None:
         """Close the specialisation's resources (from close: idempotent)."""
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    """What tells a changed file: (inode, size, mtime in ns); None when it cannot be read."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def run_service(service: ServiceCore) -> int:

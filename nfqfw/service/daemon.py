@@ -16,7 +16,12 @@ Invariants:
   keeps run() busy, from the packet callback itself (nfqfw.kernel.queue). So the watchdog stops
   exactly when the packet path is wedged.
 - A reload swaps the policy in with conntrack state kept; with `reload: recheck` (the default)
-  the flows the new policy would not let start are removed (nfqfw.core.recheck).
+  the flows the new policy would not let start are removed (nfqfw.core.recheck). A reload on
+  trial (confirm) keeps them aside: a rollback puts back those the old policy still allows.
+- The sets' runtime entries are the engine's (kept across reloads); a single daemon saves them
+  in the state directory at each change (nfqfw.service.setstate) and reads them at start,
+  before the queue is bound; a worker reads what its supervisor saved. With `reload: recheck`
+  an entry added or deleted re-judges the flows of its addresses at once.
 - At a stop the flows are saved (exact only in failure-mode closed: in open mode traffic passes
   unseen until the next start); the kernel rules stay.
 
@@ -44,9 +49,19 @@ from nfqfw.kernel.queue import QueueAdapter, QueueError
 from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch, verdict_counts
 from nfqfw.kernel.rawsend import RawSender
 from nfqfw.observe.packetlog import PacketLog
-from nfqfw.service.core import Applied, Loaded, ServiceCore, StartupError, load_policy_file, run_service
+from nfqfw.service.core import (
+    Applied,
+    Loaded,
+    PendingReload,
+    ServiceCore,
+    StartupError,
+    load_policy_bundle,
+    load_policy_file,
+    run_service,
+)
 from nfqfw.service.options import Options
 from nfqfw.service.sdnotify import Notifier
+from nfqfw.service.setstate import load_sets, save_sets
 from nfqfw.service.statedir import StateDir
 from nfqfw.service.supervision import Counts, counts_assignment, queue_snapshots
 
@@ -130,6 +145,7 @@ class Daemon(ServiceCore):
         )
         self.adapter.housekeeping = self._housekeeping
         self.state.restore(self.engine, self.clock(), loaded.recheck)  # before any packet comes
+        self._load_runtime_sets()
         try:
             spec = self.spec
             self.adapter.bind(spec.bound_queues, opts.max_len, opts.sock_len, opts.gso, spec.new_queues)
@@ -178,6 +194,7 @@ class Daemon(ServiceCore):
         if now >= self._stats_due:
             self._stats_due = now + self.options.stats_interval
             self.drops.check()
+        self._expire_runtime_sets(now)
         return self.state.tick(self.engine, now)
 
     def _dump(self) -> None:
@@ -190,7 +207,7 @@ class Daemon(ServiceCore):
 
     # -- reload --
 
-    def _apply_policy(self, loaded: Loaded) -> Applied:
+    def _apply_policy(self, loaded: Loaded, confirm: float | None = None) -> Applied:
         self.engine.replace_policy(loaded.engine_policy)
         self.packet_log.configure(loaded.log_limit)
         if not loaded.recheck:
@@ -198,9 +215,104 @@ class Daemon(ServiceCore):
             return Applied()
         from nfqfw.core.recheck import recheck
 
-        removed = len(recheck(self.engine))
-        log.info("policy reloaded: %d flows no longer allowed were removed", removed)
-        return Applied(removed=removed)
+        cut = recheck(self.engine)
+        log.info("policy reloaded: %d flows no longer allowed were removed", len(cut))
+        return Applied(removed=len(cut), cut=tuple(cut) if confirm is not None else ())
+
+    def _apply_rollback(self, pending: PendingReload) -> Applied:
+        """The policy before the trial, and the flows the trial cut that it allows (unless the
+        same flow started again meanwhile)."""
+        from nfqfw.core.recheck import still_allowed
+
+        applied = self._apply_policy(pending.previous)
+        conntrack = self.engine.conntrack
+        back = [
+            flow
+            for flow in pending.cut
+            if conntrack.get(flow.key) is None and still_allowed(self.engine, flow)
+        ]
+        restored = sum(1 for flow in back if conntrack.restore(flow))
+        log.info("rollback: %d of the %d flows the reload cut are back", restored, len(pending.cut))
+        return applied
+
+    def _cut_preview(self, loaded: Loaded) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The flows `loaded` would cut (none with reload: keep), without touching anything."""
+        from nfqfw.control.flowlist import flow_record
+        from nfqfw.core.recheck import standing_decision
+
+        if not loaded.recheck:
+            return [], []
+        candidate = loaded.engine_policy
+        candidate.bind_runtime(self.engine.runtime_sets)
+        now = self.clock()
+        cut = []
+        for flow in list(self.engine.conntrack):
+            decision = standing_decision(self.engine, flow, candidate)
+            if decision is not None and decision.action.value != "accept":
+                record = flow_record(flow, now)
+                cut.append({**record, "now": decision.reason, "now_action": decision.action.value})
+        return cut, []
+
+    # -- sets --
+
+    def policy_config(self) -> Any:
+        return self.engine.policy.config
+
+    def runtime_sets(self) -> Any:
+        return self.engine.runtime_sets
+
+    def _set_change(self, name: str, network: Any, add: bool, timeout: float | None) -> dict[str, Any]:
+        from nfqfw.core.recheck import change_set
+
+        now = self.clock()
+        expires = None if timeout is None else now + timeout
+        recheck = self.engine.policy.config.options.reload == "recheck"
+        changed, cut = change_set(self.engine, name, network, add=add, expires=expires, cut=recheck)
+        if self.OWNS_POLICY:
+            save_sets(self.options.state_dir, self.engine.runtime_sets, now)
+            self._kernel_set_entry(name, network, add, timeout)
+        return {
+            "set": name,
+            "addr": str(network),
+            "op": "add" if add else "del",
+            "changed": changed,
+            "removed": len(cut),
+        }
+
+    def load_sets_again(self) -> int:
+        """The runtime entries as the state file has them now (a worker, told by its supervisor)."""
+        from nfqfw.core.sets import RuntimeSets
+
+        fresh = RuntimeSets()
+        count = load_sets(self.options.state_dir, fresh, self.clock())
+        self.engine.runtime_sets = fresh
+        self.engine.policy.bind_runtime(fresh)
+        if self.engine.policy.config.options.reload == "recheck":
+            from nfqfw.core.recheck import recheck
+
+            recheck(self.engine)
+        return count
+
+    def _load_runtime_sets(self) -> None:
+        count = load_sets(self.options.state_dir, self.engine.runtime_sets, self.clock())
+        self.engine.policy.refresh_runtime()
+        if count:
+            log.info(
+                "sets: %d runtime entries restored (%s)", count, ", ".join(self.engine.runtime_sets.names())
+            )
+
+    def _expire_runtime_sets(self, now: float) -> None:
+        runtime = self.engine.runtime_sets
+        due = runtime.next_expiry()
+        if due is None or due > now:
+            return
+        from nfqfw.core.recheck import expire_sets
+
+        gone = expire_sets(self.engine, now, cut=self.engine.policy.config.options.reload == "recheck")
+        for name, network in gone:
+            log.info("set %s: %s expired", name, network)
+        if gone and self.OWNS_POLICY:
+            save_sets(self.options.state_dir, runtime, now)
 
     def _failure_mode_changed(self, fail_open: bool) -> None:
         if self.adapter is not None:
@@ -273,6 +385,20 @@ class WorkerDaemon(Daemon):
     the supervisor's endpoint instead of serving one."""
 
     OWNS_RULES = False
+    OWNS_POLICY = False
+
+    def __init__(self, options: Options, **kwargs: Any) -> None:
+        kwargs.setdefault("load", load_policy_bundle)  # the supervisor's bundle of the policy in force
+        super().__init__(options, **kwargs)
+
+    def _load_candidate(self) -> Loaded:
+        """The policy a dry run asks about, bundled by the supervisor beside the one in force."""
+        return load_policy_bundle(candidate_path(self.options.config))
+
+    def _roll_back_without_trial(self) -> dict[str, Any]:
+        """Restarted since the reload on trial: the bundle is the policy to go back to again."""
+        self.reload("rollback by the supervisor")
+        return {"rolled_back": True, "sha256": self.policy_sha256()}
 
     def _state_dir(self) -> StateDir:
         opts = self.options
@@ -293,6 +419,11 @@ class WorkerDaemon(Daemon):
 
     def _report_status(self) -> None:
         self.notifier.status(self.status_text(), counts_assignment(self.counts()))
+
+
+def candidate_path(policy_copy: str) -> str:
+    """Where a supervisor puts the policy a dry run asks about, beside its policy copy."""
+    return os.path.join(os.path.dirname(policy_copy), "candidate.bundle")
 
 
 def run_daemon(options: Options, **kwargs: Any) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 from nfqfw.core.config import INSIDE, OUTSIDE, PROTO_TCP, PolicyConfig, RuleConfig
 from nfqfw.core.engine import SPOOFED_SOURCE
-from nfqfw.core.prefilter import KernelMatch, derive, port_chunks
+from nfqfw.core.prefilter import KernelMatch, derive, kernel_sets, port_chunks
 from nfqfw.firewall import QueueSpec
 from nfqfw.firewall.backend import Antispoof, Nat, PortForward, Protection, Rate, SourceNat, Synproxy
 from nfqfw.service.options import Options
@@ -33,14 +33,15 @@ OFFLOAD_MARK = 0x20000000  # the connection-mark bit of flows handed to the kern
 ENGINE_FOLLOWS_SYNPROXY = False
 
 
-def queue_spec(options: Options, config: PolicyConfig, *, bypass: bool) -> QueueSpec:
-    """The rules for `options`' queues and `config`'s protections."""
+def queue_spec(options: Options, config: PolicyConfig, *, bypass: bool, sets: bool = False) -> QueueSpec:
+    """The rules for `options`' queues and `config`'s protections (`sets`: the backend can
+    match the policy's sets in the kernel)."""
     return QueueSpec(
         options.queue_first,
         options.queue_last,
         bypass=bypass,
         mark=options.mark,
-        protection=protection(options, config),
+        protection=protection(options, config, sets=sets),
         nat=nat(config),
     )
 
@@ -91,9 +92,9 @@ def nat(config: PolicyConfig) -> Nat | None:
     return Nat(tuple(source), tuple(forwards))
 
 
-def protection(options: Options, config: PolicyConfig) -> Protection:
+def protection(options: Options, config: PolicyConfig, sets: bool = False) -> Protection:
     opts = config.options
-    prefilter = derive(config, udp=False)
+    prefilter = derive(config, udp=False, kernel_sets=sets)
     rate = opts.new_rate
     per_source = opts.new_rate_per_source
     offload = OFFLOAD_MARK if opts.offload == "established" and not OFFLOAD_MARK & options.mark else None
@@ -118,6 +119,7 @@ def protection(options: Options, config: PolicyConfig) -> Protection:
         reject_rate=max(1, int(options.reject_rate)),
         gateway_errors=True,
         antispoof=antispoof,
+        ipsets=kernel_sets(prefilter, config),
     )
 
 

@@ -342,3 +342,41 @@ def merge_reloads(answers: Sequence[Answer]) -> ReloadMerge:
         elif outcome.get("removed") is not None:
             removed = (removed or 0) + outcome["removed"]
     return ReloadMerge(not errors, tuple(errors), removed)
+
+
+def as_reload_outcome(answer: Answer, key: str) -> Answer:
+    """A worker's answer to confirm or rollback ({key: true, ...}) as a reload outcome, for
+    merge_reloads."""
+    if answer.result is None:
+        return answer
+    ok = bool(answer.result.get(key))
+    errors = [] if ok else [f"not {key.replace('_', ' ')}"]
+    return Answer(answer.queue, answer.pid, {"ok": ok, "errors": errors})
+
+
+def merge_cut_previews(answers: Sequence[Answer]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The flows each worker would cut (a dry run), tagged with its queue; and who did not answer."""
+    cut: list[dict[str, Any]] = []
+    unanswered = []
+    for answer in answers:
+        if answer.result is None or not answer.result.get("ok"):
+            why = answer.error or "; ".join((answer.result or {}).get("errors", [])) or "no answer"
+            unanswered.append({"queue": answer.queue, "error": why})
+            continue
+        cut += [{**record, "queue": answer.queue} for record in answer.result["cut"]]
+    return cut, unanswered
+
+
+def merge_set_changes(
+    answers: Sequence[Answer], name: str, addr: str, op: str, changed: bool
+) -> dict[str, Any]:
+    """The workers' answers to a set add/del as one: the flows they cut summed."""
+    results = [a.result for a in answers if a.result is not None]
+    return {
+        "set": name,
+        "addr": addr,
+        "op": op,
+        "changed": changed,
+        "removed": sum(r["removed"] for r in results),
+        "unanswered": [{"queue": a.queue, "error": a.error} for a in answers if a.result is None],
+    }

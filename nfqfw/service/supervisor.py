@@ -13,8 +13,9 @@ kernel rules (one rule set, `--queue-balance A:B`), panic mode, the sd_notify co
 systemd and the control socket RUNTIME_DIR/control.sock.
 
 Invariants:
-- The policy in force is RUNTIME_DIR/workers/policy.yaml, a copy of the bytes that were
-  validated: a worker started or restarted later reads that copy, never a file edited since.
+- The policy in force is RUNTIME_DIR/workers/policy.bundle, every file that was validated (the
+  policy, its includes and set files: nfqfw.core.config.PolicyFiles.bundle): a worker started
+  or restarted later reads that, never a file edited since.
   A reload that is refused touches no worker; a valid one is sent to every ready worker over
   its control socket, and a worker that was starting meanwhile takes it once ready.
 - The rules go in, and READY=1 goes to systemd, once every worker has bound its queue; a worker
@@ -29,7 +30,11 @@ Invariants:
   open lets it pass); the restarted worker restores its periodic snapshot first.
 - A worker gets SIGKILL when the supervisor dies (PR_SET_PDEATHSIG): no orphan keeps a queue.
 - Control requests are fanned out to the workers at once and their answers merged
-  (nfqfw.service.supervision); panic and reload are the supervisor's own. A worker that does
+  (nfqfw.service.supervision); panic and reload are the supervisor's own. A reload on trial
+  (confirm) is the supervisor's too: its timer rolls back, the workers are told (they keep the
+  flows they cut, to put back). Set changes are saved by the supervisor (its own copy of the
+  runtime entries) and then sent to every ready worker; a worker that was starting meanwhile
+  reads the saved entries again once ready. A worker that does
   not answer within ANSWER_TIMEOUT is reported as such. The supervisor's loop handles no
   packets: a slow worker delays an answer, never packets.
 - At a stop every worker gets SIGTERM (it saves its flows), SIGKILL after STOP_TIMEOUT.
@@ -42,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import math
 import os
@@ -61,18 +65,20 @@ from typing import Any, Literal, NoReturn
 from nfqfw.control.client import ClientError, call
 from nfqfw.control.flowlist import FlowFilter
 from nfqfw.control.protocol import SOCKET_NAME, UNIX_PATH_MAX, Chunks, RequestError, ok
+from nfqfw.core.sets import RuntimeSets
 from nfqfw.firewall import Firewall
 from nfqfw.service import supervision as sv
-from nfqfw.service.core import Applied, Loaded, ServiceCore, StartupError, run_service
-from nfqfw.service.daemon import WorkerDaemon
+from nfqfw.service.core import Applied, Loaded, PendingReload, ServiceCore, StartupError, run_service
+from nfqfw.service.daemon import WorkerDaemon, candidate_path
 from nfqfw.service.options import NEW_QUEUE_OFF, Options
 from nfqfw.service.sdnotify import Notifier
+from nfqfw.service.setstate import load_sets, save_sets
 from nfqfw.service.statedir import StateDir, read_trusted, write_atomically
 
 log = logging.getLogger("nfqfw")
 
 WORKERS_DIR = "workers"  # in --runtime-dir, mode 0700: the workers' sockets, the policy in force
-POLICY_NAME = "policy.yaml"
+POLICY_NAME = "policy.bundle"
 LAYOUT_NAME = "workers.layout"  # in --state-dir (nfqfw.service.supervision.Layout)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 PING_EVERY = 1.0  # seconds between a worker's WATCHDOG=1 to the supervisor
@@ -102,6 +108,7 @@ class Worker:
     restart_at: float | None = None
     last_exit: str | None = None
     generation: int = 0  # the policy copy it started with (see Supervisor._policy_generation)
+    sets_generation: int = 0  # the runtime set entries it started with (Supervisor._sets_generation)
     counts: sv.Counts = field(default_factory=sv.Counts)  # as it last reported them
 
     def health(self) -> sv.Health:
@@ -140,6 +147,8 @@ class Supervisor(ServiceCore):
         self.policy_copy = os.path.join(self.directory, POLICY_NAME)
         self._pid = os.getpid()
         self._policy_generation = 0
+        self._sets_generation = 0  # grows with every runtime set change
+        self._runtime = RuntimeSets()  # the sets' runtime entries, as saved
         self._layout: sv.Layout | None = None
         self._adopt: tuple[str, ...] = ()
         self._answered: dict[int, bool] = {}  # queue -> answered the last scrape's request
@@ -156,6 +165,9 @@ class Supervisor(ServiceCore):
         self._open_control()
         self._prepare_directory()
         self._put_in_force(loaded)
+        count = load_sets(self.options.state_dir, self._runtime, self.clock())
+        if count:
+            log.info("sets: %d runtime entries restored (%s)", count, ", ".join(self._runtime.names()))
         self._plan_snapshots()
         signal.signal(signal.SIGCHLD, self._on_child_signal)
         for queue in self.spec.queues:
@@ -165,20 +177,11 @@ class Supervisor(ServiceCore):
             self._spawn(worker)
 
     def _load_policy(self) -> Loaded:
-        loaded = super()._load_policy()
-        return replace(loaded, source=self._read_policy(loaded))
+        return self._with_source(super()._load_policy())
 
-    def _read_policy(self, loaded: Loaded) -> bytes:
-        """The bytes that were validated: a file changed between the check and this read is
-        refused rather than copied unchecked."""
-        path = self.options.config
-        try:
-            data = Path(path).read_bytes()
-        except OSError as err:
-            raise StartupError(f"{path}: cannot read: {err.strerror or err}") from err
-        if hashlib.sha256(data).hexdigest() != loaded.engine_policy.config.sha256:
-            raise StartupError(f"{path}: changed while it was being read: try again")
-        return data
+    def _with_source(self, loaded: Loaded) -> Loaded:
+        """The bundle of exactly the bytes that were validated (every file of the policy)."""
+        return replace(loaded, source=loaded.files.bundle(self.options.config))
 
     def _prepare_directory(self) -> None:
         # the longest socket path under it: the last worker's control socket (its notify
@@ -272,6 +275,7 @@ class Supervisor(ServiceCore):
         _drain(worker.notify)  # what a dead predecessor left must not count for the new one
         worker.ready, worker.restart_at = False, None
         worker.generation = self._policy_generation
+        worker.sets_generation = self._sets_generation
         adopt = () if self.live else self._adopt  # after the first start, each its own file
         pid = os.fork()
         if pid == 0:
@@ -354,11 +358,23 @@ class Supervisor(ServiceCore):
             log.info("worker for queue %d (pid %d) is ready", worker.queue, worker.pid)
             if self.live and worker.generation != self._policy_generation:
                 self._catch_up(worker)
+            if self.live and worker.sets_generation != self._sets_generation:
+                self._catch_up_sets(worker)
         if fields.get("WATCHDOG") == "1":
             worker.last_ping = now
         counts = sv.counts_of(fields)
         if counts is not None:
             worker.counts = counts
+
+    def _catch_up_sets(self, worker: Worker) -> None:
+        """A worker that read the saved set entries before the last change reads them again."""
+        answer = self._ask(worker, {"cmd": "set", "op": "load", "name": ""})
+        if answer.error is None:
+            worker.sets_generation = self._sets_generation
+        else:
+            log.error(
+                "worker for queue %d did not take the sets' runtime entries: %s", worker.queue, answer.error
+            )
 
     def _catch_up(self, worker: Worker) -> None:
         """A worker that started before the last reload loads the policy now in force."""
@@ -394,6 +410,11 @@ class Supervisor(ServiceCore):
 
     def _tend(self, now: float) -> float:
         self._restart_due(now)
+        due = self._runtime.next_expiry()
+        if due is not None and due <= now:
+            for name, network in self._runtime.expire(now):
+                log.info("set %s: %s expired", name, network)
+            save_sets(self.options.state_dir, self._runtime, now)  # the workers expire their own
         # A fanned-out control request may have blocked the loop for longer than PING_TIMEOUT
         # (ANSWER_TIMEOUT per slow worker): the heartbeats sent meanwhile wait unread in the
         # notify sockets, and must count before a healthy worker is taken for a wedged one.
@@ -492,21 +513,80 @@ class Supervisor(ServiceCore):
 
     # -- reload --
 
-    def _apply_policy(self, loaded: Loaded) -> Applied:
-        """The validated bytes become the policy in force; every ready worker loads it."""
+    def _apply_policy(self, loaded: Loaded, confirm: float | None = None) -> Applied:
+        """The validated bytes become the policy in force; every ready worker loads it (on
+        trial, with `confirm`: the supervisor's timer decides, the workers keep what they cut)."""
         self._put_in_force(loaded)
+        request: dict[str, Any] = (
+            {"cmd": "reload"} if confirm is None else {"cmd": "reload", "confirm": confirm}
+        )
+        return self._fan_out_policy(request, "policy reloaded")
+
+    def _apply_rollback(self, pending: PendingReload) -> Applied:
+        """The policy before the trial in force again; each worker rolls back (and puts back the
+        flows it cut), a worker restarted meanwhile loads it."""
+        self._put_in_force(pending.previous)
+        return self._fan_out_policy({"cmd": "confirm", "rollback": True}, "policy rolled back")
+
+    def _confirmed(self) -> None:
         ready = [w for w in self.workers.values() if w.ready]
-        answers = self._ask_all({"cmd": "reload"}, ready)
+        answers = [sv.as_reload_outcome(a, "confirmed") for a in self._ask_all({"cmd": "confirm"}, ready)]
+        for line in sv.merge_reloads(answers).errors:
+            log.error("confirm: %s", line)
+
+    def _fan_out_policy(self, request: dict[str, Any], done: str) -> Applied:
+        ready = [w for w in self.workers.values() if w.ready]
+        answers = self._ask_all(request, ready)
+        if request["cmd"] == "confirm":
+            answers = [sv.as_reload_outcome(answer, "rolled_back") for answer in answers]
         merged = sv.merge_reloads(answers)
         for worker, answer in zip(ready, answers, strict=True):
             if answer.result is not None and answer.result["ok"]:
                 worker.generation = self._policy_generation
         if merged.ok:
-            log.info("policy reloaded by %d workers (%s flows removed)", len(answers), merged.removed)
+            log.info("%s by %d workers (%s flows removed)", done, len(answers), merged.removed)
         else:
             for line in merged.errors:
                 log.error("reload: %s", line)
         return Applied(merged.ok, merged.errors, merged.removed)
+
+    def _cut_preview(self, loaded: Loaded) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Each ready worker checks the candidate (bundled beside the policy in force) against
+        its flows."""
+        path = candidate_path(self.policy_copy)
+        write_atomically(path, loaded.source)
+        try:
+            answers = self._ask_all({"cmd": "reload", "dry_run": True, "candidate": True})
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return sv.merge_cut_previews(answers)
+
+    # -- sets --
+
+    def runtime_sets(self) -> RuntimeSets:
+        return self._runtime
+
+    def _set_change(self, name: str, network: Any, add: bool, timeout: float | None) -> dict[str, Any]:
+        """Saved first (a worker that starts now reads it), then every ready worker told."""
+        now = self.clock()
+        entries = self._runtime.entries(name)
+        changed = (
+            entries.add(network, None if timeout is None else now + timeout)
+            if add
+            else entries.remove(network)
+        )
+        save_sets(self.options.state_dir, self._runtime, now)
+        self._sets_generation += 1
+        self._kernel_set_entry(name, network, add, timeout)
+        op = "add" if add else "del"
+        request = {"cmd": "set", "op": op, "name": name, "addr": str(network), "timeout": timeout}
+        ready = [w for w in self.workers.values() if w.ready]
+        answers = self._ask_all(request, ready)
+        for worker, answer in zip(ready, answers, strict=True):
+            if answer.error is None:
+                worker.sets_generation = self._sets_generation
+        return sv.merge_set_changes(answers, name, str(network), op, changed)
 
     # -- what it answers: the workers' answers merged --
 

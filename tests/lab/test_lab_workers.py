@@ -32,6 +32,7 @@ from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab, LabState
 from nfqfw.lab.plan import LAN_V4, WAN_V4
 from nfqfw.lab.topology import in_ns
+from nfqfw.service.supervisor import POLICY_NAME, WORKERS_DIR
 
 pytestmark = pytest.mark.lab
 
@@ -253,7 +254,7 @@ def test_a_second_supervisor_leaves_the_policy_in_force_alone(lab: Lab, tmp_path
     """`nfqfw run --workers` started by mistake while the service runs is refused (the control
     socket is taken) before it writes anything: it used to overwrite the running service's
     policy copy first, which its workers would have started with at their next restart."""
-    copy = LabState(PREFIX).runtime_dir / "workers" / "policy.yaml"
+    copy = LabState(PREFIX).runtime_dir / WORKERS_DIR / POLICY_NAME
     in_force = copy.read_bytes()
     other = tmp_path / "other.yaml"
     write_policy(other, VALID_CHANGE.replace("ports: [445, 139]", "ports: [445, 139, 8080]"))

@@ -2,14 +2,15 @@
 read or change the firewall of the machine it runs on (once, real nfqfw rules were left in the
 host's own namespace so). An Iptables built with the real `subprocess.run` (its default runner)
 fails the test when it runs a tool -- through iptables._run or directly, as the IPv6 NAT probe
-does; tests drive the backend with fake tools (`Iptables(run=...)`) and daemons with
+does -- and one built without `ipsets` when it reaches the kernel's ipsets; tests drive the
+backend with fake tools and sets (`Iptables(run=..., ipsets=...)`) and daemons with
 `firewall_fakes.RecordingFirewall`.
 """
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -21,11 +22,21 @@ def _refuse_real_tools(argv: list[str], *args: Any, **kwargs: Any) -> subprocess
     pytest.fail(f"a unit test ran the real {argv[0]}: give the daemon a RecordingFirewall")
 
 
+def _refuse_real_ipsets() -> Any:
+    pytest.fail("a unit test reached the kernel's ipsets: give the backend ipsets=...")
+
+
 @pytest.fixture(autouse=True)
 def no_real_rule_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     real_init = Iptables.__init__
 
-    def init(self: Iptables, families: Iterable[Tools] = FAMILIES, run: Runner = subprocess.run) -> None:
-        real_init(self, families, _refuse_real_tools if run is subprocess.run else run)
+    def init(
+        self: Iptables,
+        families: Iterable[Tools] = FAMILIES,
+        run: Runner = subprocess.run,
+        ipsets: Callable[[], Any] | None = None,
+    ) -> None:
+        run = _refuse_real_tools if run is subprocess.run else run
+        real_init(self, families, run, ipsets or _refuse_real_ipsets)
 
     monkeypatch.setattr(Iptables, "__init__", init)

@@ -156,6 +156,9 @@ def test_check_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "masquerade": 0,
             "snat": 0,
             "forwards": 0,
+            "sets": 0,
+            "set_networks": 0,
+            "files": 1,
             "warnings": [],
         },
         {
@@ -194,6 +197,13 @@ def test_explain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
             "forwarded": None,
             "zones": {"from": "external", "to": "-", "side": "ingress"},  # no networks: no route
             "source_nat": None,
+            "rule": {
+                "name": "mail",
+                "at": f"{policy}:2",
+                "match": "reject tcp ports 25 (smtp)",
+                "comment": None,
+                "sets": [],
+            },
         },
     )
 

@@ -14,9 +14,11 @@ from nfqfw.core.build import addr
 
 POLICY = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
 MAIL = "verdict: accept\nconntrack: new\ndecided by: rule mail\nwhy: rule mail\n"
-PING = "why: rule ping-gateway\n"
 DEFAULT_INGRESS = "verdict: drop\nconntrack: new\ndecided by: default ingress\nwhy: default ingress\n"
 MASQUERADE_LINE = POLICY.read_text().split("- {out: wan0, from: 10.0.0.0/24}")[0].count("\n") + 1
+MAIL_RULE = (
+    f"rule: mail ({POLICY}:59): accept tcp to 10.0.0.25/32, fd00::25/128 ports 25 (smtp), 587 (submission)\n"
+)
 
 
 def run_explain(
@@ -33,7 +35,7 @@ def run_explain(
 def test_ingress_smtp_is_accepted_by_rule_mail(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run_explain(["--in", "wan0", "tcp", "198.51.100.7:50000", "10.0.0.25:25"], capsys)
     assert status == 0
-    assert out == "zones: external -> internal (ingress)\n" + MAIL
+    assert out == "zones: external -> internal (ingress)\n" + MAIL + MAIL_RULE
 
 
 def test_ingress_ssh_to_a_host_falls_to_the_default(capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,12 +46,13 @@ def test_ingress_ssh_to_a_host_falls_to_the_default(capsys: pytest.CaptureFixtur
 
 def test_ipv6_mail_and_smb_reject_with_tcp_reset(capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run_explain(["--in", "wan0", "tcp", "[2001:db8::7]:50000", "[fd00::25]:587"], capsys)
-    assert out == "zones: external -> internal (ingress)\n" + MAIL
+    assert out == "zones: external -> internal (ingress)\n" + MAIL + MAIL_RULE
     _, out, _ = run_explain(["--in", "lan0", "tcp", "10.0.0.25", "203.0.113.10:445"], capsys)
     assert out == (
         "zones: internal -> external (egress)\n"
         "verdict: reject\nconntrack: new\ndecided by: rule no-smb-out\nwhy: rule no-smb-out\n"
         "reject with: tcp-reset\n"
+        f"rule: no-smb-out ({POLICY}:91): reject tcp ports 445 (microsoft-ds)\n"
     )
 
 
@@ -68,10 +71,15 @@ def test_hook_from_gateway_addresses_or_forced(tmp_path: Path, capsys: pytest.Ca
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.read_text() + "\noptions:\n  gateway-addresses: [203.0.113.1, 2001:db8::1]\n")
     gateway = "zones: external -> gateway (ingress)\n"
+    ping = (
+        "verdict: accept\nconntrack: new\ndecided by: rule ping-gateway\nwhy: rule ping-gateway\n"
+        f"rule: ping-gateway ({policy}:64): accept icmp to gateway icmp-types 8, 128 "
+        "limit 5/1s burst 5\n"
+    )
     _, out, _ = run_explain(["--in", "wan0", "icmp", "198.51.100.7", "203.0.113.1"], capsys, policy)
-    assert out == gateway + "verdict: accept\nconntrack: new\ndecided by: rule ping-gateway\n" + PING
+    assert out == gateway + ping
     _, out, _ = run_explain(["--in", "wan0", "icmpv6", "2001:db8:5::7", "2001:db8::1"], capsys, policy)
-    assert out == gateway + "verdict: accept\nconntrack: new\ndecided by: rule ping-gateway\n" + PING
+    assert out == gateway + ping
     # the same ping said to pass through the gateway matches no `to: gateway` rule
     _, out, _ = run_explain(
         ["--in", "wan0", "--hook", "forward", "icmp", "198.51.100.7", "203.0.113.1"], capsys, policy
@@ -185,6 +193,7 @@ def test_a_mapped_port_without_pass_is_decided_by_the_ingress_rules(
         "forwarded to 10.0.2.80:80 by forward web-alt\n"
         "zones: external -> dmz (ingress)\n"
         "verdict: accept\nconntrack: new\ndecided by: rule dmz-web\nwhy: rule dmz-web\n"
+        f"rule: dmz-web ({nat_policy}:7): accept tcp to 10.0.2.80/32 ports 80 (http)\n"
     )
     # A port no forward publishes stays the gateway's own: INPUT, closed by the ingress default.
     _, out, _ = run_explain(["--in", "wan0", "tcp", "198.51.100.7", "203.0.113.1:8081"], capsys, nat_policy)
@@ -214,6 +223,7 @@ def test_hairpin_ipv6_and_json(nat_policy: Path, capsys: pytest.CaptureFixture[s
         "forwarded": {"by": "web6", "from": "[2001:db8:1::1]:443", "to": "[fd00::80]:443"},
         "zones": {"from": "external", "to": "internal", "side": "ingress"},
         "source_nat": None,
+        "rule": None,  # a forward decided
     }
 
 
@@ -222,6 +232,7 @@ def test_zones_beyond_two_and_out(nat_policy: Path, capsys: pytest.CaptureFixtur
     assert out == (
         "zones: internal -> dmz (between)\n"
         "verdict: accept\nconntrack: new\ndecided by: rule lan-to-dmz\nwhy: rule lan-to-dmz\n"
+        f"rule: lan-to-dmz ({nat_policy}:9): accept from-zone internal to-zone dmz\n"
     )
     _, out, _ = run_explain(["--in", "dmz0", "tcp", "10.0.2.80", "10.0.0.5:22"], capsys, nat_policy)
     assert out == (

@@ -73,6 +73,8 @@ def test_explain_without_the_daemon_libraries() -> None:
         "conntrack: new",
         "decided by: rule mail",
         "why: rule mail",
+        f"rule: mail ({POLICY}:59): accept tcp to 10.0.0.25/32, fd00::25/128 ports 25 (smtp), "
+        "587 (submission)",
         "exit=0 loaded=[]",
     ]
 

@@ -45,7 +45,7 @@ POLICY = POLICY_FILE.read_text()
 OUT = Meta(Hook.FORWARD, "lan0", "wan0")
 LAN, WAN = addr("10.0.0.5"), addr("203.0.113.7")
 T0 = 1000.0
-COMMAND_WORDS = "expected one of status, flows, flush, panic, reload, metrics"
+COMMAND_WORDS = "expected one of status, flows, flush, panic, reload, metrics, confirm, set"
 PROTO_WORDS = "expected tcp, udp, icmp, icmpv6 or a number 0-255"
 
 
@@ -140,7 +140,15 @@ KERNEL_DROPS = {"drop default ingress": 1200, "drop new-rate per source": 30}
 def test_status(daemon: Daemon) -> None:
     status = answer(Requests(daemon)({"cmd": "status"}))
     digest = hashlib.sha256(POLICY.encode()).hexdigest()
-    assert status["policy"] == {"file": daemon.options.config, "sha256": digest, "file_sha256": digest}
+    assert status["policy"] == {
+        "file": daemon.options.config,
+        "sha256": digest,
+        "file_sha256": digest,
+        "files": 1,
+        "sets": [],
+        "comments": {},
+        "pending_confirm": None,
+    }
     assert status["uptime"] == 2.5
     assert status["started"] == daemon.started
     assert status["last_reload"] is None
@@ -313,6 +321,7 @@ def test_reload_reports_located_errors_then_success(daemon: Daemon, monkeypatch:
         "ok": False,
         "errors": [f"{path}:{line}:12: defaults: ingress: expected accept, drop or reject, got 'perhaps'"],
         "removed": None,
+        "confirm_within": None,
     }
     assert answer(requests({"cmd": "status"}))["last_reload"] == failed
     assert len(daemon.engine.conntrack) == 2  # the running policy stays, flows too

@@ -230,8 +230,8 @@ ZONE_OF = ZoneMap(policy_of((), (), False)).zone_of
 def test_candidates_are_exactly_the_matching_rules(
     rule_list: tuple[RuleConfig, ...], walk: list[Step]
 ) -> None:
-    matchers = [RuleMatcher(rule, True, ZONE_OF) for rule in rule_list]
-    index = RuleIndex(rule_list, matchers, ZONE_OF)
+    matchers = [RuleMatcher(rule, True, zone_of=ZONE_OF) for rule in rule_list]
+    index = RuleIndex(rule_list, matchers, zone_of=ZONE_OF)
     for step in walk:
         args = step.args[1:]
         candidates = index.candidates(*args)

@@ -513,10 +513,7 @@ def test_gateway_in_egress_to_is_an_error() -> None:
         ),
         (
             ZONES + "rules: []\n",
-            [
-                "p.yaml:4:1: unknown key 'rules' "
-                "(expected one of: zones, defaults, ingress, egress, between, nat, options)"
-            ],
+            ["p.yaml:4:1: unknown key 'rules'"],  # nine top keys: too many to list
         ),
         (ZONES + "zones: {}\n", ["p.yaml:4:1: duplicate key 'zones'"]),
         (

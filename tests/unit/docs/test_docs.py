@@ -34,6 +34,7 @@ def test_every_policy_key_is_documented_and_nothing_else() -> None:
     assert set(documented["snat"]) == set(config.SNAT_KEYS)
     assert set(documented["forward"]) == set(config.FORWARD_KEYS)
     assert set(documented["options"]) == set(config.OPTION_KEYS)
+    assert set(documented["set"]) == set(config.SET_KEYS)
 
 
 RULE = "  - {{name: r, proto: tcp, limit: 1/second, {key}: zzz{action}}}\n"
@@ -116,7 +117,7 @@ def test_a_command_added_later_appears_by_itself(monkeypatch: pytest.MonkeyPatch
     def with_one_more() -> object:
         parser = real()
         sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-        extra = sub.add_parser("set", help="named sets")  # type: ignore[attr-defined]
+        extra = sub.add_parser("zone", help="zones")  # type: ignore[attr-defined]
         extra.add_argument("--frobnicate", help="a new option")
         return parser
 

@@ -242,9 +242,16 @@ def test_install_runs_one_restore_per_family() -> None:
     assert tools.calls[3][1] == render_install(QueueSpec(0, 0), NOTHING)
 
 
+class NoSets:
+    """The kernel's ipsets, empty (a removal looks for ours: none here)."""
+
+    def names(self) -> list[str]:
+        return []
+
+
 def test_remove_skips_families_without_our_rules() -> None:
     tools = FakeTools({"iptables-save": SAVE_FRESH, "ip6tables-save": SAVE_INSTALLED})
-    assert Iptables(run=tools).remove() == [6]
+    assert Iptables(run=tools, ipsets=NoSets).remove() == [6]
     assert [argv[0] for argv, _ in tools.calls] == ["iptables-save", "ip6tables-save", "ip6tables-restore"]
 
 
