@@ -28,6 +28,9 @@ def register(subparsers: Any) -> None:
     )
     lab_up.add_argument("--queue", type=int, default=0, metavar="N", help="NFQUEUE number (default 0)")
     lab_up.add_argument("--no-daemon", action="store_true", help="only the namespaces, no nfqfw")
+    lab_up.add_argument(
+        "--dmz", action="store_true", help="a fourth namespace: a DMZ host (10.0.2.80) on the gateway's dmz0"
+    )
     _prefix_option(lab_up)
     lab_up.add_argument(
         "run_options",
@@ -74,11 +77,12 @@ def run_up(args: argparse.Namespace) -> int:
         return 2
     try:
         run_options = args.run_options[1:] if args.run_options[:1] == ["--"] else args.run_options
-        lab = up(args.prefix, None if args.no_daemon else args.policy, queue=args.queue, args=run_options)
+        policy = None if args.no_daemon else args.policy
+        lab = up(args.prefix, policy, queue=args.queue, args=run_options, dmz=args.dmz)
     except LabError as err:
         print(f"nfqfw lab up: {err}", file=sys.stderr)
         return 1
-    print(plan.picture(args.prefix))
+    print(plan.picture(args.prefix, args.dmz))
     print()
     if lab.daemon is not None:
         print(
