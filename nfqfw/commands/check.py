@@ -12,8 +12,9 @@ import time
 from typing import Any
 
 from nfqfw.commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_json_option, print_json
-from nfqfw.core.config import ConfigError, ConfigIssue, PolicyConfig, load_policy
+from nfqfw.core.config import ConfigError, ConfigIssue, PolicyConfig, ipv6_nat_issues, load_policy
 from nfqfw.core.policy import CompiledPolicy
+from nfqfw.firewall import backend_named
 
 
 def register(subparsers: Any) -> None:
@@ -21,9 +22,10 @@ def register(subparsers: Any) -> None:
         "check",
         help="validate policy files",
         description="Load and compile each policy file. Prints a one-line summary per valid file (zones, "
-        "rules, and how long compiling the rules took) and its warnings (FILE:LINE:COL: warning: "
+        "rules, NAT, and how long compiling the rules took) and its warnings (FILE:LINE:COL: warning: "
         "message, on stderr); otherwise prints every problem as FILE:LINE:COL: message on stderr and "
-        "exits with 1.",
+        "exits with 1. A policy that translates IPv6 is checked against this kernel's IPv6 NAT (as "
+        "root: tried in a throwaway network namespace).",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
     parser.add_argument(
@@ -54,6 +56,7 @@ def check_file(path: str) -> dict[str, Any]:
     "warnings": [{"file", "line", "col", "message"}]} or {"file", "ok": false, "errors": [...the same...]}."""
     try:
         config = load_policy(path)
+        _check_ipv6_nat(config)
         started = time.perf_counter()
         CompiledPolicy(config)  # compiling must work too, as the daemon will do it
         seconds = time.perf_counter() - started
@@ -67,6 +70,15 @@ def check_file(path: str) -> dict[str, Any]:
         "compile_seconds": round(seconds, 6),
         "warnings": warnings,
     }
+
+
+def _check_ipv6_nat(config: PolicyConfig) -> None:
+    """Raise the located errors of IPv6 NAT entries when this kernel has no IPv6 NAT."""
+    if config.nat is None or not config.nat.ipv6_entries():
+        return
+    missing = backend_named().ipv6_nat_missing()
+    if missing is not None:
+        raise ConfigError(ipv6_nat_issues(config, missing))
 
 
 def run_diff(args: argparse.Namespace) -> int:
@@ -96,11 +108,16 @@ def run_diff(args: argparse.Namespace) -> int:
 
 
 def counts(config: PolicyConfig) -> dict[str, int]:
+    nat = config.nat
     return {
         "zones": sum(1 for names in config.zones.values() if names),
         "ingress_rules": len(config.ingress),
         "egress_rules": len(config.egress),
-        "rules": len(config.ingress) + len(config.egress),
+        "between_rules": len(config.between),
+        "rules": len(config.ingress) + len(config.egress) + len(config.between),
+        "masquerade": 0 if nat is None else len({(e.line, e.col) for e in nat.masquerade}),
+        "snat": 0 if nat is None else len({(e.line, e.col) for e in nat.snat}),
+        "forwards": 0 if nat is None else len(nat.forward),
         "sets": len(config.sets),
         "set_networks": sum(found.content.written for found in config.sets.values()),
         "files": len(config.sources),
@@ -125,6 +142,15 @@ def summary(path: str, counted: dict[str, Any]) -> str:
         f"zones: {counted['zones']}, ingress rules: {counted['ingress_rules']}, "
         f"egress rules: {counted['egress_rules']}"
     )
+    if counted.get("between_rules"):
+        numbers += f", between rules: {counted['between_rules']}"
+    nat = [
+        f"{counted[key]} {word}{'s' if counted[key] != 1 and word == 'forward' else ''}"
+        for key, word in (("masquerade", "masquerade"), ("snat", "snat"), ("forwards", "forward"))
+        if counted.get(key)
+    ]
+    if nat:
+        numbers += f", nat: {', '.join(nat)}"
     if counted.get("sets"):
         numbers += f", sets: {counted['sets']} ({counted['set_networks']} networks)"
     if counted.get("files", 1) > 1:

@@ -1,14 +1,16 @@
 """`nfqfw explain --config FILE --in IFACE PROTO SRC[:PORT] DST[:PORT]`: what would the policy
 do with this one packet, and why?
 
-Builds the packet with `nfqfw.core.build`, runs it through a fresh engine (so conntrack has
-seen nothing before it) and prints the verdict, the conntrack state and what decided: a rule is
-shown as the policy means it (ports as numbers, with their service names), with where it is
-written, its comment, and which of its sets the packet's addresses are in. Runtime set entries
-(nfqfw set add) are the running daemon's: explain sees the policy's files only. An ICMP
-error quotes the packet `--quoting` describes, e.g. the gateway's own time exceeded about a
-traceroute probe: `--hook output icmp 10.0.0.1 10.0.0.25 --icmp-type time-exceeded --quoting udp
-10.0.0.25:40000 203.0.113.10:33434`.
+Builds the packet with `nfqfw.core.build`, gives it what the kernel would tell the live daemon
+(nfqfw.core.offline: a forward's translation, the hook, the output interface from the zones'
+networks unless --out names it), runs it through a fresh engine (so conntrack has seen nothing
+before it) and prints the translation, the zones, the verdict, the conntrack state and what
+decided, and the source NAT the kernel would then apply. A rule is shown as the policy means it
+(ports as numbers, with their service names), with where it is written, its comment, and which
+of its sets the packet's addresses are in. Runtime set entries (nfqfw set add) are the running
+daemon's: explain sees the policy's files only. An ICMP error quotes the packet `--quoting`
+describes, e.g. the gateway's own time exceeded about a traceroute probe: `--hook output icmp
+10.0.0.1 10.0.0.25 --icmp-type time-exceeded --quoting udp 10.0.0.25:40000 203.0.113.10:33434`.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import sys
 from typing import Any
 
 from nfqfw.commands import EXIT_FAILURE, EXIT_OK, add_json_option, print_json
-from nfqfw.commands.replay import derive_hook, load_compiled
+from nfqfw.commands.replay import load_compiled
 from nfqfw.core import build
-from nfqfw.core.config import ICMP_TYPES
+from nfqfw.core.config import ICMP_TYPES, SIDES
 from nfqfw.core.engine import Engine
+from nfqfw.core.forwards import FORWARD_REASON
 from nfqfw.core.l4.icmp import ICMP_ERRORS
+from nfqfw.core.offline import Arrival, OfflineGateway, source_nat
 from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from nfqfw.core.policy import CompiledPolicy
-from nfqfw.core.verdict import Hook, Meta, Verdict
+from nfqfw.core.verdict import Action, Hook, Verdict
 
 TCP_FLAG_LETTERS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
@@ -51,6 +55,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--in", dest="in_iface", required=True, metavar="IFACE", help="interface it arrives on"
     )
+    parser.add_argument(
+        "--out",
+        dest="out_iface",
+        metavar="IFACE",
+        help="interface it leaves by (default: routed by the zones' networks)",
+    )
     parser.add_argument("proto", choices=PROTOCOLS, metavar="PROTO", help="tcp, udp, icmp or icmpv6")
     parser.add_argument("src", metavar="SRC[:PORT]")
     parser.add_argument("dst", metavar="DST[:PORT]")
@@ -64,7 +74,10 @@ def register(subparsers: Any) -> None:
         help="an ICMP error's quoted packet (needed for error types), built like the packet itself",
     )
     parser.add_argument("--hook", choices=tuple(HOOKS), help="default: from the policy's gateway-addresses")
-    add_json_option(parser, "the verdict (verdict, conntrack, decided_by, why, reject_with, hook)")
+    add_json_option(
+        parser,
+        "the verdict (verdict, conntrack, decided_by, why, reject_with, hook, forwarded, zones, source_nat)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -164,6 +177,8 @@ def _ip(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:
 
 
 def decided_by(verdict: Verdict) -> str:
+    if verdict.reason.startswith(FORWARD_REASON):
+        return verdict.reason
     if verdict.rule is not None:
         return f"rule {verdict.rule}"
     if verdict.reason.startswith("default "):
@@ -181,6 +196,49 @@ def explained(verdict: Verdict) -> dict[str, str | None]:
     }
 
 
+def endpoint(raw: bytes, port: int) -> str:
+    host = str(ipaddress.ip_address(raw))
+    return f"{host}:{port}" if len(raw) == 4 else f"[{host}]:{port}"
+
+
+def translation(arrival: Arrival) -> dict[str, str] | None:
+    """The forward that translated the packet and where to ("10.0.0.25:25"), None when none did."""
+    if arrival.forward is None or arrival.public is None:
+        return None
+    port = arrival.forward.translated_port(arrival.public[1])
+    return {
+        "by": arrival.forward.name,
+        "from": endpoint(*arrival.public),
+        "to": endpoint(arrival.forward.to, port),
+    }
+
+
+def zones(policy: CompiledPolicy, arrival: Arrival) -> dict[str, str]:
+    meta = arrival.meta
+    source, target = policy.zones.pair(meta.hook, meta.in_iface, meta.out_iface)
+    return {"from": source, "to": target, "side": policy.zones.side(meta.hook, meta.in_iface, meta.out_iface)}
+
+
+def then_source_nat(policy: CompiledPolicy, arrival: Arrival, verdict: Verdict) -> str | None:
+    """What the kernel's source NAT would do with an accepted connection, in words."""
+    if verdict.action is not Action.ACCEPT or arrival.meta.hook is Hook.INPUT:
+        return None
+    forward = arrival.forward
+    if (
+        forward is not None
+        and forward.config.hairpin
+        and arrival.meta.in_iface not in forward.config.in_ifaces
+    ):
+        return f"masquerade to the address of {arrival.meta.out_iface} (hairpin of forward {forward.name})"
+    src = arrival.data[12:16] if arrival.data[0] >> 4 == 4 else arrival.data[8:24]
+    entry = source_nat(policy, src, arrival.meta.out_iface)
+    if entry is None:
+        return None
+    if entry.to is None:
+        return f"masquerade to the address of {arrival.meta.out_iface} (line {entry.line})"
+    return f"snat to {entry.to} (line {entry.line})"
+
+
 def rule_details(policy: CompiledPolicy, name: str, packet: bytes) -> dict[str, Any] | None:
     """The rule that decided: where it is, what it matches (as numbers), its comment, and the sets
     of its from/to that hold the packet's addresses."""
@@ -188,7 +246,7 @@ def rule_details(policy: CompiledPolicy, name: str, packet: bytes) -> dict[str, 
     from nfqfw.core.diff import describe_rule
 
     config = policy.config
-    rule = next((r for side in ("ingress", "egress") for r in getattr(config, side) if r.name == name), None)
+    rule = next((r for side in SIDES for r in config.rules(side) if r.name == name), None)
     if rule is None:
         return None
     pkt = decode(packet)
@@ -208,13 +266,25 @@ def rule_details(policy: CompiledPolicy, name: str, packet: bytes) -> dict[str, 
     }
 
 
-def report(verdict: Verdict, rule: dict[str, Any] | None = None) -> str:
-    lines = [f"{key.replace('_', ' ')}: {value}" for key, value in explained(verdict).items() if value]
+def report(
+    verdict: Verdict, extra: dict[str, object] | None = None, rule: dict[str, Any] | None = None
+) -> str:
+    extra = extra or {}
+    lines = []
+    forwarded = extra.get("forwarded")
+    if isinstance(forwarded, dict):
+        lines.append(f"forwarded to {forwarded['to']} by forward {forwarded['by']}")
+    where = extra.get("zones")
+    if isinstance(where, dict):
+        lines.append(f"zones: {where['from']} -> {where['to']} ({where['side']})")
+    lines += [f"{key.replace('_', ' ')}: {value}" for key, value in explained(verdict).items() if value]
     if rule is not None:
         lines.append(f"rule: {rule['name']} ({rule['at']}): {rule['match']}")
         lines += [f"  {found}" for found in rule["sets"]]
         if rule["comment"]:
             lines.append(f"comment: {rule['comment']}")
+    if extra.get("source_nat"):
+        lines.append(f"then source NAT: {extra['source_nat']}")
     return "\n".join(lines)
 
 
@@ -227,12 +297,17 @@ def run(args: argparse.Namespace) -> int:
     except (ExplainError, ValueError) as err:
         print(f"nfqfw explain: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    hook = HOOKS[args.hook] if args.hook else derive_hook(packet, policy.gateway_addresses)
-    meta = Meta(hook, in_iface=args.in_iface if hook != Hook.OUTPUT else None)
-    verdict = Engine(policy).process(packet, meta, now=0.0)
-    rule = None if verdict.rule is None else rule_details(policy, verdict.rule, packet)
+    hook = HOOKS[args.hook] if args.hook else None
+    arrival = OfflineGateway(policy).arrive(packet, args.in_iface, hook, args.out_iface)
+    verdict = Engine(policy).process(arrival.data, arrival.meta, now=0.0)
+    extra = {
+        "forwarded": translation(arrival),
+        "zones": zones(policy, arrival),
+        "source_nat": then_source_nat(policy, arrival, verdict),
+    }
+    rule = None if verdict.rule is None else rule_details(policy, verdict.rule, arrival.data)
     if args.json:
-        print_json({**explained(verdict), "hook": hook.name, "rule": rule})
+        print_json({**explained(verdict), "hook": arrival.meta.hook.name, **extra, "rule": rule})
     else:
-        print(report(verdict, rule))
+        print(report(verdict, extra, rule))
     return EXIT_OK

@@ -35,6 +35,9 @@ def register(subparsers: Any) -> None:
         help="an HA pair: gateways {P}gw1 and {P}gw2 with keepalived, conntrackd and nfqfw "
         "(config/ha/), between {P}wan and {P}lan",
     )
+    lab_up.add_argument(
+        "--dmz", action="store_true", help="a fourth namespace: a DMZ host (10.0.2.80) on the gateway's dmz0"
+    )
     _prefix_option(lab_up)
     lab_up.add_argument(
         "run_options",
@@ -92,11 +95,12 @@ def run_up(args: argparse.Namespace) -> int:
     if args.ha:
         return _run_up_ha(args, run_options)
     try:
-        lab = up(args.prefix, None if args.no_daemon else args.policy, queue=args.queue, args=run_options)
+        policy = None if args.no_daemon else args.policy
+        lab = up(args.prefix, policy, queue=args.queue, args=run_options, dmz=args.dmz)
     except LabError as err:
         print(f"nfqfw lab up: {err}", file=sys.stderr)
         return 1
-    print(plan.picture(args.prefix))
+    print(plan.picture(args.prefix, args.dmz))
     print()
     if lab.daemon is not None:
         print(

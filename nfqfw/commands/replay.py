@@ -1,9 +1,11 @@
 """`nfqfw replay --config FILE CAPTURE`: run a policy offline over a pcap/pcapng capture.
 
-Each packet is taken as arriving at the gateway on the interface it was captured on. The
-hook follows from the policy's `gateway-addresses`: to the gateway is INPUT, from it OUTPUT
-(the gateway's own ICMP errors among them), anything else FORWARD. One JSON line per packet goes
-to stdout, a summary table to stderr.
+Each packet is taken as arriving at the gateway on the interface it was captured on, and given
+what the kernel would tell the live daemon (nfqfw.core.offline): the policy's forwards translate
+it (a capture on the external interface shows the public address), the hook follows from the
+policy's `gateway-addresses` (to the gateway is INPUT, from it OUTPUT, anything else FORWARD),
+the output interface from the zones' networks. One JSON line per packet goes to stdout, a
+summary table to stderr.
 
 A packet to be forwarded whose TTL / hop limit is 1 or 0 never reaches FORWARD: the gateway's
 stack answers it with time exceeded first, and nfqfw never sees it. Its line says so, with
@@ -21,10 +23,10 @@ from collections import Counter
 from typing import Any, TextIO
 
 from nfqfw.core.config import ConfigError, load_policy
-from nfqfw.core.decode import decode
 from nfqfw.core.engine import Engine
+from nfqfw.core.offline import OfflineGateway
 from nfqfw.core.policy import CompiledPolicy
-from nfqfw.core.verdict import Hook, Meta, Verdict
+from nfqfw.core.verdict import Hook, Verdict
 from nfqfw.observe.capture import CaptureError, CaptureReader
 
 
@@ -55,18 +57,6 @@ def load_compiled(path: str) -> CompiledPolicy | None:
     except OSError as err:
         print(f"nfqfw: cannot read {path}: {err.strerror}", file=sys.stderr)
         return None
-
-
-def derive_hook(ip: bytes, gateway_addresses: frozenset[bytes]) -> Hook:
-    """INPUT if the packet is to the gateway, OUTPUT if from it, FORWARD otherwise."""
-    if not gateway_addresses:
-        return Hook.FORWARD
-    pkt = decode(ip)
-    if pkt.dst in gateway_addresses:
-        return Hook.INPUT
-    if pkt.src in gateway_addresses:
-        return Hook.OUTPUT
-    return Hook.FORWARD
 
 
 NOT_QUEUED = "not-queued"
@@ -152,10 +142,9 @@ def run(args: argparse.Namespace) -> int:
     if policy is None:
         return 1
     engine = Engine(policy)
-    gateway = policy.gateway_addresses
+    gateway = OfflineGateway(policy)
     by_verdict: Counter[Verdict] = Counter()
     not_queued = 0
-    metas: dict[tuple[Hook, str | None], Meta] = {}
     writer = RecordWriter(sys.stdout)
     packets = 0
     try:
@@ -163,16 +152,12 @@ def run(args: argparse.Namespace) -> int:
             reader = CaptureReader(stream)
             for record in reader:
                 packets += 1
-                hook = derive_hook(record.ip, gateway)
-                if hook is Hook.FORWARD and expires_at_gateway(record.ip):
+                arrival = gateway.arrive(record.ip, args.iface or record.iface)
+                if arrival.meta.hook is Hook.FORWARD and expires_at_gateway(arrival.data):
                     not_queued += 1
                     writer.write_not_queued(packets)
                     continue
-                iface = args.iface or record.iface
-                meta = metas.get((hook, iface))
-                if meta is None:
-                    meta = metas[(hook, iface)] = Meta(hook, in_iface=iface if hook != Hook.OUTPUT else None)
-                verdict = engine.process(record.ip, meta, record.timestamp)
+                verdict = engine.process(arrival.data, arrival.meta, record.timestamp)
                 by_verdict[verdict] += 1
                 writer.write(packets, verdict)
     except (OSError, CaptureError) as err:

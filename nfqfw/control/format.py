@@ -39,7 +39,7 @@ def admitted_by(text: str | None) -> str:
     if not text:
         return "rule=?"
     kind, _, name = text.partition(" ")
-    return f"{kind}={name}" if kind in ("rule", "default") and name else f"by={text}"
+    return f"{kind}={name}" if kind in ("rule", "default", "forward") and name else f"by={text}"
 
 
 def format_flow(record: dict[str, Any]) -> str:
@@ -307,6 +307,9 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
     lines += _commented(
         _table(_by_count(status["verdicts"])), _by_count(status["verdicts"]), policy.get("comments") or {}
     )
+    if status.get("zones"):
+        lines.append("new flows by zone pair (first packets the policy decided):")
+        lines += _table(_by_count(status["zones"]))
     lines.append("adapter:")
     lines += _table(status["adapter"].items())
     lines += format_workers(status)

@@ -191,6 +191,7 @@ def engine_status(engine: Any, adapter: Any, now: float, top: int | None = None)
         "gso": bool(adapter.gso) and all(adapter.gso.values()),  # queued whole
         "flows": flows,
         "verdicts": verdict_counts(engine, adapter),
+        "zones": engine.zone_counts() if hasattr(engine, "zone_counts") else {},
         "adapter": dict(adapter.counters),
     }
 

@@ -31,6 +31,8 @@ Invariants:
 
 A new field is one more dimension: a class whose `lookup(pkt, to_gateway, from_gateway,
 in_iface, out_iface)` returns the bitset, built from the rules in `RuleIndex.__init__`.
+`from-zone` / `to-zone` are the interface dimensions keyed by the zone the policy's `zone_of`
+gives the interface (so wildcards and an exact name's precedence are the zones' own).
 """
 
 from __future__ import annotations
@@ -189,17 +191,29 @@ class IntervalMap:
         return self.masks[bisect_right(self.starts, value) - 1]
 
 
+ZoneOf = Callable[["str | None"], "str | None"]
+
+
+def _no_zones(iface: str | None) -> str | None:
+    return None
+
+
 class _Builder:
-    """What every dimension needs while it is built: the bit of a rule, the interner and the
-    networks of the sets the rules name."""
+    """What every dimension needs while it is built: the bit of a rule, the interner, the
+    networks of the sets the rules name and the zone of an interface (for from-zone / to-zone)."""
 
     def __init__(
-        self, rules: Sequence[RuleConfig], intern: Interner, sets: Mapping[str, SetContent] | None = None
+        self,
+        rules: Sequence[RuleConfig],
+        intern: Interner,
+        sets: Mapping[str, SetContent] | None = None,
+        zone_of: ZoneOf = _no_zones,
     ) -> None:
         self.rules = rules
         self.size = len(rules)
         self.intern = intern
         self.sets = sets or {}
+        self.zone_of = zone_of
 
     def bits(self) -> Iterable[tuple[int, RuleConfig]]:
         """(bit, rule) in policy order."""
@@ -454,6 +468,56 @@ class OutInterface(_InterfaceDimension):
         return self.bits_of(out_iface) if bits is None else bits
 
 
+class _ZoneDimension:
+    """`from-zone` or `to-zone`: the zone of the in / out interface (zone_of), its bitset cached
+    per interface name as the interface dimensions do."""
+
+    __slots__ = ("_by_zone", "_cache", "_open", "_zone_of")
+
+    def __init__(self, build: _Builder, field: Callable[[RuleConfig], tuple[str, ...] | None]) -> None:
+        zones: Bitsets[str] = Bitsets(build.size)
+        for bit, rule in build.bits():
+            for zone in field(rule) or ():
+                zones.add(zone, bit)
+        self._open = build.intern(build.open_bits(lambda rule: field(rule) is not None))
+        self._by_zone = {zone: build.intern(self._open | bits) for zone, bits in zones.items()}
+        self._zone_of = build.zone_of
+        self._cache: dict[str | None, int] = {}
+
+    def bits_of(self, name: str | None) -> int:
+        bits = self._cache.get(name)
+        if bits is not None:
+            return bits
+        zone = self._zone_of(name)
+        bits = self._open if zone is None else self._by_zone.get(zone, self._open)
+        if len(self._cache) >= IFACE_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[name] = bits
+        return bits
+
+
+class FromZone(_ZoneDimension):
+    def __init__(self, build: _Builder) -> None:
+        super().__init__(build, lambda rule: rule.from_zones)
+
+    def lookup(
+        self, pkt: Packet, to_gateway: bool, from_gateway: bool, in_iface: str | None, out_iface: str | None
+    ) -> int:
+        bits = self._cache.get(in_iface)
+        return self.bits_of(in_iface) if bits is None else bits
+
+
+class ToZone(_ZoneDimension):
+    def __init__(self, build: _Builder) -> None:
+        super().__init__(build, lambda rule: rule.to_zones)
+
+    def lookup(
+        self, pkt: Packet, to_gateway: bool, from_gateway: bool, in_iface: str | None, out_iface: str | None
+    ) -> int:
+        bits = self._cache.get(out_iface)
+        return self.bits_of(out_iface) if bits is None else bits
+
+
 # Each optional dimension, and what makes a rule constrain its field. The order is the order of
 # the ANDs: the fields most policies make selective first, so misses stop early.
 DIMENSIONS: tuple[tuple[type, Callable[[RuleConfig], bool]], ...] = (
@@ -464,6 +528,8 @@ DIMENSIONS: tuple[tuple[type, Callable[[RuleConfig], bool]], ...] = (
     (IcmpType, lambda rule: rule.icmp_types_v4 is not None),
     (InInterface, lambda rule: rule.in_ifaces is not None),
     (OutInterface, lambda rule: rule.out_ifaces is not None),
+    (FromZone, lambda rule: rule.from_zones is not None),
+    (ToZone, lambda rule: rule.to_zones is not None),
 )
 
 
@@ -480,9 +546,10 @@ class RuleIndex(Generic[Rule]):
         rules: Sequence[RuleConfig],
         compiled: Sequence[Rule],
         sets: Mapping[str, SetContent] | None = None,
+        zone_of: ZoneOf = _no_zones,
     ) -> None:
         intern = Interner()
-        build = _Builder(rules, intern, sets)
+        build = _Builder(rules, intern, sets, zone_of)
         self.by_bit: tuple[Rule, ...] = tuple(reversed(compiled))
         self.protocol = ProtocolDimension(build)
         self.dimensions = tuple(

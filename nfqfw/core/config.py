@@ -7,10 +7,13 @@ result into matchers.
 
 Shape (see config/policy.yaml for the commented version)::
 
-    zones:    {external: [ifaces], internal: [ifaces]}
-    defaults: {ingress: drop, egress: accept, invalid: drop}
+    zones:    {external: [ifaces], internal: [ifaces],
+               NAME: {faces: outside|inside, interfaces: [ifaces], networks: [nets]}}
+    defaults: {ingress: drop, egress: accept, between: drop, invalid: drop}
     ingress:  [rules]       # first match wins
     egress:   [rules]
+    between:  [rules]       # flows between two different inside zones
+    nat:      {masquerade: [..], snat: [..], forward: [..]}
     options:  {max-flows, tcp-pickup, failure-mode, reload, log-denied, log-limit,
                log-limit-burst, log-format, gateway-addresses, prefilter, new-rate,
                new-rate-per-source, offload, antispoof, watch-sets}
@@ -33,6 +36,14 @@ so that a policy means the same on every machine).
 
 A valid policy may still carry warnings (`PolicyConfig.warnings`, located like errors), which
 `nfqfw check` prints: a choice that is allowed but weakens the firewall (antispoof off).
+
+Zones: `external` and `internal` may be plain interface lists (they face the outside and the
+inside); any other zone is a mapping that says which side it faces, so that a misspelt
+`extrenal` can never turn the outside into an inside zone. A zone's `networks` are the
+addresses reached through it: forwards must target one of them, and the offline tools route by
+them. `nat` is validated here (families, a forward's target reached by a zone, one public port
+for a `to-port`); the kernel rules are the firewall backend's, the forwards' implied accept the
+policy's (nfqfw.core.forwards).
 
 The flood protections (prefilter, new-rate, new-rate-per-source, offload and a rule's
 `synproxy`) are validated here; what the kernel does with them is nfqfw.core.prefilter's and
@@ -63,16 +74,36 @@ from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from nfqfw.core.sets import SetContent, network_range, parse_set_text
 from nfqfw.core.verdict import Action
 
-ZONES = ("external", "internal")
-SIDES = ("ingress", "egress")
-TOP_KEYS = ("zones", "defaults", "ingress", "egress", "options", "sets", "include")
-INCLUDE_KEYS = ("sets", "ingress", "egress", "include")  # what an included file may hold
+ZONES = ("external", "internal")  # the zones that may be plain interface lists
+OUTSIDE, INSIDE = "outside", "inside"
+FACES = (OUTSIDE, INSIDE)
+ZONE_FACES = {"external": OUTSIDE, "internal": INSIDE}  # what the two named zones face
+ZONE_KEYS = ("faces", "interfaces", "networks")
+SIDES = ("ingress", "egress", "between")
+TOP_KEYS = ("zones", "defaults", "ingress", "egress", "between", "nat", "options", "sets", "include")
+INCLUDE_KEYS = ("sets", "ingress", "egress", "between", "include")  # what an included file may hold
 SET_KEYS = ("file", "networks", "comment")
 # A set's name: also part of its kernel ipsets' names (nfqfw4-NAME, at most 31 characters).
 _SET_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,23}")
 SET_NAME_RULE = "a letter, then letters, digits, '-' or '_', at most 24 characters"
 MAX_SET_FILE_ERRORS = 20  # bad lines reported per set file (then how many more there are)
-DEFAULT_KEYS = ("ingress", "egress", "invalid")
+DEFAULT_KEYS = ("ingress", "egress", "between", "invalid")
+NAT_KEYS = ("masquerade", "snat", "forward")
+MASQUERADE_KEYS = ("out", "from", "family")
+SNAT_KEYS = ("out", "from", "to")
+FORWARD_KEYS = (
+    "name",
+    "proto",
+    "in",
+    "ports",
+    "to",
+    "to-port",
+    "from",
+    "address",
+    "pass",
+    "log",
+    "hairpin",
+)
 OPTION_KEYS = (
     "max-flows",
     "tcp-pickup",
@@ -111,6 +142,8 @@ RULE_KEYS = (
     "limit-burst",
     "limit-per",
     "synproxy",
+    "from-zone",
+    "to-zone",
     "comment",
 )
 
@@ -298,6 +331,7 @@ _FAILED = object()  # a value that had errors (reported), where None means "off"
 _FAST_LOADER = getattr(yaml, "CSafeLoader", None)  # absent when PyYAML was built without libyaml
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class ConfigIssue(NamedTuple):
@@ -414,6 +448,8 @@ class RuleConfig:
     limit: LimitConfig | None = None
     # pf's `synproxy state`: the kernel answers SYNs with cookies (ingress TCP accept rules only)
     synproxy: bool = False
+    from_zones: tuple[str, ...] | None = None  # zone names (`from-zone`, `to-zone`)
+    to_zones: tuple[str, ...] | None = None
     comment: str | None = None
     file: str | None = None  # the included file it comes from (None: the main policy file)
 
@@ -423,6 +459,76 @@ class DefaultsConfig:
     ingress: Action = Action.DROP
     egress: Action = Action.ACCEPT
     invalid: Action = Action.DROP  # accept or drop only
+    between: Action = Action.DROP  # flows between two different inside zones
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneDetail:
+    """What a zone written as a mapping says besides its interfaces."""
+
+    faces: str  # OUTSIDE or INSIDE
+    networks: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SourceNatConfig:
+    """One `masquerade` (to None: the outgoing interface's address) or `snat` entry, for one
+    family: connections leaving by `out_ifaces` from `src` get the source address `to`."""
+
+    line: int
+    col: int
+    family: int  # 4 or 6
+    out_ifaces: tuple[str, ...]
+    src: tuple[Network, ...] | None = None  # None: any source of the family
+    to: Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardConfig:
+    """One port forward (DNAT) of a published service: connections of `protocols` arriving on
+    `in_ifaces` to `ports` of `address` (None: any address of the gateway on the interface)
+    from `src` go to `to`, port `to_port` (None: the same port). `passes`: the forward also
+    admits what it translates (as pf's rdr pass); `hairpin`: inside hosts reach it on the
+    public address too, their source translated to the gateway's."""
+
+    name: str
+    line: int
+    col: int
+    family: int
+    protocols: frozenset[int]
+    in_ifaces: tuple[str, ...]
+    ports: tuple[tuple[int, int], ...]
+    to: Address
+    to_port: int | None = None
+    src: tuple[Network, ...] | None = None
+    address: Address | None = None
+    passes: bool = True
+    log: bool = False
+    hairpin: bool = True
+
+    def translated_port(self, port: int) -> int:
+        return port if self.to_port is None else self.to_port
+
+    @property
+    def translated_ports(self) -> tuple[tuple[int, int], ...]:
+        """The destination ports of the translated packets."""
+        return self.ports if self.to_port is None else ((self.to_port, self.to_port),)
+
+
+@dataclass(frozen=True, slots=True)
+class NatConfig:
+    """The policy's `nat:` section."""
+
+    masquerade: tuple[SourceNatConfig, ...] = ()
+    snat: tuple[SourceNatConfig, ...] = ()
+    forward: tuple[ForwardConfig, ...] = ()
+
+    def ipv6_entries(self) -> list[tuple[int, int, str]]:
+        """(line, col, what) of every entry that needs the kernel's IPv6 NAT."""
+        found = [(e.line, e.col, "masquerade") for e in self.masquerade if e.family == 6]
+        found += [(e.line, e.col, "snat") for e in self.snat if e.family == 6]
+        found += [(e.line, e.col, f"forward '{e.name}'") for e in self.forward if e.family == 6]
+        return sorted(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,11 +558,14 @@ class OptionsConfig:
 class PolicyConfig:
     filename: str
     sha256: str  # hex digest of the file's bytes
-    zones: dict[str, tuple[str, ...]]  # always has "external" and "internal"
+    zones: dict[str, tuple[str, ...]]  # zone -> interfaces; always has "external" and "internal"
     defaults: DefaultsConfig
     ingress: tuple[RuleConfig, ...]
     egress: tuple[RuleConfig, ...]
     options: OptionsConfig
+    between: tuple[RuleConfig, ...] = ()
+    zone_details: dict[str, ZoneDetail] = field(default_factory=dict)  # zones written as mappings
+    nat: NatConfig | None = None  # None: the policy has no `nat:` section
     warnings: tuple[ConfigIssue, ...] = ()  # allowed, but weakens the firewall; in file order
     sets: dict[str, SetConfig] = field(default_factory=dict)
     # Where it was read from (not compared: the same policy read from elsewhere is equal).
@@ -466,6 +575,24 @@ class PolicyConfig:
     def set_files(self) -> dict[str, str]:
         """Set file path -> the set reading it."""
         return {s.path: name for name, s in self.sets.items() if s.path is not None}
+
+    def faces(self, zone: str) -> str:
+        """OUTSIDE or INSIDE."""
+        detail = self.zone_details.get(zone)
+        return detail.faces if detail is not None else ZONE_FACES.get(zone, INSIDE)
+
+    def networks(self, zone: str) -> tuple[Network, ...]:
+        detail = self.zone_details.get(zone)
+        return () if detail is None else detail.networks
+
+    def interfaces_facing(self, faces: str) -> tuple[str, ...]:
+        """The interfaces of every zone facing `faces` (OUTSIDE or INSIDE), in file order."""
+        return tuple(
+            name for zone, names in self.zones.items() if self.faces(zone) == faces for name in names
+        )
+
+    def rules(self, side: str) -> tuple[RuleConfig, ...]:
+        return {"ingress": self.ingress, "egress": self.egress, "between": self.between}[side]
 
 
 class PolicyFiles:
@@ -696,6 +823,7 @@ class _Checker:
         self.main = filename
         self.files = files or PolicyFiles()
         self.issues: list[ConfigIssue] = []
+        self.zone_faces: dict[str, str] = dict(ZONE_FACES)  # zone -> OUTSIDE | INSIDE, once read
         self.warnings: list[ConfigIssue] = []
         self.antispoof_node: Node | None = None  # where options: antispoof was set
         self.sources: list[SourceFile] = []
@@ -856,13 +984,22 @@ class _Checker:
         top = self.mapping(root, "", TOP_KEYS, required=("zones",))
         self.include(top, {os.path.realpath(self.filename)})
         self.all_sets(top)
-        zones = self.zones(top["zones"][1]) if "zones" in top else {zone: () for zone in ZONES}
+        zones: dict[str, tuple[str, ...]] = {zone: () for zone in ZONES}
+        details: dict[str, ZoneDetail] = {}
+        if "zones" in top:
+            zones, details = self.zones(top["zones"][1])
+        self.zone_faces = {
+            zone: details[zone].faces if zone in details else ZONE_FACES[zone] for zone in zones
+        }
         defaults = self.defaults(top["defaults"][1]) if "defaults" in top else DefaultsConfig()
         names: dict[str, int] = {}
-        ingress = self.side_rules(top, "ingress", names)
-        egress = self.side_rules(top, "egress", names)
+        sides = {side: self.side_rules(top, side, names) for side in SIDES}
         options = self.options(top["options"][1]) if "options" in top else OptionsConfig()
-        if options.antispoof == "off" and zones["external"] and self.antispoof_node is not None:
+        nat = None
+        if "nat" in top:
+            nat = _NatChecker(self, zones, details).nat(top["nat"][1], names)
+        outside = any(ifaces for zone, ifaces in zones.items() if self.zone_faces[zone] == OUTSIDE)
+        if options.antispoof == "off" and outside and self.antispoof_node is not None:
             self.warn(
                 self.antispoof_node,
                 "options: antispoof is off: packets with a forged source address (an inside "
@@ -875,10 +1012,13 @@ class _Checker:
             combined_digest(sources),
             zones,
             defaults,
-            ingress,
-            egress,
+            sides["ingress"],
+            sides["egress"],
             options,
-            warnings,
+            between=sides["between"],
+            zone_details=details,
+            nat=nat,
+            warnings=warnings,
             sets=dict(self.sets),
             sources=sources,
             globs={pattern: tuple(found) for pattern, found in self.files.globs.items()},
@@ -1083,27 +1223,88 @@ class _Checker:
         self.error(node, f"{where}: unknown set '@{name}'{_hint(name, self.sets)}")
         return None
 
-    def zones(self, node: Node) -> dict[str, tuple[str, ...]]:
+    def zones(self, node: Node) -> tuple[dict[str, tuple[str, ...]], dict[str, ZoneDetail]]:
+        """zone -> interfaces (external and internal always present), and the details of the
+        zones written as mappings."""
         zones: dict[str, tuple[str, ...]] = {zone: () for zone in ZONES}
+        details: dict[str, ZoneDetail] = {}
+        if not isinstance(node, MappingNode):
+            self.error(node, f"zones: expected a mapping, got {_describe(node)}")
+            return zones, details
         owner: dict[str, str] = {}
-        for zone, (_, value) in self.mapping(
-            node, "zones", ZONES, required=("external",), kind="zone"
-        ).items():
+        seen: set[str] = set()
+        outside = False
+        for key, value in node.value:
+            if not _is_value(key):
+                self.error(key, f"zones: expected a zone name, got {_describe(key)}")
+                continue
+            zone = str(key.value)
+            if zone in seen:
+                self.error(key, f"zones: duplicate zone '{zone}'")
+                continue
+            seen.add(zone)
             where = f"zones: {zone}"
-            names = []
-            for item in self.items(value, where, allow_empty=True):
-                name = self.interface(item, where)
-                if name is None:
+            if isinstance(value, MappingNode):
+                detail, interfaces_node = self.zone_mapping(value, zone, where)
+                if detail is None:
                     continue
-                if name in owner:
-                    other = owner[name]
-                    problem = f"listed twice in '{zone}'" if other == zone else f"already in zone '{other}'"
-                    self.error(item, f"{where}: interface '{name}' is {problem}")
-                    continue
-                owner[name] = zone
-                names.append(name)
-            zones[zone] = tuple(names)
-        return zones
+                details[zone] = detail
+            elif zone in ZONES:
+                detail, interfaces_node = ZoneDetail(ZONE_FACES[zone]), value
+            else:
+                close = difflib.get_close_matches(zone, ZONES, n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                self.error(
+                    key,
+                    f"{where}: a zone other than external and internal is a mapping that says which side "
+                    f"it faces, e.g. {{faces: inside, interfaces: [...]}}{hint}",
+                )
+                continue
+            outside = outside or detail.faces == OUTSIDE
+            zones[zone] = self.zone_interfaces(interfaces_node, zone, where, owner)
+        if not outside:
+            self.error(node, "zones: missing required zone 'external'")
+        return zones, details
+
+    def zone_mapping(self, node: MappingNode, zone: str, where: str) -> tuple[ZoneDetail | None, Node | None]:
+        found = self.mapping(node, where, ZONE_KEYS, required=("interfaces",) if zone not in ZONES else ())
+        faces = ZONE_FACES.get(zone)
+        if "faces" in found:
+            chosen = self.choice(found["faces"][1], f"{where}: faces", FACES)
+            if chosen is not None and faces is not None and chosen != faces:
+                self.error(found["faces"][1], f"{where}: faces: zone '{zone}' faces the {faces} by its name")
+            faces = chosen or faces
+        elif faces is None:
+            self.error(node, f"{where}: missing required key 'faces' (outside or inside)")
+        networks: list[Network] = []
+        if "networks" in found:
+            for item in self.items(found["networks"][1], f"{where}: networks"):
+                network = self.network(item, f"{where}: networks")
+                if network is not None:
+                    networks.append(network)
+        interfaces = found["interfaces"][1] if "interfaces" in found else None
+        if faces is None:
+            return None, None
+        return ZoneDetail(faces, tuple(networks)), interfaces
+
+    def zone_interfaces(
+        self, node: Node | None, zone: str, where: str, owner: dict[str, str]
+    ) -> tuple[str, ...]:
+        if node is None:
+            return ()
+        names = []
+        for item in self.items(node, where, allow_empty=True):
+            name = self.interface(item, where)
+            if name is None:
+                continue
+            if name in owner:
+                other = owner[name]
+                problem = f"listed twice in '{zone}'" if other == zone else f"already in zone '{other}'"
+                self.error(item, f"{where}: interface '{name}' is {problem}")
+                continue
+            owner[name] = zone
+            names.append(name)
+        return tuple(names)
 
     def defaults(self, node: Node) -> DefaultsConfig:
         found = self.mapping(node, "defaults", DEFAULT_KEYS)
@@ -1236,6 +1437,9 @@ class _Checker:
                     for item in self.items(found[key][1], f"{where}: {key}")
                 ]
                 fields[attr] = tuple(iface for iface in ifaces if iface is not None)
+        for key, attr in (("from-zone", "from_zones"), ("to-zone", "to_zones")):
+            if key in found:
+                fields[attr] = self.rule_zones(found[key][1], key, state)
         if "log" in found:
             fields["log"] = self.boolean(found["log"][1], f"{where}: log")
         fields["limit"] = self.limit(found, where)
@@ -1319,7 +1523,7 @@ class _Checker:
                     sets.append(name)
                 continue
             if word == "gateway":
-                if (state.side, key) in (("ingress", "from"), ("egress", "to")):
+                if (state.side, key) in (("ingress", "from"), ("egress", "to")) or state.side == "between":
                     message = (
                         "'gateway' is only meaningful in 'to' of ingress rules and 'from' of egress rules"
                     )
@@ -1336,6 +1540,36 @@ class _Checker:
                 )
             networks.append(network)
         return AddressSet(gateway, tuple(networks), tuple(sets))
+
+    # Which zones a side's flows can come from (`from-zone`) and go to (`to-zone`): ingress comes
+    # from the outside, egress and between from the inside; between goes to the inside.
+    ZONE_SIDES = {
+        ("ingress", "from-zone"): OUTSIDE,
+        ("egress", "from-zone"): INSIDE,
+        ("between", "from-zone"): INSIDE,
+        ("between", "to-zone"): INSIDE,
+    }
+
+    def rule_zones(self, node: Node, key: str, state: _Rule) -> tuple[str, ...]:
+        where = f"{state.where}: {key}"
+        zones = []
+        for item in self.items(node, where):
+            zone = str(item.value)
+            faces = self.zone_faces.get(zone)
+            if faces is None:
+                self.error(item, f"{where}: unknown zone '{zone}'{_hint(zone, self.zone_faces)}")
+                continue
+            wanted = self.ZONE_SIDES.get((state.side, key))
+            if wanted is not None and faces != wanted:
+                flows = "come from" if key == "from-zone" else "go to"
+                self.error(
+                    item,
+                    f"{where}: zone '{zone}' faces the {faces}, but {state.side} flows {flows} the {wanted}"
+                    + (" (flows between inside zones are decided in between)" if faces == INSIDE else ""),
+                )
+                continue
+            zones.append(zone)
+        return tuple(zones)
 
     def network(self, node: ScalarNode, where: str) -> Network | None:
         word = str(node.value)
@@ -1524,6 +1758,254 @@ class _Checker:
             self.error(
                 node, f"{state.where}: can never match: its proto, from and to have no IP version in common"
             )
+
+
+class _NatChecker:
+    """The `nat:` section, checked with the policy checker's shapes (its issues are the checker's)."""
+
+    def __init__(
+        self, checker: _Checker, zones: dict[str, tuple[str, ...]], details: dict[str, ZoneDetail]
+    ) -> None:
+        self.c = checker
+        self.zones = zones
+        self.details = details
+
+    def nat(self, node: Node, names: dict[str, int]) -> NatConfig:
+        if isinstance(node, ScalarNode) and node.tag == _TAG_NULL:
+            return NatConfig()  # `nat:` with every entry commented out
+        found = self.c.mapping(node, "nat", NAT_KEYS)
+        lists: dict[str, list[Node]] = {}
+        for key, (_, value) in found.items():
+            if isinstance(value, ScalarNode) and value.tag == _TAG_NULL:
+                lists[key] = []
+            elif isinstance(value, SequenceNode):
+                lists[key] = list(value.value)
+            else:
+                self.c.error(value, f"nat: {key}: expected a list, got {_describe(value)}")
+        masquerade = [
+            entry
+            for i, n in enumerate(lists.get("masquerade", []))
+            for entry in self.source_nat(n, "masquerade", i)
+        ]
+        snat = [entry for i, n in enumerate(lists.get("snat", [])) for entry in self.source_nat(n, "snat", i)]
+        forwards = [self.forward(n, i, names) for i, n in enumerate(lists.get("forward", []))]
+        return NatConfig(tuple(masquerade), tuple(snat), tuple(f for f in forwards if f is not None))
+
+    # -- source NAT -----------------------------------------------------------------------
+
+    def source_nat(self, node: Node, kind: str, index: int) -> list[SourceNatConfig]:
+        where = f"nat: {kind} {index + 1}"
+        snat = kind == "snat"
+        keys, required = (SNAT_KEYS, ("out", "to")) if snat else (MASQUERADE_KEYS, ("out",))
+        if not isinstance(node, MappingNode):
+            self.c.error(
+                node, f"{where}: expected a mapping with {' and '.join(required)}, got {_describe(node)}"
+            )
+            return []
+        errors_before = len(self.c.issues)
+        found = self.c.mapping(node, where, keys, required=required)
+        out = self.interfaces(found["out"][1], f"{where}: out") if "out" in found else ()
+        to = self.address(found["to"][1], f"{where}: to") if "to" in found else None
+        family = None
+        if to is not None:
+            family = to.version
+        elif "family" in found:
+            chosen = self.c.choice(found["family"][1], f"{where}: family", ("ipv4", "ipv6"))
+            family = None if chosen is None else int(chosen[-1])
+        sources = self.networks(found["from"][1], f"{where}: from", family) if "from" in found else None
+        if len(self.c.issues) > errors_before:
+            return []
+        if family is not None:
+            families = [family]
+        elif sources:
+            families = sorted({network.version for network in sources})
+        else:
+            families = [4]  # masquerading is IPv4's habit; IPv6 needs `family: ipv6` or IPv6 networks
+        line, col = node.start_mark.line + 1, node.start_mark.column + 1
+        return [
+            SourceNatConfig(
+                line,
+                col,
+                version,
+                out,
+                None if sources is None else tuple(n for n in sources if n.version == version),
+                to,
+            )
+            for version in families
+        ]
+
+    # -- forwards -------------------------------------------------------------------------
+
+    def forward(self, node: Node, index: int, names: dict[str, int]) -> ForwardConfig | None:
+        where = f"nat: forward {index + 1}"
+        required = ("name", "proto", "ports", "to")
+        if not isinstance(node, MappingNode):
+            self.c.error(
+                node, f"{where}: expected a mapping with {', '.join(required)}, got {_describe(node)}"
+            )
+            return None
+        for key, value in node.value:
+            if _is_value(key) and key.value == "name" and _is_value(value) and value.value:
+                where = f"forward '{value.value}'"
+                break
+        errors_before = len(self.c.issues)
+        found = self.c.mapping(node, where, FORWARD_KEYS, required=required)
+        name = self.name(found["name"][1], where, names) if "name" in found else None
+        state = _Rule("forward", where)
+        protocols = frozenset[int]()
+        if "proto" in found:
+            state.protocols = self.c.protocols(found["proto"][1], state)
+            protocols = state.protocols or frozenset()
+            if not state.proto_failed and (not protocols or not protocols <= PORT_PROTOCOLS):
+                self.c.error(
+                    found["proto"][1],
+                    f"{where}: proto: a forward translates ports: tcp, udp or both (not {state.proto_text})",
+                )
+                state.proto_failed = True
+        ports = self.c.ports(*found["ports"], state) if "ports" in found else ()
+        to = self.address(found["to"][1], f"{where}: to") if "to" in found else None
+        family = None if to is None else to.version
+        to_port = self.to_port(found, ports, where)
+        fields: dict[str, object] = {}
+        if "in" in found:
+            fields["in_ifaces"] = self.interfaces(found["in"][1], f"{where}: in")
+        if "from" in found:
+            fields["src"] = self.networks(found["from"][1], f"{where}: from", family)
+        if "address" in found:
+            address = self.address(found["address"][1], f"{where}: address")
+            if address is not None and family is not None and address.version != family:
+                self.c.error(
+                    found["address"][1],
+                    f"{where}: address: {address} is IPv{address.version} but to is IPv{family}",
+                )
+            fields["address"] = address
+        for key, attr in (("pass", "passes"), ("log", "log"), ("hairpin", "hairpin")):
+            if key in found:
+                fields[attr] = self.c.boolean(found[key][1], f"{where}: {key}")
+        if "in_ifaces" not in fields:
+            fields["in_ifaces"] = self.outside_interfaces()
+            if not fields["in_ifaces"]:
+                self.c.error(node, f"{where}: no 'in', and no zone facing the outside has interfaces")
+        if to is not None:
+            self.reached(found["to"][1], to, where)
+        if len(self.c.issues) > errors_before or name is None or to is None or family is None:
+            return None
+        return ForwardConfig(
+            name=name,
+            line=node.start_mark.line + 1,
+            col=node.start_mark.column + 1,
+            family=family,
+            protocols=protocols,
+            ports=ports or (),
+            to=to,
+            to_port=to_port,
+            **{key: value for key, value in fields.items() if value is not None},  # type: ignore[arg-type]
+        )
+
+    def name(self, node: Node, where: str, names: dict[str, int]) -> str | None:
+        name = self.c.text(node, f"{where}: name")
+        if name is None:
+            return None
+        if not name.strip():
+            self.c.error(node, f"{where}: name: must not be empty")
+            return None
+        if name in names:
+            first = self.c.name_files.get(name, self.c.main)
+            at = f"line {names[name]}" if first == self.c.filename else f"{first}:{names[name]}"
+            self.c.error(node, f"duplicate name '{name}': a rule or forward at {at} has it already")
+            return None
+        names[name] = node.start_mark.line + 1
+        self.c.name_files[name] = self.c.filename
+        return name
+
+    def to_port(self, found: dict[str, tuple[ScalarNode, Node]], ports: object, where: str) -> int | None:
+        if "to-port" not in found:
+            return None
+        key_node, node = found["to-port"]
+        port_range = self.c.port_range(node, f"{where}: to-port") if _is_value(node) else None
+        if not _is_value(node):
+            self.c.error(node, f"{where}: to-port: expected a single port, got {_describe(node)}")
+            return None
+        if port_range is None:
+            return None
+        if port_range[0] != port_range[1]:
+            self.c.error(node, f"{where}: to-port: expected a single port, got '{node.value}'")
+            return None
+        if isinstance(ports, tuple) and sum(last - first + 1 for first, last in ports) > 1:
+            public = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ports)
+            self.c.error(
+                key_node,
+                f"{where}: to-port: maps a single public port, but ports has several ({public}): "
+                "write one forward per port",
+            )
+            return None
+        return port_range[0]
+
+    def reached(self, node: Node, to: Address, where: str) -> None:
+        """A forward's target must lie in the networks of some zone."""
+        if any(to in network for detail in self.details.values() for network in detail.networks):
+            return
+        self.c.error(
+            node,
+            f"{where}: to: {to} is in no zone's networks; name the networks behind the zone that reaches "
+            f"it, e.g. zones: internal: {{interfaces: [lan0], networks: [...]}}",
+        )
+
+    def outside_interfaces(self) -> tuple[str, ...]:
+        return tuple(
+            name
+            for zone, names in self.zones.items()
+            if (self.details[zone].faces if zone in self.details else ZONE_FACES.get(zone)) == OUTSIDE
+            for name in names
+        )
+
+    # -- shapes ---------------------------------------------------------------------------
+
+    def interfaces(self, node: Node, where: str) -> tuple[str, ...]:
+        names = [self.c.interface(item, where) for item in self.c.items(node, where)]
+        return tuple(name for name in names if name is not None)
+
+    def address(self, node: Node, where: str) -> Address | None:
+        word = self.c.text(node, where)
+        if word is None:
+            return None
+        try:
+            return ipaddress.ip_address(word)
+        except ValueError:
+            self.c.error(node, f"{where}: '{word}' is not an IP address")
+            return None
+
+    def networks(self, node: Node, where: str, family: int | None) -> tuple[Network, ...] | None:
+        items = self.c.items(node, where)
+        if [str(item.value) for item in items] == ["any"]:
+            return None
+        networks = []
+        for item in items:
+            if str(item.value).startswith("@"):
+                # the nat table's rules match addresses and networks, not the policy's sets
+                self.c.error(item, f"{where}: a set ('{item.value}') cannot be used in nat: list networks")
+                continue
+            network = self.c.network(item, where)
+            if network is None:
+                continue
+            if family is not None and network.version != family:
+                self.c.error(
+                    item, f"{where}: '{item.value}' is IPv{network.version} but the entry is IPv{family}"
+                )
+                continue
+            networks.append(network)
+        return tuple(networks)
+
+
+def ipv6_nat_issues(config: PolicyConfig, missing: str) -> list[ConfigIssue]:
+    """Issues for every IPv6 entry of `config`'s nat when the kernel lacks IPv6 NAT (`missing`
+    says what it lacks); empty when the policy translates no IPv6."""
+    if config.nat is None:
+        return []
+    return [
+        ConfigIssue(config.filename, line, col, f"nat: {what}: IPv6 NAT is not available: {missing}")
+        for line, col, what in config.nat.ipv6_entries()
+    ]
 
 
 def _merge(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

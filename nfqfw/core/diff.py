@@ -64,7 +64,7 @@ def describe_field(name: str, value: Any) -> str:
         return ", ".join(PROTOCOL_NAMES.get(number, str(number)) for number in sorted(value))
     if name in ("icmp_types_v4", "icmp_types_v6"):
         return ", ".join(str(number) for number in sorted(value))
-    if name in ("in_ifaces", "out_ifaces"):
+    if name in ("in_ifaces", "out_ifaces", "from_zones", "to_zones"):
         return ", ".join(value)
     if name == "family":
         return f"ipv{value}"
@@ -86,13 +86,26 @@ FIELD_WORDS = {
     "icmp_types_v6": "icmp-types (v6)",
     "in_ifaces": "in",
     "out_ifaces": "out",
+    "from_zones": "from-zone",
+    "to_zones": "to-zone",
 }
 
 
 def describe_rule(rule: RuleConfig) -> str:
     """'drop tcp from @blocklist to gateway ports 22 (ssh)': what the rule matches and does."""
     words = [rule.action.value]
-    for name in ("family", "protocols", "src", "dst", "dports", "sports", "in_ifaces", "out_ifaces"):
+    for name in (
+        "family",
+        "protocols",
+        "src",
+        "dst",
+        "dports",
+        "sports",
+        "in_ifaces",
+        "out_ifaces",
+        "from_zones",
+        "to_zones",
+    ):
         value = getattr(rule, name)
         if value is None:
             continue
@@ -227,6 +240,22 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _zone_values(policy: PolicyConfig) -> dict[str, Any]:
+    """zone -> its interfaces; for a zone written as a mapping, also what it faces and its networks."""
+    details = getattr(policy, "zone_details", {})
+    values: dict[str, Any] = {}
+    for zone, names in policy.zones.items():
+        detail = details.get(zone)
+        if detail is None:
+            values[zone] = names
+        else:
+            networks = ", ".join(str(network) for network in detail.networks) or "none"
+            values[zone] = (
+                f"faces {detail.faces}, interfaces {', '.join(names) or 'none'}, networks {networks}"
+            )
+    return values
+
+
 def _nat_diff(old: PolicyConfig, new: PolicyConfig) -> dict[str, Any]:
     """NAT entries (where the policy has a `nat:` section): forwards by name, the rest by value."""
     before, after = getattr(old, "nat", None), getattr(new, "nat", None)
@@ -288,7 +317,7 @@ def policy_diff(old: PolicyConfig, new: PolicyConfig) -> dict[str, Any]:
         values = _value_diff(getattr(old, part), getattr(new, part))
         if values:
             diff[part] = values
-    zones = _value_diff(old.zones, new.zones)
+    zones = _value_diff(_zone_values(old), _zone_values(new))
     if zones:
         diff["zones"] = zones
     nat = _nat_diff(old, new)

@@ -45,7 +45,7 @@ from nfqfw.core.l4.tcp_window import F_BE_LIBERAL, FLAGS
 from nfqfw.core.packet import ACK, FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SYN, Packet
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.sets import RuntimeSets
-from nfqfw.core.verdict import Action, Ct, Hook, Meta, Verdict
+from nfqfw.core.verdict import Action, Ct, Hook, Meta, RuleDecision, Verdict
 
 ESTABLISHED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established")
 OFFLOADED = Verdict(Action.ACCEPT, Ct.ESTABLISHED, None, "established", offload=True)
@@ -107,6 +107,11 @@ class Engine:
         self.fragments = Fragments()
         self.local_addresses = local_addresses or policy.gateway_addresses
         self._counters: Counter[str] = Counter()
+        # Per Meta (by id; Metas are interned by the adapter, a handful): the side its first
+        # packets are decided by, and how many the policy decided, by action (read as zone
+        # pairs by zone_counts). Entries: [meta, side, to_gateway, from_gateway, {action: n}].
+        self._metas: dict[int, list[Any]] = {}
+        self._decided: Counter[tuple[object, ...]] = Counter()  # (hook, in, out, action): folded
         # Per-packet counting by verdict object (no string per packet): id -> [verdict, count].
         # The list keeps the verdict alive, so its id cannot be reused while counted here.
         self._tally: dict[int, list[Any]] = {}
@@ -130,6 +135,8 @@ class Engine:
         policy.bind_runtime(self.runtime_sets)
         self.policy = policy
         self.offload = policy.config.options.offload == "established"
+        for entry in self._metas.values():  # the zones may have changed
+            entry[1:4] = self._sides(policy, entry[0])
         self.conntrack.loose = policy.config.options.tcp_pickup_loose
         self.conntrack.max_flows = policy.config.options.max_flows
         self.offloaded.max_flows = OFFLOADED_PER_FLOW * policy.config.options.max_flows
@@ -284,22 +291,71 @@ class Engine:
         return self._make(Action.DROP, Ct.NEW, None, "conntrack table full")
 
     def _decide(self, pkt: Packet, meta: Meta, ct: Ct, now: float) -> Verdict:
-        side, to_gateway, from_gateway = self.classify(pkt, meta)
-        decision = self.policy.match(side, pkt, to_gateway, from_gateway, meta.in_iface, meta.out_iface, now)
+        policy = self.policy
+        entry = self._metas.get(id(meta))
+        if entry is None or entry[0] is not meta:
+            entry = self._new_meta(meta)
+        decision = None
+        if meta.forwarded:  # translated by a forward: it admits what it translates (pass)
+            forward = policy.forwards.translated(pkt, meta.in_iface)
+            if forward is not None and forward.passes:
+                decision = forward.decision
+        if decision is None:
+            decision = policy.match(entry[1], pkt, entry[2], entry[3], meta.in_iface, meta.out_iface, now)
         action = decision.action
+        counts = entry[4]
+        counts[action] = counts.get(action, 0) + 1
         # ICMP errors never get here (conntrack makes them RELATED or INVALID): no reply to an error.
         reject_with = reject_kind(pkt) if action is Action.REJECT else None
         return self._make(action, ct, decision.rule, decision.reason, decision.log, reject_with)
 
-    def classify(self, pkt: Packet, meta: Meta) -> tuple[str, bool, bool]:
-        """(side, to_gateway, from_gateway).  Traffic from the gateway itself and from an internal
-        interface is egress; from an external interface -- or one in no zone -- is ingress."""
+    def _new_meta(self, meta: Meta) -> list[Any]:
+        if len(self._metas) >= VERDICT_CACHE_SIZE:  # not interned (tools, tests): fold the counts
+            for known, *_, counts in self._metas.values():
+                for action, count in counts.items():
+                    self._decided[(known.hook, known.in_iface, known.out_iface, action)] += count
+            self._metas.clear()
+        entry = [meta, *self._sides(self.policy, meta), {}]
+        self._metas[id(meta)] = entry
+        return entry
+
+    @staticmethod
+    def _sides(policy: CompiledPolicy, meta: Meta) -> tuple[str, bool, bool]:
+        """(side, to_gateway, from_gateway): see classify."""
         hook = meta.hook
         if hook == Hook.OUTPUT:
             return "egress", False, True
-        zone = self.policy.zone_of(meta.in_iface)
-        side = "egress" if zone == "internal" else "ingress"
-        return side, hook == Hook.INPUT, False
+        return policy.zones.side(hook, meta.in_iface, meta.out_iface), hook == Hook.INPUT, False
+
+    def standing_decision(self, pkt: Packet, meta: Meta) -> RuleDecision:
+        """What the policy says of a flow's first packet, rate limits aside (reload recheck)."""
+        policy = self.policy
+        if meta.forwarded:
+            forward = policy.forwards.translated(pkt, meta.in_iface)
+            if forward is not None and forward.passes:
+                return forward.decision
+        side, to_gateway, from_gateway = self.classify(pkt, meta)
+        return policy.match_standing(side, pkt, to_gateway, from_gateway, meta.in_iface, meta.out_iface)
+
+    def classify(self, pkt: Packet, meta: Meta) -> tuple[str, bool, bool]:
+        """(side, to_gateway, from_gateway). The side is the zones' (core.zones.ZoneMap.side):
+        from the gateway itself or an inside zone egress, between two inside zones between, from
+        a zone facing the outside -- or one in no zone -- ingress."""
+        return self._sides(self.policy, meta)
+
+    def zone_counts(self) -> dict[str, int]:
+        """First packets decided by the policy, by "FROM->TO ACTION" (zone names; `gateway` for
+        the gateway itself, `-` for an interface in no zone)."""
+        decided = Counter(self._decided)
+        for meta, *_, by_action in list(self._metas.values()):  # list(): read from other threads
+            for action, count in list(by_action.items()):
+                decided[(meta.hook, meta.in_iface, meta.out_iface, action)] += count
+        counts: Counter[str] = Counter()
+        pair = self.policy.zones.pair
+        for (hook, in_iface, out_iface, action), count in decided.items():
+            source, target = pair(hook, in_iface, out_iface)  # type: ignore[arg-type]
+            counts[f"{source}->{target} {action.value}"] += count  # type: ignore[attr-defined]
+        return dict(counts)
 
     def _neighbour_discovery(self, meta: Meta) -> Verdict:
         # ND and MLD are link-local: allowed to and from the gateway, never forwarded.

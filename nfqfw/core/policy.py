@@ -20,25 +20,20 @@ After a runtime entry changes, `refresh_runtime` lets the indexes see it.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
 
 from nfqfw.core.classify import RuleIndex
-from nfqfw.core.config import SIDES, AddressSet, PolicyConfig, RuleConfig
+from nfqfw.core.config import INSIDE, SIDES, AddressSet, PolicyConfig, RuleConfig
+from nfqfw.core.forwards import ForwardTable
 from nfqfw.core.packet import FRAG_LATER, Packet
 from nfqfw.core.ratelimit import Limiter, RuleLimiter, SourceLimiter
 from nfqfw.core.sets import NamedSet, RuntimeSets
-from nfqfw.core.verdict import Action
+from nfqfw.core.verdict import Action, RuleDecision
+from nfqfw.core.zones import ZoneMap
 
 SMALL_PORT_SET = 4096  # up to this many ports a frozenset; beyond, sorted ranges
-ZONE_CACHE_SIZE = 1024  # interface names remembered by zone_of (wildcards make lookups costly)
 
-
-class RuleDecision(NamedTuple):
-    action: Action
-    rule: str | None  # None for the side's default
-    log: bool
-    reason: str  # "rule NAME" or "default SIDE"
+__all__ = ["CompiledPolicy", "RuleDecision", "RuleMatcher", "compile_ports"]
 
 
 class PortRanges:
@@ -119,6 +114,7 @@ class RuleMatcher:
         "dports",
         "dst",
         "family",
+        "from_zones",
         "icmp4",
         "icmp6",
         "in_ifaces",
@@ -128,10 +124,16 @@ class RuleMatcher:
         "protocols",
         "sports",
         "src",
+        "to_zones",
+        "zone_of",
     )
 
     def __init__(
-        self, rule: RuleConfig, log_denied: bool, sets: Mapping[str, NamedSet] | None = None
+        self,
+        rule: RuleConfig,
+        log_denied: bool,
+        sets: Mapping[str, NamedSet] | None = None,
+        zone_of: Callable[[str | None], str | None] | None = None,
     ) -> None:
         log = rule.log or (log_denied and rule.action is not Action.ACCEPT)
         self.decision = RuleDecision(rule.action, rule.name, log, f"rule {rule.name}")
@@ -146,6 +148,9 @@ class RuleMatcher:
         self.needs_l4 = rule.dports is not None or rule.sports is not None or rule.icmp_types_v4 is not None
         self.in_ifaces = None if rule.in_ifaces is None else InterfaceMatcher(rule.in_ifaces)
         self.out_ifaces = None if rule.out_ifaces is None else InterfaceMatcher(rule.out_ifaces)
+        self.from_zones = None if rule.from_zones is None else frozenset(rule.from_zones)
+        self.to_zones = None if rule.to_zones is None else frozenset(rule.to_zones)
+        self.zone_of = zone_of or _no_zone
         self.limiter = _limiter(rule)
 
     def matches(
@@ -171,9 +176,17 @@ class RuleMatcher:
             return False
         if self.out_ifaces is not None and out_iface not in self.out_ifaces:
             return False
+        if self.from_zones is not None and self.zone_of(in_iface) not in self.from_zones:
+            return False
+        if self.to_zones is not None and self.zone_of(out_iface) not in self.to_zones:
+            return False
         if self.src is not None and not self.src.matches(pkt.src, from_gateway):
             return False
         return self.dst is None or self.dst.matches(pkt.dst, to_gateway)
+
+
+def _no_zone(iface: str | None) -> str | None:
+    return None
 
 
 def _limiter(rule: RuleConfig) -> Limiter | None:
@@ -194,33 +207,32 @@ class CompiledPolicy:
         self.invalid_action: Action = config.defaults.invalid
         self.log_denied: bool = options.log_denied  # every drop/reject is logged, not only rules'
         self.gateway_addresses: frozenset[bytes] = options.gateway_address_bytes
-        rule_lists = {"ingress": config.ingress, "egress": config.egress}
+        self.zones = ZoneMap(config)
+        zone_of = self.zones.zone_of
         self.sets: dict[str, NamedSet] = {name: NamedSet(name, s.content) for name, s in config.sets.items()}
         contents = {name: s.content for name, s in config.sets.items()}
         self._rules: dict[str, tuple[RuleMatcher, ...]] = {
-            side: tuple(RuleMatcher(rule, options.log_denied, self.sets) for rule in rule_lists[side])
+            side: tuple(
+                RuleMatcher(rule, options.log_denied, self.sets, zone_of) for rule in config.rules(side)
+            )
             for side in SIDES
         }
         self._index: dict[str, RuleIndex[RuleMatcher]] = {
-            side: RuleIndex(rule_lists[side], self._rules[side], contents) for side in SIDES
+            side: RuleIndex(config.rules(side), self._rules[side], contents, zone_of) for side in SIDES
         }
+        defaults = config.defaults
         self._defaults: dict[str, RuleDecision] = {
             side: RuleDecision(
                 action, None, options.log_denied and action is not Action.ACCEPT, f"default {side}"
             )
-            for side, action in (("ingress", config.defaults.ingress), ("egress", config.defaults.egress))
+            for side, action in (
+                ("ingress", defaults.ingress),
+                ("egress", defaults.egress),
+                ("between", defaults.between),
+            )
         }
-        self._zone_exact: dict[str, str] = {}
-        wildcards: list[tuple[str, str]] = []
-        for zone, names in config.zones.items():
-            for name in names:
-                if name.endswith("+"):
-                    wildcards.append((name[:-1], zone))
-                else:
-                    self._zone_exact[name] = zone
-        # The longest prefix wins when wildcards overlap; an exact name beats any wildcard.
-        self._zone_wildcards = tuple(sorted(wildcards, key=lambda item: -len(item[0])))
-        self._zone_cache: dict[str, str | None] = {}
+        forwards = () if config.nat is None else config.nat.forward
+        self.forwards = ForwardTable(forwards, config.interfaces_facing(INSIDE))
 
     def bind_runtime(self, runtime: RuntimeSets) -> None:
         """Use `runtime`'s entries for the policy's sets (an engine's, kept across reloads)."""
@@ -235,20 +247,8 @@ class CompiledPolicy:
             index.refresh_runtime(lambda name: sets[name].runtime)
 
     def zone_of(self, iface: str | None) -> str | None:
-        """ "external", "internal" or None for an interface in no zone (or no interface)."""
-        if iface is None:
-            return None
-        zone = self._zone_exact.get(iface)
-        if zone is not None or not self._zone_wildcards:
-            return zone
-        cache = self._zone_cache
-        if iface in cache:
-            return cache[iface]
-        zone = next((zone for prefix, zone in self._zone_wildcards if iface.startswith(prefix)), None)
-        if len(cache) >= ZONE_CACHE_SIZE:
-            cache.clear()
-        cache[iface] = zone
-        return zone
+        """The zone of an interface, None for one in no zone (or no interface)."""
+        return self.zones.zone_of(iface)
 
     def match(
         self,
@@ -260,7 +260,7 @@ class CompiledPolicy:
         out_iface: str | None,
         now: float,
     ) -> RuleDecision:
-        """First matching rule of `side` ("ingress" | "egress"), else the side's default.
+        """First matching rule of `side` ("ingress" | "egress" | "between"), else the side's default.
 
         A rule whose rate limit is exhausted does not match: evaluation goes on with the next
         rule (as iptables -m limit). Tokens are only taken from rules that otherwise match.

@@ -36,6 +36,14 @@ accepted, with the same state machine). Where that proviso can fail:
 - `defaults.invalid: accept`: a packet nfqfw finds malformed but the kernel NEW would be
   accepted by nfqfw; so nothing is pre-filtered unless invalid packets are dropped.
 
+Zones and forwards. "Outside the internal zone" is outside every zone that faces the inside. A
+rule's `from-zone` / `to-zone` become `-i` / `-o` the zones' interfaces when the kernel's
+pattern match is the zones' own (no interface of another zone matches those patterns); otherwise
+the dimension is dropped and the rule widened to a RETURN. The kernel rules see a forwarded
+packet already translated (nat PREROUTING comes first): before the ingress rules, each forward
+that admits what it translates (`pass`) is a RETURN on its translated destination, port, source
+and interfaces: nfqfw decides it.
+
 Besides, with `defaults.invalid: drop`, TCP packets whose flags nfqfw always calls INVALID
 (INVALID_TCP_FLAGS, the kernel's tcp_valid_flags) are dropped statelessly, whatever either
 table holds: a flood of fuzzed segments never reaches the queue.
@@ -49,6 +57,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from nfqfw.core.config import (
+    INSIDE,
     PROTO_ICMP,
     PROTO_ICMPV6,
     PROTO_TCP,
@@ -174,13 +183,16 @@ def derive(policy: PolicyConfig, udp: bool = False, kernel_sets: bool = False) -
     if not policy.options.prefilter or policy.defaults.invalid is not Action.DROP:
         return Prefilter()
     log_denied = policy.options.log_denied
-    shell = Prefilter(policy.zones.get("internal", ()), udp, (), INVALID_TCP_FLAGS)
+    shell = Prefilter(policy.interfaces_facing(INSIDE), udp, (), INVALID_TCP_FLAGS)
+    zone_ifaces = _exact_zone_interfaces(policy)
     chains = []
     for family in (4, 6):
         for hook in HOOKS:
-            rules: list[KernelRule] = []
+            rules: list[KernelRule] = _forward_returns(policy, family, shell.protocols(family))
             for rule in policy.ingress:
-                rules += _rule(rule, family, hook, shell.protocols(family), log_denied, kernel_sets)
+                rules += _rule(
+                    rule, family, hook, shell.protocols(family), log_denied, zone_ifaces, kernel_sets
+                )
             default = policy.defaults.ingress
             for proto in shell.protocols(family):
                 rules.append(_kernel_rule(KernelMatch(proto), default, "default ingress", log_denied))
@@ -215,6 +227,67 @@ def _reject_kind(proto: int) -> str:
     return ICMP_ADMIN_PROHIBITED
 
 
+def _forward_returns(policy: PolicyConfig, family: int, protocols: tuple[int, ...]) -> list[KernelRule]:
+    """RETURN for the translated packets of every forward that admits them (module docstring)."""
+    if policy.nat is None:
+        return []
+    returns = []
+    for forward in policy.nat.forward:
+        if not forward.passes or forward.family != family:
+            continue
+        sources: list[str | None] = [None] if forward.src is None else [str(n) for n in forward.src]
+        target = f"{forward.to}/{32 if family == 4 else 128}"
+        for proto in sorted(forward.protocols):
+            if proto not in protocols:
+                continue
+            for ports in port_chunks(forward.translated_ports):
+                for iface in forward.in_ifaces:
+                    for src in sources:
+                        match = KernelMatch(proto, src, target, ports, None, iface)
+                        returns.append(KernelRule(match, RETURN, f"forward {forward.name}"))
+    return returns
+
+
+def _exact_zone_interfaces(policy: PolicyConfig) -> dict[str, tuple[str, ...] | None]:
+    """zone -> its interface patterns, when `-i PATTERN` matches exactly the zone's interfaces
+    (no pattern of another zone overlaps one of them); None when the kernel cannot tell the
+    zone apart (a wildcard over another zone's name, an exact name under a wildcard)."""
+    owned = [(pattern, zone) for zone, names in policy.zones.items() for pattern in names]
+    exact: dict[str, tuple[str, ...] | None] = {}
+    for zone, names in policy.zones.items():
+        clash = any(_overlap(mine, theirs) for mine in names for theirs, other in owned if other != zone)
+        exact[zone] = None if clash else names
+    return exact
+
+
+def _overlap(first: str, second: str) -> bool:
+    """Could one interface name match both patterns?"""
+    a, b = first.rstrip("+"), second.rstrip("+")
+    if first.endswith("+") and second.endswith("+"):
+        return a.startswith(b) or b.startswith(a)
+    if first.endswith("+"):
+        return b.startswith(a)
+    if second.endswith("+"):
+        return a.startswith(b)
+    return a == b
+
+
+def _zone_patterns(
+    zones: tuple[str, ...] | None, zone_ifaces: dict[str, tuple[str, ...] | None]
+) -> list[str | None] | None:
+    """The `-i`/`-o` patterns of `zones` ([None]: any; []: never), None when they cannot be told
+    exactly (widen)."""
+    if zones is None:
+        return [None]
+    patterns: list[str | None] = []
+    for zone in zones:
+        names = zone_ifaces.get(zone)
+        if names is None:
+            return None
+        patterns += names
+    return patterns
+
+
 def kernel_sets(prefilter: Prefilter, policy: PolicyConfig) -> tuple[KernelSet, ...]:
     """The sets the pre-filter's rules match, per family, with the policy's networks."""
     return tuple(
@@ -230,13 +303,18 @@ def _rule(
     hook: Hook,
     protocols: tuple[int, ...],
     log_denied: bool,
+    zone_ifaces: dict[str, tuple[str, ...] | None] | None = None,
     kernel_sets: bool = False,
 ) -> list[KernelRule]:
     """The kernel rules standing for one policy rule on one hook and family."""
     if rule.family not in (None, family):
         return []
-    if hook is Hook.INPUT and rule.out_ifaces is not None:
+    if hook is Hook.INPUT and (rule.out_ifaces is not None or rule.to_zones is not None):
         return []  # nfqfw sees no output interface on INPUT: the rule never matches there
+    from_zone = _zone_patterns(rule.from_zones, zone_ifaces or {})
+    to_zone = _zone_patterns(rule.to_zones, zone_ifaces or {})
+    if from_zone == [] or to_zone == []:
+        return []  # zones without interfaces: never matches
     reason = f"rule {rule.name}"
     log = rule.log or log_denied
     kernel_rules: list[KernelRule] = []
@@ -250,6 +328,22 @@ def _rule(
         if proto not in (PROTO_TCP, PROTO_UDP) and (rule.dports or rule.sports):
             continue  # ports only exist for TCP and UDP: never matches
         action = Action.ACCEPT if rule.limit is not None else rule.action  # a bucket only nfqfw holds
+        ifaces: dict[str, list[str | None]] = {
+            "in_iface": list(rule.in_ifaces) if rule.in_ifaces is not None else [None],
+            "out_iface": list(rule.out_ifaces)
+            if rule.out_ifaces is not None and hook is Hook.FORWARD
+            else [None],
+        }
+        # A zone is one more interface condition: as -i/-o when the rule names no interface on that
+        # side and the kernel can tell the zone; otherwise left out, and only a RETURN may stand.
+        for key, patterns in (("in_iface", from_zone), ("out_iface", to_zone)):
+            if patterns == [None]:
+                continue
+            if patterns is not None and ifaces[key] == [None]:
+                ifaces[key] = list(patterns)
+            else:
+                action = Action.ACCEPT
+        # after the zones: a rule widened to a RETURN must not match a set in the kernel
         in_kernel = kernel_sets and action is not Action.ACCEPT
         sources = _networks(rule.src, family, hook, is_src=True, sets=in_kernel)
         destinations = _networks(rule.dst, family, hook, is_src=False, sets=in_kernel)
@@ -262,12 +356,10 @@ def _rule(
         dimensions: dict[str, list[object]] = {
             "src": sources,
             "dst": destinations,
-            "dports": _port_chunks(rule.dports),
-            "sports": _port_chunks(rule.sports),
-            "in_iface": list(rule.in_ifaces) if rule.in_ifaces is not None else [None],
-            "out_iface": list(rule.out_ifaces)
-            if rule.out_ifaces is not None and hook is Hook.FORWARD
-            else [None],
+            "dports": port_chunks(rule.dports),
+            "sports": port_chunks(rule.sports),
+            "in_iface": ifaces["in_iface"],
+            "out_iface": ifaces["out_iface"],
         }
         if _size(dimensions) > MAX_EXPANSION:
             action = Action.ACCEPT  # widened below: only a RETURN may match more than the rule
@@ -305,7 +397,7 @@ def _networks(
     return found + [SetRef(name) for name in addresses.sets]
 
 
-def _port_chunks(ranges: tuple[tuple[int, int], ...] | None) -> list[tuple[tuple[int, int], ...] | None]:
+def port_chunks(ranges: tuple[tuple[int, int], ...] | None) -> list[tuple[tuple[int, int], ...] | None]:
     """Port ranges cut into pieces multiport takes (a range counts two slots, a port one)."""
     if ranges is None:
         return [None]

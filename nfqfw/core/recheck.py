@@ -4,7 +4,8 @@ Each flow is judged by its first packet, rebuilt from the flow key (`conntrack.f
 the Meta the adapter gave that packet: the first packet is what the policy
 decided on when the flow was created, so "would the new policy still let this flow start?" is
 the question asked. Rate limits are ignored: a limit caps how fast flows start, not which ones
-may exist.
+may exist. A flow a forward translated (Meta.forwarded) is still admitted by that forward while
+the new policy has it (with pass); once the forward is gone the rules decide.
 """
 
 from __future__ import annotations
@@ -38,12 +39,9 @@ def standing_decision(
         return None
     current = engine.policy
     if policy is not None:
-        engine.policy = policy  # the engine's judgement (zones, sides) with the policy asked about
+        engine.policy = policy  # the engine's judgement (zones, sides, forwards) with the policy asked about
     try:
-        side, to_gateway, from_gateway = engine.classify(pkt, meta)
-        return engine.policy.match_standing(
-            side, pkt, to_gateway, from_gateway, meta.in_iface, meta.out_iface
-        )
+        return engine.standing_decision(pkt, meta)
     finally:
         engine.policy = current
 

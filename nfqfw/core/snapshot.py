@@ -29,7 +29,8 @@ Format, version 1, little-endian:
           length + UTF-8 each), flow count u32, the flows
   flow    key length u8, key (its tracker's layout, core.l4), flags u8 (ORIG_A, ASSURED,
           SEEN_REPLY, TCP), remaining f64 (deadline - now), age f64 (now - created),
-          rule u32, hook u8 (0: no Meta), in_iface u32, out_iface u32 (string indexes,
+          rule u32, hook u8 (0: no Meta; + FORWARDED_BIT 0x80: Meta.forwarded, the flow one of
+          the policy's forwards translated), in_iface u32, out_iface u32 (string indexes,
           NO_STRING for None)
   + TCP   state, last_index, last_dir, last_flags, last_wscale, retrans, assured: u8 each;
           per direction (ORIGINAL, then REPLY) td_end, td_maxend, td_maxwin, td_maxack,
@@ -58,6 +59,7 @@ from nfqfw.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP
 from nfqfw.core.verdict import Hook, Meta
 
 MAGIC = b"NFQFWFT\0"
+FORWARDED_BIT = 0x80  # in a flow's hook byte: Meta.forwarded
 VERSION = 1
 NO_STRING = 0xFFFFFFFF
 
@@ -217,7 +219,8 @@ class _Strings:
         if known is not None:
             return known[1]
         if isinstance(meta, Meta):
-            numbers = (int(meta.hook), self.of(meta.in_iface), self.of(meta.out_iface))
+            hook = int(meta.hook) | (FORWARDED_BIT if meta.forwarded else 0)
+            numbers = (hook, self.of(meta.in_iface), self.of(meta.out_iface))
         else:
             numbers = (0, NO_STRING, NO_STRING)
         self._metas[id(meta)] = (meta, numbers)
@@ -402,9 +405,15 @@ class _Decoder:
             return self._metas[numbers]
         meta = None
         if hook != 0:
-            if hook not in _HOOKS:
+            forwarded = bool(hook & FORWARDED_BIT)
+            if hook & ~FORWARDED_BIT not in _HOOKS:
                 raise SnapshotError(f"unknown hook {hook}")
-            meta = Meta(_HOOKS[hook], self.string(in_iface), self.string(out_iface))
+            meta = Meta(
+                _HOOKS[hook & ~FORWARDED_BIT],
+                self.string(in_iface),
+                self.string(out_iface),
+                forwarded=forwarded,
+            )
         self._metas[numbers] = meta
         return meta
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import NamedTuple
 
 
 class Hook(IntEnum):
@@ -38,7 +39,8 @@ class Direction(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Meta:
-    """What the kernel tells about a packet besides its bytes."""
+    """What the kernel tells about a packet besides its bytes. `forwarded`: one of the policy's
+    forwards translated it (the kernel's mark on the first packet of a connection it DNATed)."""
 
     hook: Hook
     in_iface: str | None = None
@@ -46,6 +48,16 @@ class Meta:
     # options {offload: established}: the kernel's conntrack called the packet INVALID (the
     # kernel rules mark such packets before the queue); consulted for offloaded flows only.
     kernel_invalid: bool = False
+    forwarded: bool = False  # translated by one of the policy's forwards (a nat mark)
+
+
+class RuleDecision(NamedTuple):
+    """What the policy decided about a first packet."""
+
+    action: Action
+    rule: str | None  # None for the side's default
+    log: bool
+    reason: str  # "rule NAME", "forward NAME" or "default SIDE"
 
 
 @dataclass(frozen=True, slots=True)

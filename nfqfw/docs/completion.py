@@ -43,14 +43,17 @@ _nfqfw_policy() {
     printf '%s\\n' /etc/nfqfw/policy.yaml
 }
 
-# Interface names: the machine's, and those in the policy's zones (external: [wan0] ...).
+# Interface names: the machine's, and those in the policy's zones (external: [wan0] ...,
+# NAME: {interfaces: [dmz0], ...}).
 _nfqfw_ifaces() {
     local policy
     policy=$(_nfqfw_policy)
     ls /sys/class/net 2>/dev/null
     if [ -r "$policy" ]; then
-        sed -n 's/^[[:space:]]*\\(external\\|internal\\)[[:space:]]*:\\(.*\\)$/\\2/p' "$policy" |
-            tr -d '[],' | tr ' ' '\\n'
+        {
+            sed -nE 's/^ *(external|internal) *: *(\\[[^]]*\\]).*$/\\2/p' "$policy"
+            grep -o 'interfaces:[[:space:]]*\\[[^]]*\\]' "$policy" | sed 's/^interfaces://'
+        } | tr -d "[],'\\"" | tr ' ' '\\n'
     fi
 }
 

@@ -1,9 +1,10 @@
 """nfqfw-policy(5): the whole policy grammar, one entry per key of nfqfw.core.config.
 
-KEYS maps each section (top, zones, defaults, rule, set, options) to its keys' documentation;
-the unit tests require the keys documented to be exactly config's TOP_KEYS, ZONES, DEFAULT_KEYS,
-RULE_KEYS, SET_KEYS and OPTION_KEYS, and each choice the validator accepts to be named, so a key
-added to the validator without a line here fails the tests.
+KEYS maps each section (top, zones, zone, defaults, rule, set, nat, masquerade, snat, forward,
+options) to its keys' documentation; the unit tests require the keys documented to be exactly
+config's TOP_KEYS, ZONES, ZONE_KEYS, DEFAULT_KEYS, RULE_KEYS, SET_KEYS, NAT_KEYS,
+MASQUERADE_KEYS, SNAT_KEYS, FORWARD_KEYS and OPTION_KEYS, and each choice the validator accepts
+to be named, so a key added to the validator without a line here fails the tests.
 """
 
 from __future__ import annotations
@@ -39,7 +40,18 @@ KEYS: dict[str, dict[str, Entry]] = {
         ),
         "egress": (
             "list of rules",
-            "Rules for flows started inside: from an internal interface, or by the gateway itself.",
+            "Rules for flows started inside: from an inside zone (to the outside, to the gateway, "
+            "within the zone), or by the gateway itself.",
+        ),
+        "between": (
+            "list of rules",
+            "Rules for flows from one inside zone to another (lan to dmz, vpn to lan).",
+        ),
+        "nat": (
+            "mapping",
+            "The gateway's address translation: masquerade, snat, forward. nfqfw decides at the "
+            "forward hook, after the port forwards' destination NAT and before source NAT: rules name "
+            "the inside addresses.",
         ),
         "options": ("mapping", "Everything else; every option has a default."),
         "sets": (
@@ -52,23 +64,41 @@ KEYS: dict[str, dict[str, Entry]] = {
         "include": (
             "path or glob, or a list",
             "More policy files, relative to the including file; a glob (conf.d/*.yaml) is read in "
-            "file-name order, and may match nothing. An included file holds sets, ingress, egress "
-            "and include: its rules are appended to the lists in that order, its sets merged; a "
+            "file-name order, and may match nothing. An included file holds sets, ingress, egress, "
+            "between and include: its rules are appended to the lists in that order, its sets merged; a "
             "rule or set name defined twice is an error naming both places. Reload re-reads them "
             "all, and the policy sha256 covers them all.",
         ),
     },
     "zones": {
         "external": (
-            "list of interface names (required)",
+            "list of interface names, or a zone mapping (required, unless another zone faces the outside)",
             "Interfaces that face the outside (wan0, ppp0, ...). An interface name ending in + "
             "matches every name with that prefix (ppp+).",
         ),
-        "internal": ("list of interface names", "Interfaces of the private side."),
+        "internal": ("list of interface names, or a zone mapping", "Interfaces of the private side."),
+    },
+    "zone": {
+        "faces": (
+            "outside | inside (required but for external and internal)",
+            "Any other zone (dmz, guest, vpn: NAME: {faces: inside, interfaces: [dmz0]}) says which "
+            "side it faces. Flows from an outside zone are ingress; from an inside zone egress, or "
+            "between when they go to another inside zone.",
+        ),
+        "interfaces": ("list of interface names (required but for external and internal)", "As above."),
+        "networks": (
+            "list of networks",
+            "The addresses reached through the zone: a forward's target must be in one of them, and "
+            "explain and replay route by them (the to-zone of a packet without --out).",
+        ),
     },
     "defaults": {
         "ingress": ("accept | drop | reject", "For an ingress flow no rule matched (default drop)."),
         "egress": ("accept | drop | reject", "For an egress flow no rule matched (default accept)."),
+        "between": (
+            "accept | drop | reject",
+            "For a flow between two inside zones no rule matched (default drop).",
+        ),
         "invalid": (
             "accept | drop",
             "For packets conntrack calls INVALID: out of window, bad flags, a TCP segment of no known "
@@ -118,6 +148,15 @@ KEYS: dict[str, dict[str, Entry]] = {
             "The interface the packet arrives on (ppp+ matches ppp0, ppp1, ...).",
         ),
         "out": ("interface name or a list", "The interface the packet leaves by."),
+        "from-zone": (
+            "zone name or a list",
+            "The zone the packet arrives from (ingress: zones facing the outside; egress and between: "
+            "inside zones).",
+        ),
+        "to-zone": (
+            "zone name or a list",
+            "The zone the packet leaves to (between: inside zones). The gateway itself is in no zone.",
+        ),
         "log": (
             "true | false",
             "Log the packets this rule decides about: the first packet of each flow it accepts, "
@@ -158,6 +197,76 @@ KEYS: dict[str, dict[str, Entry]] = {
         ),
         "networks": ("address, network or a list", "Networks written in the policy, besides the file's."),
         "comment": ("text", "What the set is for; shown by status and nfqfw set list."),
+    },
+    "nat": {
+        "masquerade": (
+            "list of {out, from, family}",
+            "Source NAT to the address of the interface a connection leaves by, as iptables MASQUERADE.",
+        ),
+        "snat": ("list of {out, from, to}", "Source NAT to a fixed address, as iptables SNAT."),
+        "forward": (
+            "list of forwards",
+            "Port forwards (destination NAT) of published services, as firewalld's forward-port and "
+            "pf's rdr pass.",
+        ),
+    },
+    "masquerade": {
+        "out": ("interface name or a list (required)", "The interfaces the translated connections leave by."),
+        "from": (
+            "network or a list, or any",
+            "Only connections from these sources (the inside addresses, before translation).",
+        ),
+        "family": (
+            "ipv4 | ipv6",
+            "Without from, IPv4 (the default) or IPv6; with from, the families of its networks. "
+            "IPv6 needs the kernel's IPv6 NAT (Linux 3.7 or later with ip6table_nat, or nf_tables "
+            "nat): check and the daemon refuse it on a kernel without.",
+        ),
+    },
+    "snat": {
+        "out": ("interface name or a list (required)", "As masquerade."),
+        "from": ("network or a list, or any", "As masquerade."),
+        "to": ("address (required)", "The source address the connections get; its family is the entry's."),
+    },
+    "forward": {
+        "name": ("text (required)", "Unique over rules and forwards; counted and logged as forward NAME."),
+        "proto": ("tcp | udp, or a list (required)", "The protocols forwarded."),
+        "in": (
+            "interface name or a list",
+            "Where the connections arrive (default: the interfaces of the zones facing the outside).",
+        ),
+        "ports": ('port, "first-last", or a list (required)', "The public ports."),
+        "to": (
+            "address (required)",
+            "The inside host; it must be in the networks of a zone. Its family is the forward's.",
+        ),
+        "to-port": (
+            "port",
+            "Another port on the inside host (then ports must be a single port); default the same.",
+        ),
+        "from": (
+            "network or a list, or any",
+            "Only connections from these sources are forwarded (networks: sets are not taken in nat).",
+        ),
+        "address": (
+            "address",
+            "Only connections to this public address (default: any of the gateway's addresses on "
+            "the in interface).",
+        ),
+        "pass": (
+            "true | false",
+            "true (the default): the forward admits the connections it translates, counted and logged "
+            "under its name, before any rule (a drop rule on a set does not see them); false: it "
+            "only translates, and the rules decide on the translated packet (ingress rules naming "
+            "the inside address).",
+        ),
+        "log": ("true | false", "Log the first packet of each connection the forward admits."),
+        "hairpin": (
+            "true | false",
+            "true (the default): inside hosts that connect to the public address and port reach the "
+            "inside host too, their source translated to the gateway's so that the replies come back "
+            "through it.",
+        ),
     },
     "options": {
         "max-flows": (
@@ -252,9 +361,14 @@ KEYS: dict[str, dict[str, Entry]] = {
 HEADINGS = {
     "top": "THE FILE",
     "zones": "ZONES",
+    "zone": "A ZONE WRITTEN AS A MAPPING",
     "defaults": "DEFAULTS",
     "rule": "RULES",
     "set": "SETS",
+    "nat": "NAT",
+    "masquerade": "NAT: MASQUERADE",
+    "snat": "NAT: SNAT",
+    "forward": "NAT: FORWARD",
     "options": "OPTIONS",
 }
 
@@ -278,19 +392,20 @@ RULES_INTRO = (
 EXAMPLE = """\
 zones:
   external: [wan0]
-  internal: [lan0]
-defaults: {ingress: drop, egress: accept, invalid: drop}
+  internal: {interfaces: [lan0], networks: [10.0.0.0/24, fd00::/64]}
+  dmz: {faces: inside, interfaces: [dmz0], networks: [10.0.2.0/24]}
+defaults: {ingress: drop, egress: accept, between: drop, invalid: drop}
 sets:
   office: [198.51.100.0/24, 2001:db8:100::/48]
   blocklist: {file: /etc/nfqfw/sets/drop.txt, comment: Spamhaus DROP}
   banned: {}
+nat:
+  masquerade:
+    - {out: wan0, from: [10.0.0.0/24, 10.0.2.0/24]}
+  forward:
+    - {name: smtp, proto: tcp, in: wan0, ports: [smtp, submission], to: 10.0.0.25, address: 203.0.113.1}
 ingress:
   - {name: drop-listed, from: ["@blocklist", "@banned"], action: drop}
-  - name: mail
-    proto: tcp
-    to: [10.0.0.25, fd00::25]
-    ports: [smtp, submission]
-    action: accept
   - name: ssh-office
     proto: tcp
     from: ["@office", 192.0.2.7]
@@ -306,6 +421,8 @@ ingress:
     action: accept
 egress:
   - {name: no-smb-out, proto: tcp, ports: [445], action: reject, log: true}
+between:
+  - {name: lan-to-dmz-web, from-zone: internal, to-zone: dmz, proto: tcp, ports: [80, 443], action: accept}
 options:
   log-format: json"""
 

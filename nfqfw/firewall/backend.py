@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from nfqfw.firewall.marks import DEFAULT_CONN_MARK, DEFAULT_MARK, Marks
+from nfqfw.firewall.marks import DEFAULT_CONN_MARK, DEFAULT_MARK, FORWARDED_MARK, HAIRPIN_MARK, Marks
 
 log = logging.getLogger("nfqfw")
 
@@ -155,6 +155,55 @@ class Protection:
         return tuple(rule for rule in self.synproxy if rule.family == family)
 
 
+# --- NAT: the policy's masquerade, snat and forwards, in the kernel's nat table -----------------
+
+
+@dataclass(frozen=True)
+class SourceNat:
+    """One masquerade (`to` None) or snat entry for one family and one outgoing interface."""
+
+    family: int
+    out_iface: str  # a name, or a prefix ending in '+'
+    src: str | None = None  # a network, None: any
+    to: str | None = None  # the address to translate to; None: MASQUERADE
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """One kernel DNAT rule of a forward: `match` (proto, src, dst: the public address or None for
+    the gateway's own addresses on in_iface, dports, in_iface) to `to`:`to_port`. `hairpin`: the
+    match is on an inside interface (inside hosts to the public address), whose connections get
+    their source translated too."""
+
+    family: int
+    name: str
+    match: MatchLike
+    to: str
+    to_port: int | None = None
+    hairpin: bool = False
+
+
+@dataclass(frozen=True)
+class Nat:
+    """What nfqfw puts in the nat table (see nfqfw.firewall.iptables): its forwards first,
+    then hairpin and source NAT."""
+
+    source: tuple[SourceNat, ...] = ()
+    forwards: tuple[PortForward, ...] = ()
+    forwarded_mark: int = FORWARDED_MARK
+    hairpin_mark: int = HAIRPIN_MARK
+
+    def for_family(self, family: int) -> tuple[tuple[SourceNat, ...], tuple[PortForward, ...]]:
+        return (
+            tuple(entry for entry in self.source if entry.family == family),
+            tuple(forward for forward in self.forwards if forward.family == family),
+        )
+
+    @property
+    def marks(self) -> int:
+        return self.forwarded_mark | self.hairpin_mark
+
+
 @dataclass(frozen=True)
 class QueueSpec:
     """Where the rules send packets, and how they behave while nobody listens."""
@@ -169,6 +218,7 @@ class QueueSpec:
     # --workers: each queue's worker marks the connections it accepts as its own (the owner
     # field), and RELATED packets (ICMP errors) go to their connection's owner's queue.
     owners: bool = False
+    nat: Nat | None = None  # the policy's nat section (None: nfqfw has nothing in the nat table)
 
     def __post_init__(self) -> None:
         if not 0 <= self.first <= self.last <= 0xFFFF:
@@ -184,6 +234,11 @@ class QueueSpec:
             raise ValueError(
                 f"{len(self.queues)} queues, but the connection mark 0x{self.conn_mark:x} tells at most "
                 f"{marks.max_owners} owners apart"
+            )
+        if self.nat is not None and self.nat.marks & (self.mark | self.conn_mark | (offload or 0)):
+            raise ValueError(
+                f"the nat marks 0x{self.nat.marks:x} share a bit with the accept mark 0x{self.mark:x}"
+                f" or the connection mark 0x{self.conn_mark:x}"
             )
 
     @property
@@ -244,6 +299,11 @@ class Firewall(ABC):
     @abstractmethod
     def show(self) -> str:
         """Our rules as the kernel holds them, per family, for `nfqfw rules show`."""
+
+    def ipv6_nat_missing(self) -> str | None:
+        """What the kernel lacks for IPv6 NAT, or None when it has it (or this cannot be told:
+        the installation then reports it)."""
+        return None
 
     @abstractmethod
     def counters(self) -> dict[str, int]:

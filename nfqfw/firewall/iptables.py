@@ -58,6 +58,25 @@ rules are exactly the three above). The chains then read, per family::
         queue bypass, never a packet nfqfw already accepted), then -j DROP
       SYNs to synproxy rules -j CT --notrack
 
+NAT (``QueueSpec.nat``, nfqfw.firewall.backend.Nat: the policy's ``nat:`` section), in the nat
+table, per family::
+
+    PREROUTING  rule 1: -j NFQFW-PREROUTING    POSTROUTING rule 1: -j NFQFW-POSTROUTING
+    NFQFW-PREROUTING, per forward and kernel match (in order: the first forward that matches wins):
+      MATCH -j MARK --set-xmark F/F                   (F: "one of nfqfw's forwards translated it")
+      MATCH -j DNAT --to-destination TO[:PORT]
+      MATCH is -i IN [-s FROM] -d ADDRESS -p PROTO -m multiport --dports PORTS; without an address,
+      -m addrtype --dst-type LOCAL --limit-iface-in (the gateway's addresses on IN). Hairpin (inside
+      hosts to the public address): the same on each inside interface, marking F and H; without an
+      address, the arriving interface's own addresses are left alone first (-j RETURN).
+    NFQFW-POSTROUTING:
+      -m mark --mark H/H -j MASQUERADE                (hairpin: replies come back through us)
+      -o OUT [-s FROM] -j MASQUERADE | -j SNAT --to-source TO, per masquerade / snat entry
+
+The nat table sees the first packet of a connection only; the kernel's conntrack applies the
+translation to the rest. nfqfw decides at FORWARD, between the two: on the translated destination
+and the original source. The mark F reaches the queue on that first packet (Meta.forwarded).
+
 Sets (``Protection.ipsets``): a pre-filter rule on a set of the policy matches its ipset
 (``-m set --match-set nfqfw4-NAME src``, nfqfw.firewall.ipset). The ipsets are filled (each in
 one swap) before the iptables-restore that uses them, and those no rule uses any more are
@@ -92,6 +111,7 @@ and keeps them, so a crash or ``systemctl restart`` never reopens a gateway in p
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -104,10 +124,13 @@ from nfqfw.firewall.backend import (
     Antispoof,
     Firewall,
     MatchLike,
+    Nat,
+    PortForward,
     Protection,
     QueueSpec,
     Rate,
     RulesError,
+    SourceNat,
     Synproxy,
 )
 from nfqfw.firewall.ipset import Entry, is_ours, set_name
@@ -116,6 +139,7 @@ log = logging.getLogger("nfqfw")
 
 TABLE = "filter"
 RAW = "raw"
+NAT = "nat"
 
 # Base chain -> our chain. Loopback is excluded where it can occur (INPUT -i lo, OUTPUT -o lo).
 CHAINS = {"INPUT": "NFQFW-INPUT", "FORWARD": "NFQFW-FORWARD", "OUTPUT": "NFQFW-OUTPUT"}
@@ -125,6 +149,8 @@ NEW_CHAIN = "NFQFW-NEW"
 RAW_CHAIN = "NFQFW-RAW"  # in the raw table, jumped to from PREROUTING
 OUR_CHAINS = frozenset({*CHAINS.values(), *PRE_CHAINS.values(), NEW_CHAIN})
 OUR_RAW_CHAINS = frozenset({RAW_CHAIN})
+NAT_CHAINS = {"PREROUTING": "NFQFW-PREROUTING", "POSTROUTING": "NFQFW-POSTROUTING"}
+OUR_NAT_CHAINS = frozenset(NAT_CHAINS.values())
 PANIC_TARGET = "DROP"
 _PANIC_LINES = frozenset(f"-A {chain} -j {PANIC_TARGET}" for chain in CHAINS.values())
 
@@ -148,10 +174,19 @@ class Installed:
     lines: tuple[str, ...]  # every line of ours, as iptables-save prints it (raw table's too)
     raw_chains: frozenset[str] = frozenset()  # the same for the raw table
     raw_jumps: tuple[str, ...] = ()
+    nat_chains: frozenset[str] = frozenset()  # the same for the nat table
+    nat_jumps: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.chains and not self.jumps and not self.raw_chains and not self.raw_jumps
+        return not (
+            self.chains
+            or self.jumps
+            or self.raw_chains
+            or self.raw_jumps
+            or self.nat_chains
+            or self.nat_jumps
+        )
 
     @property
     def panic(self) -> bool:
@@ -163,10 +198,10 @@ class Installed:
 
 
 def parse_save(text: str) -> Installed:
-    """Find our chains, their rules and the jumps to them in iptables-save output (filter and
-    raw tables; lines with counters, from iptables-save -c, are read too)."""
-    found: dict[str, tuple[set[str], list[str]]] = {TABLE: (set(), []), RAW: (set(), [])}
-    ours = {TABLE: OUR_CHAINS, RAW: OUR_RAW_CHAINS}
+    """Find our chains, their rules and the jumps to them in iptables-save output (filter, raw and
+    nat tables; lines with counters, from iptables-save -c, are read too)."""
+    found: dict[str, tuple[set[str], list[str]]] = {TABLE: (set(), []), RAW: (set(), []), NAT: (set(), [])}
+    ours = {TABLE: OUR_CHAINS, RAW: OUR_RAW_CHAINS, NAT: OUR_NAT_CHAINS}
     lines: list[str] = []
     table = None
     for line in text.splitlines():
@@ -191,8 +226,16 @@ def parse_save(text: str) -> Installed:
             elif _target(words) in ours[table]:
                 jumps.append(rule[3:])
                 lines.append(line)
-    (chains, jumps), (raw_chains, raw_jumps) = found[TABLE], found[RAW]
-    return Installed(frozenset(chains), tuple(jumps), tuple(lines), frozenset(raw_chains), tuple(raw_jumps))
+    (chains, jumps), (raw_chains, raw_jumps), (nat_chains, nat_jumps) = found[TABLE], found[RAW], found[NAT]
+    return Installed(
+        frozenset(chains),
+        tuple(jumps),
+        tuple(lines),
+        frozenset(raw_chains),
+        tuple(raw_jumps),
+        frozenset(nat_chains),
+        tuple(nat_jumps),
+    )
 
 
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
@@ -250,6 +293,7 @@ def render_install(spec: QueueSpec, installed: Installed, family: int = 4) -> st
         if protection is not None
         else _render_raw_removal(installed)
     )
+    raw += _render_nat(spec.nat, installed, family)
     if protection is None:
         return raw + _render_plain(spec, installed)
     return raw + _render_protected(spec, protection, installed, family)
@@ -625,11 +669,81 @@ def _render_raw_removal(installed: Installed) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- the nat table ------------------------------------------------------------------------------
+
+
+def _render_nat(nat: Nat | None, installed: Installed, family: int) -> str:
+    source, forwards = nat.for_family(family) if nat is not None else ((), ())
+    if nat is None or not (source or forwards):
+        return _render_nat_removal(installed)
+    pre = [line for forward in forwards for line in _forward_rules(forward, nat)]
+    post = []
+    if any(forward.hairpin for forward in forwards):
+        hairpin = f"0x{nat.hairpin_mark:x}"
+        post.append(f'-m mark --mark {hairpin}/{hairpin} -m comment --comment "hairpin" -j MASQUERADE')
+    post += [_source_nat_rule(entry) for entry in source]
+    lines = ["*" + NAT] + [f":{chain} - [0:0]" for chain in NAT_CHAINS.values()]
+    lines += [f"-A {NAT_CHAINS['PREROUTING']} {rule}" for rule in pre]
+    lines += [f"-A {NAT_CHAINS['POSTROUTING']} {rule}" for rule in post]
+    lines += [f"-D {jump}" for jump in installed.nat_jumps]
+    lines += [f"-I {base} 1 -j {chain}" for base, chain in NAT_CHAINS.items()]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _forward_rules(forward: PortForward, nat: Nat) -> list[str]:
+    """The MARK and the DNAT of one kernel match of a forward (see the module docstring)."""
+    match = _match(forward.match)
+    comment = f'-m comment --comment "forward {forward.name}"'
+    lines = []
+    if forward.match.dst is None:  # the gateway's own addresses
+        local = "-m addrtype --dst-type LOCAL"
+        if forward.hairpin:  # from the inside: not the arriving interface's own addresses
+            lines.append(f"{match} {local} --limit-iface-in {comment} -j RETURN")
+            match = f"{match} {local}"
+        else:
+            match = f"{match} {local} --limit-iface-in"
+    mark = f"0x{nat.marks if forward.hairpin else nat.forwarded_mark:x}"
+    lines.append(f"{match} {comment} -j MARK --set-xmark {mark}/{mark}")
+    lines.append(f"{match} {comment} -j DNAT --to-destination {_destination(forward)}")
+    return lines
+
+
+def _destination(forward: PortForward) -> str:
+    if forward.to_port is None:
+        return forward.to
+    host = forward.to if forward.family == 4 else f"[{forward.to}]"
+    return f"{host}:{forward.to_port}"
+
+
+def _source_nat_rule(entry: SourceNat) -> str:
+    words = []
+    if entry.src is not None:
+        words.append(f"-s {entry.src}")
+    words.append(f"-o {entry.out_iface}")
+    if entry.to is None:
+        words.append('-m comment --comment "masquerade" -j MASQUERADE')
+    else:
+        words.append(f'-m comment --comment "snat" -j SNAT --to-source {entry.to}')
+    return " ".join(words)
+
+
+def _render_nat_removal(installed: Installed) -> str:
+    if not installed.nat_chains and not installed.nat_jumps:
+        return ""
+    lines = ["*" + NAT]
+    lines += [f"-D {jump}" for jump in installed.nat_jumps]
+    lines += [f"-F {chain}" for chain in sorted(installed.nat_chains)]
+    lines += [f"-X {chain}" for chain in sorted(installed.nat_chains)]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
 def render_remove(installed: Installed) -> str | None:
     """iptables-restore --noflush input removing every trace of us; None if nothing is there."""
     if installed.empty:
         return None
-    text = _render_raw_removal(installed)
+    text = _render_raw_removal(installed) + _render_nat_removal(installed)
     if not installed.chains and not installed.jumps:
         return text
     lines = ["*" + TABLE]
@@ -643,6 +757,16 @@ def render_remove(installed: Installed) -> str | None:
 
 
 # --- running the tools ------------------------------------------------------------------------
+
+IPV6_NAT_NEEDS = (
+    "IPv6 NAT needs Linux 3.7 or later with the IPv6 nat table (CONFIG_IP6_NF_NAT, module ip6table_nat; "
+    "or CONFIG_NFT_NAT with iptables-nft) and IPv6 MASQUERADE (CONFIG_IP6_NF_TARGET_MASQUERADE)"
+)
+_IPV6_NAT_PROBE = (
+    "*nat\n:PREROUTING ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
+    "-A PREROUTING -i lo -p tcp -j DNAT --to-destination [::1]:1\n"
+    "-A POSTROUTING -o lo -j MASQUERADE\nCOMMIT\n"
+)
 
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -663,6 +787,7 @@ class Iptables(Firewall):
     ) -> None:
         self.families = tuple(families)
         self._run = run
+        self._ipv6_nat: tuple[str | None] | None = None  # the probe's answer, once it could tell
         self._make_ipsets = ipsets or _netlink_ipsets
         self._ipsets: Any = None
         self._sets_supported: bool | None = None
@@ -735,6 +860,35 @@ class Iptables(Firewall):
         used = () if protection is None else protection.ipsets
         self._destroy_sets(frozenset(set_name(found.name, found.family) for found in used))
 
+    def ipv6_nat_missing(self) -> str | None:
+        """Try IPv6 MASQUERADE and DNAT in a throwaway network namespace (unshare --net: nothing of
+        the host's is touched). None when that works, or when it cannot be tried (not root, no
+        unshare): the installation reports a missing table then."""
+        if self._ipv6_nat is not None:
+            return self._ipv6_nat[0]  # the kernel does not change: probed once
+        tools = next((tools for tools in self.families if tools.family == 6), None)
+        if tools is None or os.geteuid() != 0 or shutil.which("unshare") is None:
+            return None
+        try:
+            done = self._run(
+                ["unshare", "--net", "--", tools.restore, "-w"],
+                input=_IPV6_NAT_PROBE,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        except OSError:
+            return None
+        detail = " / ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
+        if done.returncode != 0 and detail.startswith("unshare"):
+            return None  # no namespace for the probe: cannot tell
+        missing = None
+        if done.returncode != 0:
+            missing = f"{tools.restore} cannot load an IPv6 nat table here ({detail or 'no message'}); "
+            missing += IPV6_NAT_NEEDS
+        self._ipv6_nat = (missing,)
+        return missing
+
     def counters(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for tools in self.families:
@@ -762,7 +916,7 @@ class Iptables(Firewall):
         out = []
         for tools in self.families:
             installed = self.read_installed(tools)
-            out.append(f"# IPv{tools.family} ({tools.save}: tables {TABLE} and {RAW})")
+            out.append(f"# IPv{tools.family} ({tools.save}: tables {TABLE}, {RAW} and {NAT})")
             out += list(installed.lines) if installed.lines else ["# (no nfqfw rules)"]
         return "\n".join(out) + "\n"
 

@@ -18,6 +18,12 @@ can move nfqfw's out of the way:
     1 "default ingress", 2 "default egress", 3.. the policy's rules in order, ingress first),
     so that a connection in the kernel's hands still tells its rule.
 
+Two more packet-mark bits, outside both (FORWARDED_MARK, HAIRPIN_MARK): nfqfw's nat rules set
+them on the first packet of a connection one of its forwards translated (the adapter reads it:
+Meta.forwarded), and of one translated from the inside (hairpin), whose source is then
+translated too. They live on that packet only, from nat PREROUTING to nat POSTROUTING, and must
+share no bit with the connection mark: CONNMARK --save-mark would copy them into it.
+
 A field's value is spread over its mask's set bits, lowest first (`put`/`get`), so a mask need
 not be contiguous. Values that do not fit (a 16th worker with 4 owner bits, a 254th rule with 8
 rule bits) are not encoded: the owner is refused at start, the rule reads as unknown.
@@ -30,6 +36,8 @@ from dataclasses import dataclass
 
 DEFAULT_MARK = 0x10000000
 DEFAULT_CONN_MARK = 0x2FFF0000
+FORWARDED_MARK = 0x80000000
+HAIRPIN_MARK = 0x40000000
 OWNER_BITS = 4
 RULE_UNKNOWN = 0
 DEFAULT_REASONS = ("default ingress", "default egress")  # rule field values 1 and 2

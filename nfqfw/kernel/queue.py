@@ -8,8 +8,9 @@ send first packets elsewhere, theirs), all served by one thread. For each packet
 1. tries the engine's fast path, engine.fast_path(payload, now): a segment of an established TCP
    flow or a datagram of a replied UDP flow is tracked and accepted (as in 3.) right there, with
    no Meta and no Verdict (most packets of a busy gateway end here);
-2. looks up the Meta(hook, in_iface, out_iface) for (hook, indev, outdev) in a dict (built once
-   per combination from the ifindex->name map, dropped when links change),
+2. looks up the Meta(hook, in_iface, out_iface, forwarded) for (hook, indev, outdev, the packet
+   carries the `forwarded_mark` bit: one of the policy's forwards translated it) in a dict (built
+   once per combination from the ifindex->name map, dropped when links change),
 3. asks the engine: engine.full_process(payload, meta, now) (engine.process without a fast path),
    and answers the kernel:
    - accept: set our mark bit and NF_REPEAT; the kernel re-runs the filter hook, our rule lets
@@ -114,7 +115,7 @@ from nfqfw.kernel.queueflags import (
 log = logging.getLogger(__name__)
 
 _HOOKS = {int(hook): hook for hook in Hook}
-KERNEL_INVALID = 1 << 67  # in the Meta cache's key (hook: 3 bits, then two 32-bit ifindexes)
+KERNEL_INVALID = 1 << 68  # in the Meta cache's key (hook: 3 bits, forwarded: 1, two 32-bit ifindexes)
 
 
 class EngineLike(Protocol):
@@ -173,6 +174,7 @@ class QueueAdapter:
         sender: SenderLike,
         *,
         mark: int,
+        forwarded_mark: int = 0,
         fail_open: bool = False,
         reject_rate: float = DEFAULT_REJECT_RATE,
         clock: Callable[[], float] = time.monotonic,
@@ -184,6 +186,7 @@ class QueueAdapter:
         self.links = links
         self.sender = sender
         self.mark = mark
+        self.forwarded_mark = forwarded_mark  # 0: no forwards (no packet is marked)
         self.fail_open = fail_open
         self.reject_rate = reject_rate
         self.clock = clock
@@ -462,6 +465,7 @@ class QueueAdapter:
         metas_get = self._metas.get
         new_meta = self._new_meta
         mark = self.mark
+        forwarded = self.forwarded_mark
         reject = self._reject
         failed = self._failed
         deadline = self._deadline
@@ -493,7 +497,9 @@ class QueueAdapter:
                     pkt.set_mark(pkt.mark | mark)
                     pkt.repeat()
                 else:
-                    key = pkt.hook | pkt.indev << 3 | pkt.outdev << 35
+                    # hook 0-3 in bits 0-2 (4, POSTROUTING, is no key: an error), bit 3: translated
+                    # by a forward (a nat mark), then the two ifindexes; KERNEL_INVALID above them
+                    key = pkt.hook | (pkt.mark & forwarded != 0) << 3 | pkt.indev << 4 | pkt.outdev << 36
                     if offload_mark and pkt.mark & offload_mark:  # offload: the kernel's INVALID
                         key |= KERNEL_INVALID
                     meta = metas_get(key)
@@ -522,9 +528,11 @@ class QueueAdapter:
 
     def _new_meta(self, key: int) -> Meta:
         hook = _HOOKS[key & 7]
-        in_index, out_index = (key >> 3) & 0xFFFFFFFF, (key >> 35) & 0xFFFFFFFF
+        in_index, out_index = (key >> 4) & 0xFFFFFFFF, (key >> 36) & 0xFFFFFFFF
         in_iface, out_iface = self.links.name(in_index), self.links.name(out_index)
-        meta = Meta(hook, in_iface, out_iface, kernel_invalid=bool(key & KERNEL_INVALID))
+        meta = Meta(
+            hook, in_iface, out_iface, kernel_invalid=bool(key & KERNEL_INVALID), forwarded=bool(key & 8)
+        )
         if (in_iface or not in_index) and (out_iface or not out_index):
             self._metas[key] = meta  # only cache what resolved: a vanished link is retried
         return meta

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nfqfw.control.protocol import SOCKET_NAME
+from nfqfw.core.config import ConfigError, load_policy
 from nfqfw.lab.plan import DEFAULT_PREFIX, NETNS_DIR, HaTopology, LabError, Topology
 from nfqfw.lab.topology import build, in_ns, process_alive, teardown
 
@@ -119,18 +120,32 @@ def up(
     queue: int = 0,
     timeout: float = READY_TIMEOUT,
     args: Sequence[str] = (),
+    dmz: bool = False,
 ) -> Lab:
-    """Build the namespaces and (with a policy) start nfqfw in the gateway; returns once it is ready."""
-    topology, state = Topology(prefix), LabState(prefix)
+    """Build the namespaces (`dmz`: with a DMZ host on the gateway's dmz0) and (with a policy)
+    start nfqfw in the gateway; returns once it is ready. The lab masquerades the inside network
+    itself only when the policy has no `nat:` section (otherwise nfqfw's rules do)."""
+    topology, state = Topology(prefix, dmz), LabState(prefix)
     down(prefix)  # a lab left over from before, or half of one
     _start_fresh_log(state)
     try:
-        build(topology)
+        build(topology, nat=not policy_has_nat(policy))
         daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout, args=args)
     except BaseException:
         down(prefix)
         raise
     return Lab(topology, state, daemon)
+
+
+def policy_has_nat(policy: str | os.PathLike[str] | None) -> bool:
+    """Does the policy have a `nat:` section (a policy that does not load has none: the daemon
+    will say why it refuses it)?"""
+    if policy is None:
+        return False
+    try:
+        return load_policy(policy).nat is not None
+    except ConfigError:
+        return False
 
 
 def _start_fresh_log(state: LabState) -> None:

@@ -41,7 +41,7 @@ class Line:
 
 Check = Callable[[Topology], Line]
 
-COLUMNS = (("tried", 52), ("expected", 34), ("seen", 35))
+COLUMNS = (("tried", 55), ("expected", 34), ("seen", 35))
 
 
 def run_demo(policy: str | Path = REPO_POLICY, prefix: str = DEMO_PREFIX, out: TextIO = sys.stdout) -> int:
@@ -89,7 +89,7 @@ def egress_tcp_v4(t: Topology) -> Line:
     probe = traffic.tcp_probe(t.lan, WAN_V4, WEB)
     seen = _connected_as(probe)
     return Line(
-        f"egress TCP  inside -> {WAN_V4}:{WEB}", f"connects, NAT to {GW_WAN_V4}", seen,
+        f"egress TCP  inside -> {WAN_V4}:{WEB} (masquerade)", f"connects, NAT to {GW_WAN_V4}", seen,
         probe.text == f"hello {GW_WAN_V4}",
     )  # fmt: skip
 
@@ -159,6 +159,24 @@ def ingress_mail_v4(t: Topology) -> Line:
     )  # fmt: skip
 
 
+def ingress_forward_v4(t: Topology) -> Line:
+    """The mail server published on the gateway's outside address (forward smtp): it sees the
+    client's own address, the translation is the destination's only."""
+    probe = traffic.tcp_probe(t.wan, GW_WAN_V4, SMTP)
+    return Line(
+        f"ingress TCP outside -> {GW_WAN_V4}:{SMTP} (forward smtp)", f"mail server, from {WAN_V4}",
+        _connected_as(probe), probe.text == f"hello {WAN_V4}",
+    )  # fmt: skip
+
+
+def ingress_no_forward_v4(t: Topology) -> Line:
+    probe = traffic.tcp_probe(t.wan, GW_WAN_V4, WEB, timeout=DROP_TIMEOUT)
+    return Line(
+        f"ingress TCP outside -> {GW_WAN_V4}:{WEB} (no forward)", "dropped: client times out",
+        _outcome_text(probe), probe.outcome == "timeout",
+    )  # fmt: skip
+
+
 def egress_rejected(t: Topology) -> Line:
     probe = traffic.tcp_probe(t.lan, WAN_V4, SMB, timeout=3.0)
     return Line(
@@ -224,6 +242,8 @@ CHECKS: tuple[Check, ...] = (
     ingress_unsolicited_v4,
     ingress_unsolicited_v6,
     ingress_mail_v4,
+    ingress_forward_v4,
+    ingress_no_forward_v4,
     egress_rejected,
     forged_rst,
     traceroute_hop,

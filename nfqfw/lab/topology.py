@@ -29,6 +29,12 @@ from dataclasses import dataclass
 from pyroute2 import NetNS, netns
 
 from nfqfw.lab.plan import (
+    DMZ_NET_V4,
+    DMZ_NET_V6,
+    DMZ_V4,
+    DMZ_V6,
+    GW_DMZ_V4,
+    GW_DMZ_V6,
     GW_LAN_V4,
     GW_LAN_V6,
     GW_WAN_V4,
@@ -59,16 +65,16 @@ class Link:
 
 
 def existing_namespaces(topology: Topology | HaTopology) -> list[str]:
-    return [name for name in topology.namespaces if (NETNS_DIR / name).exists()]
+    return [name for name in topology.every_namespace if (NETNS_DIR / name).exists()]
 
 
 def is_up(topology: Topology | HaTopology) -> bool:
-    return len(existing_namespaces(topology)) == len(topology.namespaces)
+    return all((NETNS_DIR / name).exists() for name in topology.namespaces)
 
 
 def build(topology: Topology, nat: bool = True) -> None:
-    """Create the three namespaces, the links, addresses, routes, forwarding and (unless `nat` is
-    False) NAT.
+    """Create the namespaces, the links, addresses, routes, forwarding and (unless `nat` is False:
+    a policy with its own `nat:` section, or the kernel oracle) the lab's own MASQUERADE.
 
     Raises LabError if any of the namespaces already exists or a step fails; in the latter case
     everything built so far is removed again.
@@ -118,11 +124,28 @@ def _build(topology: Topology, nat: bool) -> None:
     with NetNS(topology.gw) as ipr:
         ipr.route("add", dst="0.0.0.0/0", gateway=WAN_V4)
         ipr.route("add", dst="::/0", gateway=WAN_V6, family=10)
+    if topology.with_dmz:
+        _build_dmz(topology)
     sysctl(topology.gw, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
     if not nat:
         return
     run_in(topology.gw, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING",
            "-s", LAN_NET_V4, "-o", "wan0", "-j", "MASQUERADE")  # fmt: skip
+
+
+def _build_dmz(topology: Topology) -> None:
+    """The DMZ host behind the gateway's dmz0; the outside host routes to it through the gateway."""
+    gw_dmz = Link(topology.gw, "dmz0", f"{GW_DMZ_V4}/24", f"{GW_DMZ_V6}/64")
+    dmz = Link(topology.dmz, "eth0", f"{DMZ_V4}/24", f"{DMZ_V6}/64")
+    veth_pair(gw_dmz, dmz)
+    for link in (gw_dmz, dmz):
+        configure_link(link)
+    with NetNS(topology.dmz) as ipr:
+        ipr.route("add", dst="0.0.0.0/0", gateway=GW_DMZ_V4)
+        ipr.route("add", dst="::/0", gateway=GW_DMZ_V6, family=10)
+    with NetNS(topology.wan) as ipr:
+        ipr.route("add", dst=DMZ_NET_V4, gateway=GW_WAN_V4)
+        ipr.route("add", dst=DMZ_NET_V6, gateway=GW_WAN_V6, family=10)
 
 
 def prepare_namespace(name: str) -> None:

@@ -186,6 +186,7 @@ class NfqfwCollector(Collector):
         engine = source.engine
         if engine is not None:
             yield from self._verdicts(engine, source.adapter)
+            yield from self._zones(engine)
             yield from self._flows(engine.conntrack)
             offloaded = getattr(engine, "offloaded", None)
             if offloaded is not None:
@@ -222,6 +223,19 @@ class NfqfwCollector(Collector):
             totals[(action, *verdict_labels(reason))] += value
         for labels, value in sorted(totals.items()):
             family.add_metric(labels, value)
+        yield family
+
+    def _zones(self, engine: Any) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "nfqfw_zone_flows",
+            "New flows the policy decided, by zone pair (gateway: the gateway itself, -: no zone) and action",
+            labels=("from_zone", "to_zone", "action"),
+        )
+        counts = copied(lambda: engine.zone_counts()) if hasattr(engine, "zone_counts") else {}
+        for key, value in sorted(counts.items()):
+            pair, _, action = key.rpartition(" ")
+            source, _, target = pair.partition("->")
+            family.add_metric((source, target, action), value)
         yield family
 
     def _flows(self, conntrack: Any) -> Iterator[Metric]:
@@ -329,6 +343,8 @@ def verdict_labels(reason: str) -> tuple[str, str]:
     cannot grow the label set without bound; the packet log has the exact reason."""
     if reason.startswith("rule "):
         return "rule", reason[5:]
+    if reason.startswith("forward "):
+        return "forward", reason[8:]
     if reason.startswith("internal error"):
         return "internal error", ""
     return _NUMBER.sub("N", reason), ""

@@ -51,13 +51,13 @@ from nfqfw.control.flowlist import FlowFilter
 from nfqfw.control.protocol import Chunks, ControlError, RequestError
 from nfqfw.control.requests import Requests, kernel_queues
 from nfqfw.control.server import ControlServer
-from nfqfw.core.config import DEFAULT_LOG_LIMIT, LogLimit
+from nfqfw.core.config import DEFAULT_LOG_LIMIT, SIDES, LogLimit
 from nfqfw.firewall import Firewall, QueueSpec, RulesError, backend_named
 from nfqfw.observe.endpoint import MetricsError
 from nfqfw.observe.logsetup import use_format
 from nfqfw.service.ha import HaState
 from nfqfw.service.options import Options
-from nfqfw.service.ruleset import protection, queue_spec
+from nfqfw.service.ruleset import nat, protection, queue_spec
 from nfqfw.service.sdnotify import Notifier, watchdog_interval
 from nfqfw.service.supervision import Counts, status_line
 
@@ -271,7 +271,20 @@ class ServiceCore:
                 raise StartupError(str(err)) from err
 
     def _load_policy(self) -> Loaded:
-        return self._load(self.options.config)
+        loaded = self._load(self.options.config)
+        self._check_ipv6_nat(loaded)
+        return loaded
+
+    def _check_ipv6_nat(self, loaded: Loaded) -> None:
+        """A policy that translates IPv6 on a kernel without IPv6 NAT is refused, located."""
+        from nfqfw.core.config import ipv6_nat_issues
+
+        config = getattr(loaded.engine_policy, "config", None)
+        if self.firewall is None or config is None or config.nat is None or not config.nat.ipv6_entries():
+            return
+        missing = self.firewall.ipv6_nat_missing()
+        if missing is not None:
+            raise StartupError("\n".join(str(issue) for issue in ipv6_nat_issues(config, missing)))
 
     def _open_control(self) -> None:
         """The control socket (RUNTIME_DIR/control.sock); StartupError when another daemon has it."""
@@ -596,9 +609,11 @@ class ServiceCore:
         if self.firewall is None or self.spec is None:
             return
         config = loaded.engine_policy.config
-        spec = replace(self.spec, protection=protection(self.options, config, sets=self._kernel_sets()))
+        spec = replace(
+            self.spec, protection=protection(self.options, config, sets=self._kernel_sets()), nat=nat(config)
+        )
         if spec != self.spec and self.firewall.reinstall(
-            spec, "reload: the kernel's pre-filter and caps not updated"
+            spec, "reload: the kernel's pre-filter, caps and nat rules not updated"
         ):
             self.spec = spec
             self._runtime_entries_to_kernel()
@@ -694,10 +709,7 @@ class ServiceCore:
                 "files": len(policy.sources),
                 "sets": sets_status(policy, self.runtime_sets(), self.set_errors),
                 "comments": {
-                    rule.name: rule.comment
-                    for side in ("ingress", "egress")
-                    for rule in getattr(policy, side)
-                    if rule.comment
+                    rule.name: rule.comment for side in SIDES for rule in policy.rules(side) if rule.comment
                 },
                 "pending_confirm": None
                 if pending is None

@@ -43,6 +43,7 @@ from nfqfw.control.flowlist import FlowFilter
 from nfqfw.control.protocol import Chunks, RequestError
 from nfqfw.control.requests import engine_flows, engine_flush, engine_status
 from nfqfw.firewall import Firewall, Marks
+from nfqfw.firewall.marks import FORWARDED_MARK
 from nfqfw.kernel.links import Links
 from nfqfw.kernel.queue import QueueAdapter, QueueError
 from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch, verdict_counts
@@ -142,6 +143,7 @@ class Daemon(ServiceCore):
             self.links,
             self.sender,
             mark=self._accept_mark(),
+            forwarded_mark=FORWARDED_MARK,
             fail_open=loaded.fail_open,
             reject_rate=opts.reject_rate,
             clock=self.clock,

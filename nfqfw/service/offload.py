@@ -13,8 +13,9 @@ mark (nfqfw.firewall.marks):
   owner field) nfqfw has no record of become records: in an HA pair conntrackd carried them,
   mark and all, from the peer that admitted them. The rule that admitted one is read from its
   mark's rule field, the Meta of its first packet from the routes (`meta_of`,
-  nfqfw.kernel.routes), so that `flows`, `flush` and `reload: recheck` treat it as one of
-  nfqfw's own. One it cannot place (no route) is adopted without a Meta: kept by a recheck.
+  nfqfw.kernel.routes; `forwarded` when the rule is one of the policy's forwards), so that
+  `flows`, `flush` and `reload: recheck` treat it as one of nfqfw's own. One it cannot place
+  (no route) is adopted without a Meta: kept by a recheck.
   Not in the syncs of an HA backup (`taking_over` False): it forgot those flows;
 - `overlay`: for `flows`, the kernel's state and time left of each offloaded flow (a fresh dump);
 - `revoke`: flows nfqfw takes back (flush, a reload with `reload: recheck` that no longer admits
@@ -34,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from nfqfw.core.conntrack import Flow
@@ -196,7 +198,10 @@ class Offload:
         src, _, dst, _ = entry.seen_as
         flow = Flow(keyed[0], keyed[1], now)
         flow.rule = self.marks.reason_of(entry.mark, self.reasons)
-        flow.meta = meta_of(src, dst)
+        meta = meta_of(src, dst)
+        if meta is not None and flow.rule is not None and flow.rule.startswith("forward "):
+            meta = replace(meta, forwarded=True)  # a forward translated it (Meta.forwarded)
+        flow.meta = meta
         if entry.proto == PROTO_TCP:
             flow.tcp = TcpConn()
         follow(flow, entry, now)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nfqfw.core.config import PROTO_TCP, PolicyConfig, RuleConfig
+from nfqfw.core.config import INSIDE, OUTSIDE, PROTO_TCP, PolicyConfig, RuleConfig
 from nfqfw.core.engine import SPOOFED_SOURCE
-from nfqfw.core.prefilter import KernelMatch, derive, kernel_sets
+from nfqfw.core.prefilter import KernelMatch, derive, kernel_sets, port_chunks
 from nfqfw.firewall import QueueSpec
-from nfqfw.firewall.backend import Antispoof, Protection, Rate, Synproxy
+from nfqfw.firewall.backend import Antispoof, Nat, PortForward, Protection, Rate, SourceNat, Synproxy
 from nfqfw.firewall.marks import Marks
 from nfqfw.service.options import Options
 
@@ -44,13 +44,63 @@ def queue_spec(options: Options, config: PolicyConfig, *, bypass: bool, sets: bo
         protection=protection(options, config, sets=sets),
         conn_mark=options.conn_mark,
         owners=options.workers,
+        nat=nat(config),
     )
 
 
 def rule_reasons(config: PolicyConfig) -> list[str]:
-    """The verdict reasons of the policy's rules in order, ingress first: what the connection
-    mark's rule field numbers (nfqfw.firewall.marks.Marks.rule_marks)."""
-    return [f"rule {rule.name}" for rule in (*config.ingress, *config.egress)]
+    """The verdict reasons of the policy's rules in order (ingress, egress, between), then its
+    forwards' and the between side's default: what the connection mark's rule field numbers
+    (nfqfw.firewall.marks.Marks.rule_marks)."""
+    rules = [f"rule {rule.name}" for rule in (*config.ingress, *config.egress, *config.between)]
+    forwards = [] if config.nat is None else [f"forward {forward.name}" for forward in config.nat.forward]
+    return [*rules, *forwards, "default between"]
+
+
+def nat(config: PolicyConfig) -> Nat | None:
+    """The policy's nat section as kernel rules: each forward per protocol, port chunk (multiport),
+    interface and source, then its hairpin matches on the inside interfaces; the source NAT
+    entries in file order. None without a `nat:` section."""
+    section = config.nat
+    if section is None:
+        return None
+    source = [
+        SourceNat(
+            entry.family,
+            iface,
+            None if src is None else str(src),
+            None if entry.to is None else str(entry.to),
+        )
+        for entry in sorted(section.masquerade + section.snat, key=lambda entry: (entry.line, entry.col))
+        for iface in entry.out_ifaces
+        for src in (entry.src if entry.src is not None else (None,))
+    ]
+    inside = config.interfaces_facing(INSIDE)
+    forwards = []
+    for forward in section.forward:
+        address = (
+            None if forward.address is None else f"{forward.address}/{32 if forward.family == 4 else 128}"
+        )
+        sources = [None] if forward.src is None else [str(network) for network in forward.src]
+        hairpin = [iface for iface in inside if iface not in forward.in_ifaces] if forward.hairpin else []
+        for proto in sorted(forward.protocols):
+            for ports in port_chunks(forward.ports):
+                for iface, translated_from_inside in [(i, False) for i in forward.in_ifaces] + [
+                    (i, True) for i in hairpin
+                ]:
+                    for src in sources:
+                        match = KernelMatch(proto, src, address, ports, None, iface)
+                        forwards.append(
+                            PortForward(
+                                forward.family,
+                                forward.name,
+                                match,
+                                str(forward.to),
+                                forward.to_port,
+                                translated_from_inside,
+                            )
+                        )
+    return Nat(tuple(source), tuple(forwards))
 
 
 def protection(options: Options, config: PolicyConfig, sets: bool = False) -> Protection:
@@ -88,7 +138,7 @@ def protection(options: Options, config: PolicyConfig, sets: bool = False) -> Pr
 def _synproxy(config: PolicyConfig) -> tuple[Synproxy, ...]:
     """SYNPROXY for each `synproxy: true` rule, per family and hook (gateway: INPUT)."""
     found = []
-    external = config.zones.get("external", ())
+    external = config.interfaces_facing(OUTSIDE)
     for rule in config.ingress:
         if not rule.synproxy:
             continue

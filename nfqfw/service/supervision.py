@@ -271,6 +271,7 @@ def merge_status(answers: Sequence[Answer], states: dict[int, dict[str, Any]]) -
     merged["gso"] = bool(statuses) and all(s.get("gso", False) for s in statuses)
     merged["flows"] = merge_flow_stats([s["flows"] for s in statuses])
     merged["verdicts"] = _sum_counts(s["verdicts"] for s in statuses)
+    merged["zones"] = _sum_counts(s.get("zones", {}) for s in statuses)
     merged["adapter"] = _sum_counts(s["adapter"] for s in statuses)
     merged["workers"] = [worker_entry(a, states.get(a.queue, {})) for a in answers]
     if any("talkers" in s for s in statuses):

@@ -1,11 +1,13 @@
 """The lab for the integration tests: namespaces nfqt-wan / nfqt-gw / nfqt-lan, one per module.
 
 A test module sets `LAB_POLICY` to the policy text nfqfw runs with, or None for the namespaces
-alone; `lab_policy` is the file written from it. The module-scoped `lab` fixture builds the lab,
-starts the servers below and always takes everything down again.
+alone; `lab_policy` is the file written from it; `LAB_DMZ = True` adds the DMZ host (nfqt-dmz on
+the gateway's dmz0). The module-scoped `lab` fixture builds the lab, starts the servers below and
+always takes everything down again.
 
 Servers: outside host TCP 80, 445, 8080 (greet and echo), 9000 (sha256 sink), 9001 (byte
-source), UDP 53, 137 (echo); inside host TCP 22, 25, 80 (greet and echo), 587 (sha256 sink).
+source), UDP 53, 137 (echo); inside host TCP 22, 25, 80 (greet and echo), 587 (sha256 sink);
+DMZ host TCP 22, 80 (greet and echo).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ PREFIX = "nfqt-"
 
 WAN_TCP, WAN_SINK, WAN_SOURCE, WAN_UDP = (80, 445, 8080), 9000, 9001, (53, 137)
 LAN_TCP, LAN_SINK = (22, 25, 80), 587
+DMZ_TCP = (22, 80)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +41,14 @@ def lab_policy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="module")
-def lab(lab_policy: Path | None) -> Iterator[Lab]:
+def lab(request: pytest.FixtureRequest, lab_policy: Path | None) -> Iterator[Lab]:
+    dmz = getattr(request.module, "LAB_DMZ", False)
     with ExitStack() as stack:
         stack.callback(down, PREFIX)  # also when up() or a server fails
-        the_lab = up(PREFIX, lab_policy)
+        the_lab = up(PREFIX, lab_policy, dmz=dmz)
         t = the_lab.topology
+        if dmz:
+            stack.enter_context(traffic.TcpServer(t.dmz, DMZ_TCP))
         stack.enter_context(traffic.TcpServer(t.wan, WAN_TCP))
         stack.enter_context(traffic.TcpServer(t.wan, [WAN_SINK], traffic.hash_sink))
         stack.enter_context(traffic.TcpServer(t.wan, [WAN_SOURCE], traffic.pattern_source))

@@ -196,14 +196,14 @@ def test_rules_are_installed_for_both_families_without_duplicates_after_restart(
         ]
     shown = nfqfw("rules", "show")
     assert shown.returncode == 0
-    assert shown.stdout.splitlines()[0] == "# IPv4 (iptables-save: tables filter and raw)"
+    assert shown.stdout.splitlines()[0] == "# IPv4 (iptables-save: tables filter, raw and nat)"
     # by default four queues, and four more for first packets (nfqfw.service.options.DEFAULT_QUEUES)
     assert (
         "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-balance 0:3"
         in shown.stdout
     )
     assert "-A NFQFW-NEW -j NFQUEUE --queue-balance 4:7" in shown.stdout
-    assert "# IPv6 (ip6tables-save: tables filter and raw)" in shown.stdout
+    assert "# IPv6 (ip6tables-save: tables filter, raw and nat)" in shown.stdout
 
 
 def test_queue_balance_binds_every_queue(fresh_lab: Lab) -> None:

@@ -11,12 +11,16 @@ from nfqfw.firewall import Firewall, QueueSpec, RulesError
 class RecordingFirewall(Firewall):
     """Installs nothing: `installs` lists every spec given to install(), `current` the last;
     `drops` is what counters() answers (the kernel rules' drops); `entries` the set entries
-    asked for; `fail` makes install raise RulesError; `sets=False` is a backend without sets."""
+    asked for; `fail` makes install raise RulesError; `sets=False` is a backend without sets;
+    `missing` what ipv6_nat_missing() answers (what the kernel lacks for IPv6 NAT)."""
 
     name = "recording"
 
-    def __init__(self, drops: dict[str, int] | None = None, sets: bool = True) -> None:
+    def __init__(
+        self, drops: dict[str, int] | None = None, sets: bool = True, missing: str | None = None
+    ) -> None:
         self.installs: list[QueueSpec] = []
+        self.missing = missing
         self.current: QueueSpec | None = None
         self.drops = dict(drops or {})
         self.entries: list[tuple[Any, ...]] = []
@@ -48,6 +52,9 @@ class RecordingFirewall(Firewall):
 
     def counters(self) -> dict[str, int]:
         return dict(self.drops)
+
+    def ipv6_nat_missing(self) -> str | None:
+        return self.missing
 
     def supports_sets(self) -> bool:
         return self.sets

@@ -10,6 +10,7 @@ import pytest
 
 from nfqfw.commands import check
 from nfqfw.core.config import parse_policy
+from nfqfw.firewall.iptables import Iptables
 
 REPO = Path(__file__).resolve().parents[3]
 SHIPPED = sorted(path.relative_to(REPO) for path in (REPO / "config").rglob("*.yaml"))
@@ -35,7 +36,8 @@ def test_shipped_policy(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     assert run_check("config/policy.yaml") == 0
     captured = capsys.readouterr()
     assert timeless(captured.out) == (
-        "config/policy.yaml: OK (zones: 2, ingress rules: 3, egress rules: 1), 4 rules compiled in T\n"
+        "config/policy.yaml: OK (zones: 2, ingress rules: 3, egress rules: 1, nat: 1 masquerade, 1 forward), "
+        "4 rules compiled in T\n"
     )
     assert captured.err == ""
 
@@ -48,6 +50,7 @@ def test_every_shipped_config_is_valid(
         "config/examples/home-gateway.yaml",
         "config/examples/cloud-edge.yaml",
         "config/examples/strict-egress.yaml",
+        "config/examples/dmz-nat.yaml",
     }
     monkeypatch.chdir(REPO)
     assert run_check(*SHIPPED) == 0
@@ -58,11 +61,13 @@ def test_every_shipped_config_is_valid(
 
 def test_examples_summaries(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(REPO / "config" / "examples")
-    assert run_check("home-gateway.yaml", "cloud-edge.yaml", "strict-egress.yaml") == 0
+    assert run_check("home-gateway.yaml", "cloud-edge.yaml", "strict-egress.yaml", "dmz-nat.yaml") == 0
     assert timeless(capsys.readouterr().out) == (
         "home-gateway.yaml: OK (zones: 2, ingress rules: 3, egress rules: 1), 4 rules compiled in T\n"
         "cloud-edge.yaml: OK (zones: 2, ingress rules: 6, egress rules: 0), 6 rules compiled in T\n"
         "strict-egress.yaml: OK (zones: 2, ingress rules: 0, egress rules: 7), 7 rules compiled in T\n"
+        "dmz-nat.yaml: OK (zones: 4, ingress rules: 2, egress rules: 1, between rules: 2, "
+        "nat: 1 masquerade, 1 forward), 5 rules compiled in T\n"
     )
 
 
@@ -114,7 +119,8 @@ def test_invalid_policy_lists_every_error(tmp_path: Path, capsys: pytest.Capture
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
-        f"{bad}:3:3: zones: unknown zone 'dmz' (expected one of: external, internal)\n"
+        f"{bad}:3:3: zones: dmz: a zone other than external and internal is a mapping that says which "
+        "side it faces, e.g. {faces: inside, interfaces: [...]}\n"
         f"{bad}:7:12: ingress rule 'web': ports: range '80-70' starts after it ends\n"
         f"{bad}:8:13: ingress rule 'web': action: expected accept, drop or reject, got 'allow'\n"
         f"{bad}: 3 errors\n"
@@ -152,6 +158,30 @@ def test_a_file_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         run_check()
     assert caught.value.code == 2
     assert "the following arguments are required: FILE" in capsys.readouterr().err
+
+
+def test_ipv6_nat_is_checked_against_the_kernel(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = tmp_path / "six.yaml"
+    policy.write_text(
+        "zones:\n  external: [wan0]\n  internal: {interfaces: [lan0], networks: ['fd00::/64']}\n"
+        "nat:\n  masquerade:\n    - {out: wan0, family: ipv6}\n"
+        "  forward:\n    - {name: web6, proto: tcp, ports: 443, to: 'fd00::80'}\n"
+    )
+    monkeypatch.setattr(Iptables, "ipv6_nat_missing", lambda self: "no IPv6 nat table in this kernel")
+    assert run_check(policy) == 1
+    assert capsys.readouterr().err == (
+        f"{policy}:6:7: nat: masquerade: IPv6 NAT is not available: no IPv6 nat table in this kernel\n"
+        f"{policy}:8:7: nat: forward 'web6': IPv6 NAT is not available: no IPv6 nat table in this kernel\n"
+        f"{policy}: 2 errors\n"
+    )
+    monkeypatch.setattr(Iptables, "ipv6_nat_missing", lambda self: None)
+    assert run_check(policy) == 0
+    assert timeless(capsys.readouterr().out) == (
+        f"{policy}: OK (zones: 2, ingress rules: 0, egress rules: 0, nat: 1 masquerade, 1 forward), "
+        "0 rules compiled in T\n"
+    )
 
 
 def test_antispoof_off_on_an_external_zone_is_warned_about(

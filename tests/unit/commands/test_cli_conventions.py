@@ -151,7 +151,11 @@ def test_check_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "zones": 2,
             "ingress_rules": 1,
             "egress_rules": 0,
+            "between_rules": 0,
             "rules": 1,
+            "masquerade": 0,
+            "snat": 0,
+            "forwards": 0,
             "sets": 0,
             "set_networks": 0,
             "files": 1,
@@ -190,6 +194,9 @@ def test_explain_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
             "why": "rule mail",
             "reject_with": "tcp-reset",
             "hook": "FORWARD",
+            "forwarded": None,
+            "zones": {"from": "external", "to": "-", "side": "ingress"},  # no networks: no route
+            "source_nat": None,
             "rule": {
                 "name": "mail",
                 "at": f"{policy}:2",

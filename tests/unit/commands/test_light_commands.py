@@ -68,11 +68,12 @@ def test_explain_without_the_daemon_libraries() -> None:
         "explain", "--config", str(POLICY), "--in", "wan0", "tcp", "198.51.100.7:50000", "10.0.0.25:25"
     )
     assert done.stdout.splitlines() == [
+        "zones: external -> internal (ingress)",
         "verdict: accept",
         "conntrack: new",
         "decided by: rule mail",
         "why: rule mail",
-        f"rule: mail ({POLICY}:48): accept tcp to 10.0.0.25/32, fd00::25/128 ports 25 (smtp), "
+        f"rule: mail ({POLICY}:59): accept tcp to 10.0.0.25/32, fd00::25/128 ports 25 (smtp), "
         "587 (submission)",
         "exit=0 loaded=[]",
     ]

@@ -219,3 +219,47 @@ def test_record_writer_writes_exactly_verdict_record_lines_in_batches() -> None:
     writer.flush()
     expected = "".join(replay.verdict_record(n, v) + "\n" for n, v in enumerate(sequence, 1))
     assert out.getvalue() == expected
+
+
+def test_a_capture_on_the_external_interface_goes_through_the_forwards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the outside sees the gateway: to 203.0.113.1:25 and back from it. The forward (pass)
+    admits the connection, the replies from the public address are the same flow; a port no
+    forward publishes is the gateway's own (INPUT), closed."""
+    policy = tmp_path / "nat.yaml"
+    policy.write_text(
+        POLICY.read_text().replace("      pass: false", "      pass: true")
+        + "options:\n  gateway-addresses: [203.0.113.1]\n"
+    )
+    public = "203.0.113.1"
+    frames = [
+        on("wan0", 1.0, IP(src=OUTSIDER, dst=public) / TCP(sport=50000, dport=25, flags="S", seq=1000)),
+        on(
+            "wan0",
+            1.01,
+            IP(src=public, dst=OUTSIDER) / TCP(sport=25, dport=50000, flags="SA", seq=9, ack=1001),
+        ),
+        on(
+            "wan0",
+            1.02,
+            IP(src=OUTSIDER, dst=public) / TCP(sport=50000, dport=25, flags="A", seq=1001, ack=10),
+        ),
+        on("wan0", 2.0, IP(src=OUTSIDER, dst=public) / TCP(sport=50001, dport=80, flags="S", seq=1)),
+        # A reply seen on the inside (from the inside host, untranslated) is the same flow too.
+        on("lan0", 3.0, IP(src=OUTSIDER, dst=public) / TCP(sport=50002, dport=587, flags="S", seq=5)),
+        on("lan0", 3.01, IP(src=HOST, dst=OUTSIDER) / TCP(sport=587, dport=50002, flags="SA", seq=70, ack=6)),
+    ]
+    capture = tmp_path / "wan.pcapng"
+    wrpcapng(str(capture), frames)
+    status, lines, _ = run_replay(["--config", str(policy), str(capture)], capsys)
+    assert status == 0
+    assert lines == [
+        line(1, "accept", "new", "smtp", "forward smtp"),
+        line(2, "accept", "established", None, "established"),
+        line(3, "accept", "established", None, "established"),
+        line(4, "drop", "new", None, "default ingress"),
+        # arriving on lan0 it is a hairpin connection (inside to the public address)
+        line(5, "accept", "new", "smtp", "forward smtp"),
+        line(6, "accept", "established", None, "established"),
+    ]

@@ -289,3 +289,19 @@ def test_offloaded_flows_in_status_and_flows() -> None:
         "  tcp          2  ESTABLISHED 2",
         "  udp          1  ASSURED 1",
     ]
+
+
+def test_status_shows_new_flows_by_zone_pair_and_forward_admissions() -> None:
+    zones = {"internal->external accept": 40, "external->internal drop": 7, "internal->dmz accept": 3}
+    lines = format_status(status(zones=zones), utc)
+    at = lines.index("new flows by zone pair (first packets the policy decided):")
+    assert lines[at - 1] == "  drop default ingress     5"
+    assert lines[at + 1 : at + 4] == [
+        "  internal->external accept  40",
+        "  external->internal drop     7",
+        "  internal->dmz accept        3",
+    ]
+    assert "new flows by zone pair (first packets the policy decided):" not in format_status(
+        status(zones={}), utc
+    )
+    assert admitted_by("forward smtp") == "forward=smtp"

@@ -38,7 +38,7 @@ from nfqfw.kernel.queue_info import DropWatch
 from nfqfw.service.core import ReloadResult
 from nfqfw.service.daemon import Daemon
 from nfqfw.service.options import Options
-from nfqfw.service.ruleset import protection
+from nfqfw.service.ruleset import nat, protection
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
 POLICY = POLICY_FILE.read_text()
@@ -331,8 +331,9 @@ def test_a_failure_mode_change_at_reload_keeps_panic(daemon: Daemon, monkeypatch
     Path(daemon.options.config).write_text("options:\n  failure-mode: open\n" + POLICY)
     assert answer(Requests(daemon)({"cmd": "reload"}))["ok"] is True
     spec = installed[-1]
-    assert replace(spec, protection=None) == QueueSpec(0, 0, bypass=True, panic=True)
+    assert replace(spec, protection=None, nat=None) == QueueSpec(0, 0, bypass=True, panic=True)
     assert spec.protection == protection(daemon.options, load_policy(daemon.options.config))
+    assert spec.nat == nat(load_policy(daemon.options.config))  # the nat rules stay in panic mode
 
 
 def test_reload_reports_located_errors_then_success(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,18 +18,25 @@ from hypothesis import strategies as st
 from nfqfw.core.build import addr, ipv4, tcp
 from nfqfw.core.classify import Interner, IntervalMap, RuleIndex, merge_ranges
 from nfqfw.core.config import (
+    INSIDE,
+    OUTSIDE,
     AddressSet,
     DefaultsConfig,
+    ForwardConfig,
     LimitConfig,
+    NatConfig,
     OptionsConfig,
     PolicyConfig,
     RuleConfig,
+    ZoneDetail,
     parse_policy,
 )
 from nfqfw.core.engine import Engine
+from nfqfw.core.forwards import ForwardTable
 from nfqfw.core.packet import FRAG_FIRST, FRAG_LATER, FRAG_NONE, Packet
-from nfqfw.core.policy import CompiledPolicy, RuleMatcher
+from nfqfw.core.policy import CompiledPolicy, InterfaceMatcher, RuleMatcher
 from nfqfw.core.verdict import Action, Hook, Meta
+from nfqfw.core.zones import ZoneMap
 
 NETWORKS = {
     4: [
@@ -79,6 +86,11 @@ ICMP4, ICMP6 = (0, 3, 8, 11), (1, 2, 128, 129, 135)
 RULE_IFACES = ("wan0", "lan0", "ppp+", "pp+", "wan+", "eth1")
 PACKET_IFACES = ("wan0", "lan0", "ppp0", "ppp", "pp", "wan", "wan01", "eth1", "eth2", None)
 LIMITS = st.builds(LimitConfig, st.just(1), st.integers(1, 3), st.integers(1, 2), st.booleans())
+# Zones over those names: wildcards overlapping ("pp+" and "ppp+": the longest prefix wins; "wan0"
+# exact and "wan+"), and names in no zone ("eth2", None).
+ZONE_IFACES = {"external": ("wan0", "wan+"), "internal": ("lan0",), "dmz": ("eth1", "pp+"), "vpn": ("ppp+",)}
+ZONE_DETAILS = {"dmz": ZoneDetail(INSIDE), "vpn": ZoneDetail(INSIDE), "external": ZoneDetail(OUTSIDE)}
+ZONE_NAMES = tuple(ZONE_IFACES)
 
 
 def networks(version: int) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -100,6 +112,7 @@ port_ranges = st.lists(
 ).map(lambda ranges: tuple(merge_ranges(ranges)))
 icmp_types = st.tuples(st.frozensets(st.sampled_from(ICMP4)), st.frozensets(st.sampled_from(ICMP6)))
 ifaces = st.lists(st.sampled_from(RULE_IFACES), min_size=1, max_size=2).map(tuple)
+zone_lists = st.lists(st.sampled_from(ZONE_NAMES), min_size=1, max_size=2).map(tuple)
 
 
 protocol_sets = st.frozensets(st.sampled_from(PROTOCOLS), min_size=1, max_size=3)
@@ -132,6 +145,8 @@ def rules(draw: st.DrawFn, count: int, open_weight: int = 1) -> tuple[RuleConfig
                 out_ifaces=maybe(ifaces),
                 log=draw(st.booleans()),
                 limit=maybe(LIMITS),
+                from_zones=maybe(zone_lists),
+                to_zones=maybe(zone_lists),
             )
         )
     return tuple(made)
@@ -174,7 +189,7 @@ class Step:
 
 steps = st.builds(
     Step,
-    st.sampled_from(["ingress", "egress"]),
+    st.sampled_from(["ingress", "egress", "between"]),
     packets(),
     st.booleans(),
     st.booleans(),
@@ -184,17 +199,27 @@ steps = st.builds(
 
 
 def policy_of(
-    ingress: tuple[RuleConfig, ...], egress: tuple[RuleConfig, ...], log_denied: bool
+    ingress: tuple[RuleConfig, ...],
+    egress: tuple[RuleConfig, ...],
+    log_denied: bool,
+    between: tuple[RuleConfig, ...] = (),
+    forwards: tuple[ForwardConfig, ...] = (),
 ) -> PolicyConfig:
     return PolicyConfig(
         "<random>",
         "0" * 64,
-        {"external": ("wan0",), "internal": ("lan0",)},
-        DefaultsConfig(ingress=Action.DROP, egress=Action.ACCEPT),
+        dict(ZONE_IFACES),
+        DefaultsConfig(ingress=Action.DROP, egress=Action.ACCEPT, between=Action.REJECT),
         ingress,
         egress,
         OptionsConfig(log_denied=log_denied),
+        between=between,
+        zone_details=dict(ZONE_DETAILS),
+        nat=NatConfig(forward=forwards),
     )
+
+
+ZONE_OF = ZoneMap(policy_of((), (), False)).zone_of
 
 
 @settings(max_examples=250, deadline=None)
@@ -205,8 +230,8 @@ def policy_of(
 def test_candidates_are_exactly_the_matching_rules(
     rule_list: tuple[RuleConfig, ...], walk: list[Step]
 ) -> None:
-    matchers = [RuleMatcher(rule, log_denied=True) for rule in rule_list]
-    index = RuleIndex(rule_list, matchers)
+    matchers = [RuleMatcher(rule, True, zone_of=ZONE_OF) for rule in rule_list]
+    index = RuleIndex(rule_list, matchers, zone_of=ZONE_OF)
     for step in walk:
         args = step.args[1:]
         candidates = index.candidates(*args)
@@ -220,6 +245,7 @@ def test_candidates_are_exactly_the_matching_rules(
 @given(
     st.integers(0, 16).flatmap(lambda count: rules(count, open_weight=3)),
     st.integers(0, 8).flatmap(lambda count: rules(count, open_weight=3)),
+    st.integers(0, 8).flatmap(lambda count: rules(count, open_weight=3)),
     st.booleans(),
     st.lists(steps, min_size=1, max_size=4),
     st.lists(st.tuples(st.integers(0, 3), st.sampled_from([0.0, 0.0, 0.0, 0.4, 1.0, 2.5])), max_size=40),
@@ -227,6 +253,7 @@ def test_candidates_are_exactly_the_matching_rules(
 def test_policy_match_equals_the_scan_limits_included(
     ingress: tuple[RuleConfig, ...],
     egress: tuple[RuleConfig, ...],
+    between: tuple[RuleConfig, ...],
     log_denied: bool,
     distinct: list[Step],
     walk: list[tuple[int, float]],
@@ -235,7 +262,8 @@ def test_policy_match_equals_the_scan_limits_included(
     rule-by-rule scan on the other, fed the same packets at the same times (a few packets,
     repeated, so that limits run out and refill)."""
     egress = tuple(RuleConfig(**{**_fields(rule), "name": f"e{rule.name}"}) for rule in egress)
-    config = policy_of(ingress, egress, log_denied)
+    between = tuple(RuleConfig(**{**_fields(rule), "name": f"b{rule.name}"}) for rule in between)
+    config = policy_of(ingress, egress, log_denied, between)
     indexed, scanned = CompiledPolicy(config), CompiledPolicy(config)
     now = 100.0
     for choice, delay in walk:
@@ -253,6 +281,88 @@ def test_policy_match_equals_the_scan_limits_included(
 
 def _fields(rule: RuleConfig) -> dict[str, object]:
     return {name: getattr(rule, name) for name in RuleConfig.__dataclass_fields__}
+
+
+# -- forwards: the same index over the forward list ------------------------------------------------
+
+FORWARD_TARGETS = {4: ["10.1.2.3", "10.1.2.4", "192.0.2.1"], 6: ["2001:db8:1::1", "fd00::9"]}
+INSIDE_IFACES = ("lan0", "eth1", "pp+", "ppp+")
+
+
+@st.composite
+def forwards(draw: st.DrawFn, count: int) -> tuple[ForwardConfig, ...]:
+    made = []
+    for number in range(count):
+        family = draw(st.sampled_from([4, 6]))
+        ports = draw(port_ranges)
+        single = sum(last - first + 1 for first, last in ports) == 1
+        source = draw(st.none() | st.lists(st.sampled_from(networks(family)), min_size=1, max_size=2))
+        made.append(
+            ForwardConfig(
+                name=f"f{number}",
+                line=number + 1,
+                col=1,
+                family=family,
+                protocols=draw(st.sampled_from([frozenset({6}), frozenset({17}), frozenset({6, 17})])),
+                in_ifaces=draw(ifaces),
+                ports=ports,
+                to=ipaddress.ip_address(draw(st.sampled_from(FORWARD_TARGETS[family]))),
+                to_port=draw(st.none() | st.integers(1, 12)) if single else None,
+                src=None if source is None else tuple(source),
+                address=draw(st.none() | st.sampled_from(ADDRESSES[family]).map(ipaddress.ip_address)),
+                passes=draw(st.booleans()),
+                hairpin=draw(st.booleans()),
+            )
+        )
+    return tuple(made)
+
+
+def forward_scan(
+    table: tuple[ForwardConfig, ...], pkt: Packet, in_iface: str | None, translated: bool, to_gateway: bool
+) -> str | None:
+    """The reference: the first forward, in order, that translated (or will translate) `pkt`."""
+    for forward in table:
+        names = forward.in_ifaces + (INSIDE_IFACES if forward.hairpin else ())
+        if pkt.family != forward.family or pkt.proto not in forward.protocols or pkt.frag == FRAG_LATER:
+            continue
+        if in_iface not in InterfaceMatcher(names):
+            continue
+        source = ipaddress.ip_address(pkt.src)
+        if forward.src is not None and not any(source in network for network in forward.src):
+            continue
+        if translated:
+            ports, wanted = forward.translated_ports, pkt.dst == forward.to.packed
+        else:
+            ports = forward.ports
+            wanted = to_gateway if forward.address is None else pkt.dst == forward.address.packed
+        if wanted and any(first <= pkt.dport <= last for first, last in ports):
+            return forward.name
+    return None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(0, 12).flatmap(forwards),
+    st.lists(st.tuples(packets(), st.sampled_from(PACKET_IFACES), st.booleans()), min_size=1, max_size=20),
+)
+def test_the_forward_lookups_are_the_forward_scan(
+    table: tuple[ForwardConfig, ...], walk: list[tuple[Packet, str | None, bool]]
+) -> None:
+    compiled = ForwardTable(table, INSIDE_IFACES)
+    for pkt, in_iface, to_gateway in walk:
+        for translated in (True, False):
+            if translated:
+                found = compiled.translated(pkt, in_iface)
+            else:
+                found = compiled.public(pkt, to_gateway, in_iface)
+            assert (found and found.name) == forward_scan(table, pkt, in_iface, translated, to_gateway)
+            event(f"{'translated' if translated else 'public'}: {'a forward' if found else 'none'}")
+
+
+def test_forward_packets_hit_their_targets() -> None:
+    """The packet pool reaches the forwards' targets (else the property test would test misses)."""
+    addresses = {ipaddress.ip_address(text) for family in (4, 6) for text in ADDRESSES[family]}
+    assert {ipaddress.ip_address(t) for family in (4, 6) for t in FORWARD_TARGETS[family]} <= addresses
 
 
 # -- the parts ------------------------------------------------------------------------------------

@@ -359,7 +359,7 @@ def test_include_errors(tmp_path: Path) -> None:
         f"{policy}:4:36: include: cannot read {tmp_path / 'missing.yaml'}: No such file or directory",
         f"{zones}:1:1: 'zones' belongs in {main}, not in an included file",
         f"{zones}:4:1: 'options' belongs in {main}, not in an included file",
-        f"{zones}:5:1: unknown key 'rules' (expected one of: sets, ingress, egress, include)",
+        f"{zones}:5:1: unknown key 'rules' (expected one of: sets, ingress, egress, between, include)",
         f"{tmp_path / 'broken.yaml'}:2:1: invalid YAML: expected the node content, but found '<stream end>' "
         "(while parsing a flow node at line 2)",
         f"{tmp_path / 'loop.yaml'}:1:10: include: {policy} is included already (a file is read once)",
@@ -414,3 +414,58 @@ def test_sources_are_not_part_of_equality(tmp_path: Path) -> None:
     first, second = load_policy(one), load_policy(two)
     assert first.sources == (SourceFile(str(one), first.sha256, "policy"),)
     assert (first.filename != second.filename) and first.sources != second.sources
+
+
+# -- with zones and nat ------------------------------------------------------------------------
+
+NAT_ZONES = (
+    "zones:\n  external: [wan0]\n  internal: {interfaces: [lan0], networks: [10.0.0.0/24]}\n"
+    "  dmz: {faces: inside, interfaces: [dmz0], networks: [10.0.2.0/24]}\n"
+)  # lines 1-4
+
+
+def test_an_included_file_holds_between_rules_and_nat_stays_in_the_main_file(tmp_path: Path) -> None:
+    write(
+        tmp_path / "conf.d" / "dmz.yaml",
+        "sets:\n  admins: [10.0.0.7]\nbetween:\n"
+        '  - {name: admin-ssh, from: "@admins", to-zone: dmz, proto: tcp, ports: [ssh], action: accept}\n',
+    )
+    policy = write(tmp_path / "p.yaml", NAT_ZONES + "include: conf.d/*.yaml\n")
+    (rule,) = load_policy(policy).between
+    assert (rule.name, rule.src, rule.to_zones, rule.dports) == (
+        "admin-ssh",
+        AddressSet(False, (), ("admins",)),
+        ("dmz",),
+        ((22, 22),),
+    )
+    assert rule.file == str(tmp_path / "conf.d" / "dmz.yaml")
+    write(tmp_path / "conf.d" / "nat.yaml", "nat: {masquerade: [{out: wan0}]}\n")
+    assert errors_of(policy) == [
+        f"{tmp_path / 'conf.d' / 'nat.yaml'}:1:1: 'nat' belongs in the main policy file ({policy}), "
+        "not in an included file"
+    ]
+
+
+def test_nat_takes_networks_not_sets(tmp_path: Path) -> None:
+    policy = write(
+        tmp_path / "p.yaml",
+        NAT_ZONES + "sets:\n  partners: [198.51.100.0/24]\nnat:\n"
+        '  masquerade: [{out: wan0, from: ["@partners"]}]\n'
+        '  forward: [{name: smtp, proto: tcp, ports: [smtp], to: 10.0.0.25, from: "@partners"}]\n',
+    )
+    assert errors_of(policy) == [
+        f"{policy}:8:35: nat: masquerade 1: from: a set ('@partners') cannot be used in nat: list networks",
+        f"{policy}:9:74: forward 'smtp': from: a set ('@partners') cannot be used in nat: list networks",
+    ]
+
+
+def test_a_forward_named_as_an_included_rule_names_the_rules_file(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "ingress:\n  - {name: smtp, action: accept}\n")
+    policy = write(
+        tmp_path / "p.yaml",
+        NAT_ZONES
+        + "include: a.yaml\nnat:\n  forward: [{name: smtp, proto: tcp, ports: 25, to: 10.0.0.25}]\n",
+    )
+    assert errors_of(policy) == [
+        f"{policy}:7:20: duplicate name 'smtp': a rule or forward at {tmp_path / 'a.yaml'}:2 has it already"
+    ]

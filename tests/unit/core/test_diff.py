@@ -101,6 +101,45 @@ def test_policy_diff() -> None:
     ]
 
 
+ZONED_OLD = """\
+zones:
+  external: [wan0]
+  internal: {interfaces: [lan0], networks: [10.0.0.0/24]}
+  dmz: {faces: inside, interfaces: [dmz0], networks: [10.0.2.0/24]}
+between:
+  - {name: lan-to-dmz, from-zone: internal, to-zone: dmz, proto: tcp, ports: [http], action: accept}
+nat:
+  masquerade: [{out: wan0, from: 10.0.0.0/24}]
+  forward: [{name: web, proto: tcp, ports: [http], to: 10.0.2.80}]
+"""
+ZONED_NEW = """\
+zones:
+  external: [wan0]
+  internal: {interfaces: [lan0], networks: [10.0.0.0/24]}
+  dmz: {faces: inside, interfaces: [dmz0], networks: [10.0.2.0/24, 10.0.3.0/24]}
+between:
+  - {name: lan-to-dmz, from-zone: internal, to-zone: dmz, proto: tcp, ports: [http, https], action: accept}
+nat:
+  masquerade: [{out: wan0, from: [10.0.0.0/24, 10.0.2.0/24]}]
+  forward: [{name: web, proto: tcp, ports: [http, https], to: 10.0.2.80}]
+"""
+
+
+def test_policy_diff_with_zones_between_rules_and_nat() -> None:
+    diff = policy_diff(parse_policy(ZONED_OLD, "old.yaml"), parse_policy(ZONED_NEW, "new.yaml"))
+    assert diff_lines(diff) == [
+        "between rules:",
+        "  ~ lan-to-dmz: ports: 80 (http) -> 80 (http), 443 (https)",
+        "zones:",
+        "  ~ dmz: faces inside, interfaces dmz0, networks 10.0.2.0/24 -> "
+        "faces inside, interfaces dmz0, networks 10.0.2.0/24, 10.0.3.0/24",
+        "nat:",
+        "  + masquerade family=4, out_ifaces=['wan0'], src=['10.0.0.0/24', '10.0.2.0/24']",
+        "  - masquerade family=4, out_ifaces=['wan0'], src=['10.0.0.0/24']",
+        "  ~ forward web",
+    ]
+
+
 def test_the_same_policy_has_no_changes() -> None:
     assert policy_diff(parse_policy(OLD, "a.yaml"), parse_policy(OLD, "b.yaml")) == {}
     assert diff_lines({}) == ["no changes"]

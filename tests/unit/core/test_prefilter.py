@@ -177,6 +177,7 @@ PORTS = [22, 25, 80, 443, 1005, 40000]
 PORT_WORDS = ["22", "25", "80", "443", "20-30", "1000-1010"]
 IN_IFACES = ["wan0", "wan1", "wan7", "lan0", "lan1", "dmz0"]
 OUT_IFACES = ["lan0", "lan1", "wan0", "dmz0"]
+TARGETS = {4: ["10.0.0.25", "10.0.0.2"], 6: ["fd00::1", "fd00::25"]}  # the forwards' `to`
 
 
 @st.composite
@@ -209,18 +210,53 @@ def rule_text(draw: st.DrawFn, index: int) -> str:
         fields.append(draw(st.sampled_from(["limit: 2/minute", "limit: 1/day, limit-burst: 1"])))
     if draw(st.integers(0, 5)) == 0:
         fields.append("log: true")
+    if draw(st.integers(0, 3)) == 0:
+        fields.append(f"from-zone: {draw(st.sampled_from(['external', '[external, wan2]', 'wan2']))}")
+    if draw(st.integers(0, 3)) == 0:
+        fields.append(f"to-zone: {draw(st.sampled_from(['internal', 'dmz', '[dmz, internal]', 'external']))}")
     return "  - {" + ", ".join(fields) + "}\n"
 
 
 @st.composite
-def policies(draw: st.DrawFn) -> str:
-    zones = draw(
-        st.sampled_from(
-            [
-                "zones:\n  external: [wan0, wan1]\n  internal: [lan0, lan1]\n",
-                "zones:\n  external: [wan+]\n  internal: [lan+]\n",
-                "zones:\n  external: [wan0]\n  internal: [lan0]\n",  # wan1, wan7, lan1, dmz0 in no zone
-            ]
+def forward_text(draw: st.DrawFn, index: int) -> str:
+    proto = draw(st.sampled_from(["tcp", "udp", "[tcp, udp]"]))
+    to = draw(st.sampled_from(TARGETS[4] + TARGETS[6]))
+    fields = [f"name: f{index}", f"proto: {proto}", f"to: '{to}'"]
+    if draw(st.booleans()):
+        fields += [f"ports: {draw(st.sampled_from(PORTS))}", f"to-port: {draw(st.sampled_from(PORTS))}"]
+    else:
+        fields.append(
+            f"ports: [{', '.join(draw(st.lists(st.sampled_from(PORT_WORDS), min_size=1, max_size=2)))}]"
+        )
+    if draw(st.booleans()):
+        fields.append(f"pass: {draw(st.sampled_from(['true', 'false']))}")
+    if draw(st.integers(0, 2)) == 0:
+        fields.append(f"in: {draw(st.sampled_from(['wan0', 'wan+', 'dmz0']))}")
+    if draw(st.integers(0, 2)) == 0:
+        fields.append(f"from: {'198.51.100.0/24' if ':' not in to else '2001:db8::9'}")
+    return "    - {" + ", ".join(fields) + "}\n"
+
+
+@st.composite
+def policies(draw: st.DrawFn, nat: bool = False) -> str:
+    """Random policies; `nat`: always zones with networks and forwards."""
+    zones = (
+        NAT_ZONES
+        if nat
+        else draw(
+            st.sampled_from(
+                [
+                    "zones:\n  external: [wan0, wan1]\n  internal: [lan0, lan1]\n",
+                    "zones:\n  external: [wan+]\n  internal: [lan+]\n",
+                    "zones:\n  external: [wan0]\n  internal: [lan0]\n",  # wan1, wan7, lan1, dmz0 in no zone
+                    NAT_ZONES,
+                    # wan7 is inside, though wan+ is outside: the kernel cannot tell the zones by -i
+                    "zones:\n  external: [wan+]\n  internal: {interfaces: [lan+], networks: "
+                    "[10.0.0.0/24, fd00::/64]}\n"
+                    "  dmz: {faces: inside, interfaces: [dmz0, wan7]}\n  wan2: {faces: outside, "
+                    "interfaces: []}\n",
+                ]
+            )
         )
     )
     ingress = draw(st.sampled_from(["drop", "drop", "reject", "accept"]))
@@ -231,26 +267,47 @@ def policies(draw: st.DrawFn) -> str:
         text += "ingress:\n" + "".join(draw(rule_text(index)) for index in range(len(rules)))
     if draw(st.booleans()):
         text += "egress:\n  - {name: e-drop, proto: tcp, ports: 25, action: drop}\n"
+    if nat or ("networks" in zones and draw(st.booleans())):
+        count = draw(st.integers(1, 3))
+        text += "nat:\n  forward:\n" + "".join(draw(forward_text(index)) for index in range(count))
     return text
 
 
+NAT_ZONES = (
+    "zones:\n  external: [wan0]\n"
+    "  internal: {interfaces: [lan0, lan1], networks: [10.0.0.0/24, fd00::/64]}\n"
+    "  dmz: {faces: inside, interfaces: [dmz0]}\n  wan2: {faces: outside, interfaces: [wan1, wan7]}\n"
+)
+
+
 @st.composite
-def probes(draw: st.DrawFn) -> tuple[Probe, Hook]:
+def probes(draw: st.DrawFn, translated: bool = False) -> tuple[Probe, Hook, bool]:
+    """Random probes; `translated`: always TCP/UDP at FORWARD translated by a forward."""
     family = draw(st.sampled_from([4, 6]))
     pool = V4 if family == 4 else V6
-    proto = draw(st.sampled_from([6, 6, 17, 1 if family == 4 else 58]))
+    proto = draw(st.sampled_from([6, 17] if translated else [6, 6, 17, 1 if family == 4 else 58]))
+    hooks = [Hook.FORWARD] if translated else [Hook.FORWARD, Hook.FORWARD, Hook.INPUT, Hook.OUTPUT]
+    hook = draw(st.sampled_from(hooks))
+    # Translated by a forward (the kernel's mark): the probe is the packet after translation, to
+    # one of the forwards' targets, from outside.
+    forwarded = hook is Hook.FORWARD and proto in (6, 17) and (translated or draw(st.booleans()))
     src, dst = draw(st.sampled_from(pool)), draw(st.sampled_from(pool))
+    if forwarded:
+        dst = draw(st.sampled_from(TARGETS[family]))
     flags = 0
     icmp_type = -1
-    if proto == 6:
+    if proto == 6 and translated:
+        flags = SYN  # a first packet: the only kind the kernel translates
+    elif proto == 6:
         flags = draw(
             st.sampled_from([SYN, SYN, SYN | ACK, ACK, RST, FIN | ACK, SYN | FIN, 0, FIN | PSH | URG])
         )
         flags = draw(st.one_of(st.just(flags), st.integers(0, 63)))
     elif proto in (1, 58):
         icmp_type = draw(st.sampled_from([8, 0, 3] if family == 4 else [128, 129, 1]))
-    hook = draw(st.sampled_from([Hook.FORWARD, Hook.INPUT, Hook.INPUT, Hook.OUTPUT]))
-    in_iface = None if hook is Hook.OUTPUT else draw(st.sampled_from(IN_IFACES))
+    in_iface = (
+        None if hook is Hook.OUTPUT else draw(st.sampled_from(IN_IFACES[:3] if translated else IN_IFACES))
+    )
     out_iface = None if hook is Hook.INPUT else draw(st.sampled_from(OUT_IFACES))
     probe = Probe(
         family,
@@ -264,7 +321,7 @@ def probes(draw: st.DrawFn) -> tuple[Probe, Hook]:
         in_iface,
         out_iface,
     )
-    return probe, hook
+    return probe, hook, forwarded
 
 
 def packet(probe: Probe, seq: int) -> bytes:
@@ -281,8 +338,8 @@ def packet(probe: Probe, seq: int) -> bytes:
     return ipv6(src, dst, 58, icmpv6(src, dst, probe.icmp_type, 0, struct.pack("!HH", 7, 1)))
 
 
-def meta(probe: Probe, hook: Hook) -> Meta:
-    return Meta(hook, probe.in_iface, probe.out_iface)
+def meta(probe: Probe, hook: Hook, forwarded: bool = False) -> Meta:
+    return Meta(hook, probe.in_iface, probe.out_iface, forwarded=forwarded)
 
 
 def flow_key(probe: Probe) -> frozenset[tuple[int, bytes, int]]:
@@ -309,8 +366,38 @@ def load(text: str) -> PolicyConfig:
 def test_prefiltered_packets_are_dropped_by_the_engine(
     text: str,
     earlier: str | None,
-    history: list[tuple[Probe, Hook]],
-    probe: tuple[Probe, Hook],
+    history: list[tuple[Probe, Hook, bool]],
+    probe: tuple[Probe, Hook, bool],
+    udp: bool,
+    seq: int,
+) -> None:
+    check_prefilter(text, earlier, history, probe, udp, seq)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=policies(nat=True),
+    history=st.lists(probes(translated=True), max_size=10),
+    probe=probes(translated=True),
+    udp=st.booleans(),
+    seq=st.integers(0, 2**32 - 1),
+)
+def test_translated_packets_a_forward_admits_are_left_to_nfqfw(
+    text: str,
+    history: list[tuple[Probe, Hook, bool]],
+    probe: tuple[Probe, Hook, bool],
+    udp: bool,
+    seq: int,
+) -> None:
+    """The same property where it concerns forwards: policies with forwards, probes translated."""
+    check_prefilter(text, None, history, probe, udp, seq)
+
+
+def check_prefilter(
+    text: str,
+    earlier: str | None,
+    history: list[tuple[Probe, Hook, bool]],
+    probe: tuple[Probe, Hook, bool],
     udp: bool,
     seq: int,
 ) -> None:
@@ -318,21 +405,23 @@ def test_prefiltered_packets_are_dropped_by_the_engine(
     engine = Engine(CompiledPolicy(load(earlier) if earlier is not None else config))
     accepted: set[frozenset[tuple[int, bytes, int]]] = set()
     now = 100.0
-    for step, (earlier_probe, hook) in enumerate(history):
+    for step, (earlier_probe, hook, translated) in enumerate(history):
         if earlier is not None and step == len(history) // 2:
             engine.replace_policy(CompiledPolicy(config))  # a reload with `reload: keep`
-        verdict = engine.process(packet(earlier_probe, seq + step * 1000), meta(earlier_probe, hook), now)
+        verdict = engine.process(
+            packet(earlier_probe, seq + step * 1000), meta(earlier_probe, hook, translated), now
+        )
         if verdict.action is Action.ACCEPT:
             accepted.add(flow_key(earlier_probe))
         now += 0.5
     if earlier is not None and len(history) < 2:
         engine.replace_policy(CompiledPolicy(config))
-    probe_packet, hook = probe
+    probe_packet, hook, forwarded = probe
     kernel_new = flow_key(probe_packet) not in accepted
     taken = evaluate(derive(config, udp=udp), probe_packet, hook, kernel_new)
     if taken is None:
         return
-    verdict = engine.process(packet(probe_packet, seq + 7), meta(probe_packet, hook), now)
+    verdict = engine.process(packet(probe_packet, seq + 7), meta(probe_packet, hook, forwarded), now)
     if taken.action == DROP:
         assert verdict.action is Action.DROP, (taken, verdict)
     else:

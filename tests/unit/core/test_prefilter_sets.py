@@ -1,7 +1,8 @@
 """nfqfw.core.prefilter with sets: the property of test_prefilter (a packet the kernel rules drop
-or reject is one the engine drops or rejects the same way) over policies whose rules name sets,
-the kernel's ipsets holding what the engine's sets hold (the policy's networks and runtime
-entries added after the start)."""
+or reject is one the engine drops or rejects the same way) over policies whose rules name sets
+(test_prefilter's policies: zones beyond two and forwards among them, and so probes a forward
+translated), the kernel's ipsets holding what the engine's sets hold (the policy's networks and
+runtime entries added after the start)."""
 
 from __future__ import annotations
 
@@ -49,19 +50,19 @@ def policies_with_sets(draw: st.DrawFn) -> str:
 def test_prefiltered_packets_on_sets_are_dropped_by_the_engine(
     text: str,
     runtime: list[tuple[str, str]],
-    history: list[tuple[Probe, Hook]],
-    probe: tuple[Probe, Hook],
+    history: list[tuple[Probe, Hook, bool]],
+    probe: tuple[Probe, Hook, bool],
     seq: int,
 ) -> None:
     config = load(text)
     engine = Engine(CompiledPolicy(config))
     accepted = set()
     now = 100.0
-    for step, (earlier, hook) in enumerate(history):
+    for step, (earlier, hook, translated) in enumerate(history):
         if step == len(history) // 2:
             for name, member in runtime:  # `nfqfw set add`, the kernel's ipset told the same
                 change_set(engine, name, ipaddress.ip_network(member), add=True, cut=False)
-        verdict = engine.process(packet(earlier, seq + step * 1000), meta(earlier, hook), now)
+        verdict = engine.process(packet(earlier, seq + step * 1000), meta(earlier, hook, translated), now)
         if verdict.action is Action.ACCEPT:
             accepted.add(flow_key(earlier))
         now += 0.5
@@ -73,12 +74,12 @@ def test_prefiltered_packets_on_sets_are_dropped_by_the_engine(
     def member(name: str, raw: bytes) -> bool:
         return sets[name].contains(raw)
 
-    probe_packet, hook = probe
+    probe_packet, hook, forwarded = probe
     kernel_new = flow_key(probe_packet) not in accepted
     taken = evaluate(derive(config, kernel_sets=True), probe_packet, hook, kernel_new, member)
     if taken is None:
         return
-    verdict = engine.process(packet(probe_packet, seq + 7), meta(probe_packet, hook), now)
+    verdict = engine.process(packet(probe_packet, seq + 7), meta(probe_packet, hook, forwarded), now)
     if taken.action == DROP:
         assert verdict.action is Action.DROP, (taken, verdict)
     else:

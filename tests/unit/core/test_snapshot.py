@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 
 from nfqfw.core import snapshot
 from nfqfw.core.build import addr, icmp, icmpv6, ipv4, ipv6, sack_perm_option, tcp, udp, wscale_option
-from nfqfw.core.config import load_policy
+from nfqfw.core.config import load_policy, parse_policy
 from nfqfw.core.conntrack import Conntrack, Flow, first_packet
 from nfqfw.core.engine import Engine
 from nfqfw.core.l4.tcp_states import STATE_NAMES
 from nfqfw.core.packet import ACK, FIN, PSH, RST, SYN
 from nfqfw.core.policy import CompiledPolicy
+from nfqfw.core.recheck import recheck
 from nfqfw.core.snapshot import SnapshotError, decode, encode, install
 from nfqfw.core.verdict import Action, Hook, Meta, Verdict
 
@@ -341,6 +342,28 @@ def test_metas_are_shared_and_strings_stored_once() -> None:
     assert data.count(b"lan0") == 1 and data.count(b"default egress") == 1
     flows = decode(data, T1, WALL).flows
     assert len({id(flow.meta) for flow in flows}) == 1 and flows[0].meta == OUT
+
+
+def test_a_forwarded_flow_stays_one_after_a_restore() -> None:
+    """Meta.forwarded is kept (the hook byte's high bit): after a restart, a reload still leaves
+    the flow to the forward that admitted it."""
+    # Port 25 admitted by the forward only (rule mail keeps 587): a flow restored without its
+    # `forwarded` would be left to the rules, and cut.
+    shipped = POLICY_FILE.read_text().replace("      pass: false", "      pass: true")
+    policy = shipped.replace("ports: [25, 587]", "ports: [587]", 1)
+    e = Engine(CompiledPolicy(parse_policy(policy)))
+    forwarded = Meta(Hook.FORWARD, "wan0", "lan0", forwarded=True)
+    verdict = e.process(ipv4(WAN, MAIL, 6, tcp(WAN, MAIL, 40000, 25, seq=1, flags=SYN)), forwarded, T0)
+    assert verdict.reason == "forward smtp"
+    data = encode(e.conntrack, T0, WALL)
+    assert data.count(bytes((0x80 | Hook.FORWARD,))) >= 1
+    (flow,) = decode(data, T1, WALL).flows
+    assert (flow.meta, flow.rule) == (forwarded, "forward smtp")
+    again = Engine(CompiledPolicy(parse_policy(policy)))
+    install(again.conntrack, [flow])
+    assert recheck(again) == []  # still the forward's
+    again.replace_policy(CompiledPolicy(parse_policy(policy.replace("ports: [25, 587]", "ports: [587]"))))
+    assert len(recheck(again)) == 1  # its forward no longer publishes port 25
 
 
 def test_a_flow_without_meta_or_rule() -> None:

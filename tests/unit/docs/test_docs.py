@@ -26,8 +26,13 @@ def test_every_policy_key_is_documented_and_nothing_else() -> None:
     documented = {part: tuple(keys) for part, keys in policy.KEYS.items()}
     assert set(documented["top"]) == set(config.TOP_KEYS)
     assert set(documented["zones"]) == set(config.ZONES)
+    assert set(documented["zone"]) == set(config.ZONE_KEYS)
     assert set(documented["defaults"]) == set(config.DEFAULT_KEYS)
     assert set(documented["rule"]) == set(config.RULE_KEYS)
+    assert set(documented["nat"]) == set(config.NAT_KEYS)
+    assert set(documented["masquerade"]) == set(config.MASQUERADE_KEYS)
+    assert set(documented["snat"]) == set(config.SNAT_KEYS)
+    assert set(documented["forward"]) == set(config.FORWARD_KEYS)
     assert set(documented["options"]) == set(config.OPTION_KEYS)
     assert set(documented["set"]) == set(config.SET_KEYS)
 
@@ -39,6 +44,13 @@ CHOICE_POLICIES = {
     "rule": lambda key: (
         "zones: {external: [wan0]}\ningress:\n"
         + RULE.format(key=key, action="" if key == "action" else ", action: accept")
+    ),
+    "masquerade": lambda key: (
+        f"zones: {{external: [wan0]}}\nnat:\n  masquerade:\n    - {{out: wan0, {key}: zzz}}\n"
+    ),
+    "forward": lambda key: (
+        "zones: {external: [wan0], internal: {interfaces: [lan0], networks: [10.0.0.0/24]}}\nnat:\n"
+        f"  forward:\n    - {{name: f, proto: tcp, ports: 25, to: 10.0.0.25, {key}: zzz}}\n"
     ),
 }
 
@@ -53,7 +65,16 @@ CHOICE_KEYS = [
 
 
 def test_the_choice_keys_are_found() -> None:
-    expected = {("options", "failure-mode"), ("rule", "action"), ("rule", "family"), ("defaults", "invalid")}
+    expected = {
+        ("options", "failure-mode"),
+        ("rule", "action"),
+        ("rule", "family"),
+        ("defaults", "invalid"),
+        ("defaults", "between"),
+        ("masquerade", "family"),
+        ("forward", "pass"),
+        ("forward", "hairpin"),
+    }
     assert expected <= set(CHOICE_KEYS)
 
 
@@ -156,6 +177,13 @@ def test_completion_of_interfaces_from_the_policy(script: Path, tmp_path: Path) 
     found = complete(script, "nfqfw", "explain", "--config", str(policy_file), "--in", "")
     assert {"wanx9", "lanx9", "dmzx9", "lo"} <= set(found)
     assert complete(script, "nfqfw", "explain", "--config", str(policy_file), "--in", "lan") == ["lanx9"]
+    policy_file.write_text(
+        "zones:\n  external: [wanx9]  # outside\n  internal:\n    interfaces: [lanx9]\n"
+        "  dmz: {faces: inside, interfaces: ['dmzx9', wgx9], networks: [10.0.2.0/24]}\n"
+    )
+    found = complete(script, "nfqfw", "explain", "--config", str(policy_file), "--in", "")
+    assert {"wanx9", "lanx9", "dmzx9", "wgx9"} <= set(found)
+    assert not {"outside", "networks:", "10.0.2.0/24", "#"} & set(found)
 
 
 def test_python_m_nfqfw_docs_writes_the_three_files(tmp_path: Path) -> None:

@@ -259,13 +259,16 @@ def test_show_prints_our_lines_per_family() -> None:
     tools = FakeTools({"iptables-save": SAVE_INSTALLED, "ip6tables-save": SAVE_FRESH})
     text = Iptables(run=tools).show()
     assert text.splitlines()[:5] == [
-        "# IPv4 (iptables-save: tables filter and raw)",
+        "# IPv4 (iptables-save: tables filter, raw and nat)",
         ":NFQFW-FORWARD - [0:0]",
         ":NFQFW-INPUT - [0:0]",
         ":NFQFW-OUTPUT - [0:0]",
         "-A INPUT -j NFQFW-INPUT",
     ]
-    assert text.splitlines()[-2:] == ["# IPv6 (ip6tables-save: tables filter and raw)", "# (no nfqfw rules)"]
+    assert text.splitlines()[-2:] == [
+        "# IPv6 (ip6tables-save: tables filter, raw and nat)",
+        "# (no nfqfw rules)",
+    ]
 
 
 def test_restore_failure_is_one_line() -> None:

@@ -353,3 +353,20 @@ def test_accept_verdicts_carry_the_connection_fields_they_are_given() -> None:
     engine.verdict = rule
     adapter.on_packet(pkt := FakePacket(SYN))
     assert pkt.new_mark == 0x10000000
+
+
+def test_a_packet_a_forward_translated_gets_a_meta_that_says_so() -> None:
+    engine, links = StandInEngine(ACCEPT), FakeLinks({3: "wan0", 4: "lan0"})
+    adapter = QueueAdapter(engine, links, FakeSender(), mark=MARK, forwarded_mark=0x08000000, clock=Clock())
+    adapter.set_deadline(1e9)
+    translated, plain = FakePacket(SYN, mark=0x08000001), FakePacket(SYN, mark=0x1)
+    adapter.on_packet(translated)
+    adapter.on_packet(plain)
+    adapter.on_packet(FakePacket(SYN, mark=0x08000000))
+    assert [meta for _, meta, _ in engine.seen] == [
+        Meta(Hook.FORWARD, "wan0", "lan0", forwarded=True),
+        Meta(Hook.FORWARD, "wan0", "lan0"),
+        Meta(Hook.FORWARD, "wan0", "lan0", forwarded=True),
+    ]
+    assert engine.seen[0][1] is engine.seen[2][1]  # interned per key, as the others
+    assert (translated.verdict, translated.new_mark) == ("repeat", 0x18000001)  # other bits kept

@@ -448,11 +448,14 @@ def test_collector_reads_a_real_engine() -> None:
         engine=engine, adapter=None, packet_log=PacketLog(), spec=None, kernel_drops=lambda: None
     )
     lines = samples(exposition(NfqfwCollector(daemon, None, read_stats=lambda: None)))
-    assert lines[:9] == [
+    assert lines[:12] == [
         'nfqfw_verdicts_total{action="accept",reason="default egress",rule=""} 1.0',
         'nfqfw_verdicts_total{action="accept",reason="established",rule=""} 1.0',
         'nfqfw_verdicts_total{action="accept",reason="rule",rule="mail"} 1.0',
         'nfqfw_verdicts_total{action="drop",reason="default ingress",rule=""} 1.0',
+        'nfqfw_zone_flows_total{action="accept",from_zone="external",to_zone="internal"} 1.0',
+        'nfqfw_zone_flows_total{action="drop",from_zone="external",to_zone="internal"} 1.0',
+        'nfqfw_zone_flows_total{action="accept",from_zone="internal",to_zone="external"} 1.0',
         'nfqfw_flows{proto="tcp",state="syn_recv"} 1.0',
         'nfqfw_flows{proto="udp",state="unreplied"} 1.0',
         "nfqfw_flows_max 8.0",

@@ -195,3 +195,13 @@ def test_take_over_replaces_a_stale_record_of_nfqfw_s_own() -> None:
     assert len(e.conntrack) == 1
     assert peer_offload(Kernel([entry(40000, mark=Marks().offload)])).take_over(e, 2.0) == 1
     assert len(e.conntrack) == 0 and len(e.offloaded) == 1
+
+
+def test_a_flow_a_forward_admitted_is_taken_over_as_forwarded() -> None:
+    marks = Marks()
+    keeper = peer_offload(Kernel([]))
+    keeper.reasons = ["rule web", "forward www", "default between"]
+    mark = marks.offload | marks.rule_marks(keeper.reasons)["forward www"]
+    flow = keeper.record_of(entry(40000, mark=mark), FakeRoutes(), 1.0)
+    assert flow is not None and flow.rule == "forward www"
+    assert flow.meta == Meta(Hook.FORWARD, "lan0", "wan0", forwarded=True)

@@ -20,6 +20,7 @@ from nfqfw.core.verdict import Action, Hook, Meta
 from nfqfw.service.core import StartupError, check_file_mode, load_policy_file
 from nfqfw.service.daemon import Daemon
 from nfqfw.service.options import Options
+from nfqfw.service.ruleset import queue_spec
 
 POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
 OUT = Meta(Hook.FORWARD, "lan0", "wan0")
@@ -240,3 +241,49 @@ def test_load_policy_file_refuses_other_writable_file(tmp_path: Path) -> None:
     with pytest.raises(StartupError) as err:
         load_policy_file(str(path))
     assert str(err.value) == f"{path}: refusing a policy file writable by group or others (mode 0646)"
+
+
+WITH_NAT6 = BASE.replace(
+    "    - name: smtp\n",
+    "    - {name: web6, proto: tcp, in: wan0, ports: 80, to: 'fd00::25'}\n    - name: smtp\n",
+    1,
+)
+
+
+def test_a_reload_follows_the_nat_section_in_the_kernel_rules(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE)
+    path.chmod(0o600)
+    firewall = RecordingFirewall()
+    d = Daemon(Options(config=str(path)), notifier=Recorder(), firewall=firewall)  # type: ignore[arg-type]
+    d.engine = loaded_engine()
+    d.spec = queue_spec(d.options, load_policy(path), bypass=False)
+    assert d.spec.nat is not None and d.spec.nat.forwards  # the shipped policy publishes the mail server
+    path.write_text(WITH_NAT6)
+    assert d.reload() is True
+    names = [forward.name for forward in firewall.installs[-1].nat.forwards]  # type: ignore[union-attr]
+    assert names == ["web6", "web6", "smtp", "smtp"]  # each on wan0, and on lan0 (hairpin)
+    installed = len(firewall.installs)
+    assert d.reload() is True
+    assert len(firewall.installs) == installed  # unchanged: not installed again
+
+
+def test_ipv6_nat_on_a_kernel_without_it_is_refused_located(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(WITH_NAT6)
+    path.chmod(0o600)
+    d = Daemon(
+        Options(config=str(path)),  # type: ignore[arg-type]
+        notifier=Recorder(),  # type: ignore[arg-type]
+        firewall=RecordingFirewall(missing="no ip6tables nat table"),
+    )
+    d.engine = loaded_engine()
+    line = WITH_NAT6[: WITH_NAT6.index("{name: web6")].count("\n") + 1
+    with caplog.at_level(logging.ERROR, logger="nfqfw"):
+        assert d.reload() is False
+    assert (
+        f"reload: {path}:{line}:7: nat: forward 'web6': IPv6 NAT is not available: no ip6tables nat table"
+        in (caplog.messages)
+    )

@@ -132,7 +132,14 @@ def base() -> dict[str, Any]:
 def test_merge_status_sums_and_breaks_down() -> None:
     answers = [
         sv.Answer(0, 10, worker_status(2, {"accept established": 5}, {"tcp": {"ESTABLISHED": 2}})),
-        sv.Answer(1, 11, worker_status(3, {"accept established": 1, "drop": 2}, {"tcp": {"ESTABLISHED": 1}})),
+        sv.Answer(
+            1,
+            11,
+            {
+                **worker_status(3, {"accept established": 1, "drop": 2}, {"tcp": {"ESTABLISHED": 1}}),
+                "zones": {"internal->dmz accept": 2},
+            },
+        ),
         sv.Answer(2, None, error="worker restarting"),
     ]
     states = {0: {"state": "running", "restarts": 0}, 1: {"state": "running", "restarts": 2}}
@@ -140,6 +147,7 @@ def test_merge_status_sums_and_breaks_down() -> None:
     assert merged["flows"]["total"] == 5 and merged["flows"]["max"] == 200
     assert merged["flows"]["by_proto"] == {"tcp": {"ESTABLISHED": 3}}
     assert merged["verdicts"] == {"accept established": 6, "drop": 2}
+    assert merged["zones"] == {"internal->dmz accept": 2}  # summed; a worker without zones counts none
     assert merged["adapter"] == {"reject sent": 2, "verdict error": 0}
     assert merged["gso"] is True
     breakdown = {w["queue"]: w for w in merged["workers"]}

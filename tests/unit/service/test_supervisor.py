@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from firewall_fakes import RecordingFirewall
 
 from nfqfw.control.protocol import SOCKET_NAME, RequestError
 from nfqfw.control.requests import Requests
@@ -50,7 +51,7 @@ def stand_in() -> Iterator[subprocess.Popen[bytes]]:
 def live_supervisor(tmp_path: Path, clock: Clock, pid: int) -> tuple[Supervisor, Worker]:
     """A supervisor past its start, with one ready worker (process `pid`) on queue 0."""
     options = Options(config=str(tmp_path / "policy.yaml"), runtime_dir=str(tmp_path / "run"))
-    supervisor = Supervisor(options, notifier=Notifier(""), clock=clock)
+    supervisor = Supervisor(options, notifier=Notifier(""), firewall=RecordingFirewall(), clock=clock)
     supervisor._prepare_directory()
     supervisor.spec = QueueSpec(0, 0)
     worker = supervisor._new_worker(0)
