@@ -12,6 +12,7 @@
 #   make bench-latency  other flows' ping RTT while one flow is busy, kernel against nfqfw (bench/latency.py)
 #   make bench-rules    new-flow decisions/s, policy load and reload recheck for 10..10,000 rules
 #   make bench-sets     a named set of 1,000..100,000 networks: load, memory, decisions, set add
+#   make bench-ha       HA pair failover: traffic gap, takeover, 1,000 sessions surviving (bench/ha_failover.py)
 #   make deb        dist/nfqfw_VERSION_ARCH.deb (dpkg-buildpackage; DEB_VERSION=, DIST= to choose)
 #   make install    nfqfw on this machine from the checkout: /opt/nfqfw, /usr/local/bin/nfqfw,
 #                   /etc/nfqfw/policy.yaml (kept if present), the systemd units, man pages, completion
@@ -38,11 +39,11 @@ LINT_PATHS := $(wildcard nfqfw tests bench)
 # the python in use lacks them (a pyenv or python.org build has both).
 DEB_PACKAGES := libnetfilter-queue-dev gcc iptables iproute2 procps conntrack iputils-ping \
 	netcat-openbsd nmap iperf3 tcpdump ruby systemd strace hping3 groff-base man-db tmux \
-	$(DEB_BUILD_PACKAGES)
+	keepalived conntrackd $(DEB_BUILD_PACKAGES)
 # What `make deb` needs (the package is built on Debian's own python3, whatever PYTHON is).
 DEB_BUILD_PACKAGES := dpkg-dev debhelper build-essential python3-dev python3-venv
 
-.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-latency bench-rules bench-sets deb wheelhouse docs \
+.PHONY: help bootstrap debs demo test lint lab-up lab-down bench bench-workers bench-flood bench-latency bench-rules bench-sets bench-ha deb wheelhouse docs \
 	install uninstall clean
 
 help:
@@ -51,6 +52,9 @@ help:
 bootstrap: debs $(VENV_STAMP)
 
 # Install only what dpkg does not report as installed; `apt-get update` once, only then.
+# The HA lab runs its own conntrackd in each gateway namespace: the packaged service, which
+# would track the root namespace's table, is stopped and disabled when apt has just installed it
+# (keepalived's does not start without /etc/keepalived/keepalived.conf).
 debs:
 	@wanted="$(DEB_PACKAGES)"; \
 	if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then wanted="$$wanted python3-venv"; fi; \
@@ -67,7 +71,10 @@ debs:
 	echo "bootstrap: installing$$missing"; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get update -q; \
-	apt-get install -y -q --no-install-recommends $$missing
+	apt-get install -y -q --no-install-recommends $$missing; \
+	if [[ " $$missing " == *" conntrackd "* ]] && [ -d /run/systemd/system ]; then \
+		systemctl disable --now conntrackd.service || true; \
+	fi
 
 $(VENV)/pyvenv.cfg:
 	$(PYTHON) -m venv $(VENV)
@@ -112,6 +119,9 @@ bench-rules: bootstrap
 
 bench-sets: bootstrap
 	$(BIN)/python bench/set_scaling.py
+
+bench-ha: bootstrap
+	$(BIN)/python bench/ha_failover.py --sessions 1000
 
 # --- the Debian package ------------------------------------------------------------------------
 # dpkg-buildpackage runs in a copy of the sources under build/deb (it writes next to the tree it

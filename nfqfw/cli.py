@@ -15,7 +15,7 @@ from nfqfw.commands import EXIT_USAGE, Exit
 
 COMMANDS = (
     *("check", "explain", "replay", "run", "rules"),
-    *("status", "flows", "flush", "panic", "reload", "confirm", "set", "top"),  # ask the running daemon
+    *("status", "flows", "flush", "panic", "reload", "confirm", "set", "top", "ha"),  # ask the running daemon
     "lab",
 )
 

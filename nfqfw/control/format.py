@@ -206,6 +206,49 @@ def _by_count(counts: dict[str, int]) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
+def format_ha_role(result: dict[str, Any]) -> str:
+    """`nfqfw ha role`: the role taken and what was done on taking it."""
+    was = result.get("previous")
+    line = f"HA role {result['role']}" + ("" if was in (None, result["role"]) else f" (was {was})")
+    if "taken_over" in result:
+        line += f": took over {plural(result['taken_over'], 'flow')} the kernel carries for nfqfw"
+    if "forgotten" in result:
+        line += f": forgot {plural(result['forgotten'], 'flow record')} (the peer carries them on)"
+    return line
+
+
+# The numbers of conntrackd's statistics `nfqfw status` shows: (section, label, what it says).
+SYNC_FIGURES = (
+    ("cache internal", "current active connections", "flows of its own"),
+    ("cache external", "current active connections", "flows of the peer"),
+    ("message tracking", "Lost msgs", "messages lost"),
+    ("message tracking", "Malformed msgs", "malformed"),
+)
+
+
+def format_ha(ha: dict[str, Any] | None, when: TimeText = local_time) -> list[str]:
+    """The HA lines of `nfqfw status`: the role told and conntrackd's sync state (none at all
+    when nfqfw was never told a role)."""
+    if ha is None:
+        return []
+    since = "" if ha.get("since") is None else f" since {when(ha['since'])}"
+    lines = [f"HA role:      {ha['role']}{since}"]
+    sync = ha.get("conntrackd")
+    if sync is None:
+        lines.append("  conntrackd: none")
+    elif "error" in sync:
+        lines.append(f"  conntrackd: {sync['error']}")
+    else:
+        stats = sync["stats"]
+        figures = [
+            f"{stats[section][label]} {what}"
+            for section, label, what in SYNC_FIGURES
+            if label in stats.get(section, {})
+        ]
+        lines.append(f"  conntrackd: {', '.join(figures) or 'no statistics'}")
+    return lines
+
+
 def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[str]:
     lines = []
     if status["panic"]:
@@ -244,6 +287,7 @@ def format_status(status: dict[str, Any], when: TimeText = local_time) -> list[s
         f"queue:        {status['queue']}, failure mode {status['failure_mode']}, "
         f"panic {'on' if status['panic'] else 'off'}{gso}"
     )
+    lines += format_ha(status.get("ha"), when)
     flows = status["flows"]
     share = 100.0 * flows["total"] / flows["max"] if flows["max"] else 0.0
     lines.append(

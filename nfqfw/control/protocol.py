@@ -23,7 +23,7 @@ SLICE = 0.002  # seconds of work on a streamed answer per service() call, then p
 BUSY_AGAIN = 0.01  # while a client is connected, housekeeping comes back this soon
 FLOWS_PER_CHUNK = 256
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
-COMMANDS = ("status", "flows", "flush", "panic", "reload", "metrics", "confirm", "set")
+COMMANDS = ("status", "flows", "flush", "panic", "reload", "metrics", "confirm", "set", "ha")
 
 Chunks = Iterator[bytes]
 Handler = Callable[[dict[str, Any]], Chunks]

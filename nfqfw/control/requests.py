@@ -1,5 +1,6 @@
 """What a service answers on its control socket: status, flows, flush, metrics, panic, reload,
-confirm (a reload on trial) and set (runtime entries of the policy's sets).
+confirm (a reload on trial), set (runtime entries of the policy's sets) and ha (the gateway's
+role in an HA pair, told by keepalived's notify script).
 
 `Requests` is the one request handler of every service's ControlServer (the single daemon, a
 worker, the supervisor of workers: nfqfw.service.core.ServiceCore). It checks the command and
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_TALKERS = 100  # `status` with "talkers": N lists at most this many addresses
 MAX_CONFIRM = 86400  # seconds a reload on trial may wait for `nfqfw confirm`
 SET_OPS = ("add", "del", "list")
+HA_ROLES = ("master", "backup", "fault")  # keepalived's states of a VRRP sync group
 
 
 class Service(Protocol):
@@ -52,6 +54,7 @@ class Service(Protocol):
     def confirm(self, rollback: bool = ...) -> dict[str, Any]: ...
     def set_request(self, op: str, name: str, addr: str | None, timeout: float | None) -> dict[str, Any]: ...
     def load_sets_again(self) -> int: ...
+    def set_ha_role(self, role: str, conntrackd: str | None = ...) -> dict[str, Any]: ...
 
 
 class Requests:
@@ -132,6 +135,14 @@ class Requests:
         return iter(
             [ok(self.service.set_request(op, name, addr, None if timeout is None else float(timeout)))]
         )
+
+    def _ha(self, request: dict[str, Any]) -> Chunks:
+        role, conntrackd = request.get("role"), request.get("conntrackd")
+        if role not in HA_ROLES:
+            raise RequestError(f'ha: "role" must be one of {", ".join(HA_ROLES)}')
+        if conntrackd is not None and (not isinstance(conntrackd, str) or not conntrackd.startswith("/")):
+            raise RequestError('ha: "conntrackd" must be the absolute path of conntrackd\'s configuration')
+        return iter([ok(self.service.set_ha_role(role, conntrackd))])
 
 
 def command_of(request: dict[str, Any]) -> str:

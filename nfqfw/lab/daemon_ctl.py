@@ -33,7 +33,7 @@ from pathlib import Path
 
 from nfqfw.control.protocol import SOCKET_NAME
 from nfqfw.core.config import ConfigError, load_policy
-from nfqfw.lab.plan import DEFAULT_PREFIX, NETNS_DIR, LabError, Topology
+from nfqfw.lab.plan import DEFAULT_PREFIX, NETNS_DIR, HaTopology, LabError, Topology
 from nfqfw.lab.topology import build, in_ns, process_alive, teardown
 
 STATE_ROOT = Path("/run/nfqfw-lab")
@@ -44,13 +44,20 @@ LOG_TAIL_LINES = 20
 
 @dataclass(frozen=True)
 class LabState:
-    """Where a lab keeps its daemon's files."""
+    """Where a lab keeps its daemon's files. An HA lab has a daemon per gateway (`gateway` is
+    "gw1" or "gw2"), each with its own directory ``/run/nfqfw-lab/{P}/{gateway}``."""
 
     prefix: str = DEFAULT_PREFIX
+    gateway: str = ""
 
     @property
     def directory(self) -> Path:
-        return STATE_ROOT / self.prefix
+        return STATE_ROOT / self.prefix / self.gateway if self.gateway else STATE_ROOT / self.prefix
+
+    @property
+    def namespace(self) -> str:
+        """The namespace the daemon runs in."""
+        return HaTopology(self.prefix).gw(self.gateway) if self.gateway else Topology(self.prefix).gw
 
     @property
     def pid_file(self) -> Path:
@@ -103,8 +110,8 @@ class Lab:
     daemon: Daemon | None  # None for a lab brought up without the firewall
 
 
-# Daemons started by this process, by prefix, so that stopping them can reap them.
-_started: dict[str, Daemon] = {}
+# Daemons started by this process, by their state directory, so that stopping them can reap them.
+_started: dict[Path, Daemon] = {}
 
 
 def up(
@@ -168,14 +175,16 @@ def start_daemon(
     timeout: float = READY_TIMEOUT,
     wrapper: Sequence[str] = (),
     args: Sequence[str] = (),
+    gateway: str = "",
 ) -> Daemon:
     """Start `nfqfw run` in the gateway namespace and wait for READY=1 (LabError if it never comes).
 
     `wrapper` goes before the python command (e.g. strace and its options); the pid recorded is
     then the wrapper's. `args` are more `nfqfw run` options (e.g. --metrics, --snapshot-interval;
     with --queue or --queue-balance there, `queue` is not passed; None: nfqfw's default queues).
+    `gateway` names an HA lab's gateway ("gw1", "gw2"); the single lab's has none.
     """
-    topology, state = Topology(prefix), LabState(prefix)
+    state = LabState(prefix, gateway)
     state.directory.mkdir(parents=True, exist_ok=True)
     state.notify_socket.unlink(missing_ok=True)
     config = os.path.abspath(policy)
@@ -184,7 +193,7 @@ def start_daemon(
     where = () if chosen else ("--queue", str(queue))
     run = ("run", "--config", config, *where, "--runtime-dir", str(state.runtime_dir))
     run += ("--state-dir", str(state.state_dir), *args)
-    argv = in_ns(topology.gw, *wrapper, sys.executable, "-m", "nfqfw", *run)
+    argv = in_ns(state.namespace, *wrapper, sys.executable, "-m", "nfqfw", *run)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
         notify.bind(str(state.notify_socket))
         env = {**os.environ, "NOTIFY_SOCKET": str(state.notify_socket)}
@@ -198,11 +207,11 @@ def start_daemon(
             )
         daemon = Daemon(process.pid, state.log_file, process)
         state.pid_file.write_text(f"{process.pid}\n")
-        _started[prefix] = daemon
+        _started[state.directory] = daemon
         try:
             _wait_ready(notify, daemon, timeout)
         except LabError:
-            stop_daemon(prefix, timeout=2.0)
+            stop_daemon(prefix, timeout=2.0, gateway=gateway)
             raise
         finally:
             state.notify_socket.unlink(missing_ok=True)
@@ -231,15 +240,16 @@ def _wait_ready(notify: socket.socket, daemon: Daemon, timeout: float) -> None:
 
 
 def stop_daemon(
-    prefix: str = DEFAULT_PREFIX, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT
+    prefix: str = DEFAULT_PREFIX, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT, gateway: str = ""
 ) -> Daemon | None:
     """Signal the lab's daemon (SIGTERM by default) and wait; SIGKILL after `timeout` seconds.
 
     Returns the stopped daemon (its exit code readable when this process started it), or None
     when none was running.
     """
-    daemon = running_daemon(prefix)
-    LabState(prefix).pid_file.unlink(missing_ok=True)
+    state = LabState(prefix, gateway)
+    daemon = running_daemon(prefix, gateway)
+    state.pid_file.unlink(missing_ok=True)
     if daemon is None:
         return None
     with contextlib.suppress(ProcessLookupError):
@@ -250,29 +260,29 @@ def stop_daemon(
         _wait_gone(daemon, timeout)
     if daemon.process is not None:
         daemon.process.wait(timeout=timeout)
-    _started.pop(prefix, None)
+    _started.pop(state.directory, None)
     return daemon
 
 
-def running_daemon(prefix: str = DEFAULT_PREFIX) -> Daemon | None:
+def running_daemon(prefix: str = DEFAULT_PREFIX, gateway: str = "") -> Daemon | None:
     """The lab's daemon if it runs: started by us, or found through the pid file."""
-    state = LabState(prefix)
-    known = _started.get(prefix)
+    state = LabState(prefix, gateway)
+    known = _started.get(state.directory)
     if known is not None:
-        return known if known.alive() else _forget(prefix, known)
+        return known if known.alive() else _forget(state, known)
     try:
         pid = int(state.pid_file.read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return None
-    if not process_alive(pid) or not _is_our_daemon(pid, Topology(prefix).gw):
+    if not process_alive(pid) or not _is_our_daemon(pid, state.namespace):
         return None  # exited, and the pid may belong to someone else by now
     return Daemon(pid, state.log_file)
 
 
-def _forget(prefix: str, daemon: Daemon) -> None:
+def _forget(state: LabState, daemon: Daemon) -> None:
     if daemon.process is not None:
         daemon.process.poll()  # reap it
-    _started.pop(prefix, None)
+    _started.pop(state.directory, None)
 
 
 def _is_our_daemon(pid: int, gw_ns: str) -> bool:

@@ -85,3 +85,69 @@ def picture(prefix: str = DEFAULT_PREFIX, dmz: bool = False) -> str:
             text = (text.ljust(column) if len(text) < column else text + " ") + cell
         lines.append(text)
     return "\n".join(lines)
+
+
+# --- the HA pair (`nfqfw lab up --ha`) ---------------------------------------------------------
+# Each gateway has its own address on both sides; the virtual addresses (GW_WAN_*, GW_LAN_*,
+# the single lab's gateway addresses) are held by the VRRP master. The sync link is a veth
+# between the two gateways, carrying conntrackd's replication only.
+HA_GATEWAYS = ("gw1", "gw2")
+HA_WAN = {"gw1": ("203.0.113.2", "2001:db8:1::2"), "gw2": ("203.0.113.3", "2001:db8:1::3")}
+HA_LAN = {"gw1": ("10.0.0.2", "fd00::2"), "gw2": ("10.0.0.3", "fd00::3")}
+HA_SYNC = {"gw1": "172.31.255.1", "gw2": "172.31.255.2"}
+HA_SYNC_PREFIXLEN = 30
+HA_SYNC_IFACE = "sync0"
+HA_PRIORITY = {"gw1": 150, "gw2": 100}  # gw1 wins the first election
+HA_BRIDGE = "br0"  # the outside and inside networks: a bridge in the host's namespace
+
+
+@dataclass(frozen=True)
+class HaTopology:
+    """Names of an HA lab's namespaces: outside host, two gateways, inside host."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def wan(self) -> str:
+        return f"{self.prefix}wan"
+
+    @property
+    def lan(self) -> str:
+        return f"{self.prefix}lan"
+
+    def gw(self, gateway: str) -> str:
+        """The namespace of gateway `gateway` ("gw1" or "gw2")."""
+        return f"{self.prefix}{gateway}"
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        return (self.wan, *(self.gw(g) for g in HA_GATEWAYS), self.lan)
+
+    @property
+    def every_namespace(self) -> tuple[str, ...]:
+        """What an HA lab with this prefix may have left (as Topology's): its namespaces."""
+        return self.namespaces
+
+    def peer(self, gateway: str) -> str:
+        return HA_GATEWAYS[1 - HA_GATEWAYS.index(gateway)]
+
+
+def ha_picture(prefix: str = DEFAULT_PREFIX) -> str:
+    """The HA lab drawn as text, with its namespace names."""
+    t = HaTopology(prefix)
+    return "\n".join(
+        (
+            f"outside host {t.wan}: br0 {WAN_V4}/24 {WAN_V6}/64",
+            "        |                                  |",
+            f"  {t.gw('gw1')}: wan0 .2 ::2             {t.gw('gw2')}: wan0 .3 ::3",
+            f"  keepalived conntrackd nfqfw   {HA_SYNC_IFACE} -- {HA_SYNC_IFACE}   "
+            "keepalived conntrackd nfqfw",
+            "  lan0 10.0.0.2 fd00::2            lan0 10.0.0.3 fd00::3",
+            "        |                                  |",
+            f"inside host {t.lan}: br0 {LAN_V4}/24 {LAN_V6}/64",
+            f"virtual addresses (VRRP master): {GW_WAN_V4} {GW_WAN_V6} outside, "
+            f"{GW_LAN_V4} {GW_LAN_V6} inside",
+            f"sync link {HA_SYNC['gw1']} -- {HA_SYNC['gw2']}/{HA_SYNC_PREFIXLEN}; "
+            f"IPv4 SNAT of {LAN_NET_V4} to {GW_WAN_V4}",
+        )
+    )

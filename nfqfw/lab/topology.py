@@ -46,6 +46,7 @@ from nfqfw.lab.plan import (
     NETNS_DIR,
     WAN_V4,
     WAN_V6,
+    HaTopology,
     LabError,
     Topology,
 )
@@ -54,7 +55,7 @@ IFA_F_NODAD = 0x02  # linux/if_addr.h: the address is usable at once, no DAD
 
 
 @dataclass(frozen=True)
-class _Link:
+class Link:
     """One interface's configuration: where it lives and what it carries."""
 
     ns: str
@@ -63,11 +64,11 @@ class _Link:
     v6: str
 
 
-def existing_namespaces(topology: Topology) -> list[str]:
+def existing_namespaces(topology: Topology | HaTopology) -> list[str]:
     return [name for name in topology.every_namespace if (NETNS_DIR / name).exists()]
 
 
-def is_up(topology: Topology) -> bool:
+def is_up(topology: Topology | HaTopology) -> bool:
     return all((NETNS_DIR / name).exists() for name in topology.namespaces)
 
 
@@ -90,7 +91,7 @@ def build(topology: Topology, nat: bool = True) -> None:
         raise LabError(f"building the lab failed: {err}") from err
 
 
-def teardown(topology: Topology) -> list[str]:
+def teardown(topology: Topology | HaTopology) -> list[str]:
     """End every process left inside the lab's namespaces and remove them; returns the removed names."""
     removed = []
     for name in existing_namespaces(topology):
@@ -103,15 +104,15 @@ def teardown(topology: Topology) -> list[str]:
 def _build(topology: Topology, nat: bool) -> None:
     for name in topology.namespaces:
         netns.create(name)
-        _prepare_namespace(name)
-    wan = _Link(topology.wan, "eth0", f"{WAN_V4}/24", f"{WAN_V6}/64")
-    gw_wan = _Link(topology.gw, "wan0", f"{GW_WAN_V4}/24", f"{GW_WAN_V6}/64")
-    gw_lan = _Link(topology.gw, "lan0", f"{GW_LAN_V4}/24", f"{GW_LAN_V6}/64")
-    lan = _Link(topology.lan, "eth0", f"{LAN_V4}/24", f"{LAN_V6}/64")
-    _veth_pair(gw_wan, wan)
-    _veth_pair(gw_lan, lan)
+        prepare_namespace(name)
+    wan = Link(topology.wan, "eth0", f"{WAN_V4}/24", f"{WAN_V6}/64")
+    gw_wan = Link(topology.gw, "wan0", f"{GW_WAN_V4}/24", f"{GW_WAN_V6}/64")
+    gw_lan = Link(topology.gw, "lan0", f"{GW_LAN_V4}/24", f"{GW_LAN_V6}/64")
+    lan = Link(topology.lan, "eth0", f"{LAN_V4}/24", f"{LAN_V6}/64")
+    veth_pair(gw_wan, wan)
+    veth_pair(gw_lan, lan)
     for link in (wan, gw_wan, gw_lan, lan):
-        _configure(link)
+        configure_link(link)
     with NetNS(topology.wan) as ipr:
         ipr.route("add", dst=LAN_NET_V4, gateway=GW_WAN_V4)
         ipr.route("add", dst=LAN_NET_V6, gateway=GW_WAN_V6, family=10)
@@ -134,11 +135,11 @@ def _build(topology: Topology, nat: bool) -> None:
 
 def _build_dmz(topology: Topology) -> None:
     """The DMZ host behind the gateway's dmz0; the outside host routes to it through the gateway."""
-    gw_dmz = _Link(topology.gw, "dmz0", f"{GW_DMZ_V4}/24", f"{GW_DMZ_V6}/64")
-    dmz = _Link(topology.dmz, "eth0", f"{DMZ_V4}/24", f"{DMZ_V6}/64")
-    _veth_pair(gw_dmz, dmz)
+    gw_dmz = Link(topology.gw, "dmz0", f"{GW_DMZ_V4}/24", f"{GW_DMZ_V6}/64")
+    dmz = Link(topology.dmz, "eth0", f"{DMZ_V4}/24", f"{DMZ_V6}/64")
+    veth_pair(gw_dmz, dmz)
     for link in (gw_dmz, dmz):
-        _configure(link)
+        configure_link(link)
     with NetNS(topology.dmz) as ipr:
         ipr.route("add", dst="0.0.0.0/0", gateway=GW_DMZ_V4)
         ipr.route("add", dst="::/0", gateway=GW_DMZ_V6, family=10)
@@ -147,14 +148,14 @@ def _build_dmz(topology: Topology) -> None:
         ipr.route("add", dst=DMZ_NET_V6, gateway=GW_WAN_V6, family=10)
 
 
-def _prepare_namespace(name: str) -> None:
+def prepare_namespace(name: str) -> None:
     with NetNS(name) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
     # Interfaces created or moved in later inherit "default"; "all" covers the rest.
     sysctl(name, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 
 
-def _veth_pair(local: _Link, remote: _Link) -> None:
+def veth_pair(local: Link, remote: Link) -> None:
     """Create the pair in `local`'s namespace (never in the root one) and move the peer out."""
     with NetNS(local.ns) as ipr:
         ipr.link("add", ifname=local.ifname, kind="veth", peer={"ifname": remote.ifname})
@@ -162,7 +163,7 @@ def _veth_pair(local: _Link, remote: _Link) -> None:
         ipr.link("set", index=peer, net_ns_fd=remote.ns)
 
 
-def _configure(link: _Link) -> None:
+def configure_link(link: Link) -> None:
     sysctl(link.ns, f"net.ipv6.conf.{link.ifname}.accept_dad=0")
     with NetNS(link.ns) as ipr:
         index = ipr.link_lookup(ifname=link.ifname)[0]

@@ -43,6 +43,8 @@ Metrics (all prefixed nfqfw_):
                                          (GSO packets, see nfqfw.kernel.queue)
   packet_log_lines_total, packet_log_suppressed_total   packet log lines written / held back
   engine_latency_seconds                 histogram of Engine.process time, 1 packet in 64
+  ha_role{role}                          1, labelled with the HA role keepalived's notify script
+                                         told (`nfqfw ha role`); absent until told
   worker_up{queue}                       with --workers only: 1 when the queue's worker
                                          answered the scrape (the others are the workers'
                                          sums, see MergedCollector and WorkerCounts)
@@ -191,6 +193,7 @@ class NfqfwCollector(Collector):
                 yield from self._offloaded(offloaded)
         yield from self._queues()
         yield from kernel_drop_family(source.kernel_drops())
+        yield from ha_role_family(getattr(source, "ha", None))
         yield from self._adapter(source.adapter)
         packet_log = source.packet_log
         yield CounterMetricFamily(
@@ -436,6 +439,17 @@ class WorkerCounts:
         return [*self.base.values(), *(records for _, records in self.last.values())]
 
 
+def ha_role_family(ha: Any) -> Iterator[Metric]:
+    """nfqfw_ha_role{role} 1 for the role told (nfqfw.service.ha.HaState); none until told."""
+    role = getattr(ha, "role", None)
+    if role is not None:
+        family = GaugeMetricFamily(
+            "nfqfw_ha_role", "The gateway's HA role as keepalived told it (nfqfw ha role)", labels=("role",)
+        )
+        family.add_metric((role,), 1.0)
+        yield family
+
+
 class MergedCollector(Collector):
     """The supervisor's collector: `fetch()` asks every worker for its records (a list per
     worker that answered) and the merged families are served; `workers()` gives (queue, up)
@@ -447,10 +461,12 @@ class MergedCollector(Collector):
         fetch: Callable[[], list[list[Record]]],
         workers: Callable[[], list[tuple[int, bool]]],
         kernel_drops: Callable[[], dict[str, int] | None] = lambda: None,
+        ha: Any = None,
     ) -> None:
         self.fetch = fetch
         self.workers = workers
         self.kernel_drops = kernel_drops  # the supervisor's: it owns the rules
+        self.ha = ha  # the supervisor's HA role (nfqfw.service.ha.HaState)
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -462,6 +478,7 @@ class MergedCollector(Collector):
                 family.add_sample(sample, labels, value)
             yield family
         yield from kernel_drop_family(self.kernel_drops())
+        yield from ha_role_family(self.ha)
         up = GaugeMetricFamily(
             "nfqfw_worker_up",
             "1 when the queue's worker answered this scrape (0: its last counts are served)",

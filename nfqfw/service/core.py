@@ -55,6 +55,7 @@ from nfqfw.core.config import DEFAULT_LOG_LIMIT, SIDES, LogLimit
 from nfqfw.firewall import Firewall, QueueSpec, RulesError, backend_named
 from nfqfw.observe.endpoint import MetricsError
 from nfqfw.observe.logsetup import use_format
+from nfqfw.service.ha import HaState
 from nfqfw.service.options import Options
 from nfqfw.service.ruleset import nat, protection, queue_spec
 from nfqfw.service.sdnotify import Notifier, watchdog_interval
@@ -236,6 +237,7 @@ class ServiceCore:
         self.pending: PendingReload | None = None  # a reload with confirm, not confirmed yet
         self.set_errors: dict[str, str] = {}  # set -> why its changed file was not taken (watch-sets)
         self._set_stamps: dict[str, tuple[int, int, int] | None] = {}  # watched set file -> its stat
+        self.ha = HaState()  # the HA role keepalived's notify script told (nfqfw.service.ha)
 
     # -- start --
 
@@ -659,6 +661,30 @@ class ServiceCore:
         self._failure_mode_changed(fail_open)
         log.info("failure mode now %s", "open" if fail_open else "closed")
 
+    # -- HA role --
+
+    def set_ha_role(self, role: str, conntrackd: str | None = None) -> dict[str, Any]:
+        """`nfqfw ha role`: keep the role (and conntrackd's configuration, for its statistics)
+        and act on it (nfqfw.service.ha); what was done, for the answer."""
+        previous = self.ha.role
+        if role != previous:
+            self.ha.since = time.time()
+        self.ha.role = role
+        if conntrackd is not None:
+            self.ha.conntrackd_conf = conntrackd
+        done = self._ha_role_changed(role)
+        log.info(
+            "HA role %s (was %s)%s",
+            role,
+            previous or "not told",
+            "".join(f", {what} {count}" for what, count in done.items()),
+        )
+        return {"role": role, "previous": previous, **done}
+
+    def _ha_role_changed(self, role: str) -> dict[str, int]:
+        """What the service does on taking `role` (counts by what); the Daemon and the Supervisor."""
+        return {}
+
     # -- the status answer --
 
     def status(self, talkers: int | None = None) -> dict[str, Any]:
@@ -699,6 +725,7 @@ class ServiceCore:
             **self._status_counts(now, talkers),
             "kernel_queues": kernel_queues(self.spec.bound_queues),
             "kernel_drops": self.kernel_drops(),
+            "ha": self.ha.status(),
         }
 
     def kernel_drops(self) -> dict[str, int] | None:

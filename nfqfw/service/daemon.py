@@ -48,6 +48,7 @@ from nfqfw.kernel.links import Links
 from nfqfw.kernel.queue import QueueAdapter, QueueError
 from nfqfw.kernel.queue_info import COPY_RANGE, DropWatch, verdict_counts
 from nfqfw.kernel.rawsend import RawSender
+from nfqfw.kernel.routes import RouteMeta
 from nfqfw.observe.packetlog import PacketLog
 from nfqfw.service.core import (
     Applied,
@@ -103,7 +104,10 @@ class Daemon(ServiceCore):
         self.adapter: QueueAdapter | None = None
         self.drops: DropWatch | None = None
         self.state = self._state_dir()
-        self.offload = Offload(Marks(options.mark, options.conn_mark))  # the offloaded flows in the kernel
+        # The offloaded flows in the kernel; those an HA peer admitted are placed by the routes.
+        self.offload = Offload(
+            Marks(options.mark, options.conn_mark), owner=options.owner_index, route_meta=self._route_meta
+        )
         self.packet_log = PacketLog(copy_cap=COPY_RANGE)
         self.timer: Any = None  # a nfqfw.observe.metrics.EngineTimer when metrics are counted
         self.collector: Any = None  # a worker's nfqfw.observe.metrics.NfqfwCollector (collect_metrics)
@@ -168,6 +172,9 @@ class Daemon(ServiceCore):
         log.info("queue %s bound, %s (%s)", self.spec.queue_text, rules, settings)
         self._announce_ready(f"filtering on queue {self.spec.queue_text}, failure mode {mode}")
 
+    def _route_meta(self) -> RouteMeta:
+        return RouteMeta(self.links.addresses if self.links is not None else ())
+
     def _accept_mark(self) -> int:
         """The mark of an accepted packet: --mark, and a worker's owner field (nfqfw.firewall.marks)."""
         opts = self.options
@@ -184,7 +191,8 @@ class Daemon(ServiceCore):
             self.adapter.set_verdict_marks({}, 0)
             return
         marks = Marks(self.options.mark, self.options.conn_mark)
-        self.adapter.set_verdict_marks(marks.rule_marks(rule_reasons(config)), marks.offload)
+        self.offload.reasons = rule_reasons(config)
+        self.adapter.set_verdict_marks(marks.rule_marks(self.offload.reasons), marks.offload)
 
     def _adopt_offloaded(self, recheck: bool) -> None:
         """The offloaded flows the last run saved: still the kernel's, or back to the engine."""
@@ -390,6 +398,19 @@ class Daemon(ServiceCore):
 
     def flush(self, request: dict[str, Any], selection: FlowFilter) -> dict[str, Any]:
         return engine_flush(self.engine, request, selection, self.clock(), self.offload)
+
+    def _ha_role_changed(self, role: str) -> dict[str, int]:
+        """master: take over the flows conntrackd committed (nfqfw.service.offload); backup,
+        fault: forget the records (the kernel's entries stay conntrackd's)."""
+        now = self.clock()
+        self.offload.taking_over = role == "master"
+        if role == "master":
+            taken = self.offload.take_over(self.engine, now) if self.engine.offload else 0
+            return {"taken_over": taken}
+        forgotten = len(self.engine.conntrack) + len(self.engine.offloaded)
+        self.engine.conntrack.clear()
+        self.engine.offloaded.clear()
+        return {"forgotten": forgotten}
 
     def metric_records(self) -> list[Any]:
         """A worker's Prometheus families as records, for its supervisor's endpoint (RequestError

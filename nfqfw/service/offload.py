@@ -9,6 +9,14 @@ mark (nfqfw.firewall.marks):
 - `tick`: every SYNC_PERIOD, a dump of the entries with the offload bit: a record whose flow the
   kernel no longer has (closed, timed out) is dropped; the others take the kernel's state, and
   the kernel's time left (plus a period) as their deadline, which is what a snapshot saves;
+- `take_over` (also part of every `sync`): the entries with the offload bit (of this process's
+  owner field) nfqfw has no record of become records: in an HA pair conntrackd carried them,
+  mark and all, from the peer that admitted them. The rule that admitted one is read from its
+  mark's rule field, the Meta of its first packet from the routes (`meta_of`,
+  nfqfw.kernel.routes; `forwarded` when the rule is one of the policy's forwards), so that
+  `flows`, `flush` and `reload: recheck` treat it as one of nfqfw's own. One it cannot place
+  (no route) is adopted without a Meta: kept by a recheck.
+  Not in the syncs of an HA backup (`taking_over` False): it forgot those flows;
 - `overlay`: for `flows`, the kernel's state and time left of each offloaded flow (a fresh dump);
 - `revoke`: flows nfqfw takes back (flush, a reload with `reload: recheck` that no longer admits
   them): their kernel entries are deleted, so their next packet meets nfqfw, which has no flow
@@ -27,14 +35,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from nfqfw.core.conntrack import Flow
 from nfqfw.core.l4.base import ports_key
+from nfqfw.core.l4.tcp_conn import TcpConn
 from nfqfw.core.l4.tcp_states import TcpState
 from nfqfw.core.packet import PROTO_TCP, PROTO_UDP, Packet
 from nfqfw.firewall.marks import Marks
 from nfqfw.kernel.ctnetlink import CtEntry, Ctnetlink, CtnetlinkError
+from nfqfw.kernel.routes import RouteMeta
 
 log = logging.getLogger("nfqfw")
 
@@ -43,21 +54,40 @@ SYNC_PERIOD = 30.0  # seconds between two looks at the kernel's table
 
 def key_of(entry: CtEntry) -> bytes | None:
     """nfqfw's flow key of a kernel entry (TCP and UDP: what nfqfw offloads), None for others."""
+    found = _keyed(entry)
+    return None if found is None else found[0]
+
+
+def _keyed(entry: CtEntry) -> tuple[bytes, bool] | None:
+    """(key, originator sorts first) of a kernel entry, as ports_key; None for other protocols."""
     if entry.proto not in (PROTO_TCP, PROTO_UDP):
         return None
     pkt = Packet()
     pkt.proto = entry.proto
     pkt.src, pkt.sport, pkt.dst, pkt.dport = entry.seen_as
-    return ports_key(pkt)[0]
+    return ports_key(pkt)
+
+
+MetaOf = Callable[[bytes, bytes], Any]  # (src, dst) -> the Meta of a first packet, or None
 
 
 class Offload:
     """The kernel's side of one engine's offloaded flows (see the module docstring). `open`
     makes the ctnetlink socket (injectable for tests); it is opened when first needed."""
 
-    def __init__(self, marks: Marks, open_ctnetlink: Callable[[], Any] = Ctnetlink) -> None:
+    def __init__(
+        self,
+        marks: Marks,
+        open_ctnetlink: Callable[[], Any] = Ctnetlink,
+        owner: int | None = None,
+        route_meta: Callable[[], Any] = lambda: RouteMeta(()),
+    ) -> None:
         self.marks = marks
         self._open = open_ctnetlink
+        self.owner = owner  # a worker's queue index: it takes over the entries of its owner field
+        self.reasons: list[str] = []  # the policy's rule reasons, as the mark's rule field numbers them
+        self._route_meta = route_meta  # a fresh MetaOf (closable) for one take-over
+        self.taking_over = True  # False on an HA backup: what its kernel has is the peer's now
         self._socket: Any = None
         self._due = 0.0
         self._complained: set[str] = set()
@@ -108,8 +138,8 @@ class Offload:
         return self._due
 
     def sync(self, engine: Any, now: float) -> int:
-        """Drop the records the kernel no longer carries, update the others from their entries;
-        returns how many were dropped."""
+        """Drop the records the kernel no longer carries, update the others from their entries,
+        take over those nfqfw has no record of; returns how many were dropped."""
         kernel = self.records()
         if kernel is None:
             return 0
@@ -123,7 +153,59 @@ class Offload:
                 follow(flow, entry, now)
         for flow in ended:
             offloaded.remove(flow)
+        if self.taking_over:
+            self._take_over(engine, kernel, now)
         return len(ended)
+
+    def take_over(self, engine: Any, now: float) -> int:
+        """The kernel's entries with the offload bit nfqfw has no record of (an HA peer admitted
+        them) become records; returns how many (0 when the table cannot be read)."""
+        kernel = self.records()
+        return 0 if kernel is None else self._take_over(engine, kernel, now)
+
+    def _take_over(self, engine: Any, kernel: dict[bytes, CtEntry], now: float) -> int:
+        offloaded, conntrack = engine.offloaded, engine.conntrack
+        new = [
+            entry
+            for key, entry in kernel.items()
+            if offloaded.get(key) is None and self.marks.owner_index(entry.mark) == self.owner
+        ]
+        if not new:
+            return 0
+        taken = 0
+        meta_of = self._route_meta()
+        try:
+            for entry in new:
+                flow = self.record_of(entry, meta_of, now)
+                if flow is None:
+                    continue
+                mine = conntrack.get(flow.key)
+                if mine is not None:  # the kernel carries it: nfqfw's own record is stale
+                    conntrack.remove(mine)
+                taken += offloaded.restore(flow)
+        finally:
+            meta_of.close()
+        if taken:
+            log.info("offload: took over %d flows the kernel carries for nfqfw (an HA peer's)", taken)
+        return taken
+
+    def record_of(self, entry: CtEntry, meta_of: MetaOf, now: float) -> Flow | None:
+        """An offloaded record of a kernel entry nfqfw did not admit itself: its rule from the
+        mark's rule field, its first packet's Meta from `meta_of`."""
+        keyed = _keyed(entry)
+        if keyed is None:
+            return None
+        src, _, dst, _ = entry.seen_as
+        flow = Flow(keyed[0], keyed[1], now)
+        flow.rule = self.marks.reason_of(entry.mark, self.reasons)
+        meta = meta_of(src, dst)
+        if meta is not None and flow.rule is not None and flow.rule.startswith("forward "):
+            meta = replace(meta, forwarded=True)  # a forward translated it (Meta.forwarded)
+        flow.meta = meta
+        if entry.proto == PROTO_TCP:
+            flow.tcp = TcpConn()
+        follow(flow, entry, now)
+        return flow
 
     # -- requests --
 

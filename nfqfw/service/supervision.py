@@ -328,6 +328,16 @@ def merge_flush(answers: Sequence[Answer]) -> dict[str, Any]:
     }
 
 
+def merge_ha(answers: Sequence[Answer]) -> dict[str, int]:
+    """The workers' answers to an `ha` request: their counts ("taken_over", "forgotten") summed."""
+    totals: dict[str, int] = {}
+    for result in (a.result for a in answers if a.result is not None):
+        for what, count in result.items():
+            if what not in ("role", "previous") and isinstance(count, int):
+                totals[what] = totals.get(what, 0) + count
+    return totals
+
+
 @dataclass(frozen=True)
 class ReloadMerge:
     ok: bool

@@ -217,7 +217,9 @@ class Supervisor(ServiceCore):
         from nfqfw.observe import metrics
 
         self._worker_counts = metrics.WorkerCounts()
-        collector = metrics.MergedCollector(self._worker_metrics, self._worker_answering, self.kernel_drops)
+        collector = metrics.MergedCollector(
+            self._worker_metrics, self._worker_answering, self.kernel_drops, ha=self.ha
+        )
         return metrics.serve_merged(collector, host, port, allow_remote), " (the workers' counts summed)"
 
     def _worker_metrics(self) -> list[list[Any]]:
@@ -625,6 +627,10 @@ class Supervisor(ServiceCore):
         from nfqfw.observe import metrics
 
         return metrics.merge_records(self._worker_metrics())
+
+    def _ha_role_changed(self, role: str) -> dict[str, int]:
+        """Every worker acts on the role (its own flows); their counts summed."""
+        return sv.merge_ha(self._ask_all({"cmd": "ha", "role": role}))
 
     def _ask(self, worker: Worker, request: dict[str, Any]) -> sv.Answer:
         if worker.pid is None or not worker.ready:

@@ -45,7 +45,7 @@ POLICY = POLICY_FILE.read_text()
 OUT = Meta(Hook.FORWARD, "lan0", "wan0")
 LAN, WAN = addr("10.0.0.5"), addr("203.0.113.7")
 T0 = 1000.0
-COMMAND_WORDS = "expected one of status, flows, flush, panic, reload, metrics, confirm, set"
+COMMAND_WORDS = "expected one of status, flows, flush, panic, reload, metrics, confirm, set, ha"
 PROTO_WORDS = "expected tcp, udp, icmp, icmpv6 or a number 0-255"
 
 
@@ -262,6 +262,12 @@ def test_a_worker_answers_metrics_with_its_families(daemon: Daemon) -> None:
         ({"cmd": "panic"}, 'panic: "on" must be true or false'),
         ({"cmd": "panic", "on": "yes"}, 'panic: "on" must be true or false'),
         ({"cmd": "metrics"}, "metrics: not collected (a worker of nfqfw run --workers --metrics answers)"),
+        ({"cmd": "ha", "role": "primary"}, 'ha: "role" must be one of master, backup, fault'),
+        ({"cmd": "ha"}, 'ha: "role" must be one of master, backup, fault'),
+        (
+            {"cmd": "ha", "role": "master", "conntrackd": "conntrackd.conf"},
+            'ha: "conntrackd" must be the absolute path of conntrackd\'s configuration',
+        ),
     ],
 )  # fmt: skip
 def test_bad_requests(daemon: Daemon, request_: dict[str, Any], message: str) -> None:
@@ -269,6 +275,28 @@ def test_bad_requests(daemon: Daemon, request_: dict[str, Any], message: str) ->
         Requests(daemon)(request_)
     assert str(err.value) == message
     assert len(daemon.engine.conntrack) == 2  # a refused flush removed nothing
+
+
+def test_ha_role_backup_forgets_the_records_and_status_shows_role_and_sync(daemon: Daemon) -> None:
+    requests = Requests(daemon)
+    assert answer(requests({"cmd": "status"}))["ha"] is None  # never told: not part of a pair
+    asked: list[str] = []
+    stats = {"stats": {"cache internal": {"current active connections": 2}}}
+    daemon.ha.read_stats = lambda conf: asked.append(conf) or stats  # type: ignore[func-returns-value]
+    told = {"cmd": "ha", "role": "backup", "conntrackd": "/etc/ha/conntrackd.conf"}
+    assert answer(requests(told)) == {"role": "backup", "previous": None, "forgotten": 2}
+    assert len(daemon.engine.conntrack) == 0 and len(daemon.engine.offloaded) == 0
+    ha = answer(requests({"cmd": "status"}))["ha"]
+    assert (ha["role"], ha["conntrackd"], asked) == ("backup", stats, ["/etc/ha/conntrackd.conf"])
+    since = ha["since"]
+    # master without offload: nothing in the kernel's table is nfqfw's to take over
+    assert answer(requests({"cmd": "ha", "role": "master"})) == {
+        "role": "master",
+        "previous": "backup",
+        "taken_over": 0,
+    }
+    ha = answer(requests({"cmd": "status"}))["ha"]
+    assert ha["role"] == "master" and ha["since"] >= since and asked[-1] == "/etc/ha/conntrackd.conf"
 
 
 def test_panic_on_and_off_reinstall_the_rules(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:

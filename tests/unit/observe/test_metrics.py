@@ -522,3 +522,20 @@ def test_collector_counts_the_offloaded_flows() -> None:
     lines = samples(exposition(NfqfwCollector(daemon, None, read_stats=lambda: None)))
     assert 'nfqfw_flows_offloaded{proto="tcp",state="established"} 1.0' in lines
     assert not any(line.startswith("nfqfw_flows{") for line in lines)  # no longer in nfqfw's table
+
+
+def test_ha_role_gauge_once_told() -> None:
+    from nfqfw.service.ha import HaState
+
+    ha = HaState()
+    source = SimpleNamespace(
+        engine=None, adapter=None, packet_log=PacketLog(), spec=None, kernel_drops=lambda: None, ha=ha
+    )
+    collector = NfqfwCollector(source, None, read_stats=lambda: None)
+    assert not [s for s in samples(exposition(collector)) if s.startswith("nfqfw_ha")]
+    ha.role = "backup"
+    assert [s for s in samples(exposition(collector)) if s.startswith("nfqfw_ha")] == [
+        'nfqfw_ha_role{role="backup"} 1.0'
+    ]
+    merged = MergedCollector(lambda: [], lambda: [], ha=SimpleNamespace(role="master"))
+    assert 'nfqfw_ha_role{role="master"} 1.0' in samples(exposition(merged))

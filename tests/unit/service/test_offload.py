@@ -139,3 +139,69 @@ def test_udp_and_other_protocols() -> None:
     )
     assert key_of(datagram) is not None
     assert key_of(CtEntry(4, 1, LAN, WAN, icmp=(8, 0, 7))) is None
+
+
+class FakeRoutes:
+    """A stand-in nfqfw.kernel.routes.RouteMeta: the LAN inside, everything else outside."""
+
+    closed = 0
+
+    def __call__(self, src: bytes, dst: bytes) -> Meta | None:
+        return OUT if src == LAN else IN if dst == LAN else None
+
+    def close(self) -> None:
+        FakeRoutes.closed += 1
+
+
+def peer_offload(kernel: Kernel, owner: int | None = None) -> Offload:
+    keeper = Offload(Marks(), lambda: kernel, owner=owner, route_meta=FakeRoutes)
+    keeper.reasons = ["rule web"]
+    return keeper
+
+
+def test_take_over_makes_records_of_the_entries_an_ha_peer_admitted() -> None:
+    marks = Marks()
+    egress = marks.offload | marks.rule_marks([])["default egress"]
+    e = Engine(CompiledPolicy(parse_policy(POLICY)))
+    kernel = Kernel([entry(40000, timeout=100, mark=egress), entry(40001, mark=0x21000000)])
+    assert peer_offload(kernel).take_over(e, 10.0) == 1  # 40001: a worker's (owner field 0)
+    (flow,) = e.offloaded
+    assert flow.key == key_of(entry(40000))
+    assert (flow.rule, flow.meta, flow.state_name) == ("default egress", OUT, "ESTABLISHED")
+    assert flow.deadline == 10.0 + 100 + SYNC_PERIOD and flow.assured and flow.seen_reply
+    assert peer_offload(kernel).take_over(e, 11.0) == 0  # known now
+    assert peer_offload(kernel, owner=0).take_over(e, 11.0) == 1  # the worker of queue index 0
+    assert FakeRoutes.closed >= 2
+
+
+def test_a_flow_taken_over_is_rechecked_by_a_reload() -> None:
+    from nfqfw.core.recheck import stale_flows
+
+    e = Engine(CompiledPolicy(parse_policy(POLICY)))
+    kernel = Kernel([entry(40000, mark=Marks().offload)])  # rule field unknown: judged all the same
+    keeper = peer_offload(kernel)
+    assert keeper.sync(e, 1.0) == 0 and len(e.offloaded) == 1
+    (flow,) = e.offloaded
+    assert flow.rule is None and flow.meta == OUT
+    no_web = POLICY + "egress: [{name: no-web, proto: tcp, ports: 80, action: reject}]\n"
+    e.replace_policy(CompiledPolicy(parse_policy(no_web)))
+    assert keeper.revoke(e, stale_flows(e, list(e.offloaded))) == 1
+    assert kernel.deleted == [entry(40000, mark=Marks().offload)] and len(e.offloaded) == 0
+
+
+def test_take_over_replaces_a_stale_record_of_nfqfw_s_own() -> None:
+    e = Engine(CompiledPolicy(parse_policy(POLICY)))
+    e.process(ipv4(LAN, WAN, 6, tcp(LAN, WAN, 40000, 80, seq=1, flags=SYN)), OUT, 1.0)
+    assert len(e.conntrack) == 1
+    assert peer_offload(Kernel([entry(40000, mark=Marks().offload)])).take_over(e, 2.0) == 1
+    assert len(e.conntrack) == 0 and len(e.offloaded) == 1
+
+
+def test_a_flow_a_forward_admitted_is_taken_over_as_forwarded() -> None:
+    marks = Marks()
+    keeper = peer_offload(Kernel([]))
+    keeper.reasons = ["rule web", "forward www", "default between"]
+    mark = marks.offload | marks.rule_marks(keeper.reasons)["forward www"]
+    flow = keeper.record_of(entry(40000, mark=mark), FakeRoutes(), 1.0)
+    assert flow is not None and flow.rule == "forward www"
+    assert flow.meta == Meta(Hook.FORWARD, "lan0", "wan0", forwarded=True)

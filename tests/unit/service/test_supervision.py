@@ -247,3 +247,12 @@ def test_merge_flow_stats_sums_the_offloaded_flows() -> None:
     merged = sv.merge_flow_stats([base | {"offloaded": offloaded}, base, base | {"offloaded": offloaded}])
     assert merged["offloaded"] == {"total": 4, "by_proto": {"tcp": {"ESTABLISHED": 4}}}
     assert "offloaded" not in sv.merge_flow_stats([base, base])
+
+
+def test_merge_ha_sums_the_workers_counts() -> None:
+    answers = [
+        sv.Answer(0, 10, {"role": "master", "previous": "backup", "taken_over": 3}),
+        sv.Answer(1, 11, {"role": "master", "previous": "backup", "taken_over": 4}),
+        sv.Answer(2, None, error="worker restarting"),
+    ]
+    assert sv.merge_ha(answers) == {"taken_over": 7}
