@@ -133,6 +133,7 @@ class Daemon(ServiceCore):
             self.sender = RawSender(opts.mark)
         except OSError as err:
             raise StartupError(f"cannot open netlink or raw sockets: {err}") from err
+        self._follow_addresses(self.links, self.engine)
         self.adapter = QueueAdapter(
             self.engine,
             self.links,
@@ -165,6 +166,18 @@ class Daemon(ServiceCore):
             settings += f", first packets to queue {new[0] if len(new) == 1 else f'{new[0]}:{new[-1]}'}"
         log.info("queue %s bound, %s (%s)", self.spec.queue_text, rules, settings)
         self._announce_ready(f"filtering on queue {self.spec.queue_text}, failure mode {mode}")
+
+    @staticmethod
+    def _follow_addresses(links: Links, engine: Any) -> None:
+        """The engine tells the SYN proxy's SYNs by a source that is not one of the gateway's
+        addresses (nfqfw.core.synproxy): it gets them, and every change of them."""
+
+        def update() -> None:
+            if links.addresses:
+                engine.local_addresses = links.addresses
+
+        update()
+        links.on_change(update)
 
     def _accept_mark(self) -> int:
         """The mark of an accepted packet: --mark, and a worker's owner field (nfqfw.firewall.marks)."""
