@@ -543,7 +543,7 @@ def _synproxy_rules(rules: tuple[Synproxy, ...], base: str, family: int) -> list
 
 def _synproxy_answers(rules: tuple[Synproxy, ...], family: int) -> list[str]:
     """What SYNPROXY sends itself through OUTPUT, not nfqfw's to judge: its SYN-ACKs (cookies,
-    untracked) and, once the server answered, its ACK to the server and its window update to
+    without a connection: INVALID to conntrack) and, once the server answered, its ACK to the server and its window update to
     the client (sent from the client's and the server's addresses, not the gateway's). Those
     ACKs must not wait in the queue: the kernel sets the connection's sequence offset right
     after sending them, and an ACK to the server let go after that would be shifted by it.
@@ -557,7 +557,8 @@ def _synproxy_answers(rules: tuple[Synproxy, ...], family: int) -> list[str]:
         for match in rule.matches:
             answer = _match(_Reverse(match))
             lines.append(
-                f"{answer} -m tcp --tcp-flags SYN,ACK SYN,ACK -m conntrack --ctstate UNTRACKED -j RETURN"
+                f"{answer} -m addrtype ! --src-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK SYN,ACK "
+                "-m conntrack --ctstate INVALID,UNTRACKED -j RETURN"
             )
             lines.append(f"{_match(_Outbound(match))} {proxy_ack} -j RETURN")
             lines.append(f"{answer} {proxy_ack} -j RETURN")

@@ -129,7 +129,8 @@ def test_offload_bypass_and_synproxy() -> None:
     reverse = "-s 10.0.0.80/32 -p tcp -m multiport --sports 443"
     output = [line for line in lines if line.startswith("-A NFQFW-OUTPUT")]
     assert output[5:8] == [
-        f"-A NFQFW-OUTPUT {reverse} -m tcp --tcp-flags SYN,ACK SYN,ACK -m conntrack --ctstate UNTRACKED -j RETURN",
+        f"-A NFQFW-OUTPUT {reverse} -m addrtype ! --src-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK SYN,ACK "
+        "-m conntrack --ctstate INVALID,UNTRACKED -j RETURN",
         f"-A NFQFW-OUTPUT -d 10.0.0.80/32 -p tcp -m multiport --dports 443 {proxy_ack} -j RETURN",
         f"-A NFQFW-OUTPUT {reverse} {proxy_ack} -j RETURN",
     ], output
