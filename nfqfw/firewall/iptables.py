@@ -543,11 +543,12 @@ def _synproxy_rules(rules: tuple[Synproxy, ...], base: str, family: int) -> list
 
 def _synproxy_answers(rules: tuple[Synproxy, ...], family: int) -> list[str]:
     """What SYNPROXY sends itself through OUTPUT, not nfqfw's to judge: its SYN-ACKs (cookies,
-    without a connection: INVALID to conntrack) and, once the server answered, its ACK to the server and its window update to
-    the client (sent from the client's and the server's addresses, not the gateway's). Those
-    ACKs must not wait in the queue: the kernel sets the connection's sequence offset right
-    after sending them, and an ACK to the server let go after that would be shifted by it.
-    Its SYN to the server is queued: nfqfw judges it (nfqfw.core.synproxy)."""
+    without a connection: INVALID to conntrack) and, once the server answered, its ACK to the
+    server and its window update to the client (sent from the client's and the server's
+    addresses, not the gateway's). Those ACKs must not wait in the queue: the kernel sets the
+    connection's sequence offset right after sending them, and an ACK to the server let go
+    after that would be shifted by it. Its SYN to the server is queued: nfqfw judges it
+    (nfqfw.core.synproxy)."""
     lines = []
     proxy_ack = (
         "-m addrtype ! --src-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK ACK "
