@@ -11,6 +11,7 @@ adjusts their sequence numbers after nfqfw saw them, and nfqfw agree on every pa
 from __future__ import annotations
 
 import hashlib
+import socket
 import subprocess
 import sys
 import time
@@ -35,8 +36,14 @@ zones:
   internal: [lan0]
 defaults: {ingress: drop, egress: accept, invalid: drop}
 ingress:
-  - {name: mail, proto: tcp, to: [10.0.0.25, "fd00::25"], ports: [25, 587], action: accept, synproxy: true}
+  - name: mail
+    proto: tcp
+    to: [10.0.0.25, "fd00::25"]
+    ports: [25, 587, 2525]
+    action: accept
+    synproxy: true
 """
+PUSH_PORT, PUSHED = 2525, 3_000_000  # an inside server that sends first, at once
 FLOOD = 3000  # SYNs from random sources, at 20,000/s
 CONNTRACK_BOUND = 50  # entries the flood may leave in the kernel's table (it makes none)
 
@@ -121,6 +128,33 @@ def test_real_connections_complete_through_the_proxy_and_carry_data_both_ways(la
     assert after.get("accept rule mail", 0) - before.get("accept rule mail", 0) == 4  # one SYN each
     assert after["accept established"] - before.get("accept established", 0) > 100
     # No packet of a proxied connection was INVALID to nfqfw (nor dropped for anything else).
+    assert invalid(after) == invalid(before)
+    assert drops(after) == drops(before)
+
+
+def push_at_once(conn: socket.socket, peer: str) -> None:
+    for chunk in traffic.pattern(PUSHED, 3):
+        conn.sendall(chunk)
+
+
+def test_a_server_that_speaks_first_sends_at_once(lab: Lab) -> None:
+    """The server sends a full initial window before the client says a thing (what the proxy's
+    ACK, which nfqfw tracks without seeing it, allowed): every byte arrives, nothing INVALID.
+    (The exact window data are the unit tests': test_engine_synproxy.py.)"""
+    before = verdicts()
+    expected = hashlib.sha256(b"".join(traffic.pattern(PUSHED, 3))).hexdigest()
+    with traffic.TcpServer(lab.topology.lan, [PUSH_PORT], push_at_once):
+        for host in (LAN_V4, LAN_V6):
+            received, total = hashlib.sha256(), 0
+            with traffic.socket_in(lab.topology.wan, traffic.family_of(host), socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect((host, PUSH_PORT))
+                while data := sock.recv(1 << 20):
+                    received.update(data)
+                    total += len(data)
+            assert (total, received.hexdigest()) == (PUSHED, expected)
+    after = verdicts()
+    assert after.get("accept rule mail", 0) - before.get("accept rule mail", 0) == 2
     assert invalid(after) == invalid(before)
     assert drops(after) == drops(before)
 

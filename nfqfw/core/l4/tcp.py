@@ -13,8 +13,10 @@ SYN the proxy sends the server; core.synproxy) keeps in byte PROXY what the 32-b
 SEQ_OFFSET holds, as the kernel's synproxy and seqadj extensions do: COOKIE, the proxy's
 initial sequence number (synproxy->isn, from that SYN's ACK field) until the server's SYN-ACK;
 then OFFSET, the REPLY direction's offset (cookie - the server's ISN, nf_ct_seqadj_init), which
-tcp_in_window takes off the ORIGINAL direction's acknowledgements. Such flows never take the
-fast path, and only they pay for the offset.
+tcp_in_window takes off the ORIGINAL direction's acknowledgements. The ACK the proxy sends the
+server on its SYN-ACK never reaches nfqfw (it must not wait in the queue while the kernel sets
+the offset): it is tracked here as the kernel tracks it, right after the SYN-ACK. Such flows
+never take the fast path, and only they pay for the offset.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from nfqfw.core.l4.tcp_states import (
     STATE_NAMES,
     TcpState,
 )
+from nfqfw.core.l4.tcp_window import MAXWIN
 from nfqfw.core.packet import ACK, PROTO_TCP, SYN, Packet
 from nfqfw.core.verdict import Ct
 
@@ -128,16 +131,30 @@ def proxy_fields(table: FlowTable, slot: int) -> tuple[str, int] | None:
     return name, int(_PROXY_WORD.unpack_from(table.small, at + SEQ_OFFSET)[0])
 
 
-def _server_answered(table: FlowTable, slot: int, pkt: Packet) -> None:
+def _server_answered(table: FlowTable, slot: int, pkt: Packet) -> bool:
     """The server's SYN-ACK of a proxied flow, accepted: the offset between the proxy's
     sequence space (what the client acknowledges) and the server's is now known (kernel
-    nf_ct_seqadj_init(ct, ctinfo, synproxy->isn - ntohl(th->seq)))."""
+    nf_ct_seqadj_init(ct, ctinfo, synproxy->isn - ntohl(th->seq))). False when it was already."""
     at = slot * SMALL
     if table.small[at + PROXY] != COOKIE:
-        return
+        return False
     cookie = _PROXY_WORD.unpack_from(table.small, at + SEQ_OFFSET)[0]
     _PROXY_WORD.pack_into(table.small, at + SEQ_OFFSET, (cookie - pkt.seq) & 0xFFFFFFFF)
     table.small[at + PROXY] = OFFSET
+    return True
+
+
+def _proxy_ack(synack: Packet, window: int) -> Packet:
+    """The ACK the kernel's proxy sends the server on its SYN-ACK (synproxy_send_server_ack):
+    from the client's side, acknowledging the server's SYN, with the client's largest window
+    so far as its window field (htons(td_maxwin): the low 16 bits)."""
+    ack = Packet()
+    ack.family, ack.proto, ack.tcp_flags = synack.family, PROTO_TCP, ACK
+    ack.src, ack.dst, ack.sport, ack.dport = synack.dst, synack.src, synack.dport, synack.sport
+    ack.seq = synack.ack
+    ack.ack = (synack.seq + 1) & 0xFFFFFFFF
+    ack.window = window & 0xFFFF
+    return ack
 
 
 class TcpTracker(Tracker):
@@ -235,6 +252,11 @@ class TcpTracker(Tracker):
             and pkt.tcp_flags & (SYN | ACK) == SYN | ACK
             and result.kind == ACCEPT
             and conn.state == _SYN_RECV
+            and _server_answered(table, slot, pkt)
         ):
-            _server_answered(table, slot, pkt)
+            # The proxy's ACK to the server (before the offset is set, so none applies): the
+            # connection is ESTABLISHED for the kernel from then on, and for nfqfw too.
+            acked = tcp_packet(conn, _proxy_ack(pkt, conn.td[MAXWIN]), ORIGINAL, True, self.ct.tcp_timeouts)
+            if acked.kind == ACCEPT:
+                return acked
         return result

@@ -75,13 +75,18 @@ def test_the_proxys_syn_is_judged_as_the_forwarded_syn_and_keeps_the_cookie() ->
     again = e.process(from_client(SYN, CLIENT_ISN, COOKIE + 7), PROXY_OUT, 10.5)
     expect(again, Action.ACCEPT, Ct.NEW, "rule mail", "mail")
     assert flow.synproxy == ("cookie", COOKIE + 7)
-    # The server's SYN-ACK fixes the offset between the proxy's and the server's sequence spaces.
+    # The server's SYN-ACK fixes the offset between the proxy's and the server's sequence spaces;
+    # the proxy's ACK to the server (which nfqfw does not see) establishes the connection.
     synack = e.process(from_server(SYN | ACK, SERVER_ISN, CLIENT_ISN + 1), BACK, 10.6)
     expect(synack, Action.ACCEPT, Ct.ESTABLISHED, "established")
-    assert (flow.state_name, flow.synproxy) == (
-        "SYN_RECV",
-        ("offset", (COOKIE + 7 - SERVER_ISN) & 0xFFFFFFFF),
-    )
+    offset = (COOKIE + 7 - SERVER_ISN) & 0xFFFFFFFF
+    assert (flow.state_name, flow.synproxy) == ("ESTABLISHED", ("offset", offset))
+    assert flow.assured and flow.deadline == 10.6 + 432000  # the kernel's ESTABLISHED timeout
+    conn = flow.tcp
+    assert conn is not None
+    # The proxy's ACK: seq CLIENT_ISN + 1, ack SERVER_ISN + 1, the SYN's window (unscaled: 0).
+    assert conn.side(0)["td_maxack"] == SERVER_ISN + 1
+    assert conn.side(1)["td_maxend"] == SERVER_ISN + 1 + 65535
 
 
 def test_the_clients_acks_are_shifted_back_by_the_offset() -> None:
@@ -144,16 +149,31 @@ def test_sack_blocks_are_shifted_too() -> None:
     )
 
 
+def test_the_server_may_send_what_the_proxys_ack_allowed_before_the_client_speaks() -> None:
+    """The proxy's ACK to the server carries the client's window (65,535, scale 10): the server
+    may send that much at once, as the kernel's tracking allows."""
+    e = engine()
+    options = SACK_PERM + b"\x01\x03\x03\x0a"  # window scale 10
+    e.process(from_client(SYN, CLIENT_ISN, COOKIE, options=options), PROXY_OUT, 10.0)
+    e.process(from_server(SYN | ACK, SERVER_ISN, CLIENT_ISN + 1, options=options), BACK, 10.1)
+    for n in range(100):
+        burst = from_server(ACK, SERVER_ISN + 1 + n * 1448, CLIENT_ISN + 1, b"z" * 1448)
+        expect(e.process(burst, BACK, 10.2), Action.ACCEPT, Ct.ESTABLISHED, "established")
+    (flow,) = e.conntrack
+    conn = flow.tcp
+    assert conn is not None and conn.side(1)["td_maxend"] == SERVER_ISN + 1 + (65535 << 10)
+
+
 def test_proxied_flows_take_the_full_path_and_close_in_step() -> None:
     e = engine()
     proxied_handshake(e)
     fast = e.fast_path
     assert fast is not None
     first = from_client(ACK | PSH, CLIENT_ISN + 1, COOKIE + 1, b"x" * 10)
-    assert not fast(first, 10.2)  # not ASSURED yet
+    assert not fast(first, 10.2)  # ASSURED and ESTABLISHED, but its acks need the offset
     expect(e.process(first, IN, 10.2), Action.ACCEPT, Ct.ESTABLISHED, "established")
     second = from_client(ACK | PSH, CLIENT_ISN + 11, COOKIE + 1, b"x" * 10)
-    assert not fast(second, 10.3)  # ASSURED and ESTABLISHED, but its acks need the offset
+    assert not fast(second, 10.3)
     expect(e.process(second, IN, 10.3), Action.ACCEPT, Ct.ESTABLISHED, "established")
     e.process(from_client(FIN | ACK, CLIENT_ISN + 21, COOKIE + 1), IN, 10.4)
     e.process(from_server(FIN | ACK, SERVER_ISN + 1, CLIENT_ISN + 22), BACK, 10.5)
