@@ -30,7 +30,8 @@ Gateway modes:
     nfqfw-offload   the default plus `offload: established`: connections are handed over to the
                     kernel's conntrack once their handshake is done (the transfer's after its
                     first ACK); flows counts nfqfw's table and the offloaded ones
-and `synproxy: true` is not in force in nfqfw yet (nfqfw.service.ruleset): its rows say so.
+In the syn-random-synproxy rows nfqfw runs with `synproxy: true` on rule `mail` (the kernel's
+SYNPROXY answers the SYNs, nfqfw follows the connections it opens: nfqfw.core.synproxy).
 
 Attacks: none; syn-closed (one source, SYNs to port 22, which the policy drops); syn-random
 (random sources, SYNs to the accepted port 25); syn-random-synproxy (the same against SYNPROXY);
@@ -46,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -94,7 +96,7 @@ MODE_ARGS: dict[str, tuple[str, ...]] = {
     "nfqfw-offload": (),
 }
 NOT_YET: dict[str, str] = {}
-SYNPROXY_NOT_YET = "synproxy: not in force in nfqfw yet"
+MAIL_RULE = "    ports: [25, 587]\n    action: accept\n"  # config/policy.yaml's rule mail, its end
 
 # The kernel's SYNPROXY for port 25 (the usual ruleset, see shared/reference/flood-protection.md).
 KERNEL_SYNPROXY = [
@@ -247,14 +249,21 @@ def forget_flows() -> None:
         snapshot.unlink()
 
 
+def with_synproxy(policy: Path) -> Path:
+    """The policy file with `synproxy: true` on rule mail, next to it."""
+    text = policy.read_text()
+    assert MAIL_RULE in text, "rule mail of config/policy.yaml changed: update MAIL_RULE"
+    proxied = policy.with_name(policy.stem + "-synproxy.yaml")
+    proxied.write_text(text.replace(MAIL_RULE, MAIL_RULE + "    synproxy: true\n", 1))
+    proxied.chmod(0o600)
+    return proxied
+
+
 def run_mode(t: Topology, mode: str, policy: Path) -> dict[str, dict[str, object]]:
     results: dict[str, dict[str, object]] = {}
     for attack in ATTACKS:
         if mode in NOT_YET:
             results[attack] = {"not_yet": NOT_YET[mode]}
-            continue
-        if attack.endswith("synproxy") and mode != "kernel":
-            results[attack] = {"not_yet": SYNPROXY_NOT_YET}
             continue
         print(f"[{mode}] {attack} ...", flush=True)
         if mode == "kernel":
@@ -265,7 +274,8 @@ def run_mode(t: Topology, mode: str, policy: Path) -> dict[str, dict[str, object
                 kernel_mode(t, False, install=False)
         else:
             forget_flows()
-            daemon = daemon_ctl.start_daemon(PREFIX, policy, None, args=MODE_ARGS[mode])
+            chosen = with_synproxy(policy) if attack.endswith("synproxy") else policy
+            daemon = daemon_ctl.start_daemon(PREFIX, chosen, None, args=MODE_ARGS[mode])
             try:
                 results[attack] = one_run(t, mode, attack, daemon.pid)
             finally:
@@ -334,8 +344,10 @@ def main() -> int:
             server = start_ready(t.lan, accept_server(SERVER_PORT))
             time.sleep(0.3)
             try:
+                shutil.copy(POLICY, Path(tmp) / "nfqfw.yaml")
+                (Path(tmp) / "nfqfw.yaml").chmod(0o600)
                 for mode in MODES:
-                    policy = Path(tmp) / f"{mode}.yaml" if mode in policies else POLICY
+                    policy = Path(tmp) / f"{mode if mode in policies else 'nfqfw'}.yaml"
                     results[mode] = run_mode(t, mode, policy)
             finally:
                 stop(server)

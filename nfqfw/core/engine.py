@@ -25,6 +25,11 @@ reaches nfqfw is:
   a checksum it refuses): invalid, as the kernel, which tracks the connection, says;
 - a SYN (the kernel ended the connection and let a new one start on its tuple): the record is
   dropped and the packet judged as a first one.
+
+SYN proxy (rules with `synproxy: true`, core.synproxy): the SYN the kernel's proxy sends a
+server, queued from OUTPUT, is judged as the forwarded SYN it stands for (a FORWARD Meta with
+each interface the kernel proxies for: all must give the same verdict by the same rule), and
+its flow remembers the proxy's sequence number (l4.tcp proxied_syn).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from nfqfw.core import synproxy
 from nfqfw.core.conntrack import Conntrack
 from nfqfw.core.decode import decode
 from nfqfw.core.fastpath import FastPath, make_fast_path
@@ -40,6 +46,7 @@ from nfqfw.core.flowtable import NO_SLOT
 from nfqfw.core.fragments import Fragments, datagram_key
 from nfqfw.core.l4.base import ASSURED, PROTO_STATE, SEEN_REPLY, SMALL, STATE_BYTE, WORDS, ports_key
 from nfqfw.core.l4.icmp import OWN_ERROR
+from nfqfw.core.l4.tcp import proxied_syn
 from nfqfw.core.l4.tcp_states import TcpState
 from nfqfw.core.l4.tcp_window import F_BE_LIBERAL, FLAGS
 from nfqfw.core.packet import ACK, FRAG_LATER, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SYN, Packet
@@ -105,7 +112,11 @@ class Engine:
         policy.bind_runtime(self.runtime_sets)
         self.conntrack = Conntrack(max_flows=options.max_flows, loose=options.tcp_pickup_loose)
         self.fragments = Fragments()
+        # The gateway's own addresses (the service keeps them current): a SYN leaving from
+        # another address is the SYN proxy's (core.synproxy).
         self.local_addresses = local_addresses or policy.gateway_addresses
+        self.synproxy_ifaces = synproxy.ifaces(policy.config)  # None: no synproxy rule
+        self._proxied_metas: dict[tuple[str | None, str | None], Meta] = {}
         self._counters: Counter[str] = Counter()
         # Per Meta (by id; Metas are interned by the adapter, a handful): the side its first
         # packets are decided by, and how many the policy decided, by action (read as zone
@@ -134,6 +145,7 @@ class Engine:
         """Swap the policy between two packets; conntrack state and runtime set entries are kept."""
         policy.bind_runtime(self.runtime_sets)
         self.policy = policy
+        self.synproxy_ifaces = synproxy.ifaces(policy.config)
         self.offload = policy.config.options.offload == "established"
         for entry in self._metas.values():  # the zones may have changed
             entry[1:4] = self._sides(policy, entry[0])
@@ -209,6 +221,12 @@ class Engine:
                 handed = self._offloaded_packet(pkt, meta)
                 if handed is not None:
                     return handed
+            if (
+                meta.hook is _OUTPUT
+                and self.synproxy_ifaces is not None
+                and synproxy.from_proxy(pkt, self.local_addresses)
+            ):
+                return self._count(self._proxied_syn(pkt, meta, tracked.new, tracked.slot, ct, now))
             verdict = self._decide(pkt, meta, ct, now)
             if tracked.new and verdict.action is Action.ACCEPT:
                 verdict = self._confirm(meta, verdict)
@@ -259,6 +277,31 @@ class Engine:
                 )
         self.established += 1
         return OFFLOADED
+
+    def _proxied_syn(self, pkt: Packet, meta: Meta, new: bool, slot: int, ct: Ct, now: float) -> Verdict:
+        """The SYN the kernel's SYN proxy sends a server (core.synproxy): judged as forwarded,
+        in from each interface the proxy answers on; its flow keeps the proxy's sequence number."""
+        verdict = first = None
+        for iface in self.synproxy_ifaces or ():
+            forwarded = self._forwarded_meta(iface, meta.out_iface)
+            decided = self._decide(pkt, forwarded, ct, now)
+            if verdict is None:
+                verdict, first = decided, forwarded
+            elif (decided.action, decided.rule) != (verdict.action, verdict.rule):
+                reason = "synproxy: the verdict depends on the interface the SYN came in on"
+                return self._make(Action.DROP, ct, None, reason)
+        assert verdict is not None and first is not None
+        if verdict.action is not Action.ACCEPT:
+            return verdict
+        proxied_syn(self.conntrack.table, slot, pkt)
+        return self._confirm(first, verdict) if new else verdict
+
+    def _forwarded_meta(self, in_iface: str | None, out_iface: str | None) -> Meta:
+        """The Meta of a forwarded packet (interned: flows keep it)."""
+        meta = self._proxied_metas.get((in_iface, out_iface))
+        if meta is None:
+            meta = self._proxied_metas[(in_iface, out_iface)] = Meta(Hook.FORWARD, in_iface, out_iface)
+        return meta
 
     def _own_error(self, pkt: Packet) -> Verdict:
         """An ICMP error from the gateway itself (only those are queued from OUTPUT): its stack

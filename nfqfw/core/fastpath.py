@@ -12,7 +12,8 @@ function that takes exactly these and nothing else:
 - TCP: a header without options or with exactly NOP, NOP, timestamps (Linux's usual layout,
   so no SACK blocks and no malformed options); flags of the ACK class that are valid (the
   l4.tcp_states tables: ACK, PSH, URG, ECE, CWR); a flow in the table, not past its deadline,
-  ASSURED, replied, in a state the table keeps for an ACK in both directions without a special
+  ASSURED, replied, not opened by the kernel's SYN proxy (l4.tcp: its acknowledgements need
+  an offset), in a state the table keeps for an ACK in both directions without a special
   case (`tcp_conn.steady_states`: ESTABLISHED and CLOSE_WAIT); the sender's direction seen
   already (its max window known) and all four window checks of `tcp_in_window` passing;
 - UDP: a datagram of a replied flow in the table, not past its deadline, that is ASSURED or
@@ -39,7 +40,7 @@ import struct
 from collections.abc import Callable
 
 from nfqfw.core.conntrack import Conntrack
-from nfqfw.core.l4.base import ASSURED, ORIG_A, PROTO_STATE, SEEN_REPLY, SMALL, ports_key
+from nfqfw.core.l4.base import ASSURED, ORIG_A, PROTO_STATE, SEEN_REPLY, SEQ_ADJUST, SMALL, ports_key
 from nfqfw.core.l4.tcp import LAST_DIR, LAST_INDEX, RETRANS, STATE, TCP_ASSURED
 from nfqfw.core.l4.tcp_conn import steady_states
 from nfqfw.core.l4.tcp_states import (
@@ -103,6 +104,7 @@ _TIMESTAMPS_ONLY = 0x0101080A  # NOP, NOP, timestamps (kind 8, length 10)
 _IPV4_NO_OPTIONS = 0x45
 _FRAGMENT_BITS = 0x3FFF  # more-fragments flag and fragment offset
 _NEEDED = PROTO_STATE | ASSURED | SEEN_REPLY
+_LOOKED_AT = _NEEDED | SEQ_ADJUST  # TCP flow flags: exactly _NEEDED of these (one test for both)
 assert ORIG_A == 1  # the direction is computed as (bits & ORIG_A) ^ is_a
 
 FastPath = Callable[[bytes, float], bool]
@@ -230,7 +232,7 @@ def make_fast_path(conntrack: Conntrack, copy_cap: int = 0) -> tuple[FastPath, C
             bits = bits_col[slot]
             at = slot * SMALL
             state, last_dir, retrans, tcp_assured = small_read(small, at)
-            if bits & _NEEDED != _NEEDED or not tcp_assured or not fast_state[state]:
+            if bits & _LOOKED_AT != _NEEDED or not tcp_assured or not fast_state[state]:
                 return False
             direction = (bits & ORIG_A) ^ is_a  # 0: ORIGINAL, 1: REPLY (ORIG_A is bit 0)
 

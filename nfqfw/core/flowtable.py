@@ -26,7 +26,7 @@ from typing import Any
 
 from nfqfw.core import l4
 from nfqfw.core.l4.base import ASSURED, ORIG_A, PROTO_STATE, SEEN_REPLY, SMALL, STATE_BYTE, WORDS
-from nfqfw.core.l4.tcp import load_conn, store_conn
+from nfqfw.core.l4.tcp import load_conn, proxy_fields, store_conn
 from nfqfw.core.l4.tcp_conn import TcpConn
 from nfqfw.core.packet import PROTO_TCP
 
@@ -289,6 +289,13 @@ class Flow:
     def tcp(self, conn: TcpConn) -> None:
         store_conn(self._table, self._slot, conn)
         self._table.bits[self._slot] |= PROTO_STATE
+
+    @property
+    def synproxy(self) -> tuple[str, int] | None:
+        """A TCP connection the kernel's SYN proxy opened: ("cookie", the proxy's ISN) until the
+        server answered, then ("offset", what the client's acknowledgements are shifted back
+        by); None for any other flow (l4.tcp)."""
+        return proxy_fields(self._table, self._slot)
 
     @property
     def proto(self) -> int:

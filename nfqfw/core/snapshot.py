@@ -13,7 +13,9 @@ failure-mode open -- may be behind the connections by up to a snapshot interval 
 far more than a TCP window. Their TCP flows are restored with their sequence numbers
 forgotten: each direction learns its window anew from its next packet, and the checks are
 liberal, as the kernel does for a connection it picked up mid-stream (only an RST must still
-be in window). State, options (window scale, SACK), ASSURED and timeouts are kept.
+be in window). State, options (window scale, SACK), ASSURED and timeouts are kept. A
+connection the kernel's SYN proxy opened is always saved so: its sequence offset (l4.tcp) is
+not in the format, and without it the client's acknowledgements would look out of window.
 
 Only `_encode_flow` and `_words_of` (writing), `_Decoder.flow`, `_decode_tcp` and
 `_relearn_windows` (reading) know the layout of a flow (core.flowtable's rows: the format's
@@ -235,6 +237,10 @@ def _encode_flow(row: Row, now: float, strings: _Strings) -> bytes:
     )
     if not bits & TCP:
         return b"".join((bytes((len(key),)), key, head))
+    if bits & l4_base.SEQ_ADJUST:  # the offset is not saved: windows relearnt (module docstring)
+        td = array("I", words)
+        _relearn_windows(td)
+        words = td.tobytes()
     if not _TD_AS_STORED:
         words = _words_of(array("I", words))
     # + state, last_index, last_dir, last_flags, last_wscale, retrans, assured; the window words

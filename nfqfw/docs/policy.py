@@ -182,8 +182,11 @@ KEYS: dict[str, dict[str, Entry]] = {
         "synproxy": (
             "true | false",
             "On an ingress rule with proto tcp and action accept: let the kernel's SYNPROXY answer "
-            "SYNs with cookies, so a spoofed SYN flood creates no state (pf's synproxy state). "
-            "Accepted and checked; not in force yet: the rule's SYNs are capped by new-rate instead.",
+            "SYNs with cookies, so a spoofed SYN flood creates no state (pf's synproxy state); only "
+            "a handshake the client completed reaches nfqfw (which judges it by the whole policy, as "
+            "coming in on each interface the rule covers) and the server. For servers behind the "
+            "gateway only: SYNs to the gateway's own addresses are not proxied (capped by new-rate). "
+            "Sets net.netfilter.nf_conntrack_tcp_loose=0. See the README's SYN proxy paragraph.",
         ),
     },
     "set": {

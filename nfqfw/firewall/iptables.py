@@ -56,7 +56,9 @@ rules are exactly the three above). The chains then read, per family::
     raw NFQFW-RAW (jump from PREROUTING):
       [antispoof] -m rpfilter [--loose] --invert: a limited sample -j NFQUEUE (never with the
         queue bypass, never a packet nfqfw already accepted), then -j DROP
-      SYNs to synproxy rules -j CT --notrack
+      SYNs to synproxy rules, not to the gateway's own addresses, -j CT --notrack
+    With synproxy rules, installing also sets net.netfilter.nf_conntrack_tcp_loose=0 (SYNPROXY
+    needs it) in the namespace, and OUTPUT lets the proxy's own ACKs by (see _synproxy_answers).
 
 NAT (``QueueSpec.nat``, nfqfw.firewall.backend.Nat: the policy's ``nat:`` section), in the nat
 table, per family::
@@ -152,6 +154,7 @@ OUR_RAW_CHAINS = frozenset({RAW_CHAIN})
 NAT_CHAINS = {"PREROUTING": "NFQFW-PREROUTING", "POSTROUTING": "NFQFW-POSTROUTING"}
 OUR_NAT_CHAINS = frozenset(NAT_CHAINS.values())
 PANIC_TARGET = "DROP"
+SYNPROXY_SYSCTL = "net.netfilter.nf_conntrack_tcp_loose=0"  # what SYNPROXY needs (see install)
 _PANIC_LINES = frozenset(f"-A {chain} -j {PANIC_TARGET}" for chain in CHAINS.values())
 
 
@@ -583,15 +586,38 @@ def _synproxy_rules(rules: tuple[Synproxy, ...], base: str, family: int) -> list
 
 
 def _synproxy_answers(rules: tuple[Synproxy, ...], family: int) -> list[str]:
-    """SYNPROXY's own SYN-ACKs (cookies) leave through OUTPUT untracked: not nfqfw's to judge."""
+    """What SYNPROXY sends itself through OUTPUT, not nfqfw's to judge: its SYN-ACKs (cookies,
+    without a connection: INVALID to conntrack) and, once the server answered, its ACK to the
+    server and its window update to the client (sent from the client's and the server's
+    addresses, not the gateway's). Those ACKs must not wait in the queue: the kernel sets the
+    connection's sequence offset right after sending them, and an ACK to the server let go
+    after that would be shifted by it. Its SYN to the server is queued: nfqfw judges it
+    (nfqfw.core.synproxy)."""
     lines = []
+    proxy_ack = (
+        "-m addrtype ! --src-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK ACK "
+        "-m conntrack --ctstate ESTABLISHED"
+    )
     for rule in rules:
         for match in rule.matches:
             answer = _match(_Reverse(match))
             lines.append(
-                f"{answer} -m tcp --tcp-flags SYN,ACK SYN,ACK -m conntrack --ctstate UNTRACKED -j RETURN"
+                f"{answer} -m addrtype ! --src-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK SYN,ACK "
+                "-m conntrack --ctstate INVALID,UNTRACKED -j RETURN"
             )
+            lines.append(f"{_match(_Outbound(match))} {proxy_ack} -j RETURN")
+            lines.append(f"{answer} {proxy_ack} -j RETURN")
     return lines
+
+
+@dataclass(frozen=True)
+class _Outbound:
+    """A match without its input interface: what the gateway sends itself in its name (OUTPUT)."""
+
+    of: MatchLike
+
+    def __getattr__(self, name: str) -> Any:
+        return None if name == "in_iface" else getattr(self.of, name)
 
 
 @dataclass(frozen=True)
@@ -636,8 +662,10 @@ def _render_raw(spec: QueueSpec, protection: Protection, installed: Installed, f
         lines += [f"-A {RAW_CHAIN} {rule}" for rule in _antispoof_rules(spec, protection, antispoof)]
     for rule in synproxy:
         for match in rule.matches:
+            # Not to the gateway's own addresses: only forwarded connections are proxied.
             lines.append(
-                f"-A {RAW_CHAIN} {_match(match)} -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CT --notrack"
+                f"-A {RAW_CHAIN} {_match(match)} -m addrtype ! --dst-type LOCAL "
+                "-m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CT --notrack"
             )
     lines += [f"-D {jump}" for jump in installed.raw_jumps]
     lines.append(f"-I PREROUTING 1 -j {RAW_CHAIN}")
@@ -859,6 +887,10 @@ class Iptables(Firewall):
         protection = spec.protection
         used = () if protection is None else protection.ipsets
         self._destroy_sets(frozenset(set_name(found.name, found.family) for found in used))
+        if protection is not None and protection.synproxy:
+            # SYNPROXY only sees a client's ACK that the kernel's conntrack calls INVALID: one it
+            # picked up as a connection (loose pick-up) would bypass it. Left so at removal.
+            _run(self._run, ["sysctl", "-q", "-w", SYNPROXY_SYSCTL], None)
 
     def ipv6_nat_missing(self) -> str | None:
         """Try IPv6 MASQUERADE and DNAT in a throwaway network namespace (unshare --net: nothing of

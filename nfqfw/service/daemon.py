@@ -138,6 +138,7 @@ class Daemon(ServiceCore):
             self.sender = RawSender(opts.mark)
         except OSError as err:
             raise StartupError(f"cannot open netlink or raw sockets: {err}") from err
+        self._follow_addresses(self.links, self.engine)
         self.adapter = QueueAdapter(
             self.engine,
             self.links,
@@ -174,6 +175,18 @@ class Daemon(ServiceCore):
 
     def _route_meta(self) -> RouteMeta:
         return RouteMeta(self.links.addresses if self.links is not None else ())
+
+    @staticmethod
+    def _follow_addresses(links: Links, engine: Any) -> None:
+        """The engine tells the SYN proxy's SYNs by a source that is not one of the gateway's
+        addresses (nfqfw.core.synproxy): it gets them, and every change of them."""
+
+        def update() -> None:
+            if links.addresses:
+                engine.local_addresses = links.addresses
+
+        update()
+        links.on_change(update)
 
     def _accept_mark(self) -> int:
         """The mark of an accepted packet: --mark, and a worker's owner field (nfqfw.firewall.marks)."""

@@ -4,10 +4,13 @@ One function builds the QueueSpec for the single daemon and for the supervisor o
 from the run options and the loaded policy (nfqfw.core.prefilter decides what the kernel may
 drop; nfqfw.firewall renders it). Built again at each reload: the pre-filter follows the rules.
 
-What is not in force yet, and why (logged once at start and reload):
-- `synproxy: true`: the kernel's SYNPROXY shifts the server's sequence numbers; the engine's
-  TCP window tracking does not follow that shift yet (a client's ACKs would look invalid), so
-  the SYNPROXY rules are rendered by the backend but not installed;
+`synproxy: true` covers forwarded connections (nfqfw.core.synproxy: the engine follows the
+kernel's sequence adjustment); SYNs to the gateway's own addresses are not proxied.
+
+What is not in force, and why (logged once at start and reload):
+- `synproxy: true` for the gateway's own services (a rule without `to`, or to the gateway):
+  the proxy's handshake with a local server passes the loopback, where nfqfw does not look;
+  such SYNs are capped by new-rate as any first packet;
 - UDP in the pre-filter: a reply to a UDP flow restored from a snapshot after a reboot is NEW to
   the kernel (see nfqfw.core.prefilter); UDP first packets are capped (new-rate), not dropped.
 
@@ -22,15 +25,13 @@ from typing import Any
 from nfqfw.core.config import INSIDE, OUTSIDE, PROTO_TCP, PolicyConfig, RuleConfig
 from nfqfw.core.engine import SPOOFED_SOURCE
 from nfqfw.core.prefilter import KernelMatch, derive, kernel_sets, port_chunks
+from nfqfw.core.synproxy import rule_ifaces
 from nfqfw.firewall import QueueSpec
 from nfqfw.firewall.backend import Antispoof, Nat, PortForward, Protection, Rate, SourceNat, Synproxy
 from nfqfw.firewall.marks import Marks
 from nfqfw.service.options import Options
 
 log = logging.getLogger("nfqfw")
-
-# Flip when the engine follows SYNPROXY's sequence adjustment (see the module docstring).
-ENGINE_FOLLOWS_SYNPROXY = False
 
 
 def queue_spec(options: Options, config: PolicyConfig, *, bypass: bool, sets: bool = False) -> QueueSpec:
@@ -110,7 +111,7 @@ def protection(options: Options, config: PolicyConfig, sets: bool = False) -> Pr
     per_source = opts.new_rate_per_source
     offload_bit = Marks(options.mark, options.conn_mark).offload
     offload = offload_bit if opts.offload == "established" and offload_bit else None
-    synproxy = _synproxy(config) if ENGINE_FOLLOWS_SYNPROXY else ()
+    synproxy = _synproxy(config)
     _log_not_in_force(config)
     log_limit = opts.log_limit
     antispoof = None
@@ -136,7 +137,8 @@ def protection(options: Options, config: PolicyConfig, sets: bool = False) -> Pr
 
 
 def _synproxy(config: PolicyConfig) -> tuple[Synproxy, ...]:
-    """SYNPROXY for each `synproxy: true` rule, per family and hook (gateway: INPUT)."""
+    """SYNPROXY for each `synproxy: true` rule, per family, for forwarded connections (FORWARD;
+    the raw table's rule leaves SYNs to the gateway's own addresses alone)."""
     found = []
     external = config.interfaces_facing(OUTSIDE)
     for rule in config.ingress:
@@ -145,36 +147,25 @@ def _synproxy(config: PolicyConfig) -> tuple[Synproxy, ...]:
         for family in (4, 6):
             if rule.family not in (None, family):
                 continue
-            for hook, matches in _synproxy_matches(rule, family, external):
-                if matches:
-                    found.append(Synproxy(family, hook, matches, rule.name))
+            matches = _synproxy_matches(rule, family, external)
+            if matches:
+                found.append(Synproxy(family, "FORWARD", matches, rule.name))
     return tuple(found)
 
 
-def _synproxy_matches(
-    rule: RuleConfig, family: int, external: tuple[str, ...]
-) -> list[tuple[str, tuple[KernelMatch, ...]]]:
-    ifaces: list[str | None] = list(rule.in_ifaces or external) or [None]
+def _synproxy_matches(rule: RuleConfig, family: int, external: tuple[str, ...]) -> tuple[KernelMatch, ...]:
     sources: list[str | None] = [None]
     if rule.src is not None:
         sources = [str(net) for net in rule.src.networks if net.version == family]
-    ports = rule.dports or None
-    out = []
-    destinations = {
-        "FORWARD": [None]
-        if rule.dst is None
-        else [str(net) for net in rule.dst.networks if net.version == family]
-    }
-    destinations["INPUT"] = [None] if rule.dst is None or rule.dst.gateway else []
-    for hook, dsts in destinations.items():
-        matches = tuple(
-            KernelMatch(PROTO_TCP, src=src, dst=dst, dports=ports, in_iface=iface)
-            for src in sources
-            for dst in dsts
-            for iface in ifaces
-        )
-        out.append((hook, matches))
-    return out
+    dsts: list[str | None] = [None]
+    if rule.dst is not None:
+        dsts = [str(net) for net in rule.dst.networks if net.version == family]
+    return tuple(
+        KernelMatch(PROTO_TCP, src=src, dst=dst, dports=rule.dports or None, in_iface=iface)
+        for src in sources
+        for dst in dsts
+        for iface in rule_ifaces(rule, external)
+    )
 
 
 _warned: set[tuple[str, str]] = set()
@@ -187,11 +178,11 @@ def _log_not_in_force(config: PolicyConfig) -> None:
             log.warning(message, *args)
 
     for rule in config.ingress:
-        if rule.synproxy and not ENGINE_FOLLOWS_SYNPROXY:
+        if rule.synproxy and (rule.dst is None or rule.dst.gateway):
             once(
                 "synproxy",
                 rule.name,
-                "rule %s: synproxy is not in force yet: nfqfw's TCP tracking does not follow the kernel "
-                "SYNPROXY's sequence adjustment; SYNs to it are capped by new-rate instead",
+                "rule %s: synproxy covers forwarded connections only: SYNs to the gateway itself are "
+                "not proxied (capped by new-rate as any first packet)",
                 rule.name,
             )

@@ -28,12 +28,15 @@ ORIG_A = 0x01  # the originator's endpoint sorts first in the key
 ASSURED = 0x02  # kept when the table is full (no early drop)
 SEEN_REPLY = 0x04  # a REPLY-direction packet was accepted
 PROTO_STATE = 0x08  # the protocol area holds tracker state: copied with the flow, zeroed when freed
+# TCP: the kernel's SYN proxy opened the connection; the ORIGINAL direction's ACKs are in its
+# cookie's sequence space (l4.tcp: the offset in the protocol bytes). Never on the fast path.
+SEQ_ADJUST = 0x10
 
 # The protocol area: per flow, WORDS 32-bit words (FlowTable.td) and SMALL bytes
 # (FlowTable.small), sized for TCP, the largest state. A stateful tracker keeps its state
 # number in byte STATE_BYTE (read by the census and the state names).
 WORDS = 16
-SMALL = 8
+SMALL = 12
 STATE_BYTE = 0
 
 ORIGINAL = Direction.ORIGINAL

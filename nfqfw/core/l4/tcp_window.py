@@ -16,7 +16,10 @@ and a packet from `sender` to `receiver` must satisfy
     IV.  sack >= receiver.td_end - MAXACKWINDOW(sender)            else IGNORE (overly delayed ACK)
 
 with sack the highest SACK right edge (or the ACK) and MAXACKWINDOW = max(td_maxwin, 66000).
-All sequence arithmetic is modulo 2**32 (`before` / `after`).
+All sequence arithmetic is modulo 2**32 (`before` / `after`). A connection the kernel's SYN
+proxy opened acknowledges the server's data in the proxy's sequence space: its ORIGINAL
+direction's ack and sack are first shifted back by `TcpWindow.ack_offset` (the kernel's
+`nf_ct_seq_offset` in tcp_in_window; 0 for every other connection, see l4.tcp).
 
 Storage: both directions plus the last-packet record are WORDS unsigned 32-bit words (an
 `array('I')`; in the flow table, the flow's protocol words), indexed by the offsets below
@@ -93,12 +96,15 @@ def segment_end(pkt: Packet) -> int:
 class TcpWindow:
     """Window data of both directions and the last-packet record of one TCP flow."""
 
-    __slots__ = ("last_dir", "retrans", "td")
+    __slots__ = ("ack_offset", "last_dir", "retrans", "td")
 
     def __init__(self) -> None:
         self.td: array[int] = _ZERO_WORDS[:]
         self.last_dir = 0
         self.retrans = 0  # identical ACK-class packets in a row (saturates at 255)
+        # The REPLY direction's sequence offset (kernel seqadj, set by the SYN proxy): taken off
+        # the acknowledgements of ORIGINAL packets. Not stored with the flow: l4.tcp sets it.
+        self.ack_offset = 0
 
     def side(self, direction: int) -> dict[str, int]:
         """One direction's data by name (debugging and tests; not for the hot path)."""
@@ -180,6 +186,11 @@ def tcp_in_window(w: TcpWindow, pkt: Packet, direction: int, index: int, state: 
         for _left, right in pkt.sack:
             if after(right, sack):
                 sack = right
+    offset = w.ack_offset
+    if offset and not direction:
+        # The client acknowledges the server's data in the SYN proxy's space (nf_ct_seq_offset).
+        ack = (ack - offset) & MASK
+        sack = (sack - offset) & MASK
 
     if td[s + MAXWIN] == 0:
         if flags & SYN:

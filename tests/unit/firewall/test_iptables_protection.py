@@ -105,7 +105,8 @@ def test_offload_bypass_and_synproxy() -> None:
     match = "-d 10.0.0.80/32 -i wan0 -p tcp -m multiport --dports 443"
     assert text.startswith(
         "*raw\n:NFQFW-RAW - [0:0]\n"
-        f"-A NFQFW-RAW {match} -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CT --notrack\n"
+        f"-A NFQFW-RAW {match} -m addrtype ! --dst-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK SYN "
+        "-j CT --notrack\n"
         "-I PREROUTING 1 -j NFQFW-RAW\nCOMMIT\n*filter\n"
     )
     lines = text.splitlines()
@@ -123,11 +124,32 @@ def test_offload_bypass_and_synproxy() -> None:
         "-A NFQFW-FORWARD -m conntrack --ctstate INVALID -j MARK --or-mark 0x20000000",
         "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
     ]
-    assert (
-        "-A NFQFW-OUTPUT -s 10.0.0.80/32 -p tcp -m multiport --sports 443 -m tcp --tcp-flags SYN,ACK SYN,ACK "
-        "-m conntrack --ctstate UNTRACKED -j RETURN"
-    ) in lines
+    # What the proxy sends itself through OUTPUT: its cookies, its ACKs to server and client.
+    proxy_ack = "-m addrtype ! --src-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK ACK -m conntrack --ctstate ESTABLISHED"
+    reverse = "-s 10.0.0.80/32 -p tcp -m multiport --sports 443"
+    output = [line for line in lines if line.startswith("-A NFQFW-OUTPUT")]
+    assert output[5:8] == [
+        f"-A NFQFW-OUTPUT {reverse} -m addrtype ! --src-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK SYN,ACK "
+        "-m conntrack --ctstate INVALID,UNTRACKED -j RETURN",
+        f"-A NFQFW-OUTPUT -d 10.0.0.80/32 -p tcp -m multiport --dports 443 {proxy_ack} -j RETURN",
+        f"-A NFQFW-OUTPUT {reverse} {proxy_ack} -j RETURN",
+    ], output
     assert render_install(QueueSpec(0, 0, protection=protection), NOTHING, 6).startswith("*filter\n")
+
+
+def test_installing_synproxy_makes_the_kernels_pick_up_strict() -> None:
+    synproxy = Synproxy(4, "FORWARD", (KernelMatch(6, dst="10.0.0.80/32"),), "web")
+    tools = FakeTools({"iptables-save": "", "ip6tables-save": ""})
+    Iptables(run=tools).install(QueueSpec(0, 0, protection=Protection(synproxy=(synproxy,))))
+    assert [argv for argv, _ in tools.calls][-1] == [
+        "sysctl",
+        "-q",
+        "-w",
+        "net.netfilter.nf_conntrack_tcp_loose=0",
+    ]
+    tools = FakeTools({"iptables-save": "", "ip6tables-save": ""})
+    Iptables(run=tools).install(QueueSpec(0, 0, protection=Protection()))
+    assert not [argv for argv, _ in tools.calls if argv[0] == "sysctl"]
 
 
 def test_the_gateways_own_icmp_errors_pass_output_unqueued() -> None:
@@ -168,7 +190,8 @@ def test_antispoof_loose_without_log_next_to_synproxy() -> None:
         "*raw",
         ":NFQFW-RAW - [0:0]",
         '-A NFQFW-RAW -m rpfilter --loose --invert -m comment --comment "invalid: spoofed source" -j DROP',
-        "-A NFQFW-RAW -d 10.0.0.80/32 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CT --notrack",
+        "-A NFQFW-RAW -d 10.0.0.80/32 -p tcp -m addrtype ! --dst-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK SYN "
+        "-j CT --notrack",
         "-I PREROUTING 1 -j NFQFW-RAW",
         "COMMIT",
     ]

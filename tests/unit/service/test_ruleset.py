@@ -36,7 +36,7 @@ def test_defaults_prefilter_caps_and_four_queues_each_with_its_queue_for_first_p
         "default ingress",
         "default ingress",
     ]
-    assert protection.offload_mark is None and protection.synproxy == ()
+    assert protection.offload_mark is None
     assert protection.reject_rate == int(Options(config="p").reject_rate)
     assert protection.gateway_errors  # the gateway's own ICMP errors pass OUTPUT in the kernel
     assert protection.antispoof == Antispoof(loose=False, reason="invalid: spoofed source", log=True)
@@ -83,18 +83,39 @@ def test_first_packets_follow_the_main_queues_unless_told() -> None:
     assert bound(queue_first=0, queue_last=1) == (0, 1, 2, 3)
 
 
-def test_synproxy_waits_for_the_engine(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_synproxy_for_forwarded_connections(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     ruleset._warned.clear()
-    assert ruleset.protection(Options(config="p"), parse_policy(POLICY)).synproxy == ()
-    assert "rule web: synproxy is not in force yet" in caplog.text
-    monkeypatch.setattr(ruleset, "ENGINE_FOLLOWS_SYNPROXY", True)
     synproxy = ruleset.protection(Options(config="p"), parse_policy(POLICY)).synproxy
     match4 = KernelMatch(6, dst="10.0.0.80/32", dports=((443, 443),), in_iface="wan0")
     match6 = KernelMatch(6, dst="fd00::80/128", dports=((443, 443),), in_iface="wan0")
     assert synproxy == (Synproxy(4, "FORWARD", (match4,), "web"), Synproxy(6, "FORWARD", (match6,), "web"))
+    assert caplog.text == ""  # the rule's servers are behind the gateway: all in force
+
+
+def test_synproxy_never_for_the_gateway_itself(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    ruleset._warned.clear()
+    policy = """\
+zones: {external: [wan0, wan1], internal: [lan0]}
+ingress:
+  - {name: smtp, proto: tcp, ports: 25, action: accept, synproxy: true}
+  - {name: web, proto: tcp, in: wan1, from: 198.51.100.0/24, to: [gateway, 10.0.0.80], ports: 443,
+     action: accept, synproxy: true}
+"""
+    synproxy = ruleset.protection(Options(config="p"), parse_policy(policy)).synproxy
+    any_port25 = tuple(KernelMatch(6, dports=((25, 25),), in_iface=iface) for iface in ("wan0", "wan1"))
+    web = KernelMatch(6, src="198.51.100.0/24", dst="10.0.0.80/32", dports=((443, 443),), in_iface="wan1")
+    assert synproxy == (
+        Synproxy(4, "FORWARD", any_port25, "smtp"),
+        Synproxy(6, "FORWARD", any_port25, "smtp"),
+        Synproxy(4, "FORWARD", (web,), "web"),
+    )
+    for name in ("smtp", "web"):
+        assert (
+            f"rule {name}: synproxy covers forwarded connections only: SYNs to the gateway itself are not "
+            "proxied (capped by new-rate as any first packet)"
+        ) in caplog.text
 
 
 @pytest.mark.parametrize(
