@@ -65,7 +65,8 @@ def test_install_puts_the_package_command_policy_unit_and_docs_in_place(
     written = "install: /etc/nfqfw/policy.yaml written from config/policy.yaml: edit its zones first"
     assert written in result.stdout
     check = subprocess.run([venv_nfqfw, "check", policy], capture_output=True, text=True, timeout=60)
-    summary = f"{policy}: OK (zones: 2, ingress rules: 3, egress rules: 1), 4 rules compiled in "
+    counts = "zones: 2, ingress rules: 3, egress rules: 1, nat: 1 masquerade, 1 forward"
+    summary = f"{policy}: OK ({counts}), 4 rules compiled in "
     assert check.returncode == 0
     assert re.fullmatch(re.escape(summary) + r"\d+\.\d ms\n", check.stdout), check.stdout
 
