@@ -144,9 +144,10 @@ def test_a_flood_in_one_flow_does_not_starve_another_flow_of_its_queue(lab: Lab)
     answer = status(lab)
     after = answer["verdicts"]
     # The flood in the same FIFO did not starve the pings: nearly all answered, and not after
-    # waiting behind a full queue (without early drops: 160-190 ms each way round, here 2-5 ms;
-    # a few may be lost or late when the shared machine stalls nfqfw until the queue is full).
-    assert len(times) >= 95, (times, queued, during, after)
+    # waiting behind a full queue (without early drops: 160-190 ms each way round and a third to
+    # two thirds lost; here 2-5 ms). A few may be lost or late when the shared 2-core machine
+    # stalls nfqfw until the kernel's queue is full and it drops at the tail (6 of 100 once in CI).
+    assert len(times) >= 90, (times, queued, during, after)
     assert times[len(times) // 2] < 50, times
     early = after.get(EARLY_DROP, 0) - before.get(EARLY_DROP, 0)
     assert early > 1000, after  # the flood's excess, dropped before the engine
