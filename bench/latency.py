@@ -28,7 +28,8 @@ Gateway modes:
     nfqfw-1q        `nfqfw run --queue 0`: one queue for established flows (and its queue for
                     first packets): every flow shares one kernel FIFO, so only the early drops
                     keep the ping's wait bounded
-    nfqfw-offload   `offload: established`: not yet (the daemon hands no flow over)
+    nfqfw-offload   the defaults plus `offload: established`: each flow is handed over to the
+                    kernel's conntrack once established (the ping's, the load's)
 
 Only ratios within one run compare (the machine is shared). Run as root: `make bench-latency`
 (about 2 minutes; `--modes`, `--loads` choose a part; `--pin` puts the traffic tools on CPU 0
@@ -72,8 +73,7 @@ LOAD_PORT, OTHER_PORT, SAME_PORT = 5201, 5202, 5203  # iperf3 servers (SAME_PORT
 
 LOADS = ("idle", "tcp-4", "udp-other", "udp-same")
 MODES = ("kernel", "nfqfw", "nfqfw-1q", "nfqfw-offload")
-MODE_ARGS: dict[str, tuple[str, ...]] = {"nfqfw": (), "nfqfw-1q": ("--queue", "0")}
-NOT_YET = {"nfqfw-offload": "offload: not yet (the daemon hands no flow over)"}
+MODE_ARGS: dict[str, tuple[str, ...]] = {"nfqfw": (), "nfqfw-1q": ("--queue", "0"), "nfqfw-offload": ()}
 
 
 # --pin: the traffic tools on CPU 0, nfqfw on CPU 1 (as on a gateway where nfqfw has a core
@@ -203,14 +203,17 @@ def kernel_rules(gw: str, install: bool) -> None:
 
 
 def run_mode(t: Topology, mode: str, loads: Sequence[str] = LOADS) -> dict[str, dict[str, object]]:
-    if mode in NOT_YET:
-        return {load: {"not_yet": NOT_YET[mode]} for load in loads}
     results: dict[str, dict[str, object]] = {}
     consumer = None
     if mode == "kernel":
         kernel_rules(t.gw, True)
     else:
-        daemon = daemon_ctl.start_daemon(PREFIX, POLICY, None, wrapper=PINNING["nfqfw"], args=MODE_ARGS[mode])
+        policy = POLICY
+        if mode == "nfqfw-offload":
+            policy = daemon_ctl.LabState(PREFIX).runtime_dir / "offload.yaml"
+            policy.write_text(POLICY.read_text() + "options: {offload: established}\n")
+            policy.chmod(0o600)
+        daemon = daemon_ctl.start_daemon(PREFIX, policy, None, wrapper=PINNING["nfqfw"], args=MODE_ARGS[mode])
         consumer = daemon.pid
     try:
         reference = other_alone(t)
@@ -243,9 +246,6 @@ def table(results: dict[str, dict[str, dict[str, object]]]) -> str:
             if r is None:
                 continue
             row = f"{load:<11}{mode:<15}"
-            if "not_yet" in r:
-                lines.append(row + f"  ({r['not_yet']})")
-                continue
             row += f"{r['median_ms']:>15.3f}{r['p99_ms']:>8.3f}{r['lost_pct']:>5.1f}%"
             other = r.get("other_gbps")
             row += f"{other:>14.2f}{r['other_ratio']:>7.2f}x" if other is not None else f"{'-':>14}{'-':>8}"
