@@ -206,11 +206,14 @@ def translation(arrival: Arrival) -> dict[str, str] | None:
     if arrival.forward is None or arrival.public is None:
         return None
     port = arrival.forward.translated_port(arrival.public[1])
-    return {
+    found = {
         "by": arrival.forward.name,
         "from": endpoint(*arrival.public),
         "to": endpoint(arrival.forward.to, port),
     }
+    if arrival.forward.config.comment:
+        found["comment"] = arrival.forward.config.comment
+    return found
 
 
 def zones(policy: CompiledPolicy, arrival: Arrival) -> dict[str, str]:
@@ -273,7 +276,8 @@ def report(
     lines = []
     forwarded = extra.get("forwarded")
     if isinstance(forwarded, dict):
-        lines.append(f"forwarded to {forwarded['to']} by forward {forwarded['by']}")
+        comment = f" ({forwarded['comment']})" if forwarded.get("comment") else ""
+        lines.append(f"forwarded to {forwarded['to']} by forward {forwarded['by']}{comment}")
     where = extra.get("zones")
     if isinstance(where, dict):
         lines.append(f"zones: {where['from']} -> {where['to']} ({where['side']})")

@@ -343,13 +343,14 @@ def format_sets(sets: list[dict[str, Any]]) -> list[str]:
 
 
 def _commented(lines: list[str], rows: list[tuple[str, int]], comments: dict[str, str]) -> list[str]:
-    """Verdict lines of rules that have a comment get it at the end (`# why`)."""
+    """Verdict lines of rules and forwards that have a comment get it at the end (`# why`)."""
     if not comments or len(lines) != len(rows):
         return lines
     out = []
     for line, (key, _) in zip(lines, rows, strict=True):
-        rule = key.split(" rule ", 1)[1] if " rule " in key else None
-        out.append(f"{line}  # {comments[rule]}" if rule in comments else line)
+        kinds = [kind for kind in (" rule ", " forward ") if kind in key]
+        name = key.split(kinds[0], 1)[1] if kinds else None
+        out.append(f"{line}  # {comments[name]}" if name in comments else line)
     return out
 
 

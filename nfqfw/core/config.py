@@ -103,6 +103,7 @@ FORWARD_KEYS = (
     "pass",
     "log",
     "hairpin",
+    "comment",
 )
 OPTION_KEYS = (
     "max-flows",
@@ -505,6 +506,7 @@ class ForwardConfig:
     passes: bool = True
     log: bool = False
     hairpin: bool = True
+    comment: str | None = None
 
     def translated_port(self, port: int) -> int:
         return port if self.to_port is None else self.to_port
@@ -1882,6 +1884,8 @@ class _NatChecker:
         for key, attr in (("pass", "passes"), ("log", "log"), ("hairpin", "hairpin")):
             if key in found:
                 fields[attr] = self.c.boolean(found[key][1], f"{where}: {key}")
+        if "comment" in found:
+            fields["comment"] = self.c.text(found["comment"][1], f"{where}: comment")
         if "in_ifaces" not in fields:
             fields["in_ifaces"] = self.outside_interfaces()
             if not fields["in_ifaces"]:

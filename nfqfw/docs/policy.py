@@ -270,6 +270,7 @@ KEYS: dict[str, dict[str, Entry]] = {
             "inside host too, their source translated to the gateway's so that the replies come back "
             "through it.",
         ),
+        "comment": ("text", "What the forward is for; shown by explain and status."),
     },
     "options": {
         "max-flows": (

@@ -51,7 +51,7 @@ from nfqfw.control.flowlist import FlowFilter
 from nfqfw.control.protocol import Chunks, ControlError, RequestError
 from nfqfw.control.requests import Requests, kernel_queues
 from nfqfw.control.server import ControlServer
-from nfqfw.core.config import DEFAULT_LOG_LIMIT, SIDES, LogLimit
+from nfqfw.core.config import DEFAULT_LOG_LIMIT, SIDES, LogLimit, PolicyConfig
 from nfqfw.firewall import Firewall, QueueSpec, RulesError, backend_named
 from nfqfw.observe.endpoint import MetricsError
 from nfqfw.observe.logsetup import use_format
@@ -708,9 +708,7 @@ class ServiceCore:
                 "file_sha256": digest_on_disk(policy),
                 "files": len(policy.sources),
                 "sets": sets_status(policy, self.runtime_sets(), self.set_errors),
-                "comments": {
-                    rule.name: rule.comment for side in SIDES for rule in policy.rules(side) if rule.comment
-                },
+                "comments": comments(policy),
                 "pending_confirm": None
                 if pending is None
                 else {
@@ -961,6 +959,14 @@ class ServiceCore:
 
     def _release(self) -> None:
         """Close the specialisation's resources (from close: idempotent)."""
+
+
+def comments(policy: PolicyConfig) -> dict[str, str]:
+    """The comments of the policy's rules and forwards, by name (names are unique across both)."""
+    found = {rule.name: rule.comment for side in SIDES for rule in policy.rules(side) if rule.comment}
+    if policy.nat is not None:
+        found.update({forward.name: forward.comment for forward in policy.nat.forward if forward.comment})
+    return found
 
 
 def _stamp(path: str) -> tuple[int, int, int] | None:

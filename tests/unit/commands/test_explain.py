@@ -336,3 +336,14 @@ def test_the_gateways_own_icmp_errors(capsys: pytest.CaptureFixture[str]) -> Non
 def test_bad_quoting_is_refused(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run_explain(["--in", "lan0", *argv], capsys)
     assert (status, out, err) == (1, "", f"nfqfw explain: {message}\n")
+
+
+def test_a_forward_s_comment_is_shown_where_it_translated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "nat.yaml"
+    policy.write_text(
+        NAT_POLICY.replace("address: 203.0.113.1}", "address: 203.0.113.1, comment: the mail host}", 1)
+    )
+    _, out, _ = run_explain(["--in", "wan0", "tcp", "198.51.100.7:50000", "203.0.113.1:587"], capsys, policy)
+    assert out.splitlines()[0] == "forwarded to 10.0.0.25:587 by forward smtp (the mail host)"

@@ -305,3 +305,14 @@ def test_status_shows_new_flows_by_zone_pair_and_forward_admissions() -> None:
         status(zones={}), utc
     )
     assert admitted_by("forward smtp") == "forward=smtp"
+
+
+def test_verdict_lines_of_rules_and_forwards_carry_their_comments() -> None:
+    verdicts = {"accept rule mail": 10, "accept forward smtp": 4, "drop default ingress": 5}
+    answer = status(verdicts=verdicts)
+    answer["policy"] = {**answer["policy"], "comments": {"mail": "the mail host", "smtp": "published"}}
+    lines = format_status(answer, utc)
+    assert [line for line in lines if "#" in line] == [
+        "  accept rule mail      10  # the mail host",
+        "  accept forward smtp    4  # published",
+    ]

@@ -140,9 +140,10 @@ def test_forward_options() -> None:
     text = ZONES + (
         "nat:\n  forward:\n"
         "    - {name: dns, proto: [tcp, udp], in: [wan0, wan1], ports: ['53', '5300-5310'], to: 10.0.0.53,"
-        " pass: false, log: true, hairpin: false}\n"
+        " pass: false, log: true, hairpin: false, comment: the resolver}\n"
     )
     (forward,) = parse_policy(text).nat.forward  # type: ignore[union-attr]
+    assert forward.comment == "the resolver"
     assert forward.protocols == frozenset({6, 17})
     assert forward.in_ifaces == ("wan0", "wan1")
     assert forward.ports == ((53, 53), (5300, 5310))
