@@ -46,6 +46,7 @@ from nfqfw.core.config import AddressSet, RuleConfig
 from nfqfw.core.packet import FRAG_LATER, Packet
 from nfqfw.core.sets import EMPTY, RuntimeEntries, SetContent
 from nfqfw.core.sets import Ranges as SetRanges
+from nfqfw.core.sets import merged as merge_ranges
 
 IFACE_CACHE_SIZE = 1024  # interface names remembered per dimension (wildcards make a miss costly)
 ARRAY_INTERVALS = 1024  # an IPv4 map with more intervals keeps its starts in an array('I')
@@ -92,18 +93,6 @@ class Interner:
 
     def __len__(self) -> int:
         return len(self._seen)
-
-
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, disjoint, non-adjacent inclusive ranges covering the same values."""
-    out: list[tuple[int, int]] = []
-    for first, last in sorted(ranges):
-        if out and first <= out[-1][1] + 1:
-            if last > out[-1][1]:
-                out[-1] = (out[-1][0], last)
-        else:
-            out.append((first, last))
-    return out
 
 
 class IntervalMap:

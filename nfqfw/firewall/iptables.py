@@ -118,7 +118,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -686,15 +686,21 @@ def _antispoof_rules(spec: QueueSpec, protection: Protection, antispoof: Antispo
     return lines
 
 
-def _render_raw_removal(installed: Installed) -> str:
-    if not installed.raw_chains and not installed.raw_jumps:
+def _render_table_removal(table: str, chains: Sequence[str], jumps: Sequence[str]) -> str:
+    """iptables-restore input taking nfqfw's `chains`, in this order, and the jumps to them out of
+    `table` (rules first: a chain must be empty to go)."""
+    if not chains and not jumps:
         return ""
-    lines = ["*" + RAW]
-    lines += [f"-D {jump}" for jump in installed.raw_jumps]
-    lines += [f"-F {chain}" for chain in sorted(installed.raw_chains)]
-    lines += [f"-X {chain}" for chain in sorted(installed.raw_chains)]
+    lines = ["*" + table]
+    lines += [f"-D {jump}" for jump in jumps]
+    lines += [f"-F {chain}" for chain in chains]
+    lines += [f"-X {chain}" for chain in chains]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def _render_raw_removal(installed: Installed) -> str:
+    return _render_table_removal(RAW, sorted(installed.raw_chains), list(installed.raw_jumps))
 
 
 # --- the nat table ------------------------------------------------------------------------------
@@ -757,31 +763,20 @@ def _source_nat_rule(entry: SourceNat) -> str:
 
 
 def _render_nat_removal(installed: Installed) -> str:
-    if not installed.nat_chains and not installed.nat_jumps:
-        return ""
-    lines = ["*" + NAT]
-    lines += [f"-D {jump}" for jump in installed.nat_jumps]
-    lines += [f"-F {chain}" for chain in sorted(installed.nat_chains)]
-    lines += [f"-X {chain}" for chain in sorted(installed.nat_chains)]
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+    return _render_table_removal(NAT, sorted(installed.nat_chains), list(installed.nat_jumps))
 
 
 def render_remove(installed: Installed) -> str | None:
     """iptables-restore --noflush input removing every trace of us; None if nothing is there."""
     if installed.empty:
         return None
-    text = _render_raw_removal(installed) + _render_nat_removal(installed)
-    if not installed.chains and not installed.jumps:
-        return text
-    lines = ["*" + TABLE]
-    lines += [f"-D {jump}" for jump in installed.jumps]
     order = [*CHAINS.values(), *PRE_CHAINS.values(), NEW_CHAIN]
     present = [chain for chain in order if chain in installed.chains]
-    lines += [f"-F {chain}" for chain in present]  # rules first: a chain must be empty to go
-    lines += [f"-X {chain}" for chain in present]
-    lines.append("COMMIT")
-    return text + "\n".join(lines) + "\n"
+    return (
+        _render_raw_removal(installed)
+        + _render_nat_removal(installed)
+        + _render_table_removal(TABLE, present, list(installed.jumps))
+    )
 
 
 # --- running the tools ------------------------------------------------------------------------

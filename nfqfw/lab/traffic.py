@@ -336,7 +336,7 @@ def open_connection(ns: str, host: str, port: int, timeout: float = 5.0) -> tupl
 def echo_roundtrip(sock: socket.socket, data: bytes) -> bytes:
     """Send `data` on an echo connection and read the same number of bytes back."""
     sock.sendall(data)
-    return _read_exactly(sock, len(data))
+    return read_exactly(sock, len(data))
 
 
 def upload(
@@ -396,7 +396,8 @@ def _read_line(sock: socket.socket) -> str:
     return data.decode(errors="replace").strip()
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes from `sock`, fewer only when the peer closes first."""
     data = bytearray()
     while len(data) < size:
         more = sock.recv(size - len(data))

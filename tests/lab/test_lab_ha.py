@@ -95,23 +95,13 @@ class Session:
         for sock in (self.client, self.server):
             sock.settimeout(timeout)
         self.client.sendall(data)
-        got = _read(self.server, len(data))
+        got = traffic.read_exactly(self.server, len(data))
         self.server.sendall(got)
-        return _read(self.client, len(data))
+        return traffic.read_exactly(self.client, len(data))
 
     def close(self) -> None:
         self.client.close()
         self.server.close()
-
-
-def _read(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        more = sock.recv(size - len(data))
-        if not more:
-            break
-        data += more
-    return bytes(data)
 
 
 def _sessions(t: HaTopology) -> dict[str, Session]:
@@ -230,7 +220,7 @@ def test_egress_session_silent_inside_survives_and_is_known_on_the_new_master(ha
         assert status["ha"]["conntrackd"]["stats"]["cache internal"]["current active connections"] >= 1
         s.server.sendall(b"from outside")
         s.client.settimeout(DATA_TIMEOUT)
-        assert _read(s.client, len(b"from outside")) == b"from outside"
+        assert traffic.read_exactly(s.client, len(b"from outside")) == b"from outside"
         assert s.exchange(b"and back") == b"and back"
     finally:
         s.close()
@@ -252,7 +242,7 @@ def test_a_flow_revoked_by_a_reload_on_the_new_master_is_cut(ha_lab: HaTopology,
         s.client.sendall(b"cut")
         s.server.settimeout(3.0)
         with pytest.raises((TimeoutError, ConnectionResetError)):
-            assert _read(s.server, 3) != b"cut"
+            assert traffic.read_exactly(s.server, 3) != b"cut"
     finally:
         policy_file.write_text(original)
         for gateway in HA_GATEWAYS:
@@ -282,9 +272,9 @@ def test_a_flow_younger_than_the_sync_loses_the_outside_until_the_inside_speaks(
             s.client.recv(100)
         s.client.sendall(b"from inside")
         s.server.settimeout(DATA_TIMEOUT)
-        assert _read(s.server, len(b"from inside")) == b"from inside"
+        assert traffic.read_exactly(s.server, len(b"from inside")) == b"from inside"
         s.client.settimeout(DATA_TIMEOUT)
-        assert _read(s.client, len(b"from outside")) == b"from outside"  # the retransmission
+        assert traffic.read_exactly(s.client, len(b"from outside")) == b"from outside"  # the retransmission
     finally:
         s.close()
 
