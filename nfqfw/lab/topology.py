@@ -151,8 +151,16 @@ def _build_dmz(topology: Topology) -> None:
 def prepare_namespace(name: str) -> None:
     with NetNS(name) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-    # Interfaces created or moved in later inherit "default"; "all" covers the rest.
-    sysctl(name, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+    # Interfaces created or moved in later inherit "default"; "all" covers the rest. The lab's
+    # routes are static: no router solicitations, which would otherwise reach the gateway's
+    # INPUT (and nfqfw's queue) at 4, 8, 16, 32 ... s after the lab comes up.
+    sysctl(
+        name,
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+        "net.ipv6.conf.all.router_solicitations=0",
+        "net.ipv6.conf.default.router_solicitations=0",
+    )
 
 
 def veth_pair(local: Link, remote: Link) -> None:
