@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from run import KERNEL_RULES, accept_server, cpu_seconds, start_ready, stop  # noqa: E402
+from saved import save_results  # noqa: E402
 
 from nfqfw.kernel.queue_info import parse_queue_stats  # noqa: E402
 from nfqfw.lab import daemon_ctl, traffic  # noqa: E402
@@ -69,7 +70,7 @@ from nfqfw.lab.topology import in_ns, run_in  # noqa: E402
 
 PREFIX = "nfqf-"
 POLICY = ROOT / "config" / "policy.yaml"
-RESULTS = ROOT / "bench" / "results" / "flood-latest.json"
+RESULTS = "flood-latest.json"  # in bench/results
 FLOOD_SECONDS = 6
 LEAD_SECONDS = 1.5  # the transfer runs alone this long before the attack
 IPERF_PORT = 5201
@@ -361,11 +362,7 @@ def main() -> int:
         f"\n(total {time.monotonic() - started:.0f} s; floods of {FLOOD_SECONDS} s; /kernel: ratio to the "
         "kernel ruleset in this run; CPU: nfqfw's, % of one core; flows: at the end of the attack)"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}, indent=2) + "\n"
-    )
-    print(f"saved {RESULTS.relative_to(ROOT)}")
+    save_results(RESULTS, {"results": results})
     return 0
 
 

@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from run import KERNEL_RULES, cpu_seconds  # noqa: E402
+from saved import save_results  # noqa: E402
 
 from nfqfw.kernel.queue_info import EARLY_DROP, parse_queue_stats  # noqa: E402
 from nfqfw.lab import daemon_ctl  # noqa: E402
@@ -63,7 +64,7 @@ from nfqfw.lab.topology import in_ns, run_in  # noqa: E402
 
 PREFIX = "nfql-"
 POLICY = ROOT / "config" / "policy.yaml"
-RESULTS = ROOT / "bench" / "results" / "latency-latest.json"
+RESULTS = "latency-latest.json"  # in bench/results
 PING_TARGET = "203.0.113.20"  # the second outside address: the ping's destination
 OTHER_HOST = "10.0.0.26"  # the second inside address: the other host's transfer
 PINGS, PING_INTERVAL = 300, 0.01
@@ -300,11 +301,7 @@ def main() -> int:
         f"{LAN_V4} to {PING_TARGET}, after the load ran {LEAD:g} s; other: {OTHER_HOST}'s TCP transfer "
         "during the ping, /alone: against it alone; CPU: nfqfw's, % of one core)"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}, indent=2) + "\n"
-    )
-    print(f"saved {RESULTS.relative_to(ROOT)}")
+    save_results(RESULTS, {"results": results})
     return 0
 
 

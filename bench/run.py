@@ -31,6 +31,7 @@ against bare-nfq. The lab is always torn down. Run as root: `make bench` or
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -42,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from saved import save_results  # noqa: E402
+
 from nfqfw.kernel.queue_info import COPY_RANGE  # noqa: E402
 from nfqfw.lab import daemon_ctl  # noqa: E402
 from nfqfw.lab.plan import WAN_V4, Topology  # noqa: E402
@@ -49,7 +52,7 @@ from nfqfw.lab.topology import in_ns, run_in  # noqa: E402
 
 PREFIX = "nfqb-"
 POLICY = ROOT / "config" / "policy.yaml"
-RESULTS = ROOT / "bench" / "results" / "latest.json"
+RESULTS = "latest.json"  # in bench/results
 TCP_SECONDS, UDP_SECONDS, CONN_SECONDS = 5, 3, 3
 IPERF_PORT, CONN_PORT = 5201, 9000
 
@@ -194,7 +197,10 @@ def kernel_rules(gw: str, install: bool) -> None:
         run_in(gw, "iptables", "-w", "-F", "FORWARD")
 
 
-def run_modes(t: Topology) -> dict[str, dict[str, float | None]]:
+MODES = ("none", "kernel", "bare-nfq", "bare-nfq-gso", "nfqfw", "nfqfw-no-gso", "nfqfw-offload")
+
+
+def run_modes(t: Topology, modes: tuple[str, ...] = MODES) -> dict[str, dict[str, float | None]]:
     results: dict[str, dict[str, float | None]] = {}
 
     def one(name: str, consumer: int | None = None) -> None:
@@ -202,13 +208,17 @@ def run_modes(t: Topology) -> dict[str, dict[str, float | None]]:
         results[name] = measure(t.lan, consumer)
         print(f"[{name}] {results[name]}", flush=True)
 
-    one("none")
-    kernel_rules(t.gw, True)
-    try:
-        one("kernel")
-    finally:
-        kernel_rules(t.gw, False)
+    if "none" in modes:
+        one("none")
+    if "kernel" in modes:
+        kernel_rules(t.gw, True)
+        try:
+            one("kernel")
+        finally:
+            kernel_rules(t.gw, False)
     for name, gso in (("bare-nfq", False), ("bare-nfq-gso", True)):
+        if name not in modes:
+            continue
         bare = start_ready(t.gw, f"GSO = {gso}\n{BARE_LOOP}")
         try:
             run_in(t.gw, "iptables", "-w", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0")
@@ -225,6 +235,8 @@ def run_modes(t: Topology) -> dict[str, dict[str, float | None]]:
             ("nfqfw-no-gso", POLICY, ("--no-gso",)),
             ("nfqfw-offload", offload, ()),
         ):
+            if name not in modes:
+                continue
             daemon = daemon_ctl.start_daemon(PREFIX, policy, None, args=args)
             try:
                 one(name, daemon.pid)
@@ -260,6 +272,16 @@ def table(results: dict[str, dict[str, float | None]]) -> str:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description="Throughput through the lab's gateway, by mode.")
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated subset of {','.join(MODES)} (a subset is printed, not saved)",
+    )
+    modes = tuple(mode for mode in parser.parse_args().modes.split(",") if mode)
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown modes: {', '.join(unknown)}")
     t = Topology(PREFIX)
     started = time.monotonic()
     daemon_ctl.down(PREFIX)
@@ -273,7 +295,7 @@ def main() -> int:
         acceptor = start_ready(t.wan, accept_server(CONN_PORT))
         time.sleep(0.3)  # iperf3 -s has no readiness signal; it listens within milliseconds
         try:
-            results = run_modes(t)
+            results = run_modes(t, modes)
         finally:
             stop(acceptor)
             iperf_server.terminate()
@@ -286,21 +308,17 @@ def main() -> int:
         f"\n(total {time.monotonic() - started:.0f} s; /bare: against the bare NetfilterQueue loop, "
         "/gso: against the same loop taking GSO packets whole)"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "modes": results,
-        "settings": {
-            "tcp_seconds": TCP_SECONDS,
-            "udp_seconds": UDP_SECONDS,
-            "conn_seconds": CONN_SECONDS,
-            "udp_len": 64,
-            "copy_range": COPY_RANGE,
-            "policy": "config/policy.yaml",
-        },
+    if set(modes) != set(MODES):
+        return 0
+    settings = {
+        "tcp_seconds": TCP_SECONDS,
+        "udp_seconds": UDP_SECONDS,
+        "conn_seconds": CONN_SECONDS,
+        "udp_len": 64,
+        "copy_range": COPY_RANGE,
+        "policy": "config/policy.yaml",
     }
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"saved {RESULTS.relative_to(ROOT)}")
+    save_results(RESULTS, {"modes": results, "settings": settings})
     return 0
 
 

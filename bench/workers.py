@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from saved import save_results  # noqa: E402
+
 from nfqfw.control.client import call  # noqa: E402
 from nfqfw.lab import daemon_ctl  # noqa: E402
 from nfqfw.lab.daemon_ctl import LabState  # noqa: E402
@@ -42,7 +44,7 @@ from nfqfw.lab.topology import in_ns, run_in  # noqa: E402
 
 PREFIX = "nfqbw-"
 POLICY = ROOT / "config" / "policy.yaml"
-RESULTS = ROOT / "bench" / "results" / "workers.json"
+RESULTS = "workers.json"  # in bench/results
 PAIRS = 8
 ADDRESSES = [f"203.0.113.{100 + n}" for n in range(PAIRS)]
 PORT = 5201
@@ -173,11 +175,7 @@ def main() -> int:
         daemon_ctl.down(PREFIX)
     print()
     print(table(runs))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    payload = {"when": when, "pairs": PAIRS, "cpus": os.cpu_count(), "runs": runs}
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"saved {RESULTS.relative_to(ROOT)}")
+    save_results(RESULTS, {"pairs": PAIRS, "cpus": os.cpu_count(), "runs": runs})
     return 0
 
 

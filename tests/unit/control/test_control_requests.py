@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_fakes import T0, Clock, kernel_free_daemon, tcp4
 from firewall_fakes import RecordingFirewall
-from queue_fakes import MARK, UDP_PACKET, FakeLinks, FakePacket, FakeSender
+from queue_fakes import UDP_PACKET, FakePacket
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 
@@ -25,7 +26,7 @@ from nfqfw.control.flowlist import flow_record, talkers
 from nfqfw.control.protocol import RequestError, socket_path
 from nfqfw.control.requests import Requests
 from nfqfw.control.server import ControlServer
-from nfqfw.core.build import addr, ipv4, tcp, udp
+from nfqfw.core.build import addr, ipv4, udp
 from nfqfw.core.config import load_policy
 from nfqfw.core.conntrack import first_packet
 from nfqfw.core.engine import Engine
@@ -33,8 +34,6 @@ from nfqfw.core.packet import ACK, PSH, SYN
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Action, Ct, Hook, Meta
 from nfqfw.firewall import QueueSpec, RulesError
-from nfqfw.kernel.queue import QueueAdapter
-from nfqfw.kernel.queue_info import DropWatch
 from nfqfw.service.core import ReloadResult
 from nfqfw.service.daemon import Daemon
 from nfqfw.service.options import Options
@@ -44,46 +43,8 @@ POLICY_FILE = Path(__file__).resolve().parents[3] / "config" / "policy.yaml"
 POLICY = POLICY_FILE.read_text()
 OUT = Meta(Hook.FORWARD, "lan0", "wan0")
 LAN, WAN = addr("10.0.0.5"), addr("203.0.113.7")
-T0 = 1000.0
 COMMAND_WORDS = "expected one of status, flows, flush, panic, reload, metrics, confirm, set, ha"
 PROTO_WORDS = "expected tcp, udp, icmp, icmpv6 or a number 0-255"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Notes:
-    def reloading(self, status: str | None = None) -> bool:
-        return True
-
-    def ready(self, status: str | None = None) -> bool:
-        return True
-
-    def status(self, status: str) -> bool:
-        return True
-
-    def watchdog(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-
-class QuietLinks(FakeLinks):
-    def on_events(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def tcp4(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int) -> bytes:
-    return ipv4(src, dst, 6, tcp(src, dst, sport, dport, seq=seq, ack=ack, flags=flags))
 
 
 def udp4(sport: int) -> bytes:
@@ -106,14 +67,9 @@ def daemon(rundir: Path) -> Iterator[Daemon]:
     policy.chmod(0o600)
     clock = Clock()
     options = Options(config=str(policy), runtime_dir=str(rundir))
-    firewall = RecordingFirewall(KERNEL_DROPS)
-    d = Daemon(options, notifier=Notes(), clock=clock, firewall=firewall)  # type: ignore[arg-type]
-    d.engine = Engine(CompiledPolicy(load_policy(policy)))
-    d.spec = QueueSpec(0, 0)
-    d.links = QuietLinks({3: "lan0", 4: "wan0"})  # type: ignore[assignment]
-    d.drops = DropWatch(range(0, 1), read=lambda: {})
-    d.adapter = QueueAdapter(d.engine, d.links, FakeSender(), mark=MARK, clock=clock)
-    d.adapter.housekeeping = d._housekeeping
+    d = kernel_free_daemon(
+        options, clock, RecordingFirewall(KERNEL_DROPS), Engine(CompiledPolicy(load_policy(policy)))
+    )
     for data in (
         tcp4(LAN, WAN, 40000, 80, 100, 0, SYN),
         tcp4(WAN, LAN, 80, 40000, 500, 101, SYN | ACK),

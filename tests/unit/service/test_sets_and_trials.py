@@ -13,17 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_fakes import T0, Clock, kernel_free_daemon, tcp4
 from firewall_fakes import RecordingFirewall
-from queue_fakes import MARK, FakeLinks, FakeSender
 
 from nfqfw.control.protocol import RequestError
 from nfqfw.control.requests import Requests
-from nfqfw.core.build import addr, ipv4, tcp, udp
+from nfqfw.core.build import addr, ipv4, udp
+from nfqfw.core.engine import Engine
 from nfqfw.core.packet import ACK, SYN
 from nfqfw.core.verdict import Action, Hook, Meta
-from nfqfw.firewall import QueueSpec
-from nfqfw.kernel.queue import QueueAdapter
-from nfqfw.kernel.queue_info import DropWatch
 from nfqfw.service.core import load_policy_file
 from nfqfw.service.daemon import Daemon
 from nfqfw.service.options import Options
@@ -32,7 +30,6 @@ from nfqfw.service.setstate import SETS_NAME
 OUT = Meta(Hook.FORWARD, "lan0", "wan0")
 IN = Meta(Hook.FORWARD, "wan0", "lan0")
 LAN, WAN, OTHER = addr("10.0.0.5"), addr("203.0.113.7"), addr("198.51.100.9")
-T0 = 1000.0
 POLICY = """\
 zones:
   external: [wan0]
@@ -46,48 +43,6 @@ ingress:
 egress:
   - {name: no-banned-out, to: "@banned", action: drop}
 """
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Notes:
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    def reloading(self, status: str | None = None) -> bool:
-        self.sent.append("RELOADING=1")
-        return True
-
-    def ready(self, status: str | None = None) -> bool:
-        self.sent.append(f"READY=1 {status}")
-        return True
-
-    def status(self, status: str) -> bool:
-        return True
-
-    def watchdog(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-
-class QuietLinks(FakeLinks):
-    def on_events(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def tcp4(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int) -> bytes:
-    return ipv4(src, dst, 6, tcp(src, dst, sport, dport, seq=seq, ack=ack, flags=flags))
 
 
 def write(path: Path, text: str) -> Path:
@@ -109,15 +64,9 @@ def make_daemon(rundir: Path, clock: Clock | None = None) -> Daemon:
     options = Options(
         config=str(rundir / "policy.yaml"), runtime_dir=str(rundir), state_dir=str(rundir / "state")
     )
-    d = Daemon(options, notifier=Notes(), firewall=RecordingFirewall(), clock=clock)  # type: ignore[arg-type]
     loaded = load_policy_file(options.config)
+    d = kernel_free_daemon(options, clock, RecordingFirewall(), Engine(loaded.engine_policy))
     d.in_force = loaded
-    d.engine = __import__("nfqfw.core.engine", fromlist=["Engine"]).Engine(loaded.engine_policy)
-    d.spec = QueueSpec(0, 0)
-    d.links = QuietLinks({3: "lan0", 4: "wan0"})  # type: ignore[assignment]
-    d.drops = DropWatch(range(0, 1), read=lambda: {})
-    d.adapter = QueueAdapter(d.engine, d.links, FakeSender(), mark=MARK, clock=clock)
-    d.adapter.housekeeping = d._housekeeping
     d._load_runtime_sets()
     d._stamp_set_files()
     return d
