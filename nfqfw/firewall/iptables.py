@@ -36,16 +36,17 @@ rules are exactly the three above). The chains then read, per family::
 
     NFQFW-INPUT / NFQFW-FORWARD / NFQFW-OUTPUT:
       -i lo -j RETURN                                   (INPUT; OUTPUT: -o lo)
+      [offload] -m connmark --mark O/O -j RETURN        (a handed-over flow: the kernel tracks it)
       [offload] -m mark --mark O/O -j CONNMARK --save-mark ...  (nfqfw handed the flow over)
       [offload, workers] -m mark --mark M/M --ctstate NEW -j CONNMARK --save-mark (rule, owner)
       [workers] -m mark --mark M/M --ctstate ESTABLISHED -j CONNMARK --save-mark (owner)
       -m mark --mark M/M -j RETURN                      (accepted by nfqfw: the host's rules go on)
-      [offload] -m connmark --mark O/O -j RETURN        (a handed-over flow: the kernel tracks it)
       -p tcp --tcp-flags ... -j DROP                    (flags nfqfw always calls INVALID)
       [synproxy] ... --ctstate INVALID,UNTRACKED -j SYNPROXY; ... --ctstate INVALID -j DROP
       [gateway errors] -p icmp --ctstate RELATED -j RETURN (OUTPUT: the gateway's own errors)
       first packets (SYN, echo request[, UDP]) --ctstate NEW -j NFQFW-PRE-INPUT|-FORWARD
       --ctstate NEW -j NFQFW-NEW                        (INPUT, FORWARD)
+      [first-packet queues] -p tcp --ctstate ESTABLISHED ! --ctstatus ASSURED -j NFQUEUE (them)
       [offload] --ctstate INVALID -j MARK --or-mark O   (tells nfqfw the kernel refused it)
       [workers] --ctstate RELATED -m connmark --mark OWNER(q) -j NFQUEUE --queue-num q  (per queue)
       -m mark ! --mark M/M -j NFQUEUE ...               (the main queue, as without protections)
@@ -54,9 +55,10 @@ rules are exactly the three above). The chains then read, per family::
     NFQFW-NEW: per-source (and protocol) hashlimit -j DROP, all-sources hashlimit -j DROP, -j NFQUEUE (the
       queue for first packets)
     raw NFQFW-RAW (jump from PREROUTING):
-      [antispoof] -m rpfilter [--loose] --invert: a limited sample -j NFQUEUE (never with the
-        queue bypass, never a packet nfqfw already accepted), then -j DROP
+      [antispoof] -m rpfilter [--loose] --invert -j NFQFW-SPOOFED (one lookup per packet)
       SYNs to synproxy rules, not to the gateway's own addresses, -j CT --notrack
+    raw NFQFW-SPOOFED: a limited sample -j NFQUEUE (never with the queue bypass, never a
+      packet nfqfw already accepted), then -j DROP
     With synproxy rules, installing also sets net.netfilter.nf_conntrack_tcp_loose=0 (SYNPROXY
     needs it) in the namespace, and OUTPUT lets the proxy's own ACKs by (see _synproxy_answers).
 
@@ -149,8 +151,9 @@ _LOOPBACK_EXCLUSION = {"INPUT": "-i lo -j RETURN", "OUTPUT": "-o lo -j RETURN"}
 PRE_CHAINS = {"INPUT": "NFQFW-PRE-INPUT", "FORWARD": "NFQFW-PRE-FORWARD"}
 NEW_CHAIN = "NFQFW-NEW"
 RAW_CHAIN = "NFQFW-RAW"  # in the raw table, jumped to from PREROUTING
+SPOOFED_CHAIN = "NFQFW-SPOOFED"  # raw: what antispoof does with a packet rpfilter refuses
 OUR_CHAINS = frozenset({*CHAINS.values(), *PRE_CHAINS.values(), NEW_CHAIN})
-OUR_RAW_CHAINS = frozenset({RAW_CHAIN})
+OUR_RAW_CHAINS = frozenset({RAW_CHAIN, SPOOFED_CHAIN})
 NAT_CHAINS = {"PREROUTING": "NFQFW-PREROUTING", "POSTROUTING": "NFQFW-POSTROUTING"}
 OUR_NAT_CHAINS = frozenset(NAT_CHAINS.values())
 PANIC_TARGET = "DROP"
@@ -337,14 +340,15 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
             rules.append(_LOOPBACK_EXCLUSION[base])
         offload = protection.offload_mark
         if offload is not None:
+            # First: a handed-over connection's packets (most of the traffic, with offload) meet
+            # one rule. None of them carries nfqfw's mark: they never reach the queue.
+            rules.append(f"-m connmark --mark 0x{offload:x}/0x{offload:x} -j RETURN")
             rules.append(
                 f"-m mark --mark 0x{offload:x}/0x{offload:x} -j CONNMARK --save-mark "
                 f"--nfmask 0x{offload:x} --ctmask 0x{offload:x}"
             )
         rules += _save_connection_fields(spec, offload is not None, mark)
         rules.append(f"-m mark --mark {mark} -j RETURN")
-        if offload is not None:
-            rules.append(f"-m connmark --mark 0x{offload:x}/0x{offload:x} -j RETURN")
         for mask, comp in protection.invalid_tcp_flags:
             rules.append(
                 f"-p tcp -m tcp --tcp-flags {_flags(mask)} {_flags(comp)} "
@@ -365,6 +369,14 @@ def _render_protected(spec: QueueSpec, protection: Protection, installed: Instal
                 ]
             if spec.new_queues or protection.new_rate or protection.new_rate_per_source:
                 rules.append(f"-m conntrack --ctstate NEW -j {NEW_CHAIN}")
+            if spec.new_queues:
+                # A TCP handshake's answer (and its retransmissions) before the connection is
+                # ASSURED (the kernel sets it on the handshake's last ACK) goes with the first
+                # packets: a SYN flood to an open port draws as many SYN-ACKs, and they must not
+                # take the established flows' turns either. The same hash: the same worker.
+                rules.append(
+                    f"-p tcp -m conntrack --ctstate ESTABLISHED ! --ctstatus ASSURED -j {sample_queue}"
+                )
         if offload is not None:
             # The kernel's INVALID (no connection: not carried by the kernel) is nfqfw's to
             # decide; the offload bit on a queued packet tells nfqfw the kernel's conntrack refused it.
@@ -657,9 +669,14 @@ def _render_raw(spec: QueueSpec, protection: Protection, installed: Installed, f
     antispoof = protection.antispoof
     if not synproxy and antispoof is None:
         return _render_raw_removal(installed)
-    lines = ["*" + RAW, f":{RAW_CHAIN} - [0:0]"]
+    chains = frozenset({RAW_CHAIN} if antispoof is None else {RAW_CHAIN, SPOOFED_CHAIN})
+    lines = ["*" + RAW] + [f":{chain} - [0:0]" for chain in sorted(chains)]
     if antispoof is not None:
-        lines += [f"-A {RAW_CHAIN} {rule}" for rule in _antispoof_rules(spec, protection, antispoof)]
+        # One reverse-path lookup per packet (a FIB lookup: every packet pays it), its outcome
+        # handled in a chain of its own.
+        spoofed = "-m rpfilter --loose --invert" if antispoof.loose else "-m rpfilter --invert"
+        lines.append(f"-A {RAW_CHAIN} {spoofed} -j {SPOOFED_CHAIN}")
+        lines += [f"-A {SPOOFED_CHAIN} {rule}" for rule in _antispoof_rules(spec, protection, antispoof)]
     for rule in synproxy:
         for match in rule.matches:
             # Not to the gateway's own addresses: only forwarded connections are proxied.
@@ -667,6 +684,7 @@ def _render_raw(spec: QueueSpec, protection: Protection, installed: Installed, f
                 f"-A {RAW_CHAIN} {_match(match)} -m addrtype ! --dst-type LOCAL "
                 "-m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CT --notrack"
             )
+    lines += _drop_unused(installed.raw_chains, chains)
     lines += [f"-D {jump}" for jump in installed.raw_jumps]
     lines.append(f"-I PREROUTING 1 -j {RAW_CHAIN}")
     lines.append("COMMIT")
@@ -674,15 +692,15 @@ def _render_raw(spec: QueueSpec, protection: Protection, installed: Installed, f
 
 
 def _antispoof_rules(spec: QueueSpec, protection: Protection, antispoof: Antispoof) -> list[str]:
-    spoofed = "-m rpfilter --loose --invert" if antispoof.loose else "-m rpfilter --invert"
+    """The rules of SPOOFED_CHAIN (the packets rpfilter refused): a sample to the log, then DROP."""
     lines = []
     if antispoof.log:
         # Without the bypass: when nobody listens the sample is dropped like the rest. Not a
         # packet nfqfw accepted (its mark): that one comes back here and meets the DROP.
         sample = queue_target(replace(spec, bypass=False), new=bool(spec.new_queues))
         limit = f"-m limit --limit {_rate(protection.log_limit)} --limit-burst {protection.log_burst}"
-        lines.append(f"-m mark ! --mark 0x{spec.mark:x}/0x{spec.mark:x} {spoofed} {limit} -j {sample}")
-    lines.append(f'{spoofed} -m comment --comment "{antispoof.reason}" -j DROP')
+        lines.append(f"-m mark ! --mark 0x{spec.mark:x}/0x{spec.mark:x} {limit} -j {sample}")
+    lines.append(f'-m comment --comment "{antispoof.reason}" -j DROP')
     return lines
 
 

@@ -7,9 +7,11 @@ when it is full. Two remedies, decided here and applied by the adapter (nfqfw.ke
 - **Several queues, served in turn.** The kernel spreads flows over the queues of a range by a
   hash of their addresses and protocol, so a busy flow fills only its own queue. The adapter
   serves a queue for at most its quantum (`quantum`) while others have packets waiting, then
-  serves each of them for theirs: queues of established flows first (QUANTUM each), queues of
-  first packets after them and for less (FIRST_PACKET_SHARE of a quantum), so a flood of
-  first packets takes at most that share of the time while established flows have packets.
+  serves each of them for theirs: queues of established flows first (QUANTUM each), then one
+  queue of first packets, in rotation, for less (FIRST_PACKET_SHARE of a quantum): the
+  first-packet queues share one turn a round, so a flood of first packets, spread over all of
+  them by its random sources or not, takes at most that share of a round's time while
+  established flows have packets (twice that while the queue being read is a first-packet one).
 - **Early drops from the fattest flows.** A queue whose head packet has waited longer than
   TARGET for INTERVAL (measured with the kernel's receive timestamp of the packet at the head)
   is behind (`DelayControl`, CoDel's rule). While it is, packets of its fat flows (`FatFlows`:

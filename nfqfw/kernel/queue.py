@@ -39,11 +39,12 @@ is counted).
 Serving the queues in turn (nfqfw.kernel.fairness has the rules and why). When a queue's
 descriptor is readable, `_serve` reads it with NetfilterQueue.run(block=False) until it is
 empty, the cheapest read there is. Every quantum meanwhile (the deadline), the slow branch
-gives each other queue with packets waiting one turn (`_round`): established queues first,
-first-packet queues after them with a shorter quantum; a turn reads the queue with
+gives each other established queue with packets waiting one turn (`_round`), then one of the
+first-packet queues with packets waiting, in rotation, a shorter one; a turn reads the queue with
 NetfilterQueue.run_socket over a stand-in socket (`_Turn`) whose recv is the queue socket's own
-until `_due` ends the turn by making it say "would block". Then the first queue goes on. So
-no queue waits more than one round of the others' quanta, a flood in one queue included.
+until `_due` ends the turn by making it say "would block". Then the first queue goes on. So no
+established queue waits more than one round of the others' quanta, a flood in one queue
+included, and no first-packet queue more than one round per first-packet queue.
 
 At the end of each quantum, and on 1 packet in 16 while its queue is behind, the slow branch
 measures how long the packet waited in the kernel (its receive timestamp, which the kernel sets
@@ -206,6 +207,7 @@ class QueueAdapter:
         self._serving: _Served | None = None  # the queue whose packets the callback gets now
         self._event = 0.0  # the next of: housekeeping, the end of the serving queue's quantum
         self._first: _Served | None = None  # the queue `_serve` reads until empty
+        self._last_first_packets = -1  # the first-packet queue that had the last round's turn
         self._stamps: _TimestampRequest | None = None
         self._tokens = reject_rate
         self._tokens_at = clock()
@@ -329,10 +331,13 @@ class QueueAdapter:
             self._arm()
 
     def _round(self, first: _Served) -> None:
-        """One turn for every other queue with packets waiting, in order (established queues
-        first): each is read for at most its quantum."""
+        """One turn for every other established queue with packets waiting, in order, then one
+        for a first-packet queue: each is read for at most its quantum."""
         ready = {fd for fd, _ in self._poller.poll(0)}
-        for served in [served for served in self._served if served.fd in ready and served is not first]:
+        waiting = [served for served in self._served if served.fd in ready and served is not first]
+        for served in [served for served in waiting if not served.first_packets] + self._next_first_packets(
+            [served for served in waiting if served.first_packets]
+        ):
             if not self.queues:
                 break  # unbound (a stop) during the last turn
             self._serving = served
@@ -347,6 +352,17 @@ class QueueAdapter:
             if not served.cut:
                 served.backlog.emptied(self.clock())
         self._serving = first
+
+    def _next_first_packets(self, waiting: list[_Served]) -> list[_Served]:
+        """The first-packet queue whose turn it is: the next one with packets waiting after the
+        one served last (by number). The first-packet queues share one turn a round, so a flood
+        spread over all of them (random sources) takes no more time than one in a single queue."""
+        if not waiting:
+            return []
+        later = [served for served in waiting if served.number > self._last_first_packets]
+        chosen = (later or waiting)[0]
+        self._last_first_packets = chosen.number
+        return [chosen]
 
     def _arm(self) -> None:
         """Set the callback's deadline: the next event (housekeeping, the end of the serving

@@ -45,12 +45,16 @@ def test_protected_rules_exact_text() -> None:
         "-A NFQFW-INPUT -m mark --mark 0x10000000/0x10000000 -j RETURN",
         f"-A NFQFW-INPUT {INVALID}",
         "-A NFQFW-INPUT -m conntrack --ctstate NEW -j NFQFW-NEW",
+        # a handshake's answer before the kernel calls the connection ASSURED: with the first packets
+        "-A NFQFW-INPUT -p tcp -m conntrack --ctstate ESTABLISHED ! --ctstatus ASSURED -j NFQUEUE --queue-num 1",
         "-A NFQFW-INPUT -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
         "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -j RETURN",
         f"-A NFQFW-FORWARD {INVALID}",
         "-A NFQFW-FORWARD -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQFW-PRE-FORWARD",
         "-A NFQFW-FORWARD -p icmp -m icmp --icmp-type 8 -m conntrack --ctstate NEW -j NFQFW-PRE-FORWARD",
         "-A NFQFW-FORWARD -m conntrack --ctstate NEW -j NFQFW-NEW",
+        # a handshake's answer before the kernel calls the connection ASSURED: with the first packets
+        "-A NFQFW-FORWARD -p tcp -m conntrack --ctstate ESTABLISHED ! --ctstatus ASSURED -j NFQUEUE --queue-num 1",
         "-A NFQFW-FORWARD -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
         "-A NFQFW-OUTPUT -o lo -j RETURN",
         "-A NFQFW-OUTPUT -m mark --mark 0x10000000/0x10000000 -j RETURN",
@@ -112,12 +116,12 @@ def test_offload_bypass_and_synproxy() -> None:
     lines = text.splitlines()
     forward = [line for line in lines if line.startswith("-A NFQFW-FORWARD")]
     assert forward == [
+        "-A NFQFW-FORWARD -m connmark --mark 0x20000000/0x20000000 -j RETURN",  # first: the offloaded
         "-A NFQFW-FORWARD -m mark --mark 0x20000000/0x20000000 -j CONNMARK --save-mark --nfmask 0x20000000 "
         "--ctmask 0x20000000",
         "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -m conntrack --ctstate NEW -j CONNMARK "
         "--save-mark --nfmask 0xff0000 --ctmask 0xff0000",
         "-A NFQFW-FORWARD -m mark --mark 0x10000000/0x10000000 -j RETURN",
-        "-A NFQFW-FORWARD -m connmark --mark 0x20000000/0x20000000 -j RETURN",
         f"-A NFQFW-FORWARD {match} -m conntrack --ctstate INVALID,UNTRACKED -j SYNPROXY --sack-perm --timestamp "
         "--wscale 7 --mss 1460",
         f'-A NFQFW-FORWARD {match} -m conntrack --ctstate INVALID -m comment --comment "synproxy: invalid" -j DROP',
@@ -173,10 +177,11 @@ def test_antispoof_in_the_raw_table_with_a_sample_for_the_log() -> None:
     for family in (4, 6):
         text = render_install(QueueSpec(2, 3, bypass=True, protection=protection), NOTHING, family)
         assert text.startswith(
-            "*raw\n:NFQFW-RAW - [0:0]\n"
-            "-A NFQFW-RAW -m mark ! --mark 0x10000000/0x10000000 -m rpfilter --invert "
+            "*raw\n:NFQFW-RAW - [0:0]\n:NFQFW-SPOOFED - [0:0]\n"
+            "-A NFQFW-RAW -m rpfilter --invert -j NFQFW-SPOOFED\n"  # one reverse-path lookup
+            "-A NFQFW-SPOOFED -m mark ! --mark 0x10000000/0x10000000 "
             "-m limit --limit 3/min --limit-burst 10 -j NFQUEUE --queue-balance 2:3\n"  # no bypass
-            '-A NFQFW-RAW -m rpfilter --invert -m comment --comment "invalid: spoofed source" -j DROP\n'
+            '-A NFQFW-SPOOFED -m comment --comment "invalid: spoofed source" -j DROP\n'
             "-I PREROUTING 1 -j NFQFW-RAW\nCOMMIT\n*filter\n"
         ), text
 
@@ -189,7 +194,9 @@ def test_antispoof_loose_without_log_next_to_synproxy() -> None:
     assert raw.splitlines() == [
         "*raw",
         ":NFQFW-RAW - [0:0]",
-        '-A NFQFW-RAW -m rpfilter --loose --invert -m comment --comment "invalid: spoofed source" -j DROP',
+        ":NFQFW-SPOOFED - [0:0]",
+        "-A NFQFW-RAW -m rpfilter --loose --invert -j NFQFW-SPOOFED",
+        '-A NFQFW-SPOOFED -m comment --comment "invalid: spoofed source" -j DROP',
         "-A NFQFW-RAW -d 10.0.0.80/32 -p tcp -m addrtype ! --dst-type LOCAL -m tcp --tcp-flags FIN,SYN,RST,ACK SYN "
         "-j CT --notrack",
         "-I PREROUTING 1 -j NFQFW-RAW",
@@ -198,18 +205,6 @@ def test_antispoof_loose_without_log_next_to_synproxy() -> None:
     # the sample of a strict antispoof with a queue for first packets goes there, as the pre-filter's
     strict = render_install(QueueSpec(0, 0, protection=replace(protection, antispoof=SPOOFED)), NOTHING, 4)
     assert "-m limit --limit 3/min --limit-burst 10 -j NFQUEUE --queue-num 4\n" in strict
-
-
-def test_antispoof_drops_are_counted_from_the_raw_table() -> None:
-    save = SAVE_PROTECTED.replace(
-        "[0:0] -A NFQFW-RAW -p tcp -j CT --notrack\n",
-        "[2:120] -A NFQFW-RAW -m mark ! --mark 0x10000000/0x10000000 -m rpfilter --invert -m limit "
-        "--limit 3/min --limit-burst 10 -j NFQUEUE --queue-num 0\n"
-        '[40:2400] -A NFQFW-RAW -m rpfilter --invert -m comment --comment "invalid: spoofed source" -j DROP\n'
-        "[0:0] -A NFQFW-RAW -p tcp -j CT --notrack\n"
-        '[5:300] -A PREROUTING -m comment --comment "invalid: spoofed source" -j DROP\n',  # not ours
-    )
-    assert parse_counters(save)["drop invalid: spoofed source"] == 40
 
 
 SAVE_PROTECTED = """\
@@ -234,6 +229,42 @@ COMMIT
 [8:480] -A INPUT -m comment --comment "default ingress" -j DROP
 COMMIT
 """
+
+
+SAVE_SPOOFED = SAVE_PROTECTED.replace(
+    ":NFQFW-RAW - [0:0]\n",
+    ":NFQFW-RAW - [0:0]\n:NFQFW-SPOOFED - [0:0]\n",
+).replace(
+    "[0:0] -A NFQFW-RAW -p tcp -j CT --notrack\n",
+    "[42:2520] -A NFQFW-RAW -m rpfilter --invert -j NFQFW-SPOOFED\n"
+    "[2:120] -A NFQFW-SPOOFED -m mark ! --mark 0x10000000/0x10000000 -m limit "
+    "--limit 3/min --limit-burst 10 -j NFQUEUE --queue-num 0\n"
+    '[40:2400] -A NFQFW-SPOOFED -m comment --comment "invalid: spoofed source" -j DROP\n'
+    "[0:0] -A NFQFW-RAW -p tcp -j CT --notrack\n"
+    '[5:300] -A PREROUTING -m comment --comment "invalid: spoofed source" -j DROP\n',  # not ours
+)
+
+
+def test_antispoof_drops_are_counted_from_the_raw_table() -> None:
+    assert parse_counters(SAVE_SPOOFED)["drop invalid: spoofed source"] == 40
+
+
+def test_antispoof_turned_off_takes_its_chain_away_and_remove_takes_both() -> None:
+    installed = parse_save(SAVE_SPOOFED)
+    assert installed.raw_chains == {"NFQFW-RAW", "NFQFW-SPOOFED"}
+    synproxy = Synproxy(4, "FORWARD", (KernelMatch(6, dst="10.0.0.80/32"),), "web")
+    raw = render_install(QueueSpec(0, 0, protection=Protection(synproxy=(synproxy,))), installed, 4)
+    assert raw.split("*filter")[0].splitlines()[-5:] == [
+        "-F NFQFW-SPOOFED",
+        "-X NFQFW-SPOOFED",
+        "-D PREROUTING -j NFQFW-RAW",
+        "-I PREROUTING 1 -j NFQFW-RAW",
+        "COMMIT",
+    ]
+    assert (render_remove(installed) or "").startswith(
+        "*raw\n-D PREROUTING -j NFQFW-RAW\n-F NFQFW-RAW\n-F NFQFW-SPOOFED\n-X NFQFW-RAW\n-X NFQFW-SPOOFED\n"
+        "COMMIT\n"
+    )
 
 
 def test_counters_are_read_from_our_commented_rules() -> None:
@@ -322,7 +353,8 @@ def test_moved_mark_bits_move_every_rule() -> None:
     forward = [
         line for line in render_install(spec, NOTHING, 4).splitlines() if line.startswith("-A NFQFW-FORWARD")
     ]
-    assert forward[:4] == [
+    assert forward[:5] == [
+        "-A NFQFW-FORWARD -m connmark --mark 0x80/0x80 -j RETURN",
         "-A NFQFW-FORWARD -m mark --mark 0x80/0x80 -j CONNMARK --save-mark --nfmask 0x80 --ctmask 0x80",
         "-A NFQFW-FORWARD -m mark --mark 0x1/0x1 -m conntrack --ctstate NEW -j CONNMARK --save-mark "
         "--nfmask 0x70 --ctmask 0x70",

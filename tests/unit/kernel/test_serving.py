@@ -67,25 +67,33 @@ class CostlyEngine:
     full_process = process
 
 
-@pytest.fixture
-def served(
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[tuple[QueueAdapter, CostlyEngine, Clock, dict[int, FakeQueue]]]:
-    """An adapter serving fake queues 0 and 1 (established flows) and 4 (first packets)."""
+Served = tuple[QueueAdapter, CostlyEngine, Clock, dict[int, FakeQueue]]
+
+
+def serving(
+    monkeypatch: pytest.MonkeyPatch, numbers: list[int], first_packets: list[int]
+) -> Iterator[Served]:
+    """An adapter serving fake queues `numbers`, `first_packets` among them for first packets."""
     clock = Clock()
     engine = CostlyEngine(clock)
     adapter = QueueAdapter(
         engine, FakeLinks({3: "lan0", 4: "wan0"}), FakeSender(), mark=MARK, clock=clock, wall_clock=clock.wall
     )
-    queues = {number: FakeQueue(adapter.on_packet) for number in (0, 1, 4)}
+    queues = {number: FakeQueue(adapter.on_packet) for number in numbers}
     monkeypatch.setattr(adapter, "_bind_one", lambda number, max_len, sock_len: queues[number])
     monkeypatch.setattr(queue, "_ask_for_gso", lambda nfq, number: True)
-    adapter.bind([0, 1, 4], first_packets=[4])
+    adapter.bind(numbers, first_packets=first_packets)
     adapter.set_deadline(math.inf)  # no housekeeping unless a test asks
     yield adapter, engine, clock, queues
     adapter.unbind()
     for fake in queues.values():
         fake.close()
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+    """An adapter serving fake queues 0 and 1 (established flows) and 4 (first packets)."""
+    yield from serving(monkeypatch, [0, 1, 4], [4])
 
 
 def serve(adapter: QueueAdapter, number: int, queues: dict[int, FakeQueue]) -> None:
@@ -126,6 +134,23 @@ def test_a_round_serves_established_queues_first_and_first_packets_for_less(serv
     assert other and all(QUANTUM / COST <= n <= QUANTUM / COST + 2 for n in other)
     short = QUANTUM * FIRST_PACKET_SHARE / COST
     assert first and all(short <= n <= short + 2 for n in first)
+
+
+def test_first_packet_queues_share_one_turn_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood from random sources lands in every first-packet queue: together they get one
+    short turn a round, in rotation, not one each."""
+    second = udp(4000, "203.0.113.40")
+    for adapter, engine, _, queues in serving(monkeypatch, [0, 4, 5], [4, 5]):
+        queues[0].put(*[FakePacket(FLOOD) for _ in range(2000)])
+        queues[4].put(*[FakePacket(FIRST) for _ in range(200)])
+        queues[5].put(*[FakePacket(second) for _ in range(200)])
+        serve(adapter, 0, queues)
+        assert len(engine.seen) == 2400
+        turns = [data for data, _ in _runs(engine.seen)]
+        assert turns[:7] == [FLOOD, FIRST, FLOOD, second, FLOOD, FIRST, FLOOD]
+        short = QUANTUM * FIRST_PACKET_SHARE / COST
+        for data, n in _runs(engine.seen)[:6]:  # three rounds: FLOOD's quantum, then one short turn
+            assert QUANTUM / COST <= n <= QUANTUM / COST + 2 if data == FLOOD else short <= n <= short + 2
 
 
 def _runs(seen: list[bytes]) -> list[tuple[bytes, int]]:
