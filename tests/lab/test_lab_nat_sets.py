@@ -2,9 +2,10 @@
 MASQUERADE left out since the policy has its own): a masquerade whose `from` is a set translates
 the inside host it lists and not the DMZ host it does not, in each family; `nfqfw set add` makes
 the DMZ host's next connections masqueraded and `set del` stops it; a forward from an included
-file admits the outside host once a runtime entry puts it in the forward's set. The outside host
-greets each connection with the source address it sees, so the greeting tells whether the
-gateway translated it (the outside host routes the inside networks back through the gateway)."""
+file admits the outside host once a runtime entry puts it in the forward's set (the kernel's
+pre-filter leaving the translated packets to nfqfw). The outside host greets each connection
+with the source address it sees, so the greeting tells whether the gateway translated it (the
+outside host routes the inside networks back through the gateway)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ zones:
   internal: {{interfaces: [lan0], networks: [10.0.0.0/24, 'fd00::/64']}}
   dmz: {{faces: inside, interfaces: [dmz0], networks: [10.0.2.0/24, 'fd00:2::/64']}}
 defaults: {{ingress: drop, egress: accept, between: drop, invalid: drop}}
+options: {{log-denied: false}}  # the pre-filter's drops send nfqfw no sample: none is let through
 include: partners.yaml
 sets:
   natted: [{LAN_V4}, 'fd00::25']   # the inside host; the DMZ host is not listed
