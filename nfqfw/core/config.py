@@ -565,10 +565,6 @@ class NatConfig:
         the kernel's nat table by ipsets), in file order."""
         return [(e.file, e.line, e.col, what, e.sets) for e, what in self._described() if e.sets]
 
-    def set_names(self) -> list[str]:
-        """The sets the entries' `from` name, in order of first use."""
-        return list(dict.fromkeys(name for *_, names in self.set_entries() for name in names))
-
 
 @dataclass(frozen=True, slots=True)
 class OptionsConfig:

@@ -140,9 +140,6 @@ class Protection:
     # (their runtime entries follow through Firewall.set_entry).
     ipsets: tuple[SetLike, ...] = ()
 
-    def set_names(self) -> frozenset[str]:
-        return frozenset(found.name for found in self.ipsets)
-
     def prefilter_rules(self, family: int, hook: str) -> tuple[PrefilterRuleLike, ...]:
         for rules_family, rules_hook, rules in self.prefilter:
             if (rules_family, rules_hook) == (family, hook):

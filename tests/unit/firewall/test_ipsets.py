@@ -138,7 +138,8 @@ def test_the_iptables_text_of_a_set_match() -> None:
         "-A NFQFW-PRE-FORWARD -p tcp -m set --match-set nfqfw6-blocklist src "
         '-m comment --comment "rule drop-listed" -j DROP' in text.splitlines()
     )
-    assert protection.set_names() == frozenset({"blocklist"})
+    spec = QueueSpec(0, 0, protection=protection)
+    assert [(ipset.name, ipset.family) for ipset in spec.ipsets] == [("blocklist", 4), ("blocklist", 6)]
 
 
 class FakeIpsets:
