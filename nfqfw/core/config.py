@@ -495,9 +495,9 @@ class ForwardConfig:
     """One port forward (DNAT) of a published service: connections of `protocols` arriving on
     `in_ifaces` to `ports` of `address` (None: any address of the gateway on the interface)
     from `src` or a member of one of `sets` (`src` None, `sets` empty: from anywhere) go to `to`,
-    port `to_port` (None: the same port). `passes`: the forward also
-    admits what it translates (as pf's rdr pass); `hairpin`: inside hosts reach it on the
-    public address too, their source translated to the gateway's."""
+    port `to_port` (None: the same port). `passes`: the forward also admits what it translates
+    (as pf's rdr pass); `hairpin`: inside hosts reach it on the public address too, their source
+    translated to the gateway's."""
 
     name: str
     line: int

@@ -58,9 +58,8 @@ KEYS: dict[str, dict[str, Entry]] = {
             "mapping of set names",
             "Named sets of addresses and networks, used as @NAME wherever an address list goes (a "
             "rule's from and to, a nat entry's from), mixed with literal addresses; a set may hold "
-            "IPv4 and IPv6. A set is a "
-            "list (inline), a mapping with file, networks and comment (see SETS), or {} (filled at "
-            "run time only, by nfqfw set add). Set names: " + SET_NAME_RULE + ".",
+            "IPv4 and IPv6. A set is a list (inline), a mapping with file, networks and comment (see "
+            "SETS), or {} (filled at run time only, by nfqfw set add). Set names: " + SET_NAME_RULE + ".",
         ),
         "include": (
             "path or glob, or a list",
