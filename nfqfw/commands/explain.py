@@ -237,9 +237,10 @@ def then_source_nat(policy: CompiledPolicy, arrival: Arrival, verdict: Verdict) 
     entry = source_nat(policy, src, arrival.meta.out_iface)
     if entry is None:
         return None
+    at = f"line {entry.line}" if entry.file is None else f"{entry.file}:{entry.line}"
     if entry.to is None:
-        return f"masquerade to the address of {arrival.meta.out_iface} (line {entry.line})"
-    return f"snat to {entry.to} (line {entry.line})"
+        return f"masquerade to the address of {arrival.meta.out_iface} ({at})"
+    return f"snat to {entry.to} ({at})"
 
 
 def rule_details(policy: CompiledPolicy, name: str, packet: bytes) -> dict[str, Any] | None:

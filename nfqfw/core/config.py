@@ -18,18 +18,20 @@ Shape (see config/policy.yaml for the commented version)::
                log-limit-burst, log-format, gateway-addresses, prefilter, new-rate,
                new-rate-per-source, offload, antispoof, watch-sets}
     sets:     {NAME: [networks] | {file: PATH, networks: [...], comment: TEXT} | {}}
-    include:  [paths or globs]  # more files with sets and rules
+    include:  [paths or globs]  # more files with sets, rules and nat
 
-Sets and includes. A rule's `from`/`to` may name sets (`@NAME`) beside literal addresses; the
-set's networks (inline, from its file, and later the runtime entries) are nfqfw.core.sets's.
-A set file is read with the policy: its bad lines are issues located in it (`FILE:LINE:
-message`, no column), reported with the policy's. `include:` reads more files (paths relative
-to the including file, globs expanded in file-name order) that may hold `sets`, rule lists and
-includes: rule lists are appended in that order, sets merged, a name defined twice is an error
-naming both places. Every file read is a `SourceFile` of the PolicyConfig; its `sha256` covers
-them all. Where the files come from is a `PolicyFiles`: the disk (recording what it read, so the
-supervisor of --workers can hand its workers exactly the validated bytes as a bundle) or such a
-bundle.
+Sets and includes. A rule's `from`/`to` and a nat entry's `from` may name sets (`@NAME`) beside
+literal addresses; the set's networks (inline, from its file, and later the runtime entries)
+are nfqfw.core.sets's. A set holds both families: a nat entry (of one family, from `family`,
+`to`, else its literal networks, else IPv4) takes its family's members. A set file is read
+with the policy: its bad lines are issues located in it (`FILE:LINE: message`, no column),
+reported with the policy's. `include:` reads more files (paths relative to the including file,
+globs expanded in file-name order) that may hold `sets`, rule lists, `nat` and includes: rule
+lists and nat lists are appended in that order (after the main file's), sets merged, a name
+(set, rule or forward) defined twice is an error naming both places. Every file read is a
+`SourceFile` of the PolicyConfig; its `sha256` covers them all. Where the files come from is a
+`PolicyFiles`: the disk (recording what it read, so the supervisor of --workers can hand its
+workers exactly the validated bytes as a bundle) or such a bundle.
 
 `ports`/`sports` take service names from SERVICES (IANA's names of common services, built in
 so that a policy means the same on every machine).
@@ -81,7 +83,7 @@ ZONE_FACES = {"external": OUTSIDE, "internal": INSIDE}  # what the two named zon
 ZONE_KEYS = ("faces", "interfaces", "networks")
 SIDES = ("ingress", "egress", "between")
 TOP_KEYS = ("zones", "defaults", "ingress", "egress", "between", "nat", "options", "sets", "include")
-INCLUDE_KEYS = ("sets", "ingress", "egress", "between", "include")  # what an included file may hold
+INCLUDE_KEYS = ("sets", "ingress", "egress", "between", "nat", "include")  # what an included file may hold
 SET_KEYS = ("file", "networks", "comment")
 # A set's name: also part of its kernel ipsets' names (nfqfw4-NAME, at most 31 characters).
 _SET_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,23}")
@@ -474,7 +476,9 @@ class ZoneDetail:
 @dataclass(frozen=True, slots=True)
 class SourceNatConfig:
     """One `masquerade` (to None: the outgoing interface's address) or `snat` entry, for one
-    family: connections leaving by `out_ifaces` from `src` get the source address `to`."""
+    family: connections leaving by `out_ifaces` from `src` or from a member (of the entry's
+    family) of one of `sets` get the source address `to`. `src` None (`sets` then empty): any
+    source of the family."""
 
     line: int
     col: int
@@ -482,15 +486,18 @@ class SourceNatConfig:
     out_ifaces: tuple[str, ...]
     src: tuple[Network, ...] | None = None  # None: any source of the family
     to: Address | None = None
+    sets: tuple[str, ...] = ()  # `@NAME` in `from`: names of the policy's sets, in the order written
+    file: str | None = None  # the included file it comes from (None: the main policy file)
 
 
 @dataclass(frozen=True, slots=True)
 class ForwardConfig:
     """One port forward (DNAT) of a published service: connections of `protocols` arriving on
     `in_ifaces` to `ports` of `address` (None: any address of the gateway on the interface)
-    from `src` go to `to`, port `to_port` (None: the same port). `passes`: the forward also
-    admits what it translates (as pf's rdr pass); `hairpin`: inside hosts reach it on the
-    public address too, their source translated to the gateway's."""
+    from `src` or a member of one of `sets` (`src` None, `sets` empty: from anywhere) go to `to`,
+    port `to_port` (None: the same port). `passes`: the forward also admits what it translates
+    (as pf's rdr pass); `hairpin`: inside hosts reach it on the public address too, their source
+    translated to the gateway's."""
 
     name: str
     line: int
@@ -507,6 +514,8 @@ class ForwardConfig:
     log: bool = False
     hairpin: bool = True
     comment: str | None = None
+    sets: tuple[str, ...] = ()  # `@NAME` in `from`, as in SourceNatConfig
+    file: str | None = None  # the included file it comes from (None: the main policy file)
 
     def translated_port(self, port: int) -> int:
         return port if self.to_port is None else self.to_port
@@ -519,18 +528,42 @@ class ForwardConfig:
 
 @dataclass(frozen=True, slots=True)
 class NatConfig:
-    """The policy's `nat:` section."""
+    """The policy's `nat:` sections: the main file's entries, then each included file's (in the
+    order the files were read; `files` are the included files with a `nat:` section)."""
 
     masquerade: tuple[SourceNatConfig, ...] = ()
     snat: tuple[SourceNatConfig, ...] = ()
     forward: tuple[ForwardConfig, ...] = ()
+    files: tuple[str, ...] = ()
 
-    def ipv6_entries(self) -> list[tuple[int, int, str]]:
-        """(line, col, what) of every entry that needs the kernel's IPv6 NAT."""
-        found = [(e.line, e.col, "masquerade") for e in self.masquerade if e.family == 6]
-        found += [(e.line, e.col, "snat") for e in self.snat if e.family == 6]
-        found += [(e.line, e.col, f"forward '{e.name}'") for e in self.forward if e.family == 6]
-        return sorted(found)
+    def _order(self, entry: SourceNatConfig | ForwardConfig) -> tuple[int, int, int]:
+        """Where an entry stands: its file (the main one first), line, column."""
+        rank = 0 if entry.file is None else 1 + self.files.index(entry.file)
+        return rank, entry.line, entry.col
+
+    def source_entries(self) -> list[SourceNatConfig]:
+        """The masquerade and snat entries in the order the kernel tries them: the order written,
+        file by file (the first that matches a connection translates it)."""
+        return sorted(self.masquerade + self.snat, key=self._order)
+
+    def _described(self) -> list[tuple[SourceNatConfig | ForwardConfig, str]]:
+        """Every entry with what the messages call it, in file order."""
+        found: list[tuple[SourceNatConfig | ForwardConfig, str]] = [
+            (e, "masquerade") for e in self.masquerade
+        ]
+        found += [(e, "snat") for e in self.snat]
+        found += [(e, f"forward '{e.name}'") for e in self.forward]
+        return sorted(found, key=lambda pair: self._order(pair[0]))
+
+    def ipv6_entries(self) -> list[tuple[str | None, int, int, str]]:
+        """(file, line, col, what) of every entry that needs the kernel's IPv6 NAT, in file order
+        (file None: the main policy file)."""
+        return [(e.file, e.line, e.col, what) for e, what in self._described() if e.family == 6]
+
+    def set_entries(self) -> list[tuple[str | None, int, int, str, tuple[str, ...]]]:
+        """(file, line, col, what, set names) of every entry whose `from` names sets (matched in
+        the kernel's nat table by ipsets), in file order."""
+        return [(e.file, e.line, e.col, what, e.sets) for e, what in self._described() if e.sets]
 
 
 @dataclass(frozen=True, slots=True)
@@ -997,9 +1030,7 @@ class _Checker:
         names: dict[str, int] = {}
         sides = {side: self.side_rules(top, side, names) for side in SIDES}
         options = self.options(top["options"][1]) if "options" in top else OptionsConfig()
-        nat = None
-        if "nat" in top:
-            nat = _NatChecker(self, zones, details).nat(top["nat"][1], names)
+        nat = _NatChecker(self, zones, details).all_nat(top, names)
         outside = any(ifaces for zone, ifaces in zones.items() if self.zone_faces[zone] == OUTSIDE)
         if options.antispoof == "off" and outside and self.antispoof_node is not None:
             self.warn(
@@ -1076,7 +1107,7 @@ class _Checker:
             if root is None or (isinstance(root, ScalarNode) and root.tag == _TAG_NULL):
                 return
             if not isinstance(root, MappingNode):
-                self.error(root, f"expected a mapping with sets or rule lists, got {_describe(root)}")
+                self.error(root, f"expected a mapping with sets, rule lists or nat, got {_describe(root)}")
                 return
             kept = []
             for key, value in root.value:
@@ -1772,7 +1803,27 @@ class _NatChecker:
         self.zones = zones
         self.details = details
 
+    def all_nat(self, top: dict[str, tuple[ScalarNode, Node]], names: dict[str, int]) -> NatConfig | None:
+        """The main file's `nat:`, then each included file's, appended in the order read; None
+        when no file has one."""
+        sections = [(self.c.main, top["nat"][1])] if "nat" in top else []
+        sections += [(filename, found["nat"][1]) for filename, found in self.c.included if "nat" in found]
+        if not sections:
+            return None
+        masquerade: list[SourceNatConfig] = []
+        snat: list[SourceNatConfig] = []
+        forward: list[ForwardConfig] = []
+        for filename, node in sections:
+            with self.c.reading(filename):
+                section = self.nat(node, names)
+            masquerade += section.masquerade
+            snat += section.snat
+            forward += section.forward
+        files = tuple(filename for filename, _ in sections if filename != self.c.main)
+        return NatConfig(tuple(masquerade), tuple(snat), tuple(forward), files)
+
     def nat(self, node: Node, names: dict[str, int]) -> NatConfig:
+        """One file's `nat:` section (the file being read)."""
         if isinstance(node, ScalarNode) and node.tag == _TAG_NULL:
             return NatConfig()  # `nat:` with every entry commented out
         found = self.c.mapping(node, "nat", NAT_KEYS)
@@ -1814,7 +1865,9 @@ class _NatChecker:
         elif "family" in found:
             chosen = self.c.choice(found["family"][1], f"{where}: family", ("ipv4", "ipv6"))
             family = None if chosen is None else int(chosen[-1])
-        sources = self.networks(found["from"][1], f"{where}: from", family) if "from" in found else None
+        sources, sets = (
+            self.sources(found["from"][1], f"{where}: from", family) if "from" in found else (None, ())
+        )
         if len(self.c.issues) > errors_before:
             return []
         if family is not None:
@@ -1822,7 +1875,9 @@ class _NatChecker:
         elif sources:
             families = sorted({network.version for network in sources})
         else:
-            families = [4]  # masquerading is IPv4's habit; IPv6 needs `family: ipv6` or IPv6 networks
+            # masquerading is IPv4's habit; IPv6 needs `family: ipv6` or IPv6 networks (a set
+            # holds both families and adds its members of the entry's family)
+            families = [4]
         line, col = node.start_mark.line + 1, node.start_mark.column + 1
         return [
             SourceNatConfig(
@@ -1832,6 +1887,8 @@ class _NatChecker:
                 out,
                 None if sources is None else tuple(n for n in sources if n.version == version),
                 to,
+                sets,
+                self.c.filename if self.c.filename != self.c.main else None,
             )
             for version in families
         ]
@@ -1872,7 +1929,9 @@ class _NatChecker:
         if "in" in found:
             fields["in_ifaces"] = self.interfaces(found["in"][1], f"{where}: in")
         if "from" in found:
-            fields["src"] = self.networks(found["from"][1], f"{where}: from", family)
+            fields["src"], fields["sets"] = self.sources(found["from"][1], f"{where}: from", family)
+        if self.c.filename != self.c.main:
+            fields["file"] = self.c.filename
         if "address" in found:
             address = self.address(found["address"][1], f"{where}: address")
             if address is not None and family is not None and address.version != family:
@@ -1979,15 +2038,21 @@ class _NatChecker:
             self.c.error(node, f"{where}: '{word}' is not an IP address")
             return None
 
-    def networks(self, node: Node, where: str, family: int | None) -> tuple[Network, ...] | None:
+    def sources(
+        self, node: Node, where: str, family: int | None
+    ) -> tuple[tuple[Network, ...] | None, tuple[str, ...]]:
+        """`from`: its networks (None: any) and the sets it names (`@NAME`, in the kernel's nat
+        table an ipset each: a set holds both families, the entry takes its own family's members)."""
         items = self.c.items(node, where)
         if [str(item.value) for item in items] == ["any"]:
-            return None
+            return None, ()
         networks = []
+        sets: list[str] = []
         for item in items:
             if str(item.value).startswith("@"):
-                # the nat table's rules match addresses and networks, not the policy's sets
-                self.c.error(item, f"{where}: a set ('{item.value}') cannot be used in nat: list networks")
+                name = self.c.set_reference(item, where)
+                if name is not None and name not in sets:
+                    sets.append(name)
                 continue
             network = self.c.network(item, where)
             if network is None:
@@ -1998,7 +2063,7 @@ class _NatChecker:
                 )
                 continue
             networks.append(network)
-        return tuple(networks)
+        return tuple(networks), tuple(sets)
 
 
 def ipv6_nat_issues(config: PolicyConfig, missing: str) -> list[ConfigIssue]:
@@ -2007,8 +2072,26 @@ def ipv6_nat_issues(config: PolicyConfig, missing: str) -> list[ConfigIssue]:
     if config.nat is None:
         return []
     return [
-        ConfigIssue(config.filename, line, col, f"nat: {what}: IPv6 NAT is not available: {missing}")
-        for line, col, what in config.nat.ipv6_entries()
+        ConfigIssue(file or config.filename, line, col, f"nat: {what}: IPv6 NAT is not available: {missing}")
+        for file, line, col, what in config.nat.ipv6_entries()
+    ]
+
+
+def nat_set_issues(config: PolicyConfig, missing: str) -> list[ConfigIssue]:
+    """Issues for every nat entry whose `from` names a set when the kernel rules cannot match
+    sets (`missing` says why): the nat table has no other way to follow a set, and leaving the
+    set out would translate what the policy does not say. Empty when nat names no set."""
+    if config.nat is None:
+        return []
+    return [
+        ConfigIssue(
+            file or config.filename,
+            line,
+            col,
+            f"nat: {what}: from: '@{name}' needs the kernel's ipsets, which cannot be used here: {missing}",
+        )
+        for file, line, col, what, names in config.nat.set_entries()
+        for name in names
     ]
 
 

@@ -290,7 +290,7 @@ def _strip(entry: Any) -> Any:
 
 def _entry_text(entry: Any) -> str:
     values = _strip(entry)
-    return ", ".join(f"{key}={_plain(value)}" for key, value in values.items() if value is not None)
+    return ", ".join(f"{key}={_plain(value)}" for key, value in values.items() if value not in (None, ()))
 
 
 def policy_diff(old: PolicyConfig, new: PolicyConfig) -> dict[str, Any]:

@@ -11,7 +11,9 @@ it, and nfqfw.core.nat rewrites it as the kernel would.
 Both lookups are a `RuleIndex` (nfqfw.core.classify) over one synthesised rule per forward:
 first match in policy order, as the kernel's DNAT rules (one per forward, in order). A forward
 with `hairpin` also takes packets arriving on the inside interfaces (the inside hosts that
-connect to the public address).
+connect to the public address). The sets a forward's `from` names are the policy's: their
+networks compiled in, their runtime entries consulted after `refresh_runtime` (as the kernel's
+DNAT rules follow the sets' ipsets).
 
 A forward that `passes` admits what it translates: its decision is an accept counted and logged
 under its name ("forward NAME"); one with `pass: false` only translates, the side's rules decide
@@ -21,11 +23,12 @@ on the translated packet.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from nfqfw.core.classify import RuleIndex
 from nfqfw.core.config import AddressSet, ForwardConfig, RuleConfig
 from nfqfw.core.packet import Packet
+from nfqfw.core.sets import RuntimeEntries, SetContent
 from nfqfw.core.verdict import Action, RuleDecision
 
 FORWARD_REASON = "forward "  # + the forward's name: the reason of its accepts
@@ -59,14 +62,24 @@ class ForwardTable:
     __slots__ = ("_public", "_translated", "forwards")
 
     def __init__(
-        self, forwards: Sequence[ForwardConfig], inside_ifaces: tuple[str, ...], log: bool = False
+        self,
+        forwards: Sequence[ForwardConfig],
+        inside_ifaces: tuple[str, ...],
+        log: bool = False,
+        sets: Mapping[str, SetContent] | None = None,
     ) -> None:
         self.forwards = tuple(Forward(config, config.log) for config in forwards)
-        self._translated = RuleIndex([_translated_rule(f, inside_ifaces) for f in forwards], self.forwards)
-        self._public = RuleIndex([_public_rule(f, inside_ifaces) for f in forwards], self.forwards)
+        translated = [_translated_rule(f, inside_ifaces) for f in forwards]
+        self._translated = RuleIndex(translated, self.forwards, sets)
+        self._public = RuleIndex([_public_rule(f, inside_ifaces) for f in forwards], self.forwards, sets)
 
     def __bool__(self) -> bool:
         return bool(self.forwards)
+
+    def refresh_runtime(self, entries_of: Callable[[str], RuntimeEntries]) -> None:
+        """The sets' runtime entries changed: both lookups consult those of the sets named."""
+        self._translated.refresh_runtime(entries_of)
+        self._public.refresh_runtime(entries_of)
 
     def translated(self, pkt: Packet, in_iface: str | None) -> Forward | None:
         """The forward that translated `pkt` (already translated, as nfqfw sees it at FORWARD)."""
@@ -89,6 +102,10 @@ def _host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> AddressSet:
     return AddressSet(False, (ipaddress.ip_network(address),))
 
 
+def _sources(forward: ForwardConfig) -> AddressSet | None:
+    return None if forward.src is None else AddressSet(False, forward.src, forward.sets)
+
+
 def _translated_rule(forward: ForwardConfig, inside_ifaces: tuple[str, ...]) -> RuleConfig:
     return RuleConfig(
         name=forward.name,
@@ -96,7 +113,7 @@ def _translated_rule(forward: ForwardConfig, inside_ifaces: tuple[str, ...]) -> 
         line=forward.line,
         family=forward.family,
         protocols=forward.protocols,
-        src=None if forward.src is None else AddressSet(False, forward.src),
+        src=_sources(forward),
         dst=_host(forward.to),
         dports=forward.translated_ports,
         in_ifaces=_ifaces(forward, inside_ifaces),
@@ -111,7 +128,7 @@ def _public_rule(forward: ForwardConfig, inside_ifaces: tuple[str, ...]) -> Rule
         line=forward.line,
         family=forward.family,
         protocols=forward.protocols,
-        src=None if forward.src is None else AddressSet(False, forward.src),
+        src=_sources(forward),
         dst=public,
         dports=forward.ports,
         in_ifaces=_ifaces(forward, inside_ifaces),

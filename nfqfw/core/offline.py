@@ -251,14 +251,16 @@ def _adjusted(check: int, old: bytes, new: bytes) -> int:
 
 def source_nat(policy: CompiledPolicy, src: bytes, out_iface: str | None) -> SourceNatConfig | None:
     """The masquerade or snat entry the kernel applies to a connection from `src` leaving by
-    `out_iface` (the first in the file, as the kernel's rules are in file order), None for none."""
+    `out_iface` (the first in file order, as the kernel's rules are), None for none. A set in
+    `from` holds what the policy's set holds (and its runtime entries, as its ipset does)."""
     if policy.config.nat is None or out_iface is None:
         return None
-    nat = policy.config.nat
     address = ipaddress.ip_address(src)
-    for entry in sorted(nat.masquerade + nat.snat, key=lambda entry: (entry.line, entry.col)):
+    for entry in policy.config.nat.source_entries():
         if entry.family != address.version or out_iface not in InterfaceMatcher(entry.out_ifaces):
             continue
         if entry.src is None or any(address in network for network in entry.src):
+            return entry
+        if any(policy.sets[name].contains(src) for name in entry.sets):
             return entry
     return None

@@ -232,7 +232,7 @@ class CompiledPolicy:
             )
         }
         forwards = () if config.nat is None else config.nat.forward
-        self.forwards = ForwardTable(forwards, config.interfaces_facing(INSIDE))
+        self.forwards = ForwardTable(forwards, config.interfaces_facing(INSIDE), sets=contents)
 
     def bind_runtime(self, runtime: RuntimeSets) -> None:
         """Use `runtime`'s entries for the policy's sets (an engine's, kept across reloads)."""
@@ -241,10 +241,12 @@ class CompiledPolicy:
         self.refresh_runtime()
 
     def refresh_runtime(self) -> None:
-        """A set's runtime entries changed: the indexes consult the sets that have some."""
+        """A set's runtime entries changed: the indexes (the rules' and the forwards') consult
+        the sets that have some."""
         sets = self.sets
         for index in self._index.values():
             index.refresh_runtime(lambda name: sets[name].runtime)
+        self.forwards.refresh_runtime(lambda name: sets[name].runtime)
 
     def zone_of(self, iface: str | None) -> str | None:
         """The zone of an interface, None for one in no zone (or no interface)."""

@@ -42,7 +42,7 @@ pattern match is the zones' own (no interface of another zone matches those patt
 the dimension is dropped and the rule widened to a RETURN. The kernel rules see a forwarded
 packet already translated (nat PREROUTING comes first): before the ingress rules, each forward
 that admits what it translates (`pass`) is a RETURN on its translated destination, port, source
-and interfaces: nfqfw decides it.
+(any, when its `from` names a set) and interfaces: nfqfw decides it.
 
 Besides, with `defaults.invalid: drop`, TCP packets whose flags nfqfw always calls INVALID
 (INVALID_TCP_FLAGS, the kernel's tcp_valid_flags) are dropped statelessly, whatever either
@@ -235,7 +235,11 @@ def _forward_returns(policy: PolicyConfig, family: int, protocols: tuple[int, ..
     for forward in policy.nat.forward:
         if not forward.passes or forward.family != family:
             continue
-        sources: list[str | None] = [None] if forward.src is None else [str(n) for n in forward.src]
+        # A set in `from` widens the RETURN to any source (a set in the kernel only ever drops):
+        # the nat table translated only its members, the rest is nfqfw's to drop.
+        sources: list[str | None] = (
+            [None] if forward.src is None or forward.sets else [str(n) for n in forward.src]
+        )
         target = f"{forward.to}/{32 if family == 4 else 128}"
         for proto in sorted(forward.protocols):
             if proto not in protocols:

@@ -56,17 +56,18 @@ KEYS: dict[str, dict[str, Entry]] = {
         "options": ("mapping", "Everything else; every option has a default."),
         "sets": (
             "mapping of set names",
-            "Named sets of addresses and networks, used in rules as @NAME wherever an address list "
-            "goes (from, to), mixed with literal addresses; a set may hold IPv4 and IPv6. A set is a "
-            "list (inline), a mapping with file, networks and comment (see SETS), or {} (filled at "
-            "run time only, by nfqfw set add). Set names: " + SET_NAME_RULE + ".",
+            "Named sets of addresses and networks, used as @NAME wherever an address list goes (a "
+            "rule's from and to, a nat entry's from), mixed with literal addresses; a set may hold "
+            "IPv4 and IPv6. A set is a list (inline), a mapping with file, networks and comment (see "
+            "SETS), or {} (filled at run time only, by nfqfw set add). Set names: " + SET_NAME_RULE + ".",
         ),
         "include": (
             "path or glob, or a list",
             "More policy files, relative to the including file; a glob (conf.d/*.yaml) is read in "
             "file-name order, and may match nothing. An included file holds sets, ingress, egress, "
-            "between and include: its rules are appended to the lists in that order, its sets merged; a "
-            "rule or set name defined twice is an error naming both places. Reload re-reads them "
+            "between, nat and include: its rules and its masquerade, snat and forward entries are "
+            "appended to the lists in that order (after the main file's), its sets merged; a rule, "
+            "forward or set name defined twice is an error naming both places. Reload re-reads them "
             "all, and the policy sha256 covers them all.",
         ),
     },
@@ -216,19 +217,23 @@ KEYS: dict[str, dict[str, Entry]] = {
     "masquerade": {
         "out": ("interface name or a list (required)", "The interfaces the translated connections leave by."),
         "from": (
-            "network or a list, or any",
-            "Only connections from these sources (the inside addresses, before translation).",
+            "network, @set or a list of them, or any",
+            "Only connections from these sources (the inside addresses, before translation). A set "
+            "(@NAME) is matched in the kernel by its ipset (nfqfw4-NAME, nfqfw6-NAME), its runtime "
+            "entries (nfqfw set add) included at once; the entry takes the set's members of its "
+            "own family. On a kernel without ipsets the daemon refuses a policy with sets in nat.",
         ),
         "family": (
             "ipv4 | ipv6",
-            "Without from, IPv4 (the default) or IPv6; with from, the families of its networks. "
+            "Without from, IPv4 (the default) or IPv6; with from, the families of its networks "
+            "(a from of sets alone: IPv4). "
             "IPv6 needs the kernel's IPv6 NAT (Linux 3.7 or later with ip6table_nat, or nf_tables "
             "nat): check and the daemon refuse it on a kernel without.",
         ),
     },
     "snat": {
         "out": ("interface name or a list (required)", "As masquerade."),
-        "from": ("network or a list, or any", "As masquerade."),
+        "from": ("network, @set or a list of them, or any", "As masquerade."),
         "to": ("address (required)", "The source address the connections get; its family is the entry's."),
     },
     "forward": {
@@ -248,8 +253,9 @@ KEYS: dict[str, dict[str, Entry]] = {
             "Another port on the inside host (then ports must be a single port); default the same.",
         ),
         "from": (
-            "network or a list, or any",
-            "Only connections from these sources are forwarded (networks: sets are not taken in nat).",
+            "network, @set or a list of them, or any",
+            "Only connections from these sources are forwarded; a set (@NAME) as in masquerade "
+            "(its members of the forward's family, its runtime entries included).",
         ),
         "address": (
             "address",
@@ -403,11 +409,13 @@ sets:
   office: [198.51.100.0/24, 2001:db8:100::/48]
   blocklist: {file: /etc/nfqfw/sets/drop.txt, comment: Spamhaus DROP}
   banned: {}
+  partners: {}
 nat:
   masquerade:
     - {out: wan0, from: [10.0.0.0/24, 10.0.2.0/24]}
   forward:
     - {name: smtp, proto: tcp, in: wan0, ports: [smtp, submission], to: 10.0.0.25, address: 203.0.113.1}
+    - {name: partner-web, proto: tcp, in: wan0, ports: 8443, to: 10.0.2.80, to-port: 443, from: "@partners"}
 ingress:
   - {name: drop-listed, from: ["@blocklist", "@banned"], action: drop}
   - name: ssh-office

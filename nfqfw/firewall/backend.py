@@ -60,7 +60,8 @@ class MatchLike(Protocol):
 
 
 class SetLike(Protocol):
-    """A set of the policy the pre-filter matches, for one family: its networks from the policy."""
+    """A set of the policy the kernel rules match (the pre-filter's or the nat table's), for one
+    family: its networks from the policy."""
 
     @property
     def name(self) -> str: ...
@@ -139,9 +140,6 @@ class Protection:
     # (their runtime entries follow through Firewall.set_entry).
     ipsets: tuple[SetLike, ...] = ()
 
-    def set_names(self) -> frozenset[str]:
-        return frozenset(found.name for found in self.ipsets)
-
     def prefilter_rules(self, family: int, hook: str) -> tuple[PrefilterRuleLike, ...]:
         for rules_family, rules_hook, rules in self.prefilter:
             if (rules_family, rules_hook) == (family, hook):
@@ -160,12 +158,14 @@ class Protection:
 
 @dataclass(frozen=True)
 class SourceNat:
-    """One masquerade (`to` None) or snat entry for one family and one outgoing interface."""
+    """One kernel rule of a masquerade (`to` None) or snat entry: one family, one outgoing
+    interface, one source (a network, or a set of the policy: its ipset)."""
 
     family: int
     out_iface: str  # a name, or a prefix ending in '+'
-    src: str | None = None  # a network, None: any
+    src: str | None = None  # a network, None: any (unless src_set)
     to: str | None = None  # the address to translate to; None: MASQUERADE
+    src_set: str | None = None  # a set of the policy (its ipset, nfqfw.firewall.ipset): the source is in it
 
 
 @dataclass(frozen=True)
@@ -186,12 +186,14 @@ class PortForward:
 @dataclass(frozen=True)
 class Nat:
     """What nfqfw puts in the nat table (see nfqfw.firewall.iptables): its forwards first,
-    then hairpin and source NAT."""
+    then hairpin and source NAT. `ipsets`: the sets their `src_set` matches (one per set and
+    family), made, filled and kept up to date as the pre-filter's are (QueueSpec.ipsets)."""
 
     source: tuple[SourceNat, ...] = ()
     forwards: tuple[PortForward, ...] = ()
     forwarded_mark: int = FORWARDED_MARK
     hairpin_mark: int = HAIRPIN_MARK
+    ipsets: tuple[SetLike, ...] = ()
 
     def for_family(self, family: int) -> tuple[tuple[SourceNat, ...], tuple[PortForward, ...]]:
         return (
@@ -265,6 +267,21 @@ class QueueSpec:
         """The queue (N) or queue range (A:B) as the user wrote it."""
         return str(self.first) if self.first == self.last else f"{self.first}:{self.last}"
 
+    @property
+    def ipsets(self) -> tuple[SetLike, ...]:
+        """Every set the rules match in the kernel, the pre-filter's and the nat table's, once
+        per set and family: what the backend makes and fills before the rules, and what the
+        runtime entries (Firewall.set_entry) go to."""
+        found: dict[tuple[str, int], SetLike] = {}
+        for used in (self.protection, self.nat):
+            for ipset in () if used is None else used.ipsets:
+                found.setdefault((ipset.name, ipset.family), ipset)
+        return tuple(found.values())
+
+    def matches_set(self, name: str, family: int) -> bool:
+        """Do the kernel rules hold set `name`'s `family` members (an ipset)?"""
+        return any((ipset.name, ipset.family) == (name, family) for ipset in self.ipsets)
+
 
 class Firewall(ABC):
     """One way of putting nfqfw's rules into the kernel (iptables today; nftables could follow).
@@ -312,8 +329,12 @@ class Firewall(ABC):
         "drop invalid: tcp flags", "drop new-rate per source")."""
 
     def supports_sets(self) -> bool:
-        """Can this backend match the policy's sets in the kernel (Protection.ipsets)?"""
+        """Can this backend match the policy's sets in the kernel (QueueSpec.ipsets)?"""
         return False
+
+    def sets_missing(self) -> str | None:
+        """Why this backend cannot match the policy's sets in the kernel; None when it can."""
+        return None if self.supports_sets() else f"the {self.name} backend keeps no sets in the kernel"
 
     def set_entry(self, name: str, family: int, cidr: str, add: bool, timeout: float | None = None) -> None:
         """A runtime entry of set `name` added to (or deleted from) its kernel set; RulesError."""

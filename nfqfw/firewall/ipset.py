@@ -1,12 +1,13 @@
-"""The kernel's ipsets that nfqfw's pre-filter matches (`-m set --match-set`), over netlink.
+"""The kernel's ipsets nfqfw's pre-filter and nat table match (`-m set --match-set`), over netlink.
 
-A set of the policy used by a drop or reject rule of the pre-filter becomes one `hash:net` ipset
-per family, `nfqfw4-NAME` / `nfqfw6-NAME`, created with timeout support (entries without a
-timeout stay, runtime entries with one expire in the kernel as in nfqfw). Filling one is atomic
-for the rules that use it: a temporary set `nfqft4-NAME` is created and filled, then swapped
-with the real one (the rules hold the real one's index, which now has the new contents) and
-destroyed. Sets are made before the iptables rules that use them and destroyed after the rules
-that used them are gone (a referenced set cannot be destroyed).
+A set of the policy used by a drop or reject rule of the pre-filter, or in a nat entry's `from`,
+becomes one `hash:net` ipset per family (both uses share it), `nfqfw4-NAME` / `nfqfw6-NAME`,
+created with timeout support (entries without a timeout stay, runtime entries with one expire in
+the kernel as in nfqfw). Filling one is atomic for the rules that use it: a temporary set
+`nfqft4-NAME` is created and filled, then swapped with the real one (the rules hold the real
+one's index, which now has the new contents) and destroyed. Sets are made before the iptables
+rules that use them and destroyed after the rules that used them are gone (a referenced set
+cannot be destroyed).
 
 Why netlink and not the `ipset` tool: the messages are a few attributes (ip_set.h), the entries
 go in batches (IPSET_ATTR_ADT: ~1,300 per message, a 100,000-network set in ~80 messages, where

@@ -69,22 +69,25 @@ table, per family::
     NFQFW-PREROUTING, per forward and kernel match (in order: the first forward that matches wins):
       MATCH -j MARK --set-xmark F/F                   (F: "one of nfqfw's forwards translated it")
       MATCH -j DNAT --to-destination TO[:PORT]
-      MATCH is -i IN [-s FROM] -d ADDRESS -p PROTO -m multiport --dports PORTS; without an address,
+      MATCH is -i IN [-s FROM] -d ADDRESS -p PROTO [-m set --match-set nfqfwF-SET src] -m multiport
+      --dports PORTS (one per network and one per set of the forward's `from`); without an address,
       -m addrtype --dst-type LOCAL --limit-iface-in (the gateway's addresses on IN). Hairpin (inside
       hosts to the public address): the same on each inside interface, marking F and H; without an
       address, the arriving interface's own addresses are left alone first (-j RETURN).
     NFQFW-POSTROUTING:
       -m mark --mark H/H -j MASQUERADE                (hairpin: replies come back through us)
-      -o OUT [-s FROM] -j MASQUERADE | -j SNAT --to-source TO, per masquerade / snat entry
+      [-s FROM] -o OUT [-m set --match-set nfqfwF-SET src] -j MASQUERADE | -j SNAT --to-source TO,
+      per masquerade / snat entry, outgoing interface, and network or set of its `from`
 
 The nat table sees the first packet of a connection only; the kernel's conntrack applies the
 translation to the rest. nfqfw decides at FORWARD, between the two: on the translated destination
 and the original source. The mark F reaches the queue on that first packet (Meta.forwarded).
 
-Sets (``Protection.ipsets``): a pre-filter rule on a set of the policy matches its ipset
-(``-m set --match-set nfqfw4-NAME src``, nfqfw.firewall.ipset). The ipsets are filled (each in
-one swap) before the iptables-restore that uses them, and those no rule uses any more are
-destroyed after it; `remove` destroys them all after the rules.
+Sets (``QueueSpec.ipsets``: ``Protection.ipsets`` and ``Nat.ipsets``): a pre-filter or nat rule
+on a set of the policy matches its ipset (``-m set --match-set nfqfw4-NAME src``,
+nfqfw.firewall.ipset). The ipsets both use are one: filled (each in one swap) before the
+iptables-restore that uses them, and those no rule uses any more are destroyed after it;
+`remove` destroys them all after the rules.
 
 The mark bits (M, O, the owner and rule fields) are nfqfw.firewall.marks'. With --workers a
 worker's accept verdicts carry its owner field, so ICMP errors about a connection reach the
@@ -745,7 +748,7 @@ def _render_nat(nat: Nat | None, installed: Installed, family: int) -> str:
 
 def _forward_rules(forward: PortForward, nat: Nat) -> list[str]:
     """The MARK and the DNAT of one kernel match of a forward (see the module docstring)."""
-    match = _match(forward.match)
+    match = _match(forward.match, forward.family)
     comment = f'-m comment --comment "forward {forward.name}"'
     lines = []
     if forward.match.dst is None:  # the gateway's own addresses
@@ -773,6 +776,8 @@ def _source_nat_rule(entry: SourceNat) -> str:
     if entry.src is not None:
         words.append(f"-s {entry.src}")
     words.append(f"-o {entry.out_iface}")
+    if entry.src_set is not None:
+        words.append(f"-m set --match-set {set_name(entry.src_set, entry.family)} src")
     if entry.to is None:
         words.append('-m comment --comment "masquerade" -j MASQUERADE')
     else:
@@ -832,6 +837,7 @@ class Iptables(Firewall):
         self._make_ipsets = ipsets or _netlink_ipsets
         self._ipsets: Any = None
         self._sets_supported: bool | None = None
+        self._sets_why = ""  # why not, when not
 
     def _sets(self) -> Any:
         if self._ipsets is None:
@@ -842,6 +848,9 @@ class Iptables(Firewall):
         return self._ipsets
 
     def supports_sets(self) -> bool:
+        return self.sets_missing() is None
+
+    def sets_missing(self) -> str | None:
         if self._sets_supported is None:
             try:
                 self._sets().revision(4)
@@ -850,8 +859,8 @@ class Iptables(Firewall):
                 log.warning(
                     "no kernel ipsets (%s): rules on sets are decided by nfqfw, not pre-filtered", err
                 )
-                self._sets_supported = False
-        return self._sets_supported
+                self._sets_supported, self._sets_why = False, str(err)
+        return None if self._sets_supported else self._sets_why
 
     def set_entry(self, name: str, family: int, cidr: str, add: bool, timeout: float | None = None) -> None:
         try:
@@ -859,9 +868,9 @@ class Iptables(Firewall):
         except OSError as err:
             raise RulesError(str(err)) from err
 
-    def _load_sets(self, protection: Protection | None) -> None:
+    def _load_sets(self, spec: QueueSpec) -> None:
         """Every ipset the rules will match holds the policy's networks (each in one swap)."""
-        for found in () if protection is None else protection.ipsets:
+        for found in spec.ipsets:
             entries = [entry for cidr in found.cidrs() for entry in Entry.of(cidr)]
             try:
                 self._sets().load(set_name(found.name, found.family), found.family, entries)
@@ -893,13 +902,12 @@ class Iptables(Firewall):
         return parse_save(_run(self._run, [tools.save], None))
 
     def install(self, spec: QueueSpec) -> None:
-        self._load_sets(spec.protection)
+        self._load_sets(spec)
         for tools in self.families:
             text = render_install(spec, self.read_installed(tools), tools.family)
             _run(self._run, [tools.restore, "-w", "--noflush"], text)
+        self._destroy_sets(frozenset(set_name(found.name, found.family) for found in spec.ipsets))
         protection = spec.protection
-        used = () if protection is None else protection.ipsets
-        self._destroy_sets(frozenset(set_name(found.name, found.family) for found in used))
         if protection is not None and protection.synproxy:
             # SYNPROXY only sees a client's ACK that the kernel's conntrack calls INVALID: one it
             # picked up as a connection (loose pick-up) would bypass it. Left so at removal.

@@ -273,6 +273,7 @@ class ServiceCore:
     def _load_policy(self) -> Loaded:
         loaded = self._load(self.options.config)
         self._check_ipv6_nat(loaded)
+        self._check_nat_sets(loaded)
         return loaded
 
     def _check_ipv6_nat(self, loaded: Loaded) -> None:
@@ -285,6 +286,19 @@ class ServiceCore:
         missing = self.firewall.ipv6_nat_missing()
         if missing is not None:
             raise StartupError("\n".join(str(issue) for issue in ipv6_nat_issues(config, missing)))
+
+    def _check_nat_sets(self, loaded: Loaded) -> None:
+        """A policy whose nat names sets, where the kernel rules cannot match sets, is refused,
+        located: the nat table has no other way to follow a set (the pre-filter leaves such
+        rules to nfqfw, the nat table cannot)."""
+        from nfqfw.core.config import nat_set_issues
+
+        config = getattr(loaded.engine_policy, "config", None)
+        if self.firewall is None or config is None or config.nat is None or not config.nat.set_entries():
+            return
+        missing = self.firewall.sets_missing()
+        if missing is not None:
+            raise StartupError("\n".join(str(issue) for issue in nat_set_issues(config, missing)))
 
     def _open_control(self) -> None:
         """The control socket (RUNTIME_DIR/control.sock); StartupError when another daemon has it."""
@@ -623,13 +637,12 @@ class ServiceCore:
         return self.firewall is not None and self.firewall.supports_sets()
 
     def _runtime_entries_to_kernel(self) -> None:
-        """After the kernel's sets were (re)filled with the policy's networks: the runtime
-        entries of those sets too, with the time they have left."""
-        protection = None if self.spec is None else self.spec.protection
-        if protection is None or not protection.ipsets:
+        """After the kernel's sets (the pre-filter's and the nat table's) were (re)filled with the
+        policy's networks: the runtime entries of those sets too, with the time they have left."""
+        if self.spec is None or not self.spec.ipsets:
             return
         runtime, now = self.runtime_sets(), self.clock()
-        for name in sorted(protection.set_names()):
+        for name in sorted({ipset.name for ipset in self.spec.ipsets}):
             if name not in runtime:
                 continue
             for entry in runtime.entries(name).entries():
@@ -904,15 +917,15 @@ class ServiceCore:
         raise NotImplementedError
 
     def _kernel_set_entry(self, name: str, network: Any, add: bool, timeout: float | None) -> None:
-        """A set the kernel's pre-filter holds (an ipset) takes the runtime entry too; a failure
-        is logged (the kernel then only lets through what nfqfw decides about)."""
-        protection = None if self.spec is None else self.spec.protection
-        if self.firewall is None or protection is None or name not in protection.set_names():
+        """A set the kernel rules hold for the entry's family (an ipset of the pre-filter or the
+        nat table) takes the runtime entry too; a failure is logged (the pre-filter then only
+        lets through what nfqfw decides about, the nat table does not translate the entry)."""
+        if self.firewall is None or self.spec is None or not self.spec.matches_set(name, network.version):
             return
         try:
             self.firewall.set_entry(name, network.version, str(network), add, timeout)
         except RulesError as err:
-            log.error("set %s: %s not changed in the kernel's pre-filter: %s", name, network, err)
+            log.error("set %s: %s not changed in the kernel's sets: %s", name, network, err)
 
     def _set_list(self, name: str) -> dict[str, Any]:
         from nfqfw.service.setstate import set_listing

@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nfqfw.core.config import INSIDE, OUTSIDE, PROTO_TCP, PolicyConfig, RuleConfig
+from nfqfw.core.config import INSIDE, OUTSIDE, PROTO_TCP, Network, PolicyConfig, RuleConfig
 from nfqfw.core.engine import SPOOFED_SOURCE
-from nfqfw.core.prefilter import KernelMatch, derive, kernel_sets, port_chunks
+from nfqfw.core.prefilter import KernelMatch, KernelSet, derive, kernel_sets, port_chunks
 from nfqfw.core.synproxy import rule_ifaces
 from nfqfw.firewall import QueueSpec
 from nfqfw.firewall.backend import Antispoof, Nat, PortForward, Protection, Rate, SourceNat, Synproxy
@@ -60,21 +60,17 @@ def rule_reasons(config: PolicyConfig) -> list[str]:
 
 def nat(config: PolicyConfig) -> Nat | None:
     """The policy's nat section as kernel rules: each forward per protocol, port chunk (multiport),
-    interface and source, then its hairpin matches on the inside interfaces; the source NAT
-    entries in file order. None without a `nat:` section."""
+    interface and source (each network, then each set, of its `from`), then its hairpin matches
+    on the inside interfaces; the source NAT entries in file order, each per interface and
+    source. The sets named get an ipset per family used. None without a `nat:` section."""
     section = config.nat
     if section is None:
         return None
     source = [
-        SourceNat(
-            entry.family,
-            iface,
-            None if src is None else str(src),
-            None if entry.to is None else str(entry.to),
-        )
-        for entry in sorted(section.masquerade + section.snat, key=lambda entry: (entry.line, entry.col))
+        SourceNat(entry.family, iface, src, None if entry.to is None else str(entry.to), src_set)
+        for entry in section.source_entries()
         for iface in entry.out_ifaces
-        for src in (entry.src if entry.src is not None else (None,))
+        for src, src_set in _sources(entry.src, entry.sets)
     ]
     inside = config.interfaces_facing(INSIDE)
     forwards = []
@@ -82,15 +78,15 @@ def nat(config: PolicyConfig) -> Nat | None:
         address = (
             None if forward.address is None else f"{forward.address}/{32 if forward.family == 4 else 128}"
         )
-        sources = [None] if forward.src is None else [str(network) for network in forward.src]
+        sources = _sources(forward.src, forward.sets)
         hairpin = [iface for iface in inside if iface not in forward.in_ifaces] if forward.hairpin else []
         for proto in sorted(forward.protocols):
             for ports in port_chunks(forward.ports):
                 for iface, translated_from_inside in [(i, False) for i in forward.in_ifaces] + [
                     (i, True) for i in hairpin
                 ]:
-                    for src in sources:
-                        match = KernelMatch(proto, src, address, ports, None, iface)
+                    for src, src_set in sources:
+                        match = KernelMatch(proto, src, address, ports, None, iface, src_set=src_set)
                         forwards.append(
                             PortForward(
                                 forward.family,
@@ -101,7 +97,24 @@ def nat(config: PolicyConfig) -> Nat | None:
                                 translated_from_inside,
                             )
                         )
-    return Nat(tuple(source), tuple(forwards))
+    used = [(entry.src_set, entry.family) for entry in source]
+    used += [(forward.match.src_set, forward.family) for forward in forwards]
+    ipsets = tuple(
+        KernelSet(name, family, config.sets[name].content.family(family))
+        for name, family in dict.fromkeys(used)
+        if name is not None
+    )
+    return Nat(tuple(source), tuple(forwards), ipsets=ipsets)
+
+
+def _sources(
+    networks: tuple[Network, ...] | None, sets: tuple[str, ...]
+) -> list[tuple[str | None, str | None]]:
+    """(network, set) of each kernel rule of a nat entry's `from`: one per network, then one per
+    set; [(None, None)] for any source."""
+    if networks is None:
+        return [(None, None)]
+    return [(str(network), None) for network in networks] + [(None, name) for name in sets]
 
 
 def protection(options: Options, config: PolicyConfig, sets: bool = False) -> Protection:

@@ -347,3 +347,25 @@ def test_a_forward_s_comment_is_shown_where_it_translated(
     )
     _, out, _ = run_explain(["--in", "wan0", "tcp", "198.51.100.7:50000", "203.0.113.1:587"], capsys, policy)
     assert out.splitlines()[0] == "forwarded to 10.0.0.25:587 by forward smtp (the mail host)"
+
+
+def test_source_nat_from_a_set_in_an_included_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    included = tmp_path / "nat.yaml"
+    included.write_text(
+        "sets:\n  office: [10.0.0.0/28]\nnat:\n  masquerade: [{out: wan0, from: '@office'}]\n"
+    )
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "zones:\n  external: [wan0]\n  internal: {interfaces: [lan0], networks: [10.0.0.0/24]}\n"
+        "include: nat.yaml\n"
+    )
+    _, out, _ = run_explain(["--in", "lan0", "tcp", "10.0.0.5", "203.0.113.10:80"], capsys, policy)
+    assert out == (
+        "zones: internal -> external (egress)\n"
+        "verdict: accept\nconntrack: new\ndecided by: default egress\nwhy: default egress\n"
+        f"then source NAT: masquerade to the address of wan0 ({included}:4)\n"
+    )
+    _, out, _ = run_explain(["--in", "lan0", "tcp", "10.0.0.55", "203.0.113.10:80"], capsys, policy)
+    assert "source NAT" not in out  # not in @office

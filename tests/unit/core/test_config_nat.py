@@ -18,6 +18,7 @@ from nfqfw.core.config import (
     SourceNatConfig,
     ZoneDetail,
     ipv6_nat_issues,
+    nat_set_issues,
     parse_policy,
 )
 from nfqfw.core.verdict import Action
@@ -134,6 +135,88 @@ def test_ipv6_nat_entries_are_located_for_a_kernel_without_ipv6_nat() -> None:
     ]
     assert ipv6_nat_issues(parse_policy(ISSUE_POLICY), "whatever") == []
     assert ipv6_nat_issues(parse_policy(ZONES), "whatever") == []
+
+
+NAT_SETS = "sets:\n  office: [10.0.0.0/28, 'fd00::/120']\n  partners: {}\n"  # lines 4-6
+
+
+def test_sets_in_nat_from_beside_networks() -> None:
+    text = (
+        ZONES
+        + NAT_SETS
+        + (
+            "nat:\n  masquerade:\n"
+            "    - {out: wan0, from: '@office'}\n"
+            "    - {out: wan0, from: ['@office', 'fd00::/64'], family: ipv6}\n"
+            "    - {out: wan0, from: [10.0.0.0/24, '@office', 'fd00::/64', '@office']}\n"
+            "  snat:\n    - {out: wan0, from: ['@partners', 10.0.0.0/24], to: 203.0.113.5}\n"
+            "  forward:\n"
+            "    - {name: web, proto: tcp, ports: 80, to: 10.0.0.80, from: ['@partners', '@office']}\n"
+        )
+    )
+    nat = parse_policy(text).nat
+    assert nat is not None
+    # Without `family` an entry is IPv4 unless its networks say otherwise (a set holds both
+    # families: the entry takes the members of its own).
+    assert nat.masquerade == (
+        SourceNatConfig(9, 7, 4, ("wan0",), (), None, ("office",)),
+        SourceNatConfig(10, 7, 6, ("wan0",), (net("fd00::/64"),), None, ("office",)),
+        SourceNatConfig(11, 7, 4, ("wan0",), (net("10.0.0.0/24"),), None, ("office",)),
+        SourceNatConfig(11, 7, 6, ("wan0",), (net("fd00::/64"),), None, ("office",)),
+    )
+    assert nat.snat == (
+        SourceNatConfig(
+            13, 7, 4, ("wan0",), (net("10.0.0.0/24"),), ipaddress.ip_address("203.0.113.5"), ("partners",)
+        ),
+    )
+    (forward,) = nat.forward
+    assert (forward.family, forward.src, forward.sets) == (4, (), ("partners", "office"))
+    assert nat_set_issues(parse_policy(text, "p.yaml"), "no ipsets") == [
+        ConfigIssue("p.yaml", 9, 7, f"nat: masquerade: from: '@office' {NEEDS_IPSETS}: no ipsets"),
+        ConfigIssue("p.yaml", 10, 7, f"nat: masquerade: from: '@office' {NEEDS_IPSETS}: no ipsets"),
+        ConfigIssue("p.yaml", 11, 7, f"nat: masquerade: from: '@office' {NEEDS_IPSETS}: no ipsets"),
+        ConfigIssue("p.yaml", 11, 7, f"nat: masquerade: from: '@office' {NEEDS_IPSETS}: no ipsets"),
+        ConfigIssue("p.yaml", 13, 7, f"nat: snat: from: '@partners' {NEEDS_IPSETS}: no ipsets"),
+        ConfigIssue("p.yaml", 15, 7, f"nat: forward 'web': from: '@partners' {NEEDS_IPSETS}: no ipsets"),
+        ConfigIssue("p.yaml", 15, 7, f"nat: forward 'web': from: '@office' {NEEDS_IPSETS}: no ipsets"),
+    ]
+    assert nat_set_issues(parse_policy(ISSUE_POLICY), "no ipsets") == []
+    assert nat_set_issues(parse_policy(ZONES), "no ipsets") == []
+
+
+NEEDS_IPSETS = "needs the kernel's ipsets, which cannot be used here"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "nat:\n  masquerade:\n    - {out: wan0, from: ['@ofice', 10.0.0.0/24]}\n",
+            ["p.yaml:9:26: nat: masquerade 1: from: unknown set '@ofice' (did you mean 'office'?)"],
+        ),
+        (
+            "nat:\n  snat:\n    - {out: wan0, from: '@nobody', to: 203.0.113.5}\n",
+            ["p.yaml:9:25: nat: snat 1: from: unknown set '@nobody' (expected one of: office, partners)"],
+        ),
+        (
+            "nat:\n  forward:\n    - {name: x, proto: tcp, ports: 25, to: 10.0.0.25, from: ['@partner']}\n",
+            ["p.yaml:9:62: forward 'x': from: unknown set '@partner' (did you mean 'partners'?)"],
+        ),
+        (
+            "nat:\n  masquerade:\n    - {out: wan0, from: ['@office', 'fd00::/64'], family: ipv4}\n",
+            ["p.yaml:9:37: nat: masquerade 1: from: 'fd00::/64' is IPv6 but the entry is IPv4"],
+        ),
+    ],
+)
+def test_nat_set_errors(text: str, expected: list[str]) -> None:
+    assert errors(ZONES + NAT_SETS + text) == expected
+
+
+def test_a_broken_set_named_in_nat_is_reported_once_where_it_is_defined() -> None:
+    text = ZONES + "sets:\n  office: [10.0.0.1/24]\nnat:\n  masquerade: [{out: wan0, from: '@office'}]\n"
+    assert errors(text) == [
+        "p.yaml:5:12: sets: office: '10.0.0.1/24' has host bits set (did you mean 10.0.0.0/24?)"
+    ]
 
 
 def test_forward_options() -> None:

@@ -14,12 +14,16 @@ from nfqfw.core.config import (
     BundleFiles,
     ConfigError,
     ConfigIssue,
+    NatConfig,
     PolicyFiles,
     SourceFile,
+    SourceNatConfig,
     combined_digest,
     digest_on_disk,
+    ipv6_nat_issues,
     load_bundle,
     load_policy,
+    nat_set_issues,
     parse_policy,
 )
 from nfqfw.core.sets import network_range
@@ -359,11 +363,11 @@ def test_include_errors(tmp_path: Path) -> None:
         f"{policy}:4:36: include: cannot read {tmp_path / 'missing.yaml'}: No such file or directory",
         f"{zones}:1:1: 'zones' belongs in {main}, not in an included file",
         f"{zones}:4:1: 'options' belongs in {main}, not in an included file",
-        f"{zones}:5:1: unknown key 'rules' (expected one of: sets, ingress, egress, between, include)",
+        f"{zones}:5:1: unknown key 'rules' (expected one of: sets, ingress, egress, between, nat, include)",
         f"{tmp_path / 'broken.yaml'}:2:1: invalid YAML: expected the node content, but found '<stream end>' "
         "(while parsing a flow node at line 2)",
         f"{tmp_path / 'loop.yaml'}:1:10: include: {policy} is included already (a file is read once)",
-        f"{tmp_path / 'list.yaml'}:1:1: expected a mapping with sets or rule lists, got a list",
+        f"{tmp_path / 'list.yaml'}:1:1: expected a mapping with sets, rule lists or nat, got a list",
     ]
 
 
@@ -424,7 +428,7 @@ NAT_ZONES = (
 )  # lines 1-4
 
 
-def test_an_included_file_holds_between_rules_and_nat_stays_in_the_main_file(tmp_path: Path) -> None:
+def test_an_included_file_holds_between_rules(tmp_path: Path) -> None:
     write(
         tmp_path / "conf.d" / "dmz.yaml",
         "sets:\n  admins: [10.0.0.7]\nbetween:\n"
@@ -439,23 +443,118 @@ def test_an_included_file_holds_between_rules_and_nat_stays_in_the_main_file(tmp
         ((22, 22),),
     )
     assert rule.file == str(tmp_path / "conf.d" / "dmz.yaml")
-    write(tmp_path / "conf.d" / "nat.yaml", "nat: {masquerade: [{out: wan0}]}\n")
-    assert errors_of(policy) == [
-        f"{tmp_path / 'conf.d' / 'nat.yaml'}:1:1: 'nat' belongs in the main policy file ({policy}), "
-        "not in an included file"
+
+
+# The nat section of a main file (lines 5-11 of p.yaml) and those of two included files.
+NAT_MAIN = (
+    "include: conf.d/*.yaml\n"
+    "sets:\n  partners: [198.51.100.0/24]\n"
+    "nat:\n"
+    "  masquerade: [{out: wan0, from: 10.0.0.0/24}]\n"
+    "  snat: [{out: wan0, from: 10.0.2.0/24, to: 203.0.113.5}]\n"
+    "  forward: [{name: smtp, proto: tcp, ports: 25, to: 10.0.0.25}]\n"
+)
+NAT_FIRST = (
+    "nat:\n"
+    "  snat: [{out: wan0, from: '@partners', to: 203.0.113.6}]\n"
+    "  forward: [{name: web, proto: tcp, ports: 80, to: 10.0.2.80, from: ['@partners', 192.0.2.0/24]}]\n"
+)
+NAT_SECOND = "nat:\n  masquerade:\n    - {out: wan0, from: '@office'}\nsets:\n  office: []\n"
+
+
+def test_nat_in_included_files_is_appended_in_file_order(tmp_path: Path) -> None:
+    first = write(tmp_path / "conf.d" / "10-first.yaml", NAT_FIRST)
+    second = write(tmp_path / "conf.d" / "20-second.yaml", NAT_SECOND)
+    policy = write(tmp_path / "p.yaml", NAT_ZONES + NAT_MAIN)
+    nat = load_policy(policy).nat
+    assert nat is not None
+    assert nat.files == (str(first), str(second))
+    assert [(e.file, e.line, e.sets) for e in nat.masquerade] == [
+        (None, 9, ()),
+        (str(second), 3, ("office",)),
+    ]
+    assert [(e.file, e.line, e.to) for e in nat.snat] == [
+        (None, 10, ipaddress.ip_address("203.0.113.5")),
+        (str(first), 2, ipaddress.ip_address("203.0.113.6")),
+    ]
+    assert [(f.name, f.file, f.src, f.sets) for f in nat.forward] == [
+        ("smtp", None, None, ()),
+        ("web", str(first), (net("192.0.2.0/24"),), ("partners",)),
+    ]
+    # The kernel tries source NAT in the order written, file by file: not by line alone.
+    assert [(e.file, e.line) for e in nat.source_entries()] == [
+        (None, 9),
+        (None, 10),
+        (str(first), 2),
+        (str(second), 3),
+    ]
+    assert nat.set_entries() == [
+        (str(first), 2, 10, "snat", ("partners",)),
+        (str(first), 3, 13, "forward 'web'", ("partners",)),
+        (str(second), 3, 7, "masquerade", ("office",)),
     ]
 
 
-def test_nat_takes_networks_not_sets(tmp_path: Path) -> None:
-    policy = write(
-        tmp_path / "p.yaml",
-        NAT_ZONES + "sets:\n  partners: [198.51.100.0/24]\nnat:\n"
-        '  masquerade: [{out: wan0, from: ["@partners"]}]\n'
-        '  forward: [{name: smtp, proto: tcp, ports: [smtp], to: 10.0.0.25, from: "@partners"}]\n',
+def test_a_nat_section_in_an_included_file_alone_makes_the_policy_s_nat(tmp_path: Path) -> None:
+    second = write(tmp_path / "conf.d" / "20-second.yaml", NAT_SECOND)
+    policy = write(tmp_path / "p.yaml", NAT_ZONES + "include: conf.d/*.yaml\n")
+    nat = load_policy(policy).nat
+    assert nat == NatConfig(
+        masquerade=(SourceNatConfig(3, 7, 4, ("wan0",), (), None, ("office",), str(second)),),
+        files=(str(second),),
     )
+
+
+def test_forward_names_are_unique_across_files(tmp_path: Path) -> None:
+    first = write(
+        tmp_path / "conf.d" / "10-first.yaml",
+        "nat:\n  forward:\n    - {name: smtp, proto: tcp, ports: 587, to: 10.0.0.25}\n"
+        "ingress:\n  - {name: web, action: accept}\n",
+    )
+    second = write(
+        tmp_path / "conf.d" / "20-second.yaml",
+        "nat:\n  forward:\n    - {name: web, proto: tcp, ports: 80, to: 10.0.2.80}\n",
+    )
+    policy = write(tmp_path / "p.yaml", NAT_ZONES + NAT_MAIN)
     assert errors_of(policy) == [
-        f"{policy}:8:35: nat: masquerade 1: from: a set ('@partners') cannot be used in nat: list networks",
-        f"{policy}:9:74: forward 'smtp': from: a set ('@partners') cannot be used in nat: list networks",
+        f"{first}:3:14: duplicate name 'smtp': a rule or forward at {policy}:11 has it already",
+        f"{second}:3:14: duplicate name 'web': a rule or forward at {first}:5 has it already",
+    ]
+
+
+def test_nat_errors_in_an_included_file_are_located_in_it(tmp_path: Path) -> None:
+    included = write(
+        tmp_path / "nat.yaml",
+        "nat:\n  masquerade:\n    - {out: wan0, from: ['@ofice', 10.0.0.5/24]}\n"
+        "  forward:\n    - {name: x, proto: tcp, ports: 25, to: 10.9.9.9}\n",
+    )
+    policy = write(tmp_path / "p.yaml", NAT_ZONES + "include: nat.yaml\nsets:\n  office: []\n")
+    assert errors_of(policy) == [
+        f"{included}:3:26: nat: masquerade 1: from: unknown set '@ofice' (did you mean 'office'?)",
+        f"{included}:3:36: nat: masquerade 1: from: '10.0.0.5/24' has host bits set (did you mean "
+        "10.0.0.0/24?)",
+        f"{included}:5:44: forward 'x': to: 10.9.9.9 is in no zone's networks; name the networks behind the "
+        "zone that reaches it, e.g. zones: internal: {interfaces: [lan0], networks: [...]}",
+    ]
+
+
+def test_ipv6_and_set_issues_of_an_included_file_s_nat_are_located_in_it(tmp_path: Path) -> None:
+    second = write(
+        tmp_path / "conf.d" / "20-second.yaml", NAT_SECOND.replace("'@office'}", "'@office', family: ipv6}")
+    )
+    policy = write(tmp_path / "p.yaml", NAT_ZONES + "include: conf.d/*.yaml\n")
+    config = load_policy(policy)
+    assert ipv6_nat_issues(config, "no ip6tables nat table") == [
+        ConfigIssue(str(second), 3, 7, "nat: masquerade: IPv6 NAT is not available: no ip6tables nat table")
+    ]
+    assert nat_set_issues(config, "no ipset module") == [
+        ConfigIssue(
+            str(second),
+            3,
+            7,
+            "nat: masquerade: from: '@office' needs the kernel's ipsets, which cannot be used here: "
+            "no ipset module",
+        )
     ]
 
 

@@ -140,6 +140,20 @@ def test_policy_diff_with_zones_between_rules_and_nat() -> None:
     ]
 
 
+def test_nat_entries_with_sets_in_the_diff() -> None:
+    old = ZONED_OLD + "sets:\n  office: [10.0.0.0/28]\n"
+    new = old.replace("from: 10.0.0.0/24}", "from: '@office'}").replace(
+        "to: 10.0.2.80}", "to: 10.0.2.80, from: [192.0.2.0/24, '@office']}"
+    )
+    diff = policy_diff(parse_policy(old, "old.yaml"), parse_policy(new, "new.yaml"))
+    assert diff_lines(diff) == [
+        "nat:",
+        "  + masquerade family=4, out_ifaces=['wan0'], sets=['office']",
+        "  - masquerade family=4, out_ifaces=['wan0'], src=['10.0.0.0/24']",
+        "  ~ forward web",
+    ]
+
+
 def test_the_same_policy_has_no_changes() -> None:
     assert policy_diff(parse_policy(OLD, "a.yaml"), parse_policy(OLD, "b.yaml")) == {}
     assert diff_lines({}) == ["no changes"]

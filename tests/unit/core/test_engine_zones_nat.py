@@ -1,10 +1,14 @@
 """nfqfw.core.engine with zones beyond two and port forwards: the side each first packet is decided
-by, the forwards' implied accept on translated packets, zone-pair counts, and reload recheck."""
+by, the forwards' implied accept on translated packets (their `from` sets too), zone-pair counts,
+and reload recheck."""
 
 from __future__ import annotations
 
+import ipaddress
+
 from nfqfw.core.build import addr, ipv4, tcp
 from nfqfw.core.config import parse_policy
+from nfqfw.core.decode import decode
 from nfqfw.core.engine import VERDICT_CACHE_SIZE, Engine
 from nfqfw.core.packet import ACK, SYN
 from nfqfw.core.policy import CompiledPolicy
@@ -243,3 +247,44 @@ def test_recheck_keeps_forwarded_flows_while_their_forward_stays() -> None:
     )
     assert len(recheck(e)) == 1
     assert len(e.conntrack) == 0
+
+
+SETS_POLICY = """\
+zones:
+  external: [wan0]
+  internal: {interfaces: [lan0], networks: [10.0.0.0/24]}
+sets:
+  partners: [198.51.100.0/24]
+  later: {}
+nat:
+  forward:
+    - {name: office-ssh, proto: tcp, in: wan0, ports: 2222, to: 10.0.0.22, to-port: 22,
+       from: ['@partners', '@later', 203.0.113.9], hairpin: false}
+"""
+
+
+def test_a_forward_s_from_takes_its_sets_and_their_runtime_entries() -> None:
+    """The forward admits what its `from` holds: the networks, the sets' networks and, once
+    refreshed, their runtime entries; a recheck after an entry goes cuts what it had admitted."""
+    e = engine(SETS_POLICY)
+    ssh = Meta(Hook.FORWARD, "wan0", "lan0", forwarded=True)
+    server = addr("10.0.0.22")
+    assert decided(e.process(syn(OUTSIDE, server, 22, 40000), ssh, 1.0)) == (
+        Action.ACCEPT,
+        "forward office-ssh",
+    )
+    assert decided(e.process(syn(addr("203.0.113.9"), server, 22), ssh, 1.0))[1] == "forward office-ssh"
+    assert decided(e.process(syn(STRANGER, server, 22, 40001), ssh, 1.0)) == (Action.DROP, "default ingress")
+    later = e.runtime_sets.entries("later")
+    later.add(ipaddress.ip_network("192.0.2.0/28"), None)
+    e.policy.refresh_runtime()
+    assert decided(e.process(syn(STRANGER, server, 22, 40002), ssh, 2.0)) == (
+        Action.ACCEPT,
+        "forward office-ssh",
+    )
+    public = e.policy.forwards.public(decode(syn(STRANGER, addr("203.0.113.1"), 2222)), True, "wan0")
+    assert public is not None and public.name == "office-ssh"  # the public side (explain, replay) too
+    later.remove(ipaddress.ip_network("192.0.2.0/28"))
+    e.policy.refresh_runtime()
+    assert [flow.meta for flow in recheck(e)] == [ssh]  # the stranger's connection, no longer admitted
+    assert decided(e.process(syn(STRANGER, server, 22, 40003), ssh, 3.0)) == (Action.DROP, "default ingress")

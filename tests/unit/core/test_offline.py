@@ -1,12 +1,15 @@
-"""nfqfw.core.offline: the kernel's translation, hook and route, worked out for explain and replay."""
+"""nfqfw.core.offline: the kernel's translation, hook and route, and its source NAT, worked out for
+explain and replay."""
 
 from __future__ import annotations
+
+import ipaddress
 
 import pytest
 
 from nfqfw.core.build import addr, ipv4, ipv6, tcp, udp
 from nfqfw.core.config import parse_policy
-from nfqfw.core.offline import OfflineGateway, _peek, _rewrite
+from nfqfw.core.offline import OfflineGateway, _peek, _rewrite, source_nat
 from nfqfw.core.policy import CompiledPolicy
 from nfqfw.core.verdict import Hook, Meta
 
@@ -97,3 +100,32 @@ def test_hook_and_route_without_forwards() -> None:
     packet = syn(OUTSIDER, MAIL, 1, 25)
     arrival = legacy.arrive(packet, "wan0")
     assert (arrival.data, arrival.meta) == (packet, Meta(Hook.FORWARD, "wan0", None))  # as before zones
+
+
+def test_source_nat_of_a_set_s_member() -> None:
+    """The masquerade or snat entry the kernel applies: the first in file order whose `from`
+    (networks, or a set's members of the entry's family) holds the source."""
+    policy = CompiledPolicy(
+        parse_policy(
+            "zones:\n  external: [wan0]\n"
+            "  internal: {interfaces: [lan0], networks: [10.0.0.0/24, 'fd00::/64']}\n"
+            "sets:\n  office: [10.0.0.0/28, 'fd00::/120']\n"
+            "nat:\n"
+            "  snat: [{out: wan0, from: ['@office', 10.0.0.200/32], to: 203.0.113.5}]\n"
+            "  masquerade: [{out: wan0, from: 10.0.0.0/24}, {out: wan0, from: '@office', family: ipv6}]\n"
+        )
+    )
+    found = {
+        text: source_nat(policy, addr(text), "wan0")
+        for text in ("10.0.0.7", "10.0.0.200", "10.0.0.99", "fd00::7", "fd00::1:7")
+    }
+    assert {text: None if entry is None else (entry.line, entry.to) for text, entry in found.items()} == {
+        "10.0.0.7": (7, ipaddress.ip_address("203.0.113.5")),  # in @office: the snat, written first
+        "10.0.0.200": (7, ipaddress.ip_address("203.0.113.5")),
+        "10.0.0.99": (8, None),  # the masquerade of 10.0.0.0/24
+        "fd00::7": (8, None),  # the IPv6 masquerade of @office's IPv6 members
+        "fd00::1:7": None,
+    }
+    policy.sets["office"].runtime.add(ipaddress.ip_network("fd00::1:0/112"), None)  # as a live set's
+    assert source_nat(policy, addr("fd00::1:7"), "wan0") is not None
+    assert source_nat(policy, addr("10.0.0.7"), "lan0") is None  # not leaving by wan0

@@ -1,6 +1,6 @@
-"""The pre-filter's sets in the kernel: netlink messages byte for byte, the iptables text of a
-set match, and the order an install and a removal keep (sets before the rules that use them,
-destroyed after the rules that used them)."""
+"""The pre-filter's and the nat table's sets in the kernel: netlink messages byte for byte, the
+iptables text of a set match, and the order an install and a removal keep (sets before the rules
+that use them, destroyed after the rules that used them); why the sets cannot be used."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from nfqfw.firewall.ipset import (
     CMD_CREATE,
     NLA_F_NESTED,
     Entry,
+    IpsetError,
     attributes,
     encode_adds,
     encode_create,
@@ -29,6 +30,7 @@ from nfqfw.firewall.ipset import (
     set_name,
 )
 from nfqfw.firewall.iptables import Iptables, render_install
+from nfqfw.service.ruleset import nat
 
 POLICY = """\
 zones: {external: [wan0], internal: [lan0]}
@@ -136,7 +138,8 @@ def test_the_iptables_text_of_a_set_match() -> None:
         "-A NFQFW-PRE-FORWARD -p tcp -m set --match-set nfqfw6-blocklist src "
         '-m comment --comment "rule drop-listed" -j DROP' in text.splitlines()
     )
-    assert protection.set_names() == frozenset({"blocklist"})
+    spec = QueueSpec(0, 0, protection=protection)
+    assert [(ipset.name, ipset.family) for ipset in spec.ipsets] == [("blocklist", 4), ("blocklist", 6)]
 
 
 class FakeIpsets:
@@ -196,3 +199,74 @@ def test_install_loads_sets_first_and_destroys_unused_ones_after() -> None:
     fake.calls.clear()
     firewall.remove()
     assert fake.calls == [("destroy", "nfqfw4-blocklist"), ("destroy", "nfqfw6-blocklist")]  # not docker's
+
+
+NAT_POLICY = (
+    POLICY
+    + """\
+nat:
+  masquerade: [{out: wan0, from: ["@office", "@blocklist"]}]
+"""
+)
+
+
+def test_the_nat_table_s_sets_are_made_filled_and_destroyed_with_the_pre_filter_s() -> None:
+    """The ipsets are the union of the pre-filter's and the nat table's: blocklist is both's
+    (made once per family), office the nat table's alone."""
+    config = parse_policy(NAT_POLICY)
+    prefilter = derive(config, kernel_sets=True)
+    protection = Protection(
+        prefilter=tuple((family, hook.name, rules) for family, hook, rules in prefilter.chains if rules),
+        first_protocols=tuple((family, prefilter.protocols(family)) for family in (4, 6)),
+        ipsets=kernel_sets(prefilter, config),
+    )
+    spec = QueueSpec(0, 0, protection=protection, nat=nat(config))
+    assert [(ipset.name, ipset.family) for ipset in spec.ipsets] == [
+        ("blocklist", 4),
+        ("blocklist", 6),
+        ("office", 4),
+    ]
+    assert spec.matches_set("office", 4) and not spec.matches_set("office", 6)
+    assert spec.matches_set("blocklist", 6) and not spec.matches_set("partners", 4)
+    tools = FakeTools({"iptables-save": SAVE_FRESH, "ip6tables-save": SAVE_FRESH})
+    fake = FakeIpsets()
+    firewall = Iptables(run=tools, ipsets=lambda: fake)
+    firewall.install(spec)
+    assert fake.calls == [
+        ("load", "nfqfw4-blocklist", 1),
+        ("load", "nfqfw6-blocklist", 1),
+        ("load", "nfqfw4-office", 1),
+        ("destroy", "nfqfw4-old"),
+    ]
+    restored = tools.calls[1][1]
+    assert (
+        '-A NFQFW-POSTROUTING -o wan0 -m set --match-set nfqfw4-office src -m comment --comment "masquerade" '
+        "-j MASQUERADE" in restored.splitlines()
+    )
+    # The nat table alone (no pre-filter): its sets are made all the same, the others go.
+    fake.calls.clear()
+    firewall.install(QueueSpec(0, 0, nat=nat(config)))
+    assert fake.calls == [
+        ("load", "nfqfw4-office", 1),
+        ("load", "nfqfw4-blocklist", 1),
+        ("destroy", "nfqfw6-blocklist"),
+    ]
+
+
+def test_why_the_kernel_s_sets_cannot_be_used() -> None:
+    def no_netlink() -> Any:
+        raise OSError(93, "Protocol not supported")
+
+    firewall = Iptables(run=FakeTools({}), ipsets=no_netlink)
+    assert firewall.sets_missing() == "the kernel's ipsets cannot be used: [Errno 93] Protocol not supported"
+    assert not firewall.supports_sets()
+
+    class NoHashNet(FakeIpsets):
+        def revision(self, family: int) -> int:
+            raise IpsetError(2, "ipset: the kernel has no hash:net")
+
+    assert (
+        Iptables(run=FakeTools({}), ipsets=NoHashNet).sets_missing()
+        == "[Errno 2] ipset: the kernel has no hash:net"
+    )
+    assert Iptables(run=FakeTools({}), ipsets=FakeIpsets).sets_missing() is None

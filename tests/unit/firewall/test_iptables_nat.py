@@ -10,7 +10,7 @@ import pytest
 from test_iptables import NOTHING, FakeTools
 
 from nfqfw.core.config import parse_policy
-from nfqfw.core.prefilter import KernelMatch
+from nfqfw.core.prefilter import KernelMatch, KernelSet
 from nfqfw.firewall import QueueSpec
 from nfqfw.firewall.backend import Nat, PortForward, SourceNat
 from nfqfw.firewall.iptables import FAMILIES, Iptables, parse_save, render_install, render_remove
@@ -60,6 +60,54 @@ def test_masquerade_and_snat() -> None:
     assert rendered(spec, 6) == [
         *NAT_HEAD,
         '-A NFQFW-POSTROUTING -s fd00::/64 -o wan0 -m comment --comment "masquerade" -j MASQUERADE',
+        *NAT_JUMPS,
+    ]
+
+
+def test_source_nat_from_a_set_matches_its_ipset_of_the_entry_s_family() -> None:
+    spec = Nat(
+        source=(
+            SourceNat(4, "wan0", "10.0.0.0/24"),
+            SourceNat(4, "wan0", src_set="office"),
+            SourceNat(4, "wan1", None, "203.0.113.5", "office"),
+            SourceNat(6, "wan0", src_set="office"),
+        )
+    )
+    assert rendered(spec) == [
+        *NAT_HEAD,
+        '-A NFQFW-POSTROUTING -s 10.0.0.0/24 -o wan0 -m comment --comment "masquerade" -j MASQUERADE',
+        '-A NFQFW-POSTROUTING -o wan0 -m set --match-set nfqfw4-office src -m comment --comment "masquerade" -j MASQUERADE',
+        '-A NFQFW-POSTROUTING -o wan1 -m set --match-set nfqfw4-office src -m comment --comment "snat" -j SNAT --to-source 203.0.113.5',
+        *NAT_JUMPS,
+    ]
+    assert rendered(spec, 6) == [
+        *NAT_HEAD,
+        '-A NFQFW-POSTROUTING -o wan0 -m set --match-set nfqfw6-office src -m comment --comment "masquerade" -j MASQUERADE',
+        *NAT_JUMPS,
+    ]
+
+
+def test_a_forward_from_a_set_matches_its_ipset_of_the_forward_s_family() -> None:
+    v4 = KernelMatch(6, None, None, ((8080, 8080),), None, "wan0", src_set="partners")
+    v6 = KernelMatch(6, None, "2001:db8::1/128", ((25, 25),), None, "wan0", src_set="partners")
+    spec = Nat(
+        forwards=(
+            PortForward(4, "web", v4, "10.0.0.25", 80),
+            PortForward(6, "smtp6", v6, "fd00::25"),
+        )
+    )
+    web = '-i wan0 -p tcp -m set --match-set nfqfw4-partners src -m multiport --dports 8080 -m addrtype --dst-type LOCAL --limit-iface-in -m comment --comment "forward web"'
+    assert rendered(spec) == [
+        *NAT_HEAD,
+        f"-A NFQFW-PREROUTING {web} -j MARK --set-xmark 0x80000000/0x80000000",
+        f"-A NFQFW-PREROUTING {web} -j DNAT --to-destination 10.0.0.25:80",
+        *NAT_JUMPS,
+    ]
+    smtp6 = '-d 2001:db8::1/128 -i wan0 -p tcp -m set --match-set nfqfw6-partners src -m multiport --dports 25 -m comment --comment "forward smtp6"'
+    assert rendered(spec, 6) == [
+        *NAT_HEAD,
+        f"-A NFQFW-PREROUTING {smtp6} -j MARK --set-xmark 0x80000000/0x80000000",
+        f"-A NFQFW-PREROUTING {smtp6} -j DNAT --to-destination fd00::25",
         *NAT_JUMPS,
     ]
 
@@ -215,6 +263,47 @@ def test_the_policy_s_nat_section_as_kernel_rules() -> None:
     )
     assert nat(parse_policy("zones: {external: [wan0]}\n")) is None
     assert nat(parse_policy("zones: {external: [wan0]}\nnat:\n")) == Nat()
+
+
+def test_the_policy_s_nat_sets_as_kernel_rules_and_ipsets() -> None:
+    config = parse_policy(
+        "zones:\n  external: [wan0, wan1]\n  internal: {interfaces: [lan0], networks: [10.0.0.0/24, fd00::/64]}\n"
+        "sets:\n  office: [10.0.0.0/28, 'fd00::/120']\n  partners: {}\n"
+        "nat:\n"
+        "  masquerade:\n"
+        "    - {out: [wan0, wan1], from: ['@office', 10.0.0.128/25]}\n"
+        "    - {out: wan0, from: '@office', family: ipv6}\n"
+        "  snat:\n    - {out: wan1, from: '@partners', to: 203.0.113.5}\n"
+        "  forward:\n"
+        "    - {name: web, proto: tcp, in: wan0, ports: 8080, to: 10.0.0.25, to-port: 80, from: [192.0.2.0/24, '@partners'], hairpin: false}\n"
+    )
+    spec = nat(config)
+    assert spec is not None
+    # One rule per network, then one per set (of the entry's family), per interface.
+    assert spec.source == (
+        SourceNat(4, "wan0", "10.0.0.128/25"),
+        SourceNat(4, "wan0", None, None, "office"),
+        SourceNat(4, "wan1", "10.0.0.128/25"),
+        SourceNat(4, "wan1", None, None, "office"),
+        SourceNat(6, "wan0", None, None, "office"),
+        SourceNat(4, "wan1", None, "203.0.113.5", "partners"),
+    )
+    web = KernelMatch(6, "192.0.2.0/24", None, ((8080, 8080),), None, "wan0")
+    assert spec.forwards == (
+        PortForward(4, "web", web, "10.0.0.25", 80),
+        PortForward(4, "web", web._replace(src=None, src_set="partners"), "10.0.0.25", 80),
+    )
+    # The sets the rules match, one ipset per set and family used, holding the policy's networks.
+    office, partners = config.sets["office"].content, config.sets["partners"].content
+    assert spec.ipsets == (
+        KernelSet("office", 4, office.v4),
+        KernelSet("office", 6, office.v6),
+        KernelSet("partners", 4, partners.v4),
+    )
+    assert [list(ipset.cidrs()) for ipset in spec.ipsets] == [["10.0.0.0/28"], ["fd00::/120"], []]
+    assert nat(parse_policy("zones: {external: [wan0]}\nnat:\n  masquerade: [{out: wan0}]\n")) == Nat(
+        (SourceNat(4, "wan0"),)
+    )
 
 
 def test_ipv6_nat_is_probed_in_a_throwaway_namespace(monkeypatch: pytest.MonkeyPatch) -> None:

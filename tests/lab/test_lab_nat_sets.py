@@ -1,0 +1,140 @@
+"""Sets in the policy's nat section on real packets (conftest's `lab` with the DMZ host, its
+MASQUERADE left out since the policy has its own): a masquerade whose `from` is a set translates
+the inside host it lists and not the DMZ host it does not, in each family; `nfqfw set add` makes
+the DMZ host's next connections masqueraded and `set del` stops it; a forward from an included
+file admits the outside host once a runtime entry puts it in the forward's set (the kernel's
+pre-filter leaving the translated packets to nfqfw). The outside host greets each connection
+with the source address it sees, so the greeting tells whether the gateway translated it (the
+outside host routes the inside networks back through the gateway)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nfqfw.lab import traffic
+from nfqfw.lab.daemon_ctl import Lab
+from nfqfw.lab.plan import DMZ_V4, DMZ_V6, GW_WAN_V4, GW_WAN_V6, LAN_V4, WAN_V4, WAN_V6
+from nfqfw.lab.topology import run_in
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+WEB, PARTNER_PORT = 80, 8080
+DROP_WAIT = 1.5  # seconds a connection attempt waits before it counts as dropped
+
+LAB_DMZ = True
+LAB_POLICY = f"""\
+zones:
+  external: [wan0]
+  internal: {{interfaces: [lan0], networks: [10.0.0.0/24, 'fd00::/64']}}
+  dmz: {{faces: inside, interfaces: [dmz0], networks: [10.0.2.0/24, 'fd00:2::/64']}}
+defaults: {{ingress: drop, egress: accept, between: drop, invalid: drop}}
+options: {{log-denied: false}}  # the pre-filter's drops send nfqfw no sample: none is let through
+include: partners.yaml
+sets:
+  natted: [{LAN_V4}, 'fd00::25']   # the inside host; the DMZ host is not listed
+nat:
+  masquerade:
+    - {{out: wan0, from: '@natted'}}
+    - {{out: wan0, from: '@natted', family: ipv6}}
+"""
+# An included file with a forward restricted to a set filled at run time only.
+PARTNERS = """\
+sets:
+  partners: {}
+nat:
+  forward:
+    - {name: web-partners, proto: tcp, in: wan0, ports: 8080, to: 10.0.0.25, to-port: 80, from: '@partners'}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LAB_POLICY and the file it includes (the daemon refuses group/world-writable files)."""
+    directory = tmp_path_factory.mktemp("lab")
+    for name, text in (("partners.yaml", PARTNERS), ("policy.yaml", LAB_POLICY)):
+        (directory / name).write_text(text)
+        (directory / name).chmod(0o600)
+    return directory / "policy.yaml"
+
+
+def nfqfw(lab: Lab, *args: str) -> str:
+    argv = [sys.executable, "-m", "nfqfw", *args, "--runtime-dir", str(lab.state.runtime_dir)]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def status(lab: Lab) -> dict[str, Any]:
+    return json.loads(nfqfw(lab, "status", "--json"))
+
+
+def seen_as(ns: str, host: str) -> str:
+    """The source address the outside host's web server saw for a new connection from `ns`."""
+    probe = traffic.tcp_probe(ns, host, WEB)
+    assert probe.outcome == "connected", (ns, host, probe)
+    assert probe.text.startswith("hello ")
+    return probe.text.removeprefix("hello ")
+
+
+def test_a_host_in_the_set_is_masqueraded_and_one_not_in_it_is_not(lab: Lab) -> None:
+    t = lab.topology
+    assert seen_as(t.lan, WAN_V4) == GW_WAN_V4
+    assert seen_as(t.lan, WAN_V6) == GW_WAN_V6
+    assert seen_as(t.dmz, WAN_V4) == DMZ_V4
+    assert seen_as(t.dmz, WAN_V6) == DMZ_V6
+    # One rule per entry, on the set's ipset of the entry's family (the lab added no MASQUERADE).
+    masquerades = {
+        tool: [line for line in run_in(t.gw, tool, "-t", "nat").splitlines() if "MASQUERADE" in line]
+        for tool in ("iptables-save", "ip6tables-save")
+    }
+    assert masquerades == {
+        "iptables-save": [
+            "-A NFQFW-POSTROUTING -m mark --mark 0x40000000/0x40000000 -m comment --comment hairpin "
+            "-j MASQUERADE",
+            "-A NFQFW-POSTROUTING -o wan0 -m set --match-set nfqfw4-natted src -m comment --comment "
+            "masquerade -j MASQUERADE",
+        ],
+        "ip6tables-save": [
+            "-A NFQFW-POSTROUTING -o wan0 -m set --match-set nfqfw6-natted src -m comment --comment "
+            "masquerade -j MASQUERADE",
+        ],
+    }
+
+
+def test_set_add_makes_a_host_s_traffic_masqueraded_and_set_del_stops_it(lab: Lab) -> None:
+    t = lab.topology
+    nfqfw(lab, "set", "add", "natted", DMZ_V4)
+    try:
+        assert seen_as(t.dmz, WAN_V4) == GW_WAN_V4  # the next connection is translated
+        assert seen_as(t.dmz, WAN_V6) == DMZ_V6  # an IPv4 entry: IPv6 as before
+    finally:
+        nfqfw(lab, "set", "del", "natted", DMZ_V4)
+    assert seen_as(t.dmz, WAN_V4) == DMZ_V4
+    assert seen_as(t.lan, WAN_V4) == GW_WAN_V4  # the set's own member all along
+
+
+def test_a_forward_from_an_included_file_follows_its_runtime_set(lab: Lab) -> None:
+    t = lab.topology
+    assert traffic.tcp_probe(t.wan, GW_WAN_V4, PARTNER_PORT, timeout=DROP_WAIT).outcome == "timeout"
+    nfqfw(lab, "set", "add", "partners", WAN_V4)
+    try:
+        probe = traffic.tcp_probe(t.wan, GW_WAN_V4, PARTNER_PORT)
+        assert (probe.outcome, probe.text) == ("connected", f"hello {WAN_V4}")  # the inside server, port 80
+    finally:
+        nfqfw(lab, "set", "del", "partners", WAN_V4)
+    assert traffic.tcp_probe(t.wan, GW_WAN_V4, PARTNER_PORT, timeout=DROP_WAIT).outcome == "timeout"
+    verdicts = status(lab)["verdicts"]
+    assert verdicts["accept forward web-partners"] == 1
+    dnat = [line for line in run_in(t.gw, "iptables-save", "-t", "nat").splitlines() if "DNAT" in line]
+    assert (
+        "-A NFQFW-PREROUTING -i wan0 -p tcp -m set --match-set nfqfw4-partners src -m multiport --dports "
+        "8080 -m addrtype --dst-type LOCAL --limit-iface-in -m comment --comment "
+        '"forward web-partners" -j DNAT --to-destination 10.0.0.25:80'
+    ) in dnat
