@@ -1,7 +1,7 @@
 """`make bench-latency`: what other flows' packets wait while one flow is busy, kernel ruleset
 against nfqfw, side by side.
 
-Builds the lab (prefix ``nfql-``) with a second outside address (203.0.113.20) and a second
+Builds the lab (prefix ``nfqlat-``) with a second outside address (203.0.113.20) and a second
 inside address (10.0.0.26, "the other host"). For each gateway mode and each load, the load
 runs, after LEAD seconds `ping -i 0.01` sends PINGS echo requests from the inside host
 (10.0.0.25) to the second outside address, and the figures are taken:
@@ -62,7 +62,7 @@ from nfqfw.lab import daemon_ctl  # noqa: E402
 from nfqfw.lab.plan import LAN_V4, WAN_V4, Topology  # noqa: E402
 from nfqfw.lab.topology import in_ns, run_in  # noqa: E402
 
-PREFIX = "nfql-"
+PREFIX = "nfqlat-"  # its own: nfqfw.lab.live_oracle has nfql-
 POLICY = ROOT / "config" / "policy.yaml"
 RESULTS = "latency-latest.json"  # in bench/results
 PING_TARGET = "203.0.113.20"  # the second outside address: the ping's destination

@@ -1,4 +1,4 @@
-"""Named sets and safe edits on real packets: namespaces nfqb-wan / nfqb-gw / nfqb-lan.
+"""Named sets and safe edits on real packets: namespaces nfqe-wan / nfqe-gw / nfqe-lan.
 
 The policy drops sources in a file set (`blocklist`, the outside host's IPv4 network) and in a
 runtime set (`banned`) before it lets SMTP in (`ports: [smtp]`). `log-denied: false` leaves the
@@ -34,7 +34,7 @@ from nfqfw.lab.topology import in_ns
 
 pytestmark = pytest.mark.lab
 
-PREFIX = "nfqb-"
+PREFIX = "nfqe-"  # its own: bench/run.py has nfqb-
 SMTP = 25
 REPO = Path(__file__).resolve().parents[2]
 BLOCKED = 2.0  # seconds a probe or a segment waits before calling the path blocked
