@@ -335,9 +335,9 @@ class QueueAdapter:
         for a first-packet queue: each is read for at most its quantum."""
         ready = {fd for fd, _ in self._poller.poll(0)}
         waiting = [served for served in self._served if served.fd in ready and served is not first]
-        for served in [served for served in waiting if not served.first_packets] + self._next_first_packets(
-            [served for served in waiting if served.first_packets]
-        ):
+        established = [served for served in waiting if not served.first_packets]
+        first_packets = self._next_first_packets([served for served in waiting if served.first_packets])
+        for served in established + first_packets:
             if not self.queues:
                 break  # unbound (a stop) during the last turn
             self._serving = served
