@@ -40,7 +40,7 @@ from nfqfw.control.client import call  # noqa: E402
 from nfqfw.lab import daemon_ctl  # noqa: E402
 from nfqfw.lab.daemon_ctl import LabState  # noqa: E402
 from nfqfw.lab.plan import Topology  # noqa: E402
-from nfqfw.lab.topology import in_ns, run_in  # noqa: E402
+from nfqfw.lab.topology import add_outside_addresses, in_ns, run_in  # noqa: E402
 
 PREFIX = "nfqbw-"
 POLICY = ROOT / "config" / "policy.yaml"
@@ -161,8 +161,8 @@ def main() -> int:
     runs: list[dict[str, dict[str, object]]] = []
     try:
         daemon_ctl.up(PREFIX)
+        add_outside_addresses(t, ADDRESSES)
         for address in ADDRESSES:
-            run_in(t.wan, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
             argv = in_ns(t.wan, "iperf3", "-s", "-B", address, "-p", str(PORT))
             servers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)  # iperf3 -s has no readiness signal; it listens within milliseconds

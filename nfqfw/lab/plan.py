@@ -22,6 +22,11 @@ LAN_NET_V4, LAN_NET_V6 = "10.0.0.0/24", "fd00::/64"
 GW_DMZ_V4, GW_DMZ_V6 = "10.0.2.1", "fd00:2::1"
 DMZ_V4, DMZ_V6 = "10.0.2.80", "fd00:2::80"
 DMZ_NET_V4, DMZ_NET_V6 = "10.0.2.0/24", "fd00:2::/64"
+# More addresses the outside host can be given (nfqfw.lab.topology.add_outside_addresses), all in
+# WAN_EXTRA_NET_V4: flows of 16 address pairs, which --queue-balance spreads over its queues by a
+# hash of the addresses (all on one of two queues has a chance of 2**-15).
+WAN_EXTRA_V4 = tuple(f"203.0.113.{100 + n}" for n in range(16))
+WAN_EXTRA_NET_V4 = "203.0.113.64/26"
 
 
 class LabError(Exception):

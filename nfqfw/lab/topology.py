@@ -182,6 +182,13 @@ def configure_link(link: Link) -> None:
         ipr.link("set", index=index, state="up")
 
 
+def add_outside_addresses(topology: Topology, addresses: Sequence[str]) -> None:
+    """More IPv4 addresses for the outside host, in its link's /24 (the gateway reaches them
+    on the link, without a route)."""
+    for address in addresses:
+        run_in(topology.wan, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+
+
 # --- commands inside a namespace ----------------------------------------------------------------
 
 

@@ -213,11 +213,13 @@ def _outcome_of(err: OSError) -> str:
     raise err
 
 
-def tcp_probe(ns: str, host: str, port: int, timeout: float = 2.0) -> Probe:
-    """Connect from `ns` and read the greeting line."""
+def tcp_probe(ns: str, host: str, port: int, timeout: float = 2.0, source: str | None = None) -> Probe:
+    """Connect from `ns` (from its address `source`, if given) and read the greeting line."""
     start = time.monotonic()
     with socket_in(ns, family_of(host), socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
+        if source is not None:
+            sock.bind((source, 0))
         try:
             sock.connect((host, port))
             text = _read_line(sock)

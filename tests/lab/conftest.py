@@ -3,7 +3,9 @@
 A test module sets `LAB_POLICY` to the policy text nfqfw runs with, or None for the namespaces
 alone; `lab_policy` is the file written from it; `LAB_DMZ = True` adds the DMZ host (nfqt-dmz on
 the gateway's dmz0). The module-scoped `lab` fixture builds the lab, starts the servers below and
-always takes everything down again.
+always takes everything down again. Parametrised indirectly, its parameter is more `nfqfw run`
+arguments (e.g. `--queue-balance 0:1 --workers`): pytest groups the module's tests by parameter,
+so each parameter brings one lab up for all of them.
 
 Servers: outside host TCP 80, 445, 8080 (greet and echo), 9000 (sha256 sink), 9001 (byte
 source), UDP 53, 137 (echo); inside host TCP 22, 25, 80 (greet and echo), 587 (sha256 sink);
@@ -43,9 +45,10 @@ def lab_policy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest, lab_policy: Path | None) -> Iterator[Lab]:
     dmz = getattr(request.module, "LAB_DMZ", False)
+    args: tuple[str, ...] = getattr(request, "param", ())
     with ExitStack() as stack:
         stack.callback(down, PREFIX)  # also when up() or a server fails
-        the_lab = up(PREFIX, lab_policy, dmz=dmz)
+        the_lab = up(PREFIX, lab_policy, dmz=dmz, args=args)
         t = the_lab.topology
         if dmz:
             stack.enter_context(traffic.TcpServer(t.dmz, DMZ_TCP))

@@ -5,7 +5,13 @@ the DMZ host's next connections masqueraded and `set del` stops it; a forward fr
 file admits the outside host once a runtime entry puts it in the forward's set (the kernel's
 pre-filter leaving the translated packets to nfqfw). The outside host greets each connection
 with the source address it sees, so the greeting tells whether the gateway translated it (the
-outside host routes the inside networks back through the gateway)."""
+outside host routes the inside networks back through the gateway).
+
+Every test runs twice, on a lab of its own each: the single daemon, and a supervisor with a
+worker per queue (`--queue-balance 0:1 --workers`). There the supervisor answers `set add/del`
+and fills the kernel's ipsets, and the forward's decision is the worker's that gets the flow:
+connections from 16 more outside addresses, spread over both queues, show that every worker
+learns (and forgets) a runtime entry."""
 
 from __future__ import annotations
 
@@ -19,10 +25,25 @@ import pytest
 
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab
-from nfqfw.lab.plan import DMZ_V4, DMZ_V6, GW_WAN_V4, GW_WAN_V6, LAN_V4, WAN_V4, WAN_V6
-from nfqfw.lab.topology import run_in
+from nfqfw.lab.plan import (
+    DMZ_V4,
+    DMZ_V6,
+    GW_WAN_V4,
+    GW_WAN_V6,
+    LAN_V4,
+    WAN_EXTRA_NET_V4,
+    WAN_EXTRA_V4,
+    WAN_V4,
+    WAN_V6,
+)
+from nfqfw.lab.topology import add_outside_addresses, run_in
 
-pytestmark = pytest.mark.lab
+SINGLE: tuple[str, ...] = ()
+WORKERS = ("--queue-balance", "0:1", "--workers")
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.parametrize("lab", [SINGLE, WORKERS], ids=["single", "workers"], indirect=True),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 WEB, PARTNER_PORT = 80, 8080
@@ -73,6 +94,19 @@ def nfqfw(lab: Lab, *args: str) -> str:
 
 def status(lab: Lab) -> dict[str, Any]:
     return json.loads(nfqfw(lab, "status", "--json"))
+
+
+def forwarded_flows(lab: Lab, sources: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The flows from `sources` the forward web-partners admitted, as `nfqfw flows` lists them."""
+    flows = json.loads(nfqfw(lab, "flows", "--json", "--proto", "tcp"))["flows"]
+    return [f for f in flows if f["admitted_by"] == "forward web-partners" and f["src"] in sources]
+
+
+def flow_holders(lab: Lab) -> set[int | None]:
+    """What a flow's record names as the process holding it: under --workers each worker's
+    queue; the single daemon's records name none."""
+    workers = status(lab).get("workers")
+    return {None} if workers is None else {worker["queue"] for worker in workers}
 
 
 def seen_as(ns: str, host: str) -> str:
@@ -138,3 +172,18 @@ def test_a_forward_from_an_included_file_follows_its_runtime_set(lab: Lab) -> No
         "8080 -m addrtype --dst-type LOCAL --limit-iface-in -m comment --comment "
         '"forward web-partners" -j DNAT --to-destination 10.0.0.25:80'
     ) in dnat
+
+
+def test_every_process_admits_the_forward_once_its_runtime_set_has_the_source(lab: Lab) -> None:
+    t = lab.topology
+    add_outside_addresses(t, WAN_EXTRA_V4)
+    nfqfw(lab, "set", "add", "partners", WAN_EXTRA_NET_V4)  # one network entry: all 16 sources
+    try:
+        greetings = [traffic.tcp_probe(t.wan, GW_WAN_V4, PARTNER_PORT, source=a).text for a in WAN_EXTRA_V4]
+        assert greetings == [f"hello {address}" for address in WAN_EXTRA_V4]
+        admitted = forwarded_flows(lab, WAN_EXTRA_V4)
+        assert sorted(f["src"] for f in admitted) == sorted(WAN_EXTRA_V4)
+        assert {f.get("queue") for f in admitted} == flow_holders(lab)  # both workers decided some
+    finally:
+        nfqfw(lab, "set", "del", "partners", WAN_EXTRA_NET_V4)
+    assert forwarded_flows(lab, WAN_EXTRA_V4) == []  # reload: recheck, in every process

@@ -1,9 +1,9 @@
 """`nfqfw run --queue-balance 0:1 --workers` in the lab: namespaces nfqw-wan / nfqw-gw / nfqw-lan.
 
 A supervisor and two workers, one per queue. The kernel picks a flow's queue by a hash of its
-addresses and protocol, so the outside host gets WAN_EXTRA more addresses: connections from the
-inside host to them are spread over both queues (with 16 address pairs, all on one queue has a
-chance of 2**-15). The module's tests run in order on one daemon, which some of them restart:
+addresses and protocol, so the outside host gets 16 more addresses (WAN_EXTRA_V4): connections
+from the inside host to them are spread over both queues (all on one queue has a chance of
+2**-15). The module's tests run in order on one daemon, which some of them restart:
 traffic through both workers, ingress still dropped, `flows` and `status` merged, reloads (valid
 and broken), panic, a full stop and start, `kill -9` of a worker and a wedged (SIGSTOPped) one.
 With --metrics, the supervisor serves the workers' counts summed.
@@ -30,15 +30,14 @@ from lab_policies import MAIL_IN_NO_SMB_OUT
 from nfqfw.control.client import call
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab, LabState
-from nfqfw.lab.plan import LAN_V4, WAN_V4
-from nfqfw.lab.topology import in_ns
+from nfqfw.lab.plan import LAN_V4, WAN_EXTRA_V4, WAN_V4
+from nfqfw.lab.topology import add_outside_addresses, in_ns
 from nfqfw.service.supervisor import POLICY_NAME, WORKERS_DIR
 
 pytestmark = pytest.mark.lab
 
 PREFIX = "nfqw-"
 WAN_ECHO, LAN_MAIL, LAN_SSH = 80, 25, 22
-WAN_EXTRA = [f"203.0.113.{100 + n}" for n in range(16)]
 METRICS_PORT = 9470
 METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}/metrics"
 ARGS = (
@@ -70,9 +69,7 @@ def lab(policy: Path) -> Iterator[Lab]:
         stack.callback(daemon_ctl.down, PREFIX)  # also when up() or a server fails
         the_lab = daemon_ctl.up(PREFIX, policy, args=ARGS)
         t = the_lab.topology
-        for address in WAN_EXTRA:
-            argv = in_ns(t.wan, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
-            subprocess.run(argv, check=True, capture_output=True, timeout=30)
+        add_outside_addresses(t, WAN_EXTRA_V4)
         stack.enter_context(traffic.TcpServer(t.wan, [WAN_ECHO]))
         stack.enter_context(traffic.TcpServer(t.lan, [LAN_MAIL, LAN_SSH]))
         yield the_lab
@@ -83,7 +80,7 @@ def spread(lab: Lab) -> Iterator[dict[int, socket.socket]]:
     """One live session lan -> each outside address, by the client's port; closed at the end."""
     opened: dict[int, socket.socket] = {}
     try:
-        for address in [WAN_V4, *WAN_EXTRA]:
+        for address in [WAN_V4, *WAN_EXTRA_V4]:
             sock, greeting = traffic.open_connection(lab.topology.lan, address, WAN_ECHO)
             assert greeting.startswith("hello"), greeting
             assert traffic.echo_roundtrip(sock, b"hi\n") == b"hi\n"
@@ -170,13 +167,13 @@ def test_metrics_are_the_sum_of_both_workers(lab: Lab) -> None:
     egress = ("nfqfw_verdicts_total", (("action", "accept"), ("reason", "default egress"), ("rule", "")))
     before = scrape(lab)
     opened = []
-    for address in WAN_EXTRA:  # one new session per address pair: both queues get some
+    for address in WAN_EXTRA_V4:  # one new session per address pair: both queues get some
         sock, greeting = traffic.open_connection(lab.topology.lan, address, WAN_ECHO)
         opened.append(sock)
         assert greeting.startswith("hello"), address
     try:
         after = scrape(lab)
-        assert after[egress] - before.get(egress, 0.0) == len(WAN_EXTRA)  # each SYN, once
+        assert after[egress] - before.get(egress, 0.0) == len(WAN_EXTRA_V4)  # each SYN, once
         assert set(queue_of_ports({s.getsockname()[1] for s in opened}).values()) == {0, 1}
         for queue in ("0", "1"):
             assert after[("nfqfw_worker_up", (("queue", queue),))] == 1.0
@@ -193,7 +190,7 @@ def test_metrics_are_the_sum_of_both_workers(lab: Lab) -> None:
 
 def test_many_new_connections_get_through(lab: Lab) -> None:
     for round_ in range(3):
-        for address in WAN_EXTRA:
+        for address in WAN_EXTRA_V4:
             sock, greeting = traffic.open_connection(lab.topology.lan, address, WAN_ECHO)
             with sock:
                 assert greeting.startswith("hello"), (round_, address)
