@@ -210,6 +210,27 @@ def test_merge_flush_sums() -> None:
     assert format_flush(merged) == "3 flows removed (5 still tracked)"
 
 
+def test_merge_set_changes_sums_the_cut_flows_and_names_the_silent_workers() -> None:
+    answers = [
+        sv.Answer(0, 11, {"removed": 2}),
+        sv.Answer(1, 12, {"removed": 3}),
+        sv.Answer(2, 13, error="timed out"),
+    ]
+    merged = sv.merge_set_changes(answers, "banned", "198.51.100.7", "add", changed=True)
+    assert merged == {
+        "set": "banned",
+        "addr": "198.51.100.7",
+        "op": "add",
+        "changed": True,
+        "removed": 5,
+        "unanswered": [{"queue": 2, "error": "timed out"}],
+    }
+    unchanged = sv.merge_set_changes(
+        [sv.Answer(0, 11, {"removed": 0})], "banned", "198.51.100.7", "del", False
+    )
+    assert unchanged["changed"] is False and unchanged["removed"] == 0 and unchanged["unanswered"] == []
+
+
 def test_merge_reloads() -> None:
     good = {"ok": True, "errors": [], "removed": 1}
     keep = {"ok": True, "errors": [], "removed": None}
