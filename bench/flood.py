@@ -61,7 +61,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from run import KERNEL_RULES, accept_server, cpu_seconds, start_ready, stop  # noqa: E402
+from run import KERNEL_RULES, accept_server, chosen, cpu_seconds, start_ready, stop  # noqa: E402
 from saved import save_results  # noqa: E402
 
 from nfqfw.kernel.queue_info import parse_queue_stats  # noqa: E402
@@ -322,14 +322,6 @@ def table(results: dict[str, dict[str, dict[str, object]]]) -> str:
             row += "  " + (", ".join(f"q{q}: {n}" for q, n in sorted(drops.items())) or "0")
             lines.append(row)
     return "\n".join(lines)
-
-
-def chosen(parser: argparse.ArgumentParser, text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
-    picked = tuple(word for word in text.split(",") if word)
-    unknown = sorted(set(picked) - set(known))
-    if unknown:
-        parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
-    return picked
 
 
 def main() -> int:

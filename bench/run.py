@@ -271,6 +271,15 @@ def table(results: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
+def chosen(parser: argparse.ArgumentParser, text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """The comma-separated subset `text` of `known` (an argparse error for an unknown name)."""
+    picked = tuple(word for word in text.split(",") if word)
+    unknown = sorted(set(picked) - set(known))
+    if unknown:
+        parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return picked
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Throughput through the lab's gateway, by mode.")
     parser.add_argument(
@@ -278,10 +287,7 @@ def main() -> int:
         default=",".join(MODES),
         help=f"comma-separated subset of {','.join(MODES)} (a subset is printed, not saved)",
     )
-    modes = tuple(mode for mode in parser.parse_args().modes.split(",") if mode)
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        parser.error(f"unknown modes: {', '.join(unknown)}")
+    modes = chosen(parser, parser.parse_args().modes, MODES, "modes")
     t = Topology(PREFIX)
     started = time.monotonic()
     daemon_ctl.down(PREFIX)

@@ -272,33 +272,26 @@ class ServiceCore:
 
     def _load_policy(self) -> Loaded:
         loaded = self._load(self.options.config)
-        self._check_ipv6_nat(loaded)
-        self._check_nat_sets(loaded)
+        self._check_nat_kernel_support(loaded)
         return loaded
 
-    def _check_ipv6_nat(self, loaded: Loaded) -> None:
-        """A policy that translates IPv6 on a kernel without IPv6 NAT is refused, located."""
-        from nfqfw.core.config import ipv6_nat_issues
+    def _check_nat_kernel_support(self, loaded: Loaded) -> None:
+        """A policy whose nat needs what this kernel's rules cannot do is refused, located: IPv6
+        NAT (checked first), then sets in a nat `from` (the nat table has no other way to follow
+        a set; the pre-filter leaves such rules to nfqfw, the nat table cannot)."""
+        from nfqfw.core.config import ipv6_nat_issues, nat_set_issues
 
         config = getattr(loaded.engine_policy, "config", None)
-        if self.firewall is None or config is None or config.nat is None or not config.nat.ipv6_entries():
+        if self.firewall is None or config is None or config.nat is None:
             return
-        missing = self.firewall.ipv6_nat_missing()
-        if missing is not None:
-            raise StartupError("\n".join(str(issue) for issue in ipv6_nat_issues(config, missing)))
-
-    def _check_nat_sets(self, loaded: Loaded) -> None:
-        """A policy whose nat names sets, where the kernel rules cannot match sets, is refused,
-        located: the nat table has no other way to follow a set (the pre-filter leaves such
-        rules to nfqfw, the nat table cannot)."""
-        from nfqfw.core.config import nat_set_issues
-
-        config = getattr(loaded.engine_policy, "config", None)
-        if self.firewall is None or config is None or config.nat is None or not config.nat.set_entries():
-            return
-        missing = self.firewall.sets_missing()
-        if missing is not None:
-            raise StartupError("\n".join(str(issue) for issue in nat_set_issues(config, missing)))
+        checks = (
+            (config.nat.ipv6_entries, self.firewall.ipv6_nat_missing, ipv6_nat_issues),
+            (config.nat.set_entries, self.firewall.sets_missing, nat_set_issues),
+        )
+        for needed, missing_of, issues_of in checks:
+            missing = missing_of() if needed() else None
+            if missing is not None:
+                raise StartupError("\n".join(str(issue) for issue in issues_of(config, missing)))
 
     def _open_control(self) -> None:
         """The control socket (RUNTIME_DIR/control.sock); StartupError when another daemon has it."""
