@@ -177,7 +177,9 @@ def down(prefix: str) -> list[str]:
             _children.remove(child)
     for gateway in HA_GATEWAYS:
         files = GatewayFiles(prefix, gateway)
-        for path in (files.keepalived_pid, files.vrrp_pid, files.conntrackd_ctl):
+        # The notify log is this lab's record of roles: the next lab with the prefix starts a new
+        # one (kept, a later lab's first election would read as flapping). The daemons' logs stay.
+        for path in (files.keepalived_pid, files.vrrp_pid, files.conntrackd_ctl, files.notify_log):
             path.unlink(missing_ok=True)
         files.directory.joinpath("conntrackd.lock").unlink(missing_ok=True)
         state = daemon_ctl.LabState(prefix, gateway)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from nfqfw.core.config import load_policy
-from nfqfw.lab import ha
+from nfqfw.lab import daemon_ctl, ha
 from nfqfw.lab.plan import HA_SYNC, HaTopology, LabError, ha_picture
 
 
@@ -61,3 +62,18 @@ def test_gateway_role_from_its_links_and_addresses() -> None:
     assert ha.GatewayStatus("gw1", True, ()).role == "backup"
     assert ha.GatewayStatus("gw1", False, ()).role == "failed (links down)"
     assert ha.GatewayStatus("gw1", True, every[:2]).role.startswith("split")
+
+
+def test_down_removes_the_notify_log_and_keeps_the_daemons_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lab's notify log is its record of roles: one left by an earlier lab with the prefix
+    would read as the next lab's flapping election."""
+    monkeypatch.setattr(daemon_ctl, "STATE_ROOT", tmp_path)
+    files = ha.GatewayFiles("p-", "gw2")
+    files.directory.mkdir(parents=True)
+    files.notify_log.write_text("backup\nmaster\nfault\n")
+    files.keepalived_log.write_text("--- an earlier lab\n")
+    ha.down("p-")  # no namespaces, no daemons: only the files
+    assert ha.notify_log("p-", "gw2") == []
+    assert files.keepalived_log.read_text() == "--- an earlier lab\n"
