@@ -2,9 +2,9 @@
 
 nfqfw runs with `--queue 0` (one queue for established flows, so every flow shares one kernel
 FIFO, the worst case; first packets go to queue 1) and the caps on first packets off, so that
-floods reach the queues. Floods are bounded in time (`timeout`, iperf3 -t) and, where they must
-outrun nfqfw, pinned with it to one CPU, so that the flood is faster than the consumer however
-loaded the machine is. The assertions are on behaviour (every packet of the other flow answered,
+floods reach the queues. Floods are bounded in time (`timeout`, iperf3 -t); nfqfw is pinned to
+one CPU, and the stream that must be faster than nfqfw decides (but not than it reads) is paced
+from the other. The assertions are on behaviour (every packet of the other flow answered,
 what was dropped and why, which queue carried what), not on timings.
 """
 
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 PREFIX = "nfqq-"
 IPERF_PORT, ECHO_PORT = 5201, 80
 METRICS_PORT = 9475
-PINNED = ("taskset", "-c", "0")  # nfqfw and a flood that must outrun it share one CPU
+PINNED = ("taskset", "-c", "0")  # nfqfw's CPU
 OTHER_CPU = ("taskset", "-c", "1")  # a paced stream, not in nfqfw's way
 FLOOD_PPS = 180_000  # 64-byte datagrams/s of the paced stream: see the first test
 POLICY = """\
