@@ -53,7 +53,9 @@ rules are exactly the three above). The chains then read, per family::
     NFQFW-PRE-*: -i INTERNAL -j RETURN, then the ingress rules in order (RETURN: nfqfw decides;
       DROP / REJECT, each after a sample sent to the queue for the packet log), the default last
     NFQFW-NEW: per-source (and protocol) hashlimit -j DROP, all-sources hashlimit -j DROP, -j NFQUEUE (the
-      queue for first packets)
+      queue for first packets; -j RETURN without it). A per-source table that is full drops
+      the packet of a new source uncounted: counters() tells those from the chain's counters
+      ("new-rate per source: table full")
     raw NFQFW-RAW (jump from PREROUTING):
       [antispoof] -m rpfilter [--loose] --invert -j NFQFW-SPOOFED (one lookup per packet)
       SYNs to synproxy rules, not to the gateway's own addresses, -j CT --notrack
@@ -96,7 +98,8 @@ worker that holds it (the kernel attaches an error to the connection it quotes: 
 
 The kernel's own drops carry comments ("default ingress", "rule NAME", "invalid: tcp flags",
 "new-rate", "new-rate per source", "invalid: spoofed source") whose counters `counters()` reads
-back (iptables-save -c).
+back (iptables-save -c), and "new-rate per source: table full", the difference of NFQFW-NEW's
+counters.
 
 Antispoof (``Protection.antispoof``) is the kernel's reverse-path lookup (``-m rpfilter``, only
 allowed in PREROUTING of the raw and mangle tables): in raw, spoofed packets are dropped before
@@ -153,6 +156,8 @@ CHAINS = {"INPUT": "NFQFW-INPUT", "FORWARD": "NFQFW-FORWARD", "OUTPUT": "NFQFW-O
 _LOOPBACK_EXCLUSION = {"INPUT": "-i lo -j RETURN", "OUTPUT": "-o lo -j RETURN"}
 PRE_CHAINS = {"INPUT": "NFQFW-PRE-INPUT", "FORWARD": "NFQFW-PRE-FORWARD"}
 NEW_CHAIN = "NFQFW-NEW"
+PER_SOURCE_TABLE = 65536  # sources a per-source cap's table holds (per protocol and family)
+TABLE_FULL = "new-rate per source: table full"  # the reason of the drops it cannot count
 RAW_CHAIN = "NFQFW-RAW"  # in the raw table, jumped to from PREROUTING
 SPOOFED_CHAIN = "NFQFW-SPOOFED"  # raw: what antispoof does with a packet rpfilter refuses
 OUR_CHAINS = frozenset({*CHAINS.values(), *PRE_CHAINS.values(), NEW_CHAIN})
@@ -270,7 +275,34 @@ def parse_counters(text: str) -> dict[str, int]:
             continue
         key = f"{action} {words[words.index('--comment') + 1]}"
         counts[key] = counts.get(key, 0) + int(match.group(1))
+    table_full = _new_chain_unmatched(text)
+    if table_full > 0:
+        counts[f"drop {TABLE_FULL}"] = table_full
     return counts
+
+
+def _new_chain_unmatched(text: str) -> int:
+    """Packets that went into NFQFW-NEW and met none of its rules: the per-source hashlimit
+    drops the first packet of a source it has no room for (its table is full) without counting
+    it anywhere ("hotdrop"). Every packet that goes in meets one of its rules otherwise (the
+    last is a queue or a RETURN), so the difference of the jumps' and the rules' counters is
+    that drop (a few packets either way while the counters are read)."""
+    jumps = inside = 0
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        match = _COUNTED.match(line)
+        if table != TABLE or match is None:
+            continue
+        words = match.group(2).split()
+        if len(words) < 2 or words[1] not in OUR_CHAINS:
+            continue
+        if words[1] == NEW_CHAIN:
+            inside += int(match.group(1))
+        elif _target(words) == NEW_CHAIN:
+            jumps += int(match.group(1))
+    return jumps - inside
 
 
 _COUNTED = re.compile(r"^\[(\d+):\d+\] (-A .*)$")
@@ -559,9 +591,14 @@ def _prefilter_rule(rule: object, protection: Protection, family: int, sample_qu
 
 def _new_chain(spec: QueueSpec, protection: Protection, family: int) -> list[str]:
     lines = []
-    table = "--hashlimit-htable-size 16384 --hashlimit-htable-max 65536 --hashlimit-htable-expire 10000"
     if protection.new_rate_per_source is not None:
         rate = protection.new_rate_per_source
+        # A source's entry goes when it has been idle for the rate's period: its bucket is full
+        # again by then, as a new entry's would be, so the table holds the sources of the last
+        # period only. A flood from more sources than it holds fills it all the same: the
+        # kernel then drops the first packets of new sources (counted as TABLE_FULL).
+        expire = f"--hashlimit-htable-expire {rate.period * 1000}"
+        table = f"--hashlimit-htable-size 16384 --hashlimit-htable-max {PER_SOURCE_TABLE} {expire}"
         mask = " --hashlimit-srcmask 64" if family == 6 else ""
         # A bucket per source and protocol: a UDP flood from an address does not use up the
         # allowance of its TCP connections. Other protocols: the global cap only.
@@ -578,8 +615,8 @@ def _new_chain(spec: QueueSpec, protection: Protection, family: int) -> list[str
             f"-m hashlimit --hashlimit-above {_rate(rate)} --hashlimit-burst {rate.count} "
             f'--hashlimit-name nfqfw-all -m comment --comment "new-rate" -j DROP'
         )
-    if spec.new_queues:
-        lines.append(f"-j {queue_target(spec, new=True)}")
+    # The last rule takes every packet the caps let by (counted: see _new_chain_unmatched).
+    lines.append(f"-j {queue_target(spec, new=True)}" if spec.new_queues else "-j RETURN")
     return lines
 
 

@@ -20,8 +20,8 @@ import pytest
 from nfqfw.kernel.queue_info import parse_queue_stats
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, start_daemon, stop_daemon
-from nfqfw.lab.plan import LAN_V4, WAN_V4
-from nfqfw.lab.topology import in_ns, run_in
+from nfqfw.lab.plan import LAN_V4, WAN_EXTRA_V4, WAN_V4
+from nfqfw.lab.topology import add_outside_addresses, in_ns, run_in
 
 pytestmark = pytest.mark.lab
 
@@ -39,6 +39,7 @@ ingress:
   - {name: no-ident, proto: tcp, ports: 113, action: reject}
 """
 FLOOD = 3000  # packets per flood: 3000 at 20,000/s
+TABLE_FULL = "drop new-rate per source: table full"
 
 
 def queued(lab: Lab) -> dict[int, int]:
@@ -162,3 +163,22 @@ def test_a_reload_moves_the_pre_filter_with_the_rules(lab: Lab, lab_policy: Path
         lab_policy.write_text(original)
         nfqfw(lab, "reload", "--runtime-dir", str(lab.state.runtime_dir))
     assert connects(lab, 22) == "timeout"
+
+
+def test_a_flood_from_more_sources_than_the_per_source_table_holds(lab: Lab) -> None:
+    """hping3 --rand-source fills the per-source cap's table (PER_SOURCE_TABLE sources a
+    protocol) within a fraction of a second: the kernel then drops the first packet of each
+    source it has no room for, counting it nowhere; nfqfw tells those drops from its chain's
+    counters. A source's entry goes after the rate's period idle (here a second), so a new
+    source connects again within about two periods after the flood, not ten seconds."""
+    newcomer = WAN_EXTRA_V4[0]
+    add_outside_addresses(lab.topology, [newcomer])
+    before = counters(lab).get(TABLE_FULL, 0)
+    argv = ["timeout", "-s", "INT", "2", "hping3", "--flood", "-q", "-S", "--rand-source", "-p", "25", LAN_V4]
+    subprocess.run(in_ns(lab.topology.wan, *argv), capture_output=True, timeout=30)
+    assert counters(lab).get(TABLE_FULL, 0) - before > 10_000
+    time.sleep(2.5)  # the period, and the table's garbage collection (once a second)
+    probe = traffic.tcp_probe(lab.topology.wan, LAN_V4, 25, 1.5, source=newcomer)
+    assert probe.outcome == "connected", probe
+    status = nfqfw(lab, "status", "--runtime-dir", str(lab.state.runtime_dir))
+    assert "new-rate per source: table full" in status, status

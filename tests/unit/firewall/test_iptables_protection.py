@@ -73,7 +73,8 @@ def test_protected_rules_exact_text() -> None:
         *(
             f"-A NFQFW-NEW -p {proto} -m hashlimit --hashlimit-above 600/min --hashlimit-burst 600 --hashlimit-mode srcip "
             f"--hashlimit-name nfqfw-{proto} --hashlimit-htable-size 16384 --hashlimit-htable-max 65536 "
-            '--hashlimit-htable-expire 10000 -m comment --comment "new-rate per source" -j DROP'
+            # an entry goes when idle for the rate's period (a minute): its bucket is full by then
+            '--hashlimit-htable-expire 60000 -m comment --comment "new-rate per source" -j DROP'
             for proto in ("tcp", "udp", "icmp")
         ),
         "-A NFQFW-NEW -m hashlimit --hashlimit-above 20000/sec --hashlimit-burst 20000 --hashlimit-name nfqfw-all "
@@ -277,6 +278,42 @@ def test_counters_are_read_from_our_commented_rules() -> None:
     tools = FakeTools({"iptables-save": SAVE_PROTECTED, "ip6tables-save": SAVE_PROTECTED})
     assert Iptables(run=tools).counters()["drop default ingress"] == 140
     assert [argv for argv, _ in tools.calls] == [["iptables-save", "-c"], ["ip6tables-save", "-c"]]
+
+
+SAVE_TABLE_FULL = """\
+*filter
+:NFQFW-FORWARD - [0:0]
+:NFQFW-INPUT - [0:0]
+:NFQFW-NEW - [0:0]
+[1500:60000] -A FORWARD -j NFQFW-FORWARD
+[1400:56000] -A NFQFW-FORWARD -m conntrack --ctstate NEW -j NFQFW-NEW
+[100:4000] -A NFQFW-INPUT -m conntrack --ctstate NEW -j NFQFW-NEW
+[30:1200] -A NFQFW-NEW -p tcp -m hashlimit --hashlimit-above 10000/sec --hashlimit-mode srcip \
+--hashlimit-name nfqfw-tcp -m comment --comment "new-rate per source" -j DROP
+[70:2800] -A NFQFW-NEW -m hashlimit --hashlimit-above 20000/sec --hashlimit-name nfqfw-all \
+-m comment --comment new-rate -j DROP
+[400:16000] -A NFQFW-NEW -j NFQUEUE --queue-balance 4:7
+COMMIT
+""".replace("\\\n", "")
+
+
+def test_first_packets_a_full_per_source_table_dropped_are_counted_from_the_chains_counters() -> None:
+    # 1,500 went into NFQFW-NEW (from FORWARD and INPUT), 500 met one of its rules: the kernel
+    # dropped the other 1,000 as the first packets of sources its per-source table had no room for
+    assert parse_counters(SAVE_TABLE_FULL) == {
+        "drop new-rate per source": 30,
+        "drop new-rate": 70,
+        "drop new-rate per source: table full": 1000,
+    }
+    every_one_met_a_rule = SAVE_TABLE_FULL.replace("[400:16000]", "[1400:56000]")
+    assert "drop new-rate per source: table full" not in parse_counters(every_one_met_a_rule)
+
+
+def test_without_first_packet_queues_the_new_chain_ends_in_a_return() -> None:
+    lines = render_install(QueueSpec(0, 0, protection=replace(PROTECTION, new_first=None)), NOTHING, 4)
+    new_chain = [line for line in lines.splitlines() if line.startswith("-A NFQFW-NEW")]
+    assert new_chain[-1] == "-A NFQFW-NEW -j RETURN"
+    assert "--hashlimit-htable-expire 60000" in new_chain[0]
 
 
 def test_remove_covers_the_raw_table_and_every_chain() -> None:
