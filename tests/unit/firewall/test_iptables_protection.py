@@ -313,7 +313,18 @@ def test_without_first_packet_queues_the_new_chain_ends_in_a_return() -> None:
     lines = render_install(QueueSpec(0, 0, protection=replace(PROTECTION, new_first=None)), NOTHING, 4)
     new_chain = [line for line in lines.splitlines() if line.startswith("-A NFQFW-NEW")]
     assert new_chain[-1] == "-A NFQFW-NEW -j RETURN"
-    assert "--hashlimit-htable-expire 60000" in new_chain[0]
+
+
+@pytest.mark.parametrize(
+    ("rate", "expire"), [(Rate(100, 1), 10000), (Rate(600, 60), 60000), (Rate(5, 3600), 3600000)]
+)
+def test_a_per_source_entry_lasts_ten_seconds_idle_or_the_rates_period_if_longer(
+    rate: Rate, expire: int
+) -> None:
+    protection = replace(PROTECTION, new_rate_per_source=rate)
+    lines = render_install(QueueSpec(0, 0, protection=protection), NOTHING, 4).splitlines()
+    per_source = [line for line in lines if "--hashlimit-mode srcip" in line]
+    assert len(per_source) == 3 and all(f"--hashlimit-htable-expire {expire} " in line for line in per_source)
 
 
 def test_remove_covers_the_raw_table_and_every_chain() -> None:
