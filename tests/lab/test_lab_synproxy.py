@@ -165,8 +165,10 @@ def test_a_random_source_syn_flood_makes_no_state(lab: Lab) -> None:
     received = synproxy_stats(lab)["syn_received"]
     argv = ["timeout", "20", "hping3", "-q", "-S", "--rand-source", "-p", "25", "-c", str(FLOOD), "-i", "u50"]
     subprocess.run(in_ns(lab.topology.wan, *argv, LAN_V4), capture_output=True, timeout=30)
-    # The kernel answered (nearly) every SYN with a cookie; none reached nfqfw or made state.
-    assert synproxy_stats(lab)["syn_received"] - received >= FLOOD * 9 // 10
+    # The kernel answered every SYN it routed with a cookie; none reached nfqfw or made state.
+    # Routing drops those from martian sources first (multicast, class E, 0/8, 127/8: 13% of
+    # the address space; hping3's share of them varies: 5-12% of the flood here and in CI).
+    assert synproxy_stats(lab)["syn_received"] - received >= FLOOD * 8 // 10
     assert len(mail_flows()) == flows
     assert kernel_entries(lab) - entries <= CONNTRACK_BOUND
     assert queued(lab) - queue <= 10  # the lab's own stray packets at most
