@@ -127,7 +127,7 @@ def up(
     itself only when the policy has no `nat:` section (otherwise nfqfw's rules do)."""
     topology, state = Topology(prefix, dmz), LabState(prefix)
     down(prefix)  # a lab left over from before, or half of one
-    _start_fresh_log(state)
+    start_fresh_log(state.log_file)
     try:
         build(topology, nat=not policy_has_nat(policy))
         daemon = None if policy is None else start_daemon(prefix, policy, queue, timeout, args=args)
@@ -148,11 +148,11 @@ def policy_has_nat(policy: str | os.PathLike[str] | None) -> bool:
         return False
 
 
-def _start_fresh_log(state: LabState) -> None:
-    """A new lab's daemon log starts empty (readers match lines by content, and the lab's crafted
-    packets repeat from one lab to the next); the last lab's log is kept as daemon.log.1."""
+def start_fresh_log(log_file: Path) -> None:
+    """A new lab's log starts empty (readers match lines by content, and the lab's crafted
+    packets repeat from one lab to the next); the last lab's log is kept as NAME.1."""
     with contextlib.suppress(FileNotFoundError):
-        state.log_file.replace(state.log_file.with_name(state.log_file.name + ".1"))
+        log_file.replace(log_file.with_name(log_file.name + ".1"))
 
 
 def down(prefix: str = DEFAULT_PREFIX) -> list[str]:

@@ -100,6 +100,7 @@ class GatewayFiles:
     keepalived_conf = property(lambda self: self.directory / "keepalived.conf")
     keepalived_pid = property(lambda self: self.directory / "keepalived.pid")
     vrrp_pid = property(lambda self: self.directory / "keepalived-vrrp.pid")
+    daemon_log = property(lambda self: daemon_ctl.LabState(self.prefix, self.gateway).log_file)
     keepalived_log = property(lambda self: self.directory / "keepalived.log")
     conntrackd_conf = property(lambda self: self.directory / "conntrackd.conf")
     conntrackd_log = property(lambda self: self.directory / "conntrackd.log")
@@ -152,6 +153,8 @@ def up(
         for gateway in HA_GATEWAYS:
             files = GatewayFiles(prefix, gateway)
             files.directory.mkdir(parents=True, exist_ok=True)
+            for log in (files.daemon_log, files.keepalived_log, files.conntrackd_log):
+                daemon_ctl.start_fresh_log(log)  # this lab's only (the last one's as NAME.1)
             if policy is not None:
                 daemons[gateway] = daemon_ctl.start_daemon(prefix, policy, args=args, gateway=gateway)
             _start_conntrackd(topology, files)

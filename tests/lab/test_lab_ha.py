@@ -162,6 +162,12 @@ def test_one_master_holds_every_virtual_address(ha_lab: HaTopology) -> None:
     assert gateways["gw2"].virtual == ()
     _wait(lambda: ha.notify_log(PREFIX, "gw1")[-1:] == ["master"], 10.0, "gw1's notify master")
     assert ha.notify_log(PREFIX, "gw2") == ["backup"]
+    for gateway in HA_GATEWAYS:  # each log is this lab's: one start of its daemon ("--- TIME argv")
+        files = ha.GatewayFiles(PREFIX, gateway)
+        for log in (files.daemon_log, files.keepalived_log, files.conntrackd_log):
+            lines = log.read_text(errors="replace").splitlines()
+            starts = [line for line in lines if line.startswith("--- ")]
+            assert len(starts) == 1, (log, starts)
 
 
 def test_sessions_survive_failover_and_failback(ha_lab: HaTopology) -> None:
