@@ -69,10 +69,13 @@ def flows_to(port: int, sport: int | None = None) -> list[dict[str, Any]]:
     ]
 
 
-def kernel_entries(lab: Lab, port: int) -> list[str]:
-    """The gateway kernel's conntrack entries of TCP flows to `port` (`conntrack -L`, with marks)."""
+def kernel_entries(lab: Lab, sock: socket.socket) -> list[str]:
+    """The gateway kernel's conntrack entries of the TCP connection `sock` made (`conntrack -L`,
+    with marks); by its ports, so that an earlier test's connection to the same port, closed and
+    lingering in CLOSE or TIME_WAIT, is not one of them."""
+    sport, dport = sock.getsockname()[1], sock.getpeername()[1]
     done = subprocess.run(
-        in_ns(lab.topology.gw, "conntrack", "-L", "-p", "tcp", "--dport", str(port)),
+        in_ns(lab.topology.gw, "conntrack", "-L", "-p", "tcp", "--sport", str(sport), "--dport", str(dport)),
         capture_output=True,
         text=True,
         timeout=30,
@@ -133,7 +136,7 @@ def test_an_offloaded_connection_skips_the_queue_and_outlives_nfqfw(
 ) -> None:
     daemon = start(OFFLOAD)
     sock = offloaded_connection(lab)
-    (entry,) = kernel_entries(lab, 80)
+    (entry,) = kernel_entries(lab, sock)
     assert "mark=" in entry and int(entry.split("mark=")[1].split()[0]) & 0x20000000  # the offload bit
     before = verdicts()
     assert all(echo_works(sock, b"x" * 1000) for _ in range(20))
@@ -161,7 +164,7 @@ def test_flush_takes_an_offloaded_connection_back(lab: Lab, start: Callable[[str
     sock = offloaded_connection(lab)
     kept = offloaded_connection(lab, 8080)
     assert ask({"cmd": "flush", "addr": WAN_V4, "proto": "tcp", "state": "ESTABLISHED"})["removed"] == 2
-    assert kernel_entries(lab, 80) == []
+    assert kernel_entries(lab, sock) == []
     dropped = invalid_drops()
     assert not echo_works(sock, b"after the flush", timeout=CUT_WAIT)
     assert invalid_drops() > dropped  # its next packet met nfqfw again, which has no flow for it
@@ -180,7 +183,7 @@ def test_a_reload_that_no_longer_admits_it_takes_it_back(
     policy.write_text(NO_WEB_OUT)
     result = ask({"cmd": "reload"})
     assert result["ok"] and result["removed"] == 1
-    assert kernel_entries(lab, 80) == [] and len(kernel_entries(lab, 8080)) == 1
+    assert kernel_entries(lab, web) == [] and len(kernel_entries(lab, other)) == 1
     assert not echo_works(web, b"no more", timeout=CUT_WAIT)
     assert echo_works(other, b"still allowed")
     (flow,) = flows_to(8080)
