@@ -258,10 +258,17 @@ _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
 
 def parse_counters(text: str) -> dict[str, int]:
     """Packets dropped or rejected by our commented rules, in `iptables-save -c` output:
-    "ACTION REASON" -> packets (a comment is the reason, see the module docstring)."""
+    "ACTION REASON" -> packets (a comment is the reason, see the module docstring).
+
+    One more reason has no rule: the per-source hashlimit drops the first packet of a source
+    its full table has no room for without counting it anywhere ("hotdrop"). Every other packet
+    that goes into NFQFW-NEW meets one of its rules (the last is a queue or a RETURN), so the
+    jumps' counters less the chain's rules' counters are those drops (TABLE_FULL; a few packets
+    either way while the counters are read)."""
     counts: dict[str, int] = {}
     ours = {TABLE: OUR_CHAINS, RAW: OUR_RAW_CHAINS}
     table = ""
+    into_new_chain = 0  # jumps into NFQFW-NEW, less the packets its rules counted
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:]
@@ -269,41 +276,21 @@ def parse_counters(text: str) -> dict[str, int]:
         if table not in ours or match is None:
             continue
         words = shlex.split(match.group(2))
-        if len(words) < 2 or words[1] not in ours[table] or "--comment" not in words:
+        if len(words) < 2 or words[1] not in ours[table]:
             continue
-        action = {"DROP": "drop", "REJECT": "reject"}.get(_target(words) or "")
-        if action is None:
+        packets, target = int(match.group(1)), _target(words)
+        if words[1] == NEW_CHAIN:
+            into_new_chain -= packets
+        elif target == NEW_CHAIN:
+            into_new_chain += packets
+        action = {"DROP": "drop", "REJECT": "reject"}.get(target or "")
+        if action is None or "--comment" not in words:
             continue
         key = f"{action} {words[words.index('--comment') + 1]}"
-        counts[key] = counts.get(key, 0) + int(match.group(1))
-    table_full = _new_chain_unmatched(text)
-    if table_full > 0:
-        counts[f"drop {TABLE_FULL}"] = table_full
+        counts[key] = counts.get(key, 0) + packets
+    if into_new_chain > 0:
+        counts[f"drop {TABLE_FULL}"] = into_new_chain
     return counts
-
-
-def _new_chain_unmatched(text: str) -> int:
-    """Packets that went into NFQFW-NEW and met none of its rules: the per-source hashlimit
-    drops the first packet of a source it has no room for (its table is full) without counting
-    it anywhere ("hotdrop"). Every packet that goes in meets one of its rules otherwise (the
-    last is a queue or a RETURN), so the difference of the jumps' and the rules' counters is
-    that drop (a few packets either way while the counters are read)."""
-    jumps = inside = 0
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        match = _COUNTED.match(line)
-        if table != TABLE or match is None:
-            continue
-        words = match.group(2).split()
-        if len(words) < 2 or words[1] not in OUR_CHAINS:
-            continue
-        if words[1] == NEW_CHAIN:
-            inside += int(match.group(1))
-        elif _target(words) == NEW_CHAIN:
-            jumps += int(match.group(1))
-    return jumps - inside
 
 
 _COUNTED = re.compile(r"^\[(\d+):\d+\] (-A .*)$")
@@ -619,7 +606,7 @@ def _new_chain(spec: QueueSpec, protection: Protection, family: int) -> list[str
             f"-m hashlimit --hashlimit-above {_rate(rate)} --hashlimit-burst {rate.count} "
             f'--hashlimit-name nfqfw-all -m comment --comment "new-rate" -j DROP'
         )
-    # The last rule takes every packet the caps let by (counted: see _new_chain_unmatched).
+    # The last rule takes every packet the caps let by (counted: see parse_counters).
     lines.append(f"-j {queue_target(spec, new=True)}" if spec.new_queues else "-j RETURN")
     return lines
 

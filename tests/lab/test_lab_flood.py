@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from nfqfw.firewall.iptables import PER_SOURCE_MEMORY
 from nfqfw.kernel.queue_info import parse_queue_stats
 from nfqfw.lab import traffic
 from nfqfw.lab.daemon_ctl import Lab, start_daemon, stop_daemon
@@ -170,7 +171,7 @@ def test_a_flood_from_more_sources_than_the_per_source_table_holds(lab: Lab) -> 
     protocol) within a fraction of a second: the kernel then drops the first packet of each
     source not in it, counting it nowhere; nfqfw tells those drops from its chain's counters.
     A source seen before the flood keeps its entry (and connects); a new one is dropped until
-    the flood's sources have been idle for PER_SOURCE_MEMORY (10 s) and their entries go."""
+    the flood's sources have been idle for PER_SOURCE_MEMORY and their entries go."""
     newcomer = WAN_EXTRA_V4[0]
     add_outside_addresses(lab.topology, [newcomer])
     assert connects(lab) == "connected"  # the outside host's own address: in the table now
@@ -184,6 +185,7 @@ def test_a_flood_from_more_sources_than_the_per_source_table_holds(lab: Lab) -> 
     assert counters(lab).get(TABLE_FULL, 0) - before > 10_000
     status = nfqfw(lab, "status", "--runtime-dir", str(lab.state.runtime_dir))
     assert "new-rate per source: table full" in status, status
-    time.sleep(max(0.0, flood_ended + 10 + 2 - time.monotonic()))  # and a garbage collection
+    # the flood's entries go after PER_SOURCE_MEMORY idle, at the next garbage collection (1 s)
+    time.sleep(max(0.0, flood_ended + PER_SOURCE_MEMORY + 2 - time.monotonic()))
     probe = traffic.tcp_probe(lab.topology.wan, LAN_V4, 25, 1.5, source=newcomer)
     assert probe.outcome == "connected", probe

@@ -73,7 +73,7 @@ def test_protected_rules_exact_text() -> None:
         *(
             f"-A NFQFW-NEW -p {proto} -m hashlimit --hashlimit-above 600/min --hashlimit-burst 600 --hashlimit-mode srcip "
             f"--hashlimit-name nfqfw-{proto} --hashlimit-htable-size 16384 --hashlimit-htable-max 65536 "
-            # an entry goes when idle for the rate's period (a minute): its bucket is full by then
+            # an entry goes when idle for 10 s or the rate's period if longer (a minute here)
             '--hashlimit-htable-expire 60000 -m comment --comment "new-rate per source" -j DROP'
             for proto in ("tcp", "udp", "icmp")
         ),
