@@ -422,12 +422,14 @@ class Rate(NamedTuple):
 
 
 # Packets that may start a flow, capped in the kernel before the queue (nfqfw.core.prefilter):
-# all sources together, and each source address. The queue consumer takes ~100k packets/s on
-# the development machine, first packets (the full path) fewer: 20,000/s leaves the rest to the
-# established flows; one source may use half, so a single-source flood takes at most that and
-# a client opening many connections (the `make bench` connection test, ~6,600/s) is not capped.
-DEFAULT_NEW_RATE = Rate(20000, 1)
-DEFAULT_NEW_RATE_PER_SOURCE = Rate(10000, 1)
+# all sources together, and each source address. Sized to what the queue consumer takes on the
+# development machine: ~5,500 TCP connections/s on its full path (`make bench`), an accepted
+# first packet costing its SYN and the server's SYN-ACK there. 5,000/s leaves the established
+# flows and, with offload, the kernel's forwarding most of the CPU (20,000/s let a random-source
+# SYN flood take 46% of a core: bench/README.md). One source may use half, so a single-source
+# flood leaves the other half to everyone else.
+DEFAULT_NEW_RATE = Rate(5000, 1)
+DEFAULT_NEW_RATE_PER_SOURCE = Rate(2500, 1)
 
 
 @dataclass(frozen=True, slots=True)

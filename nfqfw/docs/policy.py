@@ -330,12 +330,12 @@ KEYS: dict[str, dict[str, Entry]] = {
         "new-rate": (
             "N/second | N/minute | N/hour | N/day | off",
             "Packets that may start a flow (conntrack NEW) allowed to the queue, all sources "
-            "together (default 20000/second); the rest are dropped in the kernel, so a flood of "
+            "together (default 5000/second); the rest are dropped in the kernel, so a flood of "
             "first packets cannot starve established flows.",
         ),
         "new-rate-per-source": (
             "N/second | N/minute | N/hour | N/day | off",
-            "The same per source address (IPv6: per /64) and protocol (default 10000/second).",
+            "The same per source address (IPv6: per /64) and protocol (default 2500/second).",
         ),
         "offload": (
             "off | established",

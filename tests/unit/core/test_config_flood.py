@@ -17,8 +17,8 @@ from nfqfw.core.config import (
 def test_protections_default_on_offload_off() -> None:
     options = parse_policy(ZONES).options
     assert (options.prefilter, options.offload, options.antispoof) == (True, "off", "strict")
-    assert options.new_rate == DEFAULT_NEW_RATE == Rate(20000, 1)
-    assert options.new_rate_per_source == DEFAULT_NEW_RATE_PER_SOURCE == Rate(10000, 1)
+    assert options.new_rate == DEFAULT_NEW_RATE == Rate(5000, 1)
+    assert options.new_rate_per_source == DEFAULT_NEW_RATE_PER_SOURCE == Rate(2500, 1)
 
 
 def test_every_protection_option_set() -> None:

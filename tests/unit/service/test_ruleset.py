@@ -24,7 +24,7 @@ def test_defaults_prefilter_caps_and_four_queues_each_with_its_queue_for_first_p
     protection = spec.protection
     assert protection is not None and spec.queues == range(0, 4) and spec.new_queues == range(4, 8)
     assert spec.bound_queues == (0, 1, 2, 3, 4, 5, 6, 7) and spec.queue_text == "0:3"
-    assert protection.new_rate == Rate(20000, 1) and protection.new_rate_per_source == Rate(10000, 1)
+    assert protection.new_rate == Rate(5000, 1) and protection.new_rate_per_source == Rate(2500, 1)
     assert protection.invalid_tcp_flags == INVALID_TCP_FLAGS
     assert protection.internal_ifaces == ("lan0",)
     assert protection.protocols(4) == (6, 1) and protection.protocols(6) == (
