@@ -11,19 +11,24 @@ Every test runs twice, on a lab of its own each: the single daemon, and a superv
 worker per queue (`--queue-balance 0:1 --workers`). There the supervisor answers `set add/del`
 and fills the kernel's ipsets, and the forward's decision is the worker's that gets the flow:
 connections from 16 more outside addresses, spread over both queues, show that every worker
-learns (and forgets) a runtime entry."""
+learns (and forgets) a runtime entry. A runtime entry outlives a restart of every process
+that decides: the single daemon stopped and started, each worker killed and restarted by the
+supervisor (they read the entries back from the state directory's sets.json)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nfqfw.lab import traffic
+from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab
 from nfqfw.lab.plan import (
     DMZ_V4,
@@ -48,6 +53,7 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 WEB, PARTNER_PORT = 80, 8080
 DROP_WAIT = 1.5  # seconds a connection attempt waits before it counts as dropped
+RESTART_WAIT = 20.0  # seconds for the supervisor to restart a killed worker
 
 LAB_DMZ = True
 LAB_POLICY = f"""\
@@ -187,3 +193,56 @@ def test_every_process_admits_the_forward_once_its_runtime_set_has_the_source(la
     finally:
         nfqfw(lab, "set", "del", "partners", WAN_EXTRA_NET_V4)
     assert forwarded_flows(lab, WAN_EXTRA_V4) == []  # reload: recheck, in every process
+
+
+def ensure_outside_addresses(lab: Lab) -> None:
+    """WAN_EXTRA_V4 on the outside host (an earlier test of the module may have added them)."""
+    t = lab.topology
+    present = run_in(t.wan, "ip", "-o", "-4", "addr", "show", "dev", "eth0")
+    add_outside_addresses(t, [a for a in WAN_EXTRA_V4 if f" {a}/" not in present])
+
+
+def workers_by_queue(lab: Lab) -> dict[int, dict[str, Any]]:
+    return {worker["queue"]: worker for worker in status(lab).get("workers") or ()}
+
+
+def restart_every_deciding_process(lab: Lab, lab_policy: Path) -> None:
+    """The single daemon: stopped and started. Under --workers: each worker killed (SIGKILL)
+    and waited for until the supervisor has restarted it."""
+    before = workers_by_queue(lab)
+    if not before:
+        stopped = daemon_ctl.stop_daemon(lab.state.prefix)
+        assert stopped is not None and stopped.exit_code() == 0
+        daemon_ctl.start_daemon(lab.state.prefix, lab_policy)
+        return
+    for worker in before.values():
+        os.kill(worker["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + RESTART_WAIT
+    while True:
+        after = workers_by_queue(lab)
+        if all(
+            after[queue]["restarts"] > worker["restarts"] and after[queue]["state"] == "running"
+            for queue, worker in before.items()
+        ):
+            break
+        assert time.monotonic() < deadline, f"workers not restarted: {after}"
+        time.sleep(0.2)
+    assert all(after[queue]["pid"] != worker["pid"] for queue, worker in before.items())
+
+
+def test_a_runtime_entry_outlives_a_restart_of_every_process_that_decides(lab: Lab, lab_policy: Path) -> None:
+    t = lab.topology
+    ensure_outside_addresses(lab)
+    nfqfw(lab, "set", "add", "partners", WAN_EXTRA_NET_V4)
+    try:
+        restart_every_deciding_process(lab, lab_policy)
+        assert WAN_EXTRA_NET_V4 in nfqfw(lab, "set", "list", "partners")  # read back at start
+        greetings = [traffic.tcp_probe(t.wan, GW_WAN_V4, PARTNER_PORT, source=a).text for a in WAN_EXTRA_V4]
+        assert greetings == [f"hello {address}" for address in WAN_EXTRA_V4]
+        admitted = forwarded_flows(lab, WAN_EXTRA_V4)
+        assert sorted(f["src"] for f in admitted) == sorted(WAN_EXTRA_V4)
+        assert {f.get("queue") for f in admitted} == flow_holders(lab)  # every restarted worker admitted some
+    finally:
+        nfqfw(lab, "set", "del", "partners", WAN_EXTRA_NET_V4)
+    probe = traffic.tcp_probe(t.wan, GW_WAN_V4, PARTNER_PORT, source=WAN_EXTRA_V4[0], timeout=DROP_WAIT)
+    assert probe.outcome == "timeout"
