@@ -22,12 +22,13 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_wait import wait_for
 
 from nfqfw.control.client import call
 from nfqfw.lab import daemon_ctl, ha, traffic
@@ -118,15 +119,8 @@ def _healthy(t: HaTopology) -> str:
     ha.recover(PREFIX)
     master = ha.wait_master(PREFIX, ha.ELECTION_TIMEOUT)
     backup = t.peer(master)
-    _wait(lambda: ha.notify_log(PREFIX, backup)[-1:] == ["backup"], SYNC_TIMEOUT, f"{backup} backup")
+    wait_for(f"{backup} backup", lambda: ha.notify_log(PREFIX, backup)[-1:] == ["backup"], SYNC_TIMEOUT)
     return master
-
-
-def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
-        time.sleep(0.05)
 
 
 def _in_external_cache(t: HaTopology, gateway: str, port: int) -> bool:
@@ -149,7 +143,7 @@ def _fail_master(t: HaTopology) -> tuple[str, str, float]:
     failed = ha.failover(PREFIX)
     new = ha.wait_master(PREFIX, ha.ELECTION_TIMEOUT, other_than=failed)
     took = time.monotonic() - start
-    _wait(lambda: ha.notify_log(PREFIX, new)[-1:] == ["master"], 5.0, f"{new}'s notify master")
+    wait_for(f"{new}'s notify master", lambda: ha.notify_log(PREFIX, new)[-1:] == ["master"], 5.0)
     return failed, new, took
 
 
@@ -160,7 +154,7 @@ def test_one_master_holds_every_virtual_address(ha_lab: HaTopology) -> None:
     assert gateways["gw1"].virtual == ("203.0.113.1", "2001:db8:1::1", "10.0.0.1", "fd00::1")
     assert gateways["gw2"].role == "backup"
     assert gateways["gw2"].virtual == ()
-    _wait(lambda: ha.notify_log(PREFIX, "gw1")[-1:] == ["master"], 10.0, "gw1's notify master")
+    wait_for("gw1's notify master", lambda: ha.notify_log(PREFIX, "gw1")[-1:] == ["master"], 10.0)
     assert ha.notify_log(PREFIX, "gw2") == ["backup"]
     for gateway in HA_GATEWAYS:  # each log is this lab's: one start of its daemon ("--- TIME argv")
         files = ha.GatewayFiles(PREFIX, gateway)
@@ -179,7 +173,7 @@ def test_sessions_survive_failover_and_failback(ha_lab: HaTopology) -> None:
         for name, s in sessions.items():
             assert s.exchange(b"before " + name.encode()) == b"before " + name.encode()
         egress = sessions["egress v4"].port
-        _wait(lambda: _in_external_cache(t, "gw2", egress), SYNC_TIMEOUT, "the flow replicated to gw2")
+        wait_for("the flow replicated to gw2", lambda: _in_external_cache(t, "gw2", egress), SYNC_TIMEOUT)
 
         for round_, expected in enumerate((("gw1", "gw2"), ("gw2", "gw1"))):
             failed, new, took = _fail_master(t)
@@ -199,7 +193,7 @@ def test_sessions_survive_failover_and_failback(ha_lab: HaTopology) -> None:
             probe.close()
             if round_ == 0:  # fail back: gw1 returns as backup, is resynchronised, gw2 fails
                 assert _healthy(t) == "gw2"
-                _wait(lambda: _in_external_cache(t, "gw1", egress), SYNC_TIMEOUT, "resync to gw1")
+                wait_for("resync to gw1", lambda: _in_external_cache(t, "gw1", egress), SYNC_TIMEOUT)
     finally:
         for s in sessions.values():
             s.close()
@@ -214,7 +208,7 @@ def test_egress_session_silent_inside_survives_and_is_known_on_the_new_master(ha
     s = Session(t.lan, t.wan, WAN_V4, EGRESS_PORT)
     try:
         assert s.exchange(b"hello") == b"hello"
-        _wait(lambda: _in_external_cache(t, backup, s.port), SYNC_TIMEOUT, "the flow replicated")
+        wait_for("the flow replicated", lambda: _in_external_cache(t, backup, s.port), SYNC_TIMEOUT)
         _, new, _ = _fail_master(t)
         entry = _kernel_flow(t, new, s.port)
         assert int(entry.split("mark=")[1].split()[0]) & OFFLOAD_BIT, entry
@@ -239,7 +233,7 @@ def test_a_flow_revoked_by_a_reload_on_the_new_master_is_cut(ha_lab: HaTopology,
     original = policy_file.read_text()
     try:
         assert s.exchange(b"hello") == b"hello"
-        _wait(lambda: _in_external_cache(t, backup, s.port), SYNC_TIMEOUT, "the flow replicated")
+        wait_for("the flow replicated", lambda: _in_external_cache(t, backup, s.port), SYNC_TIMEOUT)
         _, new, _ = _fail_master(t)
         assert s.exchange(b"carried on") == b"carried on"
         policy_file.write_text(NO_EGRESS_PORT)

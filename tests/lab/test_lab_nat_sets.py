@@ -22,11 +22,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_wait import wait_for
 
 from nfqfw.lab import daemon_ctl, traffic
 from nfqfw.lab.daemon_ctl import Lab
@@ -217,16 +217,16 @@ def restart_every_deciding_process(lab: Lab, lab_policy: Path) -> None:
         return
     for worker in before.values():
         os.kill(worker["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + RESTART_WAIT
-    while True:
+
+    def all_restarted() -> dict[int, dict[str, Any]] | None:
         after = workers_by_queue(lab)
-        if all(
+        done = all(
             after[queue]["restarts"] > worker["restarts"] and after[queue]["state"] == "running"
             for queue, worker in before.items()
-        ):
-            break
-        assert time.monotonic() < deadline, f"workers not restarted: {after}"
-        time.sleep(0.2)
+        )
+        return after if done else None
+
+    after = wait_for("every worker restarted", all_restarted, RESTART_WAIT)
     assert all(after[queue]["pid"] != worker["pid"] for queue, worker in before.items())
 
 

@@ -15,13 +15,14 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import lab_metrics
 import pytest
 from lab_metrics import Samples
+from lab_wait import wait_for
 
 from nfqfw.core import build
 from nfqfw.core.packet import PROTO_UDP, SYN
@@ -70,13 +71,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def daemon_lines(lab: Lab, logger: str) -> list[str]:
     """Messages of `logger` in the daemon's log, without the timestamp/level (or <N>) prefix."""
     marker = f" {logger}: "
@@ -109,7 +103,7 @@ def verdicts(samples: Samples, action: str, reason: str, rule: str = "") -> floa
 
 def test_dropped_unsolicited_ingress_packet_is_logged(lab: Lab) -> None:
     sport = send_syn(lab, 22)
-    wait_for("the drop's log line", lambda: any(f"SPT={sport} " in line for line in packet_lines(lab)))
+    wait_for("the drop's log line", lambda: any(f"SPT={sport} " in line for line in packet_lines(lab)), WAIT)
     [line] = [line for line in packet_lines(lab) if f"SPT={sport} " in line]
     # TTL 63: the crafted packet left the outside host with 64 and was routed once
     assert line == (
@@ -123,7 +117,7 @@ def test_rule_with_log_true_logs_the_new_connection_only(lab: Lab) -> None:
     with sock:
         sport = sock.getsockname()[1]
         assert traffic.echo_roundtrip(sock, b"several segments of an established flow\n")
-    wait_for("the rule's log line", lambda: any(f"SPT={sport} " in line for line in packet_lines(lab)))
+    wait_for("the rule's log line", lambda: any(f"SPT={sport} " in line for line in packet_lines(lab)), WAIT)
     time.sleep(0.5)  # the ESTABLISHED packets (none of them logged) have been processed by now
     assert greeting.startswith("hello")
     lines = [line for line in packet_lines(lab) if f"SPT={sport} " in line]
@@ -156,7 +150,7 @@ def test_metrics_count_verdicts_rejects_and_flows(lab: Lab) -> None:
             after = scrape(lab)
             return changed("reject", "rule", "no-telnet") >= 3 and changed("drop", "default ingress") >= 2
 
-        wait_for("the rejects and drops in the metrics", counted)
+        wait_for("the rejects and drops in the metrics", counted, WAIT)
         assert changed("reject", "rule", "no-telnet") == 3
         assert changed("drop", "default ingress") == 2
         assert changed("accept", "rule", "mail") == 1
@@ -216,6 +210,7 @@ def test_spoofed_packets_are_logged_and_counted_as_invalid(lab: Lab) -> None:
     wait_for(
         "the samples in the metrics",
         lambda: verdicts(scrape(lab), "drop", spoofed) >= verdicts(before, "drop", spoofed) + 2,
+        WAIT,
     )
     assert verdicts(scrape(lab), "drop", spoofed) - verdicts(before, "drop", spoofed) == 2
     lines = [line for line in packet_lines(lab) if any(f"SPT={port} " in line for port in ports)]
@@ -239,6 +234,7 @@ def test_a_flood_is_logged_burst_lines_and_a_suppression_count(lab: Lab) -> None
     wait_for(
         "the flood's verdicts",
         lambda: verdicts(scrape(lab), "drop", "rule", "flood-sink") == FLOOD,
+        WAIT,
     )
     stopped = stop_daemon(PREFIX)  # at stop the last suppressed lines are summarised
     assert stopped is not None and stopped.exit_code() == 0

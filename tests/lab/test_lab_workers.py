@@ -26,6 +26,7 @@ import lab_metrics
 import pytest
 from lab_metrics import Samples
 from lab_policies import MAIL_IN_NO_SMB_OUT
+from lab_wait import wait_for
 
 from nfqfw.control.client import call
 from nfqfw.lab import daemon_ctl, traffic
@@ -125,16 +126,6 @@ def roundtrip_all(opened: dict[int, socket.socket], tag: bytes, timeout: float =
         assert traffic.echo_roundtrip(sock, tag) == tag, port
 
 
-def wait_for(what: str, check: Any, timeout: float = RESTART_WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def restarted(queue: int, times: int) -> bool:
     worker = workers()[queue]
     return worker["restarts"] >= times and worker["state"] == "running" and "error" not in worker
@@ -223,7 +214,7 @@ def test_live_sessions_survive_a_reload(lab: Lab, policy: Path, spread: dict[int
     assert merged["last_reload"]["ok"] and merged["last_reload"]["removed"] == 0
     assert {w["policy_sha256"] for w in merged["workers"]} == {merged["policy"]["sha256"]}
     os.kill(lab.daemon.pid, signal.SIGHUP)  # type: ignore[union-attr]
-    wait_for("the SIGHUP reload", lambda: status()["last_reload"]["trigger"] == "SIGHUP", timeout=10)
+    wait_for("the SIGHUP reload", lambda: status()["last_reload"]["trigger"] == "SIGHUP", 10)
     roundtrip_all(spread, b"after SIGHUP\n")
 
 
@@ -323,7 +314,9 @@ def test_a_killed_worker_is_restarted_and_its_sessions_go_on(
     os.kill(victim["pid"], signal.SIGKILL)
     others = {port: sock for port, sock in spread.items() if queues[port] == 1}
     roundtrip_all(others, b"while queue 0 restarts\n", timeout=5.0)  # the other worker serves on
-    wait_for("queue 0's worker to be restarted", lambda: restarted(0, before[0]["restarts"] + 1))
+    wait_for(
+        "queue 0's worker to be restarted", lambda: restarted(0, before[0]["restarts"] + 1), RESTART_WAIT
+    )
     after = workers()
     assert after[0]["pid"] != victim["pid"] and after[0]["last_exit"] == "killed by SIGKILL"
     assert after[1]["pid"] == before[1]["pid"] and after[1]["restarts"] == before[1]["restarts"]
@@ -339,7 +332,11 @@ def test_a_wedged_worker_is_killed_and_restarted(spread: dict[int, socket.socket
     time.sleep(2.5)  # a periodic snapshot holds every session
     before = workers()
     os.kill(before[1]["pid"], signal.SIGSTOP)  # alive, but its loop sends no heartbeat
-    wait_for("queue 1's wedged worker to be replaced", lambda: restarted(1, before[1]["restarts"] + 1))
+    wait_for(
+        "queue 1's wedged worker to be replaced",
+        lambda: restarted(1, before[1]["restarts"] + 1),
+        RESTART_WAIT,
+    )
     assert workers()[1]["last_exit"] == "killed by SIGKILL"
     roundtrip_all(spread, b"after the wedged worker\n")
     log = LabState(PREFIX).log_file.read_text(errors="replace")
@@ -373,7 +370,9 @@ def test_watchdog_pings_stop_while_a_worker_is_wedged(lab: Lab, policy: Path, tm
             drain(notify)
             seen = messages_during(notify, 5.0)  # before the supervisor kills it (10 s)
             assert "WATCHDOG=1" not in seen, seen
-            wait_for("the wedged worker's replacement", lambda: workers()[0]["pid"] != wedged_pid)
+            wait_for(
+                "the wedged worker's replacement", lambda: workers()[0]["pid"] != wedged_pid, RESTART_WAIT
+            )
             assert messages_until(notify, "WATCHDOG=1", 5.0)
         finally:
             proc.terminate()
